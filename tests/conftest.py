@@ -1,0 +1,39 @@
+"""Shared fixtures. Data from ``../shared`` (beside the project root) is read in place, never copied."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+SHARED_VISA = SHARED / "visa"
+SPLIT_CSV_DIR = SHARED_VISA / "split_csv"
+ID2CLASS_JSON = SHARED_VISA / "id2class.json"
+MAGNETIC_TILE = SHARED / "realdata" / "magnetic_tile"
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_torch():
+    """Seed torch and keep one intra-op thread per xdist worker (2-core CI machine)."""
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    yield
+
+
+@pytest.fixture(scope="session")
+def visa_split_dir() -> Path:
+    """The official VisA split CSVs from ../shared/visa/split_csv, or skip with a message."""
+    if not (SPLIT_CSV_DIR / "1cls.csv").is_file():
+        pytest.skip(f"official VisA split CSVs not found at {SPLIT_CSV_DIR}")
+    return SPLIT_CSV_DIR
+
+
+@pytest.fixture(scope="session")
+def visa_id2class() -> Path:
+    """The official id2class.json from ../shared/visa, or skip with a message."""
+    if not ID2CLASS_JSON.is_file():
+        pytest.skip(f"official VisA id2class.json not found at {ID2CLASS_JSON}")
+    return ID2CLASS_JSON

@@ -18,11 +18,10 @@ from spotdiff.progress import set_quiet
 Runner = Callable[[argparse.Namespace], int | None]
 
 
-# ----------------------------------------------------------------------------- synth
+# ============================================================================= synth
+# Owner: data.synth (issue 2). Edit only inside this section.
 def _add_synth(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("synth", help="write the synthetic VisA-format default dataset")
-    p.add_argument("--out", required=True, help="output folder (raw VisA layout + split_csv/)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(run=_run_synth)
 
 
@@ -30,13 +29,13 @@ def _run_synth(args: argparse.Namespace) -> int:
     raise SpotdiffError("synth: not implemented yet")
 
 
-# ----------------------------------------------------------------------------- prepare
+# ============================================================================= end of synth
+
+
+# ============================================================================= prepare
+# Owner: data.prepare (issue 2). Edit only inside this section.
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prepare", help="copy VisA into the official MVTec-style layout")
-    p.add_argument("--visa-root", required=True, help="raw VisA root")
-    p.add_argument("--split", required=True, choices=["1cls", "2cls_fewshot", "2cls_highshot"])
-    p.add_argument("--split-csv", default=None, help="split CSV (default <visa-root>/split_csv/<split>.csv)")
-    p.add_argument("--out", required=True, help="output root; writes <out>/<split>/<object>/...")
     p.set_defaults(run=_run_prepare)
 
 
@@ -44,12 +43,132 @@ def _run_prepare(args: argparse.Namespace) -> int:
     raise SpotdiffError("prepare: not implemented yet")
 
 
-# ----------------------------------------------------------------------------- (more commands)
+# ============================================================================= end of prepare
+
+
+# ============================================================================= pretrain
+# Owner: pretrain (issue 4). Edit only inside this section.
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain", help="pre-train a backbone (SimSiam, MoCo v2, SimCLR, supervised), optionally with SPD")
+    p.set_defaults(run=_run_pretrain)
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    raise SpotdiffError("pretrain: not implemented yet")
+
+
+# ============================================================================= end of pretrain
+
+
+# ============================================================================= export-backbone
+# Owner: pretrain (issue 4). Edit only inside this section.
+def _add_export_backbone(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export-backbone", help="export a pre-training checkpoint's backbone as torchvision safetensors")
+    p.set_defaults(run=_run_export_backbone)
+
+
+def _run_export_backbone(args: argparse.Namespace) -> int:
+    raise SpotdiffError("export-backbone: not implemented yet")
+
+
+# ============================================================================= end of export-backbone
+
+
+# ============================================================================= fit
+# Owner: detect (issue 5). Edit only inside this section.
+def _add_fit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("fit", help="fit a 1-class detector (PaDiM, PatchCore) on normal images")
+    p.set_defaults(run=_run_fit)
+
+
+def _run_fit(args: argparse.Namespace) -> int:
+    raise SpotdiffError("fit: not implemented yet")
+
+
+# ============================================================================= end of fit
+
+
+# ============================================================================= test
+# Owner: detect (issue 5). Edit only inside this section.
+def _add_test(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("test", help="evaluate a fitted 1-class detector on a test split")
+    p.set_defaults(run=_run_test)
+
+
+def _run_test(args: argparse.Namespace) -> int:
+    raise SpotdiffError("test: not implemented yet")
+
+
+# ============================================================================= end of test
+
+
+# ============================================================================= predict
+# Owner: detect (issue 5). Edit only inside this section.
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="score new images with a fitted detector; write scores CSV and heat maps")
+    p.set_defaults(run=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    raise SpotdiffError("predict: not implemented yet")
+
+
+# ============================================================================= end of predict
+
+
+# ============================================================================= finetune
+# Owner: finetune (issue 6). Edit only inside this section.
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("finetune", help="2-class fine-tuning: classifier or U-Net, high-shot or k-shot")
+    p.set_defaults(run=_run_finetune)
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    raise SpotdiffError("finetune: not implemented yet")
+
+
+# ============================================================================= end of finetune
+
+
+# ============================================================================= demo
+# Owner: report/demo (issue 7). Edit only inside this section.
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the end-to-end demo on the synthetic dataset")
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    raise SpotdiffError("demo: not implemented yet")
+
+
+# ============================================================================= end of demo
+
+
+# ============================================================================= benchmark
+# Owner: report/benchmark (issue 7). Edit only inside this section.
+def _add_benchmark(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("benchmark", help="run a benchmark grid from a YAML config, resumable")
+    p.set_defaults(run=_run_benchmark)
+
+
+def _run_benchmark(args: argparse.Namespace) -> int:
+    raise SpotdiffError("benchmark: not implemented yet")
+
+
+# ============================================================================= end of benchmark
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_synth,
     _add_prepare,
+    _add_pretrain,
+    _add_export_backbone,
+    _add_fit,
+    _add_test,
+    _add_predict,
+    _add_finetune,
+    _add_demo,
+    _add_benchmark,
 ]
 
 

@@ -161,14 +161,9 @@ class AnomalyDataset(Dataset):
 
     def subset(self, indices: Sequence[int]) -> AnomalyDataset:
         """A new dataset with the items at ``indices`` (e.g. from `sample_kshot`), same settings."""
-        new = object.__new__(AnomalyDataset)
-        new.image_size = self.image_size
-        new.class_names = dict(self.class_names)
-        new.name = self.name
+        new = AnomalyDataset([self.samples[i] for i in indices], image_size=self.image_size,
+                             class_names=self.class_names, name=self.name)
         new.skipped = list(self.skipped)
-        new.samples = [self.samples[i] for i in indices]
-        new.labels = [s.label for s in new.samples]
-        new.paths = [str(s.image) for s in new.samples]
         return new
 
     def __getitem__(self, index: int) -> dict[str, Any]:

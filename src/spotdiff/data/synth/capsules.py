@@ -40,6 +40,13 @@ class Capsule:
         dx, dy = x - self.x, y - self.y
         return dx * c + dy * s, -dx * s + dy * c
 
+    def window(self, size: int, margin: float) -> tuple[slice, slice]:
+        """Row and column slices of a size x size image holding the capsule plus ``margin`` pixels."""
+        extent = self.half_len + self.radius * max(self.swell, 1.0) + margin
+        rows = slice(max(0, int(self.y - extent)), min(size, int(np.ceil(self.y + extent)) + 1))
+        cols = slice(max(0, int(self.x - extent)), min(size, int(np.ceil(self.x + extent)) + 1))
+        return rows, cols
+
     def sdf(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         s, t = self.local(x, y)
         radius = np.where(s > 0, self.radius * self.swell, self.radius)
@@ -66,10 +73,12 @@ class CapsuleScene(Scene):
         grain = d.texture("gravel", rng, s)
         for cap in self.capsules:
             # contact shadow: the capsule's coverage shifted down-right and blurred
-            shadow = d.coverage(replace(cap, x=cap.x + 2.5, y=cap.y + 3.0).sdf(x, y))
-            img = d.paint(img, 0.35 * d.blur(shadow, 2.5), (0.2, 0.2, 0.22))
+            win = cap.window(s, 12)
+            shadow = d.coverage(replace(cap, x=cap.x + 2.5, y=cap.y + 3.0).sdf(x[win], y[win]))
+            img[win] = d.paint(img[win], 0.35 * d.blur(shadow, 2.5), (0.2, 0.2, 0.22))
         for cap in self.capsules:
-            img = self._draw_capsule(img, cap, x, y, grain)
+            win = cap.window(s, 2)
+            img[win] = self._draw_capsule(img[win], cap, x[win], y[win], grain[win])
         return np.clip(d.blur(img, self.blur_sigma), 0.0, 1.0).astype(np.float32)
 
     @staticmethod

@@ -39,8 +39,16 @@ class CashewScene(Scene):
         return self.cached("_geometry", self._geometry)
 
     def _geometry(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        x, y = d.pixel_grid(self.size)
+        size = self.size
         c, s = np.cos(self.angle), np.sin(self.angle)
+        # evaluate only in the bounding box of the (rotated) crescent
+        reach = self.width * 1.12 + 4.0
+        half_x = self.arc_radius * np.sin(self.half_span) + reach
+        top, bottom = self.arc_radius * (np.cos(self.half_span) - 0.75) - reach, self.arc_radius * 0.25 + reach
+        corners = d.rotate(np.array([[-half_x, top], [half_x, top], [half_x, bottom], [-half_x, bottom]]), self.angle) + self.center
+        (x0, y0), (x1, y1) = np.floor(corners.min(axis=0)), np.ceil(corners.max(axis=0)) + 1
+        win = (slice(int(max(0, y0)), int(min(size, y1))), slice(int(max(0, x0)), int(min(size, x1))))
+        x, y = (g[win] for g in d.pixel_grid(size))
         dx, dy = x - self.center[0], y - self.center[1]
         lx, ly = dx * c + dy * s, -dx * s + dy * c
         # arc centre above the object's centre so the crescent opens upwards
@@ -48,14 +56,19 @@ class CashewScene(Scene):
         theta = np.arctan2(ax, ay)  # 0 points straight down
         t_angle = np.clip(theta, -self.half_span, self.half_span)
         px, py = self.arc_radius * np.sin(t_angle), self.arc_radius * np.cos(t_angle)
-        t = (t_angle + self.half_span) / (2 * self.half_span)
-        half_width = self.width * (0.62 + 0.38 * np.sin(np.pi * t) ** 0.7 + 0.12 * t)
-        sdf = np.hypot(ax - px, ay - py) - half_width
+        t_win = (t_angle + self.half_span) / (2 * self.half_span)
+        hw_win = self.width * (0.62 + 0.38 * np.sin(np.pi * t_win) ** 0.7 + 0.12 * t_win)
         rng = np.random.default_rng(self.surface_seed)
-        sdf = sdf + 1.2 * d.smooth_noise(rng, self.size, 10)
-        for cx, cy, r in self.cuts:
-            sdf = np.maximum(sdf, r - np.hypot(x - cx, y - cy))
-        return sdf.astype(np.float32), t.astype(np.float32), half_width.astype(np.float32)
+        sdf_win = np.hypot(ax - px, ay - py) - hw_win + 1.2 * d.smooth_noise(rng, size, 10)[win]
+        sdf = np.full((size, size), 1e3, np.float32)
+        t = np.zeros((size, size), np.float32)
+        half_width = np.full((size, size), self.width, np.float32)
+        sdf[win], t[win], half_width[win] = sdf_win, t_win, hw_win
+        if self.cuts:
+            xf, yf = d.pixel_grid(size)
+            for cx, cy, r in self.cuts:
+                sdf = np.maximum(sdf, r - np.hypot(xf - cx, yf - cy))
+        return sdf, t, half_width
 
     def outline(self) -> np.ndarray:
         """Signed distance to the outline including cracks (``gaps``), (size, size) pixels."""

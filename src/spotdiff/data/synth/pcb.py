@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 from . import _draw as d
 from ._base import Scene, SynthObject
@@ -21,6 +22,7 @@ from ._base import Scene, SynthObject
 BOARD_H = 0.72
 PIN_LEN, PIN_W = 0.032, 0.012
 TRACE_W = 0.011
+PAD_GROW = 1.3  # chip pads are this much longer (and wider) than the pins on them
 
 SOLDER_MASK = (0.10, 0.38, 0.18)
 TRACE = (0.22, 0.55, 0.27)
@@ -57,13 +59,14 @@ class Pin:
     du: float
     dv: float
 
-    def polygon(self, bend: float = 0.0) -> np.ndarray:
-        """The pin outline in board coordinates, rotated about its base by ``bend`` radians."""
+    def polygon(self, bend: float = 0.0, grow: float = 1.0) -> np.ndarray:
+        """The pin outline in board coordinates, rotated about its base by ``bend`` radians;
+        ``grow`` > 1 gives the (larger) solder pad under the pin."""
         direction = d.rotate(np.array([[self.du, self.dv]]), bend)[0]
         normal = np.array([-direction[1], direction[0]])
-        base = np.array([self.u, self.v])
-        tip = base + direction * PIN_LEN
-        half = normal * PIN_W / 2
+        base = np.array([self.u, self.v]) - direction * PIN_LEN * (grow - 1.0) * 0.2
+        tip = base + direction * PIN_LEN * grow
+        half = normal * PIN_W * (1.0 + 2.0 * (grow - 1.0)) / 2
         return np.array([base - half, tip - half, tip + half, base + half])
 
 
@@ -154,141 +157,177 @@ class PcbScene(Scene):
     fixture_seed: int
     blur_sigma: float
     board_tint: float
-    missing: frozenset[str] = field(default_factory=frozenset)   # omitted chips/passives/pins
-    bent: tuple[tuple[str, float], ...] = ()                      # (pin name, bend angle)
+    missing: frozenset[str] = field(default_factory=frozenset)   # omitted components
 
     def to_image(self, pts: np.ndarray) -> np.ndarray:
         """Board coordinates (N, 2) -> image pixel coordinates (N, 2)."""
         local = (np.asarray(pts, dtype=np.float64) - [0.5, BOARD_H / 2]) * self.px_per_unit
         return d.rotate(local, self.angle) + self.center
 
-    def poly(self, pts: np.ndarray) -> list[tuple[float, float]]:
-        return [tuple(p) for p in self.to_image(pts)]
+    def board_layer(self) -> np.ndarray:
+        """The board art warped into the image: (size, size, 4) premultiplied RGB + alpha; cached.
 
-    def render(self) -> np.ndarray:
-        s, dz = self.size, self.design
-        rng = np.random.default_rng(self.fixture_seed)
-        ss = 2  # supersampling for anti-aliased edges
-        grain = d.texture("gravel", rng, s)
-        img = d.shade(FIXTURE, 1.0 + 0.06 * d.texture("grass", rng, s))
-        board = self.board_mask()
-        # drop shadow of the board on the fixture
-        img = d.paint(img, 0.45 * d.blur(np.roll(board, (3, 3), axis=(0, 1)), 2.0), (0.05, 0.05, 0.05))
-        img = d.paint(img, board, SOLDER_MASK, self.board_tint * (1.0 + 0.05 * grain))
+        The art is drawn once per board state (missing components) in the board's own frame at
+        about twice the image resolution and then mapped by this scene's pose (bilinear).
+        """
+        return self.cached("_layer", self._warp_board)
 
-        def px(length: float) -> float:
-            return length * self.px_per_unit
-
-        def traces(dr, k):
-            for line in dz.traces:
-                dr.line(d.scaled(self.poly(line), k), fill=255, width=max(1, round(px(TRACE_W) * k)), joint="curve")
-            for u, v in dz.vias:
-                self._circle(dr, k, u, v, 0.012)
-        img = d.paint(img, d.pil_mask(s, traces, ss), TRACE, self.board_tint * (1.0 + 0.04 * grain))
-
-        def silk(dr, k):
-            for name, rect in dz.chips.items():
-                if name not in self.missing:
-                    pad = Rect(rect.u, rect.v, rect.w + 2.4 * PIN_LEN, rect.h + 2.4 * PIN_LEN)
-                    dr.line(d.scaled(self.poly(pad.corners()[[0, 1, 2, 3, 0]]), k), fill=255, width=max(1, round(k)))
-            for body in dz.passives.values():
-                box = Rect(body.u, body.v, body.w + 0.035, body.h + 0.035)
-                dr.line(d.scaled(self.poly(box.corners()[[0, 1, 2, 3, 0]]), k), fill=255, width=max(1, round(k)))
-            u, v, r = dz.cap
-            self._circle(dr, k, u, v, r + 0.012, outline=True)
-            for j in range(3):  # a "label" of small blocks
-                dr.polygon(d.scaled(self.poly(Rect(0.46 + 0.03 * j, 0.685, 0.02, 0.018).corners()), k), fill=255)
-        img = d.paint(img, 0.9 * d.pil_mask(s, silk, ss), SILK)
-
-        def metal(dr, k):
-            for pad in dz.pads:
-                dr.polygon(d.scaled(self.poly(pad.corners()), k), fill=255)
-            for u, v in dz.header:
-                dr.polygon(d.scaled(self.poly(Rect(u, v, 0.04, 0.04).corners()), k), fill=255)
-            for u, v in dz.holes:
-                self._circle(dr, k, u, v, 0.028)
-        metal_mask = d.pil_mask(s, metal, ss)
-        img = d.paint(img, metal_mask, GOLD, 1.0 + 0.05 * grain)
-
-        def drill(dr, k):
-            for u, v in dz.header:
-                self._circle(dr, k, u, v, 0.011)
-            for u, v in dz.holes:
-                self._circle(dr, k, u, v, 0.017)
-        img = d.paint(img, d.pil_mask(s, drill, ss), (0.04, 0.04, 0.04))
-
-        bends = dict(self.bent)
-
-        def pins(dr, k):
-            for pin in dz.pins:
-                chip = pin.name.split(".")[0]
-                if pin.name in self.missing or chip in self.missing:
-                    continue
-                dr.polygon(d.scaled(self.poly(pin.polygon(bends.get(pin.name, 0.0))), k), fill=255)
-        img = d.paint(img, d.pil_mask(s, pins, ss), TIN, 1.0 + 0.06 * grain)
-
-        def bodies(dr, k):
-            for name, rect in dz.chips.items():
-                if name not in self.missing:
-                    dr.polygon(d.scaled(self.poly(rect.corners()), k), fill=255)
-        img = d.paint(img, d.pil_mask(s, bodies, ss), CHIP, 1.0 + 0.25 * grain)
-
-        def dots(dr, k):  # pin-1 markers on the chips
-            for name, rect in dz.chips.items():
-                if name not in self.missing:
-                    self._circle(dr, k, rect.u - rect.w * 0.32, rect.v - rect.h * 0.25, 0.009)
-        img = d.paint(img, 0.5 * d.pil_mask(s, dots, ss), (0.45, 0.45, 0.45))
-
-        present = [(name, body) for name, body in dz.passives.items() if name not in self.missing]
-
-        def smd(resistors: bool):
-            def draw(dr, k):
-                for name, body in present:
-                    if dz.passive_is_resistor[name] == resistors:
-                        dr.polygon(d.scaled(self.poly(body.corners()), k), fill=255)
-            return draw
-
-        def end_caps(dr, k):  # tinned ends of the SMD parts
-            for _, b in present:
-                if b.w > b.h:
-                    caps = [Rect(b.u - b.w * 0.4, b.v, b.w * 0.2, b.h), Rect(b.u + b.w * 0.4, b.v, b.w * 0.2, b.h)]
-                else:
-                    caps = [Rect(b.u, b.v - b.h * 0.4, b.w, b.h * 0.2), Rect(b.u, b.v + b.h * 0.4, b.w, b.h * 0.2)]
-                for c in caps:
-                    dr.polygon(d.scaled(self.poly(c.corners()), k), fill=255)
-        img = d.paint(img, d.pil_mask(s, smd(True), ss), (0.12, 0.12, 0.12), 1.0 + 0.1 * grain)
-        img = d.paint(img, d.pil_mask(s, smd(False), ss), (0.72, 0.60, 0.42), 1.0 + 0.05 * grain)
-        img = d.paint(img, d.pil_mask(s, end_caps, ss), TIN)
-
-        u, v, r = dz.cap
-        if "C3" not in self.missing:  # electrolytic capacitor, seen from the top
-            x, y = d.pixel_grid(s)
-            cu, cv = self.to_image(np.array([[u, v]]))[0]
-            dist = np.hypot(x - cu, y - cv) / px(r)
-            can = d.coverage((dist - 1.0) * px(r))
-            light = 0.75 + 0.25 * np.clip(1.0 - dist, 0, 1) + 0.04 * grain
-            img = d.paint(img, can, (0.72, 0.74, 0.78), light)
-            stripe = can * d.coverage(np.abs((x - cu) * np.cos(self.angle) + (y - cv) * np.sin(self.angle) + px(r) * 0.55) - px(r) * 0.18)
-            img = d.paint(img, stripe, (0.15, 0.16, 0.22))
-        return np.clip(d.blur(img, self.blur_sigma), 0.0, 1.0).astype(np.float32)
+    def _warp_board(self) -> np.ndarray:
+        k = _art_px_per_unit(self.size)
+        art = board_art(k, self.missing)
+        scale = self.px_per_unit / k
+        c, s = np.cos(self.angle) / scale, np.sin(self.angle) / scale
+        # output pixel p -> art pixel: R^T (p - center) / scale + art centre of the board
+        bu, bv = 0.5 * k + ART_MARGIN, BOARD_H / 2 * k + ART_MARGIN
+        cx, cy = self.center
+        coeffs = (c, s, bu - (c * cx + s * cy), -s, c, bv - (-s * cx + c * cy))
+        channels = [np.asarray(Image.fromarray(np.ascontiguousarray(art[..., i]), mode="F").transform(
+            (self.size, self.size), Image.AFFINE, coeffs, resample=Image.BILINEAR)) for i in range(4)]
+        return np.stack(channels, axis=2).astype(np.float32)
 
     def board_mask(self) -> np.ndarray:
-        """Anti-aliased coverage of the board, (size, size) in [0, 1]; computed once per scene."""
-        outline = self.poly(Rect(0.5, BOARD_H / 2, 1.0, BOARD_H).corners())
-        return self.cached("_board", lambda: d.pil_mask(self.size, lambda dr, k: dr.polygon(d.scaled(outline, k), fill=255), 2))
+        """Anti-aliased coverage of the board, (size, size) in [0, 1]."""
+        return self.board_layer()[..., 3]
+
+    def render(self) -> np.ndarray:
+        s = self.size
+        rng = np.random.default_rng(self.fixture_seed)
+        img = d.shade(FIXTURE, 1.0 + 0.06 * d.texture("grass", rng, s))
+        layer = self.board_layer()
+        alpha = layer[..., 3]
+        # drop shadow of the board on the fixture
+        img = d.paint(img, 0.45 * d.blur(np.roll(alpha, (3, 3), axis=(0, 1)), 2.0), (0.05, 0.05, 0.05))
+        light = self.board_tint * (1.0 + 0.04 * d.texture("gravel", rng, s))
+        img = img * (1.0 - alpha[..., None]) + layer[..., :3] * light[..., None]
+        return np.clip(d.blur(img, self.blur_sigma), 0.0, 1.0).astype(np.float32)
 
     @property
     def design(self) -> Design:
         return design()
 
-    def _circle(self, dr, k: float, u: float, v: float, r: float, outline: bool = False) -> None:
-        cx, cy = d.scaled([tuple(self.to_image(np.array([[u, v]]))[0])], k)[0]
-        rad = r * self.px_per_unit * k
+
+ART_MARGIN = 4  # pixels of empty border around the board art
+
+
+def _art_px_per_unit(size: int) -> int:
+    """Resolution of the board art: about twice the largest scale a scene maps it to."""
+    return int(np.ceil(2.0 * 0.92 * size))
+
+
+@lru_cache(maxsize=16)
+def board_art(k: int, missing: frozenset[str] = frozenset()) -> np.ndarray:
+    """The board drawn in its own frame at ``k`` pixels per board unit: (H, W, 4) float32,
+    premultiplied RGB and alpha. ``missing`` names omitted components (chips, passives, ``C3``).
+    Read-only (cached: one per board state)."""
+    dz = design()
+    width, height = int(np.ceil(k + 2 * ART_MARGIN)), int(np.ceil(BOARD_H * k + 2 * ART_MARGIN))
+    rng = np.random.default_rng(7)
+    grain = d.texture("gravel", rng, max(width, height))[:height, :width]
+
+    def pts(board_pts: np.ndarray) -> list[tuple[float, float]]:
+        return [(float(u * k + ART_MARGIN), float(v * k + ART_MARGIN)) for u, v in np.asarray(board_pts)]
+
+    def mask(draw_fn) -> np.ndarray:
+        canvas = Image.new("L", (width, height), 0)
+        draw_fn(ImageDraw.Draw(canvas))
+        return np.asarray(canvas, dtype=np.float32) / 255.0
+
+    def circle(dr, u: float, v: float, r: float, outline: bool = False) -> None:
+        (cx, cy), rad = pts([[u, v]])[0], r * k
         box = [cx - rad, cy - rad, cx + rad, cy + rad]
         if outline:
-            dr.ellipse(box, outline=255, width=max(1, round(k)))
+            dr.ellipse(box, outline=255, width=max(1, round(k / 250)))
         else:
             dr.ellipse(box, fill=255)
+
+    board = mask(lambda dr: dr.rectangle([ART_MARGIN, ART_MARGIN, ART_MARGIN + k - 1, ART_MARGIN + BOARD_H * k - 1], fill=255))
+    img = np.zeros((height, width, 3), np.float32)
+    img = d.paint(img, board, SOLDER_MASK, 1.0 + 0.05 * grain)
+
+    def traces(dr):
+        for line in dz.traces:
+            dr.line(pts(line), fill=255, width=max(1, round(TRACE_W * k)), joint="curve")
+        for u, v in dz.vias:
+            circle(dr, u, v, 0.012)
+    img = d.paint(img, mask(traces), TRACE, 1.0 + 0.04 * grain)
+
+    def silk(dr):
+        line_w = max(1, round(k / 250))
+        for rect in dz.chips.values():
+            pad = Rect(rect.u, rect.v, rect.w + 2.4 * PIN_LEN, rect.h + 2.4 * PIN_LEN)
+            dr.line(pts(pad.corners()[[0, 1, 2, 3, 0]]), fill=255, width=line_w)
+        for body in dz.passives.values():
+            box = Rect(body.u, body.v, body.w + 0.035, body.h + 0.035)
+            dr.line(pts(box.corners()[[0, 1, 2, 3, 0]]), fill=255, width=line_w)
+        u, v, r = dz.cap
+        circle(dr, u, v, r + 0.012, outline=True)
+        for j in range(3):  # a "label" of small blocks
+            dr.polygon(pts(Rect(0.46 + 0.03 * j, 0.685, 0.02, 0.018).corners()), fill=255)
+    img = d.paint(img, 0.9 * mask(silk), SILK)
+
+    def metal(dr):
+        for pad in dz.pads:
+            dr.polygon(pts(pad.corners()), fill=255)
+        for pin in dz.pins:
+            dr.polygon(pts(pin.polygon(grow=PAD_GROW)), fill=255)
+        for u, v in dz.header:
+            dr.polygon(pts(Rect(u, v, 0.04, 0.04).corners()), fill=255)
+        for u, v in dz.holes:
+            circle(dr, u, v, 0.028)
+    img = d.paint(img, mask(metal), GOLD, 1.0 + 0.05 * grain)
+
+    def drill(dr):
+        for u, v in dz.header:
+            circle(dr, u, v, 0.011)
+        for u, v in dz.holes:
+            circle(dr, u, v, 0.017)
+    img = d.paint(img, mask(drill), (0.04, 0.04, 0.04))
+
+    def pins(dr):
+        for pin in dz.pins:
+            if pin.name.split(".")[0] not in missing:
+                dr.polygon(pts(pin.polygon()), fill=255)
+    img = d.paint(img, mask(pins), TIN, 1.0 + 0.06 * grain)
+
+    chips = [(name, rect) for name, rect in dz.chips.items() if name not in missing]
+    img = d.paint(img, mask(lambda dr: [dr.polygon(pts(r.corners()), fill=255) for _, r in chips]), CHIP, 1.0 + 0.12 * grain)
+    # pin-1 markers on the chips
+    img = d.paint(img, 0.5 * mask(lambda dr: [circle(dr, r.u - r.w * 0.32, r.v - r.h * 0.25, 0.009) for _, r in chips]),
+                  (0.45, 0.45, 0.45))
+
+    present = [(name, body) for name, body in dz.passives.items() if name not in missing]
+
+    def smd(resistors: bool):
+        def draw(dr):
+            for name, body in present:
+                if dz.passive_is_resistor[name] == resistors:
+                    dr.polygon(pts(body.corners()), fill=255)
+        return draw
+
+    def end_caps(dr):  # tinned ends of the SMD parts
+        for _, b in present:
+            if b.w > b.h:
+                caps = [Rect(b.u - b.w * 0.4, b.v, b.w * 0.2, b.h), Rect(b.u + b.w * 0.4, b.v, b.w * 0.2, b.h)]
+            else:
+                caps = [Rect(b.u, b.v - b.h * 0.4, b.w, b.h * 0.2), Rect(b.u, b.v + b.h * 0.4, b.w, b.h * 0.2)]
+            for c in caps:
+                dr.polygon(pts(c.corners()), fill=255)
+    img = d.paint(img, mask(smd(True)), (0.12, 0.12, 0.12), 1.0 + 0.1 * grain)
+    img = d.paint(img, mask(smd(False)), (0.72, 0.60, 0.42), 1.0 + 0.05 * grain)
+    img = d.paint(img, mask(end_caps), TIN)
+
+    if "C3" not in missing:  # electrolytic capacitor seen from the top: shaded can with a polarity band
+        u, v, r = dz.cap
+        yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+        (cu, cv), rad = pts([[u, v]])[0], r * k
+        dist = np.hypot(xx - cu, yy - cv) / rad
+        can = d.coverage((dist - 1.0) * rad)
+        img = d.paint(img, can, (0.72, 0.74, 0.78), 0.75 + 0.25 * np.clip(1.0 - dist, 0, 1) + 0.04 * grain)
+        img = d.paint(img, can * d.coverage(np.abs(xx - cu + rad * 0.55) - rad * 0.18), (0.15, 0.16, 0.22))
+    # img is premultiplied (painted over black inside the board); slight blur against aliasing
+    art = np.concatenate([d.blur(img, 0.6), d.blur(board, 0.6)[..., None]], axis=2)
+    art.setflags(write=False)
+    return art
 
 
 class PcbSynth(SynthObject):
@@ -310,17 +349,18 @@ class PcbSynth(SynthObject):
         assert isinstance(scene, PcbScene)
         dz, s = scene.design, scene.size
         name = self.defect_names[defect_id - 1]
-        if name in ("Missing Component", "Bent Pin", "Missing Pin"):
-            if name == "Missing Component":
-                changed = replace(scene, missing=scene.missing | {str(rng.choice(list(dz.passives) + ["U2", "U3", "C3"]))})
-            else:
-                pin = dz.pins[int(rng.integers(len(dz.pins)))]
-                if name == "Missing Pin":
-                    changed = replace(scene, missing=scene.missing | {pin.name})
-                else:
-                    bend = float(rng.choice([-1, 1]) * rng.uniform(0.5, 0.9))
-                    changed = replace(scene, bent=scene.bent + ((pin.name, bend),))
-            return _replace_changed(image, scene.image(), changed.image())
+        if name == "Missing Component":
+            part = str(rng.choice(list(dz.passives) + ["U2", "U3", "C3"]))
+            return _replace_changed(image, scene.image(), replace(scene, missing=scene.missing | {part}).image())
+        if name in ("Bent Pin", "Missing Pin"):
+            # the pin is removed, exposing its solder pad; a bent pin is redrawn rotated about its base
+            pin = dz.pins[int(rng.integers(len(dz.pins)))]
+            light = scene.board_tint * (1.0 + 0.05 * rng.standard_normal())
+            out = d.paint(image, d.blur(_polygon_mask(scene, pin.polygon()), 0.4), GOLD, np.full((s, s), light, np.float32))
+            if name == "Bent Pin":
+                bend = float(rng.choice([-1, 1]) * rng.uniform(0.5, 0.9))
+                out = d.paint(out, d.blur(_polygon_mask(scene, pin.polygon(bend)), 0.4), TIN)
+            return out
         # Painted defects: anywhere on the board, away from its edges.
         u, v = rng.uniform(0.08, 0.92), rng.uniform(0.08, BOARD_H - 0.08)
         cx, cy = scene.to_image(np.array([[u, v]]))[0]
@@ -345,6 +385,12 @@ class PcbSynth(SynthObject):
         drop = d.coverage((dist - 1.0) * radius)
         light = 0.55 + 0.45 * np.sqrt(np.clip(1 - dist**2, 0, 1)) + 0.5 * np.exp(-((x - cx + radius * 0.35) ** 2 + (y - cy + radius * 0.35) ** 2) / (0.1 * radius**2 + 0.3))
         return d.paint(image, drop, TIN, light)
+
+
+def _polygon_mask(scene: PcbScene, board_pts: np.ndarray) -> np.ndarray:
+    """Anti-aliased coverage (size, size) of a polygon given in board coordinates."""
+    poly = [tuple(p) for p in scene.to_image(board_pts)]
+    return d.pil_mask(scene.size, lambda dr, k: dr.polygon(d.scaled(poly, k), fill=255), 4)
 
 
 def _replace_changed(image: np.ndarray, clean: np.ndarray, changed: np.ndarray) -> np.ndarray:

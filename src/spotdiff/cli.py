@@ -21,12 +21,25 @@ Runner = Callable[[argparse.Namespace], int | None]
 # ============================================================================= synth
 # Owner: data.synth (issue 2). Edit only inside this section.
 def _add_synth(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("synth", help="write the synthetic VisA-format default dataset")
+    p = sub.add_parser("synth", help="write the synthetic VisA-format default dataset",
+                       description="Write the synthetic default dataset (pcb_synth, capsules_synth, cashew_synth) "
+                                   "in the raw VisA layout with split CSVs and id2class.json. Deterministic per seed.")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (new, empty, or a previous synth output)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="dataset size factor: 1.0 = 160 normal + 50 anomalous images per object (default 1.0)")
+    p.add_argument("--image-size", type=int, default=256, metavar="PX", help="image side in pixels (default 256)")
+    p.add_argument("--objects", nargs="+", metavar="NAME", default=None,
+                   help="subset of objects to write (default: pcb_synth capsules_synth cashew_synth)")
     p.set_defaults(run=_run_synth)
 
 
 def _run_synth(args: argparse.Namespace) -> int:
-    raise SpotdiffError("synth: not implemented yet")
+    from spotdiff.data.synth import generate
+
+    out = generate(args.out, seed=args.seed, scale=args.scale, image_size=args.image_size, objects=args.objects)
+    print(out)
+    return 0
 
 
 # ============================================================================= end of synth

@@ -240,3 +240,11 @@ def test_prepare_output_problems_are_data_errors(visa, tmp_path):
     blocker.mkdir(parents=True)  # a folder where an image must go
     with pytest.raises(DataError, match="0000.JPG: cannot write .* for .*1cls.csv row 2"):
         prepare_visa(visa, "1cls", out, workers=1)
+
+
+@pytest.mark.parametrize("size", [0, (8,), (8, -1)])
+def test_bad_image_size_is_a_config_error(visa, size):
+    from spotdiff.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="image_size"):
+        open_dataset(visa, "obj", image_size=size)

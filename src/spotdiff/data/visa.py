@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from spotdiff.data.dataset import Sample
+from spotdiff.data.dataset import ImageRecord
 from spotdiff.data.splits import OFFICIAL_SPLITS, SUBSETS, SplitRow, read_split_csv
 from spotdiff.errors import DataError
 
@@ -87,14 +87,14 @@ def visa_class_names(root: Path, obj: str, id2class: str | os.PathLike[str] | No
     return {0: "BACKGROUND", **names}
 
 
-def visa_samples(
+def visa_records(
     root: Path,
     obj: str,
     split: str = "1cls",
     subset: str = "train",
     split_csv: str | os.PathLike[str] | None = None,
-) -> list[Sample]:
-    """The rows of ``obj`` / ``subset`` in a split CSV as `Sample` records (CSV order).
+) -> list[ImageRecord]:
+    """The rows of ``obj`` / ``subset`` in a split CSV as `ImageRecord`s (CSV order).
 
     Raises:
         DataError: unknown split, subset or object (the error lists the available objects),
@@ -106,11 +106,11 @@ def visa_samples(
     objects = sorted({r.object for r in rows})
     if obj not in objects:
         raise DataError(f"unknown object {obj!r} in {root}: available objects: {', '.join(objects)}")
-    return [_to_sample(root, r) for r in rows if r.object == obj and r.split == subset]
+    return [_to_record(root, r) for r in rows if r.object == obj and r.split == subset]
 
 
-def _to_sample(root: Path, row: SplitRow) -> Sample:
-    return Sample(
+def _to_record(root: Path, row: SplitRow) -> ImageRecord:
+    return ImageRecord(
         image=root / row.image,
         label=int(row.is_anomaly),
         mask=root / row.mask if row.mask else None,

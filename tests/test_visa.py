@@ -208,3 +208,12 @@ def test_synthetic_dataset_reads_and_prepares(tmp_path):
         raw = open_dataset(root, "cashew_synth", split=split, subset="test", image_size=None)
         assert sorted(prepared.labels) == sorted(raw.labels)
         assert sorted(p.rsplit("/", 1)[1] for p in prepared.paths) == sorted(p.rsplit("/", 1)[1] for p in raw.paths)
+
+
+def test_split_csv_edits_are_picked_up(visa_root, pcb4_rows):
+    from data_fakes import write_split_csv
+
+    before = open_dataset(visa_root, "pcb4", split="2cls_fewshot", subset="test", image_size=8)
+    write_split_csv(visa_root / "split_csv" / "2cls_fewshot.csv", [r for r in pcb4_rows if r.label == "normal"])
+    after = open_dataset(visa_root, "pcb4", split="2cls_fewshot", subset="test", image_size=8)
+    assert (len(before), len(after)) == (8, 4)

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -102,11 +103,19 @@ def visa_records(
     """
     if subset not in SUBSETS:
         raise DataError(f"unknown subset {subset!r}: expected one of {', '.join(SUBSETS)}")
-    rows = read_split_csv(split_csv_path(root, split, split_csv))
+    path = split_csv_path(root, split, split_csv)
+    stat = path.stat()
+    rows = _read_split_csv_cached(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
     objects = sorted({r.object for r in rows})
     if obj not in objects:
         raise DataError(f"unknown object {obj!r} in {root}: available objects: {', '.join(objects)}")
     return [_to_record(root, r) for r in rows if r.object == obj and r.split == subset]
+
+
+@functools.lru_cache(maxsize=8)
+def _read_split_csv_cached(path: str, mtime_ns: int, size: int) -> tuple[SplitRow, ...]:
+    """`read_split_csv`, parsed once per file version (opening 12 objects x 2 subsets reads it once)."""
+    return tuple(read_split_csv(path))
 
 
 def _to_record(root: Path, row: SplitRow) -> ImageRecord:

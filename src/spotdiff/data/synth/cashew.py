@@ -94,8 +94,8 @@ class CashewScene(Scene):
         img = d.paint(img, 0.5 * shadow, (0.02, 0.02, 0.02))
         depth = np.clip(-sdf / half_width, 0.0, 1.0)
         height = np.sqrt(depth)
-        grain = d.texture("gravel", rng, s, zoom=1.5)
-        light = self.tint * (0.62 + 0.38 * height + 0.035 * grain)
+        grain = d.texture("gravel", rng, s) + 0.6 * d.smooth_noise(rng, s, 24)
+        light = self.tint * (0.62 + 0.38 * height + 0.018 * grain)
         kernel = d.shade(KERNEL, light)
         # darker, browner rim and ends
         rim = np.clip(1.0 - depth * 3.0, 0, 1) * 0.25 + 0.12 * np.abs(t - 0.5) * 2
@@ -144,8 +144,11 @@ class CashewSynth(SynthObject):
                 ex, ey = scene.point_on_outline(rng)
                 changed = replace(scene, cuts=scene.cuts + ((ex, ey, s * float(rng.uniform(0.03, 0.06))),))
             else:
+                # a crack across the kernel: along the arc's radius through a random inner point
                 gx, gy = scene.point_inside(rng, s * 0.03)
-                changed = replace(scene, gaps=scene.gaps + ((gx, gy, float(rng.uniform(0, np.pi)), float(rng.uniform(1.5, 3.5))),))
+                ox, oy = d.rotate(np.array([[0.0, -0.75 * scene.arc_radius]]), scene.angle)[0] + scene.center
+                angle = float(np.arctan2(gy - oy, gx - ox) + rng.normal(0, 0.2))
+                changed = replace(scene, gaps=scene.gaps + ((gx, gy, angle, float(rng.uniform(1.5, 3.5))),))
             clean, altered = scene.image(), changed.image()
             return np.where(np.abs(altered - clean).max(axis=2, keepdims=True) > 0, altered, image)
         inside = np.clip(-scene.outline() / 2.0, 0.0, 1.0)

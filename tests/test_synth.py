@@ -230,3 +230,11 @@ def test_data_layer_reads_synth_output(synth_root: Path) -> None:
         assert item["defect_type"] != "good"
         few = open_dataset(synth_root, name, split="2cls_fewshot", subset="train", image_size=32)
         assert len(sample_kshot(few.labels, 3, seed=0)) == 6
+
+
+def test_tiny_images_still_have_masks(tmp_path: Path) -> None:
+    root = generate(tmp_path / "tiny", seed=5, scale=0.05, image_size=32)
+    for row in _rows(root, "1cls"):
+        if row["label"] == "anomaly":
+            assert load_mask(root / row["mask"]).shape == (32, 32)
+            assert load_mask(root / row["mask"]).any(), row["mask"]

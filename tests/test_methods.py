@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from PIL import Image
@@ -207,3 +209,60 @@ def test_lars_step_uses_trust_ratio() -> None:
     trust = 0.01 * 4.0 / torch.linalg.vector_norm(d)  # ||w|| = 4
     assert torch.allclose(w, 2.0 - trust * d)
     assert torch.allclose(b, torch.full((4,), 2.0 - 3.0))
+
+
+def _nt_xent_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from spotdiff.pretrain.base import gather_no_grad
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        z1, z2 = _global_pairs()
+        b = z1.shape[0] // world
+        a1 = z1[rank * b : (rank + 1) * b].clone().requires_grad_(True)
+        a2 = z2[rank * b : (rank + 1) * b].clone().requires_grad_(True)
+        loss = nt_xent(a1, a2, 0.5)
+        loss.backward()
+        keys = gather_no_grad(torch.full((2, 3), float(rank)))
+        torch.save({"loss": loss.detach(), "g1": a1.grad, "g2": a2.grad, "keys": keys}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _global_pairs() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    z1 = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=1)
+    z2 = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=1)
+    return z1, z2
+
+
+def test_nt_xent_across_two_ranks_equals_global_batch(tmp_path) -> None:
+    """Under DDP each rank's NT-Xent uses every rank's projections: rank mean == single-process loss."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # fork: no re-import of torch in the children (seconds on a busy 2-core machine)
+    ctx = mp.start_processes(_nt_xent_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False,
+                             start_method="fork")
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("two-rank gloo workers did not finish within 120 s")
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    z1, z2 = (z.clone().requires_grad_(True) for z in _global_pairs())
+    full = nt_xent(z1, z2, 0.5)
+    full.backward()
+    assert torch.allclose((results[0]["loss"] + results[1]["loss"]) / 2, full.detach(), atol=1e-6)
+    # all_gather's backward sums the ranks' gradients: local grad = world * d(global loss)/d(local z);
+    # DDP's gradient averaging then yields exactly the global-batch gradient.
+    for r in range(2):
+        assert torch.allclose(results[r]["g1"], 2 * z1.grad[3 * r : 3 * r + 3], atol=1e-6)
+        assert torch.allclose(results[r]["g2"], 2 * z2.grad[3 * r : 3 * r + 3], atol=1e-6)
+        assert torch.equal(results[r]["keys"], torch.tensor([[0.0] * 3] * 2 + [[1.0] * 3] * 2))

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from spotdiff.errors import ConfigError
-from spotdiff.pretrain import LARS, METHODS, PretrainMethod, build_method, build_optimizer, spd_loss
+from spotdiff.pretrain import METHODS, PretrainMethod, build_method, spd_loss
 from spotdiff.pretrain.simclr import nt_xent
 
 TINY = {
@@ -186,18 +186,21 @@ def test_param_groups_and_optimizers() -> None:
     assert groups["fixed_lr"]["fixed_lr"] and not groups["main"]["fixed_lr"]
     n_pred = sum(p.numel() for p in simsiam.predictor.parameters())
     assert sum(p.numel() for p in groups["fixed_lr"]["params"]) == n_pred
-    assert isinstance(build_optimizer(simsiam, 0.2), torch.optim.SGD)
 
     simclr = _build("simclr")
     groups = {g["name"]: g for g in simclr.param_groups(0.3)}
     assert groups["main_no_decay"]["weight_decay"] == 0.0 and groups["main_no_decay"]["lars_exclude"]
     assert all(p.ndim <= 1 for p in groups["main_no_decay"]["params"])
-    assert isinstance(build_optimizer(simclr, 0.3), LARS)
     n_all = sum(p.numel() for p in simclr.parameters())
     assert sum(p.numel() for g in groups.values() for p in g["params"]) == n_all
 
 
-def test_lars_step_uses_trust_ratio() -> None:
+def test_recipe_optimizers_and_lars_step() -> None:
+    """The loop's optimiser (spotdiff.pretrain.optim, helper "pretrain") with these methods' groups."""
+    optim = pytest.importorskip("spotdiff.pretrain.optim", reason="the training loop has not landed yet")
+    LARS = optim.LARS
+    assert isinstance(optim.build_optimizer(_build("simsiam"), 0.2), torch.optim.SGD)
+    assert isinstance(optim.build_optimizer(_build("simclr"), 0.3), LARS)
     w = torch.nn.Parameter(torch.full((4,), 2.0))
     b = torch.nn.Parameter(torch.full((4,), 2.0))
     opt = LARS([{"params": [w]}, {"params": [b], "lars_exclude": True, "weight_decay": 0.0}],

@@ -112,6 +112,16 @@ def test_normalised_input_matches_unit_range() -> None:
     assert torch.equal(out_n[~fp], normalize(x)[~fp])
 
 
+def test_channels_last_input_gives_same_values_and_layout() -> None:
+    blend = SmoothBlend(area=(0.02, 0.05))
+    x = _images(3, 32, 32)
+    params = blend.sample(3, 32, 32, torch.Generator().manual_seed(9))
+    out, _ = blend.apply(x, params)
+    out_cl, _ = blend.apply(x.contiguous(memory_format=torch.channels_last), params)
+    assert out_cl.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, out_cl)
+
+
 def test_hard_paste_with_sigma_zero_copies_the_patch() -> None:
     blend = SmoothBlend(area=(0.05, 0.05), aspect=(1.0, 1.0), sigma=0.0, jitter=(0, 0, 0, 0))
     x = _images(2, 40, 40)

@@ -280,6 +280,8 @@ class SmoothBlend(nn.Module):
         out.view(bsz, 3, height * width).scatter_(2, window_index.expand(-1, 3, -1), blended.view(bsz, 3, -1))
         alpha_full = torch.zeros(bsz, 1, height * width, device=dev, dtype=work)
         alpha_full.scatter_(2, window_index, alpha.view(bsz, 1, -1))
+        if not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last):
+            out = out.contiguous(memory_format=torch.channels_last)  # keep the caller's layout
         return out, alpha_full.view(bsz, 1, height, width)
 
     def _alpha(self, py: torch.Tensor, px: torch.Tensor, params: BlendParams) -> torch.Tensor:

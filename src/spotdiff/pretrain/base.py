@@ -1,4 +1,4 @@
-"""The pre-training method interface, the SPD loss and the optimisers of the recipes.
+"""The pre-training method interface and the SPD loss.
 
 A :class:`PretrainMethod` owns a torchvision ResNet ``backbone`` (``fc = Identity``; its state_dict
 keys are torchvision's, so ``export-backbone`` can save it as is), the method's heads and losses,
@@ -18,7 +18,7 @@ flow through anchor, positive and negative. Supervised pre-training replaces ``L
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
@@ -105,6 +105,8 @@ class PretrainMethod(nn.Module):
     Optimiser param groups (:meth:`param_groups`) carry, besides ``params``/``lr``/``weight_decay``:
     ``name``; ``fixed_lr`` (True: the schedule must keep this group's lr constant, SimSiam's
     predictor); ``lars_exclude`` (True: no LARS trust-ratio scaling, biases and norm layers).
+    The optimiser itself (SGD or LARS per ``recipe.optimizer``) is built by the training loop
+    (``spotdiff.pretrain.optim.build_optimizer``).
     """
 
     name: ClassVar[str] = ""
@@ -227,57 +229,3 @@ class PretrainMethod(nn.Module):
 
     def after_step(self) -> None:
         """Called by the loop after every optimiser step (MoCo: momentum update). No-op here."""
-
-
-# ----------------------------------------------------------------------------- optimisers
-class LARS(torch.optim.Optimizer):
-    """LARS (You et al. 2017) as used by SimCLR: SGD with momentum on a layer-wise rescaled update.
-
-    For each parameter ``w`` with gradient ``g``: ``d = g + wd * w``; unless the group has
-    ``lars_exclude``, ``d *= trust_coefficient * ||w|| / ||d||`` (when both norms are > 0); then
-    ``buf = momentum * buf + d`` and ``w -= lr * buf``.
-    """
-
-    def __init__(
-        self, params: Iterable[Any], lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-        trust_coefficient: float = 0.001,
-    ) -> None:
-        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
-                    "trust_coefficient": trust_coefficient, "lars_exclude": False}
-        super().__init__(params, defaults)
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                d = p.grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else p.grad.clone()
-                if not group["lars_exclude"]:
-                    w_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
-                    trust = torch.where((w_norm > 0) & (d_norm > 0),
-                                        group["trust_coefficient"] * w_norm / d_norm, torch.ones_like(w_norm))
-                    d.mul_(trust)
-                state = self.state[p]
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = state["momentum_buffer"] = d
-                else:
-                    buf.mul_(group["momentum"]).add_(d)
-                p.add_(buf, alpha=-group["lr"])
-        return loss
-
-
-def build_optimizer(method: PretrainMethod, lr: float) -> torch.optim.Optimizer:
-    """The optimiser of ``method.recipe`` (SGD with momentum or LARS) over its param groups at ``lr``."""
-    groups = method.param_groups(lr)
-    recipe = method.recipe
-    if recipe.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
-    if recipe.optimizer == "lars":
-        return LARS(groups, lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
-    raise ConfigError(f"{method.name}: unknown optimizer {recipe.optimizer!r}; choose 'sgd' or 'lars'")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
@@ -197,3 +199,21 @@ def test_views_shapes_ranges_and_normalisation() -> None:
     weak_err = torch.stack([(weak_augmentation(32)(img) - base).abs().mean() for _ in range(8)]).mean()
     strong_err = torch.stack([(ssl_augmentation(32)(img) - base).abs().mean() for _ in range(8)]).mean()
     assert weak_err < strong_err
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    b=st.integers(1, 4), h=st.integers(8, 40), w=st.integers(8, 40),
+    area_lo=st.floats(0.001, 0.3), area_span=st.floats(0.0, 0.3),
+    sigma=st.sampled_from([0.0, 0.05, 0.1, 0.16]), seed=st.integers(0, 2**31 - 1),
+)
+def test_property_footprint_and_range(b, h, w, area_lo, area_span, sigma, seed) -> None:
+    blend = SmoothBlend(area=(area_lo, min(1.0, area_lo + area_span)), sigma=sigma)
+    x = _images(b, h, w, seed=seed % 1000)
+    params = blend.sample(b, h, w, torch.Generator().manual_seed(seed))
+    out, alpha = blend.apply(x, params)
+    fp = params.footprint(h, w)
+    assert (params.h >= 1).all() and (params.h <= h).all() and (params.w >= 1).all() and (params.w <= w).all()
+    assert torch.equal(out[~fp.expand_as(out)], x[~fp.expand_as(x)])
+    assert (alpha[~fp] == 0).all() and alpha.min() >= 0 and alpha.max() <= 1
+    assert out.min() >= 0 and out.max() <= 1

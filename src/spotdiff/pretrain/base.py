@@ -99,7 +99,7 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
 class PretrainMethod(nn.Module):
     """Base class of the pre-training methods (SimSiam, MoCo v2, SimCLR, supervised), SPD optional.
 
-    Subclasses set ``name``, ``default_recipe``, ``hparam_defaults`` and implement
+    Subclasses set ``name``, ``base_view_names``, ``default_recipe``, ``hparam_defaults`` and implement
     :meth:`base_views`, :meth:`base_loss` and (SSL methods) :meth:`embed`.
 
     Optimiser param groups (:meth:`param_groups`) carry, besides ``params``/``lr``/``weight_decay``:
@@ -110,6 +110,7 @@ class PretrainMethod(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    base_view_names: ClassVar[tuple[str, ...]] = ()  # the keys of base_views()
     default_recipe: ClassVar[Recipe]
     hparam_defaults: ClassVar[dict[str, Any]] = {}
     # True: biases and norm-layer parameters get no weight decay (and no LARS adaptation).
@@ -182,8 +183,8 @@ class PretrainMethod(nn.Module):
         return MultiViewTransform(views)
 
     def required_views(self) -> tuple[str, ...]:
-        """Names of the views :meth:`forward` reads."""
-        return tuple(self.base_views(32)) + (SPD_VIEWS if self.spd else ())
+        """Names of the views :meth:`forward` reads, in the order :meth:`view_transform` makes them."""
+        return self.base_view_names + (SPD_VIEWS if self.spd else ())
 
     def forward(
         self,

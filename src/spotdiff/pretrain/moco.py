@@ -30,6 +30,7 @@ class MoCo(PretrainMethod):
     """
 
     name = "moco"
+    base_view_names = ("view1", "view2")
     default_recipe = Recipe(optimizer="sgd", base_lr=0.03, weight_decay=1e-4, momentum=0.9,
                             batch_size=256, epochs=200, warmup_epochs=0)
     hparam_defaults: dict[str, Any] = {"dim": 128, "hidden_dim": None, "queue_size": 65536,

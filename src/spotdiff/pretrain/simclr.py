@@ -48,6 +48,7 @@ class SimCLR(PretrainMethod):
     """SimCLR: both views in one forward (BN over 2B), NT-Xent; the SPD anchor is ``z1``."""
 
     name = "simclr"
+    base_view_names = ("view1", "view2")
     default_recipe = Recipe(optimizer="lars", base_lr=0.3, weight_decay=1e-6, momentum=0.9,
                             batch_size=4096, epochs=100, warmup_epochs=10)
     hparam_defaults: dict[str, Any] = {"dim": 128, "hidden_dim": None, "temperature": 0.1}

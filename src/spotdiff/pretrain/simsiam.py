@@ -35,6 +35,7 @@ class SimSiam(PretrainMethod):
     """``L = -(cos(p1, sg(z2)) + cos(p2, sg(z1))) / 2``; the SPD anchor is ``z1`` (projector output)."""
 
     name = "simsiam"
+    base_view_names = ("view1", "view2")
     default_recipe = Recipe(optimizer="sgd", base_lr=0.05, weight_decay=1e-4, momentum=0.9,
                             batch_size=512, epochs=100, warmup_epochs=0)
     hparam_defaults: dict[str, Any] = {"proj_dim": 2048, "pred_dim": 512}

@@ -24,6 +24,7 @@ class Supervised(PretrainMethod):
     """
 
     name = "supervised"
+    base_view_names = ("image",)
     default_recipe = Recipe(optimizer="sgd", base_lr=0.1, weight_decay=1e-4, momentum=0.9,
                             batch_size=256, epochs=90, warmup_epochs=0)
 

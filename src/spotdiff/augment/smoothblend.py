@@ -54,8 +54,8 @@ def _grayscale(images: torch.Tensor) -> torch.Tensor:
 
 def _shift_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Rotate the HSV hue of ``(B, 3, H, W)`` [0, 1] images by ``shift`` (B,) turns (torchvision's adjust_hue)."""
-    maxc, _ = images.max(dim=1, keepdim=True)
-    minc, _ = images.min(dim=1, keepdim=True)
+    maxc = images.amax(dim=1, keepdim=True)
+    minc = images.amin(dim=1, keepdim=True)
     delta = maxc - minc
     sat = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, 1.0), 0.0)
     safe = torch.where(delta > 0, delta, 1.0)
@@ -234,8 +234,10 @@ class SmoothBlend(nn.Module):
         )
 
     # -- application
-    def apply(self, images: torch.Tensor, params: BlendParams) -> tuple[torch.Tensor, torch.Tensor]:
-        """Blend ``images`` (B, 3, H, W) with ``params``; returns ``(blended, alpha (B, 1, H, W))``."""
+    def apply(
+        self, images: torch.Tensor, params: BlendParams, with_alpha: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Blend ``images`` (B, 3, H, W) with ``params``; returns ``(blended, alpha (B, 1, H, W) or None)``."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"SmoothBlend expects (B, 3, H, W) images, got {tuple(images.shape)}")
         bsz, _, height, width = images.shape
@@ -254,13 +256,18 @@ class SmoothBlend(nn.Module):
         in_x = (px >= 0) & (px < params.w.view(-1, 1))
         footprint = (in_y.unsqueeze(2) & in_x.unsqueeze(1)).unsqueeze(1)  # (B, 1, ph, pw)
 
-        flat = images.reshape(bsz, 3, height * width)
+        # Flat indices into (B, 3 * H * W), one per channel: contiguous indices gather fastest.
+        plane = height * width
+        channel_offset = (torch.arange(3, device=dev) * plane).view(1, 3, 1)
         window_index = (wy.unsqueeze(2) * width + wx.unsqueeze(1)).view(bsz, 1, ph * pw)
+        window_index = (window_index + channel_offset).view(bsz, 3 * ph * pw)
         sy = (params.src_y.view(-1, 1) + py).clamp(0, height - 1)
         sx = (params.src_x.view(-1, 1) + px).clamp(0, width - 1)
         source_index = (sy.unsqueeze(2) * width + sx.unsqueeze(1)).view(bsz, 1, ph * pw)
-        x_win = flat.gather(2, window_index.expand(-1, 3, -1)).view(bsz, 3, ph, pw)
-        patch = flat.gather(2, source_index.expand(-1, 3, -1)).view(bsz, 3, ph, pw)
+        source_index = (source_index + channel_offset).view(bsz, 3 * ph * pw)
+        flat = images.reshape(bsz, 3 * plane)
+        x_win = flat.gather(1, window_index).view(bsz, 3, ph, pw)
+        patch = flat.gather(1, source_index).view(bsz, 3, ph, pw)
 
         work = torch.float32 if images.dtype in (torch.float16, torch.bfloat16) else images.dtype
         patch, x_win = patch.to(work), x_win.to(work)
@@ -277,11 +284,13 @@ class SmoothBlend(nn.Module):
         alpha = self._alpha(py, px, params).to(work) * region
         blended = (x_win + alpha * (patch - x_win)).to(images.dtype)
         out = images.clone(memory_format=torch.contiguous_format)
-        out.view(bsz, 3, height * width).scatter_(2, window_index.expand(-1, 3, -1), blended.view(bsz, 3, -1))
-        alpha_full = torch.zeros(bsz, 1, height * width, device=dev, dtype=work)
-        alpha_full.scatter_(2, window_index, alpha.view(bsz, 1, -1))
+        out.view(bsz, 3 * plane).scatter_(1, window_index, blended.view(bsz, -1))
         if not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last):
             out = out.contiguous(memory_format=torch.channels_last)  # keep the caller's layout
+        if not with_alpha:
+            return out, None
+        alpha_full = torch.zeros(bsz, plane, device=dev, dtype=work)
+        alpha_full.scatter_(1, window_index[:, : ph * pw], alpha.view(bsz, -1))
         return out, alpha_full.view(bsz, 1, height, width)
 
     def _alpha(self, py: torch.Tensor, px: torch.Tensor, params: BlendParams) -> torch.Tensor:
@@ -317,7 +326,7 @@ class SmoothBlend(nn.Module):
         """
         params = self.sample(images.shape[0], images.shape[2], images.shape[3], generator, images.device)
         with torch.no_grad():
-            out, alpha = self.apply(images, params)
+            out, alpha = self.apply(images, params, with_alpha=return_mask)
         return (out, alpha) if return_mask else out
 
 

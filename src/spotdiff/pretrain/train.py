@@ -130,7 +130,8 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext) -> Path:
     if resume is not None:
         method.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
-        scaler.load_state_dict(resume["scaler"])
+        if resume["scaler"]:  # empty when fp16 loss scaling was off
+            scaler.load_state_dict(resume["scaler"])
         set_rng_state(resume["rng"])
         start_step = int(resume["step"])
         log(f"resuming {ckpt_path} at step {start_step}/{total_steps}")

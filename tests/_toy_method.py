@@ -71,7 +71,9 @@ class ToyMethod(nn.Module):
         return {"loss": loss, "loss_base": loss_base, "loss_spd": loss_spd}
 
     def param_groups(self, lr):
-        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
+        wd = self.recipe.weight_decay
+        return [{"params": list(self.backbone.parameters()), "lr": lr, "weight_decay": wd},
+                {"params": list(self.projector.parameters()), "lr": lr, "weight_decay": wd, "fixed_lr": True}]
 
     def after_step(self):
         self.after_steps += 1

@@ -82,6 +82,8 @@ def test_run_completes_with_checkpoint_log_and_backbone(toy, images, tmp_path):
     assert [float(r["lr"]) for r in rows] == pytest.approx([peak / 3, 2 * peak / 3, peak, peak,
                                                             peak * 0.75, peak * 0.25], rel=1e-4)
     assert toy[0].after_steps == 6
+    groups = payload["optimizer"]["param_groups"]
+    assert groups[0]["lr"] == pytest.approx(peak * 0.25) and groups[1]["lr"] == pytest.approx(peak)  # fixed_lr
     # The weights changed and the exported backbone is the checkpoint's.
     fresh = build_backbone("resnet18")
     loaded = build_backbone("resnet18", weights=run / "backbone.safetensors")
@@ -187,12 +189,14 @@ def test_config_precedence_recipe_yaml_cli(toy, images, tmp_path):
     run = tmp_path / "run"
     rc = main(["--quiet", "pretrain", "--config", str(yaml_file), "--arch", "resnet18", "--data", str(images),
                "--out", str(run), "--lr", "0.2", "--steps", "1", "--workers", "0",
-               "--set", "log_every=1", "--set", "tensorboard=false"])
+               "--set", "log_every=1", "--set", "tensorboard=false", "--set", "weight_decay=0.001"])
     assert rc == 0
-    saved = load_checkpoint(run / "checkpoint.pt")["config"]
+    payload = load_checkpoint(run / "checkpoint.pt")
+    saved = payload["config"]
+    assert [g["weight_decay"] for g in payload["optimizer"]["param_groups"]] == [0.001, 0.001]
     assert saved["lr"] == 0.2  # CLI over YAML
     assert saved["batch_size"] == 8  # YAML over recipe (4)
-    assert saved["momentum"] == 0.9 and saved["weight_decay"] == 1e-4  # recipe
+    assert saved["momentum"] == 0.9 and saved["optimizer"] == "sgd"  # recipe
     assert saved["steps"] == 1 and saved["image_size"] == 32
     assert saved["hparams"] == {"sleep": 0}
     # --epochs on the command line replaces the file's steps.

@@ -1,8 +1,8 @@
-"""Optimizers and the learning-rate schedule of pre-training: SGD, LARS, warm-up + cosine.
+"""The learning-rate schedule of pre-training (linear warm-up, cosine decay) and, until the
+methods' own optimisers land, a stand-in ``build_optimizer``.
 
-Parameter groups come from ``PretrainMethod.param_groups(lr)``; two optional group keys are
-honoured: ``fix_lr: True`` keeps the group's lr constant (SimSiam's predictor), and
-``lars_exclude: True`` skips LARS's trust-ratio scaling (biases and BatchNorm parameters).
+Parameter groups come from ``PretrainMethod.param_groups(lr)``; ``fixed_lr: True`` keeps a group's
+lr constant (SimSiam's predictor) and ``lars_exclude: True`` skips LARS's trust-ratio scaling.
 """
 
 from __future__ import annotations
@@ -57,17 +57,13 @@ class LARS(Optimizer):
         return loss
 
 
-def build_optimizer(name: str, groups: list[dict[str, Any]], lr: float, momentum: float,
-                    weight_decay: float) -> Optimizer:
-    """``sgd`` or ``lars`` over the method's parameter groups; each group remembers ``base_lr``."""
-    for g in groups:
-        g.setdefault("lr", lr)
-        g["base_lr"] = g["lr"]
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "lars":
-        return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}")
+def build_optimizer(method: Any, lr: float) -> Optimizer:
+    """SGD or LARS (``method.recipe.optimizer``) over ``method.param_groups(lr)``."""
+    recipe = method.recipe
+    groups = method.param_groups(lr)
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    return LARS(groups, lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -84,13 +80,20 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
 
 
 def set_lr(optimizer: Optimizer, factor: float) -> float:
-    """Set every group's lr to ``base_lr * factor`` (``fix_lr`` groups keep ``base_lr``).
+    """Set every group's lr to ``peak_lr * factor`` (``fixed_lr`` groups keep ``peak_lr``).
 
+    ``peak_lr`` is each group's lr when the optimizer was built (see :func:`remember_peak_lr`).
     Returns the lr of the first scheduled group (for logging).
     """
     shown = None
     for g in optimizer.param_groups:
-        g["lr"] = g["base_lr"] if g.get("fix_lr") else g["base_lr"] * factor
-        if shown is None and not g.get("fix_lr"):
+        g["lr"] = g["peak_lr"] if g.get("fixed_lr") else g["peak_lr"] * factor
+        if shown is None and not g.get("fixed_lr"):
             shown = g["lr"]
     return shown if shown is not None else optimizer.param_groups[0]["lr"]
+
+
+def remember_peak_lr(optimizer: Optimizer) -> None:
+    """Record each group's current lr as its ``peak_lr`` (saved with the optimizer state)."""
+    for g in optimizer.param_groups:
+        g["peak_lr"] = g["lr"]

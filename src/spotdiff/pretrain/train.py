@@ -16,6 +16,7 @@ therefore repeats exactly what the uninterrupted run would have done (bit-identi
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import time
 from contextlib import nullcontext
@@ -47,7 +48,7 @@ from spotdiff.pretrain.data import (
 )
 from spotdiff.pretrain.distributed import DistContext, all_reduce_mean, barrier, cleanup_distributed, init_distributed
 from spotdiff.pretrain.export import write_backbone
-from spotdiff.pretrain.optim import build_optimizer, lr_factor, set_lr
+from spotdiff.pretrain.optim import build_optimizer, lr_factor, remember_peak_lr, set_lr
 
 LOG_NAME = "log.csv"
 LOG_COLUMNS = ("step", "epoch", "lr", "loss", "loss_base", "loss_spd", "img_per_s")
@@ -99,6 +100,9 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext) -> Path:
     except TypeError as exc:
         raise ConfigError(f"hparams: {cfg.method} does not accept {sorted(cfg.hparams)} ({exc})") from exc
     cfg = cfg.with_recipe(method.recipe)
+    method.recipe = dataclasses.replace(  # the optimizer and param groups read the resolved values
+        method.recipe, optimizer=cfg.optimizer, base_lr=cfg.lr, weight_decay=cfg.weight_decay,
+        momentum=cfg.momentum, batch_size=cfg.batch_size, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs)
     if resume is not None:
         changed = config_differences(resume["config"], cfg)
         if changed:
@@ -121,8 +125,8 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext) -> Path:
     if on_gpu and cfg.channels_last:
         method.to(memory_format=torch.channels_last)
     peak_lr = cfg.lr * cfg.batch_size / 256
-    optimizer = build_optimizer(cfg.optimizer, method.param_groups(peak_lr), peak_lr,
-                                cfg.momentum, cfg.weight_decay)
+    optimizer = build_optimizer(method, peak_lr)
+    remember_peak_lr(optimizer)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if on_gpu else None
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
 

@@ -287,3 +287,26 @@ def test_sample_views_depend_only_on_seed_epoch_index(tmp_path):
     data[(0, 2)]
     assert torch.equal(state, torch.get_rng_state())  # and is left untouched
     assert Image.open(paths[0]).size == (40, 40)
+
+
+def test_tensorboard_scalars_when_available(toy, images, tmp_path, monkeypatch):
+    """With ``torch.utils.tensorboard`` importable, every CSV column is also a TensorBoard scalar."""
+    import types
+
+    written = []
+
+    class FakeWriter:
+        def __init__(self, log_dir, purge_step=None):
+            written.append(("open", Path(log_dir).name, purge_step))
+
+        def add_scalar(self, tag, value, step):
+            written.append((tag, step))
+
+        def close(self):
+            written.append(("close",))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    train.run_pretrain(tiny(images, tmp_path / "run", steps=2, tensorboard=True))
+    assert written[0] == ("open", "tensorboard", None) and written[-1] == ("close",)
+    assert ("pretrain/loss", 2) in written and ("pretrain/img_per_s", 1) in written
+    assert len(written) == 2 + 2 * (len(train.LOG_COLUMNS) - 2)

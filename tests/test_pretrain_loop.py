@@ -238,7 +238,7 @@ def test_folder_layouts_labels_and_bad_images(toy, tmp_path):
     plain = _toy_method.make_images(tmp_path / "plain" / "Data" / "Images" / "Normal", n=5)
     paths, labels, names = find_images(tmp_path / "plain")
     assert len(paths) == 5 and set(labels) == {-1} and names == []
-    with pytest.raises(DataError, match="no image files"):
+    with pytest.raises(DataError, match="no image files found"):
         find_images(_empty_dir(tmp_path / "empty"))
     with pytest.raises(DataError, match="supervised pre-training needs class subfolders"):
         train.run_pretrain(tiny(plain, tmp_path / "sup", method="supervised"))

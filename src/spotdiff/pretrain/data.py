@@ -8,7 +8,7 @@ Two folder layouts are accepted (both searched recursively for image files):
 
 The folder counts as class subfolders when it holds no image file itself and at least two
 subfolders hold images. For a raw VisA or synthetic root, point it at one object's normal
-images (``<root>/<object>/Data/Images/Normal``) or at the root itself (objects become classes).
+images (``<root>/<object>/Data/Images/Normal``); higher folders also hold anomalies and masks.
 
 Determinism: sample ``index`` of ``epoch`` is augmented under the torch seed
 ``sample_seed(seed, epoch, index)``, so the views do not depend on the number of data-loading
@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from spotdiff.data.io import is_image_file, load_image
+from spotdiff.data.folder import list_images
+from spotdiff.data.io import load_image
 from spotdiff.errors import DataError
 from spotdiff.progress import log
 
@@ -45,10 +46,6 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return mix_seed(seed, epoch, index, 0x5EED)
 
 
-def _images_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
-
-
 def find_images(root: str | os.PathLike[str]) -> tuple[list[Path], list[int], list[str]]:
     """Image paths, labels and class names of a folder (see the module docstring).
 
@@ -60,19 +57,13 @@ def find_images(root: str | os.PathLike[str]) -> tuple[list[Path], list[int], li
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: image folder not found")
-    top_images = [p for p in root.iterdir() if p.is_file() and is_image_file(p)]
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    per_class = {d.name: _images_under(d) for d in class_dirs}
-    per_class = {name: paths for name, paths in per_class.items() if paths}
-    if not top_images and len(per_class) >= 2:
-        names = sorted(per_class)
-        paths = [p for name in names for p in per_class[name]]
-        labels = [i for i, name in enumerate(names) for _ in per_class[name]]
-        return paths, labels, names
-    paths = _images_under(root)
-    if not paths:
-        raise DataError(f"{root}: no image files found (searched recursively for "
-                        "*.png, *.jpg, *.jpeg, *.bmp, *.tif, *.tiff, *.webp)")
+    paths = list_images(root, recursive=True)
+    parts = [p.relative_to(root).parts for p in paths]
+    names = sorted({q[0] for q in parts if len(q) > 1})
+    if len(names) >= 2 and all(len(q) > 1 for q in parts):
+        index = {name: i for i, name in enumerate(names)}
+        order = sorted(range(len(paths)), key=lambda i: (index[parts[i][0]], paths[i]))
+        return [paths[i] for i in order], [index[parts[i][0]] for i in order], names
     return paths, [UNLABELED] * len(paths), []
 
 

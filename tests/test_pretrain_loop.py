@@ -238,6 +238,12 @@ def test_folder_layouts_labels_and_bad_images(toy, tmp_path):
     plain = _toy_method.make_images(tmp_path / "plain" / "Data" / "Images" / "Normal", n=5)
     paths, labels, names = find_images(tmp_path / "plain")
     assert len(paths) == 5 and set(labels) == {-1} and names == []
+    links = tmp_path / "links"  # class folders may be links to e.g. <root>/<object>/Data/Images/Normal
+    links.mkdir()
+    (links / "pcb").symlink_to(plain)
+    (links / "dent").symlink_to(labelled / "dent")
+    paths, labels, names = find_images(links)
+    assert names == ["dent", "pcb"] and labels == [0] * 3 + [1] * 5
     with pytest.raises(DataError, match="no image files found"):
         find_images(_empty_dir(tmp_path / "empty"))
     with pytest.raises(DataError, match="supervised pre-training needs class subfolders"):

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from spotdiff.data.folder import list_images
-from spotdiff.data.io import load_image
+from spotdiff.data.io import is_image_file, load_image
 from spotdiff.errors import DataError
 from spotdiff.progress import log
 
@@ -57,14 +57,23 @@ def find_images(root: str | os.PathLike[str]) -> tuple[list[Path], list[int], li
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: image folder not found")
+    entries = [e for e in sorted(root.iterdir()) if not e.name.startswith(".")]
+    if not any(e.is_file() and is_image_file(e) for e in entries):
+        per_class = {e.name: _images_or_none(e) for e in entries if e.is_dir()}  # follows links
+        per_class = {name: paths for name, paths in per_class.items() if paths}
+        if len(per_class) >= 2:
+            names = sorted(per_class)
+            paths = [p for name in names for p in per_class[name]]
+            return paths, [i for i, name in enumerate(names) for _ in per_class[name]], names
     paths = list_images(root, recursive=True)
-    parts = [p.relative_to(root).parts for p in paths]
-    names = sorted({q[0] for q in parts if len(q) > 1})
-    if len(names) >= 2 and all(len(q) > 1 for q in parts):
-        index = {name: i for i, name in enumerate(names)}
-        order = sorted(range(len(paths)), key=lambda i: (index[parts[i][0]], paths[i]))
-        return [paths[i] for i in order], [index[parts[i][0]] for i in order], names
     return paths, [UNLABELED] * len(paths), []
+
+
+def _images_or_none(folder: Path) -> list[Path] | None:
+    try:
+        return list_images(folder, recursive=True)
+    except DataError:
+        return None
 
 
 def drop_unreadable(paths: list[Path], labels: list[int]) -> tuple[list[Path], list[int]]:

@@ -177,14 +177,7 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext) -> Path:
                 generator = torch.Generator(device).manual_seed(mix_seed(cfg.seed, step, ctx.rank, 2))
                 views = {k: _to_device(v, device, cfg.channels_last and on_gpu) for k, v in views.items()}
                 batch_labels = batch_labels.to(device, non_blocking=True)
-                autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-                with autocast:
-                    out = model(views, labels=batch_labels, generator=generator)
-                loss = out["loss"]
-                scaler.scale(loss).backward()
-                stats = torch.stack([out[k].detach().float() if k in out else torch.zeros((), device=device)
-                                     for k in ("loss", "loss_base", "loss_spd")])
-                stats = all_reduce_mean(stats, ctx).tolist()
+                stats = _forward_backward(model, views, batch_labels, generator, amp_dtype, scaler, ctx)
                 if not all(math.isfinite(v) for v in stats):
                     raise SpotdiffError(
                         f"loss became {stats[0]} at step {step + 1} (epoch {epoch}); stopped before "
@@ -220,6 +213,19 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext) -> Path:
         log(f"pretrain done: {ckpt_path}, backbone {run_dir / BACKBONE_NAME}")
     barrier(ctx)
     return ckpt_path
+
+
+def _forward_backward(model: nn.Module, views: dict[str, torch.Tensor], labels: torch.Tensor,
+                      generator: torch.Generator, amp_dtype: torch.dtype | None,
+                      scaler: torch.amp.GradScaler, ctx: DistContext) -> list[float]:
+    """Losses of one batch, back-propagated; returns ``[loss, loss_base, loss_spd]`` averaged over processes."""
+    autocast = torch.autocast(ctx.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    with autocast:
+        out = model(views, labels=labels, generator=generator)
+    scaler.scale(out["loss"]).backward()
+    zero = torch.zeros((), device=ctx.device)
+    stats = torch.stack([out[k].detach().float() if k in out else zero for k in ("loss", "loss_base", "loss_spd")])
+    return all_reduce_mean(stats, ctx).tolist()
 
 
 def _checkpoint_to_resume(cfg: PretrainConfig, ckpt_path: Path) -> dict[str, Any] | None:

@@ -316,3 +316,26 @@ def test_tensorboard_scalars_when_available(toy, images, tmp_path, monkeypatch):
     assert written[0] == ("open", "tensorboard", None) and written[-1] == ("close",)
     assert ("pretrain/loss", 2) in written and ("pretrain/img_per_s", 1) in written
     assert len(written) == 2 + 2 * (len(train.LOG_COLUMNS) - 2)
+
+
+def test_lars_step_and_optimizer_override(toy, images, tmp_path):
+    from spotdiff.pretrain.optim import LARS
+
+    w = torch.nn.Parameter(torch.full((4,), 2.0))
+    b = torch.nn.Parameter(torch.full((4,), 2.0))
+    opt = LARS([{"params": [w]}, {"params": [b], "lars_exclude": True, "weight_decay": 0.0}],
+               lr=1.0, momentum=0.9, weight_decay=0.5, trust_coefficient=0.01)
+    for _ in range(2):
+        w.grad, b.grad = torch.full((4,), 3.0), torch.full((4,), 3.0)
+        before = w.detach().clone()
+        opt.step()
+    d1 = torch.full((4,), 4.0)  # g + wd * w at w = 2
+    v1 = 0.01 * 4.0 / torch.linalg.vector_norm(d1) * d1  # trust ratio with ||w|| = 4
+    d2 = 3.0 + 0.5 * before
+    v2 = 0.9 * v1 + 0.01 * torch.linalg.vector_norm(before) / torch.linalg.vector_norm(d2) * d2
+    assert torch.allclose(w, before - v2)
+    assert torch.allclose(b, torch.full((4,), 2.0 - 3.0 - (0.9 * 3.0 + 3.0)))
+
+    train.run_pretrain(tiny(images, tmp_path / "run", steps=2, optimizer="lars"))
+    payload = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert payload["config"]["optimizer"] == "lars" and "trust_coefficient" in payload["optimizer"]["param_groups"][0]

@@ -1,5 +1,4 @@
-"""The learning-rate schedule of pre-training (linear warm-up, cosine decay) and, until the
-methods' own optimisers land, a stand-in ``build_optimizer``.
+"""Optimisers of pre-training (SGD with momentum, LARS) and the lr schedule (warm-up, cosine).
 
 Parameter groups come from ``PretrainMethod.param_groups(lr)``; ``fixed_lr: True`` keeps a group's
 lr constant (SimSiam's predictor) and ``lars_exclude: True`` skips LARS's trust-ratio scaling.
@@ -13,6 +12,8 @@ from typing import Any
 
 import torch
 from torch.optim import Optimizer
+
+from spotdiff.errors import ConfigError
 
 
 class LARS(Optimizer):
@@ -63,7 +64,9 @@ def build_optimizer(method: Any, lr: float) -> Optimizer:
     groups = method.param_groups(lr)
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
-    return LARS(groups, lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    if recipe.optimizer == "lars":
+        return LARS(groups, lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    raise ConfigError(f"optimizer: {recipe.optimizer!r} is not one of sgd, lars")
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:

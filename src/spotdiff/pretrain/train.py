@@ -111,7 +111,8 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext) -> Path:
     if cfg.batch_size % ctx.world_size:
         raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by {ctx.world_size} processes")
     if len(paths) < cfg.batch_size:
-        raise DataError(f"{cfg.data}: {len(paths)} images, fewer than one batch of {cfg.batch_size}")
+        raise DataError(f"{cfg.data}: {len(paths)} images, fewer than one batch of {cfg.batch_size} "
+                        "(lower --batch-size)")
     sampler = EpochBatchSampler(len(paths), cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size)
     steps_per_epoch = sampler.batches_per_epoch
     total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch

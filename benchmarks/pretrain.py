@@ -6,13 +6,14 @@ the optimizer step. ``run_pretrain`` adds per-step seeding, the finite-loss chec
 the progress bar, one checkpoint and the backbone export. The ratio of images/s is the number
 reported (higher is better; 1.0 = no overhead).
 
-    PYTHONPATH=src python benchmarks/pretrain.py [--steps 30]
+    PYTHONPATH=src python benchmarks/pretrain.py [--steps 30] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -82,21 +83,27 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--method", default="simsiam")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
     set_quiet(True)
     tmp = Path(tempfile.mkdtemp())
+    bare, ours = [], []
     try:
         make_images(tmp / "images", 64)
-        bare = bare_loop(tmp / "images", args.steps, args.batch, args.size, args.method)
-        ours = spotdiff_loop(tmp / "images", tmp / "run", args.steps, args.batch, args.size, args.method)
-        bare2 = bare_loop(tmp / "images", args.steps, args.batch, args.size, args.method)
+        for r in range(args.rounds):  # interleaved, so machine-load drift hits both alike
+            bare.append(bare_loop(tmp / "images", args.steps, args.batch, args.size, args.method))
+            ours.append(spotdiff_loop(tmp / "images", tmp / f"run{r}", args.steps, args.batch, args.size,
+                                      args.method))
     finally:
         shutil.rmtree(tmp)
-    bare = (bare + bare2) / 2
-    print(f"{args.method}+spd resnet18 {args.size}px batch {args.batch}, {args.steps} steps, 1 thread")
-    print(f"bare loop:     {bare:8.1f} img/s")
-    print(f"run_pretrain:  {ours:8.1f} img/s  (ratio {ours / bare:.3f}, incl. checkpoint + export)")
+    ratios = sorted(o / b for o, b in zip(ours, bare, strict=True))
+    print(f"{args.method}+spd resnet18 {args.size}px batch {args.batch}, {args.steps} steps x {args.rounds} "
+          "rounds, 1 thread")
+    print(f"bare loop:     median {statistics.median(bare):8.1f} img/s")
+    print(f"run_pretrain:  median {statistics.median(ours):8.1f} img/s (incl. one checkpoint + export)")
+    print(f"ratio run_pretrain / bare: median {statistics.median(ratios):.3f} (min {ratios[0]:.3f}, "
+          f"max {ratios[-1]:.3f})")
 
 
 if __name__ == "__main__":

@@ -339,3 +339,44 @@ def test_lars_step_and_optimizer_override(toy, images, tmp_path):
     train.run_pretrain(tiny(images, tmp_path / "run", steps=2, optimizer="lars"))
     payload = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert payload["config"]["optimizer"] == "lars" and "trust_coefficient" in payload["optimizer"]["param_groups"][0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["moco", "simclr"])  # queue + momentum encoder; LARS
+def test_real_method_with_spd_resumes_bit_identical(method, images, tmp_path, monkeypatch):
+    """The real methods (momentum encoder, queue, SmoothBlend generator) resume exactly too."""
+    methods = pytest.importorskip("spotdiff.pretrain.methods")
+    cfg = dict(method=method, spd=True, steps=4, checkpoint_every=2, batch_size=4)
+    reference = train.run_pretrain(tiny(images, tmp_path / "ref", **cfg))
+
+    def build_dying(name, **kwargs):
+        m = methods.build_method(name, **kwargs)
+        calls = []
+
+        def forward(*args, **kw):
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return type(m).forward(m, *args, **kw)
+
+        m.forward = forward
+        return m
+
+    monkeypatch.setattr(train, "build_method", build_dying)
+    with pytest.raises(KeyboardInterrupt):
+        train.run_pretrain(tiny(images, tmp_path / "cut", workers=2, **cfg))
+    monkeypatch.setattr(train, "build_method", methods.build_method)
+    resumed = train.run_pretrain(tiny(images, tmp_path / "cut", resume=True, **cfg))
+    assert_same_state(load_checkpoint(reference)["model"], load_checkpoint(resumed)["model"])
+    assert [r["loss"] for r in read_log(tmp_path / "cut")] == [r["loss"] for r in read_log(tmp_path / "ref")]
+
+
+def test_real_supervised_method_uses_class_folders(tmp_path):
+    pytest.importorskip("spotdiff.pretrain.methods")
+    data = _toy_method.make_images(tmp_path / "classes", n=8, classes=("good", "scratch"))
+    train.run_pretrain(tiny(data, tmp_path / "run", method="supervised", spd=True, steps=2, batch_size=4))
+    payload = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert payload["step"] == 2
+    assert all(math.isfinite(float(r["loss"])) for r in read_log(tmp_path / "run"))
+    assert payload["model"]["classifier.weight"].shape == (2, 512)  # one output per class folder
+    build_backbone("resnet18", weights=tmp_path / "run" / "backbone.safetensors")

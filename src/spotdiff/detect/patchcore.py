@@ -69,17 +69,19 @@ def greedy_coreset(
         z = random_projection(features, projection_dim, seed)
     else:
         z = features
-    z = z.float().contiguous()
-    sq_norm = torch.einsum("ij,ij->i", z, z)
+    # (dim, M) layout: a row-vector times matrix product streams memory contiguously, which is
+    # several times faster on CPU than a matrix-vector product over (M, dim) rows
+    z_t = z.float().T.contiguous()
+    sq_norm = torch.einsum("ij,ij->j", z_t, z_t)
     generator = torch.Generator().manual_seed(seed)
     current = int(torch.randint(m, (1,), generator=generator))
     selected = torch.empty(n_select, dtype=torch.int64)
-    min_dist = torch.full((m,), float("inf"), dtype=z.dtype, device=z.device)
+    min_dist = torch.full((1, m), float("inf"), dtype=z_t.dtype, device=z_t.device)
     dist = torch.empty_like(min_dist)
     progress_bar = bar(total=n_select, desc="coreset")
     for i in range(n_select):
         selected[i] = current
-        torch.mv(z, z[current], out=dist)
+        torch.matmul(z_t[:, current][None], z_t, out=dist)
         dist.mul_(-2.0).add_(sq_norm).add_(sq_norm[current])
         torch.minimum(min_dist, dist, out=min_dist)
         current = int(torch.argmax(min_dist))

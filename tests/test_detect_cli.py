@@ -60,14 +60,14 @@ def test_predict_refuses_missing_input_and_bad_model(model_dir, tmp_path, capsys
 @pytest.mark.slow
 def test_fit_test_predict_on_synthetic_data(tmp_path):
     synth = pytest.importorskip("spotdiff.data.synth")
-    root = synth.generate(tmp_path / "synth", seed=0, scale=0.2)
+    root = synth.generate(tmp_path / "synth", seed=0, scale=0.2, image_size=128, objects=["cashew_synth"])
     results = {}
     for model in ("padim", "patchcore"):
         mdir, rdir = tmp_path / f"m_{model}", tmp_path / f"r_{model}"
-        assert main(["--quiet", "fit", "--model", model, "--data", str(root), "--object", "pcb_synth",
-                     "--arch", "resnet18", "--image-size", "64", "--out", str(mdir)]) == 0
+        assert main(["--quiet", "fit", "--model", model, "--data", str(root), "--object", "cashew_synth",
+                     "--arch", "resnet18", "--image-size", "128", "--out", str(mdir)]) == 0
         assert json.loads((mdir / "config.json").read_text())["model"] == model
-        assert main(["--quiet", "test", str(mdir), "--data", str(root), "--object", "pcb_synth",
+        assert main(["--quiet", "test", str(mdir), "--data", str(root), "--object", "cashew_synth",
                      "--out", str(rdir), "--save-maps"]) == 0
         metrics = json.loads((rdir / "metrics.json").read_text())
         rows = read_csv(rdir / "scores.csv")
@@ -75,11 +75,13 @@ def test_fit_test_predict_on_synthetic_data(tmp_path):
         assert {r["label"] for r in rows} == {"0", "1"}
         assert "per_defect_type" in metrics
         with np.load(rdir / "maps.npz") as npz:
-            assert npz["maps"].shape == (len(rows), 64, 64) and npz["maps"].dtype == np.float16
+            assert npz["maps"].shape == (len(rows), 128, 128) and npz["maps"].dtype == np.float16
         results[model] = metrics
         pred = tmp_path / f"p_{model}"
         anomalous = [r["path"] for r in rows if r["label"] == "1"][:3]
         assert main(["--quiet", "predict", str(mdir), *anomalous, "--out", str(pred)]) == 0
         assert len(read_csv(pred / "scores.csv")) == 3
+    # random-init resnet18, 3 normal test images: pixel AU-ROC measured 0.95 (PaDiM), 0.92 (PatchCore);
+    # image AU-ROC 0.70 / 0.71 rests on 3 normal images, so only "above chance" is asserted
     for metrics in results.values():
-        assert metrics["image_auroc"] > 0.6 and metrics["pixel_auroc"] > 0.6
+        assert metrics["image_auroc"] > 0.55 and metrics["pixel_auroc"] > 0.85

@@ -216,3 +216,18 @@ def test_bad_training_input():
         PaDiM("resnet18", layers=["layer3", "layer1"])
     with pytest.raises(ConfigError, match="not fitted"):
         PaDiM("resnet18", d=10).predict(square_images(1))
+
+
+@pytest.mark.slow
+def test_finds_synthetic_defects(tmp_path_factory):
+    """Random-init resnet18 on synthetic cashews, 128 px (measured: image 0.81, pixel 0.95 AU-ROC)."""
+    from spotdiff.data import open_dataset
+    from spotdiff.data.synth import generate
+    from spotdiff.detect.predict import evaluate_detector
+
+    root = generate(tmp_path_factory.mktemp("synth"), seed=0, scale=0.5, image_size=128, objects=["cashew_synth"])
+    train = open_dataset(root, "cashew_synth", subset="train", image_size=128)
+    test = open_dataset(root, "cashew_synth", subset="test", image_size=128)
+    metrics, records, maps, masks = evaluate_detector(PaDiM("resnet18").fit(train), test)
+    assert len(records) == len(test) and maps.shape == masks.shape == (len(test), 128, 128)
+    assert metrics["image_auroc"] > 0.7 and metrics["pixel_auroc"] > 0.88

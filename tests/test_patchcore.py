@@ -163,3 +163,17 @@ def test_bad_input():
         PatchCore(arch="resnet18", coreset_ratio=0.0)
     with pytest.raises(ConfigError, match="unknown architecture"):
         PatchCore(arch="vgg16")
+
+
+@pytest.mark.slow
+def test_finds_synthetic_defects(tmp_path_factory):
+    """Random-init resnet18 on synthetic cashews, 128 px (measured: image 0.66, pixel 0.92 AU-ROC)."""
+    from spotdiff.data import open_dataset
+    from spotdiff.data.synth import generate
+    from spotdiff.detect.predict import evaluate_detector
+
+    root = generate(tmp_path_factory.mktemp("synth"), seed=0, scale=0.5, image_size=128, objects=["cashew_synth"])
+    train = open_dataset(root, "cashew_synth", subset="train", image_size=128)
+    test = open_dataset(root, "cashew_synth", subset="test", image_size=128)
+    metrics, _, _, _ = evaluate_detector(PatchCore("resnet18").fit(train), test)
+    assert metrics["image_auroc"] > 0.6 and metrics["pixel_auroc"] > 0.85

@@ -150,11 +150,49 @@ def _run_export_backbone(args: argparse.Namespace) -> int:
 # Owner: detect (issue 5). Edit only inside this section.
 def _add_fit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fit", help="fit a 1-class detector (PaDiM, PatchCore) on normal images")
+    p.add_argument("--model", choices=["padim", "patchcore"], required=True)
+    p.add_argument("--data", required=True, help="raw VisA root, MVTec-AD root or prepared folder")
+    p.add_argument("--object", required=True, help="object (category) name, e.g. pcb1")
+    p.add_argument("--split", default="1cls", help="VisA split CSV name (default 1cls)")
+    p.add_argument("--split-csv", default=None, help="explicit split CSV (default <data>/split_csv/<split>.csv)")
+    p.add_argument("--arch", default=None,
+                   help="resnet18 | resnet50 | wide_resnet50_2 (default: resnet18 for padim, wide_resnet50_2 for patchcore)")
+    p.add_argument("--weights", default=None, help="backbone weights (.safetensors or torchvision .pth); default random init")
+    p.add_argument("--image-size", type=int, default=256, help="square input size in pixels (default 256)")
+    p.add_argument("--layers", nargs="+", default=None,
+                   help="backbone stages (default: layer1 layer2 layer3 for padim, layer2 layer3 for patchcore)")
+    p.add_argument("--d", type=int, default=None, help="PaDiM: random channel subset (default 100 resnet18, 550 otherwise)")
+    p.add_argument("--coreset-ratio", type=float, default=0.1, help="PatchCore: fraction of patches kept (default 0.1)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 32 (padim) / 8 (patchcore)")
+    p.add_argument("--seed", type=int, default=0, help="seed of random init, channel subset and coreset")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (reported) instead of failing")
+    p.add_argument("--out", required=True, help="model directory to write")
     p.set_defaults(run=_run_fit)
 
 
 def _run_fit(args: argparse.Namespace) -> int:
-    raise SpotdiffError("fit: not implemented yet")
+    from spotdiff.data import open_dataset
+    from spotdiff.detect import PaDiM, PatchCore
+
+    common = {"seed": args.seed, "device": args.device, "num_workers": args.workers, "weights": args.weights}
+    if args.arch:
+        common["arch"] = args.arch
+    if args.layers:
+        common["layers"] = args.layers
+    if args.batch_size:
+        common["batch_size"] = args.batch_size
+    if args.model == "padim":
+        model = PaDiM(d=args.d, **common)
+    else:
+        model = PatchCore(coreset_ratio=args.coreset_ratio, **common)
+    train = open_dataset(args.data, args.object, split=args.split, subset="train", image_size=args.image_size,
+                         split_csv=args.split_csv, skip_bad=args.skip_bad)
+    model.fit(train)
+    out = model.save(args.out)
+    print(f"fitted {args.model} ({model.arch}, {model.n_train} training images) -> {out}")
+    return 0
 
 
 # ============================================================================= end of fit
@@ -164,11 +202,38 @@ def _run_fit(args: argparse.Namespace) -> int:
 # Owner: detect (issue 5). Edit only inside this section.
 def _add_test(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("test", help="evaluate a fitted 1-class detector on a test split")
+    p.add_argument("model_dir", help="model directory written by `spotdiff fit`")
+    p.add_argument("--data", required=True, help="raw VisA root, MVTec-AD root or prepared folder")
+    p.add_argument("--object", required=True, help="object (category) name")
+    p.add_argument("--split", default="1cls", help="VisA split CSV name (default 1cls)")
+    p.add_argument("--split-csv", default=None, help="explicit split CSV")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of failing")
+    p.add_argument("--save-maps", action="store_true", help="also write maps.npz (float16 anomaly maps)")
+    p.add_argument("--out", required=True, help="results directory (metrics.json, scores.csv)")
     p.set_defaults(run=_run_test)
 
 
 def _run_test(args: argparse.Namespace) -> int:
-    raise SpotdiffError("test: not implemented yet")
+    import json
+
+    from spotdiff.data import open_dataset
+    from spotdiff.detect import load_detector
+    from spotdiff.detect.predict import evaluate_detector, write_test_results
+
+    model = load_detector(args.model_dir, device=args.device)
+    height, width = model.image_size
+    test = open_dataset(args.data, args.object, split=args.split, subset="test",
+                        image_size=height if height == width else (height, width),
+                        split_csv=args.split_csv, skip_bad=args.skip_bad)
+    metrics, records, maps, _ = evaluate_detector(model, test, batch_size=args.batch_size, num_workers=args.workers)
+    written = write_test_results(args.out, metrics, records, maps if args.save_maps else None)
+    headline = {k: v for k, v in metrics.items() if isinstance(v, float)}
+    print(json.dumps(headline, indent=2, sort_keys=True))
+    print(f"results -> {written['metrics'].parent}")
+    return 0
 
 
 # ============================================================================= end of test
@@ -178,11 +243,28 @@ def _run_test(args: argparse.Namespace) -> int:
 # Owner: detect (issue 5). Edit only inside this section.
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="score new images with a fitted detector; write scores CSV and heat maps")
+    p.add_argument("model_dir", help="model directory written by `spotdiff fit`")
+    p.add_argument("images", nargs="+", help="image files and/or directories (searched recursively)")
+    p.add_argument("--out", required=True, help="output directory (scores.csv, overlays/)")
+    p.add_argument("--threshold", type=float, default=None, help="flag images with score > T; colour scale 0..2T")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-overlays", action="store_true", help="write scores.csv only")
     p.set_defaults(run=_run_predict)
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    raise SpotdiffError("predict: not implemented yet")
+    from spotdiff.detect import load_detector
+    from spotdiff.detect.predict import predict_images
+
+    model = load_detector(args.model_dir, device=args.device)
+    records = predict_images(model, args.images, args.out, threshold=args.threshold, batch_size=args.batch_size,
+                             overlays=not args.no_overlays)
+    failed = [r for r in records if r["error"]]
+    for r in failed:
+        print(f"skipped: {r['error']}", file=sys.stderr)
+    print(f"scored {len(records) - len(failed)} image(s), {len(failed)} failed -> {args.out}/scores.csv")
+    return 0
 
 
 # ============================================================================= end of predict

@@ -23,6 +23,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from spotdiff.data import open_dataset, sample_kshot
 from spotdiff.errors import ConfigError, DataError
 
 
@@ -82,8 +83,6 @@ class ProtocolData:
     def train_indices(self, seed: int) -> list[int]:
         """Indices into ``train_pool`` used for training with ``seed``: all of them for
         high-shot, :func:`sample_kshot` (k per class, reproducible) for k-shot."""
-        from spotdiff.data import sample_kshot
-
         labels = list(self.train_pool.labels)
         if self.protocol.k is None:
             return list(range(len(labels)))
@@ -103,8 +102,6 @@ def open_protocol(
         DataError: a subset lacks normal or anomalous images, or holds fewer than k of a
             class (k-shot); the message names the object, split CSV and subset.
     """
-    from spotdiff.data import open_dataset
-
     root = Path(root)
     data = {
         subset: open_dataset(root, obj, split=protocol.split, subset=subset, image_size=image_size)

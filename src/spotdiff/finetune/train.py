@@ -30,7 +30,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from spotdiff.data.transforms import normalize
-from spotdiff.errors import ConfigError
+from spotdiff.errors import ConfigError, DataError
 from spotdiff.files import write_json_atomic, write_text_atomic
 from spotdiff.finetune.classifier import BinaryClassifier
 from spotdiff.finetune.protocols import (
@@ -45,6 +45,7 @@ from spotdiff.finetune.protocols import (
     table_rows,
 )
 from spotdiff.finetune.unet import UNet
+from spotdiff.metrics import evaluate
 from spotdiff.models import ARCHITECTURES, build_backbone
 from spotdiff.progress import bar, log
 
@@ -296,13 +297,17 @@ def predict(
 def evaluate_model(model: nn.Module, test: TensorData, task: str, batch_size: int, device: torch.device | str) -> dict:
     """:func:`spotdiff.metrics.evaluate` of ``model`` on ``test``: image metrics, plus pixel
     metrics for ``seg``, with the per-defect-type breakdown."""
-    from spotdiff.metrics import evaluate
-
     scores, maps = predict(model, test.images, batch_size, device)
+    if not (np.isfinite(scores).all() and (maps is None or np.isfinite(maps).all())):
+        raise ConfigError("training diverged: the model predicts non-finite scores; try a lower --lr")
     labels = test.labels.numpy()
-    if task == "seg":
-        return evaluate(scores, labels, anomaly_maps=maps, masks=test.masks.numpy(), defect_types=test.defect_types)
-    return evaluate(scores, labels, defect_types=test.defect_types)
+    try:
+        if task == "seg":
+            return evaluate(scores, labels, anomaly_maps=maps, masks=test.masks.numpy(),
+                            defect_types=test.defect_types)
+        return evaluate(scores, labels, defect_types=test.defect_types)
+    except ValueError as exc:  # e.g. every mask of a defect type vanished when resized
+        raise DataError(f"cannot evaluate the test set at {test.images.shape[-1]} px: {exc}") from exc
 
 
 def training_steps(config: FinetuneConfig, n_train: int) -> int:

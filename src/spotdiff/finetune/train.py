@@ -18,7 +18,7 @@ import math
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +78,6 @@ class FinetuneConfig:
     balanced: bool = True  # class-balanced batches (see module docstring)
     device: str = "auto"  # "auto" = cuda when available
     workers: int = 0  # image-decoding worker processes
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form, copied into the outputs
 
     def validate(self) -> None:
         """ConfigError for any out-of-range option (checked before anything runs)."""
@@ -109,9 +108,12 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as exc:
         raise ConfigError(f"bad device {name!r}: {exc}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    return device
 
 
 def build_model(task: str, arch: str, weights: str | os.PathLike[str] | None = None) -> nn.Module:

@@ -130,3 +130,23 @@ def test_cli_end_to_end_segmentation_all_objects(synth_root, tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert results["seeds"] == [0, 1] and set(results["aggregate"]) == set(OBJECTS)
     assert (out / "table.md").read_text().count("\n") == len(OBJECTS) + 5  # title, blank, header, rule, rows
+
+
+def test_highshot_classifier_runs_every_seed_on_the_same_images(synth_root, tmp_path):
+    from spotdiff.finetune import FinetuneConfig, run_finetune
+
+    config = FinetuneConfig(task="cls", protocol="highshot", data=synth_root, out=tmp_path / "out",
+                            object="cashew_synth", arch="resnet18", seeds=2, epochs=1, batch_size=8,
+                            image_size=SIZE)
+    results = run_finetune(config)
+    records = results["per_seed"]["cashew_synth"]
+    pool = open_protocol(synth_root, "cashew_synth", get_protocol("highshot"), SIZE).train_pool
+    for record in records:
+        assert record["train_images"] == list(pool.paths)  # the whole train subset, every seed
+        assert record["n_train_anomalous"] == sum(pool.labels)
+        assert record["steps"] == -(-len(pool) // 8)  # one epoch = ceil(n_train / batch) steps
+        assert "pixel_auroc" not in record["metrics"] and "image_aupr" in record["metrics"]
+    assert records[0]["final_loss"] != records[1]["final_loss"]  # the seed changes init and order
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| cashew_synth |" in table and "mean**" not in table  # one object: no mean row
+    assert list(results["table"]) == ["cashew_synth"]

@@ -273,12 +273,46 @@ def _run_predict(args: argparse.Namespace) -> int:
 # ============================================================================= finetune
 # Owner: finetune (issue 6). Edit only inside this section.
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("finetune", help="2-class fine-tuning: classifier or U-Net, high-shot or k-shot")
+    p = sub.add_parser("finetune", help="2-class fine-tuning: classifier or U-Net, high-shot or k-shot",
+                       description="Fine-tune a binary classifier (cls) or a U-Net (seg) on normal and anomalous "
+                                   "images, for several seeds; write per-seed metrics, mean ± std and a table. "
+                                   "See docs/finetune.md.")
+    p.add_argument("--task", required=True, choices=["cls", "seg"], help="cls: image classifier; seg: U-Net")
+    p.add_argument("--protocol", required=True, choices=["highshot", "10shot", "5shot"])
+    p.add_argument("--data", required=True, metavar="ROOT", help="dataset root (VisA layout with split_csv/)")
+    p.add_argument("--object", default="all", metavar="NAME", help="object name, or 'all' (default)")
+    p.add_argument("--weights", default=None, metavar="FILE",
+                   help="backbone weights (.safetensors or torchvision .pth); default: random init")
+    p.add_argument("--arch", default="resnet50", help="resnet18, resnet50 (default) or wide_resnet50_2")
+    p.add_argument("--seeds", type=int, default=5, help="number of seeds, run as 0..N-1 (default 5)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, default=None, help="training epochs (default: protocol steps)")
+    length.add_argument("--steps", type=int, default=None,
+                        help="optimisation steps (default 1000 high-shot, 300 k-shot)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-4, help="encoder learning rate; new layers use 10x (default 1e-4)")
+    p.add_argument("--image-size", type=int, default=256, help="square input size in pixels (default 256)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--workers", type=int, default=4, help="image-decoding worker processes (default 4)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.set_defaults(run=_run_finetune)
 
 
 def _run_finetune(args: argparse.Namespace) -> int:
-    raise SpotdiffError("finetune: not implemented yet")
+    from pathlib import Path
+
+    from spotdiff.finetune import FinetuneConfig, run_finetune
+
+    config = FinetuneConfig(
+        task=args.task, protocol=args.protocol, data=Path(args.data), out=Path(args.out), object=args.object,
+        weights=Path(args.weights) if args.weights else None, arch=args.arch, seeds=args.seeds,
+        epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        image_size=args.image_size, device=args.device, workers=args.workers,
+    )
+    run_finetune(config)
+    print((Path(args.out) / "table.md").read_text(encoding="utf-8"), end="")
+    print(f"results written to {args.out}")
+    return 0
 
 
 # ============================================================================= end of finetune

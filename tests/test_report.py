@@ -211,3 +211,21 @@ def test_html_escapes_labels():
 def test_report_without_predictions_has_tables_only():
     sections = report_sections(paper_tables(make_records()))
     assert [s.title for s in sections] == ["Results"]
+
+
+def test_gallery_reads_images_from_paths_at_mask_size(tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(4):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    masks = np.zeros((4, 16, 16), np.float32)
+    masks[2:, 4:8, 4:8] = 1
+    preds = Predictions("o", "m", np.array([0.1, 0.9, 0.2, 0.8]), np.array([0, 0, 1, 1]),
+                        ["good", "good", "dent", "dent"], rng.uniform(size=(4, 4, 4)), masks, paths=paths)
+    items = preds.gallery_items(3)
+    assert [it.score for it in items] == [0.2, 0.9, 0.8]  # worst anomalous, worst normal, next anomalous
+    assert all(it.image.shape == (16, 16, 3) and 0 <= it.image.min() and it.image.max() <= 1 for it in items)
+    assert items[0].caption == "dent"
+    assert Predictions("o", "m", np.zeros(2), np.array([0, 1])).gallery_items(2) == []

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from PIL import Image
 from matplotlib.figure import Figure
 from sklearn.metrics import auc, precision_recall_curve, roc_auc_score, roc_curve
 
@@ -51,7 +52,9 @@ class Predictions:
 
     ``scores`` (N,) image scores, higher = more anomalous; ``labels`` (N,) 0/1;
     ``defect_types`` N names ("good" for normal); ``anomaly_maps`` (N, h, w) or None;
-    ``masks`` (N, H, W) in {0, 1} or None; ``images`` (N, H, W, 3) in [0, 1] or None.
+    ``masks`` (N, H, W) in {0, 1} or None; ``images`` (N, H, W, 3) in [0, 1] or None;
+    ``paths`` N image files, read (and resized to the masks' or maps' size) for the gallery when
+    ``images`` is None, so only the few gallery images are ever held in memory.
     """
 
     object: str
@@ -62,19 +65,34 @@ class Predictions:
     anomaly_maps: np.ndarray | None = None
     masks: np.ndarray | None = None
     images: np.ndarray | None = None
+    paths: list[str] | None = None
+
+    def image(self, i: int) -> np.ndarray | None:
+        """Test image ``i`` as (H, W, 3) in [0, 1], or None when neither images nor paths are kept."""
+        if self.images is not None:
+            return np.asarray(self.images[i])
+        if self.paths is None:
+            return None
+        from spotdiff.data.io import load_image
+
+        img = load_image(self.paths[i])
+        ref = self.masks if self.masks is not None else self.anomaly_maps
+        if ref is not None:
+            img = img.resize((ref.shape[-1], ref.shape[-2]), Image.BILINEAR)
+        return np.asarray(img, dtype=np.float32) / 255.0
 
     def score_set(self) -> ScoreSet:
         return ScoreSet(self.method, np.asarray(self.scores), np.asarray(self.labels))
 
     def gallery_items(self, n: int) -> list[GalleryItem]:
-        """The ``n`` worst misses (see :func:`select_gallery`) as gallery tiles; needs ``images``."""
-        if self.images is None:
+        """The ``n`` worst misses (see :func:`select_gallery`) as gallery tiles; needs images or paths."""
+        if self.images is None and self.paths is None:
             return []
         items = []
         for i in select_gallery(self.scores, self.labels, n):
             caption = self.defect_types[i] if self.defect_types is not None else ""
             items.append(GalleryItem(
-                image=self.images[i],
+                image=self.image(i),
                 anomaly_map=None if self.anomaly_maps is None else self.anomaly_maps[i],
                 mask=None if self.masks is None else self.masks[i],
                 score=float(self.scores[i]), label=int(self.labels[i]), caption=caption))
@@ -166,9 +184,7 @@ def _resize_map(amap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of a 2-D map to ``shape`` (H, W)."""
     if amap.shape == shape:
         return amap
-    from PIL import Image
-
-    img = Image.fromarray(amap.astype(np.float32), mode="F")
+    img = Image.fromarray(np.ascontiguousarray(amap, dtype=np.float32))  # mode "F"
     return np.asarray(img.resize((shape[1], shape[0]), Image.BILINEAR), dtype=np.float32)
 
 

@@ -21,12 +21,25 @@ Runner = Callable[[argparse.Namespace], int | None]
 # ============================================================================= synth
 # Owner: data.synth (issue 2). Edit only inside this section.
 def _add_synth(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("synth", help="write the synthetic VisA-format default dataset")
+    p = sub.add_parser("synth", help="write the synthetic VisA-format default dataset",
+                       description="Write the synthetic default dataset (pcb_synth, capsules_synth, cashew_synth) "
+                                   "in the raw VisA layout with split CSVs and id2class.json. Deterministic per seed.")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (new, empty, or a previous synth output)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="dataset size factor: 1.0 = 160 normal + 50 anomalous images per object (default 1.0)")
+    p.add_argument("--image-size", type=int, default=256, metavar="PX", help="image side in pixels (default 256)")
+    p.add_argument("--objects", nargs="+", metavar="NAME", default=None,
+                   help="subset of objects to write (default: pcb_synth capsules_synth cashew_synth)")
     p.set_defaults(run=_run_synth)
 
 
 def _run_synth(args: argparse.Namespace) -> int:
-    raise SpotdiffError("synth: not implemented yet")
+    from spotdiff.data.synth import generate
+
+    out = generate(args.out, seed=args.seed, scale=args.scale, image_size=args.image_size, objects=args.objects)
+    print(out)
+    return 0
 
 
 # ============================================================================= end of synth
@@ -35,12 +48,29 @@ def _run_synth(args: argparse.Namespace) -> int:
 # ============================================================================= prepare
 # Owner: data.prepare (issue 2). Edit only inside this section.
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("prepare", help="copy VisA into the official MVTec-style layout")
+    p = sub.add_parser(
+        "prepare", help="copy VisA into the official MVTec-style layout",
+        description="Write <out>/<split>/<object>/{train,test}/{good,bad} and ground_truth/ exactly as the "
+        "official VisA prepare_data.py does. Every row is validated before anything is written; files "
+        "already up to date are skipped.",
+    )
+    p.add_argument("--visa-root", required=True, help="raw VisA root (<root>/<object>/Data/...)")
+    p.add_argument("--split", required=True, choices=["1cls", "2cls_fewshot", "2cls_highshot"])
+    p.add_argument("--split-csv", help="split CSV to use (default: <visa-root>/split_csv/<split>.csv)")
+    p.add_argument("--out", required=True, help="output folder; files go to <out>/<split>/")
+    p.add_argument("--workers", type=int, default=None, help="threads (default: min(8, CPU count))")
     p.set_defaults(run=_run_prepare)
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
-    raise SpotdiffError("prepare: not implemented yet")
+    from spotdiff.data.prepare import prepare_visa
+    from spotdiff.errors import ConfigError
+
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError("--workers must be >= 1")
+    report = prepare_visa(args.visa_root, args.split, args.out, split_csv=args.split_csv, workers=args.workers)
+    print(report.summary())
+    return 0
 
 
 # ============================================================================= end of prepare

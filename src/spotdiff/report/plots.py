@@ -17,8 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
+from sklearn.metrics import auc
+
+from spotdiff.metrics import evaluate, pr_curve, roc_curve
 from matplotlib.figure import Figure
-from sklearn.metrics import auc, precision_recall_curve, roc_auc_score, roc_curve
 
 DPI = 100
 
@@ -101,22 +103,13 @@ class Predictions:
 
 def per_defect_type_auroc(scores: Sequence[float], labels: Sequence[int],
                           defect_types: Sequence[str]) -> dict[str, float]:
-    """Image AU-ROC of each defect type against all normal images (fractions).
-
-    For defect type *d*: the normal images (label 0) and the anomalous images of type *d*.
-    Types with no anomalous image, or a test set without normal images, are left out.
-    """
-    scores = np.asarray(scores, dtype=np.float64)
+    """Image AU-ROC of each defect type against all normal images (fractions), from
+    :func:`spotdiff.metrics.evaluate` (``per_defect_type``). Empty without both classes."""
     labels = np.asarray(labels).astype(int)
-    types = np.asarray(defect_types, dtype=object)
-    normal = labels == 0
-    out: dict[str, float] = {}
-    if not normal.any():
-        return out
-    for d in dict.fromkeys(types[labels == 1]):
-        keep = normal | ((labels == 1) & (types == d))
-        out[str(d)] = float(roc_auc_score(labels[keep], scores[keep]))
-    return out
+    if not _has_both_classes(labels):
+        return {}
+    result = evaluate(np.asarray(scores, dtype=np.float64), labels, defect_types=list(defect_types))
+    return {name: float(entry["image_auroc"]) for name, entry in result["per_defect_type"].items()}
 
 
 def _png(fig: Figure) -> bytes:
@@ -134,7 +127,8 @@ def curves_figure(score_sets: Sequence[ScoreSet], title: str = "") -> bytes:
     """PR (left) and ROC (right) image-level curves, one line per method; PNG bytes.
 
     The legend gives the area under each curve (AU-PR by trapezoidal rule on the PR curve, as the
-    VisA protocol; AU-ROC). Methods whose labels lack a class are listed as "n/a".
+    VisA protocol, and AU-ROC: the metrics module's image AU-PR and AU-ROC). Methods whose labels
+    lack a class are listed as "n/a".
     """
     fig = Figure(figsize=(9, 3.8))
     ax_pr, ax_roc = fig.subplots(1, 2)
@@ -145,9 +139,10 @@ def curves_figure(score_sets: Sequence[ScoreSet], title: str = "") -> bytes:
             ax_pr.plot([], [], label=f"{s.method} (n/a)")
             ax_roc.plot([], [], label=f"{s.method} (n/a)")
             continue
-        precision, recall, _ = precision_recall_curve(labels, scores)
-        fpr, tpr, _ = roc_curve(labels, scores)
-        ax_pr.step(recall, precision, where="post", label=f"{s.method} ({100 * auc(recall, precision):.1f})")
+        precision, recall, _ = pr_curve(scores, labels)
+        fpr, tpr, _ = roc_curve(scores, labels)
+        # legend: trapezoidal areas of the plotted curves (= the metrics' image AU-PR / AU-ROC)
+        ax_pr.plot(recall, precision, label=f"{s.method} ({100 * auc(recall, precision):.1f})")
         ax_roc.plot(fpr, tpr, label=f"{s.method} ({100 * auc(fpr, tpr):.1f})")
     ax_pr.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title="PR (AU-PR %)")
     ax_roc.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.02),

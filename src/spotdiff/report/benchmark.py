@@ -201,6 +201,8 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: str = "config"
             raise ConfigError(f"{source}: weights {name!r}: give either file or pretrain, not both")
         file = path(entry["file"], f"weights {name!r} file") if entry.get("file") is not None else None
         pretrain = _mapping(entry.get("pretrain"), f"weights {name!r} pretrain", source) or None
+        if pretrain is not None and pretrain.get("data") is not None:
+            pretrain["data"] = str(path(pretrain["data"], f"weights {name!r} pretrain data"))
         weights.append(WeightsSpec(name, str(arch), file, pretrain))
     if not weights:
         raise ConfigError(f"{source}: weights must list at least one backbone")
@@ -257,41 +259,10 @@ def load_config(path: str | os.PathLike[str]) -> BenchmarkConfig:
 
 
 # ================================================================================ downstream runners
-def predict_test_set(detector: Any, dataset: Any, batch_size: int, keep_images: bool = False,
-                      keep_maps: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Score a test set with a fitted detector; returns (metrics, per-image arrays).
-
-    The arrays are ``scores`` (N,), ``labels`` (N,), ``defect_types`` (N,), and when asked
-    ``maps`` (N, H, W), ``masks`` (N, H, W), ``images`` (N, H, W, 3) in [0, 1].
-    """
-    from torch.utils.data import DataLoader
-
-    from spotdiff.metrics import evaluate
-
-    scores, labels, types, maps, masks, images = [], [], [], [], [], []
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        s, m = detector.predict(batch["image"])
-        scores.append(s.numpy())
-        maps.append(m.numpy())
-        masks.append(batch["mask"].numpy())
-        labels.append(batch["label"].numpy())
-        types.extend(batch["defect_type"])
-        if keep_images:
-            images.append(batch["image"].permute(0, 2, 3, 1).numpy())
-    score_arr, label_arr = np.concatenate(scores), np.concatenate(labels).astype(int)
-    map_arr, mask_arr = np.concatenate(maps), np.concatenate(masks)
-    metrics = evaluate(score_arr, label_arr, map_arr, mask_arr, defect_types=list(types))
-    arrays: dict[str, Any] = {"scores": score_arr, "labels": label_arr, "defect_types": list(types)}
-    if keep_maps:
-        arrays.update(maps=map_arr, masks=mask_arr)
-    if keep_images:
-        arrays["images"] = np.concatenate(images)
-    return metrics, arrays
-
-
 def _run_detector_cell(kind: str, cell: Cell, config: BenchmarkConfig) -> CellOutput:
     from spotdiff.data import open_dataset
     from spotdiff.detect import DETECTORS
+    from spotdiff.detect.predict import evaluate_detector
 
     params = dict(cell.downstream.params)
     split = params.pop("split", "1cls")
@@ -303,8 +274,9 @@ def _run_detector_cell(kind: str, cell: Cell, config: BenchmarkConfig) -> CellOu
     train = open_dataset(config.data_root, cell.object, split=split, subset="train", image_size=config.image_size)
     test = open_dataset(config.data_root, cell.object, split=split, subset="test", image_size=config.image_size)
     detector.fit(train)
-    metrics, arrays = predict_test_set(detector, test, config.batch_size)
-    return CellOutput(metrics, arrays["scores"].tolist(), arrays["labels"].tolist(), arrays["defect_types"])
+    metrics, per_image, _, _ = evaluate_detector(detector, test, config.batch_size)
+    return CellOutput(metrics, [r["score"] for r in per_image], [r["label"] for r in per_image],
+                      [r["defect_type"] for r in per_image])
 
 
 def run_padim_cell(cell: Cell, config: BenchmarkConfig) -> CellOutput:
@@ -385,17 +357,7 @@ def pretrain_and_export(spec: WeightsSpec, config: BenchmarkConfig, run_dir: Pat
     except TypeError as exc:
         raise ConfigError(f"weights {spec.name!r}: bad pretrain block ({exc})") from exc
     log(f"weights {spec.name}: pre-training ({pcfg.method}{' + SPD' if pcfg.spd else ''}, {pcfg.arch})")
-    result = run_pretrain(pcfg)
-    export_backbone(_checkpoint_path(result, run_dir), dest)
-
-
-def _checkpoint_path(result: Any, run_dir: Path) -> Path:
-    for attr in ("checkpoint", "checkpoint_path"):
-        if isinstance(getattr(result, attr, None), str | os.PathLike):
-            return Path(getattr(result, attr))
-    if isinstance(result, str | os.PathLike):
-        return Path(result)
-    return run_dir / "checkpoint.pt"
+    export_backbone(run_pretrain(pcfg), dest, arch=spec.arch)
 
 
 def grid(config: BenchmarkConfig, weights_files: Mapping[str, Path | None]) -> list[Cell]:

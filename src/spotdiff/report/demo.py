@@ -28,10 +28,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from spotdiff.errors import ConfigError, DataError
 from spotdiff.files import write_json_atomic, write_text_atomic
 from spotdiff.progress import log
-from spotdiff.report.benchmark import predict_test_set
 from spotdiff.report.html import report_sections, write_html_report
 from spotdiff.report.plots import Predictions
 from spotdiff.report.tables import (
@@ -181,14 +182,16 @@ def evaluate_object(data_root: Path, obj: str, label: str, weights: Path | None,
     """Step 4 for one (object, backbone): fit PaDiM on normal training images, evaluate on the test set."""
     from spotdiff.data import open_dataset
     from spotdiff.detect import PaDiM
+    from spotdiff.detect.predict import evaluate_detector
 
     train = open_dataset(data_root, obj, split="1cls", subset="train", image_size=settings.image_size)
     test = open_dataset(data_root, obj, split="1cls", subset="test", image_size=settings.image_size)
     detector = PaDiM(arch=settings.arch, weights=weights, layers=settings.layers, seed=settings.seed,
                      batch_size=settings.padim_batch).fit(train)
-    metrics, arrays = predict_test_set(detector, test, settings.padim_batch, keep_images=True, keep_maps=True)
-    predictions = Predictions(obj, label, arrays["scores"], arrays["labels"], arrays["defect_types"],
-                              arrays["maps"], arrays["masks"], arrays["images"])
+    metrics, per_image, maps, masks = evaluate_detector(detector, test, settings.padim_batch)
+    predictions = Predictions(
+        obj, label, np.array([r["score"] for r in per_image]), np.array([r["label"] for r in per_image]),
+        [r["defect_type"] for r in per_image], maps, masks, paths=[r["path"] for r in per_image])
     return metrics, predictions
 
 

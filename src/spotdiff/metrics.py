@@ -322,16 +322,17 @@ def _all_pixel_counts(
     hot[t_buckets] = True
     kept: list[np.ndarray] = []
     n_pixels = 0
-    scratch = np.empty(_BLOCK_PIXELS, np.float32)
-    buckets = np.empty(_BLOCK_PIXELS, np.int32)
+    block_pixels = min(_BLOCK_PIXELS, max(block.size for block in blocks))
+    scratch = np.empty(block_pixels, np.float32)
+    buckets = np.empty(block_pixels, np.int32)
     for block in blocks:
         flat = block.reshape(-1)
-        for start in range(0, flat.size, _BLOCK_PIXELS):
-            x = flat[start : start + _BLOCK_PIXELS]
+        for start in range(0, flat.size, block_pixels):
+            x = flat[start : start + block_pixels]
             n = x.size
             b = bucketing(x, scratch[:n], buckets[:n])
             np.add.at(hist, b, 1)
-            kept.append(x[np.take(hot, b)])
+            kept.append(x[np.take(hot, b, mode="clip")])
             n_pixels += n
     hist[t_buckets] = 0  # hot buckets: counted exactly from their kept values below
     # cold[b] = pixels in cold buckets >= b

@@ -1,0 +1,87 @@
+"""`open_dataset`: one entry point for every supported layout, detected from the root folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from spotdiff.data.dataset import AnomalyDataset, ImageSize
+from spotdiff.data.mvtec import folder_class_names, folder_objects, folder_records, is_object_dir
+from spotdiff.data.visa import is_visa_root, visa_class_names, visa_records
+from spotdiff.errors import DataError
+
+LAYOUTS = ("visa", "folder")
+
+
+def detect_layout(root: str | os.PathLike[str], obj: str, split: str = "1cls",
+                  split_csv: str | os.PathLike[str] | None = None) -> tuple[str, Path]:
+    """Which layout ``root`` holds for ``obj``: ``("visa", root)`` or ``("folder", <object folder>)``.
+
+    Order: a raw VisA root (``split_csv/`` or ``<object>/Data/Images``, or ``split_csv`` given);
+    then ``<root>/<split>/<obj>`` (prepared VisA output folder); then ``<root>/<obj>``
+    (MVTec-AD category or one prepared split folder).
+
+    Raises:
+        DataError: root missing, object or split not found (lists what is there), or no known layout.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset root not found")
+    if split_csv is not None or is_visa_root(root):
+        return "visa", root
+    for candidate in (root / split / obj, root / obj):
+        if is_object_dir(candidate):
+            return "folder", candidate
+    objects = folder_objects(root)
+    if objects:
+        raise DataError(f"unknown object {obj!r} in {root}: available objects: {', '.join(objects)}")
+    splits = [p.name for p in sorted(root.iterdir()) if p.is_dir() and folder_objects(p)]
+    if splits:
+        if split not in splits:
+            raise DataError(f"unknown split {split!r} in {root}: available splits: {', '.join(splits)}")
+        raise DataError(f"unknown object {obj!r} in {root / split}: available objects: "
+                        f"{', '.join(folder_objects(root / split))}")
+    raise DataError(
+        f"{root}: not a recognised dataset root; expected raw VisA (<root>/split_csv/*.csv and "
+        "<root>/<object>/Data/Images), MVTec-AD (<root>/<category>/{train,test,ground_truth}) or "
+        "prepared VisA (<root>/<split>/<object>/{train,test,ground_truth})"
+    )
+
+
+def open_dataset(
+    root: str | os.PathLike[str],
+    object: str,  # noqa: A002 - the public name used everywhere (CSV column, CLI flag)
+    split: str = "1cls",
+    subset: str = "train",
+    image_size: ImageSize = 256,
+    split_csv: str | os.PathLike[str] | None = None,
+    skip_bad: bool = False,
+    id2class: str | os.PathLike[str] | None = None,
+) -> AnomalyDataset:
+    """Open one object's train or test images, whatever the layout of ``root``.
+
+    Args:
+        root: a raw VisA root, an MVTec-AD root, or a prepared VisA folder (see `detect_layout`).
+        object: VisA object or MVTec-AD category, e.g. ``"pcb4"``.
+        split: VisA split name (``1cls``, ``2cls_fewshot``, ``2cls_highshot``). Raw VisA reads
+            ``<root>/split_csv/<split>.csv``; prepared output uses ``<root>/<split>/`` when present.
+        subset: ``"train"`` or ``"test"``.
+        image_size: int or ``(H, W)`` output size; None keeps each image's native size.
+        split_csv: another split CSV for a raw VisA root (``split`` is then only a label).
+        skip_bad: decode every file once now and drop those that fail (listed in ``.skipped``);
+            otherwise the first bad file raises a DataError when it is read.
+        id2class: class-name JSON for raw VisA (default ``<root>/id2class.json`` when present).
+
+    Raises:
+        DataError: unknown layout, object, split or subset; missing files; malformed CSV.
+    """
+    layout, where = detect_layout(root, object, split, split_csv)
+    if layout == "visa":
+        records = visa_records(where, object, split, subset, split_csv)
+        names = visa_class_names(where, object, id2class)
+        label = f"visa:{object}/{split}/{subset}"
+    else:
+        records = folder_records(where, subset)
+        names = folder_class_names(where)
+        label = f"folder:{where.name}/{subset}"
+    return AnomalyDataset(records, image_size=image_size, class_names=names, skip_bad=skip_bad, name=label)

@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 from spotdiff.data.dataset import AnomalyDataset, ImageSize
-from spotdiff.data.mvtec import folder_class_names, folder_objects, folder_samples, is_object_dir
-from spotdiff.data.visa import is_visa_root, visa_class_names, visa_samples
+from spotdiff.data.mvtec import folder_class_names, folder_objects, folder_records, is_object_dir
+from spotdiff.data.visa import is_visa_root, visa_class_names, visa_records
 from spotdiff.errors import DataError
 
 LAYOUTS = ("visa", "folder")
@@ -77,11 +77,11 @@ def open_dataset(
     """
     layout, where = detect_layout(root, object, split, split_csv)
     if layout == "visa":
-        samples = visa_samples(where, object, split, subset, split_csv)
+        records = visa_records(where, object, split, subset, split_csv)
         names = visa_class_names(where, object, id2class)
         label = f"visa:{object}/{split}/{subset}"
     else:
-        samples = folder_samples(where, subset)
+        records = folder_records(where, subset)
         names = folder_class_names(where)
         label = f"folder:{where.name}/{subset}"
-    return AnomalyDataset(samples, image_size=image_size, class_names=names, skip_bad=skip_bad, name=label)
+    return AnomalyDataset(records, image_size=image_size, class_names=names, skip_bad=skip_bad, name=label)

@@ -138,6 +138,13 @@ def _validate_row(row: SplitRow, visa_root: Path) -> tuple[bytes | None, str | N
 
 def _write(job: CopyJob, mask_png: bytes | None) -> bool:
     """Write one destination unless it already holds the right bytes; True if written."""
+    try:
+        return _write_unchecked(job, mask_png)
+    except OSError as exc:  # disk full, permissions, a folder in the way, ...
+        raise DataError(f"{job.dst}: cannot write ({exc}) for {job.row.where}") from exc
+
+
+def _write_unchecked(job: CopyJob, mask_png: bytes | None) -> bool:
     dst = job.dst
     if job.is_mask:
         assert mask_png is not None
@@ -174,6 +181,8 @@ def prepare_visa(
     visa_root, out = Path(visa_root), Path(out)
     if not visa_root.is_dir():
         raise DataError(f"{visa_root}: VisA root not found")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: output path exists and is not a folder")
     rows = read_split_csv(split_csv_path(visa_root, split, split_csv))
     if not rows:
         raise DataError(f"{split_csv_path(visa_root, split, split_csv)}: split CSV has no rows")
@@ -193,7 +202,10 @@ def prepare_visa(
     objects = sorted({r.object for r in rows})
     for obj in objects:
         for d in skeleton_dirs(split, out / split / obj):
-            d.mkdir(parents=True, exist_ok=True)
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise DataError(f"{d}: cannot create folder ({exc})") from exc
     report = PrepareReport(split=split, out_dir=out / split, objects=objects)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = progress(pool.map(lambda j: _write(j, mask_png.get(j.row.image) if j.is_mask else None), jobs),

@@ -61,7 +61,10 @@ def check_relative_path(value: str, where: str, column: str) -> str:
     parts = re.split(r"[\\/]", value)
     if ".." in parts:
         raise DataError(f"{where}: {column} path {value!r} contains '..'; paths must stay inside the dataset root")
-    return "/".join(p for p in parts if p not in ("", "."))
+    clean = "/".join(p for p in parts if p not in ("", "."))
+    if not clean:
+        raise DataError(f"{where}: {column} path {value!r} does not name a file")
+    return clean
 
 
 def check_name(value: str, where: str, column: str) -> str:
@@ -87,18 +90,20 @@ def read_split_csv(path: str | os.PathLike[str], root: str | os.PathLike[str] | 
         raise DataError(f"{path}: split CSV not found")
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
-            lines = list(csv.reader(fh))
+            reader = csv.reader(fh)
+            # (line number where the record ends, fields): exact even for quoted multi-line fields
+            lines = [(reader.line_num, fields) for fields in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{path}: cannot read split CSV ({exc})") from exc
     if not lines:
         raise DataError(f"{path}: empty split CSV (expected header {','.join(CSV_HEADER)})")
-    header = tuple(h.strip() for h in lines[0])
+    header = tuple(h.strip() for h in lines[0][1])
     if header != CSV_HEADER:
-        raise DataError(f"{path} row 1: header is {','.join(lines[0])!r}, expected {','.join(CSV_HEADER)!r}")
+        raise DataError(f"{path} row 1: header is {','.join(lines[0][1])!r}, expected {','.join(CSV_HEADER)!r}")
 
     rows: list[SplitRow] = []
     first_row_of: dict[str, int] = {}
-    for number, fields in enumerate(lines[1:], start=2):
+    for number, fields in lines[1:]:
         if not fields or all(not f.strip() for f in fields):
             continue  # blank line
         where = f"{path} row {number}"

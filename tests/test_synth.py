@@ -214,3 +214,27 @@ def test_cli_writes_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert load_image(next((out / "pcb_synth" / "Data" / "Images" / "Anomaly").iterdir())).size == (64, 64)
     assert main(["--quiet", "synth", "--out", str(out), "--scale", "-1"]) == 2
     assert "scale" in capsys.readouterr().err
+
+
+def test_data_layer_reads_synth_output(synth_root: Path) -> None:
+    from spotdiff.data import open_dataset, sample_kshot
+
+    for name, obj in OBJECTS.items():
+        test = open_dataset(synth_root, name, split="1cls", subset="test", image_size=64)
+        n_normal, n_anomalous = image_counts(SCALE)
+        assert sum(test.labels) == n_anomalous and len(test) == n_anomalous + n_normal - round(0.9 * n_normal)
+        assert test.class_names[1] == obj.defect_names[0]
+        item = test[test.labels.index(1)]
+        assert item["image"].shape == (3, 64, 64) and item["mask"].max() == 1
+        assert set(item["class_mask"].unique().tolist()) - {0} <= set(range(1, len(obj.defect_names) + 1))
+        assert item["defect_type"] != "good"
+        few = open_dataset(synth_root, name, split="2cls_fewshot", subset="train", image_size=32)
+        assert len(sample_kshot(few.labels, 3, seed=0)) == 6
+
+
+def test_tiny_images_still_have_masks(tmp_path: Path) -> None:
+    root = generate(tmp_path / "tiny", seed=5, scale=0.05, image_size=32)
+    for row in _rows(root, "1cls"):
+        if row["label"] == "anomaly":
+            assert load_mask(root / row["mask"]).shape == (32, 32)
+            assert load_mask(root / row["mask"]).any(), row["mask"]

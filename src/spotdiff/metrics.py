@@ -29,14 +29,14 @@ All values are exact (no threshold binning). The pixel-level computation never s
 the ROC, PR and PRO curves only change direction at the distinct scores of *positive* pixels
 (between two of them only false positives accrue), so it is enough to sort the few positive
 scores and to count, for each of them, the negatives scoring ``>=`` and ``>`` it. Those counts
-come from one streaming histogram over an order-preserving integer key of every float32 score;
-the few pixels that share a histogram bucket with a positive score are compared exactly.
+come from one streaming histogram of every float32 score over a monotone bucketing; the few pixels
+that share a bucket with a positive score are compared exactly.
 Anomaly maps are evaluated as float32 (float64 maps are rounded to float32 on input).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -269,77 +269,79 @@ def _sample_vertices(scores: np.ndarray, labels: np.ndarray) -> _Vertices:
 # ---------------------------------------------------------------------------------------------
 
 
-def _order_keys(x: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> np.ndarray:
-    """uint32 keys with ``key(a) < key(b)`` iff ``a < b`` for finite float32 (``-0.0 == 0.0``).
+class _Buckets:
+    """A monotone map of float32 scores to ``n_buckets`` integer buckets.
 
-    ``out`` (uint32) and ``scratch`` (float32) have the size of ``x``; returns ``out``.
+    ``bucket(x) = trunc(clip((x - low) * scale, -1, width + 1)) + 1``, evaluated with the same
+    float32 operations for pixels and thresholds. Every step is monotone non-decreasing, so
+    ``bucket(a) < bucket(b)`` implies ``a < b``: a bucket that holds no threshold lies entirely
+    between two consecutive thresholds. Bucket 0 holds scores below ``low``, the last one
+    scores far above ``low + width / scale``.
     """
-    canonical = np.add(x, np.float32(0.0), out=scratch)  # -0.0 -> +0.0
-    bits = canonical.view(np.int32)
-    signed = out.view(np.int32)
-    np.right_shift(bits, 31, out=signed)  # 0 for x >= 0, -1 for x < 0
-    np.bitwise_or(signed, np.int32(-(2**31)), out=signed)
-    np.bitwise_xor(signed, bits, out=signed)  # x >= 0: flip sign bit; x < 0: flip all bits
-    return out
+
+    def __init__(self, low: float, high: float, width: int) -> None:
+        self.low = np.float32(low)
+        span = float(high) - float(low)
+        self.scale = np.float32(min(width / span, 1e30) if span > 0 else 1.0)
+        self.top = np.float32(width + 1)
+        self.n_buckets = width + 3
+
+    def __call__(self, x: np.ndarray, scratch: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Bucket of each float32 value in ``x`` into ``out`` (int32, ``x``'s size)."""
+        y = np.subtract(x, self.low, out=scratch)
+        np.multiply(y, self.scale, out=y)
+        np.clip(y, np.float32(-1.0), self.top, out=y)
+        np.copyto(out, y, casting="unsafe")  # truncation toward zero
+        np.add(out, np.int32(1), out=out)
+        return out
+
+
+def _count_pixels(blocks: Sequence[np.ndarray]) -> int:
+    return sum(block.size for block in blocks)
 
 
 def _all_pixel_counts(
-    blocks: Iterator[np.ndarray], thresholds: np.ndarray, bucket_bits: int | None = None
+    blocks: Sequence[np.ndarray], thresholds: np.ndarray, bucket_bits: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Numbers of pixels scoring >= and > each threshold, streaming over float32 blocks.
 
-    thresholds: distinct float32 values, descending. Pixels are bucketed by the high bits of
-    ``key - key(min threshold)``; buckets holding no threshold lie entirely between two
-    consecutive thresholds, so their counts suffice. Pixels in buckets that hold a threshold
-    ("hot" buckets) are kept and compared exactly after one sort of those few keys.
-    Returns (count_ge, count_gt, n_pixels).
+    thresholds: distinct float32 values, descending. Pixels are counted per bucket of a
+    monotone bucketing of [min, max] threshold (:class:`_Buckets`); a bucket holding no
+    threshold lies entirely between two consecutive thresholds, so its count suffices. Pixels
+    in buckets that hold a threshold ("hot" buckets) are kept and compared exactly after one
+    sort of those few values. Returns (count_ge, count_gt, n_pixels).
     """
     k = thresholds.size
-    t_keys = _order_keys(thresholds, np.empty(k, np.uint32), np.empty(k, np.float32))
-    base = t_keys[-1]
-    span = int(t_keys[0]) - int(base)
-    if bucket_bits is None:
-        bucket_bits = _MAX_BUCKET_BITS
-    shift = max(0, span.bit_length() - bucket_bits)
-    n_buckets = (span >> shift) + 1  # bucket n_buckets: outside [min, max] threshold
-    t_buckets = ((t_keys - base) >> np.uint32(shift)).astype(np.intp)
-    hist = np.zeros(n_buckets + 1, dtype=np.int64)
-    hot = np.zeros(n_buckets + 1, dtype=bool)
+    if bucket_bits is None:  # about one bucket per 8 pixels, 1 Ki to 4 Mi buckets
+        bucket_bits = min(_MAX_BUCKET_BITS, max(10, _count_pixels(blocks).bit_length() - 3))
+    bucketing = _Buckets(thresholds[-1], thresholds[0], 1 << bucket_bits)
+    t_buckets = bucketing(thresholds, np.empty(k, np.float32), np.empty(k, np.int32)).astype(np.intp)
+    n_buckets = bucketing.n_buckets
+    hist = np.zeros(n_buckets, dtype=np.int64)  # int64: np.add.at's fast path
+    hot = np.zeros(n_buckets, dtype=bool)
     hot[t_buckets] = True
-    hot_keys: list[np.ndarray] = []
-    n_below = 0
+    kept: list[np.ndarray] = []
     n_pixels = 0
-    keys = np.empty(_BLOCK_PIXELS, np.uint32)
-    buckets = np.empty(_BLOCK_PIXELS, np.uint32)
     scratch = np.empty(_BLOCK_PIXELS, np.float32)
-    below = np.empty(_BLOCK_PIXELS, bool)
-    base_u32, shift_u32, last_u32 = np.uint32(base), np.uint32(shift), np.uint32(n_buckets)
+    buckets = np.empty(_BLOCK_PIXELS, np.int32)
     for block in blocks:
         flat = block.reshape(-1)
         for start in range(0, flat.size, _BLOCK_PIXELS):
             x = flat[start : start + _BLOCK_PIXELS]
             n = x.size
-            key = _order_keys(x, keys[:n], scratch[:n])
-            n_below += int(np.count_nonzero(np.less(key, base_u32, out=below[:n])))
-            b = np.subtract(key, base_u32, out=buckets[:n])  # wraps around below the base
-            np.right_shift(b, shift_u32, out=b)
-            np.minimum(b, last_u32, out=b)
+            b = bucketing(x, scratch[:n], buckets[:n])
             np.add.at(hist, b, 1)
-            if shift:
-                hot_keys.append(key[np.take(hot, b)])
+            kept.append(x[np.take(hot, b)])
             n_pixels += n
-    n_above = int(hist[n_buckets]) - n_below
-    if shift:
-        hist[t_buckets] = 0  # hot buckets: counted exactly from their kept keys below
-    suffix = np.zeros(n_buckets + 1, dtype=np.int64)  # suffix[b] = pixels in buckets >= b
-    suffix[:n_buckets] = np.cumsum(hist[:n_buckets][::-1])[::-1]
-    if not shift:  # one key per bucket: the histogram is exact
-        return n_above + suffix[t_buckets], n_above + suffix[t_buckets + 1], n_pixels
-    kept = np.concatenate(hot_keys) if hot_keys else np.empty(0, np.uint32)
-    kept.sort()
-    cold_above = n_above + suffix[t_buckets + 1]
-    count_ge = cold_above + (kept.size - np.searchsorted(kept, t_keys, side="left"))
-    count_gt = cold_above + (kept.size - np.searchsorted(kept, t_keys, side="right"))
+    hist[t_buckets] = 0  # hot buckets: counted exactly from their kept values below
+    # cold[b] = pixels in cold buckets >= b
+    cold = np.zeros(n_buckets + 1, dtype=np.int64)
+    np.cumsum(hist[::-1], out=cold[-2::-1])
+    values = np.concatenate(kept) if kept else np.empty(0, np.float32)
+    values.sort()
+    cold_above = cold[t_buckets + 1]
+    count_ge = cold_above + (values.size - np.searchsorted(values, thresholds, side="left"))
+    count_gt = cold_above + (values.size - np.searchsorted(values, thresholds, side="right"))
     return count_ge, count_gt, n_pixels
 
 
@@ -380,7 +382,7 @@ def _pixel_vertices(
         )
     thresholds, tp, weight_ge = _distinct_descending(pos_scores, pos_weights)
     count_ge, count_gt, n_pixels = _all_pixel_counts(
-        (maps for maps, _ in stacks), thresholds, bucket_bits
+        [maps for maps, _ in stacks], thresholds, bucket_bits
     )
     fp_ge = count_ge - tp
     fp_gt = count_gt - _previous(tp, 0)  # positives > u_j are those >= u_{j-1}

@@ -110,13 +110,20 @@ def render_sample(obj: SynthObject, seed: int, index: int, anomalous: bool, size
         rng = _stream(seed, obj.name, anomalous, index, _STREAM_DEFECT)
         min_pixels = max(4, round(MIN_DEFECT_PIXELS * (size / 256) ** 2))
         for defect_id in defect_plan(obj, rng, index):
+            # redraw a defect that came out too small (e.g. clipped by the object's outline);
+            # keep the largest attempt, which at tiny image sizes may be below min_pixels
+            best, best_count = None, 0
             for _attempt in range(20):
                 candidate = obj.defect(scene, image, defect_id, rng)
                 changed = np.abs(candidate - image).max(axis=2) > CHANGE_THRESHOLD
-                if np.count_nonzero(changed) >= min_pixels:
+                count = np.count_nonzero(changed)
+                if count > best_count:
+                    best, best_count = (candidate, changed), count
+                if count >= min_pixels:
                     break
-            else:  # pragma: no cover - a generator bug, not a user error
+            if best is None:  # pragma: no cover - a generator bug, not a user error
                 raise RuntimeError(f"{obj.name}: defect {defect_id} produced no visible change")
+            candidate, changed = best
             image = np.where(changed[..., None], candidate, image)
             mask[changed] = defect_id
     ids = tuple(int(i) for i in np.unique(mask) if i) if anomalous and with_defects else ()

@@ -195,3 +195,24 @@ def is_temp_name(rel: str) -> bool:
     """An `atomic_path` temporary file (``.<name>.tmp-*``)."""
     name = rel.rsplit("/", 1)[-1]
     return name.startswith(".") and ".tmp-" in name
+
+
+# ------------------------------------------------------------------------------ hostile payloads
+class Payload:
+    """Unpickling this calls ``os.makedirs(marker)``: the folder's existence proves code ran.
+
+    The pickle stream names ``os.makedirs`` itself, so it runs in any interpreter that unpickles it.
+    """
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+def payload_pickle(marker: Path) -> bytes:
+    """Raw pickle bytes that create ``marker`` when unpickled."""
+    import pickle
+
+    return pickle.dumps(Payload(marker))

@@ -10,6 +10,8 @@ one subprocess run checks the real interpreter exit and stderr.
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from reliability_helpers import (
     GOOD_IMAGES,
     OBJECT,
     H,
+    Row,
     W,
     anomaly_row,
     assert_clean_error,
@@ -31,6 +34,7 @@ from reliability_helpers import (
     run_cli,
     simple_tree,
     tree_files,
+    write_csv,
     write_tree,
 )
 
@@ -38,6 +42,15 @@ from spotdiff.cli import main
 from spotdiff.data import ImageFolderDataset, open_dataset
 from spotdiff.data.io import load_image
 from spotdiff.errors import DataError
+
+
+def json_load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def csv_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
 
 
 def _assert_block_picture(image: torch.Tensor, mask: torch.Tensor | None = None) -> None:
@@ -156,3 +169,79 @@ def test_cli_subprocess_lists_every_broken_file_without_traceback(tmp_path):
     assert sorted(tree_files(out / "1cls")) == [
         "obj/ground_truth/bad/00000.png", "obj/test/bad/00000.JPG", "obj/test/good/00001.JPG", "obj/train/good/00000.JPG",
     ]
+
+
+# ------------------------------------------------------------------- fit / test / predict / pretrain
+FIT = ["fit", "--model", "padim", "--object", OBJECT, "--arch", "resnet18", "--image-size", "32", "--d", "16"]
+PRETRAIN = ["pretrain", "--method", "simsiam", "--arch", "resnet18", "--steps", "1", "--batch-size", "4",
+            "--image-size", "32", "--workers", "0"]
+
+
+def test_unusual_images_fit_and_predict(good_tree, tmp_path, capsys):
+    model = tmp_path / "model"
+    assert main(["--quiet", *FIT, "--data", str(good_tree), "--out", str(model)]) == 0
+    assert json_load(model / "config.json")["n_train"] == len(GOOD_IMAGES)
+    normal = good_tree / OBJECT / "Data" / "Images" / "Normal"
+    assert main(["--quiet", "predict", str(model), str(normal), "--out", str(tmp_path / "pred")]) == 0
+    rows = csv_rows(tmp_path / "pred" / "scores.csv")
+    assert len(rows) == len(GOOD_IMAGES) and not any(r["error"] for r in rows)
+    assert all(np.isfinite(float(r["score"])) and Path(r["overlay"]).is_file() for r in rows)
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_IMAGES))
+def test_broken_image_stops_fit_and_test_and_is_skipped_in_predict(kind, tmp_path, capsys):
+    suffix, make = BAD_IMAGES[kind]
+    rows = [normal_row(f"{i:03d}", noise_jpeg(i)) for i in range(4)]
+    rows += [normal_row("broken", make(), suffix=suffix), normal_row("t0", noise_jpeg(10), split="test"),
+             anomaly_row("a0", noise_jpeg(11), png_bytes(np.ones((32, 32), np.uint8)))]
+    root = write_tree(tmp_path / "visa", rows)
+    broken = root / rows[4].image
+    model = tmp_path / "model"
+    assert main(["--quiet", *FIT, "--data", str(root), "--out", str(model)]) == 2
+    assert str(broken) in capsys.readouterr().err and not model.exists()
+    # --skip-bad: fitted on the 4 readable images, the broken one reported by name.
+    assert main([*FIT, "--data", str(root), "--out", str(model), "--skip-bad"]) == 0
+    assert str(broken) in capsys.readouterr().err
+    assert json_load(model / "config.json")["n_train"] == 4
+
+    test_rows = [*rows[5:], Row("test", "normal", rows[4].image, b"")]  # the broken file as a test image
+    csv_path = write_csv(tmp_path / "test.csv", [(OBJECT, r.split, r.label, r.image, r.mask) for r in test_rows])
+    argv = ["test", str(model), "--data", str(root), "--object", OBJECT, "--split-csv", str(csv_path)]
+    assert main(["--quiet", *argv, "--out", str(tmp_path / "test")]) == 2
+    assert str(broken) in capsys.readouterr().err and not (tmp_path / "test").exists()
+
+    good = root / rows[0].image
+    assert main(["--quiet", "predict", str(model), str(good), str(broken), "--out", str(tmp_path / "pred")]) == 0
+    assert str(broken) in capsys.readouterr().err
+    by_path = {r["path"]: r for r in csv_rows(tmp_path / "pred" / "scores.csv")}
+    assert by_path[str(good)]["error"] == "" and np.isfinite(float(by_path[str(good)]["score"]))
+    assert str(broken) in by_path[str(broken)]["error"] and by_path[str(broken)]["score"] == ""
+
+
+def test_mask_of_the_wrong_size_stops_test(tmp_path, capsys):
+    rows = [normal_row(f"{i:03d}", noise_jpeg(i)) for i in range(3)]
+    rows.append(anomaly_row("a0", noise_jpeg(11), png_bytes(np.ones((31, 32), np.uint8))))
+    root = write_tree(tmp_path / "visa", rows)
+    model = tmp_path / "model"
+    assert main(["--quiet", *FIT, "--data", str(root), "--out", str(model)]) == 0
+    argv = ["test", str(model), "--data", str(root), "--object", OBJECT, "--out", str(tmp_path / "test")]
+    assert main(["--quiet", *argv]) == 2
+    err = capsys.readouterr().err
+    assert str(root / rows[3].mask) in err and str(root / rows[3].image) in err
+
+
+@pytest.mark.parametrize("kind", ["zero_bytes", "text_named_jpg"])
+def test_broken_image_stops_pretrain_naming_it_unless_skipped(kind, tmp_path, capsys):
+    suffix, make = BAD_IMAGES[kind]
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        (images / f"{i}.JPG").write_bytes(noise_jpeg(i))
+    broken = images / f"broken{suffix}"
+    broken.write_bytes(make())
+    run = tmp_path / "run"
+    assert main(["--quiet", *PRETRAIN, "--data", str(images), "--out", str(run)]) == 2
+    assert str(broken) in capsys.readouterr().err
+    assert main([*PRETRAIN, "--data", str(images), "--out", str(tmp_path / "run2"), "--skip-bad"]) == 0
+    assert str(broken) in capsys.readouterr().err
+    assert (tmp_path / "run2" / "backbone.safetensors").is_file()

@@ -132,17 +132,21 @@ def bench_smoothblend(args: argparse.Namespace, device: torch.device) -> dict:
     return result
 
 
-def render(args: argparse.Namespace, device: torch.device, rows: list[dict], blend: dict, elapsed: float) -> str:
-    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
-               else f"{os.cpu_count()}-core {platform.machine()} CPU, torch.set_num_threads({torch.get_num_threads()})")
+def render(args: argparse.Namespace, device: torch.device, rows: list[dict], blend: dict,
+           elapsed: float) -> str:
+    if device.type == "cuda":
+        machine = torch.cuda.get_device_name(device)
+    else:
+        machine = (f"{os.cpu_count()}-core {platform.machine()} CPU, "
+                   f"torch.set_num_threads({torch.get_num_threads()})")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     command = " ".join(["PYTHONPATH=src python benchmarks/pretrain_bench.py", *args.argv])
     lines = [
         "# Pre-training methods: cost of SPD and SmoothBlend throughput",
         "",
         f"Date 2026-11-25; {machine}; Python {platform.python_version()}, torch {torch.__version__}.",
-        f"Command: `{command}` ({elapsed:.0f} s; 1-minute load average {load:.1f} at the end: absolute times on a shared "
-        "machine are inflated, the same-process ratios are the figures to compare).",
+        f"Command: `{command}` ({elapsed:.0f} s; 1-minute load average {load:.1f} at the end: absolute "
+        "times on a shared machine are inflated, the same-process ratios are the figures to compare).",
         "",
         f"## Training step, {args.arch}, batch {args.batch}, {args.size} px{', AMP' if args.amp else ''}, "
         f"{args.steps} interleaved step pairs",

@@ -153,7 +153,8 @@ class PretrainMethod(nn.Module):
             self.feature_dim = int(backbone.fc.in_features)
             backbone.fc = nn.Identity()
         else:
-            self.feature_dim = int(backbone.layer4[-1].conv1.in_channels)  # Identity already: read from layer4
+            # fc already removed: the last block's input width equals the feature width
+            self.feature_dim = int(backbone.layer4[-1].conv1.in_channels)
         if eta < 0:
             raise ConfigError(f"eta={eta!r}: the SPD weight must be >= 0")
         self.backbone = backbone

@@ -16,13 +16,11 @@ Prints Markdown tables.
 from __future__ import annotations
 
 import argparse
-import csv
 import platform
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 from spotdiff.data.io import load_image, load_mask
 from spotdiff.data.synth import OBJECTS, generate, image_counts, render_sample

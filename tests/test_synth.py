@@ -192,6 +192,11 @@ def test_rerun_is_noop_and_foreign_dirs_are_refused(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="foreign"):
         generate(foreign, scale=0.05, objects=["cashew_synth"])
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    for bad_marker in ("[1]", "{not json", '{"generator": "someone else"}'):
+        (foreign / MARKER).write_text(bad_marker)
+        with pytest.raises(DataError, match=MARKER):
+            generate(foreign, scale=0.05, objects="cashew_synth")
+    assert sorted(p.name for p in foreign.iterdir()) == sorted([MARKER, "notes.txt"])
     empty = tmp_path / "empty"
     empty.mkdir()
     assert (generate(empty, scale=0.05, objects=["cashew_synth"]) / MARKER).is_file()

@@ -110,9 +110,10 @@ def _as_binary(x: ImageArray, name: str) -> np.ndarray:
     top = a.max()
     n_nonzero = np.count_nonzero(a)
     if top not in (0, 1, 255) or (n_nonzero and np.count_nonzero(a == top) != n_nonzero):
+        found = np.unique(a)  # error path only
+        shown = ", ".join(f"{v:g}" for v in found[:6]) + (", ..." if found.size > 6 else "")
         raise ValueError(
-            f"{name} must be binary: bool, or values in {{0, 1}} or in {{0, 255}} "
-            f"(found values other than 0 and {top!r})"
+            f"{name} must be binary: bool, or values in {{0, 1}} or in {{0, 255}}; found {shown}"
         )
     return a != 0
 

@@ -290,12 +290,12 @@ class _Buckets:
         self.n_buckets = width + 3
 
     def __call__(self, x: np.ndarray, scratch: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """Bucket of each float32 value in ``x`` into ``out`` (int32, ``x``'s size)."""
+        """Bucket of each float32 value in ``x`` into ``out`` (intp, ``x``'s size)."""
         y = np.subtract(x, self.low, out=scratch)
         np.multiply(y, self.scale, out=y)
         np.clip(y, np.float32(-1.0), self.top, out=y)
         np.copyto(out, y, casting="unsafe")  # truncation toward zero
-        np.add(out, np.int32(1), out=out)
+        np.add(out, 1, out=out)
         return out
 
 
@@ -318,7 +318,7 @@ def _all_pixel_counts(
     if bucket_bits is None:  # about one bucket per 8 pixels, 1 Ki to 4 Mi buckets
         bucket_bits = min(_MAX_BUCKET_BITS, max(10, _count_pixels(blocks).bit_length() - 3))
     bucketing = _Buckets(thresholds[-1], thresholds[0], 1 << bucket_bits)
-    t_buckets = bucketing(thresholds, np.empty(k, np.float32), np.empty(k, np.int32)).astype(np.intp)
+    t_buckets = bucketing(thresholds, np.empty(k, np.float32), np.empty(k, np.intp))
     n_buckets = bucketing.n_buckets
     # int64: np.add.at's fast path; one spare bucket at the end, never hit, for the suffix sums
     hist = np.zeros(n_buckets + 1, dtype=np.int64)
@@ -328,7 +328,7 @@ def _all_pixel_counts(
     n_pixels = 0
     block_pixels = min(_BLOCK_PIXELS, max(block.size for block in blocks))
     scratch = np.empty(block_pixels, np.float32)
-    buckets = np.empty(block_pixels, np.int32)
+    buckets = np.empty(block_pixels, np.intp)  # intp: no index conversion in add.at / take
     for block in blocks:
         flat = block.reshape(-1)
         for start in range(0, flat.size, block_pixels):

@@ -257,3 +257,29 @@ def test_real_runners_on_synthetic_data(tmp_path):
     assert "pixel_aupr" not in cls["metrics"]  # the classifier gives image scores only
     md = (tmp_path / "out" / "tables.md").read_text()
     assert "cls-highshot: Image AU-PR (%)" in md and "padim: Pixel AU-PRO (%)" in md
+
+
+def test_pretrain_blocks_run_once_and_changed_blocks_are_refused(fake, monkeypatch, tmp_path):
+    from spotdiff.report import benchmark
+
+    trained = []
+
+    def fake_pretrain(spec, config, run_dir, dest):
+        trained.append((spec.name, dict(spec.pretrain)))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(b"weights")
+
+    monkeypatch.setattr(benchmark, "pretrain_and_export", fake_pretrain)
+    block = {"method": "simsiam", "spd": True, "steps": 3, "data": "images"}
+    data = dict(CONFIG, weights=[{"name": "tiny", "arch": "resnet18", "pretrain": block}],
+                downstream=[{"name": "fake-a", "method": "fake"}])
+    out = tmp_path / "out"
+    result = run_benchmark(parse_config(data, tmp_path), out)
+    assert trained == [("tiny", {**block, "data": str(tmp_path / "images")})]  # data relative to the config
+    assert len(result.ran) == 2 and (out / "weights" / "tiny.safetensors").is_file()
+    assert result.cells[0]["fingerprint"]["weights_file"] == str(out / "weights" / "tiny.safetensors")
+    run_benchmark(parse_config(data, tmp_path), out)
+    assert len(trained) == 1  # reused
+    changed = dict(data, weights=[{"name": "tiny", "arch": "resnet18", "pretrain": {**block, "steps": 4}}])
+    with pytest.raises(ConfigError, match="another pretrain block"):
+        run_benchmark(parse_config(changed, tmp_path), out)

@@ -1,0 +1,130 @@
+"""Faults while writing models: kill -9 during ``fit`` and ``pretrain``, a NaN loss.
+
+Promises: a model directory is replaced whole or not at all; a killed pre-training run resumes
+from its last checkpoint to exactly the weights of an uninterrupted run (CPU); a NaN loss stops
+the run naming the step and keeps the last good checkpoint, which still exports.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from reliability_helpers import OBJECT, cli_command, cli_env, noise_jpeg, simple_tree, tree_files
+
+from spotdiff.cli import main
+from spotdiff.detect import load_detector
+from spotdiff.models import build_backbone
+from spotdiff.pretrain import train
+from spotdiff.pretrain.checkpoint import load_checkpoint
+
+
+def _fit_args(root: Path, out: Path, seed: int) -> list[str]:
+    return ["fit", "--model", "padim", "--data", str(root), "--object", OBJECT, "--arch", "resnet18",
+            "--image-size", "32", "--d", "16", "--seed", str(seed), "--out", str(out)]
+
+
+def _temp_dirs(parent: Path, name: str) -> list[str]:
+    return [e.name for e in os.scandir(parent) if e.name.startswith(f".{name}.")]
+
+
+@pytest.mark.slow
+def test_kill_9_while_fit_writes_leaves_the_old_model_whole(tmp_path):
+    root = simple_tree(tmp_path / "visa", n_train=4, n_good=1, n_bad=1)
+    models = tmp_path / "models"
+    out = models / "padim"
+    assert main(["--quiet", *_fit_args(root, out, seed=1)]) == 0
+    old = tree_files(out)
+    proc = subprocess.Popen(cli_command(*_fit_args(root, out, seed=2)), env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not _temp_dirs(models, "padim") and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"fit ended before the kill: {proc.stderr.read()[-2000:]!r}"
+    assert _temp_dirs(models, "padim"), "the kill did not land while the model was being written"
+    assert tree_files(out) == old, "a killed fit changed the existing model directory"
+    assert load_detector(out).seed == 1
+    # The rerun replaces it whole with exactly what a clean fit writes.
+    assert main(["--quiet", *_fit_args(root, out, seed=2)]) == 0
+    assert main(["--quiet", *_fit_args(root, tmp_path / "clean", seed=2)]) == 0
+    assert tree_files(out) == tree_files(tmp_path / "clean")
+
+
+def _images(folder: Path, n: int = 8) -> Path:
+    folder.mkdir()
+    for i in range(n):
+        (folder / f"{i:03d}.JPG").write_bytes(noise_jpeg(i, size=40))
+    return folder
+
+
+def _pretrain_args(images: Path, out: Path, steps: int) -> list[str]:
+    return ["pretrain", "--method", "simsiam", "--arch", "resnet18", "--data", str(images), "--out", str(out),
+            "--steps", str(steps), "--batch-size", "4", "--image-size", "32", "--workers", "0",
+            "--checkpoint-every", "2", "--seed", "3", "--set", "tensorboard=false"]
+
+
+@pytest.mark.slow
+def test_kill_9_during_pretrain_then_resume_is_bit_identical(tmp_path):
+    images = _images(tmp_path / "images")
+    steps = 8
+    assert main(["--quiet", *_pretrain_args(images, tmp_path / "ref", steps)]) == 0
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(cli_command(*_pretrain_args(images, run, steps)), env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "checkpoint.pt").is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"pretrain ended before the kill: {proc.stderr.read()[-2000:]!r}"
+    killed_at = load_checkpoint(run / "checkpoint.pt")["step"]  # complete, never half-written
+    assert 2 <= killed_at < steps and not (run / "backbone.safetensors").exists()
+    assert main(["--quiet", *_pretrain_args(images, run, steps), "--resume"]) == 0
+    ref, resumed = load_checkpoint(tmp_path / "ref" / "checkpoint.pt"), load_checkpoint(run / "checkpoint.pt")
+    assert resumed["step"] == ref["step"] == steps
+    assert ref["model"].keys() == resumed["model"].keys()
+    for key, value in ref["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    # Same tensors (not the same bytes: safetensors writes header metadata in hash-map order).
+    ref_backbone, backbone = (load_file(str(d / "backbone.safetensors")) for d in (tmp_path / "ref", run))
+    assert ref_backbone.keys() == backbone.keys()
+    assert all(torch.equal(ref_backbone[k], backbone[k]) for k in ref_backbone)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    """The real SimSiam loop; the loss of the 3rd step is replaced by NaN."""
+    real = train._forward_backward
+    calls = []
+
+    def nan_on_third(*args, **kwargs):
+        stats = real(*args, **kwargs)
+        calls.append(1)
+        return [float("nan"), *stats[1:]] if len(calls) == 3 else stats
+
+    monkeypatch.setattr(train, "_forward_backward", nan_on_third)
+    images = _images(tmp_path / "images")
+    run = tmp_path / "run"
+    argv = _pretrain_args(images, run, steps=6)
+    argv[argv.index("--checkpoint-every") + 1] = "1"
+    assert main(["--quiet", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "loss became nan at step 3" in err and str(run / "checkpoint.pt") in err and "Traceback" not in err
+    ckpt = load_checkpoint(run / "checkpoint.pt")
+    assert ckpt["step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert not (run / "backbone.safetensors").exists()
+    exported = tmp_path / "step2.safetensors"
+    assert main(["--quiet", "export-backbone", str(run / "checkpoint.pt"), "--out", str(exported)]) == 0
+    build_backbone("resnet18", weights=exported)

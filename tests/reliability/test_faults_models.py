@@ -1,12 +1,14 @@
-"""Faults while writing models: kill -9 during ``fit`` and ``pretrain``, a NaN loss.
+"""Faults while writing models: kill -9 during ``fit``, ``pretrain`` and ``benchmark``, a NaN loss.
 
 Promises: a model directory is replaced whole or not at all; a killed pre-training run resumes
 from its last checkpoint to exactly the weights of an uninterrupted run (CPU); a NaN loss stops
-the run naming the step and keeps the last good checkpoint, which still exports.
+the run naming the step and keeps the last good checkpoint, which still exports; a killed
+benchmark resumes from its finished cells to the same results as a clean run.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,14 +17,26 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
-from reliability_helpers import OBJECT, cli_command, cli_env, noise_jpeg, simple_tree, tree_files
+from reliability_helpers import (
+    OBJECT,
+    cli_command,
+    cli_env,
+    noise_jpeg,
+    object_rows,
+    simple_tree,
+    tree_files,
+    write_tree,
+)
 
 from spotdiff.cli import main
 from spotdiff.detect import load_detector
 from spotdiff.models import build_backbone
 from spotdiff.pretrain import train
 from spotdiff.pretrain.checkpoint import load_checkpoint
+from spotdiff.report.benchmark import load_config as load_benchmark_config
+from spotdiff.report.benchmark import run_benchmark
 
 
 def _fit_args(root: Path, out: Path, seed: int) -> list[str]:
@@ -128,3 +142,56 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     exported = tmp_path / "step2.safetensors"
     assert main(["--quiet", "export-backbone", str(run / "checkpoint.pt"), "--out", str(exported)]) == 0
     build_backbone("resnet18", weights=exported)
+
+
+BENCH_OBJECTS = ("o1", "o2", "o3", "o4", "o5", "o6")
+
+
+def _benchmark_config(tmp_path: Path) -> Path:
+    rows = [r for i, obj in enumerate(BENCH_OBJECTS) for r in object_rows(obj, n_train=4, n_good=2, n_bad=2, seed=100 * i)]
+    write_tree(tmp_path / "visa", rows)
+    config = {
+        "data": {"root": "visa"}, "objects": list(BENCH_OBJECTS), "image_size": 32, "batch_size": 8,
+        "weights": [{"name": "random_r18", "arch": "resnet18"}],
+        "downstream": [{"name": "padim", "method": "padim", "params": {"d": 16}}],
+        "report": {"figures": False},
+    }
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _cells(out: Path) -> dict[str, dict]:
+    """Stored cells without their timing."""
+    cells = {}
+    for path in sorted((out / "cells").glob("*.json")):
+        data = json.loads(path.read_text())
+        data.pop("seconds")
+        cells[path.name] = data
+    return cells
+
+
+@pytest.mark.slow
+def test_kill_9_during_benchmark_then_rerun_resumes_to_the_same_results(tmp_path):
+    config = _benchmark_config(tmp_path)
+    assert main(["--quiet", "benchmark", "--config", str(config), "--out", str(tmp_path / "clean")]) == 0
+    clean = _cells(tmp_path / "clean")
+    assert len(clean) == len(BENCH_OBJECTS)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(cli_command("benchmark", "--config", config, "--out", out), env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not list((out / "cells").glob("*.json")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"benchmark ended before the kill: {proc.stderr.read()[-2000:]!r}"
+    partial = _cells(out)  # every cell file there parses: none is half-written
+    assert 1 <= len(partial) < len(clean)
+    assert all(partial[name] == clean[name] for name in partial)
+    result = run_benchmark(load_benchmark_config(config), out)
+    assert sorted(result.skipped) == sorted(name.removesuffix(".json") for name in partial)
+    assert _cells(out) == clean
+    assert (out / "tables.md").read_text() == (tmp_path / "clean" / "tables.md").read_text()

@@ -40,7 +40,8 @@ class FakeRunner:
         self.calls: list[str] = []
         self.fail_on = fail_on
 
-    def __call__(self, cell, config) -> CellOutput:
+    def __call__(self, cell, config, work_dir) -> CellOutput:
+        assert work_dir.name == cell.key
         self.calls.append(cell.key)
         if self.fail_on is not None and len(self.calls) == self.fail_on:
             raise KeyboardInterrupt(f"simulated kill in {cell.key}")

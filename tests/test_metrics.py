@@ -258,12 +258,13 @@ def test_evaluator_batches_equal_evaluate_and_store_copies():
     types = ["good" if not y else ("scratch" if i % 4 == 1 else "dent") for i, y in enumerate(labels)]
     expected = evaluate(scores, labels, maps, masks, types)
     evaluator = Evaluator()
-    maps_buffer = maps.copy()
+    maps_buffer, scores_buffer = maps.copy(), scores.copy()
     for start in range(0, 10, 3):
         sl = slice(start, start + 3)
-        maps_buffer[sl] = maps[sl]
-        evaluator.update(scores[sl], labels[sl], maps_buffer[sl], masks[sl], types[sl])
-        maps_buffer[sl] = -5.0  # a caller reusing its buffer must not change stored maps
+        maps_buffer[sl], scores_buffer[sl] = maps[sl], scores[sl]
+        evaluator.update(scores_buffer[sl], labels[sl], maps_buffer[sl], masks[sl], types[sl])
+        maps_buffer[sl] = -5.0  # a caller reusing its buffers must not change stored values
+        scores_buffer[sl] = -5.0
     assert_same(evaluator.compute(), expected)
     evaluator.reset()
     with pytest.raises(ValueError, match="before any update"):

@@ -55,7 +55,7 @@ PRO_FPR_LIMIT = 0.3
 """Upper FPR limit of the AU-PRO integral (MVTec AD / VisA convention)."""
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
-_BLOCK_PIXELS = 1 << 20  # pixels per streaming block: temporaries stay a few MiB and are reused
+_BLOCK_PIXELS = 1 << 18  # pixels per streaming block: temporaries stay small and are reused
 _MAX_BUCKET_BITS = 22  # at most 4 Mi histogram buckets (32 MiB of int64 counts)
 
 ImageArray = Any  # numpy array, torch tensor or nested sequence
@@ -126,9 +126,11 @@ def _as_maps(x: ImageArray, name: str) -> np.ndarray:
         raise ValueError(f"{name} must have shape (n, H, W) or (n, 1, H, W), got {a.shape}")
     if a.dtype == bool or not np.issubdtype(a.dtype, np.number) or np.iscomplexobj(a):
         raise ValueError(f"{name} must be real numbers, got dtype {a.dtype}")
-    a = np.ascontiguousarray(a, dtype=np.float32)
     _check_finite(a, name)
-    return a
+    single = np.ascontiguousarray(a, dtype=np.float32)
+    if single is not a:
+        _check_finite(single, f"{name} converted to float32 (values beyond +-3.4e38)")
+    return single
 
 
 def _as_masks(x: ImageArray, name: str) -> np.ndarray:
@@ -317,29 +319,30 @@ def _all_pixel_counts(
     bucketing = _Buckets(thresholds[-1], thresholds[0], 1 << bucket_bits)
     t_buckets = bucketing(thresholds, np.empty(k, np.float32), np.empty(k, np.int32)).astype(np.intp)
     n_buckets = bucketing.n_buckets
-    hist = np.zeros(n_buckets, dtype=np.int64)  # int64: np.add.at's fast path
+    # int64: np.add.at's fast path; one spare bucket at the end, never hit, for the suffix sums
+    hist = np.zeros(n_buckets + 1, dtype=np.int64)
     hot = np.zeros(n_buckets, dtype=bool)
     hot[t_buckets] = True
     kept: list[np.ndarray] = []
     n_pixels = 0
-    scratch = np.empty(_BLOCK_PIXELS, np.float32)
-    buckets = np.empty(_BLOCK_PIXELS, np.int32)
+    block_pixels = min(_BLOCK_PIXELS, max(block.size for block in blocks))
+    scratch = np.empty(block_pixels, np.float32)
+    buckets = np.empty(block_pixels, np.int32)
     for block in blocks:
         flat = block.reshape(-1)
-        for start in range(0, flat.size, _BLOCK_PIXELS):
-            x = flat[start : start + _BLOCK_PIXELS]
+        for start in range(0, flat.size, block_pixels):
+            x = flat[start : start + block_pixels]
             n = x.size
             b = bucketing(x, scratch[:n], buckets[:n])
             np.add.at(hist, b, 1)
-            kept.append(x[np.take(hot, b)])
+            kept.append(x[np.take(hot, b, mode="clip")])
             n_pixels += n
     hist[t_buckets] = 0  # hot buckets: counted exactly from their kept values below
-    # cold[b] = pixels in cold buckets >= b
-    cold = np.zeros(n_buckets + 1, dtype=np.int64)
-    np.cumsum(hist[::-1], out=cold[-2::-1])
+    cold = hist[::-1]
+    np.cumsum(cold, out=cold)  # in place: hist[b] = pixels in cold buckets >= b
     values = np.concatenate(kept) if kept else np.empty(0, np.float32)
     values.sort()
-    cold_above = cold[t_buckets + 1]
+    cold_above = hist[t_buckets + 1]
     count_ge = cold_above + (values.size - np.searchsorted(values, thresholds, side="left"))
     count_gt = cold_above + (values.size - np.searchsorted(values, thresholds, side="right"))
     return count_ge, count_gt, n_pixels
@@ -423,6 +426,9 @@ def pr_curve(scores: ImageArray, labels: ImageArray) -> tuple[np.ndarray, np.nda
     this curve is ``*_aupr``. Scores: any shape (flattened, e.g. anomaly maps); labels: bool,
     {0, 1} or {0, 255}. Sorts all scores: meant for plots, not for the 30-million-pixel
     metric computation (see :func:`evaluate`).
+
+    Raises:
+        ValueError: sizes differ, non-finite scores, non-binary labels or only one class.
     """
     fps, tps, thresholds = _binary_curve(scores, labels)
     precision = tps / (tps + fps)
@@ -528,8 +534,8 @@ def _validate(
             f"image_scores and image_labels must have the same 1-D shape, "
             f"got {scores.shape} and {labels.shape}"
         )
-    if labels.dtype == bool and copy:
-        labels = labels.copy()
+    if copy:  # the caller may reuse its buffers after update()
+        scores, labels = scores.copy(), labels.copy()
     stack = None
     if (anomaly_maps is None) != (masks is None):
         raise ValueError("give both anomaly_maps and masks for pixel metrics, or neither")
@@ -559,17 +565,16 @@ def _validate(
 def _select(
     stacks: Sequence[tuple[np.ndarray, np.ndarray]], keep: np.ndarray
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The images flagged in ``keep`` (over all stacks, in order); whole stacks are not copied."""
+    """The images flagged in ``keep`` (over all stacks, in order) as views: runs of
+    consecutive images are sliced, nothing is copied."""
     out = []
     offset = 0
     for maps, masks in stacks:
-        sel = keep[offset : offset + maps.shape[0]]
+        sel = keep[offset : offset + maps.shape[0]].astype(np.int8)
         offset += maps.shape[0]
-        if sel.all():
-            out.append((maps, masks))
-        elif sel.any():
-            idx = np.flatnonzero(sel)
-            out.append((maps[idx], masks[idx]))
+        edges = np.diff(sel, prepend=0, append=0)
+        for start, stop in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)):
+            out.append((maps[start:stop], masks[start:stop]))
     return out
 
 

@@ -8,7 +8,7 @@ downstream method and metric, pre-training methods as rows, objects and mean as 
 first) and ``report.html``.
 
 Downstream methods are looked up in :data:`DOWNSTREAM` (name -> runner); a runner takes the
-:class:`Cell` and the :class:`BenchmarkConfig` and returns a :class:`CellOutput`. Tests register
+:class:`Cell`, the :class:`BenchmarkConfig` and a scratch folder and returns a :class:`CellOutput`. Tests register
 fast fake runners there to check the grid logic.
 
 Config (YAML; relative paths are relative to the config file)::
@@ -64,6 +64,7 @@ from spotdiff.report.tables import (
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+-]*(_[A-Za-z0-9.+-]+)*$")  # no "__", filename-safe
 CELL_DIR = "cells"
 WEIGHTS_DIR = "weights"
+WORK_DIR = "work"
 
 
 # ================================================================================ configuration
@@ -140,7 +141,9 @@ class CellOutput:
     defect_types: Sequence[str] | None = None
 
 
-Runner = Callable[[Cell, BenchmarkConfig], CellOutput]
+#: A downstream runner: ``runner(cell, config, work_dir) -> CellOutput``; ``work_dir`` is a scratch
+#: folder of the cell (``<out>/work/<cell key>``) for whatever the method writes on the way.
+Runner = Callable[[Cell, BenchmarkConfig, Path], CellOutput]
 
 
 def _jsonable(value: Any) -> Any:
@@ -260,6 +263,7 @@ def load_config(path: str | os.PathLike[str]) -> BenchmarkConfig:
 
 # ================================================================================ downstream runners
 def _run_detector_cell(kind: str, cell: Cell, config: BenchmarkConfig) -> CellOutput:
+    """Fit detector ``kind`` (params go to its constructor, except ``split``) and evaluate it."""
     from spotdiff.data import open_dataset
     from spotdiff.detect import DETECTORS
     from spotdiff.detect.predict import evaluate_detector
@@ -279,34 +283,45 @@ def _run_detector_cell(kind: str, cell: Cell, config: BenchmarkConfig) -> CellOu
                       [r["defect_type"] for r in per_image])
 
 
-def run_padim_cell(cell: Cell, config: BenchmarkConfig) -> CellOutput:
+def run_padim_cell(cell: Cell, config: BenchmarkConfig, work_dir: Path) -> CellOutput:
     """PaDiM fitted on the object's normal training images (split ``params.split``, default 1cls)."""
     return _run_detector_cell("padim", cell, config)
 
 
-def run_patchcore_cell(cell: Cell, config: BenchmarkConfig) -> CellOutput:
+def run_patchcore_cell(cell: Cell, config: BenchmarkConfig, work_dir: Path) -> CellOutput:
     """PatchCore fitted on the object's normal training images (split ``params.split``, default 1cls)."""
     return _run_detector_cell("patchcore", cell, config)
 
 
-def _run_finetune_cell(task: str, cell: Cell, config: BenchmarkConfig) -> CellOutput:
-    from spotdiff.finetune import run_protocol  # lands with the finetune helper's work
+def _run_finetune_cell(task: str, cell: Cell, config: BenchmarkConfig, work_dir: Path) -> CellOutput:
+    """Fine-tune under ``params.protocol`` on every seed (``params.seeds``, default 5); the cell's
+    metrics are the means over seeds, with ``<metric>_std`` the sample std."""
+    from spotdiff.finetune import FinetuneConfig, run_finetune
 
     params = dict(cell.downstream.params)
-    output = run_protocol(task=task, root=config.data_root, object=cell.object, arch=cell.weights.arch,
-                          weights=cell.weights_file, image_size=config.image_size, seed=config.seed,
-                          device=config.device, **params)
-    return CellOutput(dict(output["metrics"]))
+    try:
+        ft = FinetuneConfig(task=task, data=config.data_root, out=work_dir, object=cell.object,
+                            weights=cell.weights_file, arch=cell.weights.arch, image_size=config.image_size,
+                            device=config.device, **params)
+    except TypeError as exc:
+        raise ConfigError(f"downstream {cell.downstream.name!r}: bad params {params} ({exc})") from exc
+    summary = run_finetune(ft)["aggregate"][cell.object]
+    metrics: dict[str, Any] = {}
+    for name, stat in summary.items():
+        if isinstance(stat, Mapping) and "mean" in stat:
+            metrics[name] = stat["mean"]
+            metrics[f"{name}_std"] = stat["std"]
+    return CellOutput(metrics)
 
 
-def run_cls_cell(cell: Cell, config: BenchmarkConfig) -> CellOutput:
+def run_cls_cell(cell: Cell, config: BenchmarkConfig, work_dir: Path) -> CellOutput:
     """2-class classification fine-tuning under ``params.protocol`` (highshot, 5shot, 10shot)."""
-    return _run_finetune_cell("cls", cell, config)
+    return _run_finetune_cell("cls", cell, config, work_dir)
 
 
-def run_seg_cell(cell: Cell, config: BenchmarkConfig) -> CellOutput:
+def run_seg_cell(cell: Cell, config: BenchmarkConfig, work_dir: Path) -> CellOutput:
     """2-class segmentation (U-Net) fine-tuning under ``params.protocol`` (highshot, 5shot, 10shot)."""
-    return _run_finetune_cell("seg", cell, config)
+    return _run_finetune_cell("seg", cell, config, work_dir)
 
 
 #: Downstream method name -> runner. Register more (or fakes, in tests) by adding entries.
@@ -398,7 +413,7 @@ def run_cell(cell: Cell, config: BenchmarkConfig, out: Path) -> dict[str, Any]:
     if runner is None:
         raise ConfigError(f"no runner registered for downstream method {cell.downstream.method!r}")
     start = time.perf_counter()
-    output = runner(cell, config)
+    output = runner(cell, config, out / WORK_DIR / cell.key)
     data = {
         "key": cell.key, "weights": cell.weights.name, "downstream": cell.downstream.name,
         "object": cell.object, "metrics": _jsonable(output.metrics),

@@ -58,7 +58,8 @@ class DemoSettings:
     Attributes:
         scale: size factor of the synthetic dataset (:func:`spotdiff.data.synth.generate`).
         data_size: side of the synthesized images, pixels.
-        image_size: side of the images for pre-training and PaDiM, pixels.
+        image_size: side of the images for PaDiM (training and test), pixels.
+        pretrain_size: side of the pre-training views, pixels.
         pretrain_steps / pretrain_batch: optimizer steps and images per step of each pre-training.
         padim_batch: images per PaDiM feature batch.
         arch / layers: backbone and the PaDiM feature stages.
@@ -69,7 +70,8 @@ class DemoSettings:
     scale: float = 1.0
     data_size: int = 128
     image_size: int = 96
-    pretrain_steps: int = 120
+    pretrain_size: int = 64
+    pretrain_steps: int = 60
     pretrain_batch: int = 32
     padim_batch: int = 32
     arch: str = "resnet18"
@@ -81,8 +83,8 @@ class DemoSettings:
     def preset(cls, quick: bool = False, seed: int = 0) -> DemoSettings:
         """The default demo (minutes on a 2-core CPU) or the ``--quick`` smoke run (< 2 minutes)."""
         if quick:
-            return cls(scale=0.2, data_size=64, image_size=64, pretrain_steps=4, pretrain_batch=8,
-                       padim_batch=16, seed=seed, gallery_size=4)
+            return cls(scale=0.2, data_size=64, image_size=64, pretrain_size=64, pretrain_steps=4,
+                       pretrain_batch=8, padim_batch=16, seed=seed, gallery_size=4)
         return cls(seed=seed)
 
 
@@ -169,7 +171,7 @@ def pretrain_backbone(images: Path, out: Path, settings: DemoSettings, spd: bool
     shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted earlier attempt
     config = PretrainConfig(
         method="simsiam", spd=spd, arch=settings.arch, data=str(images), out=str(run_dir),
-        steps=settings.pretrain_steps, batch_size=settings.pretrain_batch, image_size=settings.image_size,
+        steps=settings.pretrain_steps, batch_size=settings.pretrain_batch, image_size=settings.pretrain_size,
         workers=0, amp="none", device="cpu", channels_last=False, seed=settings.seed,
         checkpoint_every=0, log_every=max(1, settings.pretrain_steps // 10), resume=False)
     checkpoint = run_pretrain(config)
@@ -223,11 +225,11 @@ def run_demo(settings: DemoSettings, out: str | os.PathLike[str] = "spotdiff-dem
     log(f"demo: objects {', '.join(objects)}")
 
     log("demo [2/5] collecting the normal training images for pre-training")
-    images = pretrain_images(data_root, objects, out / "pretrain-images", settings.image_size)
+    images = pretrain_images(data_root, objects, out / "pretrain-images", settings.data_size)
     weights: dict[str, Path | None] = {RANDOM: None}
     for i, (label, (stem, spd)) in enumerate(PRETRAINED.items(), start=1):
         log(f"demo [3/5] pre-training {label} ({i}/{len(PRETRAINED)}): {settings.pretrain_steps} steps "
-            f"of {settings.pretrain_batch} images at {settings.image_size} px")
+            f"of {settings.pretrain_batch} images at {settings.pretrain_size} px")
         weights[label] = pretrain_backbone(images, out, settings, spd, stem)
 
     records: list[ResultRecord] = []
@@ -248,8 +250,10 @@ def run_demo(settings: DemoSettings, out: str | os.PathLike[str] = "spotdiff-dem
     write_text_atomic(out / "results.csv", records_csv(records))
     write_text_atomic(out / "tables.md", "# spotdiff demo\n\nValues are percentages with one decimal.\n\n"
                       + tables_markdown(tables))
-    settings_text = (f"{settings.arch}, {settings.image_size} px, {settings.pretrain_steps} pre-training steps "
-                     f"of {settings.pretrain_batch} images, synthetic scale {settings.scale}, seed {settings.seed}")
+    settings_text = (f"{settings.arch}; pre-training: {settings.pretrain_steps} steps of {settings.pretrain_batch} "
+                     f"images at {settings.pretrain_size} px; PaDiM at {settings.image_size} px "
+                     f"(layers {', '.join(settings.layers)}); synthetic data: scale {settings.scale}, "
+                     f"{settings.data_size} px; seed {settings.seed}")
     report = out / "report.html"
     write_html_report(report, "spotdiff demo", report_sections(tables, predictions, settings.gallery_size),
                       intro=INTRO.format(settings=settings_text, seconds=seconds))

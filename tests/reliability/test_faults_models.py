@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import time
@@ -195,3 +196,35 @@ def test_kill_9_during_benchmark_then_rerun_resumes_to_the_same_results(tmp_path
     assert sorted(result.skipped) == sorted(name.removesuffix(".json") for name in partial)
     assert _cells(out) == clean
     assert (out / "tables.md").read_text() == (tmp_path / "clean" / "tables.md").read_text()
+
+
+def _limit_file_size(max_bytes: int):
+    def preexec() -> None:  # SIGXFSZ ignored: a write past the limit fails with EFBIG, like ENOSPC
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+    return preexec
+
+
+@pytest.mark.slow
+def test_disk_full_while_fit_and_pretrain_write_is_a_clear_error(tmp_path):
+    """A 1 MB file-size limit: the 45 MB backbone / checkpoint cannot be written."""
+    root = simple_tree(tmp_path / "visa", n_train=4, n_good=1, n_bad=1)
+    out = tmp_path / "models" / "padim"
+    assert main(["--quiet", *_fit_args(root, out, seed=1)]) == 0
+    old = tree_files(out)
+    images = _images(tmp_path / "images")
+    run = tmp_path / "run"
+    commands = {"fit": _fit_args(root, out, seed=2), "pretrain": _pretrain_args(images, run, steps=2)}
+    procs = {name: subprocess.Popen(cli_command(*argv), env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, preexec_fn=_limit_file_size(1_000_000))
+             for name, argv in commands.items()}
+    names = {"fit": out, "pretrain": run / "checkpoint.pt"}
+    for name, proc in procs.items():
+        _, stderr = proc.communicate(timeout=300)
+        detail = f"{name}: exit {proc.returncode}\n{stderr[-3000:]}"
+        assert proc.returncode == 2 and "Traceback" not in stderr, detail
+        assert f"{names[name]}: cannot write" in stderr, detail
+    assert tree_files(out) == old and load_detector(out).seed == 1
+    assert not _temp_dirs(out.parent, "padim"), "the failed fit left its temporary directory"
+    assert not (run / "checkpoint.pt").exists() and not (run / "backbone.safetensors").exists()
+    assert not [p for p in run.iterdir() if p.name.startswith(".checkpoint.pt.tmp-")]

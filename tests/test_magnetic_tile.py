@@ -173,7 +173,7 @@ def test_padim_detects_real_defects(mt_root):
 
     Measured (split/subset/backbone seed 0, 1, 2): image AU-ROC 0.730, 0.742, 0.619; pixel AU-ROC
     0.703, 0.679, 0.605. At 96 px with 60 training images it was near chance (0.43-0.69), so the
-    size and count below are the smallest that work; ~20-30 s on the loaded 2-core machine.
+    size and count below are the smallest that work. 3 s on an idle core, ~30 s on the loaded machine.
     """
     from spotdiff.detect import PaDiM
     from spotdiff.detect.predict import evaluate_detector

@@ -94,8 +94,8 @@ class CashewScene(Scene):
         img = d.paint(img, 0.5 * shadow, (0.02, 0.02, 0.02))
         depth = np.clip(-sdf / half_width, 0.0, 1.0)
         height = np.sqrt(depth)
-        grain = d.texture("gravel", rng, s, zoom=1.5)
-        light = self.tint * (0.62 + 0.38 * height + 0.035 * grain)
+        grain = d.texture("gravel", rng, s) + 0.6 * d.smooth_noise(rng, s, 24)
+        light = self.tint * (0.62 + 0.38 * height + 0.018 * grain)
         kernel = d.shade(KERNEL, light)
         # darker, browner rim and ends
         rim = np.clip(1.0 - depth * 3.0, 0, 1) * 0.25 + 0.12 * np.abs(t - 0.5) * 2
@@ -142,16 +142,19 @@ class CashewSynth(SynthObject):
         if name in ("Corner or Edge Breakage", "Middle Breakage"):
             if name == "Corner or Edge Breakage":
                 ex, ey = scene.point_on_outline(rng)
-                changed = replace(scene, cuts=scene.cuts + ((ex, ey, s * float(rng.uniform(0.03, 0.06))),))
+                changed = replace(scene, cuts=scene.cuts + ((ex, ey, s * float(rng.uniform(0.045, 0.08))),))
             else:
+                # a crack across the kernel: along the arc's radius through a random inner point
                 gx, gy = scene.point_inside(rng, s * 0.03)
-                changed = replace(scene, gaps=scene.gaps + ((gx, gy, float(rng.uniform(0, np.pi)), float(rng.uniform(1.5, 3.5))),))
+                ox, oy = d.rotate(np.array([[0.0, -0.75 * scene.arc_radius]]), scene.angle)[0] + scene.center
+                angle = float(np.arctan2(gy - oy, gx - ox) + rng.normal(0, 0.2))
+                changed = replace(scene, gaps=scene.gaps + ((gx, gy, angle, float(rng.uniform(2.5, 5.0))),))
             clean, altered = scene.image(), changed.image()
             return np.where(np.abs(altered - clean).max(axis=2, keepdims=True) > 0, altered, image)
         inside = np.clip(-scene.outline() / 2.0, 0.0, 1.0)
         cx, cy = scene.point_inside(rng, s * 0.02)
         if name in ("Burnt", "Different Colour Spot"):
-            radius = s * (rng.uniform(0.03, 0.07) if name == "Burnt" else rng.uniform(0.012, 0.03))
+            radius = s * (rng.uniform(0.045, 0.09) if name == "Burnt" else rng.uniform(0.02, 0.045))
             blob = np.hypot(x - cx, y - cy) / radius + 0.3 * d.smooth_noise(rng, s, 20)
             alpha = (np.clip((1.0 - blob) * 2.0, 0, 1) * inside).astype(np.float32)
             if name == "Burnt":
@@ -163,7 +166,7 @@ class CashewSynth(SynthObject):
             out = image
             for _ in range(int(rng.integers(1, 4))):
                 hx, hy = scene.point_inside(rng, s * 0.02)
-                radius = s * rng.uniform(0.006, 0.014)
+                radius = s * rng.uniform(0.008, 0.018)
                 dist = np.hypot(x - hx, y - hy)
                 hole = d.coverage(dist - radius) * inside
                 depth = np.clip(dist / radius, 0, 1)  # darker towards the centre
@@ -172,8 +175,8 @@ class CashewSynth(SynthObject):
         # Small scratches: 1-3 short dark lines
         out = image
         for _ in range(int(rng.integers(1, 4))):
-            pts = d.random_walk(rng, (cx, cy), rng.uniform(0, 2 * np.pi), int(rng.integers(2, 5)), s * 0.02, 0.3)
-            alpha = d.pil_mask(s, lambda dr, k, p=pts: dr.line(d.scaled(p, k), fill=255, width=max(1, round(1.0 * k)), joint="curve"), 4)
+            pts = d.random_walk(rng, (cx, cy), rng.uniform(0, 2 * np.pi), int(rng.integers(3, 6)), s * 0.025, 0.3)
+            alpha = d.pil_mask(s, lambda dr, k, p=pts: dr.line(d.scaled(p, k), fill=255, width=max(1, round(1.4 * k)), joint="curve"), 4)
             out = d.paint(out, (alpha * inside * 0.8).astype(np.float32), (0.45, 0.33, 0.2))
             cx, cy = scene.point_inside(rng, s * 0.02)
         return out

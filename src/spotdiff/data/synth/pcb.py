@@ -210,11 +210,12 @@ ART_MARGIN = 4  # pixels of empty border around the board art
 
 
 def _art_px_per_unit(size: int) -> int:
-    """Resolution of the board art: about twice the largest scale a scene maps it to."""
-    return int(np.ceil(2.0 * 0.92 * size))
+    """Resolution of the board art: about twice the largest scale a scene maps it to (1.25 times
+    above 512 px, to bound the memory of the cached art)."""
+    return int(np.ceil((2.0 if size <= 512 else 1.25) * 0.92 * size))
 
 
-@lru_cache(maxsize=16)
+@lru_cache(maxsize=12)  # the normal board + the 9 boards with one component missing + spare
 def board_art(k: int, missing: frozenset[str] = frozenset()) -> np.ndarray:
     """The board drawn in its own frame at ``k`` pixels per board unit: (H, W, 4) float32,
     premultiplied RGB and alpha. ``missing`` names omitted components (chips, passives, ``C3``).
@@ -350,7 +351,8 @@ class PcbSynth(SynthObject):
         dz, s = scene.design, scene.size
         name = self.defect_names[defect_id - 1]
         if name == "Missing Component":
-            part = str(rng.choice(list(dz.passives) + ["U2", "U3", "C3"]))
+            # the larger parts (two SOICs, the capacitor) half of the time, else a small passive
+            part = str(rng.choice(["U2", "U3", "C3"] if rng.random() < 0.5 else list(dz.passives)))
             return _replace_changed(image, scene.image(), replace(scene, missing=scene.missing | {part}).image())
         if name in ("Bent Pin", "Missing Pin"):
             # the pin is removed, exposing its solder pad; a bent pin is redrawn rotated about its base
@@ -366,25 +368,29 @@ class PcbSynth(SynthObject):
         cx, cy = scene.to_image(np.array([[u, v]]))[0]
         x, y = d.pixel_grid(s)
         if name == "Scratch":
-            pts = d.random_walk(rng, (cx, cy), rng.uniform(0, 2 * np.pi), int(rng.integers(4, 9)),
-                                s * rng.uniform(0.025, 0.05), 0.3)
-            width = rng.uniform(0.8, 1.8)
+            pts = d.random_walk(rng, (cx, cy), rng.uniform(0, 2 * np.pi), int(rng.integers(5, 10)),
+                                s * rng.uniform(0.03, 0.06), 0.3)
+            width = rng.uniform(1.2, 2.5)
             alpha = d.pil_mask(s, lambda dr, k: dr.line(d.scaled(pts, k), fill=255, width=max(1, round(width * k)), joint="curve"), 4)
             color = COPPER if rng.random() < 0.7 else (0.85, 0.85, 0.8)
             return d.paint(image, d.blur(alpha, 0.3) * scene.board_mask(), color)
         if name == "Burnt":
-            radius = s * rng.uniform(0.03, 0.075)
+            radius = s * rng.uniform(0.045, 0.1)
             blob = np.hypot((x - cx) / rng.uniform(0.7, 1.3), (y - cy) / rng.uniform(0.7, 1.3)) / radius
             blob = blob + 0.35 * d.smooth_noise(rng, s, 12)
             alpha = np.clip((1.0 - blob) * 2.5, 0, 1) ** 0.7
             char = d.shade((0.10, 0.06, 0.03), 1.0 + 0.4 * d.texture("gravel", rng, s))
             return d.paint(image, alpha.astype(np.float32) * scene.board_mask(), char)
-        # Solder splash: a small shiny tin droplet with a highlight.
-        radius = s * rng.uniform(0.008, 0.02)
-        dist = np.hypot(x - cx, y - cy) / radius
-        drop = d.coverage((dist - 1.0) * radius)
-        light = 0.55 + 0.45 * np.sqrt(np.clip(1 - dist**2, 0, 1)) + 0.5 * np.exp(-((x - cx + radius * 0.35) ** 2 + (y - cy + radius * 0.35) ** 2) / (0.1 * radius**2 + 0.3))
-        return d.paint(image, drop, TIN, light)
+        # Solder splash: 1-4 shiny tin droplets, each with a highlight, clustered together.
+        out = image
+        for _ in range(int(rng.integers(1, 5))):
+            radius = s * rng.uniform(0.008, 0.025)
+            dx, dy = cx + rng.normal(0, s * 0.02), cy + rng.normal(0, s * 0.02)
+            dist = np.hypot(x - dx, y - dy) / radius
+            drop = d.coverage((dist - 1.0) * radius) * scene.board_mask()
+            glint = np.exp(-((x - dx + radius * 0.35) ** 2 + (y - dy + radius * 0.35) ** 2) / (0.1 * radius**2 + 0.3))
+            out = d.paint(out, drop, TIN, 0.55 + 0.45 * np.sqrt(np.clip(1 - dist**2, 0, 1)) + 0.5 * glint)
+        return out
 
 
 def _polygon_mask(scene: PcbScene, board_pts: np.ndarray) -> np.ndarray:

@@ -291,8 +291,9 @@ class _Buckets:
 
     def __call__(self, x: np.ndarray, scratch: np.ndarray, out: np.ndarray) -> np.ndarray:
         """Bucket of each float32 value in ``x`` into ``out`` (intp, ``x``'s size)."""
-        y = np.subtract(x, self.low, out=scratch)
-        np.multiply(y, self.scale, out=y)
+        with np.errstate(over="ignore"):  # +-inf is clipped like any far score
+            y = np.subtract(x, self.low, out=scratch)
+            np.multiply(y, self.scale, out=y)
         np.clip(y, np.float32(-1.0), self.top, out=y)
         np.copyto(out, y, casting="unsafe")  # truncation toward zero
         np.add(out, 1, out=out)

@@ -330,6 +330,7 @@ def _all_pixel_counts(
     hot, first, per_bucket = np.unique(t_buckets, return_index=True, return_counts=True)
     kind = np.zeros(n_buckets, dtype=np.uint8)
     kind[hot] = np.minimum(per_bucket, 2)
+    any_crowded = bool(per_bucket.max() > 1)
     threshold_of_bucket = np.zeros(n_buckets, dtype=np.int32)
     threshold_of_bucket[hot] = first
     # per threshold alone in its bucket: the pixels of its bucket that are >= / > it
@@ -348,13 +349,14 @@ def _all_pixel_counts(
             b = bucketing(x, scratch[:n], buckets[:n])
             np.add.at(hist, b, one)
             kind_of_pixel = np.take(kind, b, mode="clip")
-            single = kind_of_pixel == 1
+            single = (kind_of_pixel == 1) if any_crowded else kind_of_pixel.view(bool)
             x_single = x[single]
             j = np.take(threshold_of_bucket, b[single], mode="clip")
             t = np.take(thresholds, j, mode="clip")
             np.add.at(own_ge, j[x_single >= t], 1)
             np.add.at(own_gt, j[x_single > t], 1)
-            crowded.append(x[kind_of_pixel == 2])
+            if any_crowded:
+                crowded.append(x[kind_of_pixel == 2])
             n_pixels += n
     above = hist[::-1]
     np.cumsum(above, out=above)  # in place: hist[b] = pixels in buckets >= b

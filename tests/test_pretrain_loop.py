@@ -225,6 +225,10 @@ def test_config_errors_name_the_key_and_source(tmp_path):
     with pytest.raises(ConfigError, match="expected key=value"):
         load_config(None, sets=["lr"])
     assert load_config(None, sets=["lr=1e-3", "spd=true", "weights=none"]).lr == 1e-3
+    with pytest.raises(ConfigError, match="lr: must be a finite number"):
+        load_config(None, {"data": "d", "out": "o"}, sets=["lr=nan"]).validate()
+    with pytest.raises(ConfigError, match="config: epochs='3' is not a valid int"):
+        PretrainConfig(data="d", out="o", epochs="3").validate()
     with pytest.raises(ConfigError, match="method: 'byol'"):
         load_config(None, {"method": "byol", "data": "d", "out": "o"}).validate()
     assert main(["--quiet", "pretrain", "--data", "d", "--out", str(tmp_path / "o"), "--set", "epoch=1"]) == 2

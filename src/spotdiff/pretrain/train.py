@@ -18,6 +18,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -168,6 +170,7 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext) -> Path:
     progress = bar(total=total_steps, desc=f"pretrain {cfg.method}", initial=start_step, unit="step")
     step = start_step
     window = _Window()
+    sigterm = _SigtermFlag()
     try:
         while step < total_steps:
             epoch, start_batch = divmod(step, steps_per_epoch)
@@ -178,7 +181,8 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext) -> Path:
                 generator = torch.Generator(device).manual_seed(mix_seed(cfg.seed, step, ctx.rank, 2))
                 views = {k: _to_device(v, device, cfg.channels_last and on_gpu) for k, v in views.items()}
                 batch_labels = batch_labels.to(device, non_blocking=True)
-                stats = _forward_backward(model, views, batch_labels, generator, amp_dtype, scaler, ctx)
+                *stats, stop = _forward_backward(model, views, batch_labels, generator, amp_dtype, scaler,
+                                                 float(sigterm.is_set()), ctx)
                 if not all(math.isfinite(v) for v in stats):
                     raise SpotdiffError(
                         f"loss became {stats[0]} at step {step + 1} (epoch {epoch}); stopped before "
@@ -200,9 +204,14 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext) -> Path:
                     started = time.perf_counter()
                     checkpoint(step)
                     window.start += time.perf_counter() - started  # img/s counts training only
+                if stop and step < total_steps:  # SIGTERM reached some process: save and stop, all together
+                    checkpoint(step)
+                    raise SpotdiffError(f"stopped by SIGTERM after step {step}/{total_steps}; checkpoint saved "
+                                        f"to {ckpt_path}; continue with --resume")
                 if step >= total_steps:
                     break
     finally:
+        sigterm.restore()
         progress.close()
         if logger is not None:
             logger.close()
@@ -218,15 +227,44 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext) -> Path:
 
 def _forward_backward(model: nn.Module, views: dict[str, torch.Tensor], labels: torch.Tensor,
                       generator: torch.Generator, amp_dtype: torch.dtype | None,
-                      scaler: torch.amp.GradScaler, ctx: DistContext) -> list[float]:
-    """Losses of one batch, back-propagated; returns ``[loss, loss_base, loss_spd]`` averaged over processes."""
+                      scaler: torch.amp.GradScaler, stop: float, ctx: DistContext) -> list[float]:
+    """Losses of one batch, back-propagated.
+
+    Returns ``[loss, loss_base, loss_spd, stop]`` averaged over processes (one all-reduce); ``stop``
+    is > 0 when any process asked to stop.
+    """
     autocast = torch.autocast(ctx.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     with autocast:
         out = model(views, labels=labels, generator=generator)
     scaler.scale(out["loss"]).backward()
     zero = torch.zeros((), device=ctx.device)
-    stats = torch.stack([out[k].detach().float() if k in out else zero for k in ("loss", "loss_base", "loss_spd")])
-    return all_reduce_mean(stats, ctx).tolist()
+    stats = [out[k].detach().float() if k in out else zero for k in ("loss", "loss_base", "loss_spd")]
+    return all_reduce_mean(torch.stack([*stats, zero + stop]), ctx).tolist()
+
+
+class _SigtermFlag:
+    """Records SIGTERM (pre-emption, ``kill``, torchrun shutting down) instead of dying at once.
+
+    The loop then checkpoints at the end of the current step and stops. Only the main thread
+    can install signal handlers; elsewhere the flag is never set.
+    """
+
+    def __init__(self) -> None:
+        self._set = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
 
 def _checkpoint_to_resume(cfg: PretrainConfig, ckpt_path: Path) -> dict[str, Any] | None:

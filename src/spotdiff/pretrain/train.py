@@ -5,7 +5,8 @@ the method's forward under autocast (GPU), back-propagate (with loss scaling for
 non-finite loss before the weights change, step the optimizer, let the method update itself
 (e.g. MoCo's momentum encoder). Rank 0 writes ``RUN_DIR/log.csv``, TensorBoard events (when
 ``torch.utils.tensorboard`` imports), ``RUN_DIR/checkpoint.pt`` every ``checkpoint_every`` steps
-and at the end, and finally ``RUN_DIR/backbone.safetensors``.
+and at the end, and finally ``RUN_DIR/backbone.safetensors``. SIGTERM checkpoints the step in
+progress and stops.
 
 Determinism: the data order depends on ``(seed, epoch)``, each sample's augmentation on
 ``(seed, epoch, index)``, and each step's random numbers (global torch RNG and the generator
@@ -50,19 +51,13 @@ from spotdiff.pretrain.data import (
 )
 from spotdiff.pretrain.distributed import DistContext, all_reduce_mean, barrier, cleanup_distributed, init_distributed
 from spotdiff.pretrain.export import write_backbone
+from spotdiff.pretrain.methods import build_method
 from spotdiff.pretrain.optim import build_optimizer, lr_factor, remember_peak_lr, set_lr
 
 LOG_NAME = "log.csv"
 LOG_COLUMNS = ("step", "epoch", "lr", "loss", "loss_base", "loss_spd", "img_per_s")
 BACKBONE_NAME = "backbone.safetensors"
 CONFIG_NAME = "config.yaml"
-
-
-def build_method(name: str, **kwargs: Any) -> nn.Module:
-    """``spotdiff.pretrain.methods.build_method`` (imported on use; tests may stand in for it)."""
-    from spotdiff.pretrain.methods import build_method as build
-
-    return build(name, **kwargs)
 
 
 def run_pretrain(cfg: PretrainConfig) -> Path:
@@ -100,7 +95,7 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext) -> Path:
                               num_classes=len(class_names) if cfg.method == "supervised" else None,
                               weights=cfg.weights, **cfg.hparams)
     except TypeError as exc:
-        raise ConfigError(f"hparams: {cfg.method} does not accept {sorted(cfg.hparams)} ({exc})") from exc
+        raise ConfigError(f"hparams {cfg.hparams}: not accepted by {cfg.method} ({exc})") from exc
     cfg = cfg.with_recipe(method.recipe)
     method.recipe = dataclasses.replace(  # the optimizer and param groups read the resolved values
         method.recipe, optimizer=cfg.optimizer, base_lr=cfg.lr, weight_decay=cfg.weight_decay,

@@ -229,3 +229,22 @@ def test_prepared_masks_are_binary_after_good_run(visa, tmp_path):
     assert (report.images_written, report.masks_written) == (6, 2)
     for m in (tmp_path / "out" / "1cls" / "obj" / "ground_truth" / "bad").iterdir():
         assert set(np.unique(np.asarray(Image.open(m))).tolist()) == {0, 255}
+
+
+def test_prepare_output_problems_are_data_errors(visa, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="file: output path exists and is not a folder"):
+        prepare_visa(visa, "1cls", tmp_path / "file")
+    out = tmp_path / "out"
+    blocker = out / "1cls" / "obj" / "train" / "good" / "0000.JPG"
+    blocker.mkdir(parents=True)  # a folder where an image must go
+    with pytest.raises(DataError, match="0000.JPG: cannot write .* for .*1cls.csv row 2"):
+        prepare_visa(visa, "1cls", out, workers=1)
+
+
+@pytest.mark.parametrize("size", [0, (8,), (8, -1)])
+def test_bad_image_size_is_a_config_error(visa, size):
+    from spotdiff.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="image_size"):
+        open_dataset(visa, "obj", image_size=size)

@@ -136,3 +136,10 @@ def test_cli_help_lists_commands(capsys):
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "spotdiff", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("spotdiff ")
+
+
+def test_load_mask_is_writable(tmp_path):
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "m.png")
+    mask = load_mask(tmp_path / "m.png")
+    mask[0, 0] = 1
+    assert mask.flags.writeable and mask[0, 0] == 1

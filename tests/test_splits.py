@@ -6,9 +6,11 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from spotdiff.data import read_split_csv, sample_kshot
-from spotdiff.data.splits import OFFICIAL_SPLITS
+from spotdiff.data.splits import OFFICIAL_SPLITS, check_relative_path
 from spotdiff.errors import DataError
 
 # (split, label) -> number of rows, from the VisA paper / official split files.
@@ -103,3 +105,21 @@ def test_kshot_on_official_fewshot_pool(visa_split_dir):
     for k in (5, 10):
         picked = sample_kshot(labels, k, seed=0)
         assert Counter(labels[i] for i in picked) == {0: k, 1: k}
+
+
+@given(st.lists(st.sampled_from(["a", "b.JPG", "..", ".", "", "/", "\\", "C:", "x y"]), max_size=6).map("".join))
+def test_accepted_paths_never_escape_the_root(value):
+    try:
+        clean = check_relative_path(value, "t.csv row 2", "image")
+    except DataError as exc:
+        assert "t.csv row 2" in str(exc)
+        return
+    parts = clean.split("/")
+    assert ".." not in parts and not clean.startswith("/") and "\\" not in clean and clean
+
+
+def test_quoted_multiline_field_keeps_row_numbers(tmp_path):
+    csv = tmp_path / "s.csv"
+    csv.write_text('object,split,label,image,mask\na,train,normal,"a/x\ny.JPG",\na,val,normal,a/2.JPG,\n')
+    with pytest.raises(DataError, match="row 4: split 'val'"):
+        read_split_csv(csv)

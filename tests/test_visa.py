@@ -188,3 +188,32 @@ def test_image_folder_dataset_errors(tmp_path):
     (tmp_path / "x.txt").write_text("x")
     with pytest.raises(DataError, match="x.txt: not an image file"):
         ImageFolderDataset([tmp_path / "x.txt"])
+
+
+def test_synthetic_dataset_reads_and_prepares(tmp_path):
+    """The synth helper's VisA-format output: every split opens, every item loads, prepare round-trips."""
+    from spotdiff.data.prepare import prepare_visa
+    from spotdiff.data.synth import generate
+
+    root = generate(tmp_path / "synth", seed=0, scale=0.1, image_size=64, objects=["cashew_synth"])
+    for split in ("1cls", "2cls_fewshot", "2cls_highshot"):
+        for subset in ("train", "test"):
+            ds = open_dataset(root, "cashew_synth", split=split, subset=subset, image_size=None)
+            items = [ds[i] for i in range(len(ds))]
+            assert all(it["image"].shape == (3, 64, 64) for it in items)
+            assert all((it["mask"].sum() > 0) == bool(it["label"]) for it in items)
+            assert all(not it["defect_type"].startswith("class_") for it in items)  # id2class.json is used
+        prepare_visa(root, split, tmp_path / "out", workers=1)
+        prepared = open_dataset(tmp_path / "out", "cashew_synth", split=split, subset="test", image_size=None)
+        raw = open_dataset(root, "cashew_synth", split=split, subset="test", image_size=None)
+        assert sorted(prepared.labels) == sorted(raw.labels)
+        assert sorted(p.rsplit("/", 1)[1] for p in prepared.paths) == sorted(p.rsplit("/", 1)[1] for p in raw.paths)
+
+
+def test_split_csv_edits_are_picked_up(visa_root, pcb4_rows):
+    from data_fakes import write_split_csv
+
+    before = open_dataset(visa_root, "pcb4", split="2cls_fewshot", subset="test", image_size=8)
+    write_split_csv(visa_root / "split_csv" / "2cls_fewshot.csv", [r for r in pcb4_rows if r.label == "normal"])
+    after = open_dataset(visa_root, "pcb4", split="2cls_fewshot", subset="test", image_size=8)
+    assert (len(before), len(after)) == (8, 4)

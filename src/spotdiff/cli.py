@@ -2,12 +2,14 @@
 
 Each subcommand has one ``_add_<name>`` (arguments) and one ``_run_<name>`` (calls the library)
 function, in the order they are listed by ``spotdiff --help``. Expected errors
-(:class:`spotdiff.errors.SpotdiffError`) print one line and exit with status 2.
+(:class:`spotdiff.errors.SpotdiffError`, and OS errors of the machine such as a full disk or a
+read-only folder) print one line and exit with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Callable, Sequence
 
@@ -16,6 +18,9 @@ from spotdiff.errors import SpotdiffError
 from spotdiff.progress import set_quiet
 
 Runner = Callable[[argparse.Namespace], int | None]
+# OS errors caused by the machine, not by spotdiff: reported in one line like a SpotdiffError.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+                                errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EMFILE, errno.ENFILE})
 
 
 # ============================================================================= synth
@@ -79,12 +84,48 @@ def _run_prepare(args: argparse.Namespace) -> int:
 # ============================================================================= pretrain
 # Owner: pretrain (issue 4). Edit only inside this section.
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pretrain", help="pre-train a backbone (SimSiam, MoCo v2, SimCLR, supervised), optionally with SPD")
+    p = sub.add_parser(
+        "pretrain",
+        help="pre-train a backbone (SimSiam, MoCo v2, SimCLR, supervised), optionally with SPD",
+        description="Pre-train a ResNet backbone on a folder of images. Values come from the method's "
+        "recipe, then --config FILE.yaml, then these flags and --set (highest). Multi-GPU / multi-node: "
+        "launch the same command with torchrun --nproc-per-node N [--nnodes M ...].",
+    )
+    p.add_argument("--method", help="simsiam | moco | simclr | supervised (default simsiam)")
+    p.add_argument("--spd", action="store_true", default=None, help="add the SPot-the-Difference loss")
+    p.add_argument("--eta", type=float, help="weight of the SPD loss (default 0.1)")
+    p.add_argument("--arch", help="resnet18 | resnet50 | wide_resnet50_2 (default resnet50)")
+    p.add_argument("--data", metavar="DIR", help="image folder; class subfolders give labels (supervised)")
+    p.add_argument("--out", metavar="RUN_DIR", help="run directory: checkpoint.pt, log.csv, backbone.safetensors")
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML file of config keys (see docs/pretrain.md)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, help="training length in epochs (default: the recipe's)")
+    length.add_argument("--steps", type=int, help="training length in optimizer steps")
+    p.add_argument("--batch-size", type=int, help="global batch size over all processes")
+    p.add_argument("--lr", type=float, help="learning rate per 256 images (scaled by batch-size/256)")
+    p.add_argument("--image-size", type=int, help="training view side in pixels (default 224)")
+    p.add_argument("--workers", type=int, help="data-loading processes per training process (default 4)")
+    p.add_argument("--amp", choices=("bf16", "fp16", "none"), help="mixed precision on GPU (default bf16)")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--checkpoint-every", type=int, metavar="N", help="checkpoint every N steps (0: end only)")
+    p.add_argument("--resume", action="store_true", default=None, help="continue RUN_DIR/checkpoint.pt")
+    p.add_argument("--weights", metavar="W", help="initial backbone weights (.safetensors or .pth)")
+    p.add_argument("--skip-bad", action="store_true", default=None, help="skip unreadable images")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any config key, e.g. --set log_every=50 --set hparams.dim=2048 (repeatable)")
     p.set_defaults(run=_run_pretrain)
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    raise SpotdiffError("pretrain: not implemented yet")
+    from spotdiff.pretrain.config import load_config
+    from spotdiff.pretrain.train import run_pretrain
+
+    keys = ("method", "spd", "eta", "arch", "data", "out", "epochs", "steps", "batch_size", "lr",
+            "image_size", "workers", "amp", "seed", "checkpoint_every", "resume", "weights", "skip_bad")
+    overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    cfg = load_config(args.config, overrides, sets=args.set)
+    print(run_pretrain(cfg))
+    return 0
 
 
 # ============================================================================= end of pretrain
@@ -94,11 +135,17 @@ def _run_pretrain(args: argparse.Namespace) -> int:
 # Owner: pretrain (issue 4). Edit only inside this section.
 def _add_export_backbone(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export-backbone", help="export a pre-training checkpoint's backbone as torchvision safetensors")
+    p.add_argument("checkpoint", metavar="CKPT", help="a pre-training checkpoint (RUN_DIR/checkpoint.pt)")
+    p.add_argument("--out", required=True, metavar="W.safetensors", help="output weights file")
+    p.add_argument("--arch", help="expected architecture (default: the checkpoint's)")
     p.set_defaults(run=_run_export_backbone)
 
 
 def _run_export_backbone(args: argparse.Namespace) -> int:
-    raise SpotdiffError("export-backbone: not implemented yet")
+    from spotdiff.pretrain.export import export_backbone
+
+    print(export_backbone(args.checkpoint, args.out, arch=args.arch))
+    return 0
 
 
 # ============================================================================= end of export-backbone
@@ -108,11 +155,49 @@ def _run_export_backbone(args: argparse.Namespace) -> int:
 # Owner: detect (issue 5). Edit only inside this section.
 def _add_fit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fit", help="fit a 1-class detector (PaDiM, PatchCore) on normal images")
+    p.add_argument("--model", choices=["padim", "patchcore"], required=True)
+    p.add_argument("--data", required=True, help="raw VisA root, MVTec-AD root or prepared folder")
+    p.add_argument("--object", required=True, help="object (category) name, e.g. pcb1")
+    p.add_argument("--split", default="1cls", help="VisA split CSV name (default 1cls)")
+    p.add_argument("--split-csv", default=None, help="explicit split CSV (default <data>/split_csv/<split>.csv)")
+    p.add_argument("--arch", default=None,
+                   help="resnet18 | resnet50 | wide_resnet50_2 (default: resnet18 for padim, wide_resnet50_2 for patchcore)")
+    p.add_argument("--weights", default=None, help="backbone weights (.safetensors or torchvision .pth); default random init")
+    p.add_argument("--image-size", type=int, default=256, help="square input size in pixels (default 256)")
+    p.add_argument("--layers", nargs="+", default=None,
+                   help="backbone stages (default: layer1 layer2 layer3 for padim, layer2 layer3 for patchcore)")
+    p.add_argument("--d", type=int, default=None, help="PaDiM: random channel subset (default 100 resnet18, 550 otherwise)")
+    p.add_argument("--coreset-ratio", type=float, default=0.1, help="PatchCore: fraction of patches kept (default 0.1)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 32 (padim) / 8 (patchcore)")
+    p.add_argument("--seed", type=int, default=0, help="seed of random init, channel subset and coreset")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (reported) instead of failing")
+    p.add_argument("--out", required=True, help="model directory to write")
     p.set_defaults(run=_run_fit)
 
 
 def _run_fit(args: argparse.Namespace) -> int:
-    raise SpotdiffError("fit: not implemented yet")
+    from spotdiff.data import open_dataset
+    from spotdiff.detect import PaDiM, PatchCore
+
+    common = {"seed": args.seed, "device": args.device, "num_workers": args.workers, "weights": args.weights}
+    if args.arch:
+        common["arch"] = args.arch
+    if args.layers:
+        common["layers"] = args.layers
+    if args.batch_size:
+        common["batch_size"] = args.batch_size
+    if args.model == "padim":
+        model = PaDiM(d=args.d, **common)
+    else:
+        model = PatchCore(coreset_ratio=args.coreset_ratio, **common)
+    train = open_dataset(args.data, args.object, split=args.split, subset="train", image_size=args.image_size,
+                         split_csv=args.split_csv, skip_bad=args.skip_bad)
+    model.fit(train)
+    out = model.save(args.out)
+    print(f"fitted {args.model} ({model.arch}, {model.n_train} training images) -> {out}")
+    return 0
 
 
 # ============================================================================= end of fit
@@ -122,11 +207,38 @@ def _run_fit(args: argparse.Namespace) -> int:
 # Owner: detect (issue 5). Edit only inside this section.
 def _add_test(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("test", help="evaluate a fitted 1-class detector on a test split")
+    p.add_argument("model_dir", help="model directory written by `spotdiff fit`")
+    p.add_argument("--data", required=True, help="raw VisA root, MVTec-AD root or prepared folder")
+    p.add_argument("--object", required=True, help="object (category) name")
+    p.add_argument("--split", default="1cls", help="VisA split CSV name (default 1cls)")
+    p.add_argument("--split-csv", default=None, help="explicit split CSV")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of failing")
+    p.add_argument("--save-maps", action="store_true", help="also write maps.npz (float16 anomaly maps)")
+    p.add_argument("--out", required=True, help="results directory (metrics.json, scores.csv)")
     p.set_defaults(run=_run_test)
 
 
 def _run_test(args: argparse.Namespace) -> int:
-    raise SpotdiffError("test: not implemented yet")
+    import json
+
+    from spotdiff.data import open_dataset
+    from spotdiff.detect import load_detector
+    from spotdiff.detect.predict import evaluate_detector, write_test_results
+
+    model = load_detector(args.model_dir, device=args.device)
+    height, width = model.image_size
+    test = open_dataset(args.data, args.object, split=args.split, subset="test",
+                        image_size=height if height == width else (height, width),
+                        split_csv=args.split_csv, skip_bad=args.skip_bad)
+    metrics, records, maps, _ = evaluate_detector(model, test, batch_size=args.batch_size, num_workers=args.workers)
+    written = write_test_results(args.out, metrics, records, maps if args.save_maps else None)
+    headline = {k: v for k, v in metrics.items() if isinstance(v, float)}
+    print(json.dumps(headline, indent=2, sort_keys=True))
+    print(f"results -> {written['metrics'].parent}")
+    return 0
 
 
 # ============================================================================= end of test
@@ -136,11 +248,28 @@ def _run_test(args: argparse.Namespace) -> int:
 # Owner: detect (issue 5). Edit only inside this section.
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="score new images with a fitted detector; write scores CSV and heat maps")
+    p.add_argument("model_dir", help="model directory written by `spotdiff fit`")
+    p.add_argument("images", nargs="+", help="image files and/or directories (searched recursively)")
+    p.add_argument("--out", required=True, help="output directory (scores.csv, overlays/)")
+    p.add_argument("--threshold", type=float, default=None, help="flag images with score > T; colour scale 0..2T")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-overlays", action="store_true", help="write scores.csv only")
     p.set_defaults(run=_run_predict)
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    raise SpotdiffError("predict: not implemented yet")
+    from spotdiff.detect import load_detector
+    from spotdiff.detect.predict import predict_images
+
+    model = load_detector(args.model_dir, device=args.device)
+    records = predict_images(model, args.images, args.out, threshold=args.threshold, batch_size=args.batch_size,
+                             overlays=not args.no_overlays)
+    failed = [r for r in records if r["error"]]
+    for r in failed:
+        print(f"skipped: {r['error']}", file=sys.stderr)
+    print(f"scored {len(records) - len(failed)} image(s), {len(failed)} failed -> {args.out}/scores.csv")
+    return 0
 
 
 # ============================================================================= end of predict
@@ -149,12 +278,46 @@ def _run_predict(args: argparse.Namespace) -> int:
 # ============================================================================= finetune
 # Owner: finetune (issue 6). Edit only inside this section.
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("finetune", help="2-class fine-tuning: classifier or U-Net, high-shot or k-shot")
+    p = sub.add_parser("finetune", help="2-class fine-tuning: classifier or U-Net, high-shot or k-shot",
+                       description="Fine-tune a binary classifier (cls) or a U-Net (seg) on normal and anomalous "
+                                   "images, for several seeds; write per-seed metrics, mean ± std and a table. "
+                                   "See docs/finetune.md.")
+    p.add_argument("--task", required=True, choices=["cls", "seg"], help="cls: image classifier; seg: U-Net")
+    p.add_argument("--protocol", required=True, choices=["highshot", "10shot", "5shot"])
+    p.add_argument("--data", required=True, metavar="ROOT", help="dataset root (VisA layout with split_csv/)")
+    p.add_argument("--object", default="all", metavar="NAME", help="object name, or 'all' (default)")
+    p.add_argument("--weights", default=None, metavar="FILE",
+                   help="backbone weights (.safetensors or torchvision .pth); default: random init")
+    p.add_argument("--arch", default="resnet50", help="resnet18, resnet50 (default) or wide_resnet50_2")
+    p.add_argument("--seeds", type=int, default=5, help="number of seeds, run as 0..N-1 (default 5)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, default=None, help="training epochs (default: protocol steps)")
+    length.add_argument("--steps", type=int, default=None,
+                        help="optimisation steps (default 1000 high-shot, 300 k-shot)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-4, help="encoder learning rate; new layers use 10x (default 1e-4)")
+    p.add_argument("--image-size", type=int, default=256, help="square input size in pixels (default 256)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--workers", type=int, default=4, help="image-decoding worker processes (default 4)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.set_defaults(run=_run_finetune)
 
 
 def _run_finetune(args: argparse.Namespace) -> int:
-    raise SpotdiffError("finetune: not implemented yet")
+    from pathlib import Path
+
+    from spotdiff.finetune import FinetuneConfig, run_finetune
+
+    config = FinetuneConfig(
+        task=args.task, protocol=args.protocol, data=Path(args.data), out=Path(args.out), object=args.object,
+        weights=Path(args.weights) if args.weights else None, arch=args.arch, seeds=args.seeds,
+        epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        image_size=args.image_size, device=args.device, workers=args.workers,
+    )
+    run_finetune(config)
+    print((Path(args.out) / "table.md").read_text(encoding="utf-8"), end="")
+    print(f"results written to {args.out}")
+    return 0
 
 
 # ============================================================================= end of finetune
@@ -163,12 +326,25 @@ def _run_finetune(args: argparse.Namespace) -> int:
 # ============================================================================= demo
 # Owner: report/demo (issue 7). Edit only inside this section.
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the end-to-end demo on the synthetic dataset")
+    p = sub.add_parser(
+        "demo", help="the end-to-end demo on the synthetic dataset",
+        description="Synthesize the default dataset, pre-train a small ResNet-18 with SimSiam and "
+        "SimSiam + SPD, run PaDiM with random-init / SimSiam / SimSiam+SPD backbones on every object, "
+        "print the table and write an HTML report. CPU only; a few minutes (--quick: under 2 minutes).")
+    p.add_argument("--out", default="spotdiff-demo", help="working folder (default: ./spotdiff-demo)")
+    p.add_argument("--quick", action="store_true", help="tiny scale, 64 px, few steps (smoke test)")
+    p.add_argument("--seed", type=int, default=0, help="seed of data, pre-training and PaDiM (default 0)")
+    p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output")
     p.set_defaults(run=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    raise SpotdiffError("demo: not implemented yet")
+    from spotdiff.report.demo import DemoSettings, run_demo
+
+    result = run_demo(DemoSettings.preset(quick=args.quick, seed=args.seed), args.out)
+    print(result.table.to_markdown())
+    print(f"report: {result.report}")
+    return 0
 
 
 # ============================================================================= end of demo
@@ -177,12 +353,24 @@ def _run_demo(args: argparse.Namespace) -> int:
 # ============================================================================= benchmark
 # Owner: report/benchmark (issue 7). Edit only inside this section.
 def _add_benchmark(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("benchmark", help="run a benchmark grid from a YAML config, resumable")
+    p = sub.add_parser(
+        "benchmark", help="run a benchmark grid from a YAML config, resumable",
+        description="Run every (weights, downstream, object) cell of a YAML grid; cells already in "
+        "<out>/cells are skipped, so an interrupted run resumes. See docs/benchmark_visa.yaml.")
+    p.add_argument("--config", required=True, help="benchmark YAML file")
+    p.add_argument("--out", default="spotdiff-benchmark", help="output folder (default: ./spotdiff-benchmark)")
+    p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output")
     p.set_defaults(run=_run_benchmark)
 
 
 def _run_benchmark(args: argparse.Namespace) -> int:
-    raise SpotdiffError("benchmark: not implemented yet")
+    from spotdiff.report.benchmark import load_config, run_benchmark
+    from spotdiff.report.tables import tables_markdown
+
+    result = run_benchmark(load_config(args.config), args.out)
+    print(tables_markdown(result.tables))
+    print(f"ran {len(result.ran)} cell(s), skipped {len(result.skipped)}; report: {result.out / 'report.html'}")
+    return 0
 
 
 # ============================================================================= end of benchmark
@@ -225,6 +413,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(run(args) or 0)
     except SpotdiffError as exc:
         print(f"spotdiff {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        print(f"spotdiff {args.command}: error: {exc}", file=sys.stderr)  # names the file
         return 2
     except KeyboardInterrupt:
         print(f"spotdiff {args.command}: interrupted", file=sys.stderr)

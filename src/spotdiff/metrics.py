@@ -29,14 +29,14 @@ All values are exact (no threshold binning). The pixel-level computation never s
 the ROC, PR and PRO curves only change direction at the distinct scores of *positive* pixels
 (between two of them only false positives accrue), so it is enough to sort the few positive
 scores and to count, for each of them, the negatives scoring ``>=`` and ``>`` it. Those counts
-come from one streaming histogram over an order-preserving integer key of every float32 score;
-the few pixels that share a histogram bucket with a positive score are compared exactly.
+come from one streaming histogram of every float32 score over a monotone bucketing; the few pixels
+that share a bucket with a positive score are compared exactly.
 Anomaly maps are evaluated as float32 (float64 maps are rounded to float32 on input).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,8 +55,8 @@ PRO_FPR_LIMIT = 0.3
 """Upper FPR limit of the AU-PRO integral (MVTec AD / VisA convention)."""
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
-_BLOCK_PIXELS = 1 << 20  # pixels per streaming block: temporaries stay a few MiB and are reused
-_MAX_BUCKET_BITS = 22  # at most 4 Mi histogram buckets (32 MiB of int64 counts)
+_BLOCK_PIXELS = 1 << 18  # pixels per streaming block: temporaries stay small and are reused
+_MAX_BUCKET_BITS = 22  # at most 4 Mi histogram buckets (16 MiB of int32 counts)
 
 ImageArray = Any  # numpy array, torch tensor or nested sequence
 
@@ -110,9 +110,10 @@ def _as_binary(x: ImageArray, name: str) -> np.ndarray:
     top = a.max()
     n_nonzero = np.count_nonzero(a)
     if top not in (0, 1, 255) or (n_nonzero and np.count_nonzero(a == top) != n_nonzero):
+        found = np.unique(a)  # error path only
+        shown = ", ".join(f"{v:g}" for v in found[:6]) + (", ..." if found.size > 6 else "")
         raise ValueError(
-            f"{name} must be binary: bool, or values in {{0, 1}} or in {{0, 255}} "
-            f"(found values other than 0 and {top!r})"
+            f"{name} must be binary: bool, or values in {{0, 1}} or in {{0, 255}}; found {shown}"
         )
     return a != 0
 
@@ -126,9 +127,11 @@ def _as_maps(x: ImageArray, name: str) -> np.ndarray:
         raise ValueError(f"{name} must have shape (n, H, W) or (n, 1, H, W), got {a.shape}")
     if a.dtype == bool or not np.issubdtype(a.dtype, np.number) or np.iscomplexobj(a):
         raise ValueError(f"{name} must be real numbers, got dtype {a.dtype}")
-    a = np.ascontiguousarray(a, dtype=np.float32)
     _check_finite(a, name)
-    return a
+    single = np.ascontiguousarray(a, dtype=np.float32)
+    if single is not a:
+        _check_finite(single, f"{name} converted to float32 (values beyond +-3.4e38)")
+    return single
 
 
 def _as_masks(x: ImageArray, name: str) -> np.ndarray:
@@ -269,78 +272,110 @@ def _sample_vertices(scores: np.ndarray, labels: np.ndarray) -> _Vertices:
 # ---------------------------------------------------------------------------------------------
 
 
-def _order_keys(x: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> np.ndarray:
-    """uint32 keys with ``key(a) < key(b)`` iff ``a < b`` for finite float32 (``-0.0 == 0.0``).
+class _Buckets:
+    """A monotone map of float32 scores to ``n_buckets`` integer buckets.
 
-    ``out`` (uint32) and ``scratch`` (float32) have the size of ``x``; returns ``out``.
+    ``bucket(x) = trunc(clip((x - low) * scale, -1, width + 1)) + 1``, evaluated with the same
+    float32 operations for pixels and thresholds. Every step is monotone non-decreasing, so
+    ``bucket(a) < bucket(b)`` implies ``a < b``: a bucket that holds no threshold lies entirely
+    between two consecutive thresholds. Bucket 0 holds scores below ``low``, the last one
+    scores far above ``low + width / scale``.
     """
-    canonical = np.add(x, np.float32(0.0), out=scratch)  # -0.0 -> +0.0
-    bits = canonical.view(np.int32)
-    signed = out.view(np.int32)
-    np.right_shift(bits, 31, out=signed)  # 0 for x >= 0, -1 for x < 0
-    np.bitwise_or(signed, np.int32(-(2**31)), out=signed)
-    np.bitwise_xor(signed, bits, out=signed)  # x >= 0: flip sign bit; x < 0: flip all bits
-    return out
+
+    def __init__(self, low: float, high: float, width: int) -> None:
+        self.low = np.float32(low)
+        span = float(high) - float(low)
+        self.scale = np.float32(min(width / span, 1e30) if span > 0 else 1.0)
+        self.top = np.float32(width + 1)
+        self.n_buckets = width + 3
+
+    def __call__(self, x: np.ndarray, scratch: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Bucket of each float32 value in ``x`` into ``out`` (intp, ``x``'s size)."""
+        y = np.subtract(x, self.low, out=scratch)
+        np.multiply(y, self.scale, out=y)
+        np.clip(y, np.float32(-1.0), self.top, out=y)
+        np.copyto(out, y, casting="unsafe")  # truncation toward zero
+        np.add(out, 1, out=out)
+        return out
+
+
+def _count_pixels(blocks: Sequence[np.ndarray]) -> int:
+    return sum(block.size for block in blocks)
 
 
 def _all_pixel_counts(
-    blocks: Iterator[np.ndarray], thresholds: np.ndarray, bucket_bits: int | None = None
+    blocks: Sequence[np.ndarray], thresholds: np.ndarray, bucket_bits: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Numbers of pixels scoring >= and > each threshold, streaming over float32 blocks.
 
-    thresholds: distinct float32 values, descending. Pixels are bucketed by the high bits of
-    ``key - key(min threshold)``; buckets holding no threshold lie entirely between two
-    consecutive thresholds, so their counts suffice. Pixels in buckets that hold a threshold
-    ("hot" buckets) are kept and compared exactly after one sort of those few keys.
-    Returns (count_ge, count_gt, n_pixels).
+    thresholds: distinct float32 values, descending. Pixels are counted per bucket of a
+    monotone bucketing of [min, max] threshold (:class:`_Buckets`): every pixel of a higher
+    bucket than t's is > t, every pixel of a lower one < t. The pixels of the buckets that
+    hold a threshold ("hot" buckets, a few percent) are kept and compared with their own
+    bucket's thresholds exactly. Returns (count_ge, count_gt, n_pixels).
     """
     k = thresholds.size
-    t_keys = _order_keys(thresholds, np.empty(k, np.uint32), np.empty(k, np.float32))
-    base = t_keys[-1]
-    span = int(t_keys[0]) - int(base)
-    if bucket_bits is None:
-        bucket_bits = _MAX_BUCKET_BITS
-    shift = max(0, span.bit_length() - bucket_bits)
-    n_buckets = (span >> shift) + 1  # bucket n_buckets: outside [min, max] threshold
-    t_buckets = ((t_keys - base) >> np.uint32(shift)).astype(np.intp)
-    hist = np.zeros(n_buckets + 1, dtype=np.int64)
-    hot = np.zeros(n_buckets + 1, dtype=bool)
+    if bucket_bits is None:  # about one bucket per 8 pixels, 1 Ki to 4 Mi buckets
+        bucket_bits = min(_MAX_BUCKET_BITS, max(10, _count_pixels(blocks).bit_length() - 3))
+    bucketing = _Buckets(thresholds[-1], thresholds[0], 1 << bucket_bits)
+    t_buckets = bucketing(thresholds, np.empty(k, np.float32), np.empty(k, np.intp))
+    n_buckets = bucketing.n_buckets
+    # int32 halves the cache misses of the scattered increments; one spare bucket at the end,
+    # never hit, for the suffix sums
+    count_dtype = np.int32 if _count_pixels(blocks) < 2**31 else np.int64
+    hist = np.zeros(n_buckets + 1, dtype=count_dtype)
+    one = count_dtype(1)  # same dtype as hist: np.add.at's fast path
+    hot = np.zeros(n_buckets, dtype=bool)
     hot[t_buckets] = True
-    hot_keys: list[np.ndarray] = []
-    n_below = 0
+    kept: list[np.ndarray] = []
     n_pixels = 0
-    keys = np.empty(_BLOCK_PIXELS, np.uint32)
-    buckets = np.empty(_BLOCK_PIXELS, np.uint32)
-    scratch = np.empty(_BLOCK_PIXELS, np.float32)
-    below = np.empty(_BLOCK_PIXELS, bool)
-    base_u32, shift_u32, last_u32 = np.uint32(base), np.uint32(shift), np.uint32(n_buckets)
+    block_pixels = min(_BLOCK_PIXELS, max(block.size for block in blocks))
+    scratch = np.empty(block_pixels, np.float32)
+    buckets = np.empty(block_pixels, np.intp)  # intp: no index conversion in add.at / take
     for block in blocks:
         flat = block.reshape(-1)
-        for start in range(0, flat.size, _BLOCK_PIXELS):
-            x = flat[start : start + _BLOCK_PIXELS]
+        for start in range(0, flat.size, block_pixels):
+            x = flat[start : start + block_pixels]
             n = x.size
-            key = _order_keys(x, keys[:n], scratch[:n])
-            n_below += int(np.count_nonzero(np.less(key, base_u32, out=below[:n])))
-            b = np.subtract(key, base_u32, out=buckets[:n])  # wraps around below the base
-            np.right_shift(b, shift_u32, out=b)
-            np.minimum(b, last_u32, out=b)
-            np.add.at(hist, b, 1)
-            if shift:
-                hot_keys.append(key[np.take(hot, b)])
+            b = bucketing(x, scratch[:n], buckets[:n])
+            np.add.at(hist, b, one)
+            kept.append(x[np.take(hot, b, mode="clip")])
             n_pixels += n
-    n_above = int(hist[n_buckets]) - n_below
-    if shift:
-        hist[t_buckets] = 0  # hot buckets: counted exactly from their kept keys below
-    suffix = np.zeros(n_buckets + 1, dtype=np.int64)  # suffix[b] = pixels in buckets >= b
-    suffix[:n_buckets] = np.cumsum(hist[:n_buckets][::-1])[::-1]
-    if not shift:  # one key per bucket: the histogram is exact
-        return n_above + suffix[t_buckets], n_above + suffix[t_buckets + 1], n_pixels
-    kept = np.concatenate(hot_keys) if hot_keys else np.empty(0, np.uint32)
-    kept.sort()
-    cold_above = n_above + suffix[t_buckets + 1]
-    count_ge = cold_above + (kept.size - np.searchsorted(kept, t_keys, side="left"))
-    count_gt = cold_above + (kept.size - np.searchsorted(kept, t_keys, side="right"))
-    return count_ge, count_gt, n_pixels
+    above = hist[::-1]
+    np.cumsum(above, out=above)  # in place: hist[b] = pixels in buckets >= b
+    in_higher_buckets = hist[t_buckets + 1]
+    own_ge, own_gt = _counts_in_own_bucket(np.concatenate(kept), thresholds, t_buckets, bucketing)
+    return in_higher_buckets + own_ge, in_higher_buckets + own_gt, n_pixels
+
+
+def _counts_in_own_bucket(
+    values: np.ndarray, thresholds: np.ndarray, t_buckets: np.ndarray, bucketing: _Buckets
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per threshold t_j: the values of t_j's bucket that are >= t_j and > t_j.
+
+    values: every pixel of the buckets that hold a threshold. A bucket holding one threshold
+    compares its values with it; the values of buckets holding several thresholds are sorted.
+    """
+    k = thresholds.size
+    v_buckets = bucketing(values, np.empty(values.size, np.float32), np.empty(values.size, np.intp))
+    hot, first, per_bucket = np.unique(t_buckets, return_index=True, return_counts=True)
+    threshold_of_bucket = np.full(bucketing.n_buckets, -1, dtype=np.int32)  # -1: several
+    alone = per_bucket == 1
+    threshold_of_bucket[hot[alone]] = first[alone]
+    j = threshold_of_bucket[v_buckets]
+    single = j >= 0
+    j_single, v_single = j[single], values[single]
+    t_single = thresholds[j_single]
+    own_ge = np.bincount(j_single[v_single >= t_single], minlength=k)
+    own_gt = np.bincount(j_single[v_single > t_single], minlength=k)
+    # several thresholds in a bucket: sorted values of those buckets (their buckets ascend too)
+    shared = np.sort(values[~single])
+    shared_buckets = bucketing(shared, np.empty(shared.size, np.float32), np.empty(shared.size, np.intp))
+    crowded = np.flatnonzero(threshold_of_bucket[t_buckets] < 0)
+    bucket_end = np.searchsorted(shared_buckets, t_buckets[crowded], side="right")
+    own_ge[crowded] = bucket_end - np.searchsorted(shared, thresholds[crowded], side="left")
+    own_gt[crowded] = bucket_end - np.searchsorted(shared, thresholds[crowded], side="right")
+    return own_ge, own_gt
 
 
 def _positive_pixels(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -380,7 +415,7 @@ def _pixel_vertices(
         )
     thresholds, tp, weight_ge = _distinct_descending(pos_scores, pos_weights)
     count_ge, count_gt, n_pixels = _all_pixel_counts(
-        (maps for maps, _ in stacks), thresholds, bucket_bits
+        [maps for maps, _ in stacks], thresholds, bucket_bits
     )
     fp_ge = count_ge - tp
     fp_gt = count_gt - _previous(tp, 0)  # positives > u_j are those >= u_{j-1}
@@ -421,6 +456,9 @@ def pr_curve(scores: ImageArray, labels: ImageArray) -> tuple[np.ndarray, np.nda
     this curve is ``*_aupr``. Scores: any shape (flattened, e.g. anomaly maps); labels: bool,
     {0, 1} or {0, 255}. Sorts all scores: meant for plots, not for the 30-million-pixel
     metric computation (see :func:`evaluate`).
+
+    Raises:
+        ValueError: sizes differ, non-finite scores, non-binary labels or only one class.
     """
     fps, tps, thresholds = _binary_curve(scores, labels)
     precision = tps / (tps + fps)
@@ -526,8 +564,8 @@ def _validate(
             f"image_scores and image_labels must have the same 1-D shape, "
             f"got {scores.shape} and {labels.shape}"
         )
-    if labels.dtype == bool and copy:
-        labels = labels.copy()
+    if copy:  # the caller may reuse its buffers after update()
+        scores, labels = scores.copy(), labels.copy()
     stack = None
     if (anomaly_maps is None) != (masks is None):
         raise ValueError("give both anomaly_maps and masks for pixel metrics, or neither")
@@ -557,17 +595,16 @@ def _validate(
 def _select(
     stacks: Sequence[tuple[np.ndarray, np.ndarray]], keep: np.ndarray
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The images flagged in ``keep`` (over all stacks, in order); whole stacks are not copied."""
+    """The images flagged in ``keep`` (over all stacks, in order) as views: runs of
+    consecutive images are sliced, nothing is copied."""
     out = []
     offset = 0
     for maps, masks in stacks:
-        sel = keep[offset : offset + maps.shape[0]]
+        sel = keep[offset : offset + maps.shape[0]].astype(np.int8)
         offset += maps.shape[0]
-        if sel.all():
-            out.append((maps, masks))
-        elif sel.any():
-            idx = np.flatnonzero(sel)
-            out.append((maps[idx], masks[idx]))
+        edges = np.diff(sel, prepend=0, append=0)
+        for start, stop in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)):
+            out.append((maps[start:stop], masks[start:stop]))
     return out
 
 

@@ -1,6 +1,6 @@
 """Datasets (raw VisA read in place, MVTec-AD, prepared VisA, plain folders), split CSVs, k-shot, prepare."""
 
-from spotdiff.data.dataset import AnomalyDataset, Sample
+from spotdiff.data.dataset import AnomalyDataset, ImageRecord
 from spotdiff.data.folder import ImageFolderDataset, list_images
 from spotdiff.data.layout import detect_layout, open_dataset
 from spotdiff.data.splits import OFFICIAL_SPLITS, SplitRow, read_split_csv, sample_kshot
@@ -10,7 +10,7 @@ __all__ = [
     "OFFICIAL_SPLITS",
     "AnomalyDataset",
     "ImageFolderDataset",
-    "Sample",
+    "ImageRecord",
     "SplitRow",
     "detect_layout",
     "list_images",

@@ -1,7 +1,7 @@
 """`AnomalyDataset`: a list of (image, label, mask) records read lazily, whatever the on-disk layout.
 
 Layout readers (`spotdiff.data.visa`, `spotdiff.data.mvtec`) turn a dataset root into
-`Sample` records; this module decodes them. Construction only ``stat``s files; images and masks
+`ImageRecord`s; this module decodes them. Construction only ``stat``s files; images and masks
 are decoded in ``__getitem__`` (or once each at construction with ``skip_bad=True``).
 """
 
@@ -20,14 +20,14 @@ from torch.utils.data import Dataset
 
 from spotdiff.data.io import load_image, load_mask
 from spotdiff.data.transforms import image_to_tensor, mask_to_tensor
-from spotdiff.errors import DataError
+from spotdiff.errors import ConfigError, DataError
 from spotdiff.progress import log, progress
 
 ImageSize = int | tuple[int, int] | None
 
 
 @dataclass(frozen=True)
-class Sample:
+class ImageRecord:
     """One image of a dataset.
 
     ``mask_class``: None when the mask file stores class ids (raw VisA); otherwise every nonzero
@@ -50,32 +50,32 @@ def default_workers() -> int:
 
 
 def as_hw(size: ImageSize) -> tuple[int, int] | None:
-    """``image_size`` argument -> ``(H, W)`` or None; DataError when not positive."""
+    """``image_size`` argument -> ``(H, W)`` or None; ConfigError when not positive."""
     if size is None:
         return None
     if isinstance(size, int):
         if size < 1:
-            raise DataError(f"image_size must be positive, got {size}")
+            raise ConfigError(f"image_size must be positive, got {size}")
         return (size, size)
     hw = tuple(int(s) for s in size)
     if len(hw) != 2 or min(hw) < 1:
-        raise DataError(f"image_size must be an int or (H, W) of positive ints, got {size!r}")
+        raise ConfigError(f"image_size must be an int or (H, W) of positive ints, got {size!r}")
     return hw  # type: ignore[return-value]
 
 
-def check_sample(sample: Sample) -> None:
-    """Decode the image and mask of ``sample`` and check their sizes match; DataError otherwise."""
-    img = load_image(sample.image)
-    if sample.mask is not None:
-        mask = load_mask(sample.mask)
-        _check_mask_size(sample, img.size, mask.shape)
+def check_record(record: ImageRecord) -> None:
+    """Decode the image and mask of ``record`` and check their sizes match; DataError otherwise."""
+    img = load_image(record.image)
+    if record.mask is not None:
+        mask = load_mask(record.mask)
+        _check_mask_size(record, img.size, mask.shape)
 
 
-def _check_mask_size(sample: Sample, image_wh: tuple[int, int], mask_hw: tuple[int, ...]) -> None:
+def _check_mask_size(record: ImageRecord, image_wh: tuple[int, int], mask_hw: tuple[int, ...]) -> None:
     w, h = image_wh
     if tuple(mask_hw) != (h, w):
         raise DataError(
-            f"mask {sample.mask} is {mask_hw[1]}x{mask_hw[0]} but image {sample.image} is {w}x{h} (width x height)"
+            f"mask {record.mask} is {mask_hw[1]}x{mask_hw[0]} but image {record.image} is {w}x{h} (width x height)"
         )
 
 
@@ -104,7 +104,7 @@ class AnomalyDataset(Dataset):
 
     def __init__(
         self,
-        samples: Sequence[Sample],
+        records: Sequence[ImageRecord],
         image_size: ImageSize = 256,
         class_names: Mapping[int, str] | None = None,
         skip_bad: bool = False,
@@ -115,45 +115,45 @@ class AnomalyDataset(Dataset):
         self.class_names: dict[int, str] = dict(class_names or {0: "BACKGROUND"})
         self.name = name
         self.skipped: list[tuple[str, str]] = []
-        samples = list(samples)
+        records = list(records)
         if skip_bad:
-            samples = self._drop_bad(samples, workers or default_workers())
+            records = self._drop_bad(records, workers or default_workers())
         else:
-            for s in samples:  # stat only: decoding errors surface in __getitem__
+            for s in records:  # stat only: decoding errors surface in __getitem__
                 for f in (s.image, s.mask):
                     if f is not None and not f.is_file():
                         where = f" ({s.source})" if s.source else ""
                         raise DataError(f"{f}: file not found{where}")
-        self.samples: list[Sample] = samples
-        self.labels: list[int] = [s.label for s in samples]
-        self.paths: list[str] = [str(s.image) for s in samples]
+        self.records: list[ImageRecord] = records
+        self.labels: list[int] = [s.label for s in records]
+        self.paths: list[str] = [str(s.image) for s in records]
 
-    def _drop_bad(self, samples: list[Sample], workers: int) -> list[Sample]:
+    def _drop_bad(self, records: list[ImageRecord], workers: int) -> list[ImageRecord]:
         """Decode every image and mask once (the cost of ``skip_bad``) and drop failures."""
 
-        def reason(s: Sample) -> str | None:
+        def reason(s: ImageRecord) -> str | None:
             try:
-                check_sample(s)
+                check_record(s)
             except DataError as exc:
                 return str(exc)
             return None
 
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            reasons = list(progress(pool.map(reason, samples), desc=f"checking {self.name or 'images'}",
-                                    total=len(samples)))
+            reasons = list(progress(pool.map(reason, records), desc=f"checking {self.name or 'images'}",
+                                    total=len(records)))
         kept = []
-        for s, why in zip(samples, reasons):
+        for s, why in zip(records, reasons):
             if why is None:
                 kept.append(s)
             else:
                 self.skipped.append((str(s.image), why))
         if self.skipped:
-            log(f"{self.name or 'dataset'}: skipped {len(self.skipped)} of {len(samples)} image(s) that "
+            log(f"{self.name or 'dataset'}: skipped {len(self.skipped)} of {len(records)} image(s) that "
                 f"failed to load; first: {self.skipped[0][1]}")
         return kept
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.records)
 
     def class_name(self, class_id: int) -> str:
         """Name of a defect-class id; ``class_<id>`` when unknown."""
@@ -161,13 +161,13 @@ class AnomalyDataset(Dataset):
 
     def subset(self, indices: Sequence[int]) -> AnomalyDataset:
         """A new dataset with the items at ``indices`` (e.g. from `sample_kshot`), same settings."""
-        new = AnomalyDataset([self.samples[i] for i in indices], image_size=self.image_size,
+        new = AnomalyDataset([self.records[i] for i in indices], image_size=self.image_size,
                              class_names=self.class_names, name=self.name)
         new.skipped = list(self.skipped)
         return new
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        s = self.samples[index]
+        s = self.records[index]
         img = load_image(s.image)
         image = image_to_tensor(img, self.image_size)
         h, w = image.shape[-2:]

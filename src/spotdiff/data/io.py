@@ -104,4 +104,4 @@ def load_mask(path: str | os.PathLike[str]) -> np.ndarray:
             raise DataError(f"{path}: mask values exceed 255")
     else:
         arr = np.asarray(img.convert("RGB"))[..., 0]
-    return np.ascontiguousarray(arr, dtype=np.uint8)
+    return np.array(arr, dtype=np.uint8, copy=True)  # writable, contiguous

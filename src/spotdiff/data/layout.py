@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 from spotdiff.data.dataset import AnomalyDataset, ImageSize
-from spotdiff.data.mvtec import folder_class_names, folder_objects, folder_samples, is_object_dir
-from spotdiff.data.visa import is_visa_root, visa_class_names, visa_samples
+from spotdiff.data.mvtec import folder_class_names, folder_objects, folder_records, is_object_dir
+from spotdiff.data.visa import is_visa_root, visa_class_names, visa_records
 from spotdiff.errors import DataError
 
 LAYOUTS = ("visa", "folder")
@@ -25,6 +25,8 @@ def detect_layout(root: str | os.PathLike[str], obj: str, split: str = "1cls",
         DataError: root missing, object or split not found (lists what is there), or no known layout.
     """
     root = Path(root)
+    if root.is_file():
+        raise DataError(f"{root}: is a file, not a dataset folder; archives are never unpacked (extract it first)")
     if not root.is_dir():
         raise DataError(f"{root}: dataset root not found")
     if split_csv is not None or is_visa_root(root):
@@ -77,11 +79,11 @@ def open_dataset(
     """
     layout, where = detect_layout(root, object, split, split_csv)
     if layout == "visa":
-        samples = visa_samples(where, object, split, subset, split_csv)
+        records = visa_records(where, object, split, subset, split_csv)
         names = visa_class_names(where, object, id2class)
         label = f"visa:{object}/{split}/{subset}"
     else:
-        samples = folder_samples(where, subset)
+        records = folder_records(where, subset)
         names = folder_class_names(where)
         label = f"folder:{where.name}/{subset}"
-    return AnomalyDataset(samples, image_size=image_size, class_names=names, skip_bad=skip_bad, name=label)
+    return AnomalyDataset(records, image_size=image_size, class_names=names, skip_bad=skip_bad, name=label)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from spotdiff.data.dataset import Sample
+from spotdiff.data.dataset import ImageRecord
 from spotdiff.data.io import is_image_file
 from spotdiff.data.splits import SUBSETS
 from spotdiff.errors import DataError
@@ -66,7 +66,7 @@ def _mask_candidates(object_dir: Path, subset: str, defect: str, image: Path) ->
     ]
 
 
-def folder_samples(object_dir: Path, subset: str) -> list[Sample]:
+def folder_records(object_dir: Path, subset: str) -> list[ImageRecord]:
     """Records of ``<object_dir>/<subset>/<folder>/*`` sorted by folder then file name.
 
     Raises:
@@ -79,7 +79,7 @@ def folder_samples(object_dir: Path, subset: str) -> list[Sample]:
     if not subset_dir.is_dir():
         raise DataError(f"{subset_dir}: folder not found")
     class_ids = {name: i for i, name in folder_class_names(object_dir).items()}
-    samples: list[Sample] = []
+    records: list[ImageRecord] = []
     for folder in _subdirs(subset_dir):
         normal = folder.name == NORMAL_FOLDER
         for image in _images(folder):
@@ -89,7 +89,7 @@ def folder_samples(object_dir: Path, subset: str) -> list[Sample]:
                 mask = next((m for m in tried if m.is_file()), None)
                 if mask is None:
                     raise DataError(f"{image}: anomalous image has no mask (looked for {', '.join(map(str, tried))})")
-            samples.append(Sample(
+            records.append(ImageRecord(
                 image=image,
                 label=0 if normal else 1,
                 mask=mask,
@@ -97,6 +97,6 @@ def folder_samples(object_dir: Path, subset: str) -> list[Sample]:
                 defect_type=NORMAL_FOLDER if normal else folder.name,
                 source=str(folder),
             ))
-    if not samples:
+    if not records:
         raise DataError(f"{subset_dir}: no images found")
-    return samples
+    return records

@@ -61,7 +61,25 @@ def check_relative_path(value: str, where: str, column: str) -> str:
     parts = re.split(r"[\\/]", value)
     if ".." in parts:
         raise DataError(f"{where}: {column} path {value!r} contains '..'; paths must stay inside the dataset root")
-    return "/".join(p for p in parts if p not in ("", "."))
+    clean = "/".join(p for p in parts if p not in ("", "."))
+    if not clean:
+        raise DataError(f"{where}: {column} path {value!r} does not name a file")
+    return clean
+
+
+def resolve_inside(root: Path, rel: str, where: str, column: str, real_root: Path | None = None) -> Path:
+    """``root / rel``; DataError if it resolves (following symlinks) outside ``root``.
+
+    ``rel`` is already checked by `check_relative_path`; this catches a symlink inside the
+    dataset that points elsewhere. ``real_root``: ``root.resolve()``, when the caller has it.
+    """
+    path = root / rel
+    real_root = real_root if real_root is not None else root.resolve()
+    real = path.resolve()
+    if not real.is_relative_to(real_root):
+        raise DataError(f"{where}: {column} path {rel!r} resolves to {real}, outside the dataset root {root} "
+                        "(a symlink?); paths must stay inside the dataset root")
+    return path
 
 
 def check_name(value: str, where: str, column: str) -> str:
@@ -77,7 +95,7 @@ def read_split_csv(path: str | os.PathLike[str], root: str | os.PathLike[str] | 
     Checks: the header is exactly ``object,split,label,image,mask``; ``split`` is train/test;
     ``label`` is normal/anomaly; an anomalous row has a mask and a normal row has none; no image
     appears twice; paths are relative without ``..``. With ``root`` given, each image and mask
-    must also exist under it (a ``stat`` per file, nothing is decoded).
+    must also exist under it and not resolve outside it through a symlink (nothing is decoded).
 
     Raises:
         DataError: naming the CSV file and row number.
@@ -87,18 +105,20 @@ def read_split_csv(path: str | os.PathLike[str], root: str | os.PathLike[str] | 
         raise DataError(f"{path}: split CSV not found")
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
-            lines = list(csv.reader(fh))
+            reader = csv.reader(fh)
+            # (line number where the record ends, fields): exact even for quoted multi-line fields
+            lines = [(reader.line_num, fields) for fields in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{path}: cannot read split CSV ({exc})") from exc
     if not lines:
         raise DataError(f"{path}: empty split CSV (expected header {','.join(CSV_HEADER)})")
-    header = tuple(h.strip() for h in lines[0])
+    header = tuple(h.strip() for h in lines[0][1])
     if header != CSV_HEADER:
-        raise DataError(f"{path} row 1: header is {','.join(lines[0])!r}, expected {','.join(CSV_HEADER)!r}")
+        raise DataError(f"{path} row 1: header is {','.join(lines[0][1])!r}, expected {','.join(CSV_HEADER)!r}")
 
     rows: list[SplitRow] = []
     first_row_of: dict[str, int] = {}
-    for number, fields in enumerate(lines[1:], start=2):
+    for number, fields in lines[1:]:
         if not fields or all(not f.strip() for f in fields):
             continue  # blank line
         where = f"{path} row {number}"
@@ -124,9 +144,10 @@ def read_split_csv(path: str | os.PathLike[str], root: str | os.PathLike[str] | 
 
     if root is not None:
         root = Path(root)
+        real_root = root.resolve()
         for r in rows:
             for column, rel in (("image", r.image), ("mask", r.mask)):
-                if rel and not (root / rel).is_file():
+                if rel and not resolve_inside(root, rel, r.where, column, real_root).is_file():
                     raise DataError(f"{r.where}: {column} file not found: {root / rel}")
     return rows
 

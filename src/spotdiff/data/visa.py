@@ -11,12 +11,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
 
-from spotdiff.data.dataset import Sample
-from spotdiff.data.splits import OFFICIAL_SPLITS, SUBSETS, SplitRow, read_split_csv
+from spotdiff.data.dataset import ImageRecord
+from spotdiff.data.splits import OFFICIAL_SPLITS, SUBSETS, SplitRow, read_split_csv, resolve_inside
 from spotdiff.errors import DataError
 
 ID2CLASS_FILE = "id2class.json"
@@ -87,32 +88,41 @@ def visa_class_names(root: Path, obj: str, id2class: str | os.PathLike[str] | No
     return {0: "BACKGROUND", **names}
 
 
-def visa_samples(
+def visa_records(
     root: Path,
     obj: str,
     split: str = "1cls",
     subset: str = "train",
     split_csv: str | os.PathLike[str] | None = None,
-) -> list[Sample]:
-    """The rows of ``obj`` / ``subset`` in a split CSV as `Sample` records (CSV order).
+) -> list[ImageRecord]:
+    """The rows of ``obj`` / ``subset`` in a split CSV as `ImageRecord`s (CSV order).
 
     Raises:
         DataError: unknown split, subset or object (the error lists the available objects),
-            or a malformed CSV row.
+            a malformed CSV row, or a row whose file resolves outside ``root`` (symlink).
     """
     if subset not in SUBSETS:
         raise DataError(f"unknown subset {subset!r}: expected one of {', '.join(SUBSETS)}")
-    rows = read_split_csv(split_csv_path(root, split, split_csv))
+    path = split_csv_path(root, split, split_csv)
+    stat = path.stat()
+    rows = _read_split_csv_cached(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
     objects = sorted({r.object for r in rows})
     if obj not in objects:
         raise DataError(f"unknown object {obj!r} in {root}: available objects: {', '.join(objects)}")
-    return [_to_sample(root, r) for r in rows if r.object == obj and r.split == subset]
+    real_root = root.resolve()
+    return [_to_record(root, r, real_root) for r in rows if r.object == obj and r.split == subset]
 
 
-def _to_sample(root: Path, row: SplitRow) -> Sample:
-    return Sample(
-        image=root / row.image,
+@functools.lru_cache(maxsize=8)
+def _read_split_csv_cached(path: str, mtime_ns: int, size: int) -> tuple[SplitRow, ...]:
+    """`read_split_csv`, parsed once per file version (opening 12 objects x 2 subsets reads it once)."""
+    return tuple(read_split_csv(path))
+
+
+def _to_record(root: Path, row: SplitRow, real_root: Path) -> ImageRecord:
+    return ImageRecord(
+        image=resolve_inside(root, row.image, row.where, "image", real_root),
         label=int(row.is_anomaly),
-        mask=root / row.mask if row.mask else None,
+        mask=resolve_inside(root, row.mask, row.where, "mask", real_root) if row.mask else None,
         source=row.where,
     )

@@ -1,0 +1,361 @@
+"""SmoothBlend: the local perturbation of SPot-the-Difference (SPD) pre-training.
+
+A small patch is cut from the same image, colour-jittered and pasted at a random place with a
+Gaussian-smoothed alpha mask::
+
+    x_bar = (1 - alpha) * x + alpha * u
+
+where ``u`` is the layer holding the jittered patch and ``alpha`` is 1 on the patch and 0 elsewhere,
+smoothed by a Gaussian.
+
+Design choices (the paper leaves them open):
+
+* **Footprint-bounded alpha, no halo.** ``alpha`` is the hard patch box eroded by ``truncate * sigma``
+  on every side and then convolved with a Gaussian of std ``sigma`` -- computed in closed form as an
+  outer product of two 1-D erf profiles (exactly the continuous Gaussian blur of a box, evaluated at
+  pixel centres), so every sample gets its own ``sigma`` without a per-sample convolution. The result
+  is finally multiplied by the hard footprint. ``alpha`` is therefore exactly 0 outside the pasted box
+  (pixels there are bit-identical to the input) and falls smoothly to ``Phi(-truncate)`` (0.0013 for
+  ``truncate=3``, below one 8-bit grey level) at its border. Because ``u`` holds the patch on the
+  whole footprint, every output pixel is a convex combination of ``x`` and the jittered patch: no
+  dark halo from blending towards the zero layer.
+* **Colour jitter** of the patch: brightness, contrast, saturation, hue factors drawn per sample
+  uniformly from ``[1 - j, 1 + j]`` (hue: ``[-j, j]``), applied in this fixed order with
+  torchvision's definitions (contrast uses the mean grey level of the patch itself), clamped to
+  [0, 1] after each step.
+* **Geometry**: area fraction uniform in ``area``, aspect ratio ``h / w`` log-uniform in ``aspect``,
+  source and destination boxes uniform and independent inside the image.
+* Only a window of the size of the largest patch of the batch is processed; the output is one
+  ``scatter`` into a copy of the input, so the cost hardly depends on the image size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import torch
+from PIL import Image
+from torch import nn
+from torchvision.transforms.v2 import functional as F
+
+from spotdiff.errors import ConfigError
+
+_GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+
+
+# ----------------------------------------------------------------------------- colour jitter
+def _grayscale(images: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, H, W)`` -> ``(B, 1, H, W)`` luma with torchvision's weights."""
+    r, g, b = images.unbind(1)
+    return (_GRAY[0] * r + _GRAY[1] * g + _GRAY[2] * b).unsqueeze(1)
+
+
+def _shift_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the HSV hue of ``(B, 3, H, W)`` images in [0, 1] by ``shift`` (B,) turns (as adjust_hue)."""
+    maxc = images.amax(dim=1, keepdim=True)
+    minc = images.amin(dim=1, keepdim=True)
+    delta = maxc - minc
+    sat = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, 1.0), 0.0)
+    safe = torch.where(delta > 0, delta, 1.0)
+    r, g, b = images.unbind(1)
+    r, g, b = r.unsqueeze(1), g.unsqueeze(1), b.unsqueeze(1)
+    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
+    hue = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    hue = torch.where(delta > 0, hue / 6.0, 0.0)
+    hue = torch.remainder(hue + shift.view(-1, 1, 1, 1), 1.0)
+    # HSV -> RGB: c_n = v - v * s * clamp(min(k, 4 - k), 0, 1), k = (n + 6 h) mod 6, n = 5, 3, 1.
+    n = torch.tensor([5.0, 3.0, 1.0], dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    k = torch.remainder(n + 6.0 * hue, 6.0)
+    return maxc - maxc * sat * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
+
+
+def color_jitter_batch(
+    images: torch.Tensor,
+    brightness: torch.Tensor | None,
+    contrast: torch.Tensor | None,
+    saturation: torch.Tensor | None,
+    hue: torch.Tensor | None,
+    region: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-sample colour jitter of ``(B, 3, H, W)`` images in [0, 1], vectorised over the batch.
+
+    Factors are ``(B,)`` tensors with torchvision's meaning (``adjust_brightness``, ``adjust_contrast``,
+    ``adjust_saturation``, ``adjust_hue``), applied in that order, each result clamped to [0, 1];
+    None skips that step. ``region`` (B, 1, H, W) in {0, 1}, if given, restricts the contrast mean
+    to those pixels.
+    """
+    view = (-1, 1, 1, 1)
+    x = images
+    if brightness is not None:
+        x = (x * brightness.view(view)).clamp(0.0, 1.0)
+    if contrast is not None:
+        gray = _grayscale(x)
+        if region is None:
+            mean = gray.mean(dim=(1, 2, 3), keepdim=True)
+        else:
+            area = region.sum(dim=(1, 2, 3), keepdim=True).clamp_min(1)
+            mean = (gray * region).sum(dim=(1, 2, 3), keepdim=True) / area
+        c = contrast.view(view)
+        x = (c * x + (1.0 - c) * mean).clamp(0.0, 1.0)
+    if saturation is not None:
+        s = saturation.view(view)
+        x = (s * x + (1.0 - s) * _grayscale(x)).clamp(0.0, 1.0)
+    if hue is not None:
+        x = _shift_hue(x, hue).clamp(0.0, 1.0)
+    return x
+
+
+# ----------------------------------------------------------------------------- parameters
+@dataclass
+class BlendParams:
+    """Per-sample SmoothBlend parameters; every field is a ``(B,)`` tensor on the images' device.
+
+    Boxes are ``h x w`` pixels; ``src_*``/``dst_*`` are their top-left corners; ``sigma`` is the
+    Gaussian std in pixels (0 means a hard paste); the rest are the colour-jitter factors.
+    """
+
+    h: torch.Tensor
+    w: torch.Tensor
+    src_y: torch.Tensor
+    src_x: torch.Tensor
+    dst_y: torch.Tensor
+    dst_x: torch.Tensor
+    sigma: torch.Tensor
+    brightness: torch.Tensor
+    contrast: torch.Tensor
+    saturation: torch.Tensor
+    hue: torch.Tensor
+
+    def __getitem__(self, index: int | slice | torch.Tensor) -> BlendParams:
+        """The parameters of a subset of samples (``params[i : i + 1]`` for one)."""
+        return BlendParams(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+    def __len__(self) -> int:
+        return int(self.h.shape[0])
+
+    def footprint(self, height: int, width: int) -> torch.Tensor:
+        """``(B, 1, H, W)`` bool: the hard destination box of each sample."""
+        ys = torch.arange(height, device=self.h.device).view(1, -1, 1)
+        xs = torch.arange(width, device=self.h.device).view(1, 1, -1)
+        dy, dx = self.dst_y.view(-1, 1, 1), self.dst_x.view(-1, 1, 1)
+        h, w = self.h.view(-1, 1, 1), self.w.view(-1, 1, 1)
+        inside = (ys >= dy) & (ys < dy + h) & (xs >= dx) & (xs < dx + w)
+        return inside.unsqueeze(1)
+
+
+def _pair(value: float | Sequence[float], name: str, low: float, high: float) -> tuple[float, float]:
+    lo, hi = (float(value), float(value)) if isinstance(value, (int, float)) else tuple(map(float, value))
+    if not (low <= lo <= hi <= high):
+        raise ConfigError(f"SmoothBlend {name}={value!r}: need {low} <= min <= max <= {high}")
+    return lo, hi
+
+
+class SmoothBlend(nn.Module):
+    """Batched SmoothBlend of ``(B, 3, H, W)`` images (CPU or CUDA), random parameters per sample.
+
+    Args:
+        area: range of the patch area as a fraction of the image area (default 0.5 %-1 %).
+        aspect: range of the patch aspect ratio ``h / w`` (sampled log-uniformly).
+        sigma: Gaussian std of the alpha mask as a fraction of the patch's shorter side; 0 pastes
+            with hard edges.
+        truncate: the hard box is eroded by ``truncate * sigma`` before blurring (alpha at the
+            footprint border is ``Phi(-truncate)``).
+        jitter: colour-jitter strengths (brightness, contrast, saturation, hue) of the patch.
+        mean, std: per-channel normalisation of the input images. None (default): images are in
+            [0, 1]. With ImageNet ``mean``/``std`` the images are normalised tensors; the patch is
+            jittered in [0, 1] space and the blend is done in the input's space.
+    """
+
+    def __init__(
+        self,
+        area: Sequence[float] = (0.005, 0.01),
+        aspect: Sequence[float] = (0.3, 3.3),
+        sigma: float = 0.08,
+        truncate: float = 3.0,
+        jitter: Sequence[float] = (0.4, 0.4, 0.4, 0.1),
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.area = _pair(area, "area", 1e-6, 1.0)
+        self.aspect = _pair(aspect, "aspect", 1e-3, 1e3)
+        if not (sigma >= 0 and truncate > 0):
+            raise ConfigError(
+                f"SmoothBlend sigma={sigma!r}, truncate={truncate!r}: need sigma >= 0 and truncate > 0")
+        if truncate * sigma >= 0.5:
+            raise ConfigError(
+                f"SmoothBlend sigma={sigma!r}: truncate * sigma must be < 0.5 (the eroded box vanishes)")
+        self.sigma = float(sigma)
+        self.truncate = float(truncate)
+        if len(jitter) != 4 or min(jitter) < 0 or jitter[3] > 0.5:
+            raise ConfigError(f"SmoothBlend jitter={jitter!r}: need 4 values >= 0 "
+                              "(brightness, contrast, saturation, hue <= 0.5)")
+        self.jitter = tuple(float(j) for j in jitter)
+        if (mean is None) != (std is None):
+            raise ConfigError("SmoothBlend: give both mean and std, or neither")
+        for key, value in (("mean", mean), ("std", std)):
+            channel = None if value is None else torch.tensor(value, dtype=torch.float32).view(1, 3, 1, 1)
+            self.register_buffer(key, channel, persistent=False)
+
+    def extra_repr(self) -> str:
+        return (f"area={self.area}, aspect={self.aspect}, sigma={self.sigma}, truncate={self.truncate}, "
+                f"jitter={self.jitter}, normalised={self.mean is not None}")
+
+    # -- parameters
+    def sample(
+        self, batch: int, height: int, width: int, generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> BlendParams:
+        """Draw parameters for ``batch`` images of ``height x width`` from ``generator``.
+
+        Random numbers come from ``generator`` on its own device (the global CPU RNG when None) and
+        are moved to ``device``: the same seed gives the same parameters on CPU and CUDA.
+        """
+        rng_device = generator.device if generator is not None else torch.device("cpu")
+        u = torch.rand(10, batch, generator=generator, device=rng_device, dtype=torch.float64)
+        u = u.to(device or rng_device)
+        total = height * width
+        area = (self.area[0] + (self.area[1] - self.area[0]) * u[0]) * total
+        log_lo, log_hi = math.log(self.aspect[0]), math.log(self.aspect[1])
+        ratio = torch.exp(log_lo + (log_hi - log_lo) * u[1])
+        h = torch.sqrt(area * ratio).round().clamp(1, height)
+        w = (area / h).round().clamp(1, width)
+        src_y = torch.floor(u[2] * (height - h + 1))
+        src_x = torch.floor(u[3] * (width - w + 1))
+        dst_y = torch.floor(u[4] * (height - h + 1))
+        dst_x = torch.floor(u[5] * (width - w + 1))
+        b, c, s, hj = self.jitter
+
+        def factor(x: torch.Tensor, j: float) -> torch.Tensor:
+            return (1.0 - j + 2.0 * j * x).clamp_min(0.0).float()
+
+        long = torch.long
+        return BlendParams(
+            h=h.to(long), w=w.to(long), src_y=src_y.to(long), src_x=src_x.to(long),
+            dst_y=dst_y.to(long), dst_x=dst_x.to(long),
+            sigma=(self.sigma * torch.minimum(h, w)).float(),
+            brightness=factor(u[6], b), contrast=factor(u[7], c), saturation=factor(u[8], s),
+            hue=((2.0 * u[9] - 1.0) * hj).float(),
+        )
+
+    # -- application
+    def apply(
+        self, images: torch.Tensor, params: BlendParams, with_alpha: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Blend ``images`` (B, 3, H, W) with ``params``; returns ``(blended, alpha (B, 1, H, W) or None)``."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"SmoothBlend expects (B, 3, H, W) images, got {tuple(images.shape)}")
+        bsz, _, height, width = images.shape
+        if len(params) != bsz:
+            raise ValueError(f"SmoothBlend: {len(params)} parameter sets for {bsz} images")
+        dev = images.device
+        # The window: the largest box of the batch, placed inside the image over each destination box.
+        ph, pw = int(params.h.max()), int(params.w.max())
+        oy = torch.minimum(params.dst_y, torch.full_like(params.dst_y, height - ph))
+        ox = torch.minimum(params.dst_x, torch.full_like(params.dst_x, width - pw))
+        wy = oy.view(-1, 1) + torch.arange(ph, device=dev)  # (B, ph) image rows of the window
+        wx = ox.view(-1, 1) + torch.arange(pw, device=dev)  # (B, pw)
+        py = wy - params.dst_y.view(-1, 1)  # patch-local coordinates
+        px = wx - params.dst_x.view(-1, 1)
+        in_y = (py >= 0) & (py < params.h.view(-1, 1))
+        in_x = (px >= 0) & (px < params.w.view(-1, 1))
+        footprint = (in_y.unsqueeze(2) & in_x.unsqueeze(1)).unsqueeze(1)  # (B, 1, ph, pw)
+
+        # Flat indices into (B, 3 * H * W), one per channel: contiguous indices gather fastest.
+        plane = height * width
+        channel_offset = (torch.arange(3, device=dev) * plane).view(1, 3, 1)
+        window_index = (wy.unsqueeze(2) * width + wx.unsqueeze(1)).view(bsz, 1, ph * pw)
+        window_index = (window_index + channel_offset).view(bsz, 3 * ph * pw)
+        sy = (params.src_y.view(-1, 1) + py).clamp(0, height - 1)
+        sx = (params.src_x.view(-1, 1) + px).clamp(0, width - 1)
+        source_index = (sy.unsqueeze(2) * width + sx.unsqueeze(1)).view(bsz, 1, ph * pw)
+        source_index = (source_index + channel_offset).view(bsz, 3 * ph * pw)
+        flat = images.reshape(bsz, 3 * plane)
+        x_win = flat.gather(1, window_index).view(bsz, 3, ph, pw)
+        patch = flat.gather(1, source_index).view(bsz, 3, ph, pw)
+
+        work = torch.float32 if images.dtype in (torch.float16, torch.bfloat16) else images.dtype
+        patch, x_win = patch.to(work), x_win.to(work)
+        if self.mean is not None:
+            mean, std = self.mean.to(dev, work), self.std.to(dev, work)
+            patch = patch * std + mean
+        region = footprint.to(work)
+        factors = [f.to(work) if strength > 0 else None for f, strength in zip(
+            (params.brightness, params.contrast, params.saturation, params.hue), self.jitter)]
+        patch = color_jitter_batch(patch, *factors, region=region)
+        if self.mean is not None:
+            patch = (patch - mean) / std
+
+        alpha = self._alpha(py, px, params).to(work) * region
+        blended = (x_win + alpha * (patch - x_win)).to(images.dtype)
+        out = images.clone(memory_format=torch.contiguous_format)
+        out.view(bsz, 3 * plane).scatter_(1, window_index, blended.view(bsz, -1))
+        if not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last):
+            out = out.contiguous(memory_format=torch.channels_last)  # keep the caller's layout
+        if not with_alpha:
+            return out, None
+        alpha_full = torch.zeros(bsz, plane, device=dev, dtype=work)
+        alpha_full.scatter_(1, window_index[:, : ph * pw], alpha.view(bsz, -1))
+        return out, alpha_full.view(bsz, 1, height, width)
+
+    def _alpha(self, py: torch.Tensor, px: torch.Tensor, params: BlendParams) -> torch.Tensor:
+        """``(B, 1, ph, pw)`` Gaussian-smoothed eroded box (before the footprint cut), float32."""
+        sigma = params.sigma.view(-1, 1)
+        if self.sigma == 0:
+            prof_y = ((py >= 0) & (py < params.h.view(-1, 1))).float()
+            prof_x = ((px >= 0) & (px < params.w.view(-1, 1))).float()
+        else:
+            margin = self.truncate * sigma
+
+            def profile(coord: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+                # Box [margin, length - margin) convolved with N(0, sigma^2), at pixel centres.
+                centre = coord.float() + 0.5
+                scale = 1.0 / (sigma * math.sqrt(2.0))
+                lo = torch.erf((centre - margin) * scale)
+                hi = torch.erf((centre - (length.view(-1, 1).float() - margin)) * scale)
+                return (0.5 * (lo - hi)).clamp(0.0, 1.0)
+
+            prof_y = profile(py, params.h)
+            prof_x = profile(px, params.w)
+        return (prof_y.unsqueeze(2) * prof_x.unsqueeze(1)).unsqueeze(1)
+
+    def forward(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, return_mask: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """SmoothBlend every image of the batch with its own random patch.
+
+        Args:
+            images: ``(B, 3, H, W)`` float, in [0, 1] (or normalised with this module's mean/std).
+            generator: source of randomness (see :meth:`sample`); the global RNG when None.
+            return_mask: also return ``alpha`` (B, 1, H, W) in [0, 1].
+        """
+        params = self.sample(images.shape[0], images.shape[2], images.shape[3], generator, images.device)
+        with torch.no_grad():
+            out, alpha = self.apply(images, params, with_alpha=return_mask)
+        return (out, alpha) if return_mask else out
+
+
+class SmoothBlendTransform:
+    """Single-image SmoothBlend for data pipelines (torchvision-v2 style; global torch RNG).
+
+    Accepts a PIL image (returns a PIL image) or a ``(3, H, W)`` float tensor in [0, 1] (returns a
+    tensor). Keyword arguments are those of :class:`SmoothBlend`.
+    """
+
+    def __init__(self, **kwargs: object) -> None:
+        self.blend = SmoothBlend(**kwargs)  # type: ignore[arg-type]
+
+    def __call__(self, image: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
+        if isinstance(image, Image.Image):
+            tensor = F.to_dtype(F.pil_to_tensor(image.convert("RGB")), torch.float32, scale=True)
+            out = self.blend(tensor.unsqueeze(0))[0]
+            return F.to_pil_image((out * 255.0).round().clamp(0, 255).to(torch.uint8))
+        is_rgb = isinstance(image, torch.Tensor) and image.ndim == 3 and image.shape[0] == 3
+        if not (is_rgb and image.is_floating_point()):
+            raise TypeError("SmoothBlendTransform expects a PIL image or a (3, H, W) float tensor in [0, 1]")
+        return self.blend(image.unsqueeze(0))[0]
+
+    def __repr__(self) -> str:
+        return f"SmoothBlendTransform({self.blend.extra_repr()})"

@@ -1,0 +1,180 @@
+"""Common machinery of the 1-class detectors: backbone, batching, normalisation, save/load.
+
+A detector is fitted on normal images only and scores new images:
+
+* ``fit(dataset)``: ``dataset[i]`` is a dict with ``"image"``: float ``(3, H, W)`` in [0, 1] (as
+  returned by :func:`spotdiff.data.open_dataset`) or such a tensor directly. All training images
+  share one size (the data layer resizes them); that size becomes the model's ``image_size``.
+* ``predict(images)``: ``(B, 3, H, W)`` float in [0, 1] -> ``(scores (B,), maps (B, H', W'))`` as
+  float32 CPU torch tensors, ``(H', W') = image_size``. Images of another size are resized
+  (bilinear, antialiased) to ``image_size`` first, so maps are always at the model's size.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from torchvision.models import ResNet
+
+from spotdiff.detect import store
+from spotdiff.data.transforms import normalize
+from spotdiff.errors import ConfigError, DataError, WeightsError
+from spotdiff.models import ARCHITECTURES, build_backbone, load_backbone_weights
+from spotdiff.progress import progress
+
+
+def make_backbone(arch: str, weights: str | os.PathLike[str] | None, seed: int) -> ResNet:
+    """``build_backbone`` in eval mode; random init is drawn from ``seed`` without touching the global RNG."""
+    if arch not in ARCHITECTURES:
+        raise ConfigError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_backbone(arch, weights)
+    return model.eval().requires_grad_(False)
+
+
+def _batch_images(batch: Any) -> torch.Tensor:
+    images = batch["image"] if isinstance(batch, dict) else batch
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+        raise DataError(f"expected image batches of shape (B, 3, H, W), got {getattr(images, 'shape', type(images))}")
+    return images
+
+
+class Detector(ABC):
+    """Base class of PaDiM and PatchCore (see module docstring for the API)."""
+
+    model_type: ClassVar[str]
+
+    def __init__(
+        self,
+        arch: str,
+        weights: str | os.PathLike[str] | None,
+        layers: Sequence[str],
+        seed: int,
+        batch_size: int,
+        device: str | torch.device,
+        num_workers: int,
+    ) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+        self.arch = arch
+        self.layers = list(layers)
+        self.seed = seed
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.device = torch.device(device)
+        self.backbone = make_backbone(arch, weights, seed).to(self.device)
+        self.backbone_source = str(weights) if weights is not None else f"random init, seed {seed}"
+        self.image_size: tuple[int, int] | None = None
+        self.n_train = 0
+
+    # ----------------------------------------------------------------------------- fitting
+    def _training_batches(self, dataset: Dataset, desc: str) -> Iterator[torch.Tensor]:
+        """Normalised image batches on ``self.device``; sets ``image_size`` and ``n_train``."""
+        n = len(dataset)  # type: ignore[arg-type]
+        if n == 0:
+            raise DataError("the training set is empty: no normal images to fit on")
+        loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        self.n_train = 0
+        for batch in progress(loader, desc=desc, total=len(loader), unit="batch"):
+            images = _batch_images(batch)
+            size = (int(images.shape[-2]), int(images.shape[-1]))
+            if self.image_size is None:
+                self.image_size = size
+            elif size != self.image_size:
+                raise DataError(f"training images must share one size; got {size} after {self.image_size}")
+            self.n_train += images.shape[0]
+            yield normalize(images.to(self.device, torch.float32))
+
+    @abstractmethod
+    def fit(self, dataset: Dataset) -> Self:
+        """Fit on normal images; returns self."""
+
+    # ----------------------------------------------------------------------------- inference
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        if self.image_size is None:
+            raise ConfigError(f"{type(self).__name__} is not fitted; call fit() or load() first")
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+            raise DataError(f"predict expects a (B, 3, H, W) tensor, got {getattr(images, 'shape', type(images))}")
+        images = images.to(self.device, torch.float32)
+        if tuple(images.shape[-2:]) != self.image_size:
+            images = F.interpolate(images, size=self.image_size, mode="bilinear", align_corners=False, antialias=True)
+        return normalize(images)
+
+    @abstractmethod
+    def _predict_normalized(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores ``(B,)`` and maps ``(B, H, W)`` of ImageNet-normalised images at ``image_size``."""
+
+    @torch.inference_mode()
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image scores ``(B,)`` and anomaly maps ``(B, H, W)`` (float32 CPU tensors), higher = more anomalous."""
+        scores, maps = self._predict_normalized(self._prepare(images))
+        return scores.float().cpu(), maps.float().cpu()
+
+    # ----------------------------------------------------------------------------- persistence
+    @abstractmethod
+    def _config(self) -> dict[str, Any]:
+        """Hyper-parameters needed to rebuild the detector (JSON-serialisable)."""
+
+    @abstractmethod
+    def _state(self) -> dict[str, torch.Tensor]:
+        """Fitted tensors."""
+
+    @abstractmethod
+    def _set_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Install fitted tensors (the inverse of ``_state``)."""
+
+    def save(self, out_dir: str | os.PathLike[str]) -> Path:
+        """Write the fitted model as a self-contained directory (see :mod:`spotdiff.detect.store`)."""
+        if self.image_size is None:
+            raise ConfigError(f"{type(self).__name__} is not fitted; nothing to save")
+        config = {
+            "model": self.model_type,
+            "arch": self.arch,
+            "layers": self.layers,
+            "seed": self.seed,
+            "image_size": list(self.image_size),
+            "n_train": self.n_train,
+            "backbone_source": self.backbone_source,
+            **self._config(),
+        }
+        return store.save_model_dir(out_dir, config, self._state(), self.backbone.state_dict())
+
+    @classmethod
+    def _from_config(cls, config: dict[str, Any], device: str | torch.device) -> Self:
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> Self:
+        """Read a model directory written by ``save``; hashes and format version are verified.
+
+        Called on :class:`Detector` it returns whichever detector the directory holds.
+        """
+        config, tensors, backbone_state = store.load_model_dir(model_dir)
+        kind = config.get("model")
+        from spotdiff.detect import DETECTORS
+
+        if kind not in DETECTORS:
+            raise WeightsError(f"{model_dir}: unknown model type {kind!r}")
+        target = DETECTORS[kind]
+        if cls is not Detector and not issubclass(target, cls):
+            raise WeightsError(f"{model_dir}: holds a {kind} model, not {cls.__name__}")
+        try:
+            model = target._from_config(config, device)
+            load_backbone_weights(model.backbone, backbone_state, source=f"{model_dir}/{store.BACKBONE_FILE}")
+            model.image_size = (int(config["image_size"][0]), int(config["image_size"][1]))
+            model.n_train = int(config["n_train"])
+            model.backbone_source = str(config["backbone_source"])
+            model._set_state(tensors)
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, WeightsError):
+                raise
+            raise WeightsError(f"{model_dir}: inconsistent model files ({type(exc).__name__}: {exc})") from exc
+        return model

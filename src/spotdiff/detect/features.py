@@ -1,0 +1,135 @@
+"""Patch features and anomaly-map post-processing shared by PaDiM and PatchCore.
+
+Shapes: ``B`` images, ``C`` channels, ``h x w`` feature grid, ``H x W`` input size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torchvision.models import ResNet
+
+from spotdiff.errors import ConfigError
+from spotdiff.models import extract_features, layer_channels
+
+GAUSSIAN_SIGMA = 4.0
+"""Standard deviation (in input pixels) of the Gaussian that smooths every anomaly map."""
+
+
+def padim_embedding(
+    backbone: ResNet, images: torch.Tensor, layers: Sequence[str], channel_index: torch.Tensor, arch: str
+) -> torch.Tensor:
+    """PaDiM patch embedding: the selected channels of ``layers``, each upsampled to the first layer's grid.
+
+    Channels are numbered through the concatenation of ``layers`` in order; only the channels in
+    ``channel_index`` (sorted, int64) are kept, *before* upsampling, so no full-width embedding is
+    ever materialised. Deeper layers are upsampled with nearest-neighbour interpolation (each
+    deep cell is copied onto the finer cells it covers, as in the PaDiM paper).
+
+    Args:
+        images: ``(B, 3, H, W)`` ImageNet-normalised.
+    Returns:
+        ``(B, d, h, w)`` float32, ``d = len(channel_index)``, ``(h, w)`` the grid of ``layers[0]``.
+    """
+    feats = extract_features(backbone, images, layers)
+    size = feats[layers[0]].shape[-2:]
+    parts = []
+    offset = 0
+    for name, channels in zip(layers, layer_channels(arch, layers), strict=True):
+        inside = channel_index[(channel_index >= offset) & (channel_index < offset + channels)] - offset
+        offset += channels
+        if inside.numel() == 0:
+            continue
+        part = feats[name].index_select(1, inside.to(feats[name].device))
+        if part.shape[-2:] != size:
+            part = F.interpolate(part, size=size, mode="nearest")
+        parts.append(part)
+    return torch.cat(parts, dim=1)
+
+
+def patchcore_embedding(
+    backbone: ResNet, images: torch.Tensor, layers: Sequence[str], target_dim: int | None = None
+) -> torch.Tensor:
+    """PatchCore locally aware patch features.
+
+    Each layer is 3x3 average-pooled (stride 1, padding 1, zero padding not counted) so a patch
+    feature summarises its neighbourhood; deeper layers are bilinearly upsampled to the first
+    layer's grid and all are concatenated along channels. With ``target_dim`` the concatenated
+    vector of every patch is reduced to ``target_dim`` values by 1-D adaptive average pooling over
+    channels (as in the PatchCore reference code); None keeps all channels.
+
+    Returns:
+        ``(B, C, h, w)`` float32.
+    """
+    feats = extract_features(backbone, images, layers)
+    size = feats[layers[0]].shape[-2:]
+    parts = []
+    for name in layers:
+        part = F.avg_pool2d(feats[name], kernel_size=3, stride=1, padding=1, count_include_pad=False)
+        if part.shape[-2:] != size:
+            part = F.interpolate(part, size=size, mode="bilinear", align_corners=False)
+        parts.append(part)
+    emb = torch.cat(parts, dim=1)
+    if target_dim is not None and target_dim != emb.shape[1]:
+        b, c, h, w = emb.shape
+        flat = emb.permute(0, 2, 3, 1).reshape(b * h * w, 1, c)
+        flat = F.adaptive_avg_pool1d(flat, target_dim)
+        emb = flat.reshape(b, h, w, target_dim).permute(0, 3, 1, 2)
+    return emb
+
+
+def gaussian_kernel1d(sigma: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Normalised 1-D Gaussian of standard deviation ``sigma`` truncated at 4 sigma (odd length)."""
+    radius = int(4.0 * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (k / k.sum()).to(dtype)
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float = GAUSSIAN_SIGMA) -> torch.Tensor:
+    """Separable Gaussian smoothing of ``(B, H, W)`` maps with reflected borders."""
+    if sigma <= 0:
+        return maps
+    k = gaussian_kernel1d(sigma, maps.dtype).to(maps.device)
+    r = k.numel() // 2
+    x = maps[:, None]
+    pad_h, pad_w = min(r, x.shape[-2] - 1), min(r, x.shape[-1] - 1)
+    # reflect padding needs pad < size; clamp and fall back to replicate for the rest
+    x = F.pad(x, (pad_w, pad_w, pad_h, pad_h), mode="reflect")
+    x = F.pad(x, (r - pad_w, r - pad_w, r - pad_h, r - pad_h), mode="replicate")
+    x = F.conv2d(x, k.view(1, 1, 1, -1))
+    x = F.conv2d(x, k.view(1, 1, -1, 1))
+    return x[:, 0]
+
+
+def upsample_and_smooth(
+    grid_maps: torch.Tensor, size: tuple[int, int], sigma: float = GAUSSIAN_SIGMA
+) -> torch.Tensor:
+    """``(B, h, w)`` patch scores -> ``(B, H, W)`` anomaly maps: bilinear upsampling, then Gaussian ``sigma``."""
+    up = F.interpolate(grid_maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    return gaussian_blur(up, sigma)
+
+
+def check_layers(layers: Sequence[str]) -> list[str]:
+    """Validate layer names (``layer1`` .. ``layer4``, shallow to deep, no repeats)."""
+    order = ["layer1", "layer2", "layer3", "layer4"]
+    layers = list(layers)
+    if not layers:
+        raise ConfigError("at least one backbone layer is needed")
+    bad = [name for name in layers if name not in order]
+    if bad:
+        raise ConfigError(f"unknown layer(s) {bad}; choose from {order}")
+    if sorted(layers, key=order.index) != layers or len(set(layers)) != len(layers):
+        raise ConfigError(f"layers must be distinct and ordered shallow to deep, got {layers}")
+    return layers
+
+
+def feature_grid(image_size: tuple[int, int], layer: str) -> tuple[int, int]:
+    """The ``(h, w)`` grid a ResNet stage produces for an ``image_size`` input."""
+    h, w = image_size
+    for _ in range({"layer1": 2, "layer2": 3, "layer3": 4, "layer4": 5}[layer]):
+        h, w = math.floor((h + 1) / 2), math.floor((w + 1) / 2)
+    return h, w

@@ -1,0 +1,235 @@
+"""PaDiM (Defard et al., 2021): one multivariate Gaussian per feature position.
+
+Fitting streams over the training set: per position only running sums in float64 are kept
+(see :class:`GaussianAccumulator`), so memory does not grow with the number of images. The
+covariance of position ``p`` is the unbiased estimate (divisor ``N - 1``) plus ``epsilon * I``;
+it is stored as the inverse of its Cholesky factor ``L`` (``Sigma = L L^T``) so that the
+Mahalanobis distance is ``||L^-1 (x - mu)||``, one batched matrix product over all positions.
+
+Anomaly map: Mahalanobis distance on the ``layers[0]`` grid, bilinearly upsampled to the image
+size, smoothed with a Gaussian of sigma 4 px. Image score: maximum of the map.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, Self
+
+import torch
+from torch.utils.data import Dataset
+
+from spotdiff.detect.base import Detector
+from spotdiff.detect.features import check_layers, padim_embedding, upsample_and_smooth
+from spotdiff.errors import ConfigError, DataError, WeightsError
+from spotdiff.models import layer_channels
+
+DEFAULT_DIMS = {"resnet18": 100, "resnet50": 550, "wide_resnet50_2": 550}
+"""Random channel subset size per backbone, as in the PaDiM paper."""
+
+_CHUNK_BYTES = 16 << 20  # float64 working memory per position chunk (one full (p, d, d) block)
+
+
+class GaussianAccumulator:
+    """Streaming mean and covariance of ``P`` positions x ``d`` features, in float64.
+
+    Keeps, per position, ``S1 = sum(x - c)`` and the upper triangle of ``S2 = sum((x - c)(x - c)^T)``,
+    where the shift ``c`` is the mean of the first batch (it keeps the final subtraction
+    well-conditioned). Memory: ``P * d * (d + 3) / 2`` float64 values, independent of the number of
+    samples; updates and the final factorisation work on chunks of positions so temporaries
+    stay small. :meth:`inverse_cholesky` writes its float32 result into the buffer of ``S2``
+    itself (``d^2`` float32 fit in ``d (d + 1) / 2`` float64), so finishing needs no extra memory.
+    """
+
+    def __init__(self, positions: int, dim: int) -> None:
+        self.positions, self.dim = positions, dim
+        self.count = 0
+        self.chunk = max(1, _CHUNK_BYTES // (8 * dim * dim))
+        self.rows, self.cols = torch.triu_indices(dim, dim)
+        self.shift: torch.Tensor | None = None
+        self.sum = torch.zeros(positions, dim, dtype=torch.float64)
+        self.sum_sq: torch.Tensor | None = torch.zeros(positions, self.rows.numel(), dtype=torch.float64)
+
+    def _spans(self) -> list[tuple[int, int]]:
+        return [(p, min(p + self.chunk, self.positions)) for p in range(0, self.positions, self.chunk)]
+
+    def _buffer(self) -> torch.Tensor:
+        if self.sum_sq is None:
+            raise RuntimeError("accumulator already finalised by inverse_cholesky()")
+        return self.sum_sq
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add samples ``x`` of shape ``(n, P, d)`` (any float dtype; converted chunk by chunk)."""
+        if x.ndim != 3 or x.shape[1:] != (self.positions, self.dim):
+            raise ValueError(f"expected (n, {self.positions}, {self.dim}), got {tuple(x.shape)}")
+        sum_sq = self._buffer()
+        x = x.cpu()
+        if self.shift is None:
+            self.shift = x.to(torch.float64).mean(dim=0)
+        for start, stop in self._spans():
+            xc = (x[:, start:stop].to(torch.float64) - self.shift[start:stop]).transpose(0, 1)  # (p, n, d)
+            self.sum[start:stop] += xc.sum(dim=1)
+            gram = torch.bmm(xc.transpose(1, 2), xc)  # (p, d, d)
+            sum_sq[start:stop] += gram[:, self.rows, self.cols]
+        self.count += x.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        """``(P, d)`` float64 mean."""
+        self._check_count(1)
+        assert self.shift is not None
+        return self.shift + self.sum / self.count
+
+    def _check_count(self, minimum: int) -> None:
+        if self.count < minimum:
+            raise DataError(f"PaDiM needs at least {minimum} training image(s), got {self.count}")
+
+    def _chunk_covariance(self, start: int, stop: int) -> torch.Tensor:
+        tri = self._buffer()[start:stop]
+        s1 = self.sum[start:stop]
+        full = torch.empty(stop - start, self.dim, self.dim, dtype=torch.float64)
+        full[:, self.rows, self.cols] = tri
+        full[:, self.cols, self.rows] = tri
+        full -= s1[:, :, None] * s1[:, None, :] / self.count
+        return full.div_(self.count - 1)
+
+    def covariance(self) -> torch.Tensor:
+        """``(P, d, d)`` float64 unbiased covariance (divisor ``N - 1``), without regularisation."""
+        self._check_count(2)
+        return torch.cat([self._chunk_covariance(a, b) for a, b in self._spans()])
+
+    def inverse_cholesky(self, epsilon: float) -> torch.Tensor:
+        """``(P, d, d)`` float32 ``L^-1`` with ``L L^T = covariance + epsilon * I`` (lower triangular).
+
+        Consumes the accumulator: the result is written chunk by chunk over the ``S2`` buffer
+        (chunk ``i`` of the result never reaches past the end of chunk ``i`` of ``S2``, so
+        unread chunks are never overwritten), and no further update is possible.
+        """
+        self._check_count(2)
+        d = self.dim
+        out = self._buffer().view(torch.float32).view(-1)[: self.positions * d * d].view(self.positions, d, d)
+        eye = torch.eye(d, dtype=torch.float64)
+        for start, stop in self._spans():
+            cov = self._chunk_covariance(start, stop)
+            cov.diagonal(dim1=-2, dim2=-1).add_(epsilon)
+            chol, info = torch.linalg.cholesky_ex(cov)
+            del cov
+            if int(info.max()) > 0:
+                raise DataError("covariance is not positive definite; increase epsilon")
+            out[start:stop] = torch.linalg.solve_triangular(chol, eye, upper=False)
+        self.sum_sq = None
+        return out
+
+
+def mahalanobis(x: torch.Tensor, mean: torch.Tensor, inv_chol: torch.Tensor) -> torch.Tensor:
+    """Mahalanobis distance ``sqrt((x - mu)^T Sigma^-1 (x - mu))`` per position, batched.
+
+    Args:
+        x: ``(B, P, d)`` samples; mean: ``(P, d)``; inv_chol: ``(P, d, d)`` with ``Sigma^-1 = L^-T L^-1``.
+    Returns:
+        ``(B, P)`` distances.
+    """
+    diff = (x - mean).transpose(0, 1)  # (P, B, d)
+    z = torch.bmm(diff, inv_chol.transpose(1, 2))  # rows are L^-1 (x - mu)
+    return torch.linalg.vector_norm(z, dim=-1).transpose(0, 1)
+
+
+class PaDiM(Detector):
+    """PaDiM anomaly detector.
+
+    Args:
+        arch: ``resnet18``, ``resnet50`` or ``wide_resnet50_2``.
+        weights: local backbone weights (torchvision ``.pth`` or ``.safetensors``) or None for a
+            random init drawn from ``seed``.
+        layers: backbone stages, shallow to deep; the map lives on the first one's grid.
+        d: number of channels kept (random subset drawn from ``seed``); default per ``arch``
+            (100 for resnet18, 550 otherwise); capped at the total channel count.
+        epsilon: covariance regulariser ``epsilon * I``.
+        batch_size, num_workers: DataLoader settings; device: where features are computed.
+    """
+
+    model_type = "padim"
+
+    def __init__(
+        self,
+        arch: str = "resnet18",
+        weights: str | os.PathLike[str] | None = None,
+        layers: Sequence[str] = ("layer1", "layer2", "layer3"),
+        d: int | None = None,
+        epsilon: float = 0.01,
+        seed: int = 0,
+        batch_size: int = 32,
+        device: str | torch.device = "cpu",
+        num_workers: int = 0,
+    ) -> None:
+        layers = check_layers(layers)
+        super().__init__(arch, weights, layers, seed, batch_size, device, num_workers)
+        total = sum(layer_channels(arch, layers))
+        d = DEFAULT_DIMS[arch] if d is None else d
+        if d < 1:
+            raise ConfigError(f"d must be >= 1, got {d}")
+        self.d = min(d, total)
+        if epsilon <= 0:
+            raise ConfigError(f"epsilon must be > 0, got {epsilon}")
+        self.epsilon = float(epsilon)
+        generator = torch.Generator().manual_seed(seed)
+        self.channel_index = torch.randperm(total, generator=generator)[: self.d].sort().values
+        self.mean: torch.Tensor | None = None
+        self.inv_chol: torch.Tensor | None = None
+
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, P, d)`` patch embeddings of normalised images, ``P = h * w``."""
+        emb = padim_embedding(self.backbone, images, self.layers, self.channel_index, self.arch)
+        self._grid = (emb.shape[-2], emb.shape[-1])
+        return emb.flatten(2).transpose(1, 2)
+
+    @torch.inference_mode()
+    def fit(self, dataset: Dataset) -> Self:
+        """Estimate the per-position Gaussians from normal images (streaming, float64)."""
+        self.image_size = None
+        acc: GaussianAccumulator | None = None
+        for images in self._training_batches(dataset, desc="PaDiM features"):
+            emb = self._embed(images)
+            if acc is None:
+                acc = GaussianAccumulator(emb.shape[1], emb.shape[2])
+            acc.update(emb)
+        assert acc is not None
+        if acc.count < 2:
+            raise DataError(f"PaDiM needs at least 2 training images, got {acc.count}")
+        self.mean = acc.mean().to(torch.float32).to(self.device)
+        self.inv_chol = acc.inverse_cholesky(self.epsilon).to(self.device)
+        return self
+
+    def _predict_normalized(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.mean is not None and self.inv_chol is not None and self.image_size is not None
+        emb = self._embed(images)
+        if emb.shape[1] != self.mean.shape[0]:
+            raise DataError(f"feature grid {self._grid} does not match the fitted model")
+        dist = mahalanobis(emb, self.mean, self.inv_chol).reshape(-1, *self._grid)
+        maps = upsample_and_smooth(dist, self.image_size)
+        return maps.flatten(1).amax(dim=1), maps
+
+    def _config(self) -> dict[str, Any]:
+        return {"d": self.d, "epsilon": self.epsilon}
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        assert self.mean is not None and self.inv_chol is not None
+        return {"mean": self.mean, "inv_cholesky": self.inv_chol, "channel_index": self.channel_index}
+
+    @classmethod
+    def _from_config(cls, config: dict[str, Any], device: str | torch.device) -> Self:
+        return cls(
+            arch=config["arch"], layers=config["layers"], d=int(config["d"]), epsilon=float(config["epsilon"]),
+            seed=int(config["seed"]), device=device,
+        )
+
+    def _set_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        try:
+            mean, inv_chol, index = tensors["mean"], tensors["inv_cholesky"], tensors["channel_index"]
+        except KeyError as exc:
+            raise WeightsError(f"PaDiM model file lacks tensor {exc.args[0]!r}") from exc
+        p, d = mean.shape
+        if inv_chol.shape != (p, d, d) or index.shape != (d,) or d != self.d:
+            raise WeightsError("PaDiM model tensors have inconsistent shapes")
+        self.channel_index = index.to(torch.int64)
+        self.mean = mean.to(self.device, torch.float32)
+        self.inv_chol = inv_chol.to(self.device, torch.float32)

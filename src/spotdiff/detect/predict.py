@@ -1,0 +1,210 @@
+"""Evaluation on labelled test sets and scoring of folders of new images (used by the CLI).
+
+Both stream in batches: memory holds one batch of images plus, for evaluation, the maps
+needed by pixel metrics (``N x H x W`` float32 for the test set).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from spotdiff.data.io import is_image_file, load_image
+from spotdiff.data.transforms import image_to_tensor
+from spotdiff.detect.base import Detector
+from spotdiff.errors import DataError
+from spotdiff.files import atomic_path, write_json_atomic, write_text_atomic
+from spotdiff.progress import progress
+
+SCORE_COLUMNS = ("path", "label", "defect_type", "score")
+PREDICT_COLUMNS = ("path", "score", "anomalous", "overlay", "error")
+
+
+def evaluate_detector(
+    model: Detector, dataset: Dataset, batch_size: int | None = None, num_workers: int = 0
+) -> tuple[dict[str, Any], list[dict[str, Any]], np.ndarray, np.ndarray]:
+    """Score a labelled test set and compute :func:`spotdiff.metrics.evaluate` on it.
+
+    ``dataset`` items are dicts with ``image``, ``label``, ``mask``, ``defect_type`` and ``path``
+    (e.g. ``open_dataset(..., subset="test", image_size=model.image_size)``).
+
+    Returns:
+        ``(metrics, records, maps, masks)``: the metrics dict (with ``per_defect_type``), one
+        record per image ``{path, label, defect_type, score}``, anomaly maps ``(N, H, W)``
+        float32 and ground-truth masks ``(N, H, W)`` uint8 in {0, 1}.
+    """
+    from spotdiff.metrics import evaluate
+
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise DataError("the test set is empty")
+    loader = DataLoader(dataset, batch_size=batch_size or model.batch_size, shuffle=False, num_workers=num_workers)
+    records: list[dict[str, Any]] = []
+    maps: list[np.ndarray] = []
+    masks: list[np.ndarray] = []
+    for batch in progress(loader, desc="scoring test set", total=len(loader), unit="batch"):
+        scores, batch_maps = model.predict(batch["image"])
+        if batch["mask"].shape[-2:] != batch_maps.shape[-2:]:
+            raise DataError(
+                f"mask size {tuple(batch['mask'].shape[-2:])} differs from the model's image size "
+                f"{model.image_size}; open the test set with image_size={model.image_size}"
+            )
+        for i, score in enumerate(scores.tolist()):
+            records.append({
+                "path": str(batch["path"][i]),
+                "label": int(batch["label"][i]),
+                "defect_type": str(batch["defect_type"][i]),
+                "score": float(score),
+            })
+        maps.append(batch_maps.numpy())
+        masks.append((batch["mask"] > 0.5).to(torch.uint8).numpy())
+    all_maps, all_masks = np.concatenate(maps), np.concatenate(masks)
+    metrics = evaluate(
+        np.array([r["score"] for r in records]),
+        np.array([r["label"] for r in records]),
+        anomaly_maps=all_maps,
+        masks=all_masks,
+        defect_types=[r["defect_type"] for r in records],
+    )
+    return metrics, records, all_maps, all_masks
+
+
+def _csv_text(rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: row.get(k, "") for k in columns})
+    return buf.getvalue()
+
+
+def write_test_results(
+    out_dir: str | os.PathLike[str],
+    metrics: dict[str, Any],
+    records: list[dict[str, Any]],
+    maps: np.ndarray | None = None,
+) -> dict[str, Path]:
+    """Write ``metrics.json``, ``scores.csv`` (path,label,defect_type,score) and optionally ``maps.npz``
+    (float16 maps, key ``maps``, with ``paths``), each atomically. Returns the written paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = {"metrics": out / "metrics.json", "scores": out / "scores.csv"}
+    write_json_atomic(written["metrics"], metrics)
+    write_text_atomic(written["scores"], _csv_text(records, SCORE_COLUMNS))
+    if maps is not None:
+        written["maps"] = out / "maps.npz"
+        with atomic_path(written["maps"]) as tmp, open(tmp, "wb") as fh:
+            np.savez_compressed(fh, maps=maps.astype(np.float16), paths=np.array([r["path"] for r in records]))
+    return written
+
+
+def collect_images(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """Expand files and directories (searched recursively, sorted) into image paths.
+
+    Raises:
+        DataError: an input does not exist, or nothing was found.
+    """
+    paths: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            paths.extend(sorted(p for p in item.rglob("*") if p.is_file() and is_image_file(p)))
+        elif item.exists():
+            paths.append(item)
+        else:
+            raise DataError(f"{item}: no such file or directory")
+    if not paths:
+        raise DataError(f"no image files found in {[str(i) for i in inputs]}")
+    return paths
+
+
+def overlay_heatmap(
+    image: np.ndarray, anomaly_map: np.ndarray, vmin: float, vmax: float, alpha: float = 0.5
+) -> np.ndarray:
+    """Blend the 'jet' colouring of ``anomaly_map`` (clipped to [vmin, vmax]) over an ``(H, W, 3)`` uint8 image."""
+    from matplotlib import colormaps
+
+    span = max(vmax - vmin, 1e-12)
+    norm = np.clip((anomaly_map - vmin) / span, 0.0, 1.0)
+    heat = colormaps["jet"](norm)[..., :3] * 255.0
+    return np.clip((1.0 - alpha) * image + alpha * heat, 0, 255).astype(np.uint8)
+
+
+def _unique_name(stem: str, used: set[str]) -> str:
+    name, n = f"{stem}.png", 1
+    while name in used:
+        name, n = f"{stem}_{n}.png", n + 1
+    used.add(name)
+    return name
+
+
+def _batches(paths: list[Path], size: int) -> Iterator[list[Path]]:
+    for i in range(0, len(paths), size):
+        yield paths[i : i + size]
+
+
+def predict_images(
+    model: Detector,
+    inputs: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    threshold: float | None = None,
+    batch_size: int | None = None,
+    overlays: bool = True,
+) -> list[dict[str, Any]]:
+    """Score image files in batches; write ``scores.csv`` and heat-map overlays under ``out_dir``.
+
+    Every image is converted to RGB (grayscale, RGBA, palette, 16-bit; see ``load_image``) and
+    resized to the model's image size, so mixed sizes are fine; overlays are drawn at that size
+    in ``out_dir/overlays/<stem>.png``. The colour scale spans ``[0, 2 * threshold]`` when a
+    threshold is given (threshold = middle of the scale), otherwise each map's own min..max.
+    A file that cannot be read gets a row with an ``error`` message and the batch goes on.
+
+    Returns:
+        One record per input file: ``path``, ``score``, ``anomalous`` (when ``threshold``),
+        ``overlay``, ``error`` (empty fields as "").
+    """
+    paths = collect_images(inputs)
+    out = Path(out_dir)
+    overlay_dir = out / "overlays"
+    if overlays:
+        overlay_dir.mkdir(parents=True, exist_ok=True)
+    assert model.image_size is not None
+    records: list[dict[str, Any]] = []
+    used: set[str] = set()
+    chunks = _batches(paths, batch_size or model.batch_size)
+    n_chunks = -(-len(paths) // (batch_size or model.batch_size))
+    for chunk in progress(chunks, desc="predicting", total=n_chunks, unit="batch"):
+        tensors, good = [], []
+        for path in chunk:
+            try:
+                tensors.append(image_to_tensor(load_image(path), model.image_size))
+                good.append(path)
+            except DataError as exc:
+                records.append({"path": str(path), "score": "", "anomalous": "", "overlay": "", "error": str(exc)})
+        if not tensors:
+            continue
+        images = torch.stack(tensors)
+        scores, maps = model.predict(images)
+        for path, image, score, amap in zip(good, images, scores.tolist(), maps.numpy(), strict=True):
+            record: dict[str, Any] = {"path": str(path), "score": score, "anomalous": "", "overlay": "", "error": ""}
+            if threshold is not None:
+                record["anomalous"] = int(score > threshold)
+            if overlays:
+                pixels = (image.permute(1, 2, 0).numpy() * 255.0).round()
+                lo, hi = (0.0, 2.0 * threshold) if threshold is not None else (float(amap.min()), float(amap.max()))
+                target = overlay_dir / _unique_name(path.stem, used)
+                with atomic_path(target) as tmp:
+                    Image.fromarray(overlay_heatmap(pixels, amap, lo, hi)).save(tmp, format="PNG")
+                record["overlay"] = str(target)
+            records.append(record)
+    order = {str(p): i for i, p in enumerate(paths)}
+    records.sort(key=lambda r: order[r["path"]])
+    write_text_atomic(out / "scores.csv", _csv_text(records, PREDICT_COLUMNS))
+    return records

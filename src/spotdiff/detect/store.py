@@ -1,0 +1,154 @@
+"""Model directories: safetensors + JSON, hashed by a manifest, written atomically.
+
+Layout of a model directory (format version 1)::
+
+    config.json           model type, backbone arch, layers, image size, hyper-parameters
+    model.safetensors     the fitted statistics (PaDiM: mean, inverse Cholesky factors, channel index;
+                          PatchCore: memory bank)
+    backbone.safetensors  the backbone state_dict, so the directory is self-contained
+    manifest.json         {"format": ..., "format_version": 1, "files": {name: sha256}}
+
+Loading checks the format version, that every file in the manifest exists and hashes to the
+recorded SHA-256, and reads tensors with safetensors only (no pickle, no code executed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from spotdiff.errors import ConfigError, WeightsError
+from spotdiff.files import output_error
+
+FORMAT = "spotdiff-detector"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.safetensors"
+BACKBONE_FILE = "backbone.safetensors"
+MANIFEST_FILE = "manifest.json"
+MODEL_FILES = (CONFIG_FILE, MODEL_FILE, BACKBONE_FILE)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def save_model_dir(
+    out_dir: str | os.PathLike[str],
+    config: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    backbone_state: dict[str, torch.Tensor],
+) -> Path:
+    """Write a model directory atomically and return its path.
+
+    Files are written into a temporary sibling directory, fsynced, the manifest last; the
+    directory is then renamed onto ``out_dir``. An existing ``out_dir`` is replaced only when it
+    is empty or is itself a model directory (has a manifest); anything else is refused.
+    """
+    out = Path(out_dir)
+    if out.exists():
+        if not out.is_dir():
+            raise ConfigError(f"{out}: exists and is not a directory")
+        if any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
+            raise ConfigError(f"{out}: exists and is not a spotdiff model directory; refusing to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file(_contiguous(tensors), str(tmp / MODEL_FILE), metadata={"format": FORMAT})
+        save_file(_contiguous(backbone_state), str(tmp / BACKBONE_FILE), metadata={"format": "pt"})
+        full_config = {"format": FORMAT, "format_version": FORMAT_VERSION, **config}
+        (tmp / CONFIG_FILE).write_text(json.dumps(full_config, indent=2, sort_keys=True) + "\n")
+        for name in MODEL_FILES:
+            _fsync(tmp / name)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "files": {name: sha256_file(tmp / name) for name in MODEL_FILES},
+        }
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        _fsync(tmp / MANIFEST_FILE)
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old.rmdir()
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(tmp)
+        if isinstance(exc, OSError) or (isinstance(exc, SafetensorError) and "I/O error" in str(exc)):
+            raise output_error(out, exc) from exc  # disk full, read-only: one clear line
+        raise
+    return out
+
+
+def load_model_dir(
+    model_dir: str | os.PathLike[str],
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Verify and read a model directory: ``(config, tensors, backbone_state)``.
+
+    Raises:
+        WeightsError: missing directory or file, unknown format or version, hash mismatch
+            (tampered or truncated file), unreadable safetensors; the message names the file.
+    """
+    root = Path(model_dir)
+    manifest_path = root / MANIFEST_FILE
+    if not root.is_dir():
+        raise WeightsError(f"{root}: model directory not found")
+    if not manifest_path.is_file():
+        raise WeightsError(f"{manifest_path}: manifest missing; not a spotdiff model directory")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"{manifest_path}: unreadable manifest ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise WeightsError(f"{manifest_path}: not a {FORMAT} manifest")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise WeightsError(
+            f"{manifest_path}: format version {version!r} is not supported (this spotdiff reads {FORMAT_VERSION})"
+        )
+    files = manifest.get("files")
+    if not isinstance(files, dict) or set(files) != set(MODEL_FILES):
+        raise WeightsError(f"{manifest_path}: manifest must list exactly {list(MODEL_FILES)}")
+    for name in MODEL_FILES:
+        path = root / name
+        if not path.is_file():
+            raise WeightsError(f"{path}: file missing from model directory")
+        if sha256_file(path) != files[name]:
+            raise WeightsError(f"{path}: SHA-256 does not match the manifest (file modified or corrupt)")
+    try:
+        config = json.loads((root / CONFIG_FILE).read_text())
+        tensors = load_file(str(root / MODEL_FILE), device="cpu")
+        backbone = load_file(str(root / BACKBONE_FILE), device="cpu")
+    except Exception as exc:  # a manifest re-written to match a broken file
+        raise WeightsError(f"{root}: cannot read model files ({type(exc).__name__}: {exc})") from exc
+    if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
+        raise WeightsError(f"{root / CONFIG_FILE}: format or version does not match the manifest")
+    return config, tensors, backbone

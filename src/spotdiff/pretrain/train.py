@@ -1,0 +1,323 @@
+"""The pre-training loop: one process on CPU or GPU, or many under ``torchrun``.
+
+Per optimizer step: set the lr (linear warm-up then cosine, peak ``lr * batch_size / 256``), run
+the method's forward under autocast (GPU), back-propagate (with loss scaling for fp16), stop on a
+non-finite loss before the weights change, step the optimizer, let the method update itself
+(e.g. MoCo's momentum encoder). Rank 0 writes ``RUN_DIR/log.csv``, TensorBoard events (when
+``torch.utils.tensorboard`` imports), ``RUN_DIR/checkpoint.pt`` every ``checkpoint_every`` steps
+and at the end, and finally ``RUN_DIR/backbone.safetensors``.
+
+Determinism: the data order depends on ``(seed, epoch)``, each sample's augmentation on
+``(seed, epoch, index)``, and each step's random numbers (global torch RNG and the generator
+given to the method's forward for SPD blending) on ``(seed, step, rank)``. A resumed run
+therefore repeats exactly what the uninterrupted run would have done (bit-identical on CPU).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from spotdiff.errors import ConfigError, DataError, SpotdiffError
+from spotdiff.files import atomic_path, write_text_atomic
+from spotdiff.progress import bar, log, set_quiet
+from spotdiff.pretrain.checkpoint import (
+    CHECKPOINT_NAME,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from spotdiff.pretrain.config import PretrainConfig, config_differences
+from spotdiff.pretrain.data import (
+    EpochBatchSampler,
+    PretrainImages,
+    drop_unreadable,
+    find_images,
+    mix_seed,
+)
+from spotdiff.pretrain.distributed import DistContext, all_reduce_mean, barrier, cleanup_distributed, init_distributed
+from spotdiff.pretrain.export import write_backbone
+from spotdiff.pretrain.optim import build_optimizer, lr_factor, remember_peak_lr, set_lr
+
+LOG_NAME = "log.csv"
+LOG_COLUMNS = ("step", "epoch", "lr", "loss", "loss_base", "loss_spd", "img_per_s")
+BACKBONE_NAME = "backbone.safetensors"
+CONFIG_NAME = "config.yaml"
+
+
+def build_method(name: str, **kwargs: Any) -> nn.Module:
+    """``spotdiff.pretrain.methods.build_method`` (imported on use; tests may stand in for it)."""
+    from spotdiff.pretrain.methods import build_method as build
+
+    return build(name, **kwargs)
+
+
+def run_pretrain(cfg: PretrainConfig) -> Path:
+    """Pre-train ``cfg.method`` on ``cfg.data``; return the final checkpoint ``cfg.out/checkpoint.pt``.
+
+    Works as a plain process or under ``torchrun`` (one process per GPU, or several CPU
+    processes with gloo). Raises SpotdiffError subclasses for bad config, data or a diverged loss.
+    """
+    cfg.validate()
+    owned_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    ctx = init_distributed(cfg.device)
+    try:
+        return _pretrain(cfg, ctx)
+    finally:
+        if owned_group:
+            cleanup_distributed()
+
+
+def _pretrain(cfg: PretrainConfig, ctx: DistContext) -> Path:
+    if not ctx.is_main:
+        set_quiet(True)
+    run_dir = Path(cfg.out)
+    ckpt_path = run_dir / CHECKPOINT_NAME
+    resume = _checkpoint_to_resume(cfg, ckpt_path)
+
+    paths, labels, class_names = find_images(cfg.data)
+    if cfg.skip_bad:
+        paths, labels = drop_unreadable(paths, labels)
+    if cfg.method == "supervised" and not class_names:
+        raise DataError(f"{cfg.data}: supervised pre-training needs class subfolders (DIR/<class>/*.png)")
+
+    torch.manual_seed(cfg.seed)  # model initialisation
+    try:
+        method = build_method(cfg.method, arch=cfg.arch, spd=cfg.spd, eta=cfg.eta,
+                              num_classes=len(class_names) if cfg.method == "supervised" else None,
+                              weights=cfg.weights, **cfg.hparams)
+    except TypeError as exc:
+        raise ConfigError(f"hparams: {cfg.method} does not accept {sorted(cfg.hparams)} ({exc})") from exc
+    cfg = cfg.with_recipe(method.recipe)
+    method.recipe = dataclasses.replace(  # the optimizer and param groups read the resolved values
+        method.recipe, optimizer=cfg.optimizer, base_lr=cfg.lr, weight_decay=cfg.weight_decay,
+        momentum=cfg.momentum, batch_size=cfg.batch_size, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs)
+    if resume is not None:
+        changed = config_differences(resume["config"], cfg)
+        if changed:
+            raise ConfigError(f"{ckpt_path}: cannot resume with a different config: " + "; ".join(changed))
+
+    if cfg.batch_size % ctx.world_size:
+        raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by {ctx.world_size} processes")
+    if len(paths) < cfg.batch_size:
+        raise DataError(f"{cfg.data}: {len(paths)} images, fewer than one batch of {cfg.batch_size} "
+                        "(lower --batch-size)")
+    sampler = EpochBatchSampler(len(paths), cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size)
+    steps_per_epoch = sampler.batches_per_epoch
+    total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
+    warmup_steps = min(total_steps, round(cfg.warmup_epochs * steps_per_epoch))
+
+    device = ctx.device
+    on_gpu = device.type == "cuda"
+    if ctx.distributed and on_gpu:
+        method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    method.to(device)
+    if on_gpu and cfg.channels_last:
+        method.to(memory_format=torch.channels_last)
+    peak_lr = cfg.lr * cfg.batch_size / 256
+    optimizer = build_optimizer(method, peak_lr)
+    remember_peak_lr(optimizer)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if on_gpu else None
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+
+    start_step = 0
+    if resume is not None:
+        method.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        if resume["scaler"]:  # empty when fp16 loss scaling was off
+            scaler.load_state_dict(resume["scaler"])
+        set_rng_state(resume["rng"])
+        start_step = int(resume["step"])
+        log(f"resuming {ckpt_path} at step {start_step}/{total_steps}")
+        del resume
+    model = DistributedDataParallel(method, device_ids=[device.index] if on_gpu else None) if ctx.distributed else method
+
+    dataset = PretrainImages(paths, labels, method.view_transform(cfg.image_size), cfg.seed)
+    loader = DataLoader(dataset, batch_size=sampler.local_batch, sampler=sampler, num_workers=cfg.workers,
+                        pin_memory=on_gpu, drop_last=True, persistent_workers=cfg.workers > 0)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_config(run_dir / CONFIG_NAME, cfg)
+        log(f"pretrain {cfg.method}{'+spd' if cfg.spd else ''} {cfg.arch}: {len(paths)} images"
+            f"{f' in {len(class_names)} classes' if class_names else ''}, batch {cfg.batch_size} on "
+            f"{ctx.world_size} process(es) ({device.type}), {total_steps} steps "
+            f"({steps_per_epoch}/epoch, warm-up {warmup_steps}), peak lr {peak_lr:g}")
+    logger = _RunLogger(run_dir, start_step, cfg.tensorboard) if ctx.is_main else None
+
+    def checkpoint(step: int) -> None:
+        if ctx.is_main:
+            save_checkpoint(ckpt_path, {
+                "step": step, "epoch": step // steps_per_epoch, "world_size": ctx.world_size,
+                "config": cfg.to_dict(), "model": method.state_dict(),
+                "backbone": method.backbone.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "rng": rng_state(),
+            })
+        barrier(ctx)
+
+    progress = bar(total=total_steps, desc=f"pretrain {cfg.method}", initial=start_step, unit="step")
+    step = start_step
+    window = _Window()
+    try:
+        while step < total_steps:
+            epoch, start_batch = divmod(step, steps_per_epoch)
+            sampler.set_epoch(epoch, start_batch)
+            for views, batch_labels in _reraise_data_errors(loader):
+                lr = set_lr(optimizer, lr_factor(step, total_steps, warmup_steps))
+                torch.manual_seed(mix_seed(cfg.seed, step, ctx.rank, 1))
+                generator = torch.Generator(device).manual_seed(mix_seed(cfg.seed, step, ctx.rank, 2))
+                views = {k: _to_device(v, device, cfg.channels_last and on_gpu) for k, v in views.items()}
+                batch_labels = batch_labels.to(device, non_blocking=True)
+                stats = _forward_backward(model, views, batch_labels, generator, amp_dtype, scaler, ctx)
+                if not all(math.isfinite(v) for v in stats):
+                    raise SpotdiffError(
+                        f"loss became {stats[0]} at step {step + 1} (epoch {epoch}); stopped before "
+                        f"updating the weights. The last good checkpoint is kept: "
+                        f"{ckpt_path if ckpt_path.is_file() else 'none written yet'}. "
+                        "Try a lower --lr or --amp bf16/none.")
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                method.after_step()
+                step += 1
+                window.add(stats, cfg.batch_size)
+                progress.update(1)
+                if logger is not None and (step % cfg.log_every == 0 or step == total_steps):
+                    row = window.row(step, epoch, lr)
+                    logger.write(row)
+                    progress.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.1f}")
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
+                    started = time.perf_counter()
+                    checkpoint(step)
+                    window.start += time.perf_counter() - started  # img/s counts training only
+                if step >= total_steps:
+                    break
+    finally:
+        progress.close()
+        if logger is not None:
+            logger.close()
+    if start_step < total_steps or not ckpt_path.is_file():
+        checkpoint(step)
+    if ctx.is_main:
+        write_backbone(method.backbone.state_dict(), cfg.arch, run_dir / BACKBONE_NAME,
+                       {"method": cfg.method, "spd": cfg.spd, "eta": cfg.eta, "step": step})
+        log(f"pretrain done: {ckpt_path}, backbone {run_dir / BACKBONE_NAME}")
+    barrier(ctx)
+    return ckpt_path
+
+
+def _forward_backward(model: nn.Module, views: dict[str, torch.Tensor], labels: torch.Tensor,
+                      generator: torch.Generator, amp_dtype: torch.dtype | None,
+                      scaler: torch.amp.GradScaler, ctx: DistContext) -> list[float]:
+    """Losses of one batch, back-propagated; returns ``[loss, loss_base, loss_spd]`` averaged over processes."""
+    autocast = torch.autocast(ctx.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    with autocast:
+        out = model(views, labels=labels, generator=generator)
+    scaler.scale(out["loss"]).backward()
+    zero = torch.zeros((), device=ctx.device)
+    stats = torch.stack([out[k].detach().float() if k in out else zero for k in ("loss", "loss_base", "loss_spd")])
+    return all_reduce_mean(stats, ctx).tolist()
+
+
+def _checkpoint_to_resume(cfg: PretrainConfig, ckpt_path: Path) -> dict[str, Any] | None:
+    """The checkpoint to resume from, None to start fresh; refuses to overwrite a run silently."""
+    if not ckpt_path.is_file():
+        if cfg.resume:
+            log(f"no checkpoint at {ckpt_path}; starting from step 0")
+        return None
+    if not cfg.resume:
+        raise ConfigError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+    return load_checkpoint(ckpt_path)
+
+
+def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+def _reraise_data_errors(loader: DataLoader):
+    """Iterate ``loader``; a DataError raised in a worker comes back as one clean line."""
+    try:
+        yield from loader
+    except DataError as exc:
+        lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+        last = lines[-1] if lines else str(exc)
+        raise DataError(last.split("DataError: ", 1)[-1] + " (use --skip-bad to skip unreadable images)") from None
+
+
+def _write_config(path: Path, cfg: PretrainConfig) -> None:
+    import yaml
+
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+class _Window:
+    """Loss and throughput averaged over the steps since the last log row."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = [0.0, 0.0, 0.0]
+        self.steps = 0
+        self.images = 0
+        self.start = time.perf_counter()
+
+    def add(self, stats: list[float], images: int) -> None:
+        self.sums = [s + v for s, v in zip(self.sums, stats, strict=True)]
+        self.steps += 1
+        self.images += images
+
+    def row(self, step: int, epoch: int, lr: float) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        loss, loss_base, loss_spd = (s / self.steps for s in self.sums)
+        row = {"step": step, "epoch": epoch, "lr": lr, "loss": loss, "loss_base": loss_base,
+               "loss_spd": loss_spd, "img_per_s": self.images / elapsed}
+        self.reset()
+        return row
+
+
+class _RunLogger:
+    """Rank 0's CSV log (append-only; rows past a resumed step are dropped) and TensorBoard."""
+
+    def __init__(self, run_dir: Path, start_step: int, tensorboard: bool):
+        path = run_dir / LOG_NAME
+        kept: list[list[str]] = []
+        if start_step > 0 and path.is_file():
+            with open(path, newline="") as fh:
+                kept = [r for r in list(csv.reader(fh))[1:] if r and int(r[0]) <= start_step]
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+            csv.writer(fh).writerows([list(LOG_COLUMNS), *kept])
+        self.file = open(path, "a", newline="")  # noqa: SIM115 - kept open for the whole run
+        self.csv = csv.writer(self.file)
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                log("TensorBoard not installed; logging to CSV only")
+            else:
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step or None)
+
+    def write(self, row: dict[str, float]) -> None:
+        self.csv.writerow([f"{row[k]:.6g}" if isinstance(row[k], float) else row[k] for k in LOG_COLUMNS])
+        self.file.flush()
+        if self.tb is not None:
+            for key in LOG_COLUMNS[2:]:
+                self.tb.add_scalar(f"pretrain/{key}", row[key], row["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+

@@ -1,0 +1,534 @@
+"""``spotdiff benchmark``: a resumable grid of pre-trained weights x downstream methods x objects.
+
+Each *cell* (one weights entry, one downstream entry, one object) is measured once and written
+atomically to ``<out>/cells/<weights>__<downstream>__<object>.json``. A cell whose file exists is
+skipped, so an interrupted benchmark resumes where it stopped. After the grid, the results are
+collected into ``results.csv`` / ``results.json``, ``tables.md`` (the paper's layout: one table per
+downstream method and metric, pre-training methods as rows, objects and mean as columns, AU-PR
+first) and ``report.html``.
+
+Downstream methods are looked up in :data:`DOWNSTREAM` (name -> runner); a runner takes the
+:class:`Cell`, the :class:`BenchmarkConfig` and a scratch folder and returns a :class:`CellOutput`. Tests register
+fast fake runners there to check the grid logic.
+
+Config (YAML; relative paths are relative to the config file)::
+
+    data: {root: /data/VisA}          # raw VisA root (or MVTec-style / prepared folder)
+    objects: [candle, capsules]
+    image_size: 256
+    seed: 0
+    device: cuda                      # cpu | cuda
+    weights:
+      - {name: random_r18, arch: resnet18}                       # no file: random init
+      - {name: simsiam_spd_r50, arch: resnet50, file: w/simsiam_spd_r50.safetensors}
+      - name: tiny_simsiam                                       # pre-trained first
+        arch: resnet18
+        pretrain: {method: simsiam, spd: true, steps: 100, image_size: 64, data: images/}
+    downstream:
+      - {name: padim, method: padim, params: {layers: [layer1, layer2, layer3]}}
+      - {name: patchcore, method: patchcore, weights: [wrn50_simsiam]}  # only these weights
+      - {name: cls-5shot, method: cls, params: {protocol: 5shot}}
+    report: {figures: true}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from spotdiff import __version__
+from spotdiff.errors import ConfigError, SpotdiffError
+from spotdiff.files import write_json_atomic, write_text_atomic
+from spotdiff.progress import bar, log
+from spotdiff.report.html import report_sections, write_html_report
+from spotdiff.report.plots import Predictions
+from spotdiff.report.tables import (
+    HEADLINE_METRICS,
+    ResultRecord,
+    Table,
+    paper_tables,
+    records_csv,
+    tables_markdown,
+)
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+-]*(_[A-Za-z0-9.+-]+)*$")  # no "__", filename-safe
+CELL_DIR = "cells"
+WEIGHTS_DIR = "weights"
+WORK_DIR = "work"
+
+
+# ================================================================================ configuration
+@dataclass(frozen=True)
+class WeightsSpec:
+    """A backbone to evaluate: ``file`` (None = random init from the seed) or a ``pretrain`` block
+    (a :class:`spotdiff.pretrain.PretrainConfig` mapping) run first, exported to
+    ``<out>/weights/<name>.safetensors``."""
+
+    name: str
+    arch: str
+    file: Path | None = None
+    pretrain: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class DownstreamSpec:
+    """A downstream method: ``method`` is a key of :data:`DOWNSTREAM`, ``params`` its options;
+    ``weights`` restricts it to those weights names (None = all)."""
+
+    name: str
+    method: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+    weights: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """The whole grid. ``data_root`` is the dataset root handed to :func:`spotdiff.data.open_dataset`."""
+
+    data_root: Path
+    objects: tuple[str, ...]
+    weights: tuple[WeightsSpec, ...]
+    downstream: tuple[DownstreamSpec, ...]
+    image_size: int = 256
+    seed: int = 0
+    device: str = "cpu"
+    batch_size: int = 32
+    figures: bool = True
+    title: str = "spotdiff benchmark"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid cell; ``weights_file`` is the resolved backbone file (None = random init)."""
+
+    weights: WeightsSpec
+    downstream: DownstreamSpec
+    object: str
+    weights_file: Path | None
+
+    @property
+    def key(self) -> str:
+        return f"{self.weights.name}__{self.downstream.name}__{self.object}"
+
+    def fingerprint(self, config: BenchmarkConfig) -> dict[str, Any]:
+        """What the cell's numbers depend on; a stored cell with another fingerprint is stale."""
+        return {"weights": self.weights.name, "arch": self.weights.arch,
+                "weights_file": None if self.weights_file is None else str(self.weights_file),
+                "downstream": self.downstream.name, "method": self.downstream.method,
+                "params": _jsonable(self.downstream.params), "object": self.object,
+                "data_root": str(config.data_root), "image_size": config.image_size, "seed": config.seed}
+
+
+@dataclass
+class CellOutput:
+    """What a downstream runner measured: ``metrics`` (fractions, from :func:`spotdiff.metrics.evaluate`;
+    may hold extra keys such as ``*_std``) and optionally the per-image test ``scores``, ``labels``
+    and ``defect_types`` (kept for the report's curves)."""
+
+    metrics: dict[str, Any]
+    scores: Sequence[float] | None = None
+    labels: Sequence[int] | None = None
+    defect_types: Sequence[str] | None = None
+
+
+#: A downstream runner: ``runner(cell, config, work_dir) -> CellOutput``; ``work_dir`` is a scratch
+#: folder of the cell (``<out>/work/<cell key>``) for whatever the method writes on the way.
+Runner = Callable[[Cell, BenchmarkConfig, Path], CellOutput]
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _check_name(kind: str, name: Any, source: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ConfigError(f"{source}: {kind} name {name!r} must be letters, digits, '.', '+', '-' or "
+                          "single '_' (no '__', no '/')")
+    return name
+
+
+def _check_unique(kind: str, names: list[str], source: str) -> None:
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{source}: duplicate {kind} names in {names}")
+
+
+def _mapping(value: Any, what: str, source: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{source}: {what} must be a mapping, got {type(value).__name__}")
+    return dict(value)
+
+
+def parse_config(data: Mapping[str, Any], base_dir: Path, source: str = "config") -> BenchmarkConfig:
+    """Validate a config mapping (see module docstring); relative paths resolve against ``base_dir``."""
+    data = _mapping(data, "the config", source)
+    known = {"data", "objects", "weights", "downstream", "image_size", "seed", "device", "batch_size",
+             "report", "title"}
+    if unknown := sorted(set(data) - known):
+        raise ConfigError(f"{source}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+
+    def path(value: Any, what: str) -> Path:
+        if not isinstance(value, str | os.PathLike) or not str(value):
+            raise ConfigError(f"{source}: {what} must be a path, got {value!r}")
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (base_dir / p)
+
+    root = _mapping(data.get("data"), "data", source).get("root")
+    if root is None:
+        raise ConfigError(f"{source}: data.root (the dataset root) is required")
+    objects = data.get("objects")
+    if not isinstance(objects, list) or not objects or not all(isinstance(o, str) for o in objects):
+        raise ConfigError(f"{source}: objects must be a non-empty list of object names")
+    for obj in objects:
+        _check_name("object", obj, source)
+
+    weights = []
+    for i, entry in enumerate(data.get("weights") or []):
+        entry = _mapping(entry, f"weights[{i}]", source)
+        if unknown := sorted(set(entry) - {"name", "arch", "file", "pretrain"}):
+            raise ConfigError(f"{source}: weights[{i}]: unknown key(s) {unknown}")
+        name = _check_name("weights", entry.get("name"), f"{source}: weights[{i}]")
+        arch = entry.get("arch", "resnet18")
+        if entry.get("file") is not None and entry.get("pretrain") is not None:
+            raise ConfigError(f"{source}: weights {name!r}: give either file or pretrain, not both")
+        file = path(entry["file"], f"weights {name!r} file") if entry.get("file") is not None else None
+        pretrain = _mapping(entry.get("pretrain"), f"weights {name!r} pretrain", source) or None
+        if pretrain is not None and pretrain.get("data") is not None:
+            pretrain["data"] = str(path(pretrain["data"], f"weights {name!r} pretrain data"))
+        weights.append(WeightsSpec(name, str(arch), file, pretrain))
+    if not weights:
+        raise ConfigError(f"{source}: weights must list at least one backbone")
+    _check_unique("weights", [w.name for w in weights], source)
+
+    downstream = []
+    for i, entry in enumerate(data.get("downstream") or []):
+        entry = _mapping(entry, f"downstream[{i}]", source)
+        if unknown := sorted(set(entry) - {"name", "method", "params", "weights"}):
+            raise ConfigError(f"{source}: downstream[{i}]: unknown key(s) {unknown}")
+        method = entry.get("method")
+        if method not in DOWNSTREAM:
+            raise ConfigError(f"{source}: downstream[{i}]: unknown method {method!r}; "
+                              f"choose one of {sorted(DOWNSTREAM)}")
+        name = _check_name("downstream", entry.get("name", method), f"{source}: downstream[{i}]")
+        only = entry.get("weights")
+        if only is not None:
+            names = {w.name for w in weights}
+            if not isinstance(only, list) or not set(only) <= names:
+                raise ConfigError(f"{source}: downstream {name!r}: weights must list names among {sorted(names)}")
+            only = tuple(only)
+        downstream.append(DownstreamSpec(name, method, _mapping(entry.get("params"), "params", source), only))
+    if not downstream:
+        raise ConfigError(f"{source}: downstream must list at least one method")
+    _check_unique("downstream", [d.name for d in downstream], source)
+
+    def integer(key: str, default: int, minimum: int) -> int:
+        value = data.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ConfigError(f"{source}: {key} must be an integer >= {minimum}, got {value!r}")
+        return value
+
+    device = data.get("device", "cpu")
+    if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
+        raise ConfigError(f"{source}: device must be cpu or cuda, got {device!r}")
+    report = _mapping(data.get("report"), "report", source)
+    return BenchmarkConfig(
+        data_root=path(root, "data.root"), objects=tuple(objects), weights=tuple(weights),
+        downstream=tuple(downstream), image_size=integer("image_size", 256, 8), seed=integer("seed", 0, 0),
+        device=str(device), batch_size=integer("batch_size", 32, 1), figures=bool(report.get("figures", True)),
+        title=str(data.get("title", "spotdiff benchmark")))
+
+
+def load_config(path: str | os.PathLike[str]) -> BenchmarkConfig:
+    """Read and validate a benchmark YAML file; ConfigError names the file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: benchmark config not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    return parse_config(data, path.resolve().parent, source=str(path))
+
+
+# ================================================================================ downstream runners
+def _run_detector_cell(kind: str, cell: Cell, config: BenchmarkConfig) -> CellOutput:
+    """Fit detector ``kind`` (params go to its constructor, except ``split``) and evaluate it."""
+    from spotdiff.data import open_dataset
+    from spotdiff.detect import DETECTORS
+    from spotdiff.detect.predict import evaluate_detector
+
+    params = dict(cell.downstream.params)
+    split = params.pop("split", "1cls")
+    try:
+        detector = DETECTORS[kind](arch=cell.weights.arch, weights=cell.weights_file, seed=config.seed,
+                                   batch_size=config.batch_size, device=config.device, **params)
+    except TypeError as exc:
+        raise ConfigError(f"downstream {cell.downstream.name!r}: bad params {params} ({exc})") from exc
+    train = open_dataset(config.data_root, cell.object, split=split, subset="train", image_size=config.image_size)
+    test = open_dataset(config.data_root, cell.object, split=split, subset="test", image_size=config.image_size)
+    detector.fit(train)
+    metrics, per_image, _, _ = evaluate_detector(detector, test, config.batch_size)
+    return CellOutput(metrics, [r["score"] for r in per_image], [r["label"] for r in per_image],
+                      [r["defect_type"] for r in per_image])
+
+
+def run_padim_cell(cell: Cell, config: BenchmarkConfig, work_dir: Path) -> CellOutput:
+    """PaDiM fitted on the object's normal training images (split ``params.split``, default 1cls)."""
+    return _run_detector_cell("padim", cell, config)
+
+
+def run_patchcore_cell(cell: Cell, config: BenchmarkConfig, work_dir: Path) -> CellOutput:
+    """PatchCore fitted on the object's normal training images (split ``params.split``, default 1cls)."""
+    return _run_detector_cell("patchcore", cell, config)
+
+
+def _run_finetune_cell(task: str, cell: Cell, config: BenchmarkConfig, work_dir: Path) -> CellOutput:
+    """Fine-tune under ``params.protocol`` on every seed (``params.seeds``, default 5); the cell's
+    metrics are the means over seeds, with ``<metric>_std`` the sample std."""
+    from spotdiff.finetune import FinetuneConfig, run_finetune
+
+    params = dict(cell.downstream.params)
+    try:
+        ft = FinetuneConfig(task=task, data=config.data_root, out=work_dir, object=cell.object,
+                            weights=cell.weights_file, arch=cell.weights.arch, image_size=config.image_size,
+                            device=config.device, **params)
+    except TypeError as exc:
+        raise ConfigError(f"downstream {cell.downstream.name!r}: bad params {params} ({exc})") from exc
+    summary = run_finetune(ft)["aggregate"][cell.object]
+    metrics: dict[str, Any] = {}
+    for name, stat in summary.items():
+        if isinstance(stat, Mapping) and "mean" in stat:
+            metrics[name] = stat["mean"]
+            metrics[f"{name}_std"] = stat["std"]
+    return CellOutput(metrics)
+
+
+def run_cls_cell(cell: Cell, config: BenchmarkConfig, work_dir: Path) -> CellOutput:
+    """2-class classification fine-tuning under ``params.protocol`` (highshot, 5shot, 10shot)."""
+    return _run_finetune_cell("cls", cell, config, work_dir)
+
+
+def run_seg_cell(cell: Cell, config: BenchmarkConfig, work_dir: Path) -> CellOutput:
+    """2-class segmentation (U-Net) fine-tuning under ``params.protocol`` (highshot, 5shot, 10shot)."""
+    return _run_finetune_cell("seg", cell, config, work_dir)
+
+
+#: Downstream method name -> runner. Register more (or fakes, in tests) by adding entries.
+DOWNSTREAM: dict[str, Runner] = {
+    "padim": run_padim_cell,
+    "patchcore": run_patchcore_cell,
+    "cls": run_cls_cell,
+    "seg": run_seg_cell,
+}
+
+
+# ================================================================================ the grid
+def prepare_weights(config: BenchmarkConfig, out: Path) -> dict[str, Path | None]:
+    """Backbone file of every weights entry; runs (or resumes) the ``pretrain`` blocks first.
+
+    A backbone already exported to ``<out>/weights/<name>.safetensors`` is reused when the block
+    recorded beside it (``<name>.json``) is the same; a changed block is a ConfigError.
+    """
+    files: dict[str, Path | None] = {}
+    for spec in config.weights:
+        if spec.pretrain is None:
+            if spec.file is not None and not spec.file.is_file():
+                raise ConfigError(f"weights {spec.name!r}: file not found: {spec.file}")
+            files[spec.name] = spec.file
+            continue
+        dest = out / WEIGHTS_DIR / f"{spec.name}.safetensors"
+        record = dest.with_suffix(".json")
+        block = {"arch": spec.arch, "pretrain": _jsonable(spec.pretrain), "seed": config.seed}
+        if dest.is_file() and record.is_file():
+            try:
+                stored = json.loads(record.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"{record}: unreadable ({exc}); delete it and {dest.name} to re-train") from exc
+            if stored != block:
+                raise ConfigError(f"{dest}: pre-trained with another pretrain block; use another --out "
+                                  f"or delete {dest.name} and {record.name} to re-train")
+            log(f"weights {spec.name}: already pre-trained ({dest})")
+        else:
+            pretrain_and_export(spec, config, out / "pretrain" / spec.name, dest)
+            write_json_atomic(record, block)
+        files[spec.name] = dest
+    return files
+
+
+def pretrain_and_export(spec: WeightsSpec, config: BenchmarkConfig, run_dir: Path, dest: Path) -> None:
+    """Run one ``pretrain`` block into ``run_dir`` and export its backbone to ``dest``."""
+    from spotdiff.pretrain.config import PretrainConfig
+    from spotdiff.pretrain.export import export_backbone
+    from spotdiff.pretrain.train import run_pretrain
+
+    block = dict(spec.pretrain or {})
+    block.setdefault("arch", spec.arch)
+    block.setdefault("seed", config.seed)
+    block.setdefault("device", config.device)
+    block["out"] = str(run_dir)
+    block["resume"] = True
+    try:
+        pcfg = PretrainConfig(**block)
+    except TypeError as exc:
+        raise ConfigError(f"weights {spec.name!r}: bad pretrain block ({exc})") from exc
+    log(f"weights {spec.name}: pre-training ({pcfg.method}{' + SPD' if pcfg.spd else ''}, {pcfg.arch})")
+    export_backbone(run_pretrain(pcfg), dest, arch=spec.arch)
+
+
+def grid(config: BenchmarkConfig, weights_files: Mapping[str, Path | None]) -> list[Cell]:
+    """Every cell, ordered weights, then downstream, then object."""
+    return [Cell(w, d, obj, weights_files.get(w.name, w.file))
+            for w in config.weights for d in config.downstream
+            if d.weights is None or w.name in d.weights
+            for obj in config.objects]
+
+
+def cell_path(out: Path, cell: Cell) -> Path:
+    return out / CELL_DIR / f"{cell.key}.json"
+
+
+def read_cell(path: Path, cell: Cell, config: BenchmarkConfig) -> dict[str, Any] | None:
+    """The stored result of ``cell``, or None when not yet measured.
+
+    A file for another configuration (different fingerprint) or an unreadable file is an error:
+    the user chooses between a fresh ``--out`` and deleting it.
+    """
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        stored = data["fingerprint"]
+        data["metrics"]  # noqa: B018 - presence check
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: unreadable cell result ({exc}); delete it to re-run the cell") from exc
+    if stored != _jsonable(cell.fingerprint(config)):
+        raise ConfigError(f"{path}: measured with another configuration; use another --out "
+                          "or delete the file to re-run the cell")
+    return data
+
+
+def run_cell(cell: Cell, config: BenchmarkConfig, out: Path) -> dict[str, Any]:
+    """Measure one cell and write its JSON atomically; returns the stored dict."""
+    runner = DOWNSTREAM.get(cell.downstream.method)
+    if runner is None:
+        raise ConfigError(f"no runner registered for downstream method {cell.downstream.method!r}")
+    start = time.perf_counter()
+    output = runner(cell, config, out / WORK_DIR / cell.key)
+    data = {
+        "key": cell.key, "weights": cell.weights.name, "downstream": cell.downstream.name,
+        "object": cell.object, "metrics": _jsonable(output.metrics),
+        "seconds": round(time.perf_counter() - start, 3),
+        "scores": None if output.scores is None else [float(s) for s in output.scores],
+        "labels": None if output.labels is None else [int(v) for v in output.labels],
+        "defect_types": None if output.defect_types is None else [str(t) for t in output.defect_types],
+        "fingerprint": cell.fingerprint(config), "spotdiff_version": __version__,
+    }
+    write_json_atomic(cell_path(out, cell), data)
+    return data
+
+
+@dataclass
+class BenchmarkResult:
+    """What a benchmark run produced: the stored cell dicts (grid order) and what was skipped."""
+
+    cells: list[dict[str, Any]]
+    ran: list[str]
+    skipped: list[str]
+    tables: list[Table]
+    out: Path
+
+
+def run_benchmark(config: BenchmarkConfig, out: str | os.PathLike[str]) -> BenchmarkResult:
+    """Run (or resume) the grid, then write results.csv/json, tables.md and report.html into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = prepare_weights(config, out)
+    cells = grid(config, files)
+    done, ran, skipped = [], [], []
+    progress_bar = bar(total=len(cells), desc="benchmark", unit="cell")
+    try:
+        for cell in cells:
+            path = cell_path(out, cell)
+            data = read_cell(path, cell, config)
+            if data is not None:
+                skipped.append(cell.key)
+            else:
+                progress_bar.set_postfix_str(cell.key)
+                try:
+                    data = run_cell(cell, config, out)
+                except SpotdiffError as exc:
+                    raise type(exc)(f"cell {cell.key}: {exc}") from exc
+                ran.append(cell.key)
+                log(f"{cell.key}: {_headline(data['metrics'])} ({data['seconds']:.1f} s)")
+            done.append(data)
+            progress_bar.update(1)
+    finally:
+        progress_bar.close()
+    if skipped:
+        log(f"skipped {len(skipped)} cell(s) already measured in {out / CELL_DIR}")
+    tables = write_results(config, done, out)
+    return BenchmarkResult(done, ran, skipped, tables, out)
+
+
+def _headline(metrics: Mapping[str, Any]) -> str:
+    parts = []
+    for key in ("image_aupr", "image_auroc", "pixel_aupro"):
+        value = metrics.get(key)
+        if isinstance(value, int | float) and not np.isnan(value):
+            parts.append(f"{key} {100 * value:.1f}")
+    return ", ".join(parts) or "done"
+
+
+def cell_records(cells: Sequence[Mapping[str, Any]]) -> list[ResultRecord]:
+    """Result records (method = weights name) of stored cells."""
+    return [ResultRecord(c["object"], c["weights"], c["downstream"], c["metrics"]) for c in cells]
+
+
+def write_results(config: BenchmarkConfig, cells: Sequence[Mapping[str, Any]], out: Path) -> list[Table]:
+    """results.csv, results.json, tables.md and report.html from the stored cells; returns the tables."""
+    records = cell_records(cells)
+    weights_order = [w.name for w in config.weights]
+    tables: list[Table] = []
+    for ds in config.downstream:
+        mine = [r for r in records if r.downstream == ds.name]
+        methods = [w for w in weights_order if any(r.method == w for r in mine)]
+        tables += paper_tables(mine, objects=list(config.objects), methods=methods, title_prefix=f"{ds.name}: ")
+    seconds = {(c["weights"], c["downstream"], c["object"]): c.get("seconds") for c in cells}
+    csv_lines = records_csv(records).splitlines()
+    csv_lines[0] += ",seconds"
+    for i, rec in enumerate(records, start=1):
+        s = seconds.get((rec.method, rec.downstream, rec.object))
+        csv_lines[i] += "," + ("" if s is None else f"{s:.3f}")
+    write_text_atomic(out / "results.csv", "\n".join(csv_lines) + "\n")
+    write_json_atomic(out / "results.json", {
+        "title": config.title, "objects": list(config.objects), "metrics": list(HEADLINE_METRICS),
+        "cells": [{k: c[k] for k in ("weights", "downstream", "object", "metrics", "seconds")} for c in cells],
+        "tables": [t.to_json() for t in tables]})
+    write_text_atomic(out / "tables.md", f"# {config.title}\n\nValues are percentages with one decimal.\n\n"
+                      + tables_markdown(tables))
+    predictions = []
+    if config.figures:
+        predictions = [Predictions(f"{c['downstream']}: {c['object']}", c["weights"], np.asarray(c["scores"]),
+                                   np.asarray(c["labels"]), c.get("defect_types"))
+                       for c in cells if c.get("scores") is not None and c.get("labels") is not None]
+    intro = (f"{len(cells)} cells: {len(config.weights)} weights x {len(config.downstream)} downstream methods x "
+             f"{len(config.objects)} objects. Data: {config.data_root}. Rows: pre-trained weights; "
+             "columns: objects and their mean (given only when every object was measured).")
+    write_html_report(out / "report.html", config.title, report_sections(tables, predictions), intro=intro)
+    return tables
+
+
+def config_dict(config: BenchmarkConfig) -> dict[str, Any]:
+    """The config as plain data (for logs and tests)."""
+    return _jsonable(dataclasses.asdict(config))

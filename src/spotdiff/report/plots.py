@@ -1,0 +1,248 @@
+"""Figures for the report, rendered off-screen (matplotlib Agg) to PNG bytes.
+
+* :func:`curves_figure` -- image-level PR and ROC curves of several methods on one object;
+* :func:`gallery_figure` -- test images with the ground-truth outline (contour of the mask) and
+  the anomaly heat map overlaid; :func:`select_gallery` picks the worst misses first;
+* :func:`defect_breakdown_figure` -- a grouped bar chart of a metric per defect type.
+
+No pyplot state is used: each figure is a standalone :class:`matplotlib.figure.Figure`.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from PIL import Image
+from sklearn.metrics import auc
+
+from spotdiff.metrics import evaluate, pr_curve, roc_curve
+from matplotlib.figure import Figure
+
+DPI = 100
+
+
+@dataclass(frozen=True)
+class ScoreSet:
+    """Image-level scores of one method on one object: ``scores`` (N,) higher = more anomalous,
+    ``labels`` (N,) 0 normal / 1 anomalous."""
+
+    method: str
+    scores: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class GalleryItem:
+    """One gallery tile. ``image`` (H, W, 3) in [0, 1] or uint8; ``anomaly_map`` (h, w), any range
+    (resized to the image); ``mask`` (H, W) ground truth in {0, 1} or None."""
+
+    image: np.ndarray
+    anomaly_map: np.ndarray | None
+    mask: np.ndarray | None
+    score: float
+    label: int
+    caption: str = ""
+
+
+@dataclass
+class Predictions:
+    """Per-image outputs of one method on one object's test set, kept for the report's figures.
+
+    ``scores`` (N,) image scores, higher = more anomalous; ``labels`` (N,) 0/1;
+    ``defect_types`` N names ("good" for normal); ``anomaly_maps`` (N, h, w) or None;
+    ``masks`` (N, H, W) in {0, 1} or None; ``images`` (N, H, W, 3) in [0, 1] or None;
+    ``paths`` N image files, read (and resized to the masks' or maps' size) for the gallery when
+    ``images`` is None, so only the few gallery images are ever held in memory.
+    """
+
+    object: str
+    method: str
+    scores: np.ndarray
+    labels: np.ndarray
+    defect_types: list[str] | None = None
+    anomaly_maps: np.ndarray | None = None
+    masks: np.ndarray | None = None
+    images: np.ndarray | None = None
+    paths: list[str] | None = None
+
+    def image(self, i: int) -> np.ndarray | None:
+        """Test image ``i`` as (H, W, 3) in [0, 1], or None when neither images nor paths are kept."""
+        if self.images is not None:
+            return np.asarray(self.images[i])
+        if self.paths is None:
+            return None
+        from spotdiff.data.io import load_image
+
+        img = load_image(self.paths[i])
+        ref = self.masks if self.masks is not None else self.anomaly_maps
+        if ref is not None:
+            img = img.resize((ref.shape[-1], ref.shape[-2]), Image.BILINEAR)
+        return np.asarray(img, dtype=np.float32) / 255.0
+
+    def score_set(self) -> ScoreSet:
+        return ScoreSet(self.method, np.asarray(self.scores), np.asarray(self.labels))
+
+    def gallery_items(self, n: int) -> list[GalleryItem]:
+        """The ``n`` worst misses (see :func:`select_gallery`) as gallery tiles; needs images or paths."""
+        if self.images is None and self.paths is None:
+            return []
+        items = []
+        for i in select_gallery(self.scores, self.labels, n):
+            caption = self.defect_types[i] if self.defect_types is not None else ""
+            items.append(GalleryItem(
+                image=self.image(i),
+                anomaly_map=None if self.anomaly_maps is None else self.anomaly_maps[i],
+                mask=None if self.masks is None else self.masks[i],
+                score=float(self.scores[i]), label=int(self.labels[i]), caption=caption))
+        return items
+
+
+def per_defect_type_auroc(scores: Sequence[float], labels: Sequence[int],
+                          defect_types: Sequence[str]) -> dict[str, float]:
+    """Image AU-ROC of each defect type against all normal images (fractions), from
+    :func:`spotdiff.metrics.evaluate` (``per_defect_type``). Empty without both classes."""
+    labels = np.asarray(labels).astype(int)
+    if not _has_both_classes(labels):
+        return {}
+    result = evaluate(np.asarray(scores, dtype=np.float64), labels, defect_types=list(defect_types))
+    return {name: float(entry["image_auroc"]) for name, entry in result["per_defect_type"].items()}
+
+
+def _png(fig: Figure) -> bytes:
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _has_both_classes(labels: np.ndarray) -> bool:
+    return bool(np.any(labels == 1) and np.any(labels == 0))
+
+
+def curves_figure(score_sets: Sequence[ScoreSet], title: str = "") -> bytes:
+    """PR (left) and ROC (right) image-level curves, one line per method; PNG bytes.
+
+    The legend gives the area under each curve (AU-PR by trapezoidal rule on the PR curve, as the
+    VisA protocol, and AU-ROC: the metrics module's image AU-PR and AU-ROC). Methods whose labels
+    lack a class are listed as "n/a".
+    """
+    fig = Figure(figsize=(9, 3.8))
+    ax_pr, ax_roc = fig.subplots(1, 2)
+    for s in score_sets:
+        labels = np.asarray(s.labels).astype(int).ravel()
+        scores = np.asarray(s.scores, dtype=np.float64).ravel()
+        if not _has_both_classes(labels):
+            ax_pr.plot([], [], label=f"{s.method} (n/a)")
+            ax_roc.plot([], [], label=f"{s.method} (n/a)")
+            continue
+        precision, recall, _ = pr_curve(scores, labels)
+        fpr, tpr, _ = roc_curve(scores, labels)
+        # legend: trapezoidal areas of the plotted curves (= the metrics' image AU-PR / AU-ROC)
+        ax_pr.plot(recall, precision, label=f"{s.method} ({100 * auc(recall, precision):.1f})")
+        ax_roc.plot(fpr, tpr, label=f"{s.method} ({100 * auc(fpr, tpr):.1f})")
+    ax_pr.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title="PR (AU-PR %)")
+    ax_roc.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.02),
+               title="ROC (AU-ROC %)")
+    ax_roc.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
+    for ax in (ax_pr, ax_roc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower left" if ax is ax_pr else "lower right")
+    if title:
+        fig.suptitle(title)
+    return _png(fig)
+
+
+def select_gallery(scores: Sequence[float], labels: Sequence[int], n: int) -> list[int]:
+    """Indices of ``n`` test images, worst misses first.
+
+    Anomalous images sorted by ascending score (missed defects) are interleaved with normal images
+    sorted by descending score (false alarms): anomalous first, then normal, and so on. When one
+    class runs out the other fills the rest.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels).astype(int)
+    anomalous = [int(i) for i in np.flatnonzero(labels == 1)[np.argsort(scores[labels == 1], kind="stable")]]
+    normal = [int(i) for i in np.flatnonzero(labels == 0)[np.argsort(-scores[labels == 0], kind="stable")]]
+    out: list[int] = []
+    while len(out) < n and (anomalous or normal):
+        for pool in (anomalous, normal):
+            if pool and len(out) < n:
+                out.append(pool.pop(0))
+    return out
+
+
+def _resize_map(amap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a 2-D map to ``shape`` (H, W)."""
+    if amap.shape == shape:
+        return amap
+    img = Image.fromarray(np.ascontiguousarray(amap, dtype=np.float32))  # mode "F"
+    return np.asarray(img.resize((shape[1], shape[0]), Image.BILINEAR), dtype=np.float32)
+
+
+def gallery_figure(items: Sequence[GalleryItem], columns: int = 4, title: str = "",
+                   map_range: tuple[float, float] | None = None) -> bytes:
+    """A grid of test images with heat-map overlay (jet, alpha 0.45) and ground-truth contour (lime).
+
+    The heat maps share one colour range: ``map_range`` or the min/max over all tiles' maps. Each
+    tile's title gives the true label and the image score.
+    """
+    if not items:
+        raise ValueError("gallery_figure needs at least one item")
+    columns = max(1, min(columns, len(items)))
+    rows = (len(items) + columns - 1) // columns
+    fig = Figure(figsize=(2.6 * columns, 2.9 * rows))
+    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    maps = [np.asarray(it.anomaly_map, dtype=np.float32) for it in items if it.anomaly_map is not None]
+    if map_range is None and maps:
+        map_range = (float(min(m.min() for m in maps)), float(max(m.max() for m in maps)))
+    for ax, it in zip(axes, items, strict=False):
+        image = np.asarray(it.image)
+        if image.dtype != np.uint8:
+            image = np.clip(image, 0.0, 1.0)
+        ax.imshow(image)
+        h, w = image.shape[:2]
+        if it.anomaly_map is not None and map_range is not None:
+            amap = _resize_map(np.asarray(it.anomaly_map, dtype=np.float32), (h, w))
+            ax.imshow(amap, cmap="jet", alpha=0.45, vmin=map_range[0], vmax=max(map_range[1], map_range[0] + 1e-12))
+        if it.mask is not None and np.any(np.asarray(it.mask) > 0):
+            ax.contour((np.asarray(it.mask) > 0).astype(float), levels=[0.5], colors="lime", linewidths=1.2)
+        kind = "anomalous" if it.label == 1 else "normal"
+        ax.set_title(f"{kind}, score {it.score:.3g}" + (f"\n{it.caption}" if it.caption else ""), fontsize=8)
+        ax.set_axis_off()
+    for ax in axes[len(items):]:
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title)
+    return _png(fig)
+
+
+def defect_breakdown_figure(
+    breakdown: Mapping[str, Mapping[str, float | None]], metric_label: str = "image AU-ROC", title: str = ""
+) -> bytes:
+    """Grouped bars of ``breakdown[method][defect_type]`` (fractions, shown in %); PNG bytes.
+
+    Missing values leave a gap in their group.
+    """
+    methods = list(breakdown)
+    defect_types = list(dict.fromkeys(d for m in methods for d in breakdown[m]))
+    if not defect_types:
+        raise ValueError("defect_breakdown_figure needs at least one defect type")
+    fig = Figure(figsize=(max(5.0, 1.1 * len(defect_types) * max(1, len(methods)) ** 0.5 + 2), 3.6))
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(methods))
+    x = np.arange(len(defect_types))
+    for k, method in enumerate(methods):
+        values = [breakdown[method].get(d) for d in defect_types]
+        heights = [np.nan if v is None else 100.0 * float(v) for v in values]
+        ax.bar(x + (k - (len(methods) - 1) / 2) * width, heights, width, label=method)
+    ax.set_xticks(x, defect_types, rotation=30, ha="right", fontsize=8)
+    ax.set(ylabel=f"{metric_label} (%)", ylim=(0, 100))
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    return _png(fig)

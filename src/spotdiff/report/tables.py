@@ -1,0 +1,257 @@
+"""Paper-style result tables from result records, as markdown, CSV and JSON.
+
+A *result record* is one measured cell: an object, a method label (pre-trained weights and/or
+downstream method), a downstream name and the metrics dict of :func:`spotdiff.metrics.evaluate`
+(values are fractions in [0, 1]). Tables show them as **percentages with one decimal**, as the
+VisA / SPD paper does (``0.8765`` -> ``87.7``); a missing value is shown as ``-``.
+
+Two layouts:
+
+* :func:`paper_tables` -- one table per metric (AU-PR first), methods as rows, objects then
+  ``Mean`` as columns; a record with ``<metric>_std`` (fine-tuning: std over seeds) shows
+  ``mean ± std``. The mean of a row is the mean over *all* objects of the table and is only
+  given when the row has a value for every object (a partial mean would not be comparable).
+* :func:`object_backbone_table` -- the demo's table: one row per (object, backbone), the five
+  headline metrics as columns, then one ``Mean`` row per backbone (mean over objects).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from spotdiff.errors import ConfigError
+
+#: Headline metrics in the paper's order (AU-PR before AU-ROC), with their display names.
+METRIC_LABELS: dict[str, str] = {
+    "image_aupr": "Image AU-PR",
+    "image_auroc": "Image AU-ROC",
+    "pixel_aupr": "Pixel AU-PR",
+    "pixel_auroc": "Pixel AU-ROC",
+    "pixel_aupro": "Pixel AU-PRO",
+}
+HEADLINE_METRICS: tuple[str, ...] = tuple(METRIC_LABELS)
+MEAN_LABEL = "Mean"
+STD_SUFFIX = "_std"  # a record's ``<metric>_std``: standard deviation over seeds
+MISSING = "-"
+
+
+@dataclass(frozen=True)
+class ResultRecord:
+    """One measured benchmark cell.
+
+    ``method`` is the row label of the paper tables (e.g. ``"SimSiam+SPD"`` or
+    ``"simsiam_spd / padim"``); ``downstream`` names the downstream method/protocol;
+    ``metrics`` maps metric names to fractions in [0, 1] (``None``/NaN when not measured).
+    """
+
+    object: str
+    method: str
+    downstream: str
+    metrics: Mapping[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"object": self.object, "method": self.method, "downstream": self.downstream,
+                "metrics": dict(self.metrics)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ResultRecord:
+        try:
+            return cls(str(data["object"]), str(data["method"]), str(data.get("downstream", "")),
+                       dict(data["metrics"]))
+        except (KeyError, TypeError) as exc:
+            raise ConfigError(f"result record lacks object/method/metrics: {data!r}") from exc
+
+    def value(self, metric: str) -> float | None:
+        """The metric as a float, or None when absent or NaN."""
+        return _as_float(self.metrics.get(metric))
+
+
+@dataclass(frozen=True)
+class Row:
+    """One table row: label cells (e.g. ``("SimSiam+SPD",)``), values as fractions and optionally
+    their standard deviations over seeds (shown as ``87.7 ± 1.2``)."""
+
+    labels: tuple[str, ...]
+    values: tuple[float | None, ...]
+    is_mean: bool = False
+    stds: tuple[float | None, ...] | None = None
+
+
+@dataclass
+class Table:
+    """A table of fractions; ``label_columns`` head the label cells, ``columns`` the values."""
+
+    title: str
+    label_columns: tuple[str, ...]
+    columns: tuple[str, ...]
+    rows: list[Row] = field(default_factory=list)
+    metric: str | None = None  # set when the whole table shows one metric
+
+    @property
+    def header(self) -> list[str]:
+        return [*self.label_columns, *self.columns]
+
+    def formatted_rows(self) -> list[list[str]]:
+        """Every row as display strings (percentages, one decimal)."""
+        out = []
+        for row in self.rows:
+            stds = row.stds or (None,) * len(row.values)
+            out.append([*row.labels, *(format_percent(v, sd) for v, sd in zip(row.values, stds, strict=True))])
+        return out
+
+    def to_markdown(self) -> str:
+        """A GitHub-flavoured markdown table preceded by its title; mean rows in bold."""
+        head = self.header
+        lines = [f"**{self.title}**", "", "| " + " | ".join(head) + " |",
+                 "|" + "|".join([":---"] * len(self.label_columns)
+                                + ["---:"] * len(self.columns)) + "|"]
+        for row, cells in zip(self.rows, self.formatted_rows(), strict=True):
+            if row.is_mean:
+                cells = [f"**{c}**" for c in cells]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+
+    def to_csv(self) -> str:
+        """CSV with the header row; values are fractions with 6 decimals (empty when missing)."""
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(self.header)
+        for row in self.rows:
+            writer.writerow([*row.labels, *("" if v is None else f"{v:.6f}" for v in row.values)])
+        return buf.getvalue()
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict; values are fractions (null when missing)."""
+        return {"title": self.title, "metric": self.metric, "label_columns": list(self.label_columns),
+                "columns": list(self.columns),
+                "rows": [{"labels": list(r.labels), "values": list(r.values), "is_mean": r.is_mean,
+                          **({"stds": list(r.stds)} if r.stds else {})} for r in self.rows]}
+
+
+def _as_float(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(out) else out
+
+
+def format_percent(value: float | None, std: float | None = None) -> str:
+    """A fraction as a percentage with one decimal (``0.8765`` -> ``"87.7"``; with ``std=0.012``:
+    ``"87.7 ± 1.2"``); ``"-"`` if missing."""
+    if value is None:
+        return MISSING
+    return f"{100.0 * value:.1f}" + ("" if std is None else f" ± {100.0 * std:.1f}")
+
+
+def mean_or_none(values: Iterable[float | None]) -> float | None:
+    """Arithmetic mean, or None when any value is missing or there are none."""
+    values = list(values)
+    if not values or any(v is None for v in values):
+        return None
+    return sum(values) / len(values)  # type: ignore[arg-type]
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def _index(records: Sequence[ResultRecord]) -> dict[tuple[str, str], ResultRecord]:
+    """Records by (method, object); a duplicate is an error (two results for one cell)."""
+    out: dict[tuple[str, str], ResultRecord] = {}
+    for rec in records:
+        if (rec.method, rec.object) in out:
+            raise ConfigError(f"two results for method {rec.method!r} on object {rec.object!r}")
+        out[(rec.method, rec.object)] = rec
+    return out
+
+
+def metric_table(
+    records: Sequence[ResultRecord],
+    metric: str,
+    objects: Sequence[str] | None = None,
+    methods: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Table:
+    """Methods as rows, ``objects`` then ``Mean`` as columns, for one metric.
+
+    ``objects`` / ``methods`` fix the order (default: first-seen order in ``records``).
+    """
+    index = _index(records)
+    objects = list(objects) if objects is not None else _unique(r.object for r in records)
+    methods = list(methods) if methods is not None else _unique(r.method for r in records)
+    table = Table(title or METRIC_LABELS.get(metric, metric), ("Method",), (*objects, MEAN_LABEL),
+                  metric=metric)
+    for method in methods:
+        cells = [index.get((method, obj)) for obj in objects]
+        values = [rec.value(metric) if rec else None for rec in cells]
+        stds = [rec.value(f"{metric}{STD_SUFFIX}") if rec else None for rec in cells]
+        has_std = any(sd is not None for sd in stds)
+        table.rows.append(Row((method,), (*values, mean_or_none(values)), stds=(*stds, None) if has_std else None))
+    return table
+
+
+def paper_tables(
+    records: Sequence[ResultRecord],
+    metrics: Sequence[str] = HEADLINE_METRICS,
+    objects: Sequence[str] | None = None,
+    methods: Sequence[str] | None = None,
+    title_prefix: str = "",
+) -> list[Table]:
+    """One :func:`metric_table` per metric (AU-PR first), skipping metrics no record measured."""
+    tables = []
+    for metric in metrics:
+        if not any(r.value(metric) is not None for r in records):
+            continue
+        title = f"{title_prefix}{METRIC_LABELS.get(metric, metric)} (%)"
+        tables.append(metric_table(records, metric, objects, methods, title))
+    return tables
+
+
+def object_backbone_table(
+    records: Sequence[ResultRecord],
+    metrics: Sequence[str] = HEADLINE_METRICS,
+    backbones: Sequence[str] | None = None,
+    title: str = "Per object and backbone (%)",
+) -> Table:
+    """The demo's table: rows (object, backbone), metrics as columns, then a mean row per backbone.
+
+    The backbone is the record's ``method``. The mean row of a backbone averages each metric over
+    every object of the table (missing if that backbone lacks a value for some object).
+    """
+    index = _index(records)
+    objects = _unique(r.object for r in records)
+    backbones = list(backbones) if backbones is not None else _unique(r.method for r in records)
+    table = Table(title, ("Object", "Backbone"), tuple(METRIC_LABELS.get(m, m) for m in metrics))
+    for obj in objects:
+        for bb in backbones:
+            rec = index.get((bb, obj))
+            table.rows.append(Row((obj, bb), tuple(rec.value(m) if rec else None for m in metrics)))
+    for bb in backbones:
+        means = tuple(mean_or_none(index[(bb, o)].value(m) if (bb, o) in index else None for o in objects)
+                      for m in metrics)
+        table.rows.append(Row((MEAN_LABEL, bb), means, is_mean=True))
+    return table
+
+
+def tables_markdown(tables: Sequence[Table]) -> str:
+    """All tables as one markdown document, separated by blank lines."""
+    return "\n".join(t.to_markdown() for t in tables)
+
+
+def records_csv(records: Sequence[ResultRecord], metrics: Sequence[str] = HEADLINE_METRICS) -> str:
+    """The flat results table: one line per record, metric values as fractions."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["object", "method", "downstream", *metrics])
+    for rec in records:
+        writer.writerow([rec.object, rec.method, rec.downstream,
+                         *("" if rec.value(m) is None else f"{rec.value(m):.6f}" for m in metrics)])
+    return buf.getvalue()

@@ -1,0 +1,87 @@
+"""`spotdiff fit / test / predict` end to end, and predict's handling of awkward image files."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from spotdiff.cli import main
+from spotdiff.detect import PaDiM
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    g = torch.Generator().manual_seed(0)
+    images = (0.45 + 0.04 * torch.randn(6, 3, 48, 48, generator=g)).clamp(0, 1)
+    out = tmp_path_factory.mktemp("model") / "padim"
+    PaDiM(arch="resnet18", d=20).fit([{"image": x} for x in images]).save(out)
+    return out
+
+
+def read_csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_predict_handles_modes_sizes_and_corrupt_files(model_dir, tmp_path):
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(100, 130, (48, 48, 3), dtype=np.uint8)).save(src / "rgb.png")
+    Image.fromarray(rng.integers(100, 130, (70, 90), dtype=np.uint8), mode="L").save(src / "gray.png")
+    Image.fromarray(rng.integers(0, 255, (30, 40, 4), dtype=np.uint8), mode="RGBA").save(src / "sub" / "rgba.png")
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (src / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    assert main(["--quiet", "predict", str(model_dir), str(src), "--out", str(out), "--threshold", "5",
+                 "--batch-size", "2"]) == 0
+    rows = {r["path"].split("/in/")[1]: r for r in read_csv(out / "scores.csv")}
+    assert sorted(rows) == ["broken.png", "gray.png", "rgb.png", "sub/rgba.png"]
+    assert "broken.png" in rows["broken.png"]["error"] and rows["broken.png"]["score"] == ""
+    for name in ("gray.png", "rgb.png", "sub/rgba.png"):
+        row = rows[name]
+        assert row["error"] == "" and float(row["score"]) > 0 and row["anomalous"] in ("0", "1")
+        with Image.open(row["overlay"]) as overlay:
+            assert overlay.size == (48, 48) and overlay.mode == "RGB"
+
+
+def test_predict_refuses_missing_input_and_bad_model(model_dir, tmp_path, capsys):
+    assert main(["predict", str(model_dir), str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "nope: no such file" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path), str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "manifest missing" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fit_test_predict_on_synthetic_data(tmp_path):
+    synth = pytest.importorskip("spotdiff.data.synth")
+    root = synth.generate(tmp_path / "synth", seed=0, scale=0.2, image_size=128, objects=["cashew_synth"])
+    results = {}
+    for model in ("padim", "patchcore"):
+        mdir, rdir = tmp_path / f"m_{model}", tmp_path / f"r_{model}"
+        assert main(["--quiet", "fit", "--model", model, "--data", str(root), "--object", "cashew_synth",
+                     "--arch", "resnet18", "--image-size", "128", "--out", str(mdir)]) == 0
+        assert json.loads((mdir / "config.json").read_text())["model"] == model
+        assert main(["--quiet", "test", str(mdir), "--data", str(root), "--object", "cashew_synth",
+                     "--out", str(rdir), "--save-maps"]) == 0
+        metrics = json.loads((rdir / "metrics.json").read_text())
+        rows = read_csv(rdir / "scores.csv")
+        assert set(rows[0]) == {"path", "label", "defect_type", "score"}
+        assert {r["label"] for r in rows} == {"0", "1"}
+        assert "per_defect_type" in metrics
+        with np.load(rdir / "maps.npz") as npz:
+            assert npz["maps"].shape == (len(rows), 128, 128) and npz["maps"].dtype == np.float16
+        results[model] = metrics
+        pred = tmp_path / f"p_{model}"
+        anomalous = [r["path"] for r in rows if r["label"] == "1"][:3]
+        assert main(["--quiet", "predict", str(mdir), *anomalous, "--out", str(pred)]) == 0
+        assert len(read_csv(pred / "scores.csv")) == 3
+    # random-init resnet18, 3 normal test images: pixel AU-ROC measured 0.95 (PaDiM), 0.92 (PatchCore);
+    # image AU-ROC 0.70 / 0.71 rests on 3 normal images, so only "above chance" is asserted
+    for metrics in results.values():
+        assert metrics["image_auroc"] > 0.55 and metrics["pixel_auroc"] > 0.85

@@ -51,7 +51,8 @@ class Rect:
 
 @dataclass(frozen=True)
 class Pin:
-    """A chip pin: base point on the chip edge, outward unit direction, id like ``U1.7``."""
+    """A chip pin: base point (u, v) on the chip edge, outward unit direction (du, dv), and a
+    name like ``U1.t3`` (chip U1, top side, fourth pin)."""
 
     name: str
     u: float
@@ -72,6 +73,8 @@ class Pin:
 
 @dataclass(frozen=True)
 class Design:
+    """The fixed board layout, in board coordinates."""
+
     chips: dict[str, Rect]
     pins: tuple[Pin, ...]
     passives: dict[str, Rect]          # SMD parts: body rectangle (pads are at its ends)

@@ -504,13 +504,8 @@ def write_results(config: BenchmarkConfig, cells: Sequence[Mapping[str, Any]], o
         mine = [r for r in records if r.downstream == ds.name]
         methods = [w for w in weights_order if any(r.method == w for r in mine)]
         tables += paper_tables(mine, objects=list(config.objects), methods=methods, title_prefix=f"{ds.name}: ")
-    seconds = {(c["weights"], c["downstream"], c["object"]): c.get("seconds") for c in cells}
-    csv_lines = records_csv(records).splitlines()
-    csv_lines[0] += ",seconds"
-    for i, rec in enumerate(records, start=1):
-        s = seconds.get((rec.method, rec.downstream, rec.object))
-        csv_lines[i] += "," + ("" if s is None else f"{s:.3f}")
-    write_text_atomic(out / "results.csv", "\n".join(csv_lines) + "\n")
+    seconds = [c.get("seconds") for c in cells]
+    write_text_atomic(out / "results.csv", records_csv(records, extra={"seconds": seconds}))
     write_json_atomic(out / "results.json", {
         "title": config.title, "objects": list(config.objects), "metrics": list(HEADLINE_METRICS),
         "cells": [{k: c[k] for k in ("weights", "downstream", "object", "metrics", "seconds")} for c in cells],

@@ -18,12 +18,12 @@ from spotdiff.finetune.protocols import list_objects
 from spotdiff.models import build_backbone
 
 OBJECTS = ["pcb_synth", "cashew_synth"]
-SIZE = 48
+SIZE = 32
 
 
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory) -> Path:
-    """Two synthetic objects at 48 px, read at that native size (no small defect mask vanishes
+    """Two synthetic objects at 32 px, read at that native size (no small defect mask vanishes
     in a resize). Scale 0.25 gives a few-shot pool of 8 normal + 5 anomalous images per object:
     enough for 5-shot, too few for 10-shot."""
     return generate(tmp_path_factory.mktemp("synth") / "visa", seed=0, scale=0.25, image_size=SIZE, objects=OBJECTS)

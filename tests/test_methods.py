@@ -228,7 +228,8 @@ def _nt_xent_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         loss = nt_xent(a1, a2, 0.5)
         loss.backward()
         keys = gather_no_grad(torch.full((2, 3), float(rank)))
-        torch.save({"loss": loss.detach(), "g1": a1.grad, "g2": a2.grad, "keys": keys}, f"{out_dir}/rank{rank}.pt")
+        result = {"loss": loss.detach(), "g1": a1.grad, "g2": a2.grad, "keys": keys}
+        torch.save(result, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -269,3 +270,16 @@ def test_nt_xent_across_two_ranks_equals_global_batch(tmp_path) -> None:
         assert torch.allclose(results[r]["g1"], 2 * z1.grad[3 * r : 3 * r + 3], atol=1e-6)
         assert torch.allclose(results[r]["g2"], 2 * z2.grad[3 * r : 3 * r + 3], atol=1e-6)
         assert torch.equal(results[r]["keys"], torch.tensor([[0.0] * 3] * 2 + [[1.0] * 3] * 2))
+
+
+@pytest.mark.parametrize("name", ["simsiam", "moco", "simclr"])
+def test_spd_gradient_reaches_anchor_and_positive(name: str) -> None:
+    m = _build(name, spd=True)
+    views = {k: v.requires_grad_(True) for k, v in _views(m).items()}
+    out = m(views, generator=torch.Generator().manual_seed(0))
+    g_anchor, g_pos, g_other = torch.autograd.grad(
+        out["loss_spd"], [views["view1"], views["spd_pos"], views["view2"]], allow_unused=True)
+    assert g_anchor is not None and g_anchor.abs().sum() > 0  # anchor = view1's projection
+    assert g_pos is not None and g_pos.abs().sum() > 0
+    if name != "simclr":  # SimCLR's BN runs over both views at once, coupling view2 to z1
+        assert g_other is None or g_other.abs().sum() == 0  # view2 is not part of SPD

@@ -258,12 +258,13 @@ def test_evaluator_batches_equal_evaluate_and_store_copies():
     types = ["good" if not y else ("scratch" if i % 4 == 1 else "dent") for i, y in enumerate(labels)]
     expected = evaluate(scores, labels, maps, masks, types)
     evaluator = Evaluator()
-    maps_buffer = maps.copy()
+    maps_buffer, scores_buffer = maps.copy(), scores.copy()
     for start in range(0, 10, 3):
         sl = slice(start, start + 3)
-        maps_buffer[sl] = maps[sl]
-        evaluator.update(scores[sl], labels[sl], maps_buffer[sl], masks[sl], types[sl])
-        maps_buffer[sl] = -5.0  # a caller reusing its buffer must not change stored maps
+        maps_buffer[sl], scores_buffer[sl] = maps[sl], scores[sl]
+        evaluator.update(scores_buffer[sl], labels[sl], maps_buffer[sl], masks[sl], types[sl])
+        maps_buffer[sl] = -5.0  # a caller reusing its buffers must not change stored values
+        scores_buffer[sl] = -5.0
     assert_same(evaluator.compute(), expected)
     evaluator.reset()
     with pytest.raises(ValueError, match="before any update"):
@@ -357,3 +358,17 @@ def test_evaluator_rejects_inconsistent_updates():
     evaluator.update([0.1, 0.2], [0, 1], maps, masks)
     with pytest.raises(ValueError, match="same inputs"):
         evaluator.update([0.1, 0.2], [0, 1])
+
+
+def test_evaluator_pools_batches_of_different_map_sizes():
+    scores_a, labels_a, maps_a, masks_a = blob_case(n_images=4, side=32, seed=5)
+    scores_b, labels_b, maps_b, masks_b = blob_case(n_images=4, side=20, seed=6)
+    evaluator = Evaluator()
+    evaluator.update(scores_a, labels_a, maps_a, masks_a)
+    evaluator.update(torch.from_numpy(scores_b), torch.from_numpy(labels_b), torch.from_numpy(maps_b),
+                     torch.from_numpy(masks_b))
+    pooled_maps = np.concatenate([maps_a.ravel(), maps_b.ravel()])
+    pooled_masks = np.concatenate([masks_a.ravel(), masks_b.ravel()])
+    result = evaluator.compute()
+    assert_close(result, sklearn_metrics(pooled_masks, pooled_maps, "pixel"))
+    assert_close(result, sklearn_metrics(np.r_[labels_a, labels_b], np.r_[scores_a, scores_b], "image"))

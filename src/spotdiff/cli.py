@@ -2,12 +2,14 @@
 
 Each subcommand has one ``_add_<name>`` (arguments) and one ``_run_<name>`` (calls the library)
 function, in the order they are listed by ``spotdiff --help``. Expected errors
-(:class:`spotdiff.errors.SpotdiffError`) print one line and exit with status 2.
+(:class:`spotdiff.errors.SpotdiffError`, and OS errors of the machine such as a full disk or a
+read-only folder) print one line and exit with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Callable, Sequence
 
@@ -16,6 +18,9 @@ from spotdiff.errors import SpotdiffError
 from spotdiff.progress import set_quiet
 
 Runner = Callable[[argparse.Namespace], int | None]
+# OS errors caused by the machine, not by spotdiff: reported in one line like a SpotdiffError.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+                                errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EMFILE, errno.ENFILE})
 
 
 # ============================================================================= synth
@@ -408,6 +413,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(run(args) or 0)
     except SpotdiffError as exc:
         print(f"spotdiff {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        print(f"spotdiff {args.command}: error: {exc}", file=sys.stderr)  # names the file
         return 2
     except KeyboardInterrupt:
         print(f"spotdiff {args.command}: interrupted", file=sys.stderr)

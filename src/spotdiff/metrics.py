@@ -55,8 +55,8 @@ PRO_FPR_LIMIT = 0.3
 """Upper FPR limit of the AU-PRO integral (MVTec AD / VisA convention)."""
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
-_BLOCK_PIXELS = 1 << 20  # pixels per streaming block: temporaries stay a few MiB and are reused
-_MAX_BUCKET_BITS = 22  # at most 4 Mi histogram buckets (32 MiB of int64 counts)
+_BLOCK_PIXELS = 1 << 18  # pixels per streaming block: temporaries stay small and are reused
+_MAX_BUCKET_BITS = 22  # at most 4 Mi histogram buckets (16 MiB of int32 counts)
 
 ImageArray = Any  # numpy array, torch tensor or nested sequence
 
@@ -110,9 +110,10 @@ def _as_binary(x: ImageArray, name: str) -> np.ndarray:
     top = a.max()
     n_nonzero = np.count_nonzero(a)
     if top not in (0, 1, 255) or (n_nonzero and np.count_nonzero(a == top) != n_nonzero):
+        found = np.unique(a)  # error path only
+        shown = ", ".join(f"{v:g}" for v in found[:6]) + (", ..." if found.size > 6 else "")
         raise ValueError(
-            f"{name} must be binary: bool, or values in {{0, 1}} or in {{0, 255}} "
-            f"(found values other than 0 and {top!r})"
+            f"{name} must be binary: bool, or values in {{0, 1}} or in {{0, 255}}; found {shown}"
         )
     return a != 0
 
@@ -126,9 +127,11 @@ def _as_maps(x: ImageArray, name: str) -> np.ndarray:
         raise ValueError(f"{name} must have shape (n, H, W) or (n, 1, H, W), got {a.shape}")
     if a.dtype == bool or not np.issubdtype(a.dtype, np.number) or np.iscomplexobj(a):
         raise ValueError(f"{name} must be real numbers, got dtype {a.dtype}")
-    a = np.ascontiguousarray(a, dtype=np.float32)
     _check_finite(a, name)
-    return a
+    single = np.ascontiguousarray(a, dtype=np.float32)
+    if single is not a:
+        _check_finite(single, f"{name} converted to float32 (values beyond +-3.4e38)")
+    return single
 
 
 def _as_masks(x: ImageArray, name: str) -> np.ndarray:
@@ -287,12 +290,12 @@ class _Buckets:
         self.n_buckets = width + 3
 
     def __call__(self, x: np.ndarray, scratch: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """Bucket of each float32 value in ``x`` into ``out`` (int32, ``x``'s size)."""
+        """Bucket of each float32 value in ``x`` into ``out`` (intp, ``x``'s size)."""
         y = np.subtract(x, self.low, out=scratch)
         np.multiply(y, self.scale, out=y)
         np.clip(y, np.float32(-1.0), self.top, out=y)
         np.copyto(out, y, casting="unsafe")  # truncation toward zero
-        np.add(out, np.int32(1), out=out)
+        np.add(out, 1, out=out)
         return out
 
 
@@ -306,43 +309,73 @@ def _all_pixel_counts(
     """Numbers of pixels scoring >= and > each threshold, streaming over float32 blocks.
 
     thresholds: distinct float32 values, descending. Pixels are counted per bucket of a
-    monotone bucketing of [min, max] threshold (:class:`_Buckets`); a bucket holding no
-    threshold lies entirely between two consecutive thresholds, so its count suffices. Pixels
-    in buckets that hold a threshold ("hot" buckets) are kept and compared exactly after one
-    sort of those few values. Returns (count_ge, count_gt, n_pixels).
+    monotone bucketing of [min, max] threshold (:class:`_Buckets`): every pixel of a higher
+    bucket than t's is > t, every pixel of a lower one < t. The pixels of the buckets that
+    hold a threshold ("hot" buckets, a few percent) are kept and compared with their own
+    bucket's thresholds exactly. Returns (count_ge, count_gt, n_pixels).
     """
     k = thresholds.size
     if bucket_bits is None:  # about one bucket per 8 pixels, 1 Ki to 4 Mi buckets
         bucket_bits = min(_MAX_BUCKET_BITS, max(10, _count_pixels(blocks).bit_length() - 3))
     bucketing = _Buckets(thresholds[-1], thresholds[0], 1 << bucket_bits)
-    t_buckets = bucketing(thresholds, np.empty(k, np.float32), np.empty(k, np.int32)).astype(np.intp)
+    t_buckets = bucketing(thresholds, np.empty(k, np.float32), np.empty(k, np.intp))
     n_buckets = bucketing.n_buckets
-    hist = np.zeros(n_buckets, dtype=np.int64)  # int64: np.add.at's fast path
+    # int32 halves the cache misses of the scattered increments; one spare bucket at the end,
+    # never hit, for the suffix sums
+    count_dtype = np.int32 if _count_pixels(blocks) < 2**31 else np.int64
+    hist = np.zeros(n_buckets + 1, dtype=count_dtype)
+    one = count_dtype(1)  # same dtype as hist: np.add.at's fast path
     hot = np.zeros(n_buckets, dtype=bool)
     hot[t_buckets] = True
     kept: list[np.ndarray] = []
     n_pixels = 0
-    scratch = np.empty(_BLOCK_PIXELS, np.float32)
-    buckets = np.empty(_BLOCK_PIXELS, np.int32)
+    block_pixels = min(_BLOCK_PIXELS, max(block.size for block in blocks))
+    scratch = np.empty(block_pixels, np.float32)
+    buckets = np.empty(block_pixels, np.intp)  # intp: no index conversion in add.at / take
     for block in blocks:
         flat = block.reshape(-1)
-        for start in range(0, flat.size, _BLOCK_PIXELS):
-            x = flat[start : start + _BLOCK_PIXELS]
+        for start in range(0, flat.size, block_pixels):
+            x = flat[start : start + block_pixels]
             n = x.size
             b = bucketing(x, scratch[:n], buckets[:n])
-            np.add.at(hist, b, 1)
-            kept.append(x[np.take(hot, b)])
+            np.add.at(hist, b, one)
+            kept.append(x[np.take(hot, b, mode="clip")])
             n_pixels += n
-    hist[t_buckets] = 0  # hot buckets: counted exactly from their kept values below
-    # cold[b] = pixels in cold buckets >= b
-    cold = np.zeros(n_buckets + 1, dtype=np.int64)
-    np.cumsum(hist[::-1], out=cold[-2::-1])
-    values = np.concatenate(kept) if kept else np.empty(0, np.float32)
-    values.sort()
-    cold_above = cold[t_buckets + 1]
-    count_ge = cold_above + (values.size - np.searchsorted(values, thresholds, side="left"))
-    count_gt = cold_above + (values.size - np.searchsorted(values, thresholds, side="right"))
-    return count_ge, count_gt, n_pixels
+    above = hist[::-1]
+    np.cumsum(above, out=above)  # in place: hist[b] = pixels in buckets >= b
+    in_higher_buckets = hist[t_buckets + 1]
+    own_ge, own_gt = _counts_in_own_bucket(np.concatenate(kept), thresholds, t_buckets, bucketing)
+    return in_higher_buckets + own_ge, in_higher_buckets + own_gt, n_pixels
+
+
+def _counts_in_own_bucket(
+    values: np.ndarray, thresholds: np.ndarray, t_buckets: np.ndarray, bucketing: _Buckets
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per threshold t_j: the values of t_j's bucket that are >= t_j and > t_j.
+
+    values: every pixel of the buckets that hold a threshold. A bucket holding one threshold
+    compares its values with it; the values of buckets holding several thresholds are sorted.
+    """
+    k = thresholds.size
+    v_buckets = bucketing(values, np.empty(values.size, np.float32), np.empty(values.size, np.intp))
+    hot, first, per_bucket = np.unique(t_buckets, return_index=True, return_counts=True)
+    threshold_of_bucket = np.full(bucketing.n_buckets, -1, dtype=np.int32)  # -1: several
+    alone = per_bucket == 1
+    threshold_of_bucket[hot[alone]] = first[alone]
+    j = threshold_of_bucket[v_buckets]
+    single = j >= 0
+    j_single, v_single = j[single], values[single]
+    t_single = thresholds[j_single]
+    own_ge = np.bincount(j_single[v_single >= t_single], minlength=k)
+    own_gt = np.bincount(j_single[v_single > t_single], minlength=k)
+    # several thresholds in a bucket: sorted values of those buckets (their buckets ascend too)
+    shared = np.sort(values[~single])
+    shared_buckets = bucketing(shared, np.empty(shared.size, np.float32), np.empty(shared.size, np.intp))
+    crowded = np.flatnonzero(threshold_of_bucket[t_buckets] < 0)
+    bucket_end = np.searchsorted(shared_buckets, t_buckets[crowded], side="right")
+    own_ge[crowded] = bucket_end - np.searchsorted(shared, thresholds[crowded], side="left")
+    own_gt[crowded] = bucket_end - np.searchsorted(shared, thresholds[crowded], side="right")
+    return own_ge, own_gt
 
 
 def _positive_pixels(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -423,6 +456,9 @@ def pr_curve(scores: ImageArray, labels: ImageArray) -> tuple[np.ndarray, np.nda
     this curve is ``*_aupr``. Scores: any shape (flattened, e.g. anomaly maps); labels: bool,
     {0, 1} or {0, 255}. Sorts all scores: meant for plots, not for the 30-million-pixel
     metric computation (see :func:`evaluate`).
+
+    Raises:
+        ValueError: sizes differ, non-finite scores, non-binary labels or only one class.
     """
     fps, tps, thresholds = _binary_curve(scores, labels)
     precision = tps / (tps + fps)
@@ -528,8 +564,8 @@ def _validate(
             f"image_scores and image_labels must have the same 1-D shape, "
             f"got {scores.shape} and {labels.shape}"
         )
-    if labels.dtype == bool and copy:
-        labels = labels.copy()
+    if copy:  # the caller may reuse its buffers after update()
+        scores, labels = scores.copy(), labels.copy()
     stack = None
     if (anomaly_maps is None) != (masks is None):
         raise ValueError("give both anomaly_maps and masks for pixel metrics, or neither")
@@ -559,17 +595,16 @@ def _validate(
 def _select(
     stacks: Sequence[tuple[np.ndarray, np.ndarray]], keep: np.ndarray
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The images flagged in ``keep`` (over all stacks, in order); whole stacks are not copied."""
+    """The images flagged in ``keep`` (over all stacks, in order) as views: runs of
+    consecutive images are sliced, nothing is copied."""
     out = []
     offset = 0
     for maps, masks in stacks:
-        sel = keep[offset : offset + maps.shape[0]]
+        sel = keep[offset : offset + maps.shape[0]].astype(np.int8)
         offset += maps.shape[0]
-        if sel.all():
-            out.append((maps, masks))
-        elif sel.any():
-            idx = np.flatnonzero(sel)
-            out.append((maps[idx], masks[idx]))
+        edges = np.diff(sel, prepend=0, append=0)
+        for start, stop in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)):
+            out.append((maps[start:stop], masks[start:stop]))
     return out
 
 

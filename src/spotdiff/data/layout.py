@@ -25,6 +25,8 @@ def detect_layout(root: str | os.PathLike[str], obj: str, split: str = "1cls",
         DataError: root missing, object or split not found (lists what is there), or no known layout.
     """
     root = Path(root)
+    if root.is_file():
+        raise DataError(f"{root}: is a file, not a dataset folder; archives are never unpacked (extract it first)")
     if not root.is_dir():
         raise DataError(f"{root}: dataset root not found")
     if split_csv is not None or is_visa_root(root):

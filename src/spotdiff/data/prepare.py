@@ -11,7 +11,8 @@ For each split CSV row (paths relative to the VisA root):
 Beyond the official script: every row is validated (files exist, images and masks decode,
 mask size = image size) before anything is written; work runs on a thread pool; a file whose
 destination already holds the same bytes is left alone (so a rerun writes nothing); every file
-is written atomically; no destination may resolve outside ``out``.
+is written atomically and a rerun deletes the temporary files of an interrupted run; no
+destination may resolve outside ``out`` and no source outside ``visa_root``.
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ from PIL import Image
 
 from spotdiff.data.dataset import default_workers
 from spotdiff.data.io import load_image, load_mask
-from spotdiff.data.splits import OFFICIAL_SPLITS, SplitRow, read_split_csv
+from spotdiff.data.splits import OFFICIAL_SPLITS, SplitRow, read_split_csv, resolve_inside
 from spotdiff.data.visa import split_csv_path
 from spotdiff.errors import DataError
-from spotdiff.files import atomic_path, write_bytes_atomic
+from spotdiff.files import atomic_path, remove_stale_temp_files, write_bytes_atomic
 from spotdiff.progress import progress
 
 MAX_ERRORS_SHOWN = 10
@@ -91,19 +92,23 @@ def plan_jobs(rows: list[SplitRow], split: str, visa_root: Path, out: Path) -> l
     """Every output file for ``rows`` under ``out/<split>`` (official rules, module docstring).
 
     Raises:
-        DataError: two rows map to the same destination, or a destination resolves outside ``out``.
+        DataError: two rows map to the same destination, a destination resolves outside ``out``,
+            or a source resolves outside ``visa_root`` (a symlink pointing elsewhere).
     """
     base = out / split
     out_resolved = out.resolve()
+    root_resolved = visa_root.resolve()
     jobs: list[CopyJob] = []
     owner: dict[Path, SplitRow] = {}
     for r in rows:
         label_dir = "bad" if r.is_anomaly else "good"
         obj_dir = base / r.object
-        jobs.append(CopyJob(r, visa_root / r.image, obj_dir / r.split / label_dir / Path(r.image).name, False))
+        src = resolve_inside(visa_root, r.image, r.where, "image", root_resolved)
+        jobs.append(CopyJob(r, src, obj_dir / r.split / label_dir / Path(r.image).name, False))
         if r.is_anomaly and (is_two_class(split) or r.split == "test"):
             gt = obj_dir / "ground_truth" / r.split / "bad" if is_two_class(split) else obj_dir / "ground_truth" / "bad"
-            jobs.append(CopyJob(r, visa_root / r.mask, gt / Path(r.mask).name, True))
+            src = resolve_inside(visa_root, r.mask, r.where, "mask", root_resolved)
+            jobs.append(CopyJob(r, src, gt / Path(r.mask).name, True))
     for job in jobs:
         if not job.dst.resolve().is_relative_to(out_resolved):
             raise DataError(f"{job.row.where}: destination {job.dst} resolves outside the output folder {out}")
@@ -141,7 +146,8 @@ def _write(job: CopyJob, mask_png: bytes | None) -> bool:
     try:
         return _write_unchecked(job, mask_png)
     except OSError as exc:  # disk full, permissions, a folder in the way, ...
-        raise DataError(f"{job.dst}: cannot write ({exc}) for {job.row.where}") from exc
+        reason = exc.strerror or str(exc)
+        raise DataError(f"{job.dst}: cannot write ({reason}) for {job.row.where}") from exc
 
 
 def _write_unchecked(job: CopyJob, mask_png: bytes | None) -> bool:
@@ -179,6 +185,9 @@ def prepare_visa(
     if split not in OFFICIAL_SPLITS:
         raise DataError(f"unknown split {split!r}: expected one of {', '.join(OFFICIAL_SPLITS)}")
     visa_root, out = Path(visa_root), Path(out)
+    if visa_root.is_file():
+        raise DataError(f"{visa_root}: is a file, not a folder; prepare reads an extracted VisA root and never "
+                        "unpacks archives (extract it first, e.g. tar -xf)")
     if not visa_root.is_dir():
         raise DataError(f"{visa_root}: VisA root not found")
     if out.exists() and not out.is_dir():
@@ -206,6 +215,10 @@ def prepare_visa(
                 d.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise DataError(f"{d}: cannot create folder ({exc})") from exc
+    try:  # temp files of an interrupted earlier run (kill -9, power loss) are never output
+        remove_stale_temp_files(job.dst for job in jobs)
+    except OSError as exc:
+        raise DataError(f"{out / split}: cannot remove stale temporary files ({exc})") from exc
     report = PrepareReport(split=split, out_dir=out / split, objects=objects)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = progress(pool.map(lambda j: _write(j, mask_png.get(j.row.image) if j.is_mask else None), jobs),

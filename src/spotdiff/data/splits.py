@@ -67,6 +67,21 @@ def check_relative_path(value: str, where: str, column: str) -> str:
     return clean
 
 
+def resolve_inside(root: Path, rel: str, where: str, column: str, real_root: Path | None = None) -> Path:
+    """``root / rel``; DataError if it resolves (following symlinks) outside ``root``.
+
+    ``rel`` is already checked by `check_relative_path`; this catches a symlink inside the
+    dataset that points elsewhere. ``real_root``: ``root.resolve()``, when the caller has it.
+    """
+    path = root / rel
+    real_root = real_root if real_root is not None else root.resolve()
+    real = path.resolve()
+    if not real.is_relative_to(real_root):
+        raise DataError(f"{where}: {column} path {rel!r} resolves to {real}, outside the dataset root {root} "
+                        "(a symlink?); paths must stay inside the dataset root")
+    return path
+
+
 def check_name(value: str, where: str, column: str) -> str:
     """A single, safe path component (an object name): no separators, not ``.`` or ``..``."""
     if not value or value in (".", "..") or re.search(r"[\\/]", value) or _DRIVE.match(value):
@@ -80,7 +95,7 @@ def read_split_csv(path: str | os.PathLike[str], root: str | os.PathLike[str] | 
     Checks: the header is exactly ``object,split,label,image,mask``; ``split`` is train/test;
     ``label`` is normal/anomaly; an anomalous row has a mask and a normal row has none; no image
     appears twice; paths are relative without ``..``. With ``root`` given, each image and mask
-    must also exist under it (a ``stat`` per file, nothing is decoded).
+    must also exist under it and not resolve outside it through a symlink (nothing is decoded).
 
     Raises:
         DataError: naming the CSV file and row number.
@@ -129,9 +144,10 @@ def read_split_csv(path: str | os.PathLike[str], root: str | os.PathLike[str] | 
 
     if root is not None:
         root = Path(root)
+        real_root = root.resolve()
         for r in rows:
             for column, rel in (("image", r.image), ("mask", r.mask)):
-                if rel and not (root / rel).is_file():
+                if rel and not resolve_inside(root, rel, r.where, column, real_root).is_file():
                     raise DataError(f"{r.where}: {column} file not found: {root / rel}")
     return rows
 

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from spotdiff.data.dataset import ImageRecord
-from spotdiff.data.splits import OFFICIAL_SPLITS, SUBSETS, SplitRow, read_split_csv
+from spotdiff.data.splits import OFFICIAL_SPLITS, SUBSETS, SplitRow, read_split_csv, resolve_inside
 from spotdiff.errors import DataError
 
 ID2CLASS_FILE = "id2class.json"
@@ -99,7 +99,7 @@ def visa_records(
 
     Raises:
         DataError: unknown split, subset or object (the error lists the available objects),
-            or a malformed CSV row.
+            a malformed CSV row, or a row whose file resolves outside ``root`` (symlink).
     """
     if subset not in SUBSETS:
         raise DataError(f"unknown subset {subset!r}: expected one of {', '.join(SUBSETS)}")
@@ -109,7 +109,8 @@ def visa_records(
     objects = sorted({r.object for r in rows})
     if obj not in objects:
         raise DataError(f"unknown object {obj!r} in {root}: available objects: {', '.join(objects)}")
-    return [_to_record(root, r) for r in rows if r.object == obj and r.split == subset]
+    real_root = root.resolve()
+    return [_to_record(root, r, real_root) for r in rows if r.object == obj and r.split == subset]
 
 
 @functools.lru_cache(maxsize=8)
@@ -118,10 +119,10 @@ def _read_split_csv_cached(path: str, mtime_ns: int, size: int) -> tuple[SplitRo
     return tuple(read_split_csv(path))
 
 
-def _to_record(root: Path, row: SplitRow) -> ImageRecord:
+def _to_record(root: Path, row: SplitRow, real_root: Path) -> ImageRecord:
     return ImageRecord(
-        image=root / row.image,
+        image=resolve_inside(root, row.image, row.where, "image", real_root),
         label=int(row.is_anomaly),
-        mask=root / row.mask if row.mask else None,
+        mask=resolve_inside(root, row.mask, row.where, "mask", real_root) if row.mask else None,
         source=row.where,
     )

@@ -31,6 +31,12 @@ class BinaryClassifier(nn.Module):
         """The new, randomly initialised layer (trained with a larger learning rate)."""
         return self.backbone.fc
 
+    def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """``(encoder parameters, new-layer parameters)``: the ResNet body, and the head."""
+        head = list(self.head.parameters())
+        head_ids = {id(p) for p in head}
+        return [p for p in self.backbone.parameters() if id(p) not in head_ids], head
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` ImageNet-normalised images -> ``(B,)`` anomaly logits."""
         return self.backbone(images).squeeze(1)

@@ -63,7 +63,8 @@ def list_objects(root: str | os.PathLike[str], protocol: Protocol) -> list[str]:
                 raise DataError(f"{split_csv}: no 'object' column")
             objects = sorted({row["object"] for row in reader if row.get("object")})
     elif root.is_dir():
-        objects = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "split_csv")))
+        objects = sorted(p.name for p in root.iterdir()
+                         if p.is_dir() and not p.name.startswith((".", "split_csv")))
     else:
         raise DataError(f"{root}: dataset root not found")
     if not objects:
@@ -90,7 +91,9 @@ class ProtocolData:
 
 
 def _where(root: Path, obj: str, protocol: Protocol, subset: str) -> str:
-    return f"object {obj!r}, split {protocol.split} ({root / 'split_csv' / (protocol.split + '.csv')}), subset {subset!r}"
+    csv_path = root / "split_csv" / f"{protocol.split}.csv"
+    source = csv_path if csv_path.is_file() else root
+    return f"object {obj!r}, split {protocol.split} ({source}), subset {subset!r}"
 
 
 def open_protocol(

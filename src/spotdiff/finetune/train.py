@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -116,7 +115,7 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def build_model(task: str, arch: str, weights: str | os.PathLike[str] | None = None) -> nn.Module:
+def build_model(task: str, arch: str, weights: str | os.PathLike[str] | None = None) -> BinaryClassifier | UNet:
     """A :class:`BinaryClassifier` (``cls``) or :class:`UNet` (``seg``) over ``build_backbone(arch, weights)``.
 
     New layers are initialised from torch's global RNG (seed it first for reproducibility).
@@ -129,13 +128,10 @@ def build_model(task: str, arch: str, weights: str | os.PathLike[str] | None = N
     raise ConfigError(f"unknown task {task!r}; choose one of {list(TASKS)}")
 
 
-def _param_groups(model: nn.Module, lr: float, head_lr_mult: float) -> list[dict[str, Any]]:
-    encoder = model.encoder if isinstance(model, UNet) else model.backbone
-    head_ids = {id(p) for p in (model.head.parameters() if isinstance(model, BinaryClassifier) else ())}
-    encoder_params = [p for p in encoder.parameters() if id(p) not in head_ids]
-    encoder_ids = {id(p) for p in encoder_params}
-    new_params = [p for p in model.parameters() if id(p) not in encoder_ids]
-    return [{"params": encoder_params, "lr": lr}, {"params": new_params, "lr": lr * head_lr_mult}]
+def _param_groups(model: BinaryClassifier | UNet, lr: float, head_lr_mult: float) -> list[dict[str, Any]]:
+    """AdamW groups: the pre-trained encoder at ``lr``, the new layers at ``head_lr_mult * lr``."""
+    encoder, new = model.parameter_groups()
+    return [{"params": encoder, "lr": lr}, {"params": new, "lr": lr * head_lr_mult}]
 
 
 def warmup_cosine(step: int, total: int, warmup_fraction: float = WARMUP_FRACTION) -> float:
@@ -147,7 +143,9 @@ def warmup_cosine(step: int, total: int, warmup_fraction: float = WARMUP_FRACTIO
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def batch_indices(labels: Sequence[int], batch_size: int, steps: int, seed: int, balanced: bool = True) -> Iterator[np.ndarray]:
+def batch_indices(
+    labels: Sequence[int], batch_size: int, steps: int, seed: int, balanced: bool = True
+) -> Iterator[np.ndarray]:
     """``steps`` index batches of size ``min(batch_size, len(labels))``.
 
     ``balanced``: alternate normal and anomalous images, each class cycled in its own
@@ -189,7 +187,9 @@ class TensorData:
         return len(self.labels)
 
 
-def load_tensors(dataset: Dataset, indices: Sequence[int] | None = None, workers: int = 0, desc: str = "") -> TensorData:
+def load_tensors(
+    dataset: Dataset, indices: Sequence[int] | None = None, workers: int = 0, desc: str = ""
+) -> TensorData:
     """Decode ``dataset`` items (at ``indices``, default all) into a :class:`TensorData`.
 
     Images are stored as uint8 (quantisation error <= 0.5/255) to keep high-shot sets in memory.
@@ -239,7 +239,7 @@ def augment_batch(
 
 
 def train_model(
-    model: nn.Module,
+    model: BinaryClassifier | UNet,
     data: TensorData,
     steps: int,
     batch_size: int,
@@ -281,7 +281,7 @@ def train_model(
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, images: torch.Tensor, batch_size: int = 32, device: torch.device | str = "cpu"
+    model: BinaryClassifier | UNet, images: torch.Tensor, batch_size: int = 32, device: torch.device | str = "cpu"
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Anomaly scores ``(N,)`` and, for a U-Net, maps ``(N, H, W)`` (float32 in [0, 1]) for uint8 ``images``."""
     model.to(device).eval()
@@ -296,7 +296,9 @@ def predict(
     return score_arr, (torch.cat(maps).numpy() if maps else None)
 
 
-def evaluate_model(model: nn.Module, test: TensorData, task: str, batch_size: int, device: torch.device | str) -> dict:
+def evaluate_model(
+    model: BinaryClassifier | UNet, test: TensorData, task: str, batch_size: int, device: torch.device | str
+) -> dict:
     """:func:`spotdiff.metrics.evaluate` of ``model`` on ``test``: image metrics, plus pixel
     metrics for ``seg``, with the per-defect-type breakdown."""
     scores, maps = predict(model, test.images, batch_size, device)

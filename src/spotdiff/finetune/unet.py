@@ -74,6 +74,10 @@ class UNet(nn.Module):
         self.head = nn.Conv2d(DECODER_CHANNELS[-1], 1, 3, padding=1)
         nn.init.constant_(self.head.bias, -math.log((1 - PRIOR_PROBABILITY) / PRIOR_PROBABILITY))
 
+    def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """``(encoder parameters, new-layer parameters)``: the ResNet, and the decoder + head."""
+        return list(self.encoder.parameters()), [*self.decoder.parameters(), *self.head.parameters()]
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` ImageNet-normalised images -> ``(B, H, W)`` anomaly logits."""
         e = self.encoder

@@ -19,8 +19,8 @@ from typing import Any
 import yaml
 
 from spotdiff.errors import ConfigError
+from spotdiff.pretrain.methods import METHODS
 
-METHODS = ("simsiam", "moco", "simclr", "supervised")
 ARCHS = ("resnet18", "resnet50", "wide_resnet50_2")
 AMP_MODES = ("bf16", "fp16", "none")
 OPTIMIZERS = ("sgd", "lars")
@@ -86,7 +86,9 @@ class PretrainConfig:
     hparams: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
-        """Raise ConfigError for values out of range (types are checked by :func:`load_config`)."""
+        """Raise ConfigError for a value of the wrong type or out of range."""
+        for name in _FIELDS:
+            coerce_value(name, getattr(self, name), "config")
         def choose(key: str, options: tuple[str, ...]) -> None:
             if getattr(self, key) not in options:
                 raise ConfigError(f"{key}: {getattr(self, key)!r} is not one of {', '.join(options)}")

@@ -238,8 +238,9 @@ def run_demo(settings: DemoSettings, out: str | os.PathLike[str] = "spotdiff-dem
     for i, (label, (stem, spd)) in enumerate(PRETRAINED.items(), start=1):
         log(f"demo [3/5] pre-training {label} ({i}/{len(PRETRAINED)}): {settings.pretrain_steps} steps "
             f"of {settings.pretrain_batch} images at {settings.pretrain_size} px")
+        reused = (out / "weights" / f"{stem}.safetensors").is_file()
         weights[label] = pretrain_backbone(images, out, settings, spd, stem)
-        t = lap(f"pretrain {label}", t)
+        t = lap(f"pretrain {label}" + (" (reused)" if reused else ""), t)
 
     records: list[ResultRecord] = []
     predictions: list[Predictions] = []

@@ -49,6 +49,7 @@ import yaml
 from spotdiff import __version__
 from spotdiff.errors import ConfigError, SpotdiffError
 from spotdiff.files import write_json_atomic, write_text_atomic
+from spotdiff.models import ARCHITECTURES
 from spotdiff.progress import bar, log
 from spotdiff.report.html import report_sections, write_html_report
 from spotdiff.report.plots import Predictions
@@ -200,6 +201,9 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: str = "config"
             raise ConfigError(f"{source}: weights[{i}]: unknown key(s) {unknown}")
         name = _check_name("weights", entry.get("name"), f"{source}: weights[{i}]")
         arch = entry.get("arch", "resnet18")
+        if arch not in ARCHITECTURES:
+            raise ConfigError(f"{source}: weights {name!r}: unknown arch {arch!r}; "
+                              f"choose one of {sorted(ARCHITECTURES)}")
         if entry.get("file") is not None and entry.get("pretrain") is not None:
             raise ConfigError(f"{source}: weights {name!r}: give either file or pretrain, not both")
         file = path(entry["file"], f"weights {name!r} file") if entry.get("file") is not None else None

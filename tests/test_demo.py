@@ -57,6 +57,8 @@ def test_demo_refuses_a_foreign_folder(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 2
     assert "not a spotdiff demo folder" in capsys.readouterr().err
     assert (tmp_path / "mine.txt").read_text() == "user data"
+    with pytest.raises(DataError, match="not a folder"):
+        _prepare_out(tmp_path / "mine.txt", DemoSettings.preset(quick=True))
 
 
 def test_demo_restarts_its_own_work_when_settings_change(tmp_path):

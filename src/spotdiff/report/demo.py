@@ -101,6 +101,8 @@ class DemoResult:
 
 def _prepare_out(out: Path, settings: DemoSettings) -> None:
     """Create ``out``; drop an earlier demo's work when its settings differ; never touch foreign folders."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder; choose another --out")
     marker = out / MARKER
     wanted = json.loads(json.dumps(asdict(settings)))
     if marker.is_file():

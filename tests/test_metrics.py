@@ -358,3 +358,17 @@ def test_evaluator_rejects_inconsistent_updates():
     evaluator.update([0.1, 0.2], [0, 1], maps, masks)
     with pytest.raises(ValueError, match="same inputs"):
         evaluator.update([0.1, 0.2], [0, 1])
+
+
+def test_evaluator_pools_batches_of_different_map_sizes():
+    scores_a, labels_a, maps_a, masks_a = blob_case(n_images=4, side=32, seed=5)
+    scores_b, labels_b, maps_b, masks_b = blob_case(n_images=4, side=20, seed=6)
+    evaluator = Evaluator()
+    evaluator.update(scores_a, labels_a, maps_a, masks_a)
+    evaluator.update(torch.from_numpy(scores_b), torch.from_numpy(labels_b), torch.from_numpy(maps_b),
+                     torch.from_numpy(masks_b))
+    pooled_maps = np.concatenate([maps_a.ravel(), maps_b.ravel()])
+    pooled_masks = np.concatenate([masks_a.ravel(), masks_b.ravel()])
+    result = evaluator.compute()
+    assert_close(result, sklearn_metrics(pooled_masks, pooled_maps, "pixel"))
+    assert_close(result, sklearn_metrics(np.r_[labels_a, labels_b], np.r_[scores_a, scores_b], "image"))

@@ -56,7 +56,7 @@ PRO_FPR_LIMIT = 0.3
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 _BLOCK_PIXELS = 1 << 18  # pixels per streaming block: temporaries stay small and are reused
-_MAX_BUCKET_BITS = 22  # at most 4 Mi histogram buckets (32 MiB of int64 counts)
+_MAX_BUCKET_BITS = 22  # at most 4 Mi histogram buckets (16 MiB of int32 counts)
 
 ImageArray = Any  # numpy array, torch tensor or nested sequence
 
@@ -110,9 +110,10 @@ def _as_binary(x: ImageArray, name: str) -> np.ndarray:
     top = a.max()
     n_nonzero = np.count_nonzero(a)
     if top not in (0, 1, 255) or (n_nonzero and np.count_nonzero(a == top) != n_nonzero):
+        found = np.unique(a)  # error path only
+        shown = ", ".join(f"{v:g}" for v in found[:6]) + (", ..." if found.size > 6 else "")
         raise ValueError(
-            f"{name} must be binary: bool, or values in {{0, 1}} or in {{0, 255}} "
-            f"(found values other than 0 and {top!r})"
+            f"{name} must be binary: bool, or values in {{0, 1}} or in {{0, 255}}; found {shown}"
         )
     return a != 0
 
@@ -289,12 +290,12 @@ class _Buckets:
         self.n_buckets = width + 3
 
     def __call__(self, x: np.ndarray, scratch: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """Bucket of each float32 value in ``x`` into ``out`` (int32, ``x``'s size)."""
+        """Bucket of each float32 value in ``x`` into ``out`` (intp, ``x``'s size)."""
         y = np.subtract(x, self.low, out=scratch)
         np.multiply(y, self.scale, out=y)
         np.clip(y, np.float32(-1.0), self.top, out=y)
         np.copyto(out, y, casting="unsafe")  # truncation toward zero
-        np.add(out, np.int32(1), out=out)
+        np.add(out, 1, out=out)
         return out
 
 
@@ -308,44 +309,73 @@ def _all_pixel_counts(
     """Numbers of pixels scoring >= and > each threshold, streaming over float32 blocks.
 
     thresholds: distinct float32 values, descending. Pixels are counted per bucket of a
-    monotone bucketing of [min, max] threshold (:class:`_Buckets`); a bucket holding no
-    threshold lies entirely between two consecutive thresholds, so its count suffices. Pixels
-    in buckets that hold a threshold ("hot" buckets) are kept and compared exactly after one
-    sort of those few values. Returns (count_ge, count_gt, n_pixels).
+    monotone bucketing of [min, max] threshold (:class:`_Buckets`): every pixel of a higher
+    bucket than t's is > t, every pixel of a lower one < t. The pixels of the buckets that
+    hold a threshold ("hot" buckets, a few percent) are kept and compared with their own
+    bucket's thresholds exactly. Returns (count_ge, count_gt, n_pixels).
     """
     k = thresholds.size
     if bucket_bits is None:  # about one bucket per 8 pixels, 1 Ki to 4 Mi buckets
         bucket_bits = min(_MAX_BUCKET_BITS, max(10, _count_pixels(blocks).bit_length() - 3))
     bucketing = _Buckets(thresholds[-1], thresholds[0], 1 << bucket_bits)
-    t_buckets = bucketing(thresholds, np.empty(k, np.float32), np.empty(k, np.int32)).astype(np.intp)
+    t_buckets = bucketing(thresholds, np.empty(k, np.float32), np.empty(k, np.intp))
     n_buckets = bucketing.n_buckets
-    # int64: np.add.at's fast path; one spare bucket at the end, never hit, for the suffix sums
-    hist = np.zeros(n_buckets + 1, dtype=np.int64)
+    # int32 halves the cache misses of the scattered increments; one spare bucket at the end,
+    # never hit, for the suffix sums
+    count_dtype = np.int32 if _count_pixels(blocks) < 2**31 else np.int64
+    hist = np.zeros(n_buckets + 1, dtype=count_dtype)
+    one = count_dtype(1)  # same dtype as hist: np.add.at's fast path
     hot = np.zeros(n_buckets, dtype=bool)
     hot[t_buckets] = True
     kept: list[np.ndarray] = []
     n_pixels = 0
     block_pixels = min(_BLOCK_PIXELS, max(block.size for block in blocks))
     scratch = np.empty(block_pixels, np.float32)
-    buckets = np.empty(block_pixels, np.int32)
+    buckets = np.empty(block_pixels, np.intp)  # intp: no index conversion in add.at / take
     for block in blocks:
         flat = block.reshape(-1)
         for start in range(0, flat.size, block_pixels):
             x = flat[start : start + block_pixels]
             n = x.size
             b = bucketing(x, scratch[:n], buckets[:n])
-            np.add.at(hist, b, 1)
+            np.add.at(hist, b, one)
             kept.append(x[np.take(hot, b, mode="clip")])
             n_pixels += n
-    hist[t_buckets] = 0  # hot buckets: counted exactly from their kept values below
-    cold = hist[::-1]
-    np.cumsum(cold, out=cold)  # in place: hist[b] = pixels in cold buckets >= b
-    values = np.concatenate(kept) if kept else np.empty(0, np.float32)
-    values.sort()
-    cold_above = hist[t_buckets + 1]
-    count_ge = cold_above + (values.size - np.searchsorted(values, thresholds, side="left"))
-    count_gt = cold_above + (values.size - np.searchsorted(values, thresholds, side="right"))
-    return count_ge, count_gt, n_pixels
+    above = hist[::-1]
+    np.cumsum(above, out=above)  # in place: hist[b] = pixels in buckets >= b
+    in_higher_buckets = hist[t_buckets + 1]
+    own_ge, own_gt = _counts_in_own_bucket(np.concatenate(kept), thresholds, t_buckets, bucketing)
+    return in_higher_buckets + own_ge, in_higher_buckets + own_gt, n_pixels
+
+
+def _counts_in_own_bucket(
+    values: np.ndarray, thresholds: np.ndarray, t_buckets: np.ndarray, bucketing: _Buckets
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per threshold t_j: the values of t_j's bucket that are >= t_j and > t_j.
+
+    values: every pixel of the buckets that hold a threshold. A bucket holding one threshold
+    compares its values with it; the values of buckets holding several thresholds are sorted.
+    """
+    k = thresholds.size
+    v_buckets = bucketing(values, np.empty(values.size, np.float32), np.empty(values.size, np.intp))
+    hot, first, per_bucket = np.unique(t_buckets, return_index=True, return_counts=True)
+    threshold_of_bucket = np.full(bucketing.n_buckets, -1, dtype=np.int32)  # -1: several
+    alone = per_bucket == 1
+    threshold_of_bucket[hot[alone]] = first[alone]
+    j = threshold_of_bucket[v_buckets]
+    single = j >= 0
+    j_single, v_single = j[single], values[single]
+    t_single = thresholds[j_single]
+    own_ge = np.bincount(j_single[v_single >= t_single], minlength=k)
+    own_gt = np.bincount(j_single[v_single > t_single], minlength=k)
+    # several thresholds in a bucket: sorted values of those buckets (their buckets ascend too)
+    shared = np.sort(values[~single])
+    shared_buckets = bucketing(shared, np.empty(shared.size, np.float32), np.empty(shared.size, np.intp))
+    crowded = np.flatnonzero(threshold_of_bucket[t_buckets] < 0)
+    bucket_end = np.searchsorted(shared_buckets, t_buckets[crowded], side="right")
+    own_ge[crowded] = bucket_end - np.searchsorted(shared, thresholds[crowded], side="left")
+    own_gt[crowded] = bucket_end - np.searchsorted(shared, thresholds[crowded], side="right")
+    return own_ge, own_gt
 
 
 def _positive_pixels(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:

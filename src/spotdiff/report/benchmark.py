@@ -337,7 +337,8 @@ DOWNSTREAM: dict[str, Runner] = {
 def prepare_weights(config: BenchmarkConfig, out: Path) -> dict[str, Path | None]:
     """Backbone file of every weights entry; runs (or resumes) the ``pretrain`` blocks first.
 
-    A pre-trained backbone already exported to ``<out>/weights/<name>.safetensors`` is reused.
+    A backbone already exported to ``<out>/weights/<name>.safetensors`` is reused when the block
+    recorded beside it (``<name>.json``) is the same; a changed block is a ConfigError.
     """
     files: dict[str, Path | None] = {}
     for spec in config.weights:
@@ -347,10 +348,20 @@ def prepare_weights(config: BenchmarkConfig, out: Path) -> dict[str, Path | None
             files[spec.name] = spec.file
             continue
         dest = out / WEIGHTS_DIR / f"{spec.name}.safetensors"
-        if dest.is_file():
+        record = dest.with_suffix(".json")
+        block = {"arch": spec.arch, "pretrain": _jsonable(spec.pretrain), "seed": config.seed}
+        if dest.is_file() and record.is_file():
+            try:
+                stored = json.loads(record.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"{record}: unreadable ({exc}); delete it and {dest.name} to re-train") from exc
+            if stored != block:
+                raise ConfigError(f"{dest}: pre-trained with another pretrain block; use another --out "
+                                  f"or delete {dest.name} and {record.name} to re-train")
             log(f"weights {spec.name}: already pre-trained ({dest})")
         else:
             pretrain_and_export(spec, config, out / "pretrain" / spec.name, dest)
+            write_json_atomic(record, block)
         files[spec.name] = dest
     return files
 

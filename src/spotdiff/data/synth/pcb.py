@@ -210,11 +210,12 @@ ART_MARGIN = 4  # pixels of empty border around the board art
 
 
 def _art_px_per_unit(size: int) -> int:
-    """Resolution of the board art: about twice the largest scale a scene maps it to."""
-    return int(np.ceil(2.0 * 0.92 * size))
+    """Resolution of the board art: about twice the largest scale a scene maps it to (1.25 times
+    above 512 px, to bound the memory of the cached art)."""
+    return int(np.ceil((2.0 if size <= 512 else 1.25) * 0.92 * size))
 
 
-@lru_cache(maxsize=16)
+@lru_cache(maxsize=12)  # the normal board + the 9 boards with one component missing + spare
 def board_art(k: int, missing: frozenset[str] = frozenset()) -> np.ndarray:
     """The board drawn in its own frame at ``k`` pixels per board unit: (H, W, 4) float32,
     premultiplied RGB and alpha. ``missing`` names omitted components (chips, passives, ``C3``).

@@ -36,8 +36,9 @@ def make_images(folder: Path, n: int, size: int = 128) -> None:
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
 
 
-def bare_loop(data: Path, steps: int, batch: int, size: int, method_name: str) -> float:
-    """Images/s of forward + backward + SGD step, nothing else."""
+def bare_loop(data: Path, steps: int, batch: int, size: int, method_name: str) -> tuple[float, float]:
+    """``(images/s over steps 2.. (wall), CPU seconds of the whole run)``: forward + backward + SGD step."""
+    cpu_start = time.process_time()
     torch.manual_seed(0)
     method = train.build_method(method_name, arch="resnet18", spd=True)
     paths, labels, _ = find_images(data)
@@ -61,11 +62,12 @@ def bare_loop(data: Path, steps: int, batch: int, size: int, method_name: str) -
             if done == steps + 1:
                 break
         epoch += 1
-    return steps * batch / (time.perf_counter() - start)
+    return steps * batch / (time.perf_counter() - start), time.process_time() - cpu_start
 
 
-def spotdiff_loop(data: Path, out: Path, steps: int, batch: int, size: int, method_name: str) -> tuple[float, float]:
-    """``(images/s over steps 2.., seconds outside the steps)`` of run_pretrain.
+def spotdiff_loop(data: Path, out: Path, steps: int, batch: int, size: int,
+                  method_name: str) -> tuple[float, float, float]:
+    """``(images/s over steps 2.. (wall), wall seconds outside the steps, CPU seconds of the whole run)``.
 
     Per-step times come from the CSV log (one row per step); the rest of the wall time is
     set-up (model, data listing), the final checkpoint and the backbone export.
@@ -73,11 +75,11 @@ def spotdiff_loop(data: Path, out: Path, steps: int, batch: int, size: int, meth
     cfg = load_config(None, dict(method=method_name, spd=True, arch="resnet18", data=str(data), out=str(out),
                                  steps=steps + 1, batch_size=batch, image_size=size, workers=0,
                                  log_every=1, tensorboard=False, checkpoint_every=0))
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     train.run_pretrain(cfg)
-    total = time.perf_counter() - start
+    total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     step_s = [batch / float(row.split(",")[-1]) for row in (out / "log.csv").read_text().splitlines()[1:]]
-    return steps * batch / sum(step_s[1:]), total - sum(step_s)
+    return steps * batch / sum(step_s[1:]), total - sum(step_s), cpu
 
 
 def main() -> None:
@@ -91,25 +93,32 @@ def main() -> None:
     torch.set_num_threads(1)
     set_quiet(True)
     tmp = Path(tempfile.mkdtemp())
-    bare, ours, fixed = [], [], []
+    bare, ours, fixed, bare_cpu, ours_cpu = [], [], [], [], []
     try:
         make_images(tmp / "images", 64)
         for r in range(args.rounds):  # interleaved, so machine-load drift hits both alike
-            bare.append(bare_loop(tmp / "images", args.steps, args.batch, args.size, args.method))
-            speed, outside = spotdiff_loop(tmp / "images", tmp / f"run{r}", args.steps, args.batch, args.size,
-                                           args.method)
+            speed, cpu = bare_loop(tmp / "images", args.steps, args.batch, args.size, args.method)
+            bare.append(speed)
+            bare_cpu.append(cpu)
+            speed, outside, cpu = spotdiff_loop(tmp / "images", tmp / f"run{r}", args.steps, args.batch,
+                                                args.size, args.method)
             ours.append(speed)
             fixed.append(outside)
+            ours_cpu.append(cpu)
     finally:
         shutil.rmtree(tmp)
     ratios = sorted(o / b for o, b in zip(ours, bare, strict=True))
-    print(f"{args.method}+spd resnet18 {args.size}px batch {args.batch}, {args.steps} steps x {args.rounds} "
-          "rounds, 1 thread")
-    print(f"bare loop:     median {statistics.median(bare):8.1f} img/s")
-    print(f"run_pretrain:  median {statistics.median(ours):8.1f} img/s over the steps; "
-          f"median {statistics.median(fixed):.1f} s outside them (set-up, final checkpoint, export)")
-    print(f"ratio run_pretrain / bare (steps only): median {statistics.median(ratios):.3f} "
+    cpu_ratios = sorted(b / o for o, b in zip(ours_cpu, bare_cpu, strict=True))
+    med = statistics.median
+    print(f"{args.method}+spd resnet18 {args.size}px batch {args.batch}, {args.steps + 1} steps x {args.rounds} "
+          "rounds, 1 thread, workers=0")
+    print(f"bare loop:     median {med(bare):8.2f} img/s (wall, steps 2..), {med(bare_cpu):.1f} CPU s per run")
+    print(f"run_pretrain:  median {med(ours):8.2f} img/s (wall, steps 2..), {med(ours_cpu):.1f} CPU s per run; "
+          f"{med(fixed):.1f} s wall outside the steps (set-up, final checkpoint, export)")
+    print(f"speed ratio run_pretrain / bare, steps only (wall): median {med(ratios):.3f} "
           f"(min {ratios[0]:.3f}, max {ratios[-1]:.3f})")
+    print(f"speed ratio run_pretrain / bare, whole run (CPU time): median {med(cpu_ratios):.3f} "
+          f"(min {cpu_ratios[0]:.3f}, max {cpu_ratios[-1]:.3f})")
 
 
 if __name__ == "__main__":

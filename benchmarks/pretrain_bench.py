@@ -17,6 +17,7 @@ GPU figure (ResNet-50, batch 256 per step, 224 px, AMP)::
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -131,14 +132,21 @@ def bench_smoothblend(args: argparse.Namespace, device: torch.device) -> dict:
     return result
 
 
-def render(args: argparse.Namespace, device: torch.device, rows: list[dict], blend: dict, elapsed: float) -> str:
-    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
-               else f"{platform.machine()} CPU, torch.set_num_threads({torch.get_num_threads()})")
+def render(args: argparse.Namespace, device: torch.device, rows: list[dict], blend: dict,
+           elapsed: float) -> str:
+    if device.type == "cuda":
+        machine = torch.cuda.get_device_name(device)
+    else:
+        machine = (f"{os.cpu_count()}-core {platform.machine()} CPU, "
+                   f"torch.set_num_threads({torch.get_num_threads()})")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    command = " ".join(["PYTHONPATH=src python benchmarks/pretrain_bench.py", *args.argv])
     lines = [
         "# Pre-training methods: cost of SPD and SmoothBlend throughput",
         "",
         f"Date 2026-11-25; {machine}; Python {platform.python_version()}, torch {torch.__version__}.",
-        f"Command: `PYTHONPATH=src python benchmarks/pretrain_bench.py {' '.join(args.argv)}`".rstrip() + f" ({elapsed:.0f} s).",
+        f"Command: `{command}` ({elapsed:.0f} s; 1-minute load average {load:.1f} at the end: absolute "
+        "times on a shared machine are inflated, the same-process ratios are the figures to compare).",
         "",
         f"## Training step, {args.arch}, batch {args.batch}, {args.size} px{', AMP' if args.amp else ''}, "
         f"{args.steps} interleaved step pairs",
@@ -165,14 +173,14 @@ def render(args: argparse.Namespace, device: torch.device, rows: list[dict], ble
                        ("per_sample", "per-sample loop (one call per image)"),
                        ("clone", "reference: `images.clone()`")):
         lines.append(f"| {label} | {blend[key]:.0f} | {blend[key] / blend['batched']:.2f} |")
-    lines += [
-        "",
-        "GPU figure (not measured in this session, no GPU available):",
-        "`PYTHONPATH=src python benchmarks/pretrain_bench.py --device cuda --arch resnet50 --batch 256 "
-        "--size 224 --amp --steps 20 --out benchmarks/results_pretrain_gpu.md`.",
-        "",
-    ]
-    return "\n".join(lines)
+    if device.type == "cpu":
+        lines += [
+            "",
+            "GPU figure (not measured in this session, no GPU available):",
+            "`PYTHONPATH=src python benchmarks/pretrain_bench.py --device cuda --arch resnet50 --batch 256 "
+            "--size 224 --amp --steps 20 --out benchmarks/results_pretrain_gpu.md`.",
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,20 +9,18 @@
    shows that the defects are found above chance without any pre-training, and how far from
    trivial the data is. It is a sanity check of the data, not spotdiff's detector.
 
-Usage: PYTHONPATH=src python benchmarks/synth_bench.py [--scale 1.0] [--detect] [--detect-size 128]
+Usage: PYTHONPATH=src python benchmarks/synth_bench.py [--scale 1.0] [--detect] [--detect-size 128] [--detect-scale 2.0]
 Prints Markdown tables.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import platform
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 from spotdiff.data.io import load_image, load_mask
 from spotdiff.data.synth import OBJECTS, generate, image_counts, render_sample
@@ -116,6 +114,8 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--detect", action="store_true", help="also run the random-feature PaDiM check")
     parser.add_argument("--detect-size", type=int, default=128)
+    parser.add_argument("--detect-scale", type=float, default=2.0,
+                        help="dataset scale of the detection check (2.0: 32 normal + 71 anomalous test images per object)")
     args = parser.parse_args()
     set_quiet(True)
     n_normal, n_anomalous = image_counts(args.scale)
@@ -123,7 +123,7 @@ def main() -> None:
           f"{len(OBJECTS)} objects x ({n_normal} normal + {n_anomalous} anomalous)\n")
     speed(args.scale)
     if args.detect:
-        detectability(args.scale, args.detect_size)
+        detectability(args.detect_scale, args.detect_size)
 
 
 if __name__ == "__main__":

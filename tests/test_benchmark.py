@@ -182,6 +182,7 @@ def test_corrupt_cell_file_is_named(config_file, tmp_path):
     ({"weights": [{"name": "a"}, {"name": "a"}]}, "duplicate weights"),
     ({"weights": [{"name": "a", "file": "f", "pretrain": {"method": "simsiam"}}]}, "either file or pretrain"),
     ({"image_size": "big"}, "image_size"),
+    ({"weights": [{"name": "a", "arch": "resnet5"}]}, "unknown arch 'resnet5'"),
     ({"device": "tpu"}, "device"),
 ])
 def test_config_errors(fake, tmp_path, change, message):
@@ -229,3 +230,57 @@ def test_visa_example_config_is_valid():
     assert methods == {"padim", "patchcore", "cls", "seg"}
     protocols = {d.params.get("protocol") for d in config.downstream if d.method in ("cls", "seg")}
     assert protocols == {"highshot", "5shot", "10shot"}
+
+
+@pytest.mark.slow
+def test_real_runners_on_synthetic_data(tmp_path):
+    """The library runners (PaDiM and 2-class classifier fine-tuning) through the grid, tiny scale."""
+    from spotdiff.data.synth import generate
+
+    data = generate(tmp_path / "data", seed=0, scale=0.2, image_size=64, objects=["cashew_synth"])
+    config = parse_config({
+        "data": {"root": str(data)}, "objects": ["cashew_synth"], "image_size": 64, "batch_size": 16,
+        "weights": [{"name": "random_r18", "arch": "resnet18"}],
+        "downstream": [
+            {"name": "padim", "method": "padim", "params": {"layers": ["layer1", "layer2"]}},
+            {"name": "cls-highshot", "method": "cls",
+             "params": {"protocol": "highshot", "seeds": 2, "steps": 2, "batch_size": 4}},
+        ],
+        "report": {"figures": False},
+    }, tmp_path)
+    result = run_benchmark(config, tmp_path / "out")
+    assert result.ran == ["random_r18__padim__cashew_synth", "random_r18__cls-highshot__cashew_synth"]
+    padim, cls = result.cells
+    for metric in ("image_aupr", "image_auroc", "pixel_aupr", "pixel_auroc", "pixel_aupro"):
+        assert 0.0 <= padim["metrics"][metric] <= 1.0
+    assert len(padim["scores"]) == len(padim["labels"]) > 0 and set(padim["labels"]) == {0, 1}
+    assert 0.0 <= cls["metrics"]["image_aupr"] <= 1.0 and cls["metrics"]["image_aupr_std"] >= 0.0
+    assert "pixel_aupr" not in cls["metrics"]  # the classifier gives image scores only
+    md = (tmp_path / "out" / "tables.md").read_text()
+    assert "cls-highshot: Image AU-PR (%)" in md and "padim: Pixel AU-PRO (%)" in md
+
+
+def test_pretrain_blocks_run_once_and_changed_blocks_are_refused(fake, monkeypatch, tmp_path):
+    from spotdiff.report import benchmark
+
+    trained = []
+
+    def fake_pretrain(spec, config, run_dir, dest):
+        trained.append((spec.name, dict(spec.pretrain)))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(b"weights")
+
+    monkeypatch.setattr(benchmark, "pretrain_and_export", fake_pretrain)
+    block = {"method": "simsiam", "spd": True, "steps": 3, "data": "images"}
+    data = dict(CONFIG, weights=[{"name": "tiny", "arch": "resnet18", "pretrain": block}],
+                downstream=[{"name": "fake-a", "method": "fake"}])
+    out = tmp_path / "out"
+    result = run_benchmark(parse_config(data, tmp_path), out)
+    assert trained == [("tiny", {**block, "data": str(tmp_path / "images")})]  # data relative to the config
+    assert len(result.ran) == 2 and (out / "weights" / "tiny.safetensors").is_file()
+    assert result.cells[0]["fingerprint"]["weights_file"] == str(out / "weights" / "tiny.safetensors")
+    run_benchmark(parse_config(data, tmp_path), out)
+    assert len(trained) == 1  # reused
+    changed = dict(data, weights=[{"name": "tiny", "arch": "resnet18", "pretrain": {**block, "steps": 4}}])
+    with pytest.raises(ConfigError, match="another pretrain block"):
+        run_benchmark(parse_config(changed, tmp_path), out)

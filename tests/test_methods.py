@@ -228,7 +228,8 @@ def _nt_xent_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         loss = nt_xent(a1, a2, 0.5)
         loss.backward()
         keys = gather_no_grad(torch.full((2, 3), float(rank)))
-        torch.save({"loss": loss.detach(), "g1": a1.grad, "g2": a2.grad, "keys": keys}, f"{out_dir}/rank{rank}.pt")
+        result = {"loss": loss.detach(), "g1": a1.grad, "g2": a2.grad, "keys": keys}
+        torch.save(result, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 

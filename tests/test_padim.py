@@ -57,7 +57,7 @@ def test_accumulator_memory_does_not_grow_with_samples():
     acc = GaussianAccumulator(positions=6, dim=3)
 
     def nbytes() -> int:
-        tensors = [acc.sum, acc.shift, *acc.sum_sq]
+        tensors = [acc.sum, acc.shift, acc.sum_sq]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     acc.update(torch.randn(4, 6, 3))
@@ -70,11 +70,18 @@ def test_accumulator_memory_does_not_grow_with_samples():
 def test_accumulator_chunks_positions(monkeypatch):
     monkeypatch.setattr("spotdiff.detect.padim._CHUNK_BYTES", 8 * 3 * 3 * 2)  # 2 positions per chunk
     acc = GaussianAccumulator(positions=5, dim=3)
-    assert len(acc.sum_sq) == 3
+    assert acc._spans() == [(0, 2), (2, 4), (4, 5)]
     x = torch.randn(9, 5, 3, dtype=torch.float64)
-    acc.update(x)
-    expected = np.stack([np.cov(x[:, p].numpy(), rowvar=False) for p in range(5)])
-    np.testing.assert_allclose(acc.covariance().numpy(), expected, atol=1e-12)
+    x_before = x.clone()
+    acc.update(x[:4])
+    acc.update(x[4:])
+    assert torch.equal(x, x_before)  # the caller's tensor is not modified
+    cov = np.stack([np.cov(x[:, p].numpy(), rowvar=False) for p in range(5)])
+    np.testing.assert_allclose(acc.covariance().numpy(), cov, atol=1e-12)
+    # the chunked in-place factorisation equals a direct one
+    inv_chol = acc.inverse_cholesky(0.01).double().numpy()
+    expected = np.linalg.inv(np.linalg.cholesky(cov + 0.01 * np.eye(3)))
+    np.testing.assert_allclose(inv_chol, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_inverse_cholesky_is_regularised_precision_factor():
@@ -87,7 +94,8 @@ def test_inverse_cholesky_is_regularised_precision_factor():
     expected = torch.linalg.inv(cov + 0.01 * torch.eye(4, dtype=torch.float64))
     torch.testing.assert_close(precision, expected, rtol=1e-4, atol=1e-4)
     assert torch.all(inv_chol.triu(1) == 0)
-    assert all(chunk is None for chunk in acc.sum_sq)  # freed chunk by chunk
+    with pytest.raises(RuntimeError, match="finalised"):  # the buffer now holds the result
+        acc.update(x)
 
 
 def test_too_few_samples_raise():

@@ -229,3 +229,14 @@ def test_gallery_reads_images_from_paths_at_mask_size(tmp_path):
     assert all(it.image.shape == (16, 16, 3) and 0 <= it.image.min() and it.image.max() <= 1 for it in items)
     assert items[0].caption == "dent"
     assert Predictions("o", "m", np.zeros(2), np.array([0, 1])).gallery_items(2) == []
+
+
+def test_std_over_seeds_is_shown_as_plus_minus():
+    records = [ResultRecord("a", "m", "cls", {"image_aupr": 0.9, "image_aupr_std": 0.012}),
+               ResultRecord("b", "m", "cls", {"image_aupr": 0.8, "image_aupr_std": None})]
+    table = metric_table(records, "image_aupr")
+    assert table.formatted_rows() == [["m", "90.0 ± 1.2", "80.0", "85.0"]]
+    assert "| m | 90.0 ± 1.2 | 80.0 | 85.0 |" in table.to_markdown()
+    assert table.to_json()["rows"][0]["stds"] == [0.012, None, None]
+    assert table.to_csv().splitlines()[1] == "m,0.900000,0.800000,0.850000"
+    assert format_percent(0.5, 0.0) == "50.0 ± 0.0"

@@ -16,7 +16,7 @@ from spotdiff.data.io import load_image, load_mask
 from spotdiff.data.synth import MARKER, OBJECTS, SPLITS, generate, image_counts, render_sample, split_assignment
 from spotdiff.errors import ConfigError, DataError
 
-SCALE = 0.1
+SCALE = 0.06
 SEED = 3
 CSV_HEADER = "object,split,label,image,mask"
 
@@ -142,14 +142,14 @@ def test_masks_cover_defects_with_object_class_ids(synth_root: Path) -> None:
 
 @pytest.mark.parametrize("name", list(OBJECTS))
 def test_defects_change_exactly_the_masked_pixels(name: str) -> None:
+    """Same sample rendered with and without its defects: they differ exactly on the mask."""
     obj = OBJECTS[name]
     for index in range(len(obj.defect_names) + 2):
         defective = render_sample(obj, SEED, index, anomalous=True, size=128)
         clean = render_sample(obj, SEED, index, anomalous=True, size=128, with_defects=False)
         changed = np.any(defective.image != clean.image, axis=2)
         masked = defective.mask > 0
-        assert not np.any(changed & ~masked), f"{name} #{index}: pixels changed outside the mask"
-        assert np.count_nonzero(changed & masked) >= 0.95 * np.count_nonzero(masked)
+        assert np.array_equal(changed, masked), f"{name} #{index}: changed pixels differ from the mask"
         assert clean.mask.max() == 0 and clean.defect_ids == ()
 
 
@@ -171,19 +171,20 @@ def test_deterministic_per_seed(synth_root: Path, tmp_path: Path) -> None:
     for rel, digest in again.items():  # the marker's hashes are those of the files on disk
         import hashlib
         assert hashlib.sha256((tmp_path / "same" / rel).read_bytes()).hexdigest() == digest
-    other = _marker(generate(tmp_path / "other", seed=SEED + 1, scale=SCALE, objects=["cashew_synth"]))["files"]
-    images = [k for k in cashew if k.endswith(".JPG")]
-    assert all(other[k] != cashew[k] for k in images)
+    # sample i does not depend on scale, so a smaller run with another seed covers the first images
+    other = _marker(generate(tmp_path / "other", seed=SEED + 1, scale=0.05, objects=["cashew_synth"]))["files"]
+    images = [k for k in other if k.endswith(".JPG")]
+    assert images and all(other[k] != cashew[k] for k in images)
 
 
 def test_rerun_is_noop_and_foreign_dirs_are_refused(tmp_path: Path) -> None:
     out = tmp_path / "d"
-    generate(out, seed=1, scale=0.05, objects=["capsules_synth"])
+    generate(out, seed=1, scale=0.05, image_size=64, objects=["capsules_synth"])
     first = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
-    generate(out, seed=1, scale=0.05, objects=["capsules_synth"])
+    generate(out, seed=1, scale=0.05, image_size=64, objects=["capsules_synth"])
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == first
     # other parameters on a previous synth output: replaced, old files gone
-    generate(out, seed=2, scale=0.05, objects=["cashew_synth"])
+    generate(out, seed=2, scale=0.05, image_size=64, objects=["cashew_synth"])
     assert _marker(out)["seed"] == 2 and not (out / "capsules_synth").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["d"]  # no staging directories left behind
     foreign = tmp_path / "foreign"
@@ -192,9 +193,14 @@ def test_rerun_is_noop_and_foreign_dirs_are_refused(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="foreign"):
         generate(foreign, scale=0.05, objects=["cashew_synth"])
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    for bad_marker in ("[1]", "{not json", '{"generator": "someone else"}'):
+        (foreign / MARKER).write_text(bad_marker)
+        with pytest.raises(DataError, match=MARKER):
+            generate(foreign, scale=0.05, objects="cashew_synth")
+    assert sorted(p.name for p in foreign.iterdir()) == sorted([MARKER, "notes.txt"])
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert (generate(empty, scale=0.05, objects=["cashew_synth"]) / MARKER).is_file()
+    assert (generate(empty, scale=0.05, image_size=64, objects=["cashew_synth"]) / MARKER).is_file()
 
 
 @pytest.mark.parametrize("kwargs", [{"scale": 0.0}, {"scale": float("nan")}, {"seed": -1},
@@ -229,7 +235,7 @@ def test_data_layer_reads_synth_output(synth_root: Path) -> None:
         assert set(item["class_mask"].unique().tolist()) - {0} <= set(range(1, len(obj.defect_names) + 1))
         assert item["defect_type"] != "good"
         few = open_dataset(synth_root, name, split="2cls_fewshot", subset="train", image_size=32)
-        assert len(sample_kshot(few.labels, 3, seed=0)) == 6
+        assert len(sample_kshot(few.labels, 2, seed=0)) == 4
 
 
 def test_tiny_images_still_have_masks(tmp_path: Path) -> None:
@@ -238,3 +244,19 @@ def test_tiny_images_still_have_masks(tmp_path: Path) -> None:
         if row["label"] == "anomaly":
             assert load_mask(root / row["mask"]).shape == (32, 32)
             assert load_mask(root / row["mask"]).any(), row["mask"]
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch (a few seconds)
+def test_identical_bytes_in_another_process(tmp_path: Path) -> None:
+    """No dependence on hash randomisation or on caches warmed by earlier calls."""
+    import os
+    import subprocess
+    import sys
+
+    kwargs = "seed=7, scale=0.05, image_size=64, objects=['pcb_synth']"
+    here = _marker(generate(tmp_path / "here", seed=7, scale=0.05, image_size=64, objects=["pcb_synth"]))
+    env = {**os.environ, "PYTHONHASHSEED": "123", "SPOTDIFF_QUIET": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+    code = f"from spotdiff.data.synth import generate; generate({str(tmp_path / 'there')!r}, {kwargs})"
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    assert _marker(tmp_path / "there")["files"] == here["files"]

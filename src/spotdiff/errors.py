@@ -20,3 +20,19 @@ class WeightsError(SpotdiffError, ValueError):
 
 class ConfigError(SpotdiffError, ValueError):
     """An option or config file value is invalid."""
+
+
+class OutputError(SpotdiffError, OSError):
+    """An output file or folder could not be written (disk full, read-only, no permission).
+
+    Also an ``OSError``, so ``except OSError`` handlers keep working; ``errno`` and ``strerror``
+    are the cause's. The message names the file.
+    """
+
+    def __init__(self, message: str, errno: int | None = None, strerror: str | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+        self.strerror = strerror or message
+
+    def __str__(self) -> str:
+        return str(self.args[0])

@@ -15,6 +15,8 @@ from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from spotdiff.errors import OutputError
+
 TMP_PREFIX = "."
 TMP_MARK = ".tmp-"
 
@@ -23,11 +25,15 @@ TMP_MARK = ".tmp-"
 def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; on success it is fsynced and renamed onto ``dest``.
 
-    On any exception the temporary file is removed and ``dest`` is left untouched.
+    On any exception the temporary file is removed and ``dest`` is left untouched; an
+    ``OSError`` (disk full, read-only, no permission, ...) becomes an `OutputError` naming ``dest``.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{dest.name}{TMP_MARK}", dir=dest.parent)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{dest.name}{TMP_MARK}", dir=dest.parent)
+    except OSError as exc:
+        raise output_error(dest, exc) from exc
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -35,10 +41,47 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
             tmp_path.unlink()
+        if isinstance(exc, OSError) and not isinstance(exc, OutputError):
+            raise output_error(dest, exc) from exc
         raise
+
+
+def output_error(dest: str | os.PathLike[str], exc: BaseException) -> OutputError:
+    """An `OutputError` for a failed write of ``dest`` caused by ``exc``."""
+    reason = (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc)
+    return OutputError(f"{dest}: cannot write ({reason})", getattr(exc, "errno", None), reason)
+
+
+def torch_save_atomic(dest: str | os.PathLike[str], obj: Any) -> None:
+    """``torch.save(obj)`` to ``dest`` atomically; a failed write is an `OutputError` naming ``dest``.
+
+    torch reports write failures (disk full, ...) as a ``RuntimeError`` from its zip writer.
+    """
+    import torch
+
+    with atomic_path(dest) as tmp:
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as exc:
+            raise output_error(dest, RuntimeError(f"disk full, file size limit or I/O error; torch: {exc}")) from exc
+
+
+def save_safetensors_atomic(dest: str | os.PathLike[str], tensors: dict[str, Any],
+                            metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` to ``dest`` atomically; I/O failures become `OutputError`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    with atomic_path(dest) as tmp:
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as exc:
+            if "I/O error" not in str(exc):
+                raise
+            raise output_error(dest, exc) from exc
 
 
 def is_temp_file_of(name: str, dest_names: Collection[str]) -> bool:

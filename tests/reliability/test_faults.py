@@ -1,4 +1,5 @@
-"""Faults during ``spotdiff prepare``: kill -9, disk full, read-only output, things in the way.
+"""Faults during ``spotdiff prepare`` (kill -9, disk full, read-only output, things in the way) and
+read-only output for ``predict`` and ``test``.
 
 Promise: a file at a final output path always holds its complete, correct bytes; an interrupted
 run leaves at most hidden ``.<name>.tmp-*`` files, which readers ignore and the next run deletes;
@@ -24,6 +25,7 @@ from reliability_helpers import (
     is_temp_name,
     noise_jpeg,
     run_cli,
+    run_cli_many,
     simple_tree,
     tree_files,
 )
@@ -184,3 +186,39 @@ def test_something_in_the_way_is_a_clear_error(obstacle, tmp_path, capsys):
     assert main(["--quiet", "prepare", "--visa-root", str(root), "--split", "1cls", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert str(blocker) in err, err
+
+
+def test_read_only_output_stops_predict_and_test_with_a_clear_error(tmp_path):
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    if shutil.which("unshare") is None or subprocess.run(
+            [*_read_only_prefix(probe), "sh", "-c", "! touch \"$0/x\"", str(probe)], capture_output=True).returncode:
+        pytest.skip("cannot make a read-only bind mount here (unshare/mount not permitted)")
+    root = simple_tree(tmp_path / "visa", n_train=4, n_good=1, n_bad=1)
+    model = tmp_path / "model"
+    assert main(["--quiet", "fit", "--model", "padim", "--data", str(root), "--object", OBJECT, "--arch", "resnet18",
+                 "--image-size", "32", "--d", "16", "--out", str(model)]) == 0
+    results = tmp_path / "results"
+    results.mkdir()
+    # predict into a fresh folder and test into the read-only folder itself.
+    codes, stderr = run_cli_many([["predict", model, root / OBJECT, "--out", results / "pred"],
+                                  ["test", model, "--data", root, "--object", OBJECT, "--out", results]],
+                                 prefix=_read_only_prefix(results))
+    assert codes == [2, 2] and "Read-only file system" in stderr, stderr
+    assert str(results / "pred") in stderr and f"{results}" in stderr
+    assert list(results.iterdir()) == []
+
+
+def test_atomic_writers_turn_os_errors_into_output_errors_naming_the_file(tmp_path):
+    from spotdiff.errors import OutputError, SpotdiffError
+    from spotdiff.files import save_safetensors_atomic, torch_save_atomic, write_text_atomic
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("in the way")
+    for write in (lambda d: write_text_atomic(d, "x"), lambda d: torch_save_atomic(d, {"a": 1}),
+                  lambda d: save_safetensors_atomic(d, {})):
+        dest = blocker / "out.bin"  # its folder is a file: ENOTDIR / EEXIST
+        with pytest.raises(OutputError, match=rf"{dest}: cannot write") as info:
+            write(dest)
+        assert isinstance(info.value, SpotdiffError) and isinstance(info.value, OSError)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]

@@ -53,7 +53,7 @@ def _grayscale(images: torch.Tensor) -> torch.Tensor:
 
 
 def _shift_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate the HSV hue of ``(B, 3, H, W)`` [0, 1] images by ``shift`` (B,) turns (torchvision's adjust_hue)."""
+    """Rotate the HSV hue of ``(B, 3, H, W)`` images in [0, 1] by ``shift`` (B,) turns (as adjust_hue)."""
     maxc = images.amax(dim=1, keepdim=True)
     minc = images.amin(dim=1, keepdim=True)
     delta = maxc - minc
@@ -140,7 +140,8 @@ class BlendParams:
         ys = torch.arange(height, device=self.h.device).view(1, -1, 1)
         xs = torch.arange(width, device=self.h.device).view(1, 1, -1)
         dy, dx = self.dst_y.view(-1, 1, 1), self.dst_x.view(-1, 1, 1)
-        inside = (ys >= dy) & (ys < dy + self.h.view(-1, 1, 1)) & (xs >= dx) & (xs < dx + self.w.view(-1, 1, 1))
+        h, w = self.h.view(-1, 1, 1), self.w.view(-1, 1, 1)
+        inside = (ys >= dy) & (ys < dy + h) & (xs >= dx) & (xs < dx + w)
         return inside.unsqueeze(1)
 
 
@@ -181,21 +182,26 @@ class SmoothBlend(nn.Module):
         self.area = _pair(area, "area", 1e-6, 1.0)
         self.aspect = _pair(aspect, "aspect", 1e-3, 1e3)
         if not (sigma >= 0 and truncate > 0):
-            raise ConfigError(f"SmoothBlend sigma={sigma!r}, truncate={truncate!r}: need sigma >= 0, truncate > 0")
+            raise ConfigError(
+                f"SmoothBlend sigma={sigma!r}, truncate={truncate!r}: need sigma >= 0 and truncate > 0")
         if truncate * sigma >= 0.5:
-            raise ConfigError(f"SmoothBlend sigma={sigma!r}: truncate * sigma must be < 0.5 (the eroded box vanishes)")
+            raise ConfigError(
+                f"SmoothBlend sigma={sigma!r}: truncate * sigma must be < 0.5 (the eroded box vanishes)")
         self.sigma = float(sigma)
         self.truncate = float(truncate)
         if len(jitter) != 4 or min(jitter) < 0 or jitter[3] > 0.5:
-            raise ConfigError(f"SmoothBlend jitter={jitter!r}: need 4 values >= 0 (brightness, contrast, saturation, hue <= 0.5)")
+            raise ConfigError(f"SmoothBlend jitter={jitter!r}: need 4 values >= 0 "
+                              "(brightness, contrast, saturation, hue <= 0.5)")
         self.jitter = tuple(float(j) for j in jitter)
         if (mean is None) != (std is None):
             raise ConfigError("SmoothBlend: give both mean and std, or neither")
-        self.register_buffer("mean", None if mean is None else torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", None if std is None else torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        for key, value in (("mean", mean), ("std", std)):
+            channel = None if value is None else torch.tensor(value, dtype=torch.float32).view(1, 3, 1, 1)
+            self.register_buffer(key, channel, persistent=False)
 
     def extra_repr(self) -> str:
-        return f"area={self.area}, aspect={self.aspect}, sigma={self.sigma}, truncate={self.truncate}, jitter={self.jitter}, normalised={self.mean is not None}"
+        return (f"area={self.area}, aspect={self.aspect}, sigma={self.sigma}, truncate={self.truncate}, "
+                f"jitter={self.jitter}, normalised={self.mean is not None}")
 
     # -- parameters
     def sample(
@@ -208,7 +214,8 @@ class SmoothBlend(nn.Module):
         are moved to ``device``: the same seed gives the same parameters on CPU and CUDA.
         """
         rng_device = generator.device if generator is not None else torch.device("cpu")
-        u = torch.rand(11, batch, generator=generator, device=rng_device, dtype=torch.float64).to(device or rng_device)
+        u = torch.rand(10, batch, generator=generator, device=rng_device, dtype=torch.float64)
+        u = u.to(device or rng_device)
         total = height * width
         area = (self.area[0] + (self.area[1] - self.area[0]) * u[0]) * total
         log_lo, log_hi = math.log(self.aspect[0]), math.log(self.aspect[1])
@@ -345,7 +352,8 @@ class SmoothBlendTransform:
             tensor = F.to_dtype(F.pil_to_tensor(image.convert("RGB")), torch.float32, scale=True)
             out = self.blend(tensor.unsqueeze(0))[0]
             return F.to_pil_image((out * 255.0).round().clamp(0, 255).to(torch.uint8))
-        if not (isinstance(image, torch.Tensor) and image.ndim == 3 and image.shape[0] == 3 and image.is_floating_point()):
+        is_rgb = isinstance(image, torch.Tensor) and image.ndim == 3 and image.shape[0] == 3
+        if not (is_rgb and image.is_floating_point()):
             raise TypeError("SmoothBlendTransform expects a PIL image or a (3, H, W) float tensor in [0, 1]")
         return self.blend(image.unsqueeze(0))[0]
 

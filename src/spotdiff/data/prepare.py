@@ -146,7 +146,8 @@ def _write(job: CopyJob, mask_png: bytes | None) -> bool:
     try:
         return _write_unchecked(job, mask_png)
     except OSError as exc:  # disk full, permissions, a folder in the way, ...
-        raise DataError(f"{job.dst}: cannot write ({exc}) for {job.row.where}") from exc
+        reason = exc.strerror or str(exc)
+        raise DataError(f"{job.dst}: cannot write ({reason}) for {job.row.where}") from exc
 
 
 def _write_unchecked(job: CopyJob, mask_png: bytes | None) -> bool:

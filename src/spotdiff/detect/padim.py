@@ -27,17 +27,18 @@ from spotdiff.models import layer_channels
 DEFAULT_DIMS = {"resnet18": 100, "resnet50": 550, "wide_resnet50_2": 550}
 """Random channel subset size per backbone, as in the PaDiM paper."""
 
-_CHUNK_BYTES = 64 << 20  # working memory per position chunk
+_CHUNK_BYTES = 16 << 20  # float64 working memory per position chunk (one full (p, d, d) block)
 
 
 class GaussianAccumulator:
     """Streaming mean and covariance of ``P`` positions x ``d`` features, in float64.
 
     Keeps, per position, ``S1 = sum(x - c)`` and the upper triangle of ``S2 = sum((x - c)(x - c)^T)``,
-    where the shift ``c`` is the mean of the first batch (it makes the final subtraction
-    well-conditioned). Memory: ``P * d * (d + 3) / 2`` float64 values, independent of the
-    number of samples. The triangle is stored in position chunks so :meth:`inverse_cholesky`
-    can free it chunk by chunk.
+    where the shift ``c`` is the mean of the first batch (it keeps the final subtraction
+    well-conditioned). Memory: ``P * d * (d + 3) / 2`` float64 values, independent of the number of
+    samples; updates and the final factorisation work on chunks of positions so temporaries
+    stay small. :meth:`inverse_cholesky` writes its float32 result into the buffer of ``S2``
+    itself (``d^2`` float32 fit in ``d (d + 1) / 2`` float64), so finishing needs no extra memory.
     """
 
     def __init__(self, positions: int, dim: int) -> None:
@@ -47,28 +48,30 @@ class GaussianAccumulator:
         self.rows, self.cols = torch.triu_indices(dim, dim)
         self.shift: torch.Tensor | None = None
         self.sum = torch.zeros(positions, dim, dtype=torch.float64)
-        self.sum_sq: list[torch.Tensor | None] = [
-            torch.zeros(min(self.chunk, positions - p), self.rows.numel(), dtype=torch.float64)
-            for p in range(0, positions, self.chunk)
-        ]
+        self.sum_sq: torch.Tensor | None = torch.zeros(positions, self.rows.numel(), dtype=torch.float64)
+
+    def _spans(self) -> list[tuple[int, int]]:
+        return [(p, min(p + self.chunk, self.positions)) for p in range(0, self.positions, self.chunk)]
+
+    def _buffer(self) -> torch.Tensor:
+        if self.sum_sq is None:
+            raise RuntimeError("accumulator already finalised by inverse_cholesky()")
+        return self.sum_sq
 
     def update(self, x: torch.Tensor) -> None:
-        """Add samples ``x`` of shape ``(n, P, d)``."""
+        """Add samples ``x`` of shape ``(n, P, d)`` (any float dtype; converted chunk by chunk)."""
         if x.ndim != 3 or x.shape[1:] != (self.positions, self.dim):
             raise ValueError(f"expected (n, {self.positions}, {self.dim}), got {tuple(x.shape)}")
-        x = x.to(torch.float64).cpu()
+        sum_sq = self._buffer()
+        x = x.cpu()
         if self.shift is None:
-            self.shift = x.mean(dim=0)
-        x = x - self.shift
-        self.sum += x.sum(dim=0)
-        self.count += x.shape[0]
-        for i, start in enumerate(range(0, self.positions, self.chunk)):
-            acc = self.sum_sq[i]
-            if acc is None:
-                raise RuntimeError("accumulator already finalised")
-            xc = x[:, start : start + self.chunk].transpose(0, 1)  # (p, n, d)
+            self.shift = x.to(torch.float64).mean(dim=0)
+        for start, stop in self._spans():
+            xc = (x[:, start:stop].to(torch.float64) - self.shift[start:stop]).transpose(0, 1)  # (p, n, d)
+            self.sum[start:stop] += xc.sum(dim=1)
             gram = torch.bmm(xc.transpose(1, 2), xc)  # (p, d, d)
-            acc += gram[:, self.rows, self.cols]
+            sum_sq[start:stop] += gram[:, self.rows, self.cols]
+        self.count += x.shape[0]
 
     def mean(self) -> torch.Tensor:
         """``(P, d)`` float64 mean."""
@@ -80,42 +83,40 @@ class GaussianAccumulator:
         if self.count < minimum:
             raise DataError(f"PaDiM needs at least {minimum} training image(s), got {self.count}")
 
-    def _chunk_covariance(self, i: int) -> torch.Tensor:
-        acc = self.sum_sq[i]
-        if acc is None:
-            raise RuntimeError("accumulator already finalised")
-        start = i * self.chunk
-        s1 = self.sum[start : start + acc.shape[0]]
-        full = torch.zeros(acc.shape[0], self.dim, self.dim, dtype=torch.float64)
-        full[:, self.rows, self.cols] = acc
-        full[:, self.cols, self.rows] = acc
+    def _chunk_covariance(self, start: int, stop: int) -> torch.Tensor:
+        tri = self._buffer()[start:stop]
+        s1 = self.sum[start:stop]
+        full = torch.empty(stop - start, self.dim, self.dim, dtype=torch.float64)
+        full[:, self.rows, self.cols] = tri
+        full[:, self.cols, self.rows] = tri
         full -= s1[:, :, None] * s1[:, None, :] / self.count
-        return full / (self.count - 1)
+        return full.div_(self.count - 1)
 
     def covariance(self) -> torch.Tensor:
         """``(P, d, d)`` float64 unbiased covariance (divisor ``N - 1``), without regularisation."""
         self._check_count(2)
-        return torch.cat([self._chunk_covariance(i) for i in range(len(self.sum_sq))])
+        return torch.cat([self._chunk_covariance(a, b) for a, b in self._spans()])
 
-    def inverse_cholesky(self, epsilon: float, free: bool = True) -> torch.Tensor:
+    def inverse_cholesky(self, epsilon: float) -> torch.Tensor:
         """``(P, d, d)`` float32 ``L^-1`` with ``L L^T = covariance + epsilon * I`` (lower triangular).
 
-        With ``free`` each chunk of the accumulator is released once converted, so the peak memory
-        is the accumulator or the result, whichever is larger, plus one chunk.
+        Consumes the accumulator: the result is written chunk by chunk over the ``S2`` buffer
+        (chunk ``i`` of the result never reaches past the end of chunk ``i`` of ``S2``, so
+        unread chunks are never overwritten), and no further update is possible.
         """
         self._check_count(2)
-        out = torch.empty(self.positions, self.dim, self.dim, dtype=torch.float32)
-        eye = torch.eye(self.dim, dtype=torch.float64)
-        for i in range(len(self.sum_sq)):
-            start = i * self.chunk
-            cov = self._chunk_covariance(i) + epsilon * eye
+        d = self.dim
+        out = self._buffer().view(torch.float32).view(-1)[: self.positions * d * d].view(self.positions, d, d)
+        eye = torch.eye(d, dtype=torch.float64)
+        for start, stop in self._spans():
+            cov = self._chunk_covariance(start, stop)
+            cov.diagonal(dim1=-2, dim2=-1).add_(epsilon)
             chol, info = torch.linalg.cholesky_ex(cov)
+            del cov
             if int(info.max()) > 0:
                 raise DataError("covariance is not positive definite; increase epsilon")
-            inv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
-            out[start : start + cov.shape[0]] = inv.to(torch.float32)
-            if free:
-                self.sum_sq[i] = None
+            out[start:stop] = torch.linalg.solve_triangular(chol, eye, upper=False)
+        self.sum_sq = None
         return out
 
 
@@ -174,6 +175,7 @@ class PaDiM(Detector):
         self.channel_index = torch.randperm(total, generator=generator)[: self.d].sort().values
         self.mean: torch.Tensor | None = None
         self.inv_chol: torch.Tensor | None = None
+        self._grid: tuple[int, int] = (0, 0)  # (h, w) of the last embedding
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, P, d)`` patch embeddings of normalised images, ``P = h * w``."""

@@ -24,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from spotdiff.errors import ConfigError, WeightsError
+from spotdiff.files import output_error
 
 FORMAT = "spotdiff-detector"
 FORMAT_VERSION = 1
@@ -97,9 +99,11 @@ def save_model_dir(
         os.replace(tmp, out)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             shutil.rmtree(tmp)
+        if isinstance(exc, OSError) or (isinstance(exc, SafetensorError) and "I/O error" in str(exc)):
+            raise output_error(out, exc) from exc  # disk full, read-only: one clear line
         raise
     return out
 

@@ -75,13 +75,33 @@ def world_info() -> tuple[int, int]:
     return 0, 1
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward returns this rank's slice of the summed gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        rank, world = world_info()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows = (rank * x.shape[0], (rank + 1) * x.shape[0])
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce works in place
+        dist.all_reduce(grad)  # every rank's loss depends on every rank's rows
+        return grad[ctx.rows[0] : ctx.rows[1]]
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from every rank along dim 0, keeping the autograd graph (identity if 1 rank)."""
+    """Concatenate ``x`` (same shape on every rank) from every rank along dim 0, with gradient.
+
+    Backward: the gradient of the sum of all ranks' losses with respect to the local rows; DDP's
+    gradient averaging then yields the gradient of the mean loss. Identity with one process.
+    """
     if world_info()[1] == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x), dim=0)
+    return _GatherWithGrad.apply(x)
 
 
 @torch.no_grad()
@@ -133,7 +153,8 @@ class PretrainMethod(nn.Module):
             self.feature_dim = int(backbone.fc.in_features)
             backbone.fc = nn.Identity()
         else:
-            self.feature_dim = int(backbone.layer4[-1].conv1.in_channels)  # Identity already: read from layer4
+            # fc already removed: the last block's input width equals the feature width
+            self.feature_dim = int(backbone.layer4[-1].conv1.in_channels)
         if eta < 0:
             raise ConfigError(f"eta={eta!r}: the SPD weight must be >= 0")
         self.backbone = backbone

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from spotdiff.errors import WeightsError
-from spotdiff.files import atomic_path
+from spotdiff.files import torch_save_atomic
 
 FORMAT = "spotdiff.pretrain.checkpoint"
 VERSION = 1
@@ -59,8 +59,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
     """Write ``payload`` (plus format/version) atomically: a crash never corrupts the old file."""
     path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, "version": VERSION, **payload}, tmp)
+    torch_save_atomic(path, {"format": FORMAT, "version": VERSION, **payload})  # OutputError if disk full
     return path
 
 

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from spotdiff.errors import WeightsError
-from spotdiff.files import atomic_path
+from spotdiff.files import save_safetensors_atomic
 from spotdiff.models import build_backbone, load_backbone_weights
 from spotdiff.pretrain.checkpoint import load_checkpoint
 
@@ -33,8 +32,7 @@ def write_backbone(state: Mapping[str, torch.Tensor], arch: str, out: str | os.P
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in body.items()}
     meta = {"format": BACKBONE_FORMAT, "arch": arch, **{k: str(v) for k, v in metadata.items()}}
     out = Path(out)
-    with atomic_path(out) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    save_safetensors_atomic(out, tensors, metadata=meta)  # OutputError if disk full
     return out
 
 

@@ -40,7 +40,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     self_index = torch.cat([local, local + n])
     positive = torch.cat([local + n, local])
     rows = torch.arange(2 * bsz, device=z1.device)
-    logits = logits.index_put((rows, self_index), torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
+    logits = logits.index_put((rows, self_index), logits.new_full((), float("-inf")))
     return F.cross_entropy(logits, positive)
 
 

@@ -49,6 +49,7 @@ import yaml
 from spotdiff import __version__
 from spotdiff.errors import ConfigError, SpotdiffError
 from spotdiff.files import write_json_atomic, write_text_atomic
+from spotdiff.models import ARCHITECTURES
 from spotdiff.progress import bar, log
 from spotdiff.report.html import report_sections, write_html_report
 from spotdiff.report.plots import Predictions
@@ -200,6 +201,9 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: str = "config"
             raise ConfigError(f"{source}: weights[{i}]: unknown key(s) {unknown}")
         name = _check_name("weights", entry.get("name"), f"{source}: weights[{i}]")
         arch = entry.get("arch", "resnet18")
+        if arch not in ARCHITECTURES:
+            raise ConfigError(f"{source}: weights {name!r}: unknown arch {arch!r}; "
+                              f"choose one of {sorted(ARCHITECTURES)}")
         if entry.get("file") is not None and entry.get("pretrain") is not None:
             raise ConfigError(f"{source}: weights {name!r}: give either file or pretrain, not both")
         file = path(entry["file"], f"weights {name!r} file") if entry.get("file") is not None else None
@@ -337,7 +341,8 @@ DOWNSTREAM: dict[str, Runner] = {
 def prepare_weights(config: BenchmarkConfig, out: Path) -> dict[str, Path | None]:
     """Backbone file of every weights entry; runs (or resumes) the ``pretrain`` blocks first.
 
-    A pre-trained backbone already exported to ``<out>/weights/<name>.safetensors`` is reused.
+    A backbone already exported to ``<out>/weights/<name>.safetensors`` is reused when the block
+    recorded beside it (``<name>.json``) is the same; a changed block is a ConfigError.
     """
     files: dict[str, Path | None] = {}
     for spec in config.weights:
@@ -347,10 +352,20 @@ def prepare_weights(config: BenchmarkConfig, out: Path) -> dict[str, Path | None
             files[spec.name] = spec.file
             continue
         dest = out / WEIGHTS_DIR / f"{spec.name}.safetensors"
-        if dest.is_file():
+        record = dest.with_suffix(".json")
+        block = {"arch": spec.arch, "pretrain": _jsonable(spec.pretrain), "seed": config.seed}
+        if dest.is_file() and record.is_file():
+            try:
+                stored = json.loads(record.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"{record}: unreadable ({exc}); delete it and {dest.name} to re-train") from exc
+            if stored != block:
+                raise ConfigError(f"{dest}: pre-trained with another pretrain block; use another --out "
+                                  f"or delete {dest.name} and {record.name} to re-train")
             log(f"weights {spec.name}: already pre-trained ({dest})")
         else:
             pretrain_and_export(spec, config, out / "pretrain" / spec.name, dest)
+            write_json_atomic(record, block)
         files[spec.name] = dest
     return files
 
@@ -493,13 +508,8 @@ def write_results(config: BenchmarkConfig, cells: Sequence[Mapping[str, Any]], o
         mine = [r for r in records if r.downstream == ds.name]
         methods = [w for w in weights_order if any(r.method == w for r in mine)]
         tables += paper_tables(mine, objects=list(config.objects), methods=methods, title_prefix=f"{ds.name}: ")
-    seconds = {(c["weights"], c["downstream"], c["object"]): c.get("seconds") for c in cells}
-    csv_lines = records_csv(records).splitlines()
-    csv_lines[0] += ",seconds"
-    for i, rec in enumerate(records, start=1):
-        s = seconds.get((rec.method, rec.downstream, rec.object))
-        csv_lines[i] += "," + ("" if s is None else f"{s:.3f}")
-    write_text_atomic(out / "results.csv", "\n".join(csv_lines) + "\n")
+    seconds = [c.get("seconds") for c in cells]
+    write_text_atomic(out / "results.csv", records_csv(records, extra={"seconds": seconds}))
     write_json_atomic(out / "results.json", {
         "title": config.title, "objects": list(config.objects), "metrics": list(HEADLINE_METRICS),
         "cells": [{k: c[k] for k in ("weights", "downstream", "object", "metrics", "seconds")} for c in cells],

@@ -8,7 +8,8 @@ VisA / SPD paper does (``0.8765`` -> ``87.7``); a missing value is shown as ``-`
 Two layouts:
 
 * :func:`paper_tables` -- one table per metric (AU-PR first), methods as rows, objects then
-  ``Mean`` as columns. The mean of a row is the mean over *all* objects of the table and is only
+  ``Mean`` as columns; a record with ``<metric>_std`` (fine-tuning: std over seeds) shows
+  ``mean ± std``. The mean of a row is the mean over *all* objects of the table and is only
   given when the row has a value for every object (a partial mean would not be comparable).
 * :func:`object_backbone_table` -- the demo's table: one row per (object, backbone), the five
   headline metrics as columns, then one ``Mean`` row per backbone (mean over objects).
@@ -35,6 +36,7 @@ METRIC_LABELS: dict[str, str] = {
 }
 HEADLINE_METRICS: tuple[str, ...] = tuple(METRIC_LABELS)
 MEAN_LABEL = "Mean"
+STD_SUFFIX = "_std"  # a record's ``<metric>_std``: standard deviation over seeds
 MISSING = "-"
 
 
@@ -71,11 +73,13 @@ class ResultRecord:
 
 @dataclass(frozen=True)
 class Row:
-    """One table row: label cells (e.g. ``("SimSiam+SPD",)``) and values as fractions."""
+    """One table row: label cells (e.g. ``("SimSiam+SPD",)``), values as fractions and optionally
+    their standard deviations over seeds (shown as ``87.7 ± 1.2``)."""
 
     labels: tuple[str, ...]
     values: tuple[float | None, ...]
     is_mean: bool = False
+    stds: tuple[float | None, ...] | None = None
 
 
 @dataclass
@@ -94,7 +98,11 @@ class Table:
 
     def formatted_rows(self) -> list[list[str]]:
         """Every row as display strings (percentages, one decimal)."""
-        return [[*row.labels, *(format_percent(v) for v in row.values)] for row in self.rows]
+        out = []
+        for row in self.rows:
+            stds = row.stds or (None,) * len(row.values)
+            out.append([*row.labels, *(format_percent(v, sd) for v, sd in zip(row.values, stds, strict=True))])
+        return out
 
     def to_markdown(self) -> str:
         """A GitHub-flavoured markdown table preceded by its title; mean rows in bold."""
@@ -121,8 +129,8 @@ class Table:
         """A JSON-ready dict; values are fractions (null when missing)."""
         return {"title": self.title, "metric": self.metric, "label_columns": list(self.label_columns),
                 "columns": list(self.columns),
-                "rows": [{"labels": list(r.labels), "values": list(r.values), "is_mean": r.is_mean}
-                         for r in self.rows]}
+                "rows": [{"labels": list(r.labels), "values": list(r.values), "is_mean": r.is_mean,
+                          **({"stds": list(r.stds)} if r.stds else {})} for r in self.rows]}
 
 
 def _as_float(value: Any) -> float | None:
@@ -135,9 +143,12 @@ def _as_float(value: Any) -> float | None:
     return None if math.isnan(out) else out
 
 
-def format_percent(value: float | None) -> str:
-    """A fraction as a percentage with one decimal (``0.8765`` -> ``"87.7"``); ``"-"`` if missing."""
-    return MISSING if value is None else f"{100.0 * value:.1f}"
+def format_percent(value: float | None, std: float | None = None) -> str:
+    """A fraction as a percentage with one decimal (``0.8765`` -> ``"87.7"``; with ``std=0.012``:
+    ``"87.7 ± 1.2"``); ``"-"`` if missing."""
+    if value is None:
+        return MISSING
+    return f"{100.0 * value:.1f}" + ("" if std is None else f" ± {100.0 * std:.1f}")
 
 
 def mean_or_none(values: Iterable[float | None]) -> float | None:
@@ -179,9 +190,11 @@ def metric_table(
     table = Table(title or METRIC_LABELS.get(metric, metric), ("Method",), (*objects, MEAN_LABEL),
                   metric=metric)
     for method in methods:
-        values = [index[(method, obj)].value(metric) if (method, obj) in index else None
-                  for obj in objects]
-        table.rows.append(Row((method,), (*values, mean_or_none(values))))
+        cells = [index.get((method, obj)) for obj in objects]
+        values = [rec.value(metric) if rec else None for rec in cells]
+        stds = [rec.value(f"{metric}{STD_SUFFIX}") if rec else None for rec in cells]
+        has_std = any(sd is not None for sd in stds)
+        table.rows.append(Row((method,), (*values, mean_or_none(values)), stds=(*stds, None) if has_std else None))
     return table
 
 
@@ -233,12 +246,16 @@ def tables_markdown(tables: Sequence[Table]) -> str:
     return "\n".join(t.to_markdown() for t in tables)
 
 
-def records_csv(records: Sequence[ResultRecord], metrics: Sequence[str] = HEADLINE_METRICS) -> str:
-    """The flat results table: one line per record, metric values as fractions."""
+def records_csv(records: Sequence[ResultRecord], metrics: Sequence[str] = HEADLINE_METRICS,
+                extra: Mapping[str, Sequence[Any]] | None = None) -> str:
+    """The flat results table: one line per record, metric values as fractions; ``extra`` adds
+    columns (name -> one value per record, None for empty)."""
+    extra = dict(extra or {})
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["object", "method", "downstream", *metrics])
-    for rec in records:
-        writer.writerow([rec.object, rec.method, rec.downstream,
-                         *("" if rec.value(m) is None else f"{rec.value(m):.6f}" for m in metrics)])
+    writer.writerow(["object", "method", "downstream", *metrics, *extra])
+    for i, rec in enumerate(records):
+        values = ["" if rec.value(m) is None else f"{rec.value(m):.6f}" for m in metrics]
+        extras = ["" if col[i] is None else col[i] for col in extra.values()]
+        writer.writerow([rec.object, rec.method, rec.downstream, *values, *extras])
     return buf.getvalue()

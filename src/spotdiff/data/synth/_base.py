@@ -3,10 +3,11 @@
 A sample is drawn in three independent random streams derived from
 ``(seed, object, normal/anomalous, index)``: the scene (pose, lighting of the part, textures),
 the defects, and the camera (exposure, white balance, noise). A defect returns a full image;
-the pixels where it differs from the image before it by more than ``CHANGE_THRESHOLD`` are
-taken from it and labelled with its class id, all other pixels are kept bit for bit. Hence the
-mask is exactly the set of pixels the defects changed, and rendering the same sample without
-its defects gives an image identical outside the mask (before JPEG compression).
+the pixels where it differs from the image before it by more than ``CHANGE_THRESHOLD`` and
+still differs after the camera model (not clipped to the same 8-bit value) are taken from it
+and labelled with its class id; all other pixels are kept bit for bit. Hence the mask is
+exactly the set of pixels the defects changed: rendering the same sample without its defects
+gives an image that differs from it exactly on the mask (before JPEG compression).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._draw import finish
+from ._draw import Camera
 
 # A defect must change a pixel by more than this (max over RGB, in [0, 1] units, about 8 grey
 # levels) for the pixel to be changed and masked; weaker fringes are dropped.
@@ -104,7 +105,9 @@ def render_sample(obj: SynthObject, seed: int, index: int, anomalous: bool, size
     lighting and noise), which is how tests check that defects change only masked pixels.
     """
     scene = obj.scene(_stream(seed, obj.name, anomalous, index, _STREAM_SCENE), size)
+    camera = Camera(_stream(seed, obj.name, anomalous, index, _STREAM_CAMERA), size, size)
     image = scene.image()
+    captured = camera.capture(image)
     mask = np.zeros((size, size), dtype=np.uint8)
     if anomalous and with_defects:
         rng = _stream(seed, obj.name, anomalous, index, _STREAM_DEFECT)
@@ -115,17 +118,20 @@ def render_sample(obj: SynthObject, seed: int, index: int, anomalous: bool, size
             best, best_count = None, 0
             for _attempt in range(20):
                 candidate = obj.defect(scene, image, defect_id, rng)
-                changed = np.abs(candidate - image).max(axis=2) > CHANGE_THRESHOLD
+                # changed: a visible change of the scene that survives the camera (not clipped)
+                candidate_captured = camera.capture(candidate)
+                changed = ((np.abs(candidate - image).max(axis=2) > CHANGE_THRESHOLD)
+                           & np.any(candidate_captured != captured, axis=2))
                 count = np.count_nonzero(changed)
                 if count > best_count:
-                    best, best_count = (candidate, changed), count
+                    best, best_count = (candidate, candidate_captured, changed), count
                 if count >= min_pixels:
                     break
             if best is None:  # pragma: no cover - a generator bug, not a user error
                 raise RuntimeError(f"{obj.name}: defect {defect_id} produced no visible change")
-            candidate, changed = best
+            candidate, candidate_captured, changed = best
             image = np.where(changed[..., None], candidate, image)
+            captured = np.where(changed[..., None], candidate_captured, captured)
             mask[changed] = defect_id
     ids = tuple(int(i) for i in np.unique(mask) if i) if anomalous and with_defects else ()
-    camera = _stream(seed, obj.name, anomalous, index, _STREAM_CAMERA)
-    return Sample(image=finish(image, camera), mask=mask, defect_ids=ids)
+    return Sample(image=captured, mask=mask, defect_ids=ids)

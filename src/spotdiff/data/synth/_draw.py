@@ -181,22 +181,25 @@ def sensor_noise(rng: np.random.Generator, height: int, width: int) -> np.ndarra
     return crop[::-1] if rng.random() < 0.5 else crop
 
 
-def finish(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Camera model applied after the scene (and its defects) is drawn; returns uint8 (H, W, 3).
+class Camera:
+    """Camera model applied after the scene (and its defects) is drawn.
 
     Exposure (x0.88-1.12), white balance (per-channel gain, std 3 %), a linear illumination
     gradient (up to +-7 % across the image) and Gaussian sensor noise (std 0.4-1.6 % of full
-    scale). Every step is per pixel, so pixels the defects did not change stay identical to a
-    defect-free render drawn with the same ``rng`` state.
+    scale), then rounding to 8 bits. The parameters and the noise are drawn once, so ``capture``
+    is a deterministic per-pixel function: pixels a defect did not change come out identical.
     """
-    height, width = image.shape[:2]
-    exposure = rng.uniform(0.88, 1.12)
-    balance = np.clip(rng.normal(1.0, 0.03, 3), 0.9, 1.1).astype(np.float32)
-    direction = rng.uniform(0, 2 * np.pi)
-    amplitude = 2.0 * rng.uniform(0.0, 0.07) / max(height, width)
-    ramp_x = (np.arange(width, dtype=np.float32) - width / 2) * np.float32(amplitude * np.cos(direction))
-    ramp_y = (np.arange(height, dtype=np.float32) - height / 2) * np.float32(amplitude * np.sin(direction))
-    light = np.float32(exposure) * (1.0 + ramp_y[:, None, None] + ramp_x[None, :, None]) * balance
-    noise_std = np.float32(rng.uniform(0.004, 0.016))
-    out = image * light + sensor_noise(rng, height, width) * noise_std
-    return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
+
+    def __init__(self, rng: np.random.Generator, height: int, width: int) -> None:
+        exposure = rng.uniform(0.88, 1.12)
+        balance = np.clip(rng.normal(1.0, 0.03, 3), 0.9, 1.1).astype(np.float32)
+        direction = rng.uniform(0, 2 * np.pi)
+        amplitude = 2.0 * rng.uniform(0.0, 0.07) / max(height, width)
+        ramp_x = (np.arange(width, dtype=np.float32) - width / 2) * np.float32(amplitude * np.cos(direction))
+        ramp_y = (np.arange(height, dtype=np.float32) - height / 2) * np.float32(amplitude * np.sin(direction))
+        self.gain = np.float32(exposure) * (1.0 + ramp_y[:, None, None] + ramp_x[None, :, None]) * balance
+        self.noise = sensor_noise(rng, height, width) * np.float32(rng.uniform(0.004, 0.016))
+
+    def capture(self, image: np.ndarray) -> np.ndarray:
+        """float (H, W, 3) scene in [0, 1] -> uint8 (H, W, 3) image."""
+        return np.clip(np.rint((image * self.gain + self.noise) * 255.0), 0, 255).astype(np.uint8)

@@ -1,9 +1,10 @@
 """``capsules_synth``: several two-tone pill capsules on a tray (VisA's "multiple instances" domain).
 
-Four to six capsules lie at random positions and orientations without touching; each is a
-shaded stadium (cylinder with hemispherical ends) with a specular highlight, a seam between its
-two halves and a soft contact shadow. Normal images vary in count, placement, orientation,
-capsule length, tray texture and focus blur.
+Six capsules lie in a loose 2 x 3 arrangement (like a blister tray, or VisA's macaroni): each
+is shifted at random within its cell (never touching another) and turned by up to 20 degrees.
+A capsule is a shaded stadium (cylinder with hemispherical ends) with a specular highlight, a
+seam between its red and cream halves and a soft contact shadow. Normal images vary in
+placement, orientation, capsule length and thickness, tray texture and focus blur.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ._base import Scene, SynthObject
 TRAY = (0.80, 0.82, 0.84)
 BODY = (0.80, 0.16, 0.12)   # coloured half
 CAP = (0.93, 0.88, 0.74)    # cream half
+GRID = (2, 3)               # rows, columns of capsules
 
 
 @dataclass(frozen=True)
@@ -104,19 +106,20 @@ class CapsulesSynth(SynthObject):
     defect_names = ("Crack", "Colour Spot", "Missing Part", "Misshape", "Scratch", "Leak")
 
     def scene(self, rng: np.random.Generator, size: int) -> CapsuleScene:
-        count = int(rng.integers(4, 7))
+        # one capsule per cell of the grid, shifted within its cell so that none touch
         radius = size * 0.047
+        cell_w, cell_h = size / GRID[1], size / GRID[0]
         capsules: list[Capsule] = []
-        for _ in range(200):  # rejection sampling of non-touching placements
-            if len(capsules) == count:
-                break
-            half_len = size * rng.uniform(0.058, 0.068)
-            extent = half_len + radius
-            cx, cy = rng.uniform(extent + 6, size - extent - 6, 2)
-            cand = Capsule(float(cx), float(cy), float(rng.uniform(0, np.pi)), float(half_len), float(radius * rng.uniform(0.96, 1.04)))
-            # bounding circles apart: capsules never touch whatever their orientations
-            if all(np.hypot(c.x - cand.x, c.y - cand.y) > c.half_len + c.radius + extent + 3 for c in capsules):
-                capsules.append(cand)
+        for row in range(GRID[0]):
+            for col in range(GRID[1]):
+                half_len = size * rng.uniform(0.058, 0.068)
+                slack = max(0.0, min(cell_w, cell_h) / 2 - half_len - radius * 1.04 - 2)
+                cx = (col + 0.5) * cell_w + rng.uniform(-slack, slack)
+                cy = (row + 0.5) * cell_h + rng.uniform(-slack, slack)
+                # red end left, turned by up to +-20 degrees
+                angle = rng.uniform(-np.pi / 9, np.pi / 9)
+                capsules.append(Capsule(float(cx), float(cy), float(angle), float(half_len),
+                                        float(radius * rng.uniform(0.96, 1.04))))
         return CapsuleScene(size=size, capsules=tuple(capsules), tray_seed=int(rng.integers(2**31)),
                             blur_sigma=float(rng.uniform(0.25, 0.7)))
 
@@ -146,15 +149,15 @@ class CapsulesSynth(SynthObject):
             if name == "Crack":  # dark jagged line across the capsule
                 pts = d.random_walk(rng, tuple(start - across * cap.radius), np.arctan2(across[1], across[0]) + rng.normal(0, 0.3),
                                     int(rng.integers(4, 8)), cap.radius * 0.35, 0.6)
-                width, color = rng.uniform(1.5, 2.5), (0.12, 0.06, 0.05)
+                width, color = rng.uniform(2.0, 3.0), (0.12, 0.06, 0.05)
             else:  # light thin scratch, mostly along the axis
                 pts = d.random_walk(rng, tuple(start), cap.angle + rng.normal(0, 0.5), int(rng.integers(3, 6)), cap.radius * 0.4, 0.15)
-                width, color = rng.uniform(1.0, 1.6), (0.98, 0.97, 0.95)
+                width, color = rng.uniform(1.3, 2.0), (0.98, 0.97, 0.95)
             alpha = d.pil_mask(s, lambda dr, kk: dr.line(d.scaled(pts, kk), fill=255, width=max(1, round(width * kk)), joint="curve"), 4)
             return d.paint(image, alpha * inside * 0.9, color)
         if name == "Colour Spot":
             cx, cy = start
-            radius = cap.radius * rng.uniform(0.4, 0.8)
+            radius = cap.radius * rng.uniform(0.5, 0.9)
             blob = np.hypot(x - cx, y - cy) / radius + 0.25 * d.smooth_noise(rng, s, 24)
             alpha = np.clip((1.0 - blob) * 3.0, 0, 1) * inside
             color = [(0.35, 0.22, 0.08), (0.15, 0.35, 0.15), (0.25, 0.2, 0.45)][int(rng.integers(3))]
@@ -162,7 +165,7 @@ class CapsulesSynth(SynthObject):
         # Leak: a translucent puddle of capsule fill on the tray beside the capsule
         side = rng.choice([-1, 1])
         cx, cy = np.array([cap.x, cap.y]) + across * side * cap.radius * rng.uniform(1.3, 1.8) + axis * rng.uniform(-1, 1) * cap.half_len
-        radius = cap.radius * rng.uniform(0.8, 1.4)
+        radius = cap.radius * rng.uniform(1.0, 1.6)
         blob = np.hypot(x - cx, y - cy) / radius + 0.3 * d.smooth_noise(rng, s, 16)
         alpha = np.clip((1.0 - blob) * 4.0, 0, 1)
         for other in scene.capsules:  # the puddle lies under the capsules

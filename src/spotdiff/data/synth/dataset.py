@@ -80,7 +80,7 @@ def _check_args(seed: int, scale: float, image_size: int, objects: Sequence[str]
         raise ConfigError(f"synth: scale must be in (0, {MAX_SCALE}], got {scale!r}")
     if not isinstance(image_size, int) or not 32 <= image_size <= 1024:
         raise ConfigError(f"synth: image_size must be an integer in [32, 1024], got {image_size!r}")
-    names = list(OBJECTS) if objects is None else list(objects)
+    names = list(OBJECTS) if objects is None else [objects] if isinstance(objects, str) else list(objects)
     unknown = [n for n in names if n not in OBJECTS]
     if unknown or not names or len(set(names)) != len(names):
         raise ConfigError(f"synth: objects must be distinct names among {sorted(OBJECTS)}, got {names}")
@@ -101,8 +101,10 @@ def _read_marker(out: Path) -> dict | None:
     marker = out / MARKER
     try:
         params = json.loads(marker.read_text(encoding="utf-8"))
-        if params.get("generator") != "spotdiff.data.synth":
+        if not isinstance(params, dict) or params.get("generator") != "spotdiff.data.synth":
             raise ValueError("not written by spotdiff synth")
+        if not isinstance(params.get("files", {}), dict):
+            raise ValueError("malformed file list")
     except (OSError, ValueError) as exc:
         raise DataError(f"{out}: refusing to write into a non-empty directory that is not a spotdiff synth "
                         f"output ({marker.name} missing or invalid: {exc})") from exc

@@ -58,6 +58,8 @@ _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 _BLOCK_PIXELS = 1 << 18  # pixels per streaming block: temporaries stay small and are reused
 _MAX_BUCKET_BITS = 22  # at most 4 Mi histogram buckets (16 MiB of int32 counts)
 
+_PIXEL_KEYS = ("pixel_auroc", "pixel_aupr", "pixel_ap", "pixel_aupro")
+
 ImageArray = Any  # numpy array, torch tensor or nested sequence
 
 
@@ -632,10 +634,11 @@ def _compute(
             keep = ~labels | (labels & (types == name))
             entry = _curve_metrics(_sample_vertices(scores[keep], labels[keep]), "image")
             if stacks is not None:
-                try:
-                    entry.update(_curve_metrics(_pixel_vertices(_select(stacks, keep)), "pixel"))
-                except ValueError as err:
-                    raise ValueError(f"defect type {name!r}: {err}") from None
+                selected = _select(stacks, keep)
+                if any(masks.any() for _, masks in selected):
+                    entry.update(_curve_metrics(_pixel_vertices(selected), "pixel"))
+                else:  # e.g. the defects vanished when the masks were resized: undefined
+                    entry.update(dict.fromkeys(_PIXEL_KEYS, float("nan")))
             per_type[name] = entry
         result["per_defect_type"] = per_type
     return result
@@ -662,11 +665,12 @@ def evaluate(
         ``image_auroc, image_aupr, image_ap`` and, with maps and masks, ``pixel_auroc,
         pixel_aupr, pixel_ap, pixel_aupro`` (floats; definitions in the module docstring).
         With ``defect_types`` also ``per_defect_type: {type: {same keys}}``, each type's
-        anomalous images against all normal images.
+        anomalous images against all normal images; a type whose images have no mask pixel
+        gets NaN pixel metrics (undefined).
 
     Raises:
         ValueError: shape mismatch, NaN/inf scores or maps, non-binary masks or labels, or only
-            one class (images, or pixels).
+            one class (images, or pixels over all images).
     """
     scores, labels, stack, types = _validate(
         image_scores, image_labels, anomaly_maps, masks, defect_types, copy=False

@@ -72,7 +72,7 @@ class SynthObject(ABC):
 
 
 @dataclass(frozen=True)
-class Sample:
+class RenderedSample:
     """A rendered sample: ``image`` uint8 (H, W, 3), ``mask`` uint8 (H, W) class ids, and the
     ids of the defects it contains (empty for a normal sample)."""
 
@@ -98,7 +98,7 @@ def defect_plan(obj: SynthObject, rng: np.random.Generator, index: int) -> list[
 
 
 def render_sample(obj: SynthObject, seed: int, index: int, anomalous: bool, size: int,
-                  with_defects: bool = True) -> Sample:
+                  with_defects: bool = True) -> RenderedSample:
     """Render normal or anomalous sample ``index`` of ``obj``; deterministic in all arguments.
 
     ``with_defects=False`` renders an anomalous sample's scene without its defects (same pose,
@@ -134,4 +134,4 @@ def render_sample(obj: SynthObject, seed: int, index: int, anomalous: bool, size
             captured = np.where(changed[..., None], candidate_captured, captured)
             mask[changed] = defect_id
     ids = tuple(int(i) for i in np.unique(mask) if i) if anomalous and with_defects else ()
-    return Sample(image=captured, mask=mask, defect_ids=ids)
+    return RenderedSample(image=captured, mask=mask, defect_ids=ids)

@@ -189,6 +189,7 @@ class Camera:
         self.gain = np.float32(exposure) * (1.0 + ramp_y[:, None, None] + ramp_x[None, :, None]) * balance
         self.noise = sensor_noise(rng, height, width) * np.float32(rng.uniform(0.004, 0.016))
 
-    def capture(self, image: np.ndarray) -> np.ndarray:
-        """float (H, W, 3) scene in [0, 1] -> uint8 (H, W, 3) image."""
-        return np.clip(np.rint((image * self.gain + self.noise) * 255.0), 0, 255).astype(np.uint8)
+    def capture(self, image: np.ndarray, box: tuple[slice, slice] = (slice(None), slice(None))) -> np.ndarray:
+        """float (H, W, 3) scene in [0, 1] -> uint8 (H, W, 3) image; with ``box``, ``image`` is that
+        crop of the frame and the same crop of the output is returned."""
+        return np.clip(np.rint((image * self.gain[box] + self.noise[box]) * 255.0), 0, 255).astype(np.uint8)

@@ -372,3 +372,15 @@ def test_evaluator_pools_batches_of_different_map_sizes():
     result = evaluator.compute()
     assert_close(result, sklearn_metrics(pooled_masks, pooled_maps, "pixel"))
     assert_close(result, sklearn_metrics(np.r_[labels_a, labels_b], np.r_[scores_a, scores_b], "image"))
+
+
+def test_pixel_metrics_with_heavy_ties_match_sklearn():
+    """Quantised maps (few distinct values, every pixel tied with a positive score)."""
+    scores, labels, maps, masks = blob_case(n_images=8, side=48, seed=7)
+    quantised = np.round(maps * 8).astype(np.float32) / np.float32(8)
+    result = evaluate(scores, labels, quantised, masks)
+    assert_close(result, sklearn_metrics(masks.ravel(), quantised.ravel(), "pixel"))
+    crop_maps = np.ascontiguousarray(quantised[:2, 10:30, 10:30])
+    crop_masks = np.ascontiguousarray(masks[:2, 10:30, 10:30])  # holds both classes (seed 7)
+    vertices = metrics._pixel_vertices([(crop_maps, crop_masks)])
+    assert metrics._aupro(vertices) == pytest.approx(reference_aupro(crop_maps, crop_masks), abs=TOL)

@@ -196,6 +196,8 @@ def _run_fit(args: argparse.Namespace) -> int:
         model = PatchCore(coreset_ratio=args.coreset_ratio, **common)
     train = open_dataset(args.data, args.object, split=args.split, subset="train", image_size=args.image_size,
                          split_csv=args.split_csv, skip_bad=args.skip_bad)
+    for path, reason in train.skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
     model.fit(train)
     out = model.save(args.out)
     print(f"fitted {args.model} ({model.arch}, {model.n_train} training images) -> {out}")
@@ -235,6 +237,8 @@ def _run_test(args: argparse.Namespace) -> int:
     test = open_dataset(args.data, args.object, split=args.split, subset="test",
                         image_size=height if height == width else (height, width),
                         split_csv=args.split_csv, skip_bad=args.skip_bad)
+    for path, reason in test.skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
     metrics, records, maps, _ = evaluate_detector(model, test, batch_size=args.batch_size, num_workers=args.workers)
     written = write_test_results(args.out, metrics, records, maps if args.save_maps else None)
     headline = {k: v for k, v in metrics.items() if isinstance(v, float)}

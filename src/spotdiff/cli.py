@@ -160,13 +160,15 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--object", required=True, help="object (category) name, e.g. pcb1")
     p.add_argument("--split", default="1cls", help="VisA split CSV name (default 1cls)")
     p.add_argument("--split-csv", default=None, help="explicit split CSV (default <data>/split_csv/<split>.csv)")
-    p.add_argument("--arch", default=None,
-                   help="resnet18 | resnet50 | wide_resnet50_2 (default: resnet18 for padim, wide_resnet50_2 for patchcore)")
-    p.add_argument("--weights", default=None, help="backbone weights (.safetensors or torchvision .pth); default random init")
+    p.add_argument("--arch", default=None, choices=["resnet18", "resnet50", "wide_resnet50_2"],
+                   help="backbone (default: resnet18 for padim, wide_resnet50_2 for patchcore)")
+    p.add_argument("--weights", default=None,
+                   help="backbone weights (.safetensors or torchvision .pth); default: random init")
     p.add_argument("--image-size", type=int, default=256, help="square input size in pixels (default 256)")
     p.add_argument("--layers", nargs="+", default=None,
                    help="backbone stages (default: layer1 layer2 layer3 for padim, layer2 layer3 for patchcore)")
-    p.add_argument("--d", type=int, default=None, help="PaDiM: random channel subset (default 100 resnet18, 550 otherwise)")
+    p.add_argument("--d", type=int, default=None,
+                   help="PaDiM: size of the random channel subset (default 100 for resnet18, 550 otherwise)")
     p.add_argument("--coreset-ratio", type=float, default=0.1, help="PatchCore: fraction of patches kept (default 0.1)")
     p.add_argument("--batch-size", type=int, default=None, help="default 32 (padim) / 8 (patchcore)")
     p.add_argument("--seed", type=int, default=0, help="seed of random init, channel subset and coreset")
@@ -194,6 +196,8 @@ def _run_fit(args: argparse.Namespace) -> int:
         model = PatchCore(coreset_ratio=args.coreset_ratio, **common)
     train = open_dataset(args.data, args.object, split=args.split, subset="train", image_size=args.image_size,
                          split_csv=args.split_csv, skip_bad=args.skip_bad)
+    for path, reason in train.skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
     model.fit(train)
     out = model.save(args.out)
     print(f"fitted {args.model} ({model.arch}, {model.n_train} training images) -> {out}")
@@ -233,6 +237,8 @@ def _run_test(args: argparse.Namespace) -> int:
     test = open_dataset(args.data, args.object, split=args.split, subset="test",
                         image_size=height if height == width else (height, width),
                         split_csv=args.split_csv, skip_bad=args.skip_bad)
+    for path, reason in test.skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
     metrics, records, maps, _ = evaluate_detector(model, test, batch_size=args.batch_size, num_workers=args.workers)
     written = write_test_results(args.out, metrics, records, maps if args.save_maps else None)
     headline = {k: v for k, v in metrics.items() if isinstance(v, float)}

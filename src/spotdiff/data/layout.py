@@ -6,20 +6,24 @@ import os
 from pathlib import Path
 
 from spotdiff.data.dataset import AnomalyDataset, ImageSize
+from spotdiff.data.magnetic_tile import OBJECT as MAGNETIC_TILE
+from spotdiff.data.magnetic_tile import is_magnetic_tile_root, open_magnetic_tile
 from spotdiff.data.mvtec import folder_class_names, folder_objects, folder_records, is_object_dir
 from spotdiff.data.visa import is_visa_root, visa_class_names, visa_records
 from spotdiff.errors import DataError
 
-LAYOUTS = ("visa", "folder")
+LAYOUTS = ("visa", "folder", "magnetic_tile")
 
 
 def detect_layout(root: str | os.PathLike[str], obj: str, split: str = "1cls",
                   split_csv: str | os.PathLike[str] | None = None) -> tuple[str, Path]:
-    """Which layout ``root`` holds for ``obj``: ``("visa", root)`` or ``("folder", <object folder>)``.
+    """Which layout ``root`` holds for ``obj``: ``("visa", root)``, ``("folder", <object folder>)``
+    or ``("magnetic_tile", <folder holding MT_Free>)``.
 
     Order: a raw VisA root (``split_csv/`` or ``<object>/Data/Images``, or ``split_csv`` given);
     then ``<root>/<split>/<obj>`` (prepared VisA output folder); then ``<root>/<obj>``
-    (MVTec-AD category or one prepared split folder).
+    (MVTec-AD category or one prepared split folder). Before those, with ``obj == "magnetic_tile"``:
+    ``root`` or ``<root>/magnetic_tile`` holding ``MT_Free/Imgs``.
 
     Raises:
         DataError: root missing, object or split not found (lists what is there), or no known layout.
@@ -29,6 +33,10 @@ def detect_layout(root: str | os.PathLike[str], obj: str, split: str = "1cls",
         raise DataError(f"{root}: is a file, not a dataset folder; archives are never unpacked (extract it first)")
     if not root.is_dir():
         raise DataError(f"{root}: dataset root not found")
+    if obj == MAGNETIC_TILE:
+        for candidate in (root, root / obj):
+            if is_magnetic_tile_root(candidate):
+                return "magnetic_tile", candidate
     if split_csv is not None or is_visa_root(root):
         return "visa", root
     for candidate in (root / split / obj, root / obj):
@@ -59,6 +67,7 @@ def open_dataset(
     split_csv: str | os.PathLike[str] | None = None,
     skip_bad: bool = False,
     id2class: str | os.PathLike[str] | None = None,
+    seed: int = 0,
 ) -> AnomalyDataset:
     """Open one object's train or test images, whatever the layout of ``root``.
 
@@ -73,11 +82,15 @@ def open_dataset(
         skip_bad: decode every file once now and drop those that fail (listed in ``.skipped``);
             otherwise the first bad file raises a DataError when it is read.
         id2class: class-name JSON for raw VisA (default ``<root>/id2class.json`` when present).
+        seed: split seed of a layout without an official split (magnetic tile: see
+            `spotdiff.data.magnetic_tile`); unused otherwise.
 
     Raises:
         DataError: unknown layout, object, split or subset; missing files; malformed CSV.
     """
     layout, where = detect_layout(root, object, split, split_csv)
+    if layout == "magnetic_tile":
+        return open_magnetic_tile(where, subset, image_size=image_size, seed=seed, skip_bad=skip_bad)
     if layout == "visa":
         records = visa_records(where, object, split, subset, split_csv)
         names = visa_class_names(where, object, id2class)

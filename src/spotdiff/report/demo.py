@@ -199,7 +199,7 @@ def evaluate_object(data_root: Path, obj: str, label: str, weights: Path | None,
     return metrics, predictions
 
 
-INTRO = """This report was produced by `spotdiff demo` on the synthetic dataset that ships with spotdiff \
+INTRO = """This report was produced by the command "spotdiff demo" on the synthetic dataset that ships with spotdiff \
 (rendered images of three object types with painted defects, in the VisA layout). A ResNet-18 was \
 pre-trained on the normal training images with SimSiam, and with SimSiam + SPD (same seed, same \
 number of steps), then PaDiM was fitted on every object with three backbones: random init, SimSiam \

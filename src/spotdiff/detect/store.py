@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from spotdiff.errors import ConfigError, WeightsError
-from spotdiff.files import output_error
+from spotdiff.files import default_mode, output_error
 
 FORMAT = "spotdiff-detector"
 FORMAT_VERSION = 1
@@ -106,6 +106,9 @@ def save_model_dir(
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         _fsync(tmp / MANIFEST_FILE)
+        os.chmod(tmp, default_mode(directory=True))
+        for name in (*MODEL_FILES, MANIFEST_FILE):
+            os.chmod(tmp / name, default_mode())
         old = None
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))

@@ -23,8 +23,7 @@ ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.E
                                 errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EMFILE, errno.ENFILE})
 
 
-# ============================================================================= synth
-# Owner: data.synth (issue 2). Edit only inside this section.
+# ----------------------------------------------------------------------------- synth
 def _add_synth(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("synth", help="write the synthetic VisA-format default dataset",
                        description="Write the synthetic default dataset (pcb_synth, capsules_synth, cashew_synth) "
@@ -47,11 +46,8 @@ def _run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-# ============================================================================= end of synth
 
-
-# ============================================================================= prepare
-# Owner: data.prepare (issue 2). Edit only inside this section.
+# ----------------------------------------------------------------------------- prepare
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "prepare", help="copy VisA into the official MVTec-style layout",
@@ -78,11 +74,8 @@ def _run_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-# ============================================================================= end of prepare
 
-
-# ============================================================================= pretrain
-# Owner: pretrain (issue 4). Edit only inside this section.
+# ----------------------------------------------------------------------------- pretrain
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "pretrain",
@@ -128,11 +121,8 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-# ============================================================================= end of pretrain
 
-
-# ============================================================================= export-backbone
-# Owner: pretrain (issue 4). Edit only inside this section.
+# ----------------------------------------------------------------------------- export-backbone
 def _add_export_backbone(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export-backbone", help="export a pre-training checkpoint's backbone as torchvision safetensors")
     p.add_argument("checkpoint", metavar="CKPT", help="a pre-training checkpoint (RUN_DIR/checkpoint.pt)")
@@ -148,11 +138,8 @@ def _run_export_backbone(args: argparse.Namespace) -> int:
     return 0
 
 
-# ============================================================================= end of export-backbone
 
-
-# ============================================================================= fit
-# Owner: detect (issue 5). Edit only inside this section.
+# ----------------------------------------------------------------------------- fit
 def _add_fit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fit", help="fit a 1-class detector (PaDiM, PatchCore) on normal images")
     p.add_argument("--model", choices=["padim", "patchcore"], required=True)
@@ -204,11 +191,8 @@ def _run_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-# ============================================================================= end of fit
 
-
-# ============================================================================= test
-# Owner: detect (issue 5). Edit only inside this section.
+# ----------------------------------------------------------------------------- test
 def _add_test(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("test", help="evaluate a fitted 1-class detector on a test split")
     p.add_argument("model_dir", help="model directory written by `spotdiff fit`")
@@ -247,11 +231,8 @@ def _run_test(args: argparse.Namespace) -> int:
     return 0
 
 
-# ============================================================================= end of test
 
-
-# ============================================================================= predict
-# Owner: detect (issue 5). Edit only inside this section.
+# ----------------------------------------------------------------------------- predict
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="score new images with a fitted detector; write scores CSV and heat maps")
     p.add_argument("model_dir", help="model directory written by `spotdiff fit`")
@@ -278,11 +259,8 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-# ============================================================================= end of predict
 
-
-# ============================================================================= finetune
-# Owner: finetune (issue 6). Edit only inside this section.
+# ----------------------------------------------------------------------------- finetune
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="2-class fine-tuning: classifier or U-Net, high-shot or k-shot",
                        description="Fine-tune a binary classifier (cls) or a U-Net (seg) on normal and anomalous "
@@ -326,11 +304,8 @@ def _run_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-# ============================================================================= end of finetune
 
-
-# ============================================================================= demo
-# Owner: report/demo (issue 7). Edit only inside this section.
+# ----------------------------------------------------------------------------- demo
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo", help="the end-to-end demo on the synthetic dataset",
@@ -353,11 +328,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-# ============================================================================= end of demo
 
-
-# ============================================================================= benchmark
-# Owner: report/benchmark (issue 7). Edit only inside this section.
+# ----------------------------------------------------------------------------- benchmark
 def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "benchmark", help="run a benchmark grid from a YAML config, resumable",
@@ -378,8 +350,6 @@ def _run_benchmark(args: argparse.Namespace) -> int:
     print(f"ran {len(result.ran)} cell(s), skipped {len(result.skipped)}; report: {result.out / 'report.html'}")
     return 0
 
-
-# ============================================================================= end of benchmark
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [

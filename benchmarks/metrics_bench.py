@@ -2,7 +2,8 @@
 
 Peers, timed in the same process on the same maps and masks:
   * a 200-threshold loop like the official VisA evaluation: thresholds evenly spaced over
-    [min, max] of the maps; for each one, TP and FP counted over every pixel;
+    [min, max] of the maps; for each one, TP and FP counted over every pixel (a lean version,
+    and one that also does the official code's uint8 round trip of each prediction);
   * scikit-learn's exact ``roc_auc_score`` + ``average_precision_score`` on the flattened pixels.
 spotdiff computes all four pixel metrics (AU-ROC, AU-PR, AP, AU-PRO) exactly, and its values are
 checked against scikit-learn here too.
@@ -54,13 +55,21 @@ def make_maps(n_maps: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.nda
     return scores, labels, maps, masks
 
 
-def threshold_loop(maps: np.ndarray, masks: np.ndarray, n_thresholds: int = 200) -> tuple[float, float]:
-    """AU-ROC and AU-PR from TP/FP counted at evenly spaced thresholds (binned, approximate)."""
+def threshold_loop(
+    maps: np.ndarray, masks: np.ndarray, n_thresholds: int = 200, uint8_round_trip: bool = False
+) -> tuple[float, float]:
+    """AU-ROC and AU-PR from TP/FP counted at evenly spaced thresholds (binned, approximate).
+
+    ``uint8_round_trip`` adds the per-threshold work of the official VisA code, which turns
+    each boolean prediction into uint8 and back before counting.
+    """
     normal = ~masks
     n_pos, n_neg = int(masks.sum()), int(normal.sum())
     tps, fps = [], []
     for t in np.linspace(maps.min(), maps.max(), n_thresholds):
         predicted = maps >= t
+        if uint8_round_trip:
+            predicted = predicted.astype(np.uint8) == 1
         tps.append(np.logical_and(predicted, masks).sum())
         fps.append(np.logical_and(predicted, normal).sum())
     tpr = np.array(tps[::-1] + [n_pos]) / n_pos
@@ -128,6 +137,7 @@ def main() -> None:
 
     ours_cpu, ours_wall, ours = timed(metrics.evaluate, scores, labels, maps, masks, repeat=args.repeat)
     loop_cpu, loop_wall, loop = timed(threshold_loop, maps, masks)
+    official_cpu, official_wall, _ = timed(threshold_loop, maps, masks, 200, True)
     y, s = masks.reshape(-1), maps.reshape(-1)
     sk_cpu, sk_wall, (sk_auroc, sk_ap) = timed(
         lambda: (skm.roc_auc_score(y, s), skm.average_precision_score(y, s))
@@ -140,6 +150,7 @@ def main() -> None:
     rows = [
         (f"spotdiff evaluate, 4 pixel + 3 image metrics (best of {args.repeat})", ours_cpu, ours_wall),
         ("200-threshold loop (TP/FP per threshold)", loop_cpu, loop_wall),
+        ("  same, with the official code's uint8 round trip", official_cpu, official_wall),
         ("sklearn roc_auc_score + average_precision_score", sk_cpu, sk_wall),
     ]
     for name, cpu, wall in rows:

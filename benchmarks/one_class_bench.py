@@ -73,7 +73,7 @@ def vm_hwm_mb() -> float:
 
 
 # ----------------------------------------------------------------------------------- data
-def build_data(work: Path, image_size: int, n_train: int, seed: int) -> dict:
+def build_data(work: Path, image_size: int, n_train: int, seed: int, mults: list[int]) -> dict:
     """Write train/test uint8 arrays from the synthetic VisA-format dataset (object pcb_synth)."""
     sys.path.insert(0, str(ROOT / "src"))
     from spotdiff.data import open_dataset
@@ -94,7 +94,7 @@ def build_data(work: Path, image_size: int, n_train: int, seed: int) -> dict:
     np.save(work / "test_images.npy", np.stack([to_u8(it["image"]) for it in items]))
     np.save(work / "test_labels.npy", np.array([it["label"] for it in items], dtype=np.int64))
     np.save(work / "test_masks.npy", np.stack([it["mask"].numpy() > 0.5 for it in items]).astype(np.uint8))
-    for mult in (1, 4):
+    for mult in sorted({1, *mults}):
         np.save(work / f"train_{mult}.npy", np.concatenate([train_imgs] * mult))
     return {"object": obj, "n_train_unique": len(train), "n_test": len(items),
             "n_test_anomalous": int(sum(it["label"] for it in items))}
@@ -373,7 +373,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (1: robust on a shared machine)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--coreset-ratio", type=float, default=0.1)
-    p.add_argument("--mult", type=int, default=1)
+    p.add_argument("--mult", type=int, default=1, help="(child) training set = the N images repeated this often")
+    p.add_argument("--mults", type=int, nargs="+", default=[1, 4, 12],
+                   help="training-set sizes to run, as multiples of --n-train (the first is the reference)")
     p.add_argument("--coreset-images", type=int, default=32, help="training images whose patches form the bank")
     p.add_argument("--skip", nargs="*", default=[], choices=["anomalib", "coreset", "e2e"])
     p.add_argument("--out", default=None, help="markdown file to write the results to")
@@ -383,19 +385,18 @@ def main() -> None:
         return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    data = build_data(work, args.image_size, args.n_train, args.seed)
+    data = build_data(work, args.image_size, args.n_train, args.seed, args.mults)
     prepare_backbone(work, args.arch, args.d, args.seed)
     ours_py = sys.executable
     res: dict = {"data": data, "settings": {k: getattr(args, k) for k in
                                             ("arch", "d", "image_size", "n_train", "batch_size", "threads", "seed",
-                                             "coreset_ratio", "coreset_images")}}
-    res["ours_N"] = run_child(ours_py, "padim-ours", args, 1)
-    res["ours_N"]["image_auroc"], res["ours_N"]["pixel_auroc"] = aurocs(work, "padim-ours_1")
-    res["ours_4N"] = run_child(ours_py, "padim-ours", args, 4)
-    if "anomalib" not in args.skip:
-        res["anomalib_N"] = run_child(args.anomalib_python, "padim-anomalib", args, 1)
-        res["anomalib_N"]["image_auroc"], res["anomalib_N"]["pixel_auroc"] = aurocs(work, "padim-anomalib_1")
-        res["anomalib_4N"] = run_child(args.anomalib_python, "padim-anomalib", args, 4)
+                                             "coreset_ratio", "coreset_images", "mults")}}
+    sides = [("ours", ours_py)] + ([] if "anomalib" in args.skip else [("anomalib", args.anomalib_python)])
+    for mult in args.mults:
+        for side, python in sides:
+            key = f"{side}_{mult}"
+            res[key] = run_child(python, f"padim-{side}", args, mult)
+            res[key]["image_auroc"], res[key]["pixel_auroc"] = aurocs(work, f"padim-{side}_{mult}")
     if "e2e" not in args.skip and "anomalib" not in args.skip:
         write_folder(work)
         res["e2e_ours"] = run_child(ours_py, "e2e-ours", args)
@@ -434,29 +435,30 @@ def report(res: dict) -> str:
         "| image AU-ROC | pixel AU-ROC |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for key in ("ours_N", "anomalib_N", "ours_4N", "anomalib_4N"):
-        if key not in res:
-            continue
-        r = res[key]
-        who, mult = key.split("_")
-        name = f"{'spotdiff' if who == 'ours' else 'anomalib'}, {n if mult == 'N' else 4 * n} train"
-        lines.append(f"| {name} | {r['fit_cpu_s']:.1f} | {r['test_cpu_s']:.1f} | {r['fit_cpu_s'] + r['test_cpu_s']:.1f} "
-                     f"| {r['fit_s'] + r['test_s']:.1f} | {r['peak_above_base_mb']:.0f} | "
-                     f"{r.get('image_auroc', float('nan')):.4f} | {r.get('pixel_auroc', float('nan')):.4f} |")
+    mults = s["mults"]
+    for mult in mults:
+        for side in ("ours", "anomalib"):
+            r = res.get(f"{side}_{mult}")
+            if r is None:
+                continue
+            name = f"{'spotdiff' if side == 'ours' else 'anomalib'}, {n * mult} train"
+            lines.append(f"| {name} | {r['fit_cpu_s']:.1f} | {r['test_cpu_s']:.1f} | "
+                         f"{r['fit_cpu_s'] + r['test_cpu_s']:.1f} | {r['fit_s'] + r['test_s']:.1f} | "
+                         f"{r['peak_above_base_mb']:.0f} | {r['image_auroc']:.4f} | {r['pixel_auroc']:.4f} |")
     lines.append("")
-    o, o4 = res["ours_N"], res["ours_4N"]
-    lines.append(f"- spotdiff peak memory, {4 * n} / {n} training images: "
-                 f"{o4['peak_above_base_mb'] / o['peak_above_base_mb']:.2f} (target <= 1.2)")
-    if "anomalib_N" in res:
-        a, a4 = res["anomalib_N"], res["anomalib_4N"]
-        for count, x, y in ((n, o, a), (4 * n, o4, a4)):
-            lines.append(f"- {count} training images: CPU time spotdiff / anomalib "
-                         f"{(x['fit_cpu_s'] + x['test_cpu_s']) / (y['fit_cpu_s'] + y['test_cpu_s']):.2f} (target <= 0.5); "
-                         f"peak memory spotdiff / anomalib {x['peak_above_base_mb'] / y['peak_above_base_mb']:.2f} "
-                         "(target <= 0.33)")
-        lines.append(f"- AU-ROC difference (spotdiff - anomalib), {n} training images: image "
-                     f"{o['image_auroc'] - a['image_auroc']:+.4f}, pixel {o['pixel_auroc'] - a['pixel_auroc']:+.4f} "
-                     "(target |diff| <= 0.01)")
+    ref = res[f"ours_{mults[0]}"]
+    for mult in mults[1:]:
+        lines.append(f"- spotdiff peak memory, {n * mult} / {n * mults[0]} training images: "
+                     f"{res[f'ours_{mult}']['peak_above_base_mb'] / ref['peak_above_base_mb']:.2f} (target <= 1.2)")
+    for mult in mults:
+        x, y = res[f"ours_{mult}"], res.get(f"anomalib_{mult}")
+        if y is None:
+            continue
+        lines.append(f"- {n * mult} training images: CPU time spotdiff / anomalib "
+                     f"{(x['fit_cpu_s'] + x['test_cpu_s']) / (y['fit_cpu_s'] + y['test_cpu_s']):.2f} (target <= 0.5); "
+                     f"peak memory spotdiff / anomalib {x['peak_above_base_mb'] / y['peak_above_base_mb']:.2f} "
+                     f"(target <= 0.33); AU-ROC difference image {x['image_auroc'] - y['image_auroc']:+.4f}, "
+                     f"pixel {x['pixel_auroc'] - y['pixel_auroc']:+.4f} (target |diff| <= 0.01)")
     if "e2e_ours" in res:
         eo, ea = res["e2e_ours"], res["e2e_anomalib"]
         lines += ["", "## PaDiM end to end, each library's user path (PNG folder, fit + test with metrics)", "",
@@ -473,7 +475,8 @@ def report(res: dict) -> str:
     if "coreset" in res:
         c = res["coreset"]
         lines += ["", "## PatchCore coreset selection (same bank, same process)", "",
-                  f"Bank of {c['bank'][0]} x {c['bank'][1]} patch features (layer2+3 of {s['coreset_images']} training images), "
+                  f"Bank of {c['bank'][0]} x {c['bank'][1]} patch features (layer2+3 of {s['coreset_images']} "
+                  "training images), "
                   f"ratio {s['coreset_ratio']} -> {c['n_select']} centres. anomalib projects with a sparse random "
                   f"projection to {c['anomalib_projection_dim']} dims (JL bound, eps 0.9).", "",
                   "| selector | CPU s | wall s | speed-up (CPU) |", "|---|---|---|---|",

@@ -182,6 +182,7 @@ def test_corrupt_cell_file_is_named(config_file, tmp_path):
     ({"weights": [{"name": "a"}, {"name": "a"}]}, "duplicate weights"),
     ({"weights": [{"name": "a", "file": "f", "pretrain": {"method": "simsiam"}}]}, "either file or pretrain"),
     ({"image_size": "big"}, "image_size"),
+    ({"weights": [{"name": "a", "arch": "resnet5"}]}, "unknown arch 'resnet5'"),
     ({"device": "tpu"}, "device"),
 ])
 def test_config_errors(fake, tmp_path, change, message):

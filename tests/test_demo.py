@@ -34,6 +34,9 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         cells = [format_percent(rec["metrics"][m]) for m in HEADLINE_METRICS]
         assert f"| {rec['object']} | {rec['method']} | " + " | ".join(cells) + " |" in printed
     assert sum(1 for line in printed.splitlines() if line.startswith("| **Mean**")) == len(BACKBONES)
+    assert set(results["stage_seconds"]) == {"data", "pretrain SimSiam", "pretrain SimSiam+SPD",
+                                             "PaDiM fit + test", "report"}
+    assert sum(results["stage_seconds"].values()) <= results["seconds"] + 0.5
 
     # the exported backbones load into torchvision's resnet18 and differ from each other
     a = build_backbone("resnet18", weights=out / "weights" / "simsiam.safetensors").state_dict()
@@ -54,6 +57,8 @@ def test_demo_refuses_a_foreign_folder(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 2
     assert "not a spotdiff demo folder" in capsys.readouterr().err
     assert (tmp_path / "mine.txt").read_text() == "user data"
+    with pytest.raises(DataError, match="not a folder"):
+        _prepare_out(tmp_path / "mine.txt", DemoSettings.preset(quick=True))
 
 
 def test_demo_restarts_its_own_work_when_settings_change(tmp_path):

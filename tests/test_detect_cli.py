@@ -85,3 +85,17 @@ def test_fit_test_predict_on_synthetic_data(tmp_path):
     # image AU-ROC 0.70 / 0.71 rests on 3 normal images, so only "above chance" is asserted
     for metrics in results.values():
         assert metrics["image_auroc"] > 0.55 and metrics["pixel_auroc"] > 0.85
+
+
+def test_fit_corrupt_training_image_fails_or_is_skipped(tmp_path, capsys):
+    synth = pytest.importorskip("spotdiff.data.synth")
+    root = synth.generate(tmp_path / "synth", seed=0, scale=0.2, image_size=64, objects=["cashew_synth"])
+    bad = sorted((root / "cashew_synth" / "Data" / "Images" / "Normal").iterdir())[0]
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
+    argv = ["--quiet", "fit", "--model", "padim", "--data", str(root), "--object", "cashew_synth",
+            "--arch", "resnet18", "--d", "20", "--image-size", "64", "--out", str(tmp_path / "m")]
+    assert main(argv) == 2
+    assert bad.name in capsys.readouterr().err and not (tmp_path / "m").exists()
+    assert main([*argv, "--skip-bad"]) == 0
+    assert f"skipped {bad}" in capsys.readouterr().err
+    assert (tmp_path / "m" / "manifest.json").is_file()

@@ -143,3 +143,16 @@ def test_load_mask_is_writable(tmp_path):
     mask = load_mask(tmp_path / "m.png")
     mask[0, 0] = 1
     assert mask.flags.writeable and mask[0, 0] == 1
+
+
+def test_atomic_outputs_get_the_usual_permissions(tmp_path):
+    import os
+
+    from spotdiff.files import default_mode
+
+    old = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "r.json", {})
+        assert (tmp_path / "r.json").stat().st_mode & 0o777 == default_mode() == 0o644
+    finally:
+        os.umask(old)

@@ -345,10 +345,18 @@ def test_single_class_raises():
         evaluate([0.1, 0.2], [0, 1], maps, np.zeros((2, 3, 3), bool))
     with pytest.raises(ValueError, match="all 18 pixels are anomalous"):
         evaluate([0.1, 0.2], [0, 1], maps, np.ones((2, 3, 3), bool))
+
+
+
+def test_defect_type_without_mask_pixels_gets_nan_pixel_metrics():
     masks = np.zeros((3, 3, 3), bool)
     masks[1, 0, 0] = True  # type "dent" has an anomalous image without any mask pixel
-    with pytest.raises(ValueError, match="defect type 'dent'"):
-        evaluate([0.1, 0.2, 0.3], [0, 1, 1], np.zeros((3, 3, 3), np.float32), masks, ["good", "scratch", "dent"])
+    maps = np.random.default_rng(0).random((3, 3, 3)).astype(np.float32)
+    result = evaluate([0.1, 0.2, 0.3], [0, 1, 1], maps, masks, ["good", "scratch", "dent"])
+    dent = result["per_defect_type"]["dent"]
+    assert all(np.isnan(dent[key]) for key in ("pixel_auroc", "pixel_aupr", "pixel_ap", "pixel_aupro"))
+    assert dent["image_auroc"] == 1.0
+    assert not np.isnan(result["per_defect_type"]["scratch"]["pixel_auroc"])
 
 
 def test_evaluator_rejects_inconsistent_updates():
@@ -372,3 +380,15 @@ def test_evaluator_pools_batches_of_different_map_sizes():
     result = evaluator.compute()
     assert_close(result, sklearn_metrics(pooled_masks, pooled_maps, "pixel"))
     assert_close(result, sklearn_metrics(np.r_[labels_a, labels_b], np.r_[scores_a, scores_b], "image"))
+
+
+def test_pixel_metrics_with_heavy_ties_match_sklearn():
+    """Quantised maps (few distinct values, every pixel tied with a positive score)."""
+    scores, labels, maps, masks = blob_case(n_images=8, side=48, seed=7)
+    quantised = np.round(maps * 8).astype(np.float32) / np.float32(8)
+    result = evaluate(scores, labels, quantised, masks)
+    assert_close(result, sklearn_metrics(masks.ravel(), quantised.ravel(), "pixel"))
+    crop_maps = np.ascontiguousarray(quantised[:2, 10:30, 10:30])
+    crop_masks = np.ascontiguousarray(masks[:2, 10:30, 10:30])  # holds both classes (seed 7)
+    vertices = metrics._pixel_vertices([(crop_maps, crop_masks)])
+    assert metrics._aupro(vertices) == pytest.approx(reference_aupro(crop_maps, crop_masks), abs=TOL)

@@ -239,3 +239,14 @@ def test_finds_synthetic_defects(tmp_path_factory):
     metrics, records, maps, masks = evaluate_detector(PaDiM("resnet18").fit(train), test)
     assert len(records) == len(test) and maps.shape == masks.shape == (len(test), 128, 128)
     assert metrics["image_auroc"] > 0.7 and metrics["pixel_auroc"] > 0.88
+
+
+def test_save_removes_folders_left_by_an_interrupted_save(tmp_path):
+    from spotdiff.detect.store import save_model_dir
+
+    out = tmp_path / "model"
+    (tmp_path / ".model.tmp-abc").mkdir()
+    (tmp_path / ".model.old-def").mkdir()
+    (tmp_path / ".other.tmp-xyz").mkdir()
+    save_model_dir(out, {"model": "padim"}, {"t": torch.zeros(2)}, {"w": torch.ones(1)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-xyz", "model"]

@@ -138,8 +138,12 @@ def test_resume_after_interruption_is_bit_identical(toy, images, tmp_path, monke
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_matches_uninterrupted_run(toy, images, tmp_path):
-    """A real SIGKILL of the CLI process after its first checkpoint; --resume finishes exactly."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killed_run_resumes_to_the_uninterrupted_result(sig, toy, images, tmp_path):
+    """A real signal to the CLI process after its first checkpoint; --resume finishes exactly.
+
+    SIGKILL loses the steps after the last checkpoint; SIGTERM checkpoints the step in progress.
+    """
     reference = train.run_pretrain(tiny(images, tmp_path / "ref", steps=6, hparams={"sleep": 0.25}))
     run = tmp_path / "killed"
     cmd = [sys.executable, str(TOY_SCRIPT), "--quiet", "pretrain", "--arch", "resnet18", "--data", str(images),
@@ -151,10 +155,13 @@ def test_sigkill_then_resume_matches_uninterrupted_run(toy, images, tmp_path):
     deadline = time.monotonic() + 60
     while not (run / "checkpoint.pt").is_file() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
     killed_at = load_checkpoint(run / "checkpoint.pt")["step"]
     assert 2 <= killed_at < 6, "the run finished before it could be killed"
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 2
+        assert f"stopped by SIGTERM after step {killed_at}/6; checkpoint saved" in err.decode()
     assert not (run / "backbone.safetensors").exists()
     done = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -225,6 +232,10 @@ def test_config_errors_name_the_key_and_source(tmp_path):
     with pytest.raises(ConfigError, match="expected key=value"):
         load_config(None, sets=["lr"])
     assert load_config(None, sets=["lr=1e-3", "spd=true", "weights=none"]).lr == 1e-3
+    with pytest.raises(ConfigError, match="lr: must be a finite number"):
+        load_config(None, {"data": "d", "out": "o"}, sets=["lr=nan"]).validate()
+    with pytest.raises(ConfigError, match="config: epochs='3' is not a valid int"):
+        PretrainConfig(data="d", out="o", epochs="3").validate()
     with pytest.raises(ConfigError, match="method: 'byol'"):
         load_config(None, {"method": "byol", "data": "d", "out": "o"}).validate()
     assert main(["--quiet", "pretrain", "--data", "d", "--out", str(tmp_path / "o"), "--set", "epoch=1"]) == 2

@@ -244,3 +244,19 @@ def test_tiny_images_still_have_masks(tmp_path: Path) -> None:
         if row["label"] == "anomaly":
             assert load_mask(root / row["mask"]).shape == (32, 32)
             assert load_mask(root / row["mask"]).any(), row["mask"]
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch (a few seconds)
+def test_identical_bytes_in_another_process(tmp_path: Path) -> None:
+    """No dependence on hash randomisation or on caches warmed by earlier calls."""
+    import os
+    import subprocess
+    import sys
+
+    kwargs = "seed=7, scale=0.05, image_size=64, objects=['pcb_synth']"
+    here = _marker(generate(tmp_path / "here", seed=7, scale=0.05, image_size=64, objects=["pcb_synth"]))
+    env = {**os.environ, "PYTHONHASHSEED": "123", "SPOTDIFF_QUIET": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+    code = f"from spotdiff.data.synth import generate; generate({str(tmp_path / 'there')!r}, {kwargs})"
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    assert _marker(tmp_path / "there")["files"] == here["files"]

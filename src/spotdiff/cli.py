@@ -23,8 +23,7 @@ ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.E
                                 errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EMFILE, errno.ENFILE})
 
 
-# ============================================================================= synth
-# Owner: data.synth (issue 2). Edit only inside this section.
+# ----------------------------------------------------------------------------- synth
 def _add_synth(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("synth", help="write the synthetic VisA-format default dataset",
                        description="Write the synthetic default dataset (pcb_synth, capsules_synth, cashew_synth) "
@@ -47,11 +46,8 @@ def _run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-# ============================================================================= end of synth
 
-
-# ============================================================================= prepare
-# Owner: data.prepare (issue 2). Edit only inside this section.
+# ----------------------------------------------------------------------------- prepare
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "prepare", help="copy VisA into the official MVTec-style layout",
@@ -78,11 +74,8 @@ def _run_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-# ============================================================================= end of prepare
 
-
-# ============================================================================= pretrain
-# Owner: pretrain (issue 4). Edit only inside this section.
+# ----------------------------------------------------------------------------- pretrain
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "pretrain",
@@ -128,11 +121,8 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-# ============================================================================= end of pretrain
 
-
-# ============================================================================= export-backbone
-# Owner: pretrain (issue 4). Edit only inside this section.
+# ----------------------------------------------------------------------------- export-backbone
 def _add_export_backbone(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export-backbone", help="export a pre-training checkpoint's backbone as torchvision safetensors")
     p.add_argument("checkpoint", metavar="CKPT", help="a pre-training checkpoint (RUN_DIR/checkpoint.pt)")
@@ -148,11 +138,8 @@ def _run_export_backbone(args: argparse.Namespace) -> int:
     return 0
 
 
-# ============================================================================= end of export-backbone
 
-
-# ============================================================================= fit
-# Owner: detect (issue 5). Edit only inside this section.
+# ----------------------------------------------------------------------------- fit
 def _add_fit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fit", help="fit a 1-class detector (PaDiM, PatchCore) on normal images")
     p.add_argument("--model", choices=["padim", "patchcore"], required=True)
@@ -160,13 +147,15 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--object", required=True, help="object (category) name, e.g. pcb1")
     p.add_argument("--split", default="1cls", help="VisA split CSV name (default 1cls)")
     p.add_argument("--split-csv", default=None, help="explicit split CSV (default <data>/split_csv/<split>.csv)")
-    p.add_argument("--arch", default=None,
-                   help="resnet18 | resnet50 | wide_resnet50_2 (default: resnet18 for padim, wide_resnet50_2 for patchcore)")
-    p.add_argument("--weights", default=None, help="backbone weights (.safetensors or torchvision .pth); default random init")
+    p.add_argument("--arch", default=None, choices=["resnet18", "resnet50", "wide_resnet50_2"],
+                   help="backbone (default: resnet18 for padim, wide_resnet50_2 for patchcore)")
+    p.add_argument("--weights", default=None,
+                   help="backbone weights (.safetensors or torchvision .pth); default: random init")
     p.add_argument("--image-size", type=int, default=256, help="square input size in pixels (default 256)")
     p.add_argument("--layers", nargs="+", default=None,
                    help="backbone stages (default: layer1 layer2 layer3 for padim, layer2 layer3 for patchcore)")
-    p.add_argument("--d", type=int, default=None, help="PaDiM: random channel subset (default 100 resnet18, 550 otherwise)")
+    p.add_argument("--d", type=int, default=None,
+                   help="PaDiM: size of the random channel subset (default 100 for resnet18, 550 otherwise)")
     p.add_argument("--coreset-ratio", type=float, default=0.1, help="PatchCore: fraction of patches kept (default 0.1)")
     p.add_argument("--batch-size", type=int, default=None, help="default 32 (padim) / 8 (patchcore)")
     p.add_argument("--seed", type=int, default=0, help="seed of random init, channel subset and coreset")
@@ -194,17 +183,16 @@ def _run_fit(args: argparse.Namespace) -> int:
         model = PatchCore(coreset_ratio=args.coreset_ratio, **common)
     train = open_dataset(args.data, args.object, split=args.split, subset="train", image_size=args.image_size,
                          split_csv=args.split_csv, skip_bad=args.skip_bad)
+    for path, reason in train.skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
     model.fit(train)
     out = model.save(args.out)
     print(f"fitted {args.model} ({model.arch}, {model.n_train} training images) -> {out}")
     return 0
 
 
-# ============================================================================= end of fit
 
-
-# ============================================================================= test
-# Owner: detect (issue 5). Edit only inside this section.
+# ----------------------------------------------------------------------------- test
 def _add_test(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("test", help="evaluate a fitted 1-class detector on a test split")
     p.add_argument("model_dir", help="model directory written by `spotdiff fit`")
@@ -233,6 +221,8 @@ def _run_test(args: argparse.Namespace) -> int:
     test = open_dataset(args.data, args.object, split=args.split, subset="test",
                         image_size=height if height == width else (height, width),
                         split_csv=args.split_csv, skip_bad=args.skip_bad)
+    for path, reason in test.skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
     metrics, records, maps, _ = evaluate_detector(model, test, batch_size=args.batch_size, num_workers=args.workers)
     written = write_test_results(args.out, metrics, records, maps if args.save_maps else None)
     headline = {k: v for k, v in metrics.items() if isinstance(v, float)}
@@ -241,11 +231,8 @@ def _run_test(args: argparse.Namespace) -> int:
     return 0
 
 
-# ============================================================================= end of test
 
-
-# ============================================================================= predict
-# Owner: detect (issue 5). Edit only inside this section.
+# ----------------------------------------------------------------------------- predict
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="score new images with a fitted detector; write scores CSV and heat maps")
     p.add_argument("model_dir", help="model directory written by `spotdiff fit`")
@@ -272,11 +259,8 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-# ============================================================================= end of predict
 
-
-# ============================================================================= finetune
-# Owner: finetune (issue 6). Edit only inside this section.
+# ----------------------------------------------------------------------------- finetune
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="2-class fine-tuning: classifier or U-Net, high-shot or k-shot",
                        description="Fine-tune a binary classifier (cls) or a U-Net (seg) on normal and anomalous "
@@ -320,11 +304,8 @@ def _run_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-# ============================================================================= end of finetune
 
-
-# ============================================================================= demo
-# Owner: report/demo (issue 7). Edit only inside this section.
+# ----------------------------------------------------------------------------- demo
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo", help="the end-to-end demo on the synthetic dataset",
@@ -347,11 +328,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-# ============================================================================= end of demo
 
-
-# ============================================================================= benchmark
-# Owner: report/benchmark (issue 7). Edit only inside this section.
+# ----------------------------------------------------------------------------- benchmark
 def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "benchmark", help="run a benchmark grid from a YAML config, resumable",
@@ -372,8 +350,6 @@ def _run_benchmark(args: argparse.Namespace) -> int:
     print(f"ran {len(result.ran)} cell(s), skipped {len(result.skipped)}; report: {result.out / 'report.html'}")
     return 0
 
-
-# ============================================================================= end of benchmark
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [

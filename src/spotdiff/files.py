@@ -8,6 +8,7 @@ reruns removes them first (`remove_stale_temp_files`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import tempfile
@@ -19,6 +20,22 @@ from spotdiff.errors import OutputError
 
 TMP_PREFIX = "."
 TMP_MARK = ".tmp-"
+
+
+@functools.cache
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it is to set it and put it back
+    os.umask(mask)
+    return mask
+
+
+def default_mode(directory: bool = False) -> int:
+    """The mode ``open()``/``mkdir()`` would give a new file (0o666) or folder (0o777) under the umask.
+
+    ``tempfile.mkstemp``/``mkdtemp`` create owner-only (0o600/0o700) entries; every atomic writer
+    applies this mode before the rename so outputs get the usual permissions.
+    """
+    return (0o777 if directory else 0o666) & ~_umask()
 
 
 @contextlib.contextmanager
@@ -40,6 +57,7 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp_path, default_mode())
         os.replace(tmp_path, dest)
     except BaseException as exc:
         with contextlib.suppress(OSError):

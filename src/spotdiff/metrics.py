@@ -58,6 +58,8 @@ _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 _BLOCK_PIXELS = 1 << 18  # pixels per streaming block: temporaries stay small and are reused
 _MAX_BUCKET_BITS = 22  # at most 4 Mi histogram buckets (16 MiB of int32 counts)
 
+_PIXEL_KEYS = ("pixel_auroc", "pixel_aupr", "pixel_ap", "pixel_aupro")
+
 ImageArray = Any  # numpy array, torch tensor or nested sequence
 
 
@@ -291,8 +293,9 @@ class _Buckets:
 
     def __call__(self, x: np.ndarray, scratch: np.ndarray, out: np.ndarray) -> np.ndarray:
         """Bucket of each float32 value in ``x`` into ``out`` (intp, ``x``'s size)."""
-        y = np.subtract(x, self.low, out=scratch)
-        np.multiply(y, self.scale, out=y)
+        with np.errstate(over="ignore"):  # +-inf is clipped like any far score
+            y = np.subtract(x, self.low, out=scratch)
+            np.multiply(y, self.scale, out=y)
         np.clip(y, np.float32(-1.0), self.top, out=y)
         np.copyto(out, y, casting="unsafe")  # truncation toward zero
         np.add(out, 1, out=out)
@@ -310,9 +313,9 @@ def _all_pixel_counts(
 
     thresholds: distinct float32 values, descending. Pixels are counted per bucket of a
     monotone bucketing of [min, max] threshold (:class:`_Buckets`): every pixel of a higher
-    bucket than t's is > t, every pixel of a lower one < t. The pixels of the buckets that
-    hold a threshold ("hot" buckets, a few percent) are kept and compared with their own
-    bucket's thresholds exactly. Returns (count_ge, count_gt, n_pixels).
+    bucket than t's is > t, every pixel of a lower one < t. The pixels sharing a bucket with
+    a threshold (a few percent) are compared with it; the pixels of the rare buckets holding
+    several thresholds are kept and sorted. Returns (count_ge, count_gt, n_pixels).
     """
     k = thresholds.size
     if bucket_bits is None:  # about one bucket per 8 pixels, 1 Ki to 4 Mi buckets
@@ -325,9 +328,17 @@ def _all_pixel_counts(
     count_dtype = np.int32 if _count_pixels(blocks) < 2**31 else np.int64
     hist = np.zeros(n_buckets + 1, dtype=count_dtype)
     one = count_dtype(1)  # same dtype as hist: np.add.at's fast path
-    hot = np.zeros(n_buckets, dtype=bool)
-    hot[t_buckets] = True
-    kept: list[np.ndarray] = []
+    # per bucket: how many thresholds (0, 1, or 2 for several), and the one threshold's index
+    hot, first, per_bucket = np.unique(t_buckets, return_index=True, return_counts=True)
+    kind = np.zeros(n_buckets, dtype=np.uint8)
+    kind[hot] = np.minimum(per_bucket, 2)
+    any_crowded = bool(per_bucket.max() > 1)
+    threshold_of_bucket = np.zeros(n_buckets, dtype=np.int32)
+    threshold_of_bucket[hot] = first
+    # per threshold alone in its bucket: the pixels of its bucket that are >= / > it
+    own_ge = np.zeros(k, dtype=np.int64)
+    own_gt = np.zeros(k, dtype=np.int64)
+    crowded: list[np.ndarray] = []  # pixels of buckets holding several thresholds
     n_pixels = 0
     block_pixels = min(_BLOCK_PIXELS, max(block.size for block in blocks))
     scratch = np.empty(block_pixels, np.float32)
@@ -339,42 +350,40 @@ def _all_pixel_counts(
             n = x.size
             b = bucketing(x, scratch[:n], buckets[:n])
             np.add.at(hist, b, one)
-            kept.append(x[np.take(hot, b, mode="clip")])
+            kind_of_pixel = np.take(kind, b, mode="clip")
+            single = (kind_of_pixel == 1) if any_crowded else kind_of_pixel.view(bool)
+            x_single = x[single]
+            j = np.take(threshold_of_bucket, b[single], mode="clip")
+            t = np.take(thresholds, j, mode="clip")
+            np.add.at(own_ge, j[x_single >= t], 1)
+            np.add.at(own_gt, j[x_single > t], 1)
+            if any_crowded:
+                crowded.append(x[kind_of_pixel == 2])
             n_pixels += n
     above = hist[::-1]
     np.cumsum(above, out=above)  # in place: hist[b] = pixels in buckets >= b
     in_higher_buckets = hist[t_buckets + 1]
-    own_ge, own_gt = _counts_in_own_bucket(np.concatenate(kept), thresholds, t_buckets, bucketing)
+    several = np.flatnonzero(kind[t_buckets] == 2)
+    if several.size:
+        own_ge[several], own_gt[several] = _counts_in_crowded_buckets(
+            np.concatenate(crowded), thresholds[several], t_buckets[several], bucketing
+        )
     return in_higher_buckets + own_ge, in_higher_buckets + own_gt, n_pixels
 
 
-def _counts_in_own_bucket(
+def _counts_in_crowded_buckets(
     values: np.ndarray, thresholds: np.ndarray, t_buckets: np.ndarray, bucketing: _Buckets
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per threshold t_j: the values of t_j's bucket that are >= t_j and > t_j.
+    """Per threshold: the values of its own bucket that are >= it and > it.
 
-    values: every pixel of the buckets that hold a threshold. A bucket holding one threshold
-    compares its values with it; the values of buckets holding several thresholds are sorted.
+    values: every pixel of the buckets holding several thresholds. Once sorted, their buckets
+    ascend too (monotone bucketing), so each bucket is a contiguous run.
     """
-    k = thresholds.size
+    values = np.sort(values)
     v_buckets = bucketing(values, np.empty(values.size, np.float32), np.empty(values.size, np.intp))
-    hot, first, per_bucket = np.unique(t_buckets, return_index=True, return_counts=True)
-    threshold_of_bucket = np.full(bucketing.n_buckets, -1, dtype=np.int32)  # -1: several
-    alone = per_bucket == 1
-    threshold_of_bucket[hot[alone]] = first[alone]
-    j = threshold_of_bucket[v_buckets]
-    single = j >= 0
-    j_single, v_single = j[single], values[single]
-    t_single = thresholds[j_single]
-    own_ge = np.bincount(j_single[v_single >= t_single], minlength=k)
-    own_gt = np.bincount(j_single[v_single > t_single], minlength=k)
-    # several thresholds in a bucket: sorted values of those buckets (their buckets ascend too)
-    shared = np.sort(values[~single])
-    shared_buckets = bucketing(shared, np.empty(shared.size, np.float32), np.empty(shared.size, np.intp))
-    crowded = np.flatnonzero(threshold_of_bucket[t_buckets] < 0)
-    bucket_end = np.searchsorted(shared_buckets, t_buckets[crowded], side="right")
-    own_ge[crowded] = bucket_end - np.searchsorted(shared, thresholds[crowded], side="left")
-    own_gt[crowded] = bucket_end - np.searchsorted(shared, thresholds[crowded], side="right")
+    bucket_end = np.searchsorted(v_buckets, t_buckets, side="right")
+    own_ge = bucket_end - np.searchsorted(values, thresholds, side="left")
+    own_gt = bucket_end - np.searchsorted(values, thresholds, side="right")
     return own_ge, own_gt
 
 
@@ -625,10 +634,11 @@ def _compute(
             keep = ~labels | (labels & (types == name))
             entry = _curve_metrics(_sample_vertices(scores[keep], labels[keep]), "image")
             if stacks is not None:
-                try:
-                    entry.update(_curve_metrics(_pixel_vertices(_select(stacks, keep)), "pixel"))
-                except ValueError as err:
-                    raise ValueError(f"defect type {name!r}: {err}") from None
+                selected = _select(stacks, keep)
+                if any(masks.any() for _, masks in selected):
+                    entry.update(_curve_metrics(_pixel_vertices(selected), "pixel"))
+                else:  # e.g. the defects vanished when the masks were resized: undefined
+                    entry.update(dict.fromkeys(_PIXEL_KEYS, float("nan")))
             per_type[name] = entry
         result["per_defect_type"] = per_type
     return result
@@ -655,11 +665,12 @@ def evaluate(
         ``image_auroc, image_aupr, image_ap`` and, with maps and masks, ``pixel_auroc,
         pixel_aupr, pixel_ap, pixel_aupro`` (floats; definitions in the module docstring).
         With ``defect_types`` also ``per_defect_type: {type: {same keys}}``, each type's
-        anomalous images against all normal images.
+        anomalous images against all normal images; a type whose images have no mask pixel
+        gets NaN pixel metrics (undefined).
 
     Raises:
         ValueError: shape mismatch, NaN/inf scores or maps, non-binary masks or labels, or only
-            one class (images, or pixels).
+            one class (images, or pixels over all images).
     """
     scores, labels, stack, types = _validate(
         image_scores, image_labels, anomaly_maps, masks, defect_types, copy=False

@@ -224,3 +224,21 @@ def payload_pickle(marker: Path) -> bytes:
     import pickle
 
     return pickle.dumps(Payload(marker))
+
+
+def run_cli_many(argvs: Sequence[Sequence[str | os.PathLike[str]]], timeout: float = 300, prefix: Sequence[str] = (),
+                 preexec_fn: Callable[[], None] | None = None) -> tuple[list[int], str]:
+    """Run several CLI commands in ONE fresh interpreter (one torch import); ``(exit codes, stderr)``.
+
+    Each command goes through ``spotdiff.cli.main`` exactly as ``python -m spotdiff`` does; an
+    uncaught exception ends the interpreter with its traceback on stderr.
+    """
+    argv_lists = [["--quiet", *map(str, a)] for a in argvs]
+    code = ("import sys\nfrom spotdiff.cli import main\n"
+            f"for argv in {argv_lists!r}:\n    print('EXIT', main(argv), flush=True)\n")
+    proc = subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                          env=cli_env(), preexec_fn=preexec_fn)
+    codes = [int(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("EXIT ")]
+    assert "Traceback" not in proc.stderr and len(codes) == len(argv_lists), \
+        f"exit {proc.returncode}, codes {codes}\nstderr:\n{proc.stderr[-4000:]}"
+    return codes, proc.stderr

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from reliability_helpers import (
     OBJECT,
     cli_command,
+    run_cli_many,
     cli_env,
     noise_jpeg,
     object_rows,
@@ -214,16 +215,10 @@ def test_disk_full_while_fit_and_pretrain_write_is_a_clear_error(tmp_path):
     old = tree_files(out)
     images = _images(tmp_path / "images")
     run = tmp_path / "run"
-    commands = {"fit": _fit_args(root, out, seed=2), "pretrain": _pretrain_args(images, run, steps=2)}
-    procs = {name: subprocess.Popen(cli_command(*argv), env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True, preexec_fn=_limit_file_size(1_000_000))
-             for name, argv in commands.items()}
-    names = {"fit": out, "pretrain": run / "checkpoint.pt"}
-    for name, proc in procs.items():
-        _, stderr = proc.communicate(timeout=300)
-        detail = f"{name}: exit {proc.returncode}\n{stderr[-3000:]}"
-        assert proc.returncode == 2 and "Traceback" not in stderr, detail
-        assert f"{names[name]}: cannot write" in stderr, detail
+    codes, stderr = run_cli_many([_fit_args(root, out, seed=2), _pretrain_args(images, run, steps=2)],
+                                 preexec_fn=_limit_file_size(1_000_000))
+    assert codes == [2, 2], stderr
+    assert f"{out}: cannot write" in stderr and f"{run / 'checkpoint.pt'}: cannot write" in stderr, stderr
     assert tree_files(out) == old and load_detector(out).seed == 1
     assert not _temp_dirs(out.parent, "padim"), "the failed fit left its temporary directory"
     assert not (run / "checkpoint.pt").exists() and not (run / "backbone.safetensors").exists()

@@ -5,7 +5,6 @@ Shapes: ``B`` images, ``C`` channels, ``h x w`` feature grid, ``H x W`` input si
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -126,10 +125,3 @@ def check_layers(layers: Sequence[str]) -> list[str]:
         raise ConfigError(f"layers must be distinct and ordered shallow to deep, got {layers}")
     return layers
 
-
-def feature_grid(image_size: tuple[int, int], layer: str) -> tuple[int, int]:
-    """The ``(h, w)`` grid a ResNet stage produces for an ``image_size`` input."""
-    h, w = image_size
-    for _ in range({"layer1": 2, "layer2": 3, "layer3": 4, "layer4": 5}[layer]):
-        h, w = math.floor((h + 1) / 2), math.floor((w + 1) / 2)
-    return h, w

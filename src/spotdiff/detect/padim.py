@@ -175,6 +175,7 @@ class PaDiM(Detector):
         self.channel_index = torch.randperm(total, generator=generator)[: self.d].sort().values
         self.mean: torch.Tensor | None = None
         self.inv_chol: torch.Tensor | None = None
+        self._grid: tuple[int, int] = (0, 0)  # (h, w) of the last embedding
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, P, d)`` patch embeddings of normalised images, ``P = h * w``."""

@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from spotdiff.data.io import is_image_file, load_image
+from spotdiff.data.folder import list_images
+from spotdiff.data.io import load_image
 from spotdiff.data.transforms import image_to_tensor
 from spotdiff.detect.base import Detector
 from spotdiff.errors import DataError
@@ -107,7 +108,11 @@ def write_test_results(
 
 
 def collect_images(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
-    """Expand files and directories (searched recursively, sorted) into image paths.
+    """Expand files and directories into image paths.
+
+    Directories are searched recursively by ``spotdiff.data.list_images`` (image extensions,
+    hidden files skipped, sorted). Explicit files are kept as given, images or not, so that
+    ``predict`` reports an unreadable one in its own row instead of stopping.
 
     Raises:
         DataError: an input does not exist, or nothing was found.
@@ -115,7 +120,10 @@ def collect_images(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            paths.extend(sorted(p for p in item.rglob("*") if p.is_file() and is_image_file(p)))
+            try:
+                paths.extend(list_images(item, recursive=True))
+            except DataError:  # a folder without images: only an error if nothing is found at all
+                pass
         elif item.exists():
             paths.append(item)
         else:

@@ -15,6 +15,7 @@ recorded SHA-256, and reads tensors with safetensors only (no pickle, no code ex
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -28,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from spotdiff.errors import ConfigError, WeightsError
-from spotdiff.files import output_error
+from spotdiff.files import default_mode, output_error
 
 FORMAT = "spotdiff-detector"
 FORMAT_VERSION = 1
@@ -57,6 +58,19 @@ def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
+def _remove_stale_siblings(out: Path) -> None:
+    """Delete the hidden ``.<name>.tmp-*`` / ``.<name>.old-*`` folders an interrupted save left.
+
+    POSIX cannot rename a directory over a non-empty one, so replacing a model is two renames;
+    a kill between them leaves the previous model in ``.<name>.old-*`` and no ``out`` (loading
+    then says the model is missing). The next save of the same path cleans both up.
+    """
+    for prefix in (f".{out.name}.tmp-", f".{out.name}.old-"):
+        for stale in out.parent.glob(f"{glob.escape(prefix)}*"):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+
+
 def save_model_dir(
     out_dir: str | os.PathLike[str],
     config: dict[str, Any],
@@ -76,6 +90,7 @@ def save_model_dir(
         if any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
             raise ConfigError(f"{out}: exists and is not a spotdiff model directory; refusing to overwrite it")
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_siblings(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         save_file(_contiguous(tensors), str(tmp / MODEL_FILE), metadata={"format": FORMAT})
@@ -91,6 +106,9 @@ def save_model_dir(
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         _fsync(tmp / MANIFEST_FILE)
+        os.chmod(tmp, default_mode(directory=True))
+        for name in (*MODEL_FILES, MANIFEST_FILE):
+            os.chmod(tmp / name, default_mode())
         old = None
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))

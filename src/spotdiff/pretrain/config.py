@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -88,7 +89,9 @@ class PretrainConfig:
     def validate(self) -> None:
         """Raise ConfigError for a value of the wrong type or out of range."""
         for name in _FIELDS:
-            coerce_value(name, getattr(self, name), "config")
+            value = coerce_value(name, getattr(self, name), "config")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{name}: must be a finite number, got {value}")
         def choose(key: str, options: tuple[str, ...]) -> None:
             if getattr(self, key) not in options:
                 raise ConfigError(f"{key}: {getattr(self, key)!r} is not one of {', '.join(options)}")

@@ -5,7 +5,8 @@ the method's forward under autocast (GPU), back-propagate (with loss scaling for
 non-finite loss before the weights change, step the optimizer, let the method update itself
 (e.g. MoCo's momentum encoder). Rank 0 writes ``RUN_DIR/log.csv``, TensorBoard events (when
 ``torch.utils.tensorboard`` imports), ``RUN_DIR/checkpoint.pt`` every ``checkpoint_every`` steps
-and at the end, and finally ``RUN_DIR/backbone.safetensors``.
+and at the end, and finally ``RUN_DIR/backbone.safetensors``. SIGTERM checkpoints the step in
+progress and stops.
 
 Determinism: the data order depends on ``(seed, epoch)``, each sample's augmentation on
 ``(seed, epoch, index)``, and each step's random numbers (global torch RNG and the generator
@@ -18,6 +19,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -48,19 +51,13 @@ from spotdiff.pretrain.data import (
 )
 from spotdiff.pretrain.distributed import DistContext, all_reduce_mean, barrier, cleanup_distributed, init_distributed
 from spotdiff.pretrain.export import write_backbone
+from spotdiff.pretrain.methods import build_method
 from spotdiff.pretrain.optim import build_optimizer, lr_factor, remember_peak_lr, set_lr
 
 LOG_NAME = "log.csv"
 LOG_COLUMNS = ("step", "epoch", "lr", "loss", "loss_base", "loss_spd", "img_per_s")
 BACKBONE_NAME = "backbone.safetensors"
 CONFIG_NAME = "config.yaml"
-
-
-def build_method(name: str, **kwargs: Any) -> nn.Module:
-    """``spotdiff.pretrain.methods.build_method`` (imported on use; tests may stand in for it)."""
-    from spotdiff.pretrain.methods import build_method as build
-
-    return build(name, **kwargs)
 
 
 def run_pretrain(cfg: PretrainConfig) -> Path:
@@ -98,7 +95,7 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext) -> Path:
                               num_classes=len(class_names) if cfg.method == "supervised" else None,
                               weights=cfg.weights, **cfg.hparams)
     except TypeError as exc:
-        raise ConfigError(f"hparams: {cfg.method} does not accept {sorted(cfg.hparams)} ({exc})") from exc
+        raise ConfigError(f"hparams {cfg.hparams}: not accepted by {cfg.method} ({exc})") from exc
     cfg = cfg.with_recipe(method.recipe)
     method.recipe = dataclasses.replace(  # the optimizer and param groups read the resolved values
         method.recipe, optimizer=cfg.optimizer, base_lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -168,6 +165,7 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext) -> Path:
     progress = bar(total=total_steps, desc=f"pretrain {cfg.method}", initial=start_step, unit="step")
     step = start_step
     window = _Window()
+    sigterm = _SigtermFlag()
     try:
         while step < total_steps:
             epoch, start_batch = divmod(step, steps_per_epoch)
@@ -178,7 +176,8 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext) -> Path:
                 generator = torch.Generator(device).manual_seed(mix_seed(cfg.seed, step, ctx.rank, 2))
                 views = {k: _to_device(v, device, cfg.channels_last and on_gpu) for k, v in views.items()}
                 batch_labels = batch_labels.to(device, non_blocking=True)
-                stats = _forward_backward(model, views, batch_labels, generator, amp_dtype, scaler, ctx)
+                *stats, stop = _forward_backward(model, views, batch_labels, generator, amp_dtype, scaler,
+                                                 float(sigterm.is_set()), ctx)
                 if not all(math.isfinite(v) for v in stats):
                     raise SpotdiffError(
                         f"loss became {stats[0]} at step {step + 1} (epoch {epoch}); stopped before "
@@ -200,9 +199,14 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext) -> Path:
                     started = time.perf_counter()
                     checkpoint(step)
                     window.start += time.perf_counter() - started  # img/s counts training only
+                if stop and step < total_steps:  # SIGTERM reached some process: save and stop, all together
+                    checkpoint(step)
+                    raise SpotdiffError(f"stopped by SIGTERM after step {step}/{total_steps}; checkpoint saved "
+                                        f"to {ckpt_path}; continue with --resume")
                 if step >= total_steps:
                     break
     finally:
+        sigterm.restore()
         progress.close()
         if logger is not None:
             logger.close()
@@ -218,15 +222,44 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext) -> Path:
 
 def _forward_backward(model: nn.Module, views: dict[str, torch.Tensor], labels: torch.Tensor,
                       generator: torch.Generator, amp_dtype: torch.dtype | None,
-                      scaler: torch.amp.GradScaler, ctx: DistContext) -> list[float]:
-    """Losses of one batch, back-propagated; returns ``[loss, loss_base, loss_spd]`` averaged over processes."""
+                      scaler: torch.amp.GradScaler, stop: float, ctx: DistContext) -> list[float]:
+    """Losses of one batch, back-propagated.
+
+    Returns ``[loss, loss_base, loss_spd, stop]`` averaged over processes (one all-reduce); ``stop``
+    is > 0 when any process asked to stop.
+    """
     autocast = torch.autocast(ctx.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     with autocast:
         out = model(views, labels=labels, generator=generator)
     scaler.scale(out["loss"]).backward()
     zero = torch.zeros((), device=ctx.device)
-    stats = torch.stack([out[k].detach().float() if k in out else zero for k in ("loss", "loss_base", "loss_spd")])
-    return all_reduce_mean(stats, ctx).tolist()
+    stats = [out[k].detach().float() if k in out else zero for k in ("loss", "loss_base", "loss_spd")]
+    return all_reduce_mean(torch.stack([*stats, zero + stop]), ctx).tolist()
+
+
+class _SigtermFlag:
+    """Records SIGTERM (pre-emption, ``kill``, torchrun shutting down) instead of dying at once.
+
+    The loop then checkpoints at the end of the current step and stops. Only the main thread
+    can install signal handlers; elsewhere the flag is never set.
+    """
+
+    def __init__(self) -> None:
+        self._set = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
 
 def _checkpoint_to_resume(cfg: PretrainConfig, ckpt_path: Path) -> dict[str, Any] | None:

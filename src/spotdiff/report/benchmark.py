@@ -49,6 +49,7 @@ import yaml
 from spotdiff import __version__
 from spotdiff.errors import ConfigError, SpotdiffError
 from spotdiff.files import write_json_atomic, write_text_atomic
+from spotdiff.models import ARCHITECTURES
 from spotdiff.progress import bar, log
 from spotdiff.report.html import report_sections, write_html_report
 from spotdiff.report.plots import Predictions
@@ -200,6 +201,9 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: str = "config"
             raise ConfigError(f"{source}: weights[{i}]: unknown key(s) {unknown}")
         name = _check_name("weights", entry.get("name"), f"{source}: weights[{i}]")
         arch = entry.get("arch", "resnet18")
+        if arch not in ARCHITECTURES:
+            raise ConfigError(f"{source}: weights {name!r}: unknown arch {arch!r}; "
+                              f"choose one of {sorted(ARCHITECTURES)}")
         if entry.get("file") is not None and entry.get("pretrain") is not None:
             raise ConfigError(f"{source}: weights {name!r}: give either file or pretrain, not both")
         file = path(entry["file"], f"weights {name!r} file") if entry.get("file") is not None else None
@@ -504,13 +508,8 @@ def write_results(config: BenchmarkConfig, cells: Sequence[Mapping[str, Any]], o
         mine = [r for r in records if r.downstream == ds.name]
         methods = [w for w in weights_order if any(r.method == w for r in mine)]
         tables += paper_tables(mine, objects=list(config.objects), methods=methods, title_prefix=f"{ds.name}: ")
-    seconds = {(c["weights"], c["downstream"], c["object"]): c.get("seconds") for c in cells}
-    csv_lines = records_csv(records).splitlines()
-    csv_lines[0] += ",seconds"
-    for i, rec in enumerate(records, start=1):
-        s = seconds.get((rec.method, rec.downstream, rec.object))
-        csv_lines[i] += "," + ("" if s is None else f"{s:.3f}")
-    write_text_atomic(out / "results.csv", "\n".join(csv_lines) + "\n")
+    seconds = [c.get("seconds") for c in cells]
+    write_text_atomic(out / "results.csv", records_csv(records, extra={"seconds": seconds}))
     write_json_atomic(out / "results.json", {
         "title": config.title, "objects": list(config.objects), "metrics": list(HEADLINE_METRICS),
         "cells": [{k: c[k] for k in ("weights", "downstream", "object", "metrics", "seconds")} for c in cells],

@@ -101,6 +101,8 @@ class DemoResult:
 
 def _prepare_out(out: Path, settings: DemoSettings) -> None:
     """Create ``out``; drop an earlier demo's work when its settings differ; never touch foreign folders."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder; choose another --out")
     marker = out / MARKER
     wanted = json.loads(json.dumps(asdict(settings)))
     if marker.is_file():
@@ -197,13 +199,13 @@ def evaluate_object(data_root: Path, obj: str, label: str, weights: Path | None,
     return metrics, predictions
 
 
-INTRO = """This report was produced by `spotdiff demo` on the synthetic dataset that ships with spotdiff \
+INTRO = """This report was produced by the command "spotdiff demo" on the synthetic dataset that ships with spotdiff \
 (rendered images of three object types with painted defects, in the VisA layout). A ResNet-18 was \
 pre-trained on the normal training images with SimSiam, and with SimSiam + SPD (same seed, same \
 number of steps), then PaDiM was fitted on every object with three backbones: random init, SimSiam \
 and SimSiam + SPD.
 
-Settings: {settings}. Run time: {seconds:.0f} s.
+Settings: {settings}. Run time (wall): {timing}.
 
 What this shows: the whole pipeline (data, pre-training, export, 1-class detection, exact metrics, \
 report) running end to end, and how the three backbones compare on this run. What it does not show: \
@@ -218,19 +220,29 @@ def run_demo(settings: DemoSettings, out: str | os.PathLike[str] = "spotdiff-dem
     start = time.perf_counter()
     out = Path(out)
     _prepare_out(out, settings)
+    stages: dict[str, float] = {}  # wall seconds per stage
 
+    def lap(stage: str, since: float) -> float:
+        now = time.perf_counter()
+        stages[stage] = round(stages.get(stage, 0.0) + now - since, 1)
+        return now
+
+    t = start
     log("demo [1/5] synthesizing the dataset")
     data_root = synthesize(out, settings)
     objects = objects_of(data_root)
     log(f"demo: objects {', '.join(objects)}")
-
     log("demo [2/5] collecting the normal training images for pre-training")
     images = pretrain_images(data_root, objects, out / "pretrain-images", settings.data_size)
+    t = lap("data", t)
+
     weights: dict[str, Path | None] = {RANDOM: None}
     for i, (label, (stem, spd)) in enumerate(PRETRAINED.items(), start=1):
         log(f"demo [3/5] pre-training {label} ({i}/{len(PRETRAINED)}): {settings.pretrain_steps} steps "
             f"of {settings.pretrain_batch} images at {settings.pretrain_size} px")
+        reused = (out / "weights" / f"{stem}.safetensors").is_file()
         weights[label] = pretrain_backbone(images, out, settings, spd, stem)
+        t = lap(f"pretrain {label}" + (" (reused)" if reused else ""), t)
 
     records: list[ResultRecord] = []
     predictions: list[Predictions] = []
@@ -240,22 +252,26 @@ def run_demo(settings: DemoSettings, out: str | os.PathLike[str] = "spotdiff-dem
         metrics, preds = evaluate_object(data_root, obj, label, weights[label], settings)
         records.append(ResultRecord(obj, label, "padim", metrics))
         predictions.append(preds)
+    t = lap("PaDiM fit + test", t)
 
     log("demo [5/5] writing the report")
     table = object_backbone_table(records, backbones=BACKBONES, title="PaDiM on the synthetic dataset (%)")
     tables = [table, *paper_tables(records, methods=BACKBONES, title_prefix="PaDiM: ")]
-    seconds = time.perf_counter() - start
-    write_json_atomic(out / "results.json", {"settings": asdict(settings), "seconds": round(seconds, 1),
-                                             "records": [r.to_dict() for r in records]})
-    write_text_atomic(out / "results.csv", records_csv(records))
-    write_text_atomic(out / "tables.md", "# spotdiff demo\n\nValues are percentages with one decimal.\n\n"
-                      + tables_markdown(tables))
     settings_text = (f"{settings.arch}; pre-training: {settings.pretrain_steps} steps of {settings.pretrain_batch} "
                      f"images at {settings.pretrain_size} px; PaDiM at {settings.image_size} px "
                      f"(layers {', '.join(settings.layers)}); synthetic data: scale {settings.scale}, "
                      f"{settings.data_size} px; seed {settings.seed}")
+    timing = ", ".join(f"{name} {sec:.0f} s" for name, sec in stages.items())
     report = out / "report.html"
     write_html_report(report, "spotdiff demo", report_sections(tables, predictions, settings.gallery_size),
-                      intro=INTRO.format(settings=settings_text, seconds=seconds))
-    log(f"demo: done in {seconds:.0f} s; report: {report}")
+                      intro=INTRO.format(settings=settings_text, timing=timing))
+    lap("report", t)
+    seconds = round(time.perf_counter() - start, 1)
+    write_json_atomic(out / "results.json", {"settings": asdict(settings), "seconds": seconds,
+                                             "stage_seconds": stages, "records": [r.to_dict() for r in records]})
+    write_text_atomic(out / "results.csv", records_csv(records))
+    write_text_atomic(out / "tables.md", "# spotdiff demo\n\nValues are percentages with one decimal.\n\n"
+                      + tables_markdown(tables))
+    log(f"demo: done in {seconds:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in stages.items())}); "
+        f"report: {report}")
     return DemoResult(table, records, report, out, seconds)

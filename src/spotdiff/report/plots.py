@@ -194,7 +194,7 @@ def gallery_figure(items: Sequence[GalleryItem], columns: int = 4, title: str = 
         raise ValueError("gallery_figure needs at least one item")
     columns = max(1, min(columns, len(items)))
     rows = (len(items) + columns - 1) // columns
-    fig = Figure(figsize=(2.6 * columns, 2.9 * rows))
+    fig = Figure(figsize=(2.2 * columns, 2.5 * rows))
     axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
     maps = [np.asarray(it.anomaly_map, dtype=np.float32) for it in items if it.anomaly_map is not None]
     if map_range is None and maps:
@@ -223,7 +223,7 @@ def gallery_figure(items: Sequence[GalleryItem], columns: int = 4, title: str = 
 def defect_breakdown_figure(
     breakdown: Mapping[str, Mapping[str, float | None]], metric_label: str = "image AU-ROC", title: str = ""
 ) -> bytes:
-    """Grouped bars of ``breakdown[method][defect_type]`` (fractions, shown in %); PNG bytes.
+    """Grouped horizontal bars of ``breakdown[method][defect_type]`` (fractions, shown in %); PNG bytes.
 
     Missing values leave a gap in their group.
     """
@@ -231,18 +231,21 @@ def defect_breakdown_figure(
     defect_types = list(dict.fromkeys(d for m in methods for d in breakdown[m]))
     if not defect_types:
         raise ValueError("defect_breakdown_figure needs at least one defect type")
-    fig = Figure(figsize=(max(5.0, 1.1 * len(defect_types) * max(1, len(methods)) ** 0.5 + 2), 3.6))
+    # horizontal bars: defect-type names stay readable however many there are
+    n_methods = max(1, len(methods))
+    fig = Figure(figsize=(7.5, 1.2 + 0.12 * len(defect_types) * (n_methods + 1)))
     ax = fig.subplots()
-    width = 0.8 / max(1, len(methods))
-    x = np.arange(len(defect_types))
+    height = 0.8 / n_methods
+    y = np.arange(len(defect_types))
     for k, method in enumerate(methods):
         values = [breakdown[method].get(d) for d in defect_types]
-        heights = [np.nan if v is None else 100.0 * float(v) for v in values]
-        ax.bar(x + (k - (len(methods) - 1) / 2) * width, heights, width, label=method)
-    ax.set_xticks(x, defect_types, rotation=30, ha="right", fontsize=8)
-    ax.set(ylabel=f"{metric_label} (%)", ylim=(0, 100))
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+        widths = [np.nan if v is None else 100.0 * float(v) for v in values]
+        ax.barh(y + (k - (n_methods - 1) / 2) * height, widths, height, label=method)
+    ax.set_yticks(y, defect_types, fontsize=8)
+    ax.invert_yaxis()  # first defect type on top
+    ax.set(xlabel=f"{metric_label} (%)", xlim=(0, 100))
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     if title:
         ax.set_title(title)
     return _png(fig)

@@ -246,12 +246,16 @@ def tables_markdown(tables: Sequence[Table]) -> str:
     return "\n".join(t.to_markdown() for t in tables)
 
 
-def records_csv(records: Sequence[ResultRecord], metrics: Sequence[str] = HEADLINE_METRICS) -> str:
-    """The flat results table: one line per record, metric values as fractions."""
+def records_csv(records: Sequence[ResultRecord], metrics: Sequence[str] = HEADLINE_METRICS,
+                extra: Mapping[str, Sequence[Any]] | None = None) -> str:
+    """The flat results table: one line per record, metric values as fractions; ``extra`` adds
+    columns (name -> one value per record, None for empty)."""
+    extra = dict(extra or {})
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["object", "method", "downstream", *metrics])
-    for rec in records:
-        writer.writerow([rec.object, rec.method, rec.downstream,
-                         *("" if rec.value(m) is None else f"{rec.value(m):.6f}" for m in metrics)])
+    writer.writerow(["object", "method", "downstream", *metrics, *extra])
+    for i, rec in enumerate(records):
+        values = ["" if rec.value(m) is None else f"{rec.value(m):.6f}" for m in metrics]
+        extras = ["" if col[i] is None else col[i] for col in extra.values()]
+        writer.writerow([rec.object, rec.method, rec.downstream, *values, *extras])
     return buf.getvalue()

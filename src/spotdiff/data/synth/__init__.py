@@ -8,8 +8,8 @@ types and pixel-exact class-id masks. See docs/synth.md.
     >>> root = generate("data/synth", seed=0, scale=0.2)   # doctest: +SKIP
 """
 
-from ._base import Sample, SynthObject, render_sample
+from ._base import RenderedSample, SynthObject, render_sample
 from .dataset import MARKER, OBJECTS, SPLITS, SYNTH_VERSION, generate, image_counts, split_assignment
 
-__all__ = ["MARKER", "OBJECTS", "SPLITS", "SYNTH_VERSION", "Sample", "SynthObject", "generate", "image_counts",
-           "render_sample", "split_assignment"]
+__all__ = ["MARKER", "OBJECTS", "SPLITS", "SYNTH_VERSION", "RenderedSample", "SynthObject", "generate",
+           "image_counts", "render_sample", "split_assignment"]

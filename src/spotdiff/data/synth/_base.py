@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._draw import Camera
+from ._draw import Camera, bbox
 
 # A defect must change a pixel by more than this (max over RGB, in [0, 1] units, about 8 grey
 # levels) for the pixel to be changed and masked; weaker fringes are dropped.
@@ -72,7 +72,7 @@ class SynthObject(ABC):
 
 
 @dataclass(frozen=True)
-class Sample:
+class RenderedSample:
     """A rendered sample: ``image`` uint8 (H, W, 3), ``mask`` uint8 (H, W) class ids, and the
     ids of the defects it contains (empty for a normal sample)."""
 
@@ -98,7 +98,7 @@ def defect_plan(obj: SynthObject, rng: np.random.Generator, index: int) -> list[
 
 
 def render_sample(obj: SynthObject, seed: int, index: int, anomalous: bool, size: int,
-                  with_defects: bool = True) -> Sample:
+                  with_defects: bool = True) -> RenderedSample:
     """Render normal or anomalous sample ``index`` of ``obj``; deterministic in all arguments.
 
     ``with_defects=False`` renders an anomalous sample's scene without its defects (same pose,
@@ -119,19 +119,24 @@ def render_sample(obj: SynthObject, seed: int, index: int, anomalous: bool, size
             for _attempt in range(20):
                 candidate = obj.defect(scene, image, defect_id, rng)
                 # changed: a visible change of the scene that survives the camera (not clipped)
-                candidate_captured = camera.capture(candidate)
-                changed = ((np.abs(candidate - image).max(axis=2) > CHANGE_THRESHOLD)
-                           & np.any(candidate_captured != captured, axis=2))
+                changed = np.abs(candidate - image).max(axis=2) > CHANGE_THRESHOLD
+                box = bbox(changed)
+                if box is not None:
+                    candidate_captured = camera.capture(candidate[box], box)
+                    changed[box] &= np.any(candidate_captured != captured[box], axis=2)
                 count = np.count_nonzero(changed)
                 if count > best_count:
-                    best, best_count = (candidate, candidate_captured, changed), count
+                    best, best_count = (candidate, candidate_captured, box, changed), count
                 if count >= min_pixels:
                     break
             if best is None:  # pragma: no cover - a generator bug, not a user error
                 raise RuntimeError(f"{obj.name}: defect {defect_id} produced no visible change")
-            candidate, candidate_captured, changed = best
-            image = np.where(changed[..., None], candidate, image)
-            captured = np.where(changed[..., None], candidate_captured, captured)
+            candidate, candidate_captured, box, changed = best
+            inside = changed[box][..., None]
+            image = image.copy()
+            image[box] = np.where(inside, candidate[box], image[box])
+            captured = captured.copy()
+            captured[box] = np.where(inside, candidate_captured, captured[box])
             mask[changed] = defect_id
     ids = tuple(int(i) for i in np.unique(mask) if i) if anomalous and with_defects else ()
-    return Sample(image=captured, mask=mask, defect_ids=ids)
+    return RenderedSample(image=captured, mask=mask, defect_ids=ids)

@@ -3,7 +3,8 @@
 Images are float32 arrays of shape (H, W, 3) with values in [0, 1]; masks/alphas are float32
 (H, W) in [0, 1]. Pixel (row y, column x) has its centre at coordinates (x, y); shapes are
 described by signed distance fields (negative inside, in pixels) whose coverage
-``clip(0.5 - sdf, 0, 1)`` gives one pixel of anti-aliasing, or drawn with PIL ``ImageDraw``.
+``clip(0.5 - sdf, 0, 1)`` gives one pixel of anti-aliasing, or drawn with PIL ``ImageDraw``
+(supersampled). ``Camera`` turns the finished scene into 8-bit pixels.
 """
 
 from __future__ import annotations
@@ -73,18 +74,6 @@ def smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
 def coverage(sdf: np.ndarray) -> np.ndarray:
     """Anti-aliased area coverage of the shape ``sdf < 0`` (one-pixel ramp), float32 in [0, 1]."""
     return np.clip(0.5 - sdf, 0.0, 1.0).astype(np.float32)
-
-
-def sdf_segment(x: np.ndarray, y: np.ndarray, p0: Point, p1: Point) -> np.ndarray:
-    """Distance from every pixel to the segment p0-p1, in pixels."""
-    dx, dy = p1[0] - p0[0], p1[1] - p0[1]
-    length2 = dx * dx + dy * dy + 1e-12
-    t = np.clip(((x - p0[0]) * dx + (y - p0[1]) * dy) / length2, 0.0, 1.0)
-    return np.hypot(x - (p0[0] + t * dx), y - (p0[1] + t * dy))
-
-
-def sdf_circle(x: np.ndarray, y: np.ndarray, center: Point, radius: float) -> np.ndarray:
-    return np.hypot(x - center[0], y - center[1]) - radius
 
 
 def pil_mask(size: int, draw_fn, supersample: int = 1) -> np.ndarray:
@@ -200,6 +189,7 @@ class Camera:
         self.gain = np.float32(exposure) * (1.0 + ramp_y[:, None, None] + ramp_x[None, :, None]) * balance
         self.noise = sensor_noise(rng, height, width) * np.float32(rng.uniform(0.004, 0.016))
 
-    def capture(self, image: np.ndarray) -> np.ndarray:
-        """float (H, W, 3) scene in [0, 1] -> uint8 (H, W, 3) image."""
-        return np.clip(np.rint((image * self.gain + self.noise) * 255.0), 0, 255).astype(np.uint8)
+    def capture(self, image: np.ndarray, box: tuple[slice, slice] = (slice(None), slice(None))) -> np.ndarray:
+        """float (H, W, 3) scene in [0, 1] -> uint8 (H, W, 3) image; with ``box``, ``image`` is that
+        crop of the frame and the same crop of the output is returned."""
+        return np.clip(np.rint((image * self.gain[box] + self.noise[box]) * 255.0), 0, 255).astype(np.uint8)

@@ -149,15 +149,15 @@ class CapsulesSynth(SynthObject):
             if name == "Crack":  # dark jagged line across the capsule
                 pts = d.random_walk(rng, tuple(start - across * cap.radius), np.arctan2(across[1], across[0]) + rng.normal(0, 0.3),
                                     int(rng.integers(4, 8)), cap.radius * 0.35, 0.6)
-                width, color = rng.uniform(1.5, 2.5), (0.12, 0.06, 0.05)
+                width, color = rng.uniform(2.0, 3.0), (0.12, 0.06, 0.05)
             else:  # light thin scratch, mostly along the axis
                 pts = d.random_walk(rng, tuple(start), cap.angle + rng.normal(0, 0.5), int(rng.integers(3, 6)), cap.radius * 0.4, 0.15)
-                width, color = rng.uniform(1.0, 1.6), (0.98, 0.97, 0.95)
+                width, color = rng.uniform(1.3, 2.0), (0.98, 0.97, 0.95)
             alpha = d.pil_mask(s, lambda dr, kk: dr.line(d.scaled(pts, kk), fill=255, width=max(1, round(width * kk)), joint="curve"), 4)
             return d.paint(image, alpha * inside * 0.9, color)
         if name == "Colour Spot":
             cx, cy = start
-            radius = cap.radius * rng.uniform(0.4, 0.8)
+            radius = cap.radius * rng.uniform(0.5, 0.9)
             blob = np.hypot(x - cx, y - cy) / radius + 0.25 * d.smooth_noise(rng, s, 24)
             alpha = np.clip((1.0 - blob) * 3.0, 0, 1) * inside
             color = [(0.35, 0.22, 0.08), (0.15, 0.35, 0.15), (0.25, 0.2, 0.45)][int(rng.integers(3))]
@@ -165,7 +165,7 @@ class CapsulesSynth(SynthObject):
         # Leak: a translucent puddle of capsule fill on the tray beside the capsule
         side = rng.choice([-1, 1])
         cx, cy = np.array([cap.x, cap.y]) + across * side * cap.radius * rng.uniform(1.3, 1.8) + axis * rng.uniform(-1, 1) * cap.half_len
-        radius = cap.radius * rng.uniform(0.8, 1.4)
+        radius = cap.radius * rng.uniform(1.0, 1.6)
         blob = np.hypot(x - cx, y - cy) / radius + 0.3 * d.smooth_noise(rng, s, 16)
         alpha = np.clip((1.0 - blob) * 4.0, 0, 1)
         for other in scene.capsules:  # the puddle lies under the capsules

@@ -154,7 +154,7 @@ class CashewSynth(SynthObject):
         inside = np.clip(-scene.outline() / 2.0, 0.0, 1.0)
         cx, cy = scene.point_inside(rng, s * 0.02)
         if name in ("Burnt", "Different Colour Spot"):
-            radius = s * (rng.uniform(0.045, 0.09) if name == "Burnt" else rng.uniform(0.02, 0.045))
+            radius = s * (rng.uniform(0.045, 0.09) if name == "Burnt" else rng.uniform(0.025, 0.055))
             blob = np.hypot(x - cx, y - cy) / radius + 0.3 * d.smooth_noise(rng, s, 20)
             alpha = (np.clip((1.0 - blob) * 2.0, 0, 1) * inside).astype(np.float32)
             if name == "Burnt":
@@ -166,7 +166,7 @@ class CashewSynth(SynthObject):
             out = image
             for _ in range(int(rng.integers(1, 4))):
                 hx, hy = scene.point_inside(rng, s * 0.02)
-                radius = s * rng.uniform(0.008, 0.018)
+                radius = s * rng.uniform(0.01, 0.02)
                 dist = np.hypot(x - hx, y - hy)
                 hole = d.coverage(dist - radius) * inside
                 depth = np.clip(dist / radius, 0, 1)  # darker towards the centre
@@ -176,7 +176,7 @@ class CashewSynth(SynthObject):
         out = image
         for _ in range(int(rng.integers(1, 4))):
             pts = d.random_walk(rng, (cx, cy), rng.uniform(0, 2 * np.pi), int(rng.integers(3, 6)), s * 0.025, 0.3)
-            alpha = d.pil_mask(s, lambda dr, k, p=pts: dr.line(d.scaled(p, k), fill=255, width=max(1, round(1.4 * k)), joint="curve"), 4)
+            alpha = d.pil_mask(s, lambda dr, k, p=pts: dr.line(d.scaled(p, k), fill=255, width=max(1, round(1.8 * k)), joint="curve"), 4)
             out = d.paint(out, (alpha * inside * 0.8).astype(np.float32), (0.45, 0.33, 0.2))
             cx, cy = scene.point_inside(rng, s * 0.02)
         return out

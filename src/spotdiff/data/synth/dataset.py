@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from spotdiff.errors import ConfigError, DataError
-from spotdiff.files import write_json_atomic
+from spotdiff.files import default_mode, write_json_atomic
 from spotdiff.progress import log, progress
 
 from ._base import SynthObject, render_sample
@@ -200,7 +200,7 @@ def generate(out_dir: str | os.PathLike[str], seed: int = 0, scale: float = 1.0,
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        stage.chmod(0o755)  # mkdtemp makes it private; the dataset is an ordinary directory
+        stage.chmod(default_mode(directory=True))  # mkdtemp makes it private
         files: dict[str, str] = {}
         split_rows: dict[str, list[dict]] = {split: [] for split in SPLITS}
         id2class: dict[str, dict[str, str]] = {}

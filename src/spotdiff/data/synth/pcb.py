@@ -51,7 +51,8 @@ class Rect:
 
 @dataclass(frozen=True)
 class Pin:
-    """A chip pin: base point on the chip edge, outward unit direction, id like ``U1.7``."""
+    """A chip pin: base point (u, v) on the chip edge, outward unit direction (du, dv), and a
+    name like ``U1.t3`` (chip U1, top side, fourth pin)."""
 
     name: str
     u: float
@@ -72,6 +73,8 @@ class Pin:
 
 @dataclass(frozen=True)
 class Design:
+    """The fixed board layout, in board coordinates."""
+
     chips: dict[str, Rect]
     pins: tuple[Pin, ...]
     passives: dict[str, Rect]          # SMD parts: body rectangle (pads are at its ends)
@@ -351,8 +354,8 @@ class PcbSynth(SynthObject):
         dz, s = scene.design, scene.size
         name = self.defect_names[defect_id - 1]
         if name == "Missing Component":
-            # the larger parts (two SOICs, the capacitor) half of the time, else a small passive
-            part = str(rng.choice(["U2", "U3", "C3"] if rng.random() < 0.5 else list(dz.passives)))
+            # one of the larger parts (two SOICs, the capacitor) 60 % of the time, else a small passive
+            part = str(rng.choice(["U2", "U3", "C3"] if rng.random() < 0.6 else list(dz.passives)))
             return _replace_changed(image, scene.image(), replace(scene, missing=scene.missing | {part}).image())
         if name in ("Bent Pin", "Missing Pin"):
             # the pin is removed, exposing its solder pad; a bent pin is redrawn rotated about its base
@@ -370,7 +373,7 @@ class PcbSynth(SynthObject):
         if name == "Scratch":
             pts = d.random_walk(rng, (cx, cy), rng.uniform(0, 2 * np.pi), int(rng.integers(5, 10)),
                                 s * rng.uniform(0.03, 0.06), 0.3)
-            width = rng.uniform(1.2, 2.5)
+            width = rng.uniform(1.5, 3.0)
             alpha = d.pil_mask(s, lambda dr, k: dr.line(d.scaled(pts, k), fill=255, width=max(1, round(width * k)), joint="curve"), 4)
             color = COPPER if rng.random() < 0.7 else (0.85, 0.85, 0.8)
             return d.paint(image, d.blur(alpha, 0.3) * scene.board_mask(), color)
@@ -383,8 +386,8 @@ class PcbSynth(SynthObject):
             return d.paint(image, alpha.astype(np.float32) * scene.board_mask(), char)
         # Solder splash: 1-4 shiny tin droplets, each with a highlight, clustered together.
         out = image
-        for _ in range(int(rng.integers(1, 5))):
-            radius = s * rng.uniform(0.008, 0.025)
+        for _ in range(int(rng.integers(2, 6))):
+            radius = s * rng.uniform(0.01, 0.028)
             dx, dy = cx + rng.normal(0, s * 0.02), cy + rng.normal(0, s * 0.02)
             dist = np.hypot(x - dx, y - dy) / radius
             drop = d.coverage((dist - 1.0) * radius) * scene.board_mask()

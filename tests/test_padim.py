@@ -17,20 +17,7 @@ from spotdiff.detect.store import MANIFEST_FILE, MODEL_FILE
 from spotdiff.errors import ConfigError, DataError, WeightsError
 from spotdiff.models import build_backbone, extract_features
 
-
-def square_images(n: int, size: int = 64, defect: bool = False, seed: int = 0) -> torch.Tensor:
-    """Grey noisy images; defective ones carry a bright 12 px square at a seed-dependent place."""
-    g = torch.Generator().manual_seed(seed)
-    images = (0.45 + 0.04 * torch.randn(n, 3, size, size, generator=g)).clamp(0, 1)
-    if defect:
-        for i in range(n):
-            y, x = torch.randint(4, size - 16, (2,), generator=g).tolist()
-            images[i, :, y : y + 12, x : x + 12] = torch.tensor([0.95, 0.1, 0.1])[:, None, None]
-    return images
-
-
-def as_dataset(images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-    return [{"image": img} for img in images]
+from detect_fakes import as_dataset, square_images
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from spotdiff.detect.features import check_layers, padim_embedding, upsample_and
 from spotdiff.errors import ConfigError, DataError, WeightsError
 from spotdiff.models import layer_channels
 
+CHUNK_IMAGES = 8  # images per backbone forward inside a loader batch: peak memory, not speed
 DEFAULT_DIMS = {"resnet18": 100, "resnet50": 550, "wide_resnet50_2": 550}
 """Random channel subset size per backbone, as in the PaDiM paper."""
 
@@ -189,10 +190,11 @@ class PaDiM(Detector):
         self.image_size = None
         acc: GaussianAccumulator | None = None
         for images in self._training_batches(dataset, desc="PaDiM features"):
-            emb = self._embed(images)
-            if acc is None:
-                acc = GaussianAccumulator(emb.shape[1], emb.shape[2])
-            acc.update(emb)
+            for chunk in images.split(CHUNK_IMAGES):  # bounds activation and float64 update memory
+                emb = self._embed(chunk)
+                if acc is None:
+                    acc = GaussianAccumulator(emb.shape[1], emb.shape[2])
+                acc.update(emb)
         assert acc is not None
         if acc.count < 2:
             raise DataError(f"PaDiM needs at least 2 training images, got {acc.count}")
@@ -202,11 +204,13 @@ class PaDiM(Detector):
 
     def _predict_normalized(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.mean is not None and self.inv_chol is not None and self.image_size is not None
-        emb = self._embed(images)
-        if emb.shape[1] != self.mean.shape[0]:
-            raise DataError(f"feature grid {self._grid} does not match the fitted model")
-        dist = mahalanobis(emb, self.mean, self.inv_chol).reshape(-1, *self._grid)
-        maps = upsample_and_smooth(dist, self.image_size)
+        dists = []
+        for chunk in images.split(CHUNK_IMAGES):
+            emb = self._embed(chunk)
+            if emb.shape[1] != self.mean.shape[0]:
+                raise DataError(f"feature grid {self._grid} does not match the fitted model")
+            dists.append(mahalanobis(emb, self.mean, self.inv_chol).reshape(-1, *self._grid))
+        maps = upsample_and_smooth(torch.cat(dists), self.image_size)
         return maps.flatten(1).amax(dim=1), maps
 
     def _config(self) -> dict[str, Any]:

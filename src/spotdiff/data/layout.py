@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 from spotdiff.data.dataset import AnomalyDataset, ImageSize
-from spotdiff.data.magnetic_tile import OBJECT as MAGNETIC_TILE
-from spotdiff.data.magnetic_tile import is_magnetic_tile_root, open_magnetic_tile
+from spotdiff.data.magtile import OBJECT as MAGNETIC_TILE
+from spotdiff.data.magtile import is_magnetic_tile_root, open_magnetic_tile
 from spotdiff.data.mvtec import folder_class_names, folder_objects, folder_records, is_object_dir
 from spotdiff.data.visa import is_visa_root, visa_class_names, visa_records
 from spotdiff.errors import DataError
@@ -83,7 +83,7 @@ def open_dataset(
             otherwise the first bad file raises a DataError when it is read.
         id2class: class-name JSON for raw VisA (default ``<root>/id2class.json`` when present).
         seed: split seed of a layout without an official split (magnetic tile: see
-            `spotdiff.data.magnetic_tile`); unused otherwise.
+            `spotdiff.data.magtile`); unused otherwise.
 
     Raises:
         DataError: unknown layout, object, split or subset; missing files; malformed CSV.

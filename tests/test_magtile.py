@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from spotdiff.data import open_dataset, open_magnetic_tile
-from spotdiff.data.magnetic_tile import MASK_THRESHOLD, magnetic_tile_records, split_free_images
+from spotdiff.data.magtile import MASK_THRESHOLD, magnetic_tile_records, split_free_images
 from spotdiff.errors import ConfigError, DataError
 from spotdiff.metrics import evaluate
 

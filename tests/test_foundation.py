@@ -15,7 +15,7 @@ from spotdiff.cli import main
 from spotdiff.data.io import load_image, load_mask
 from spotdiff.errors import DataError, WeightsError
 from spotdiff.files import atomic_path, write_json_atomic
-from spotdiff.models import build_backbone, extract_features, layer_channels, read_weights_file
+from spotdiff.models import build_backbone, extract_features, inference_backbone, layer_channels, read_weights_file
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "CMYK", "LA", "1"])
@@ -89,6 +89,30 @@ def test_extract_features_shapes(arch):
     assert [tuple(f.shape) for f in feats.values()] == [
         (1, channels[0], 16, 16), (1, channels[1], 8, 8), (1, channels[2], 4, 4)
     ]
+
+
+@pytest.mark.parametrize("arch,layers", [("resnet18", ["layer1", "layer2", "layer3"]), ("resnet50", ["layer2"])])
+def test_inference_backbone_computes_the_same_features(arch, layers):
+    torch.manual_seed(0)
+    model = build_backbone(arch).eval()
+    for module in model.modules():  # non-trivial BatchNorm statistics, so folding is really exercised
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fused = inference_backbone(model, layers)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        expected, got = extract_features(model, images, layers), extract_features(fused, images, layers)
+    for name in layers:
+        scale = expected[name].abs().max()
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-5 * float(scale))
+        assert got[name].is_contiguous(memory_format=torch.channels_last)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert isinstance(fused.layer4, torch.nn.Identity) and not any(p.requires_grad for p in fused.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the original is untouched
 
 
 def test_weights_roundtrip_safetensors_and_pth(tmp_path):

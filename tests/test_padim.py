@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from spotdiff.detect import Detector, PaDiM, PatchCore
-from spotdiff.detect.features import gaussian_blur, padim_embedding
+from spotdiff.detect.features import gaussian_blur, padim_embedding, upsample_and_smooth
 from spotdiff.detect.padim import GaussianAccumulator, mahalanobis
 from spotdiff.detect.store import MANIFEST_FILE, MODEL_FILE
 from spotdiff.errors import ConfigError, DataError, WeightsError
@@ -40,11 +40,25 @@ def test_streaming_statistics_equal_batch_statistics():
     np.testing.assert_allclose(acc.covariance().numpy(), expected, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("stage", [1, 3, 64])
+def test_staged_float32_updates_match_float64_statistics(stage):
+    rng = np.random.default_rng(1)
+    data = (rng.normal(size=(29, 7, 5)) * 2.0 + 50.0).astype(np.float32)
+    acc = GaussianAccumulator(positions=7, dim=5, stage=stage)
+    for start in range(0, 29, 4):  # updates of 4 that straddle the staging boundary
+        acc.update(torch.from_numpy(data[start : start + 4]))
+    assert acc.count == 29
+    exact = data.astype(np.float64)
+    np.testing.assert_allclose(acc.mean().numpy(), exact.mean(axis=0), rtol=0, atol=1e-5)
+    expected = np.stack([np.cov(exact[:, p], rowvar=False, ddof=1) for p in range(7)])
+    np.testing.assert_allclose(acc.covariance().numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_accumulator_memory_does_not_grow_with_samples():
     acc = GaussianAccumulator(positions=6, dim=3)
 
     def nbytes() -> int:
-        tensors = [acc.sum, acc.shift, acc.sum_sq]
+        tensors = [acc.sum, acc.shift, acc.sum_sq, acc._staged]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     acc.update(torch.randn(4, 6, 3))
@@ -129,6 +143,26 @@ def test_gaussian_blur_preserves_constant_and_mass():
     blurred = gaussian_blur(spike, 4.0)
     assert abs(float(blurred.sum()) - 1.0) < 1e-5
     assert blurred[0].argmax() == 40 * 81 + 40
+
+
+def test_upsample_and_smooth_equals_scipy_reference():
+    from scipy import ndimage
+
+    grid = torch.rand(3, 16, 12, dtype=torch.float64)
+    up = F.interpolate(grid[:, None], size=(64, 48), mode="bilinear", align_corners=False)[:, 0].numpy()
+    expected = np.stack([ndimage.gaussian_filter(u, 4.0, mode="mirror", truncate=4.0) for u in up])
+    np.testing.assert_allclose(upsample_and_smooth(grid, (64, 48)).numpy(), expected, rtol=0, atol=1e-12)
+    # maps smaller than the kernel radius: reflected, then replicated borders; constants stay constant
+    torch.testing.assert_close(gaussian_blur(torch.full((1, 5, 3), 2.0), 4.0), torch.full((1, 5, 3), 2.0))
+
+
+def test_predict_is_batch_independent(fitted):
+    images = square_images(7, defect=True, seed=9)  # 7 > the CPU forward batch: several chunks
+    assert fitted.forward_batch < 7
+    scores, maps = fitted.predict(images)
+    one_by_one = [fitted.predict(images[i : i + 1]) for i in range(7)]
+    torch.testing.assert_close(scores, torch.cat([s for s, _ in one_by_one]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(maps, torch.cat([m for _, m in one_by_one]), rtol=1e-5, atol=1e-5)
 
 
 def test_channel_subset_is_seeded():

@@ -5,6 +5,7 @@ Shapes: ``B`` images, ``C`` channels, ``h x w`` feature grid, ``H x W`` input si
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -88,28 +89,52 @@ def gaussian_kernel1d(sigma: float, dtype: torch.dtype = torch.float32) -> torch
     return (k / k.sum()).to(dtype)
 
 
-def gaussian_blur(maps: torch.Tensor, sigma: float = GAUSSIAN_SIGMA) -> torch.Tensor:
-    """Separable Gaussian smoothing of ``(B, H, W)`` maps with reflected borders."""
+def _blur_matrix(n: int, sigma: float) -> torch.Tensor:
+    """``(n, n)`` float64 matrix of the 1-D Gaussian blur of a length-``n`` signal.
+
+    Borders are reflected (``d c b | a b c d``, scipy's ``mirror``); where the kernel radius
+    exceeds ``n - 1`` the rest is replicated. Built by blurring the columns of the identity.
+    """
     if sigma <= 0:
-        return maps
-    k = gaussian_kernel1d(sigma, maps.dtype).to(maps.device)
+        return torch.eye(n, dtype=torch.float64)
+    k = gaussian_kernel1d(sigma, torch.float64)
     r = k.numel() // 2
-    x = maps[:, None]
-    pad_h, pad_w = min(r, x.shape[-2] - 1), min(r, x.shape[-1] - 1)
-    # reflect padding needs pad < size; clamp and fall back to replicate for the rest
-    x = F.pad(x, (pad_w, pad_w, pad_h, pad_h), mode="reflect")
-    x = F.pad(x, (r - pad_w, r - pad_w, r - pad_h, r - pad_h), mode="replicate")
-    x = F.conv2d(x, k.view(1, 1, 1, -1))
-    x = F.conv2d(x, k.view(1, 1, -1, 1))
-    return x[:, 0]
+    x = torch.eye(n, dtype=torch.float64)[:, None, :]  # n unit signals
+    pad = min(r, n - 1)
+    x = F.pad(x, (pad, pad), mode="reflect")
+    x = F.pad(x, (r - pad, r - pad), mode="replicate")
+    return F.conv1d(x, k.view(1, 1, -1))[:, 0].T.contiguous()
+
+
+@functools.lru_cache(maxsize=16)
+def _axis_operator(n_in: int, n_out: int, sigma: float) -> torch.Tensor:
+    """``(n_out, n_in)`` float64: linear upsampling (``align_corners=False``) then Gaussian blur, on one axis."""
+    up = torch.eye(n_in, dtype=torch.float64)
+    if n_out != n_in:
+        up = F.interpolate(up[:, None, :], size=n_out, mode="linear", align_corners=False)[:, 0].T
+    return _blur_matrix(n_out, sigma) @ up
+
+
+def _separable(maps: torch.Tensor, size: tuple[int, int], sigma: float) -> torch.Tensor:
+    rows = _axis_operator(maps.shape[-2], size[0], sigma).to(maps.device, maps.dtype)
+    cols = _axis_operator(maps.shape[-1], size[1], sigma).to(maps.device, maps.dtype)
+    return rows @ maps @ cols.T
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float = GAUSSIAN_SIGMA) -> torch.Tensor:
+    """Gaussian smoothing of ``(B, H, W)`` maps (radius ``4 sigma``, reflected borders as scipy's ``mirror``)."""
+    return _separable(maps, (maps.shape[-2], maps.shape[-1]), sigma)
 
 
 def upsample_and_smooth(
     grid_maps: torch.Tensor, size: tuple[int, int], sigma: float = GAUSSIAN_SIGMA
 ) -> torch.Tensor:
-    """``(B, h, w)`` patch scores -> ``(B, H, W)`` anomaly maps: bilinear upsampling, then Gaussian ``sigma``."""
-    up = F.interpolate(grid_maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-    return gaussian_blur(up, sigma)
+    """``(B, h, w)`` patch scores -> ``(B, H, W)`` anomaly maps: bilinear upsampling, then Gaussian ``sigma``.
+
+    Both steps are linear and separable, so they run as two small matrix products per map,
+    ``A_H @ map @ A_W^T``, with no padded or upsampled intermediate.
+    """
+    return _separable(grid_maps, size, sigma)
 
 
 def check_layers(layers: Sequence[str]) -> list[str]:

@@ -47,10 +47,12 @@ def evaluate_detector(
 
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise DataError("the test set is empty")
-    loader = DataLoader(dataset, batch_size=batch_size or model.batch_size, shuffle=False, num_workers=num_workers)
+    n = len(dataset)  # type: ignore[arg-type]
+    loader = DataLoader(dataset, batch_size=batch_size or model.forward_batch, shuffle=False, num_workers=num_workers)
     records: list[dict[str, Any]] = []
-    maps: list[np.ndarray] = []
-    masks: list[np.ndarray] = []
+    all_maps: np.ndarray | None = None
+    all_masks: np.ndarray | None = None
+    row = 0
     for batch in progress(loader, desc="scoring test set", total=len(loader), unit="batch"):
         scores, batch_maps = model.predict(batch["image"])
         if batch["mask"].shape[-2:] != batch_maps.shape[-2:]:
@@ -65,9 +67,14 @@ def evaluate_detector(
                 "defect_type": str(batch["defect_type"][i]),
                 "score": float(score),
             })
-        maps.append(batch_maps.numpy())
-        masks.append((batch["mask"] > 0.5).to(torch.uint8).numpy())
-    all_maps, all_masks = np.concatenate(maps), np.concatenate(masks)
+        if all_maps is None or all_masks is None:  # preallocated: no concatenation copy at the end
+            all_maps = np.empty((n, *batch_maps.shape[-2:]), dtype=np.float32)
+            all_masks = np.empty((n, *batch_maps.shape[-2:]), dtype=np.uint8)
+        stop = row + batch_maps.shape[0]
+        all_maps[row:stop] = batch_maps.numpy()
+        all_masks[row:stop] = (batch["mask"] > 0.5).numpy()
+        row = stop
+    assert all_maps is not None and all_masks is not None and row == n
     metrics = evaluate(
         np.array([r["score"] for r in records]),
         np.array([r["label"] for r in records]),
@@ -186,8 +193,8 @@ def predict_images(
     assert model.image_size is not None
     records: list[dict[str, Any]] = []
     used: set[str] = set()
-    chunks = _batches(paths, batch_size or model.batch_size)
-    n_chunks = -(-len(paths) // (batch_size or model.batch_size))
+    chunks = _batches(paths, batch_size or model.forward_batch)
+    n_chunks = -(-len(paths) // (batch_size or model.forward_batch))
     for chunk in progress(chunks, desc="predicting", total=n_chunks, unit="batch"):
         tensors, good = [], []
         for path in chunk:

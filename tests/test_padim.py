@@ -210,6 +210,24 @@ def test_save_load_round_trip_identical(fitted, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "other"]  # no temp dirs left
 
 
+def test_saved_backbone_is_the_folded_truncated_feature_network(fitted, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from spotdiff.detect.store import BACKBONE_FILE, sha256_file
+
+    fitted.save(tmp_path / "m")
+    state = load_file(str(tmp_path / "m" / BACKBONE_FILE))
+    assert "conv1.bias" in state and not any(".bn" in k or k.startswith(("bn1", "layer4", "fc")) for k in state)
+    # a backbone file of another layout (here: one tensor dropped, manifest re-hashed) is refused by name
+    del state["layer3.1.conv2.bias"]
+    save_file(state, str(tmp_path / "m" / BACKBONE_FILE))
+    manifest = json.loads((tmp_path / "m" / MANIFEST_FILE).read_text())
+    manifest["files"][BACKBONE_FILE] = sha256_file(tmp_path / "m" / BACKBONE_FILE)
+    (tmp_path / "m" / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(WeightsError, match=r"backbone.safetensors does not fit .*layer3.1.conv2.bias"):
+        Detector.load(tmp_path / "m")
+
+
 def test_tampered_or_missing_files_refused(fitted, tmp_path):
     fitted.save(tmp_path / "m")
     path = tmp_path / "m" / MODEL_FILE

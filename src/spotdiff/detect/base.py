@@ -26,7 +26,7 @@ from torchvision.models import ResNet
 from spotdiff.detect import store
 from spotdiff.data.transforms import normalize
 from spotdiff.errors import ConfigError, DataError, WeightsError
-from spotdiff.models import ARCHITECTURES, build_backbone, inference_backbone, load_backbone_weights
+from spotdiff.models import ARCHITECTURES, build_backbone, inference_backbone
 from spotdiff.progress import progress
 
 CPU_FORWARD_IMAGES = 4
@@ -36,13 +36,30 @@ at 4, 38.0 at 16) and only add activation memory (about 9 MB per image)."""
 
 
 def make_backbone(arch: str, weights: str | os.PathLike[str] | None, seed: int) -> ResNet:
-    """``build_backbone`` in eval mode; random init is drawn from ``seed`` without touching the global RNG."""
+    """``build_backbone`` in eval mode; random init is drawn from ``seed`` without touching the global RNG.
+
+    Detectors keep only ``inference_backbone`` of it as ``self.backbone`` (BatchNorm folded,
+    channels-last, stages after the deepest used layer dropped); that is also what they save.
+    """
     if arch not in ARCHITECTURES:
         raise ConfigError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_backbone(arch, weights)
     return model.eval().requires_grad_(False)
+
+
+def load_feature_weights(net: ResNet, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load a saved feature network (:func:`spotdiff.models.inference_backbone` layout) strictly."""
+    own = net.state_dict()
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    bad = [k for k in own.keys() & state.keys() if tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or bad:
+        raise WeightsError(
+            f"{source} does not fit the {type(net).__name__} feature network: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, mismatched shapes {sorted(bad)[:5]}"
+        )
+    net.load_state_dict(state)
 
 
 def _batch_images(batch: Any) -> torch.Tensor:
@@ -75,23 +92,10 @@ class Detector(ABC):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.device = torch.device(device)
-        self.backbone = make_backbone(arch, weights, seed).to(self.device)
-        self._feature_net: ResNet | None = None
+        self.backbone = inference_backbone(make_backbone(arch, weights, seed), self.layers).to(self.device)
         self.backbone_source = str(weights) if weights is not None else f"random init, seed {seed}"
         self.image_size: tuple[int, int] | None = None
         self.n_train = 0
-
-    @property
-    def feature_net(self) -> ResNet:
-        """What features are computed with: ``backbone`` with BatchNorm folded, channels-last and
-        truncated after the deepest layer (:func:`spotdiff.models.inference_backbone`).
-
-        Built from ``backbone`` on first use and again at every ``fit``; ``backbone`` itself is what
-        ``save`` writes.
-        """
-        if self._feature_net is None:
-            self._feature_net = inference_backbone(self.backbone, self.layers)
-        return self._feature_net
 
     @property
     def forward_batch(self) -> int:
@@ -101,7 +105,6 @@ class Detector(ABC):
     # ----------------------------------------------------------------------------- fitting
     def _training_batches(self, dataset: Dataset, desc: str) -> Iterator[torch.Tensor]:
         """Normalised batches of ``forward_batch`` images on ``self.device``; sets ``image_size`` and ``n_train``."""
-        self._feature_net = None  # picks up any change made to ``backbone`` since the last use
         n = len(dataset)  # type: ignore[arg-type]
         if n == 0:
             raise DataError("the training set is empty: no normal images to fit on")
@@ -202,7 +205,7 @@ class Detector(ABC):
             raise WeightsError(f"{model_dir}: holds a {kind} model, not {cls.__name__}")
         try:
             model = target._from_config(config, device)
-            load_backbone_weights(model.backbone, backbone_state, source=f"{model_dir}/{store.BACKBONE_FILE}")
+            load_feature_weights(model.backbone, backbone_state, source=f"{model_dir}/{store.BACKBONE_FILE}")
             model.image_size = (int(config["image_size"][0]), int(config["image_size"][1]))
             model.n_train = int(config["n_train"])
             model.backbone_source = str(config["backbone_source"])

@@ -219,7 +219,7 @@ class PaDiM(Detector):
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, P, d)`` patch embeddings of normalised images, ``P = h * w``."""
-        emb = padim_embedding(self.feature_net, images, self.layers, self.channel_index, self.arch)
+        emb = padim_embedding(self.backbone, images, self.layers, self.channel_index, self.arch)
         self._grid = (emb.shape[-2], emb.shape[-1])
         return emb.flatten(2).transpose(1, 2)
 

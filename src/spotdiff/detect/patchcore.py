@@ -165,7 +165,7 @@ class PatchCore(Detector):
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, h, w, C)`` patch features of normalised images."""
-        return patchcore_embedding(self.feature_net, images, self.layers, self.target_dim).permute(0, 2, 3, 1)
+        return patchcore_embedding(self.backbone, images, self.layers, self.target_dim).permute(0, 2, 3, 1)
 
     @torch.inference_mode()
     def fit(self, dataset: Dataset) -> Self:

@@ -1,12 +1,17 @@
 """Model directories: safetensors + JSON, hashed by a manifest, written atomically.
 
-Layout of a model directory (format version 1)::
+Layout of a model directory (format version 2)::
 
     config.json           model type, backbone arch, layers, image size, hyper-parameters
     model.safetensors     the fitted statistics (PaDiM: mean, inverse Cholesky factors, channel index;
                           PatchCore: memory bank)
-    backbone.safetensors  the backbone state_dict, so the directory is self-contained
-    manifest.json         {"format": ..., "format_version": 1, "files": {name: sha256}}
+    backbone.safetensors  the feature network's state_dict (the backbone with BatchNorm folded into
+                          the convolutions, stages after the deepest used layer dropped), so the
+                          directory is self-contained
+    manifest.json         {"format": ..., "format_version": 2, "files": {name: sha256}}
+
+Version 1 (spotdiff before 2026-11-25 11:00 UTC) stored the unfolded, full backbone; such
+directories are refused with a message to re-fit.
 
 Loading checks the format version, that every file in the manifest exists and hashes to the
 recorded SHA-256, and reads tensors with safetensors only (no pickle, no code executed).
@@ -32,7 +37,7 @@ from spotdiff.errors import ConfigError, WeightsError
 from spotdiff.files import default_mode, output_error
 
 FORMAT = "spotdiff-detector"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
 BACKBONE_FILE = "backbone.safetensors"

@@ -131,7 +131,9 @@ def extract_features(
         ``{name: (B, C_name, H / stride, W / stride)}`` with strides 4, 8, 16, 32.
     """
     wanted = set(layers)
-    x = model.maxpool(model.relu(model.bn1(model.conv1(images))))
+    # The stem runs one image at a time: its un-pooled output (64 channels at half resolution) is
+    # the largest activation of the network, 4x its pooled result; batching it gains no speed.
+    x = torch.cat([model.maxpool(model.relu(model.bn1(model.conv1(image)))) for image in images.split(1)])
     out: dict[str, torch.Tensor] = {}
     for name in ("layer1", "layer2", "layer3", "layer4"):
         if not wanted - out.keys():

@@ -21,6 +21,7 @@ What is compared (every run in its own subprocess, so peak memory is per run):
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -403,6 +404,9 @@ def main() -> None:
         res["e2e_anomalib"] = run_child(args.anomalib_python, "e2e-anomalib", args)
     if "coreset" not in args.skip and "anomalib" not in args.skip:
         res["coreset"] = run_child(args.anomalib_python, "coreset", args)
+    import torch
+
+    res["load_average"], res["torch_version"] = os.getloadavg()[0], torch.__version__
     write_json(work / "results.json", res)
     text = report(res)
     print(text)
@@ -420,10 +424,11 @@ def report(res: dict) -> str:
     lines = [
         "# 1-class detection benchmark: spotdiff vs anomalib 2.7",
         "",
-        f"Date 2026-11-25; machine: 2-core x86_64 CPU shared with ~8 other jobs (load average ~10 during the "
-        f"runs), Python {platform.python_version()}, torch 2.14.1 in both venvs; script "
-        "`benchmarks/one_class_bench.py`. Because the machine was overloaded, the ratios use **process CPU "
-        "time** (1 torch thread per run, so CPU time = compute time); wall times are shown too.",
+        f"Date {datetime.date.today().isoformat()}; machine: {os.cpu_count()}-core {platform.machine()} CPU, "
+        f"1-minute load average {res['load_average']:.1f} at the end of the runs; Python "
+        f"{platform.python_version()}, torch {res['torch_version']}; script `benchmarks/one_class_bench.py`. "
+        "The ratios use **process CPU time** (1 torch thread per run, so CPU time = compute time, robust on a "
+        "shared machine); wall times are shown too.",
         f"Data: synthetic `{res['data']['object']}` (spotdiff.data.synth, scale 1.0, generated at "
         f"{s['image_size']} px): {n} training images, {res['data']['n_test']} test images "
         f"({res['data']['n_test_anomalous']} anomalous). Backbone {s['arch']}, random init (seed {s['seed']}), one "

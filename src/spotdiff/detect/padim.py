@@ -41,7 +41,7 @@ class GaussianAccumulator:
     buffer of ``stage`` samples, independent of the number of samples.
 
     Samples are staged and folded into the sums ``stage`` at a time: adding to the packed
-    triangle costs the same for 1 sample as for 32, so folding in larger groups is faster. The
+    triangle costs the same for 1 sample as for many, so folding in groups is faster. The
     per-group products are computed in the samples' dtype (float32 features: relative error about
     ``1e-7 * sqrt(stage)`` on each group, far below the estimate's own noise) and summed in
     float64. Updates and the final factorisation work on chunks of positions so temporaries stay
@@ -49,7 +49,7 @@ class GaussianAccumulator:
     (``d^2`` float32 fit in ``d (d + 1) / 2`` float64), so finishing needs no extra memory.
     """
 
-    def __init__(self, positions: int, dim: int, stage: int = 32) -> None:
+    def __init__(self, positions: int, dim: int, stage: int = STAGE_IMAGES) -> None:
         if stage < 1:
             raise ValueError(f"stage must be >= 1, got {stage}")
         self.positions, self.dim, self.stage = positions, dim, stage
@@ -231,7 +231,7 @@ class PaDiM(Detector):
         for images in self._training_batches(dataset, desc="PaDiM features"):
             emb = self._embed(images)
             if acc is None:
-                acc = GaussianAccumulator(emb.shape[1], emb.shape[2], stage=STAGE_IMAGES)
+                acc = GaussianAccumulator(emb.shape[1], emb.shape[2])
             acc.update(emb)
         assert acc is not None
         if acc.count < 2:

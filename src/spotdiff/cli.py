@@ -157,7 +157,8 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--d", type=int, default=None,
                    help="PaDiM: size of the random channel subset (default 100 for resnet18, 550 otherwise)")
     p.add_argument("--coreset-ratio", type=float, default=0.1, help="PatchCore: fraction of patches kept (default 0.1)")
-    p.add_argument("--batch-size", type=int, default=None, help="default 32 (padim) / 8 (patchcore)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per forward pass: default 32 (padim) / 8 (patchcore), at most 4 on CPU")
     p.add_argument("--seed", type=int, default=0, help="seed of random init, channel subset and coreset")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")

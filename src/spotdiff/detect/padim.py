@@ -184,7 +184,9 @@ class PaDiM(Detector):
         d: number of channels kept (random subset drawn from ``seed``); default per ``arch``
             (100 for resnet18, 550 otherwise); capped at the total channel count.
         epsilon: covariance regulariser ``epsilon * I``.
-        batch_size, num_workers: DataLoader settings; device: where features are computed.
+        batch_size: images per loader batch and backbone forward pass (on CPU at most
+            ``CPU_FORWARD_IMAGES`` = 4, which is as fast and bounds memory); num_workers: DataLoader
+            workers; device: where features are computed.
     """
 
     model_type = "padim"

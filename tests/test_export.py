@@ -101,3 +101,19 @@ def test_checkpoint_file_checks(tmp_path):
     with pytest.raises(WeightsError, match="no backbone state"):
         export_backbone(tmp_path / "nobackbone.pt", tmp_path / "w.safetensors")
     assert sorted(os.listdir(tmp_path)) == ["junk.pt", "nobackbone.pt", "other.pt"]
+
+
+def test_safetensors_with_metadata_are_byte_reproducible(tmp_path):
+    from spotdiff.files import save_safetensors_atomic
+
+    tensors = {"b.weight": torch.arange(6.0).reshape(2, 3), "a.bias": torch.ones(4, dtype=torch.float64)}
+    metadata = {f"key{i}": f"välue {i}" for i in range(12)}  # 12! orders: an unsorted write shows at once
+    blobs = set()
+    for i in range(6):
+        save_safetensors_atomic(tmp_path / f"{i}.safetensors", tensors, metadata=metadata)
+        blobs.add((tmp_path / f"{i}.safetensors").read_bytes())
+    assert len(blobs) == 1
+    with safe_open(tmp_path / "0.safetensors", "pt") as fh:
+        assert fh.metadata() == metadata
+    loaded = load_file(tmp_path / "0.safetensors")
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())

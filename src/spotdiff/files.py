@@ -100,6 +100,27 @@ def save_safetensors_atomic(dest: str | os.PathLike[str], tensors: dict[str, Any
             if "I/O error" not in str(exc):
                 raise
             raise output_error(dest, exc) from exc
+        if metadata and len(metadata) > 1:
+            _sort_safetensors_metadata(tmp)
+
+
+def _sort_safetensors_metadata(path: Path) -> None:
+    """Rewrite the ``__metadata__`` of a safetensors file in sorted key order, in place.
+
+    safetensors writes metadata from a hash map, so its key order (and the file's bytes) change
+    from one save to the next; sorted, the same tensors and metadata give the same bytes. The
+    header keeps its length (same keys and values, compact JSON, space padding as the format allows).
+    """
+    with open(path, "r+b") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        raw = fh.read(size)
+        header = json.loads(raw)
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:  # never happens with serde's compact JSON; keep the file as written
+            return
+        fh.seek(8)
+        fh.write(text.ljust(size, b" "))
 
 
 def is_temp_file_of(name: str, dest_names: Collection[str]) -> bool:

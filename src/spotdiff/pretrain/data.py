@@ -29,7 +29,6 @@ from torch.utils.data import Dataset, Sampler
 from spotdiff.data.folder import list_images
 from spotdiff.data.io import is_image_file, load_image
 from spotdiff.errors import DataError
-from spotdiff.progress import log
 
 ViewTransform = Callable[[Any], dict[str, torch.Tensor]]
 UNLABELED = -1
@@ -76,8 +75,8 @@ def _images_or_none(folder: Path) -> list[Path] | None:
         return None
 
 
-def drop_unreadable(paths: list[Path], labels: list[int]) -> tuple[list[Path], list[int]]:
-    """Keep only the images :func:`load_image` can read, logging what was dropped."""
+def drop_unreadable(paths: list[Path], labels: list[int]) -> tuple[list[Path], list[int], list[str]]:
+    """Keep only the images :func:`load_image` can read; also returns why each other one was dropped."""
     good_paths, good_labels, bad = [], [], []
     for path, label in zip(paths, labels, strict=True):
         try:
@@ -87,10 +86,7 @@ def drop_unreadable(paths: list[Path], labels: list[int]) -> tuple[list[Path], l
             continue
         good_paths.append(path)
         good_labels.append(label)
-    if bad:
-        log(f"skipped {len(bad)} unreadable image(s): " + "; ".join(bad[:5])
-            + (" ..." if len(bad) > 5 else ""))
-    return good_paths, good_labels
+    return good_paths, good_labels, bad
 
 
 class PretrainImages(Dataset):

@@ -20,6 +20,7 @@ import csv
 import dataclasses
 import math
 import signal
+import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -85,7 +86,10 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext) -> Path:
 
     paths, labels, class_names = find_images(cfg.data)
     if cfg.skip_bad:
-        paths, labels = drop_unreadable(paths, labels)
+        paths, labels, dropped = drop_unreadable(paths, labels)
+        if ctx.is_main:  # printed even with --quiet: the run used fewer images than asked for
+            for reason in dropped:
+                print(f"skipped {reason}", file=sys.stderr)
     if cfg.method == "supervised" and not class_names:
         raise DataError(f"{cfg.data}: supervised pre-training needs class subfolders (DIR/<class>/*.png)")
 

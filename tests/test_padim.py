@@ -199,6 +199,11 @@ def test_save_load_round_trip_identical(fitted, tmp_path):
         assert torch.equal(a, b)
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["model"] == "padim" and config["layers"] == ["layer1", "layer2", "layer3"]
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "m" / MODEL_FILE))  # L^-1 stored as its lower triangle only
+    assert saved["inv_cholesky_packed"].shape == (fitted.mean.shape[0], 40 * 41 // 2)
+    assert torch.equal(loaded.inv_chol, fitted.inv_chol)
     with pytest.raises(WeightsError, match="not PatchCore"):
         PatchCore.load(tmp_path / "m")
     # saving again over a model directory replaces it; other directories are refused

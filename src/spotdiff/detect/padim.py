@@ -255,8 +255,12 @@ class PaDiM(Detector):
         return {"d": self.d, "epsilon": self.epsilon}
 
     def _state(self) -> dict[str, torch.Tensor]:
+        """The lower-triangular ``L^-1`` is saved packed (its rows' lower parts, ``torch.tril_indices``
+        order): half the file, and unpacked exactly on load since the upper triangle is exactly 0."""
         assert self.mean is not None and self.inv_chol is not None
-        return {"mean": self.mean, "inv_cholesky": self.inv_chol, "channel_index": self.channel_index}
+        rows, cols = torch.tril_indices(self.d, self.d, device=self.inv_chol.device)
+        packed = self.inv_chol.flatten(1).index_select(1, rows * self.d + cols)
+        return {"mean": self.mean, "inv_cholesky_packed": packed, "channel_index": self.channel_index}
 
     @classmethod
     def _from_config(cls, config: dict[str, Any], device: str | torch.device) -> Self:
@@ -267,12 +271,17 @@ class PaDiM(Detector):
 
     def _set_state(self, tensors: dict[str, torch.Tensor]) -> None:
         try:
-            mean, inv_chol, index = tensors["mean"], tensors["inv_cholesky"], tensors["channel_index"]
+            mean, packed, index = tensors["mean"], tensors["inv_cholesky_packed"], tensors["channel_index"]
         except KeyError as exc:
             raise WeightsError(f"PaDiM model file lacks tensor {exc.args[0]!r}") from exc
-        p, d = mean.shape
-        if inv_chol.shape != (p, d, d) or index.shape != (d,) or d != self.d:
+        if mean.ndim != 2:
             raise WeightsError("PaDiM model tensors have inconsistent shapes")
+        p, d = mean.shape
+        if packed.shape != (p, d * (d + 1) // 2) or index.shape != (d,) or d != self.d:
+            raise WeightsError("PaDiM model tensors have inconsistent shapes")
+        rows, cols = torch.tril_indices(d, d)
+        inv_chol = torch.zeros(p, d * d, dtype=torch.float32)
+        inv_chol.index_copy_(1, rows * d + cols, packed.to(torch.float32))
         self.channel_index = index.to(torch.int64)
         self.mean = mean.to(self.device, torch.float32)
-        self.inv_chol = inv_chol.to(self.device, torch.float32)
+        self.inv_chol = inv_chol.view(p, d, d).to(self.device)

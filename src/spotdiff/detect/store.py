@@ -3,7 +3,7 @@
 Layout of a model directory (format version 2)::
 
     config.json           model type, backbone arch, layers, image size, hyper-parameters
-    model.safetensors     the fitted statistics (PaDiM: mean, inverse Cholesky factors, channel index;
+    model.safetensors     the fitted statistics (PaDiM: mean, packed inverse Cholesky factors, channel index;
                           PatchCore: memory bank)
     backbone.safetensors  the feature network's state_dict (the backbone with BatchNorm folded into
                           the convolutions, stages after the deepest used layer dropped), so the

@@ -189,3 +189,26 @@ def test_padim_detects_real_defects(mt_root):
     metrics, *_ = evaluate_detector(model, test)
     assert metrics["image_auroc"] > 0.62, metrics  # measured 0.730
     assert metrics["pixel_auroc"] > 0.6, metrics  # measured 0.703
+
+
+def test_fit_records_the_split_seed_and_test_reuses_it(fake_root, tmp_path, capsys):
+    import csv
+    import json
+
+    from spotdiff.cli import main
+
+    model = tmp_path / "model"
+    fit = ["--quiet", "fit", "--model", "padim", "--data", str(fake_root), "--object", "magnetic_tile",
+           "--image-size", "32", "--d", "8", "--split-seed", "3", "--out", str(model)]
+    assert main(fit) == 0
+    assert json.loads((model / "config.json").read_text())["data_source"]["split_seed"] == 3
+    test = ["--quiet", "test", str(model), "--data", str(fake_root), "--object", "magnetic_tile"]
+    assert main([*test, "--out", str(tmp_path / "t")]) == 0
+    with open(tmp_path / "t" / "scores.csv", newline="") as fh:
+        scored = [row["path"] for row in csv.DictReader(fh)]
+    train, expected = (open_magnetic_tile(fake_root, subset, seed=3).paths for subset in ("train", "test"))
+    assert expected != open_magnetic_tile(fake_root, "test", seed=0).paths  # the seed matters here
+    assert sorted(scored) == sorted(map(str, expected)) and not set(scored) & set(map(str, train))
+    assert "warning" not in capsys.readouterr().err
+    assert main([*test, "--split-seed", "0", "--out", str(tmp_path / "t0")]) == 0
+    assert "differs from the seed the model was fitted with (3)" in capsys.readouterr().err

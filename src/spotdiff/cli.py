@@ -160,6 +160,9 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per forward pass: default 32 (padim) / 8 (patchcore), at most 4 on CPU")
     p.add_argument("--seed", type=int, default=0, help="seed of random init, channel subset and coreset")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="train/test split seed of a dataset without an official split (magnetic tile); "
+                        "recorded in the model, and `spotdiff test` uses it (default 0)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (reported) instead of failing")
@@ -183,9 +186,11 @@ def _run_fit(args: argparse.Namespace) -> int:
     else:
         model = PatchCore(coreset_ratio=args.coreset_ratio, **common)
     train = open_dataset(args.data, args.object, split=args.split, subset="train", image_size=args.image_size,
-                         split_csv=args.split_csv, skip_bad=args.skip_bad)
+                         split_csv=args.split_csv, skip_bad=args.skip_bad, seed=args.split_seed)
     for path, reason in train.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
+    model.data_source = {"data": str(args.data), "object": args.object, "split": args.split,
+                         "split_csv": args.split_csv, "split_seed": args.split_seed}
     model.fit(train)
     out = model.save(args.out)
     print(f"fitted {args.model} ({model.arch}, {model.n_train} training images) -> {out}")
@@ -205,6 +210,8 @@ def _add_test(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of failing")
+    p.add_argument("--split-seed", type=int, default=None,
+                   help="split seed of a dataset without an official split (default: the one `fit` recorded)")
     p.add_argument("--save-maps", action="store_true", help="also write maps.npz (float16 anomaly maps)")
     p.add_argument("--out", required=True, help="results directory (metrics.json, scores.csv)")
     p.set_defaults(run=_run_test)
@@ -219,9 +226,15 @@ def _run_test(args: argparse.Namespace) -> int:
 
     model = load_detector(args.model_dir, device=args.device)
     height, width = model.image_size
+    recorded = model.data_source.get("split_seed", 0)
+    split_seed = recorded if args.split_seed is None else args.split_seed
+    if split_seed != recorded:
+        print(f"warning: --split-seed {split_seed} differs from the seed the model was fitted with ({recorded}); "
+              "for a dataset without an official split, test images may then overlap the training images",
+              file=sys.stderr)
     test = open_dataset(args.data, args.object, split=args.split, subset="test",
                         image_size=height if height == width else (height, width),
-                        split_csv=args.split_csv, skip_bad=args.skip_bad)
+                        split_csv=args.split_csv, skip_bad=args.skip_bad, seed=split_seed)
     for path, reason in test.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     metrics, records, maps, _ = evaluate_detector(model, test, batch_size=args.batch_size, num_workers=args.workers)

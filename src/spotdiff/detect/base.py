@@ -96,6 +96,9 @@ class Detector(ABC):
         self.backbone_source = str(weights) if weights is not None else f"random init, seed {seed}"
         self.image_size: tuple[int, int] | None = None
         self.n_train = 0
+        self.data_source: dict[str, Any] = {}
+        """Where the training images came from (the CLI records root, object, split and split seed);
+        saved in ``config.json`` so ``spotdiff test`` can open the matching test split."""
 
     @property
     def forward_batch(self) -> int:
@@ -180,6 +183,7 @@ class Detector(ABC):
             "image_size": list(self.image_size),
             "n_train": self.n_train,
             "backbone_source": self.backbone_source,
+            "data_source": self.data_source,
             **self._config(),
         }
         return store.save_model_dir(out_dir, config, self._state(), self.backbone.state_dict())
@@ -209,6 +213,7 @@ class Detector(ABC):
             model.image_size = (int(config["image_size"][0]), int(config["image_size"][1]))
             model.n_train = int(config["n_train"])
             model.backbone_source = str(config["backbone_source"])
+            model.data_source = dict(config.get("data_source") or {})
             model._set_state(tensors)
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, WeightsError):

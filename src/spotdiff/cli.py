@@ -21,6 +21,8 @@ Runner = Callable[[argparse.Namespace], int | None]
 # OS errors caused by the machine, not by spotdiff: reported in one line like a SpotdiffError.
 ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
                                 errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EMFILE, errno.ENFILE})
+WEIGHTS_HELP = ("imagenet (torchvision's ImageNet weights of --arch, from its cache or downloaded once), "
+                "a torchvision weights name (IMAGENET1K_V1, IMAGENET1K_V2), random, or a .safetensors/.pth file")
 
 
 # ----------------------------------------------------------------------------- synth
@@ -102,7 +104,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="checkpoint every N steps (0: end only)")
     p.add_argument("--resume", action="store_true", default=None, help="continue RUN_DIR/checkpoint.pt")
-    p.add_argument("--weights", metavar="W", help="initial backbone weights (.safetensors or .pth)")
+    p.add_argument("--weights", metavar="W", help=f"initial backbone weights: {WEIGHTS_HELP} (default random)")
     p.add_argument("--skip-bad", action="store_true", default=None, help="skip unreadable images")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config key, e.g. --set log_every=50 --set hparams.dim=2048 (repeatable)")
@@ -149,8 +151,8 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split-csv", default=None, help="explicit split CSV (default <data>/split_csv/<split>.csv)")
     p.add_argument("--arch", default=None, choices=["resnet18", "resnet50", "wide_resnet50_2"],
                    help="backbone (default: resnet18 for padim, wide_resnet50_2 for patchcore)")
-    p.add_argument("--weights", default=None,
-                   help="backbone weights (.safetensors or torchvision .pth); default: random init")
+    p.add_argument("--weights", default=None, metavar="W",
+                   help=f"backbone weights: {WEIGHTS_HELP}; default: random init, with a warning")
     p.add_argument("--image-size", type=int, default=256, help="square input size in pixels (default 256)")
     p.add_argument("--layers", nargs="+", default=None,
                    help="backbone stages (default: layer1 layer2 layer3 for padim, layer2 layer3 for patchcore)")
@@ -173,7 +175,10 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
 def _run_fit(args: argparse.Namespace) -> int:
     from spotdiff.data import open_dataset
     from spotdiff.detect import PaDiM, PatchCore
+    from spotdiff.models import random_init_warning
 
+    if args.weights is None:
+        random_init_warning()
     common = {"seed": args.seed, "device": args.device, "num_workers": args.workers, "weights": args.weights}
     if args.arch:
         common["arch"] = args.arch
@@ -223,6 +228,7 @@ def _run_test(args: argparse.Namespace) -> int:
     from spotdiff.data import open_dataset
     from spotdiff.detect import load_detector
     from spotdiff.detect.predict import evaluate_detector, write_test_results
+    from spotdiff.models import describe_weights
 
     model = load_detector(args.model_dir, device=args.device)
     height, width = model.image_size
@@ -238,9 +244,11 @@ def _run_test(args: argparse.Namespace) -> int:
     for path, reason in test.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     metrics, records, maps, _ = evaluate_detector(model, test, batch_size=args.batch_size, num_workers=args.workers)
+    metrics["weights"] = model.weights_record
     written = write_test_results(args.out, metrics, records, maps if args.save_maps else None)
     headline = {k: v for k, v in metrics.items() if isinstance(v, float)}
     print(json.dumps(headline, indent=2, sort_keys=True))
+    print(f"backbone weights: {describe_weights(model.weights_record)}")
     print(f"results -> {written['metrics'].parent}")
     return 0
 
@@ -284,8 +292,8 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--protocol", required=True, choices=["highshot", "10shot", "5shot"])
     p.add_argument("--data", required=True, metavar="ROOT", help="dataset root (VisA layout with split_csv/)")
     p.add_argument("--object", default="all", metavar="NAME", help="object name, or 'all' (default)")
-    p.add_argument("--weights", default=None, metavar="FILE",
-                   help="backbone weights (.safetensors or torchvision .pth); default: random init")
+    p.add_argument("--weights", default=None, metavar="W",
+                   help=f"backbone weights: {WEIGHTS_HELP}; default: random init, with a warning")
     p.add_argument("--arch", default="resnet50", help="resnet18, resnet50 (default) or wide_resnet50_2")
     p.add_argument("--seeds", type=int, default=5, help="number of seeds, run as 0..N-1 (default 5)")
     length = p.add_mutually_exclusive_group()
@@ -305,10 +313,13 @@ def _run_finetune(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from spotdiff.finetune import FinetuneConfig, run_finetune
+    from spotdiff.models import random_init_warning
 
+    if args.weights is None:
+        random_init_warning()
     config = FinetuneConfig(
         task=args.task, protocol=args.protocol, data=Path(args.data), out=Path(args.out), object=args.object,
-        weights=Path(args.weights) if args.weights else None, arch=args.arch, seeds=args.seeds,
+        weights=args.weights, arch=args.arch, seeds=args.seeds,
         epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         image_size=args.image_size, device=args.device, workers=args.workers,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import tempfile
@@ -151,6 +152,15 @@ def remove_stale_temp_files(dests: Iterable[str | os.PathLike[str]]) -> list[Pat
                 path.unlink()
             removed.append(path)
     return removed
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_bytes_atomic(dest: str | os.PathLike[str], data: bytes) -> None:

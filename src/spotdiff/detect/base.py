@@ -26,7 +26,7 @@ from torchvision.models import ResNet
 from spotdiff.detect import store
 from spotdiff.data.transforms import normalize
 from spotdiff.errors import ConfigError, DataError, WeightsError
-from spotdiff.models import ARCHITECTURES, build_backbone, inference_backbone
+from spotdiff.models import ARCHITECTURES, WeightsLike, build_backbone, inference_backbone, load_weights
 from spotdiff.progress import progress
 
 CPU_FORWARD_IMAGES = 4
@@ -35,18 +35,23 @@ Larger batches are not faster there (ResNet-18 to layer3 at 256 px, 1 thread: 33
 at 4, 38.0 at 16) and only add activation memory (about 9 MB per image)."""
 
 
-def make_backbone(arch: str, weights: str | os.PathLike[str] | None, seed: int) -> ResNet:
+def make_backbone(arch: str, weights: WeightsLike, seed: int) -> ResNet:
     """``build_backbone`` in eval mode; random init is drawn from ``seed`` without touching the global RNG.
 
     Detectors keep only ``inference_backbone`` of it as ``self.backbone`` (BatchNorm folded,
     channels-last, stages after the deepest used layer dropped); that is also what they save.
     """
-    if arch not in ARCHITECTURES:
-        raise ConfigError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_backbone(arch, weights)
     return model.eval().requires_grad_(False)
+
+
+def legacy_weights_record(backbone_source: str) -> dict[str, str | None]:
+    """The provenance record of a model directory saved before records existed (from ``backbone_source``)."""
+    if backbone_source.startswith("random init"):
+        return {"name": "random", "file": None, "sha256": "random"}
+    return {"name": "file", "file": backbone_source, "sha256": None}
 
 
 def load_feature_weights(net: ResNet, state: dict[str, torch.Tensor], source: str) -> None:
@@ -77,7 +82,7 @@ class Detector(ABC):
     def __init__(
         self,
         arch: str,
-        weights: str | os.PathLike[str] | None,
+        weights: WeightsLike,
         layers: Sequence[str],
         seed: int,
         batch_size: int,
@@ -92,8 +97,13 @@ class Detector(ABC):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.device = torch.device(device)
-        self.backbone = inference_backbone(make_backbone(arch, weights, seed), self.layers).to(self.device)
-        self.backbone_source = str(weights) if weights is not None else f"random init, seed {seed}"
+        if arch not in ARCHITECTURES:
+            raise ConfigError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
+        loaded = load_weights(arch, weights)
+        self.backbone = inference_backbone(make_backbone(arch, loaded, seed), self.layers).to(self.device)
+        self.backbone_source = loaded.file if not loaded.is_random else f"random init, seed {seed}"
+        self.weights_record: dict[str, str | None] = loaded.record()
+        """Provenance of the backbone weights, ``{name, file, sha256}`` (see :func:`spotdiff.models.load_weights`)."""
         self.image_size: tuple[int, int] | None = None
         self.n_train = 0
         self.data_source: dict[str, Any] = {}
@@ -183,6 +193,7 @@ class Detector(ABC):
             "image_size": list(self.image_size),
             "n_train": self.n_train,
             "backbone_source": self.backbone_source,
+            "weights": self.weights_record,
             "data_source": self.data_source,
             **self._config(),
         }
@@ -213,6 +224,7 @@ class Detector(ABC):
             model.image_size = (int(config["image_size"][0]), int(config["image_size"][1]))
             model.n_train = int(config["n_train"])
             model.backbone_source = str(config["backbone_source"])
+            model.weights_record = dict(config.get("weights") or legacy_weights_record(model.backbone_source))
             model.data_source = dict(config.get("data_source") or {})
             model._set_state(tensors)
         except (KeyError, TypeError, ValueError) as exc:

@@ -178,8 +178,9 @@ class PaDiM(Detector):
 
     Args:
         arch: ``resnet18``, ``resnet50`` or ``wide_resnet50_2``.
-        weights: local backbone weights (torchvision ``.pth`` or ``.safetensors``) or None for a
-            random init drawn from ``seed``.
+        weights: backbone weights: ``"imagenet"``, a torchvision weights name, a ``.pth`` or
+            ``.safetensors`` file (see :func:`spotdiff.models.load_weights`), or None / ``"random"``
+            for a random init drawn from ``seed``.
         layers: backbone stages, shallow to deep; the map lives on the first one's grid.
         d: number of channels kept (random subset drawn from ``seed``); default per ``arch``
             (100 for resnet18, 550 otherwise); capped at the total channel count.

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -34,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from spotdiff.errors import ConfigError, WeightsError
-from spotdiff.files import default_mode, output_error
+from spotdiff.files import default_mode, output_error, sha256_file
 
 FORMAT = "spotdiff-detector"
 FORMAT_VERSION = 2
@@ -43,15 +42,6 @@ MODEL_FILE = "model.safetensors"
 BACKBONE_FILE = "backbone.safetensors"
 MANIFEST_FILE = "manifest.json"
 MODEL_FILES = (CONFIG_FILE, MODEL_FILE, BACKBONE_FILE)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync(path: Path) -> None:

@@ -15,7 +15,6 @@ to the input size), horizontal and vertical flips, applied identically to image 
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -45,7 +44,7 @@ from spotdiff.finetune.protocols import (
 )
 from spotdiff.finetune.unet import UNet
 from spotdiff.metrics import evaluate
-from spotdiff.models import ARCHITECTURES, build_backbone
+from spotdiff.models import ARCHITECTURES, LoadedWeights, WeightsLike, build_backbone, describe_weights, load_weights
 from spotdiff.progress import bar, log
 
 TASKS = ("cls", "seg")
@@ -65,7 +64,7 @@ class FinetuneConfig:
     data: Path  # dataset root
     out: Path  # output folder
     object: str = "all"  # an object name, or "all" for every object under ``data``
-    weights: Path | None = None  # backbone weights file; None = random init
+    weights: str | Path | None = None  # "imagenet", a torchvision weights name, a file; None / "random" = random init
     arch: str = "resnet50"
     seeds: int = 5  # runs seeds 0 .. seeds-1
     epochs: int | None = None
@@ -115,7 +114,7 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def build_model(task: str, arch: str, weights: str | os.PathLike[str] | None = None) -> BinaryClassifier | UNet:
+def build_model(task: str, arch: str, weights: WeightsLike = None) -> BinaryClassifier | UNet:
     """A :class:`BinaryClassifier` (``cls``) or :class:`UNet` (``seg``) over ``build_backbone(arch, weights)``.
 
     New layers are initialised from torch's global RNG (seed it first for reproducibility).
@@ -340,13 +339,16 @@ def _jsonable(obj: Any) -> Any:
 
 
 def run_seed(
-    config: FinetuneConfig, object_name: str, train: TensorData, test: TensorData, seed: int, device: torch.device
+    config: FinetuneConfig, object_name: str, train: TensorData, test: TensorData, seed: int, device: torch.device,
+    weights: LoadedWeights | None = None,
 ) -> dict:
     """Train on ``train`` and evaluate on ``test`` with one seed; returns the per-seed record
-    (metrics from ``spotdiff.metrics.evaluate`` under ``metrics``)."""
+    (metrics from ``spotdiff.metrics.evaluate`` under ``metrics``). ``weights``: ``config.weights``
+    already loaded (read here when None)."""
     steps = training_steps(config, len(train))
     torch.manual_seed(seed)
-    model = build_model(config.task, config.arch, config.weights)
+    weights = load_weights(config.arch, config.weights if weights is None else weights)
+    model = build_model(config.task, config.arch, weights)
     start = time.perf_counter()
     losses = train_model(model, train, steps, config.batch_size, config.lr, seed, config.head_lr_mult,
                          config.balanced, device, desc=f"{object_name} seed {seed}")
@@ -365,6 +367,7 @@ def run_seed(
         "final_loss": float(np.mean(losses[-10:])),
         "train_seconds": round(train_s, 3),
         "train_images": train.paths,
+        "weights": weights.record(),
         "metrics": metrics,
     }
 
@@ -377,13 +380,14 @@ def run_finetune(config: FinetuneConfig) -> dict[str, Any]:
         ``<object>/seed<k>.json``: per-seed record (metrics from ``spotdiff.metrics.evaluate``);
         ``<object>/aggregate.json`` / ``.csv``: mean ± std over seeds of every metric;
         ``table.csv`` / ``table.md``: objects as rows (+ mean row), AU-PR then AU-ROC columns;
-        ``results.json``: the config, per-object aggregates and the table rows.
+        ``results.json``: the config, the weights record ``{name, file, sha256}``, per-object aggregates
+        and the table rows.
     Returns the content of ``results.json`` plus ``per_seed`` (``{object: [record, ...]}``).
     """
     config.validate()
     protocol = get_protocol(config.protocol)
     device = resolve_device(config.device)
-    build_model(config.task, config.arch, config.weights)  # fail fast on weights that do not fit
+    weights = load_weights(config.arch, config.weights)  # fail fast on weights that do not fit, read once
     objects = list_objects(config.data, protocol) if config.object == "all" else [config.object]
     opened = [open_protocol(config.data, obj, protocol, config.image_size) for obj in objects]
     seeds = list(range(config.seeds))
@@ -403,7 +407,7 @@ def run_finetune(config: FinetuneConfig) -> dict[str, Any]:
             if train is None or protocol.k is not None:  # high-shot: the same images every seed
                 train = load_tensors(data.train_pool, data.train_indices(seed), config.workers,
                                      desc=f"{data.object}: train images")
-            record = run_seed(config, data.object, train, test, seed, device)
+            record = run_seed(config, data.object, train, test, seed, device, weights)
             write_json_atomic(out / data.object / f"seed{seed}.json", _jsonable(record))
             records.append(record)
         per_seed[data.object] = records
@@ -415,9 +419,11 @@ def run_finetune(config: FinetuneConfig) -> dict[str, Any]:
 
     metrics = TABLE_METRICS[config.task]
     rows = table_rows({obj: [r["metrics"] for r in recs] for obj, recs in per_seed.items()}, metrics)
-    title = f"2-class {config.task} {config.protocol}, {config.arch}, mean ± std over {len(seeds)} seed(s) (%)"
+    title = (f"2-class {config.task} {config.protocol}, {config.arch}, {describe_weights(weights.record(), short=True)}, "
+             f"mean ± std over {len(seeds)} seed(s) (%)")
     write_text_atomic(out / "table.csv", table_csv(rows, metrics))
     write_text_atomic(out / "table.md", table_markdown(rows, metrics, title))
-    results = {"config": asdict(config), "seeds": seeds, "aggregate": aggregates, "table": rows}
+    results = {"config": asdict(config), "weights": weights.record(), "seeds": seeds, "aggregate": aggregates,
+               "table": rows}
     write_json_atomic(out / "results.json", _jsonable(results))
     return {**results, "per_seed": per_seed}

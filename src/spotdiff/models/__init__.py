@@ -2,20 +2,34 @@
 
 from spotdiff.models.backbones import (
     ARCHITECTURES,
+    LoadedWeights,
+    WeightsLike,
     build_backbone,
+    describe_weights,
     extract_features,
     inference_backbone,
+    is_random,
     layer_channels,
     load_backbone_weights,
+    load_weights,
+    random_init_warning,
     read_weights_file,
+    weights_record,
 )
 
 __all__ = [
     "ARCHITECTURES",
+    "LoadedWeights",
+    "WeightsLike",
     "build_backbone",
+    "describe_weights",
     "extract_features",
     "inference_backbone",
+    "is_random",
     "layer_channels",
     "load_backbone_weights",
+    "load_weights",
+    "random_init_warning",
     "read_weights_file",
+    "weights_record",
 ]

@@ -1,17 +1,32 @@
 """torchvision ResNet backbones, safe weight loading and multi-layer feature extraction.
 
-Weights come from a local file only (never downloaded):
-    * ``.safetensors``: e.g. the output of ``spotdiff export-backbone``;
-    * ``.pth`` / ``.pt``: a torchvision state_dict, read with ``torch.load(weights_only=True)``.
-Keys must match torchvision's names; ``fc.*`` is optional and ignored when absent or unused.
+Weights (``weights=`` everywhere, ``--weights`` on the command line) are one of:
+    * ``None`` or ``"random"``: random init (seeded by the caller);
+    * ``"imagenet"``: torchvision's default ImageNet weights of the architecture (``.DEFAULT``,
+      e.g. ``ResNet18_Weights.IMAGENET1K_V1``), or a torchvision weights name of that architecture
+      (``"IMAGENET1K_V1"``, ``"ResNet50_Weights.IMAGENET1K_V2"``). They are read from torchvision's
+      cache (``$TORCH_HOME/hub/checkpoints/<file>``) with no network access; a file not cached yet is
+      downloaded there by torch.hub, checked against the SHA-256 prefix in its name;
+    * a file: ``.safetensors`` (e.g. the output of ``spotdiff export-backbone``) or ``.pth`` / ``.pt``
+      (a torchvision state_dict, read with ``torch.load(weights_only=True)``).
+A name wins over a file of the same name (write ``./imagenet`` for such a file). Keys must match
+torchvision's names; ``fc.*`` is optional and ignored when absent or unused. :func:`load_weights`
+returns the tensors with their provenance record ``{name, file, sha256}``.
 """
 
 from __future__ import annotations
 
-import os
 import copy
+import functools
+import http.client
+import os
+import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -19,6 +34,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision import models as tvm
 
 from spotdiff.errors import WeightsError
+from spotdiff.files import sha256_file
+from spotdiff.progress import is_quiet
 
 ARCHITECTURES: dict[str, Callable[..., tvm.ResNet]] = {
     "resnet18": tvm.resnet18,
@@ -33,6 +50,10 @@ _LAYER_CHANNELS = {
 }
 LAYER_STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
 HEAD_PREFIXES = ("fc.",)
+RANDOM = "random"
+IMAGENET = "imagenet"
+# A torchvision weights name, bare (IMAGENET1K_V1) or with its enum class (ResNet50_Weights.IMAGENET1K_V2).
+_ENUM_NAME = re.compile(r"^(?:(\w+_Weights)\.)?([A-Z][A-Z0-9_]*)$")
 
 
 def _check_arch(arch: str) -> None:
@@ -75,47 +96,248 @@ def read_weights_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def load_backbone_weights(
-    model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "weights"
-) -> None:
-    """Load ``state`` into a torchvision ResNet, strictly except for the ``fc`` head.
+@functools.cache
+def _body_shapes(arch: str) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of ``arch``'s state_dict without the ``fc`` head (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = ARCHITECTURES[arch](weights=None)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIXES)}
+
+
+def architecture_of(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The architecture whose keys and shapes (``fc`` excepted) ``state`` matches exactly, or None."""
+    body = {k: tuple(v.shape) for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
+    return next((arch for arch in ARCHITECTURES if _body_shapes(arch) == body), None)
+
+
+def check_fits(
+    own: Mapping[str, tuple[int, ...]], state: Mapping[str, torch.Tensor], source: str, target: str
+) -> dict[str, torch.Tensor]:
+    """``state`` without the ``fc`` head, checked against the key -> shape map ``own`` of ``target``.
 
     Raises:
-        WeightsError: naming the missing and unexpected keys, or the mismatched shapes.
+        WeightsError: naming the architecture ``state`` is made for when it is another one;
+            otherwise naming the missing and unexpected keys, or the mismatched shapes.
     """
-    own = model.state_dict()
     body = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
-    missing = sorted(k for k in own if not k.startswith(HEAD_PREFIXES) and k not in body)
+    missing = sorted(k for k in own if k not in body)
     unexpected = sorted(k for k in body if k not in own)
+    bad = [k for k, v in body.items() if k in own and tuple(v.shape) != tuple(own[k])]
+    if (missing or unexpected or bad) and (other := architecture_of(body)) is not None:
+        raise WeightsError(f"{source} are {other} weights, they do not fit {target}: "
+                           f"choose architecture {other}, or weights made for {target}")
     if missing or unexpected:
         def show(keys: list[str]) -> str:
             return ", ".join(keys[:8]) + (f" … (+{len(keys) - 8} more)" if len(keys) > 8 else "")
 
         raise WeightsError(
-            f"{source} do not fit {type(model).__name__}: "
-            f"missing keys [{show(missing)}]; unexpected keys [{show(unexpected)}]"
+            f"{source} do not fit {target}: missing keys [{show(missing)}]; unexpected keys [{show(unexpected)}]"
         )
-    bad = [k for k, v in body.items() if tuple(v.shape) != tuple(own[k].shape)]
     if bad:
         k = bad[0]
         raise WeightsError(
-            f"{source} do not fit {type(model).__name__}: shape of {k} is {tuple(body[k].shape)}, "
-            f"expected {tuple(own[k].shape)} ({len(bad)} mismatched tensors)"
+            f"{source} do not fit {target}: shape of {k} is {tuple(body[k].shape)}, "
+            f"expected {tuple(own[k])} ({len(bad)} mismatched tensors)"
         )
-    model.load_state_dict(body, strict=False)
+    return body
 
 
-def build_backbone(arch: str, weights: str | os.PathLike[str] | None = None) -> tvm.ResNet:
-    """A torchvision ResNet, randomly initialised or loaded from a local weights file.
+def load_backbone_weights(
+    model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "weights"
+) -> None:
+    """Load ``state`` into a torchvision ResNet, strictly except for the ``fc`` head (see :func:`check_fits`)."""
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIXES)}
+    target = next((arch for arch in ARCHITECTURES if _body_shapes(arch) == own), type(model).__name__)
+    model.load_state_dict(check_fits(own, state, source, target), strict=False)
+
+
+@dataclass(frozen=True)
+class LoadedWeights:
+    """Backbone weights read for one architecture, with where they came from.
+
+    ``name``: ``"random"``, a torchvision weights name (``"ResNet18_Weights.IMAGENET1K_V1"``) or
+    ``"file"``; ``file``: the file read (None for random init); ``sha256``: hex SHA-256 of that file
+    (``"random"`` for random init); ``state``: the tensors (None for random init).
+    """
+
+    arch: str
+    name: str
+    file: str | None = None
+    sha256: str = RANDOM
+    state: Mapping[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def is_random(self) -> bool:
+        return self.state is None
+
+    def record(self) -> dict[str, str | None]:
+        """``{name, file, sha256}``: what model and run directories store."""
+        return {"name": self.name, "file": self.file, "sha256": self.sha256}
+
+
+WeightsLike = str | os.PathLike[str] | LoadedWeights | None
+"""What ``weights=`` accepts: None / ``"random"``, ``"imagenet"``, a torchvision weights name, a file,
+or weights already read by :func:`load_weights`."""
+
+
+def describe_weights(record: Mapping[str, Any] | None, short: bool = False) -> str:
+    """A provenance record in words: ``random init``, else ``<name> (<file>, sha256 <first 12 hex>)``;
+    ``short``: only the torchvision name or the file's name."""
+    if not record or record.get("name") == RANDOM:
+        return "random init"
+    name, file = record.get("name"), str(record.get("file"))
+    if short:
+        return Path(file).name if name == "file" else str(name)
+    digest = str(record.get("sha256") or "unknown")[:12]
+    return f"{file} (sha256 {digest})" if name == "file" else f"{name} ({file}, sha256 {digest})"
+
+
+def weight_choices(arch: str) -> str:
+    """The accepted ``--weights`` values for ``arch``, for error messages."""
+    names = [w.name for w in tvm.get_model_weights(arch)]
+    return f"{RANDOM}, {IMAGENET}, {', '.join(names)} or a weights file (.safetensors, .pth)"
+
+
+def torchvision_weights(arch: str, name: str) -> tvm.WeightsEnum | None:
+    """The torchvision weights ``name`` designates for ``arch`` (``imagenet``: ``.DEFAULT``), or None
+    when ``name`` is not a weights name (then it is a file path).
+
+    Raises:
+        WeightsError: a weights name that does not exist for ``arch``, naming the choices.
+    """
+    _check_arch(arch)
+    enum = tvm.get_model_weights(arch)
+    if name.lower() == IMAGENET:
+        return enum.DEFAULT
+    match = _ENUM_NAME.match(name)
+    if match is None:
+        return None
+    owner, member = match.groups()
+    if (owner is None or owner == enum.__name__) and member in enum.__members__:
+        return enum[member]
+    raise WeightsError(f"weights {name!r} do not exist for {arch}; choose {weight_choices(arch)}")
+
+
+def torchvision_cache_file(weights: tvm.WeightsEnum) -> Path:
+    """Where torch.hub keeps ``weights``: ``<torch.hub.get_dir()>/checkpoints/<file name of its URL>``
+    (``get_dir()`` is ``$TORCH_HOME/hub``, by default ``~/.cache/torch/hub``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
+
+
+def fetch_torchvision_weights(weights: tvm.WeightsEnum) -> Path:
+    """The cached file of ``weights``; downloads it first when it is not cached (progress bar unless quiet).
+
+    The download goes through ``torch.hub.download_url_to_file`` with the SHA-256 prefix that
+    torchvision puts in the file name (``resnet18-f37072fd.pth``), as ``check_hash=True`` does.
+
+    Raises:
+        WeightsError: no network (one line naming the file, its URL and the folder to put it in),
+            or a download that does not match its hash.
+    """
+    path = torchvision_cache_file(weights)
+    if path.is_file():
+        return path
+    hint = f"download {weights.url} and put it in {path.parent}/ as {path.name}"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WeightsError(f"{weights} not cached and the cache folder {path.parent} cannot be created "
+                           f"({exc.strerror or exc}); {hint}") from exc
+    prefix = torch.hub.HASH_REGEX.search(path.name)
+    try:
+        torch.hub.download_url_to_file(weights.url, str(path), prefix.group(1) if prefix else None,
+                                       progress=not is_quiet())
+    except (OSError, http.client.HTTPException) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise WeightsError(f"{weights} not cached and cannot be downloaded ({reason}); {hint}") from exc
+    except RuntimeError as exc:  # torch.hub: "invalid hash value ..."; the partial download is removed
+        raise WeightsError(f"{weights.url}: download does not match the SHA-256 prefix of its name "
+                           f"({exc}); {hint}") from exc
+    return path
+
+
+def is_random(weights: WeightsLike) -> bool:
+    """True for random init: None, ``"random"`` or random :class:`LoadedWeights`."""
+    if isinstance(weights, LoadedWeights):
+        return weights.is_random
+    return weights is None or (isinstance(weights, str) and weights.lower() == RANDOM)
+
+
+def weights_file(arch: str, weights: str | os.PathLike[str]) -> tuple[str, Path]:
+    """``(name, file)`` of non-random ``weights`` for ``arch``: a torchvision name and its cached file
+    (downloaded first when missing, see :func:`fetch_torchvision_weights`), or ``("file", path)``.
+
+    Raises:
+        WeightsError: unknown weights name, a name of another architecture, no network.
+    """
+    _check_arch(arch)
+    name = os.fspath(weights)
+    source = torchvision_weights(arch, name) if isinstance(name, str) else None
+    if source is not None:
+        return str(source), fetch_torchvision_weights(source)
+    path = Path(name)
+    if not path.exists() and not path.suffix and os.sep not in str(name):
+        raise WeightsError(f"unknown weights {name!r} (no such name or file); choose {weight_choices(arch)}")
+    return "file", path
+
+
+def weights_record(arch: str, weights: WeightsLike) -> dict[str, str | None]:
+    """The provenance record ``{name, file, sha256}`` of ``weights`` without reading its tensors."""
+    if isinstance(weights, LoadedWeights):
+        return weights.record()
+    if is_random(weights):
+        return LoadedWeights(arch, RANDOM).record()
+    name, path = weights_file(arch, weights)  # type: ignore[arg-type]
+    return {"name": name, "file": str(path.resolve()), "sha256": sha256_file(path)}
+
+
+def load_weights(arch: str, weights: WeightsLike = None) -> LoadedWeights:
+    """Resolve and read ``weights`` for ``arch`` (see the module docstring), checked to fit it.
+
+    Nothing is written except a torchvision file downloaded into torch.hub's cache. Already
+    loaded weights are returned as they are (after checking their architecture).
+
+    Raises:
+        WeightsError: unknown name, unreadable or truncated file, tensors of another architecture.
+    """
+    _check_arch(arch)
+    if isinstance(weights, LoadedWeights):
+        if weights.arch != arch:
+            raise WeightsError(f"weights {weights.name} were loaded for {weights.arch}, not {arch}")
+        return weights
+    if is_random(weights):
+        return LoadedWeights(arch, RANDOM)
+    name, path = weights_file(arch, weights)  # type: ignore[arg-type]
+    try:
+        state = read_weights_file(path)
+    except WeightsError as exc:
+        if name == "file":
+            raise
+        raise WeightsError(f"{exc}; this cached copy of {name} is damaged: delete it to download it again, "
+                           f"or put a fresh copy of {tvm.get_weight(name).url} there") from exc
+    check_fits(_body_shapes(arch), state, str(path), arch)
+    return LoadedWeights(arch, name, str(path.resolve()), sha256_file(path), state)
+
+
+def random_init_warning(fix: str = "pass --weights imagenet for torchvision's ImageNet weights "
+                                   "(--weights random hides this warning)") -> None:
+    """Print the one-line warning that a backbone is randomly initialised, and how to avoid it."""
+    print(f"warning: the backbone is randomly initialised: its features are not pre-trained; {fix}",
+          file=sys.stderr)
+
+
+def build_backbone(arch: str, weights: WeightsLike = None) -> tvm.ResNet:
+    """A torchvision ResNet, randomly initialised or loaded with ``weights``.
 
     Args:
         arch: ``resnet18``, ``resnet50`` or ``wide_resnet50_2``.
-        weights: path to a weights file, or None for random init (seeded by the caller).
+        weights: anything :func:`load_weights` accepts; None or ``"random"``: random init (seeded by
+            the caller).
     """
-    _check_arch(arch)
+    loaded = load_weights(arch, weights)
     model = ARCHITECTURES[arch](weights=None)
-    if weights is not None:
-        load_backbone_weights(model, read_weights_file(weights), source=str(weights))
+    if loaded.state is not None:
+        load_backbone_weights(model, loaded.state, source=str(loaded.file))
     return model
 
 

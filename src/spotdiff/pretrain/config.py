@@ -53,7 +53,8 @@ class PretrainConfig:
         checkpoint_every: write ``checkpoint.pt`` every this many steps (0 = only at the end).
         log_every: one CSV/TensorBoard row every this many steps.
         resume: continue from ``out/checkpoint.pt`` when it exists.
-        weights: initial backbone weights (``.safetensors``/``.pth``), e.g. ImageNet, or None.
+        weights: initial backbone weights: ``imagenet`` (torchvision's), a torchvision weights name,
+            a ``.safetensors``/``.pth`` file, or None / ``random`` for random init.
         skip_bad: drop unreadable images (with a warning) instead of stopping.
         hparams: method hyper-parameters passed to ``build_method`` (e.g. ``{"dim": 2048}``).
     """

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from spotdiff.errors import ConfigError
-from spotdiff.models import build_backbone
+from spotdiff.models import WeightsLike, build_backbone
 from spotdiff.pretrain.base import BLEND_HPARAMS, PretrainMethod
 from spotdiff.pretrain.moco import MoCo
 from spotdiff.pretrain.simclr import SimCLR
@@ -25,7 +24,7 @@ def build_method(
     spd: bool = False,
     eta: float = 0.1,
     num_classes: int | None = None,
-    weights: str | os.PathLike[str] | None = None,
+    weights: WeightsLike = None,
     **hparams: Any,
 ) -> PretrainMethod:
     """A pre-training method around a fresh (or locally loaded) torchvision backbone.
@@ -35,7 +34,8 @@ def build_method(
         arch: backbone architecture (see :func:`spotdiff.models.build_backbone`).
         spd: add the SPD loss (weak positive, SmoothBlend negative) with weight ``eta``.
         num_classes: number of classes (``supervised`` only).
-        weights: local backbone weights to start from; None for random init (seed the RNG first).
+        weights: backbone weights to start from (``"imagenet"``, a torchvision weights name, a file,
+            see :func:`spotdiff.models.load_weights`); None for random init (seed the RNG first).
         hparams: method hyper-parameters (see each class's ``hparam_defaults``) and SmoothBlend's
             ``blend_area``, ``blend_aspect``, ``blend_sigma``, ``blend_jitter``.
     Raises:

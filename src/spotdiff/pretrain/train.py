@@ -4,8 +4,9 @@ Per optimizer step: set the lr (linear warm-up then cosine, peak ``lr * batch_si
 the method's forward under autocast (GPU), back-propagate (with loss scaling for fp16), stop on a
 non-finite loss before the weights change, step the optimizer, let the method update itself
 (e.g. MoCo's momentum encoder). Rank 0 writes ``RUN_DIR/log.csv``, TensorBoard events (when
-``torch.utils.tensorboard`` imports), ``RUN_DIR/checkpoint.pt`` every ``checkpoint_every`` steps
-and at the end, and finally ``RUN_DIR/backbone.safetensors``. SIGTERM checkpoints the step in
+``torch.utils.tensorboard`` imports), ``RUN_DIR/weights.json`` (the initial weights' record),
+``RUN_DIR/checkpoint.pt`` every ``checkpoint_every`` steps and at the end, and finally
+``RUN_DIR/backbone.safetensors``. SIGTERM checkpoints the step in
 progress and stops.
 
 Determinism: the data order depends on ``(seed, epoch)``, each sample's augmentation on
@@ -33,7 +34,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from spotdiff.errors import ConfigError, DataError, SpotdiffError
-from spotdiff.files import atomic_path, write_text_atomic
+from spotdiff.files import atomic_path, write_json_atomic, write_text_atomic
+from spotdiff.models import load_weights
 from spotdiff.progress import bar, log, set_quiet
 from spotdiff.pretrain.checkpoint import (
     CHECKPOINT_NAME,
@@ -59,6 +61,7 @@ LOG_NAME = "log.csv"
 LOG_COLUMNS = ("step", "epoch", "lr", "loss", "loss_base", "loss_spd", "img_per_s")
 BACKBONE_NAME = "backbone.safetensors"
 CONFIG_NAME = "config.yaml"
+WEIGHTS_NAME = "weights.json"  # provenance of the initial backbone weights: {name, file, sha256}
 
 
 def run_pretrain(cfg: PretrainConfig) -> Path:
@@ -93,11 +96,12 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext) -> Path:
     if cfg.method == "supervised" and not class_names:
         raise DataError(f"{cfg.data}: supervised pre-training needs class subfolders (DIR/<class>/*.png)")
 
+    init = load_weights(cfg.arch, cfg.weights)  # read (or downloaded) and checked before anything is written
     torch.manual_seed(cfg.seed)  # model initialisation
     try:
         method = build_method(cfg.method, arch=cfg.arch, spd=cfg.spd, eta=cfg.eta,
                               num_classes=len(class_names) if cfg.method == "supervised" else None,
-                              weights=cfg.weights, **cfg.hparams)
+                              weights=init, **cfg.hparams)
     except TypeError as exc:
         raise ConfigError(f"hparams {cfg.hparams}: not accepted by {cfg.method} ({exc})") from exc
     cfg = cfg.with_recipe(method.recipe)
@@ -150,6 +154,7 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext) -> Path:
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_config(run_dir / CONFIG_NAME, cfg)
+        write_json_atomic(run_dir / WEIGHTS_NAME, init.record())
         log(f"pretrain {cfg.method}{'+spd' if cfg.spd else ''} {cfg.arch}: {len(paths)} images"
             f"{f' in {len(class_names)} classes' if class_names else ''}, batch {cfg.batch_size} on "
             f"{ctx.world_size} process(es) ({device.type}), {total_steps} steps "
@@ -218,7 +223,8 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext) -> Path:
         checkpoint(step)
     if ctx.is_main:
         write_backbone(method.backbone.state_dict(), cfg.arch, run_dir / BACKBONE_NAME,
-                       {"method": cfg.method, "spd": cfg.spd, "eta": cfg.eta, "step": step})
+                       {"method": cfg.method, "spd": cfg.spd, "eta": cfg.eta, "step": step,
+                        "init_weights": init.name, "init_sha256": init.sha256})
         log(f"pretrain done: {ckpt_path}, backbone {run_dir / BACKBONE_NAME}")
     barrier(ctx)
     return ckpt_path

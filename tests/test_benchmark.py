@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +57,7 @@ CONFIG = {
     "data": {"root": "data"},
     "objects": ["pcb_synth", "cashew_synth"],
     "image_size": 32,
-    "weights": [{"name": "random_r18", "arch": "resnet18"},
+    "weights": [{"name": "random_r18", "arch": "resnet18", "file": "random"},
                 {"name": "simsiam_spd", "arch": "resnet18", "file": "w.safetensors"}],
     "downstream": [{"name": "fake-a", "method": "fake"},
                    {"name": "fake-b", "method": "fake", "params": {"k": 5}, "weights": ["simsiam_spd"]}],
@@ -72,9 +73,21 @@ def fake(monkeypatch) -> FakeRunner:
     return runner
 
 
+@pytest.fixture(scope="session")
+def r18_weights(tmp_path_factory) -> Path:
+    """A random resnet18 state_dict as safetensors (the benchmark checks weights files before running)."""
+    from safetensors.torch import save_file
+
+    from spotdiff.models import build_backbone
+
+    path = tmp_path_factory.mktemp("weights") / "r18.safetensors"
+    save_file(build_backbone("resnet18").state_dict(), str(path))
+    return path
+
+
 @pytest.fixture
-def config_file(tmp_path, fake) -> Path:
-    (tmp_path / "w.safetensors").write_bytes(b"not read by the fake runner")
+def config_file(tmp_path, fake, r18_weights) -> Path:
+    os.link(r18_weights, tmp_path / "w.safetensors")
     path = tmp_path / "bench.yaml"
     path.write_text(yaml.safe_dump(CONFIG), encoding="utf-8")
     return path
@@ -141,7 +154,8 @@ def test_outputs_tables_csv_and_report(config_file, tmp_path):
     assert "| Method | pcb_synth | cashew_synth | Mean |" in md
     m = fake_metrics("random_r18__fake-a__pcb_synth")["image_aupr"]
     m2 = fake_metrics("random_r18__fake-a__cashew_synth")["image_aupr"]
-    assert f"| random_r18 | {100 * m:.1f} | {100 * m2:.1f} | {50 * (m + m2):.1f} |" in md
+    assert f"| random_r18 (random init) | {100 * m:.1f} | {100 * m2:.1f} | {50 * (m + m2):.1f} |" in md
+    assert "| simsiam_spd | " in md  # only random-init rows are marked
     fake_b = [t for t in result.tables if t.title.startswith("fake-b")][0]
     assert [r.labels[0] for r in fake_b.rows] == ["simsiam_spd"]
     csv_lines = (out / "results.csv").read_text().splitlines()
@@ -151,6 +165,12 @@ def test_outputs_tables_csv_and_report(config_file, tmp_path):
     assert page.count("data:image/png;base64,") == 2 * (2 + 2)  # curves + breakdown per (downstream, object)
     stored = json.loads((out / "cells" / "random_r18__fake-a__pcb_synth.json").read_text())
     assert stored["metrics"] == fake_metrics("random_r18__fake-a__pcb_synth") and len(stored["scores"]) == 12
+    assert stored["init_weights"] == {"name": "random", "file": None, "sha256": "random"}
+    trained = json.loads((out / "cells" / "simsiam_spd__fake-a__pcb_synth.json").read_text())["init_weights"]
+    w = config_file.parent / "w.safetensors"
+    assert trained == {"name": "file", "file": str(w), "sha256": hashlib.sha256(w.read_bytes()).hexdigest()}
+    assert "random_r18 (resnet18): random init" in page and f"simsiam_spd (resnet18): {w} (sha256 " in page
+    assert "<td>random_r18 (random init)</td>" in page
 
 
 def test_changed_config_is_not_silently_reused(config_file, tmp_path):

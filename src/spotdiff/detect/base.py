@@ -26,7 +26,7 @@ from torchvision.models import ResNet
 from spotdiff.detect import store
 from spotdiff.data.transforms import normalize
 from spotdiff.errors import ConfigError, DataError, WeightsError
-from spotdiff.models import ARCHITECTURES, WeightsLike, build_backbone, inference_backbone, load_weights
+from spotdiff.models import ARCHITECTURES, WeightsLike, build_backbone, file_record, inference_backbone, load_weights
 from spotdiff.progress import progress
 
 CPU_FORWARD_IMAGES = 4
@@ -45,13 +45,6 @@ def make_backbone(arch: str, weights: WeightsLike, seed: int) -> ResNet:
         torch.manual_seed(seed)
         model = build_backbone(arch, weights)
     return model.eval().requires_grad_(False)
-
-
-def legacy_weights_record(backbone_source: str) -> dict[str, str | None]:
-    """The provenance record of a model directory saved before records existed (from ``backbone_source``)."""
-    if backbone_source.startswith("random init"):
-        return {"name": "random", "file": None, "sha256": "random"}
-    return {"name": "file", "file": backbone_source, "sha256": None}
 
 
 def load_feature_weights(net: ResNet, state: dict[str, torch.Tensor], source: str) -> None:
@@ -224,7 +217,8 @@ class Detector(ABC):
             model.image_size = (int(config["image_size"][0]), int(config["image_size"][1]))
             model.n_train = int(config["n_train"])
             model.backbone_source = str(config["backbone_source"])
-            model.weights_record = dict(config.get("weights") or legacy_weights_record(model.backbone_source))
+            model.weights_record = dict(config.get("weights") or file_record(  # saved before records existed
+                None if model.backbone_source.startswith("random init") else model.backbone_source))
             model.data_source = dict(config.get("data_source") or {})
             model._set_state(tensors)
         except (KeyError, TypeError, ValueError) as exc:

@@ -263,6 +263,20 @@ def is_random(weights: WeightsLike) -> bool:
     return weights is None or (isinstance(weights, str) and weights.lower() == RANDOM)
 
 
+def is_weights_name(arch: str, value: str) -> bool:
+    """True when ``value`` names weights (``random``, ``imagenet``, a torchvision name of ``arch``)
+    rather than a file; a torchvision-style name that ``arch`` lacks is a WeightsError."""
+    return is_random(value) or torchvision_weights(arch, value) is not None
+
+
+def file_record(file: str | None) -> dict[str, str | None]:
+    """The record of weights known only by their file, with the SHA-256 unknown (None: random init);
+    for directories and results written before records existed."""
+    if file is None:
+        return LoadedWeights("", RANDOM).record()
+    return {"name": "file", "file": file, "sha256": None}
+
+
 def weights_file(arch: str, weights: str | os.PathLike[str]) -> tuple[str, Path]:
     """``(name, file)`` of non-random ``weights`` for ``arch``: a torchvision name and its cached file
     (downloaded first when missing, see :func:`fetch_torchvision_weights`), or ``("file", path)``.

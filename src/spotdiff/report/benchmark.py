@@ -19,7 +19,8 @@ Config (YAML; relative paths are relative to the config file)::
     seed: 0
     device: cuda                      # cpu | cuda
     weights:
-      - {name: random_r18, arch: resnet18}                       # no file: random init
+      - {name: random_r18, arch: resnet18}                       # no file: random init (warns; file: random does not)
+      - {name: imagenet_r18, arch: resnet18, file: imagenet}     # torchvision's ImageNet weights (or IMAGENET1K_V1, ...)
       - {name: simsiam_spd_r50, arch: resnet50, file: w/simsiam_spd_r50.safetensors}
       - name: tiny_simsiam                                       # pre-trained first
         arch: resnet18
@@ -47,11 +48,20 @@ import numpy as np
 import yaml
 
 from spotdiff import __version__
-from spotdiff.errors import ConfigError, SpotdiffError
+from spotdiff.errors import ConfigError, SpotdiffError, WeightsError
 from spotdiff.files import write_json_atomic, write_text_atomic
-from spotdiff.models import ARCHITECTURES
+from spotdiff.models import (
+    ARCHITECTURES,
+    describe_weights,
+    file_record,
+    is_random,
+    is_weights_name,
+    load_weights,
+    random_init_warning,
+    weights_record,
+)
 from spotdiff.progress import bar, log
-from spotdiff.report.html import report_sections, write_html_report
+from spotdiff.report.html import Section, report_sections, write_html_report
 from spotdiff.report.plots import Predictions
 from spotdiff.report.tables import (
     HEADLINE_METRICS,
@@ -71,13 +81,14 @@ WORK_DIR = "work"
 # ================================================================================ configuration
 @dataclass(frozen=True)
 class WeightsSpec:
-    """A backbone to evaluate: ``file`` (None = random init from the seed) or a ``pretrain`` block
+    """A backbone to evaluate: ``file`` (a path, or a weights name as ``--weights`` takes: ``imagenet``,
+    a torchvision weights name, ``random``; None = random init from the seed) or a ``pretrain`` block
     (a :class:`spotdiff.pretrain.PretrainConfig` mapping) run first, exported to
     ``<out>/weights/<name>.safetensors``."""
 
     name: str
     arch: str
-    file: Path | None = None
+    file: Path | str | None = None
     pretrain: Mapping[str, Any] | None = None
 
 
@@ -110,12 +121,13 @@ class BenchmarkConfig:
 
 @dataclass(frozen=True)
 class Cell:
-    """One grid cell; ``weights_file`` is the resolved backbone file (None = random init)."""
+    """One grid cell; ``weights_file`` is the resolved backbone file or torchvision weights name
+    (None = random init)."""
 
     weights: WeightsSpec
     downstream: DownstreamSpec
     object: str
-    weights_file: Path | None
+    weights_file: Path | str | None
 
     @property
     def key(self) -> str:
@@ -206,7 +218,12 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: str = "config"
                               f"choose one of {sorted(ARCHITECTURES)}")
         if entry.get("file") is not None and entry.get("pretrain") is not None:
             raise ConfigError(f"{source}: weights {name!r}: give either file or pretrain, not both")
-        file = path(entry["file"], f"weights {name!r} file") if entry.get("file") is not None else None
+        file = entry.get("file")
+        try:
+            named = isinstance(file, str) and is_weights_name(str(arch), file)
+        except WeightsError as exc:
+            raise ConfigError(f"{source}: weights {name!r}: {exc}") from exc
+        file = file if named or file is None else path(file, f"weights {name!r} file")
         pretrain = _mapping(entry.get("pretrain"), f"weights {name!r} pretrain", source) or None
         if pretrain is not None and pretrain.get("data") is not None:
             pretrain["data"] = str(path(pretrain["data"], f"weights {name!r} pretrain data"))
@@ -338,18 +355,34 @@ DOWNSTREAM: dict[str, Runner] = {
 
 
 # ================================================================================ the grid
-def prepare_weights(config: BenchmarkConfig, out: Path) -> dict[str, Path | None]:
+def check_weights(config: BenchmarkConfig) -> None:
+    """Read every ``file`` weights entry (downloading torchvision weights not cached yet) and check it
+    fits its architecture, before anything is written; warn once per entry without weights."""
+    for spec in config.weights:
+        if spec.pretrain is not None:
+            continue
+        if isinstance(spec.file, Path) and not spec.file.is_file():
+            raise ConfigError(f"weights {spec.name!r}: file not found: {spec.file}")
+        if spec.file is None:
+            random_init_warning(f"weights {spec.name!r} has no file; set file: imagenet for torchvision's "
+                                "ImageNet weights (file: random hides this warning)")
+            continue
+        try:
+            load_weights(spec.arch, spec.file)
+        except WeightsError as exc:
+            raise WeightsError(f"weights {spec.name!r}: {exc}") from exc
+
+
+def prepare_weights(config: BenchmarkConfig, out: Path) -> dict[str, Path | str | None]:
     """Backbone file of every weights entry; runs (or resumes) the ``pretrain`` blocks first.
 
     A backbone already exported to ``<out>/weights/<name>.safetensors`` is reused when the block
     recorded beside it (``<name>.json``) is the same; a changed block is a ConfigError.
     """
-    files: dict[str, Path | None] = {}
+    files: dict[str, Path | str | None] = {}
     for spec in config.weights:
-        if spec.pretrain is None:
-            if spec.file is not None and not spec.file.is_file():
-                raise ConfigError(f"weights {spec.name!r}: file not found: {spec.file}")
-            files[spec.name] = spec.file
+        if spec.pretrain is None:  # checked by check_weights
+            files[spec.name] = None if is_random(spec.file) else spec.file
             continue
         dest = out / WEIGHTS_DIR / f"{spec.name}.safetensors"
         record = dest.with_suffix(".json")
@@ -390,7 +423,7 @@ def pretrain_and_export(spec: WeightsSpec, config: BenchmarkConfig, run_dir: Pat
     export_backbone(run_pretrain(pcfg), dest, arch=spec.arch)
 
 
-def grid(config: BenchmarkConfig, weights_files: Mapping[str, Path | None]) -> list[Cell]:
+def grid(config: BenchmarkConfig, weights_files: Mapping[str, Path | str | None]) -> list[Cell]:
     """Every cell, ordered weights, then downstream, then object."""
     return [Cell(w, d, obj, weights_files.get(w.name, w.file))
             for w in config.weights for d in config.downstream
@@ -436,6 +469,7 @@ def run_cell(cell: Cell, config: BenchmarkConfig, out: Path) -> dict[str, Any]:
         "scores": None if output.scores is None else [float(s) for s in output.scores],
         "labels": None if output.labels is None else [int(v) for v in output.labels],
         "defect_types": None if output.defect_types is None else [str(t) for t in output.defect_types],
+        "init_weights": weights_record(cell.weights.arch, cell.weights_file),
         "fingerprint": cell.fingerprint(config), "spotdiff_version": __version__,
     }
     write_json_atomic(cell_path(out, cell), data)
@@ -456,6 +490,7 @@ class BenchmarkResult:
 def run_benchmark(config: BenchmarkConfig, out: str | os.PathLike[str]) -> BenchmarkResult:
     """Run (or resume) the grid, then write results.csv/json, tables.md and report.html into ``out``."""
     out = Path(out)
+    check_weights(config)
     out.mkdir(parents=True, exist_ok=True)
     files = prepare_weights(config, out)
     cells = grid(config, files)
@@ -503,11 +538,14 @@ def write_results(config: BenchmarkConfig, cells: Sequence[Mapping[str, Any]], o
     """results.csv, results.json, tables.md and report.html from the stored cells; returns the tables."""
     records = cell_records(cells)
     weights_order = [w.name for w in config.weights]
+    used = {c["weights"]: cell_weights(c) for c in cells}
+    notes = {name: "random init" for name, record in used.items() if record["name"] == "random"}
     tables: list[Table] = []
     for ds in config.downstream:
         mine = [r for r in records if r.downstream == ds.name]
         methods = [w for w in weights_order if any(r.method == w for r in mine)]
-        tables += paper_tables(mine, objects=list(config.objects), methods=methods, title_prefix=f"{ds.name}: ")
+        tables += paper_tables(mine, objects=list(config.objects), methods=methods, title_prefix=f"{ds.name}: ",
+                               notes=notes)
     seconds = [c.get("seconds") for c in cells]
     write_text_atomic(out / "results.csv", records_csv(records, extra={"seconds": seconds}))
     write_json_atomic(out / "results.json", {
@@ -524,8 +562,16 @@ def write_results(config: BenchmarkConfig, cells: Sequence[Mapping[str, Any]], o
     intro = (f"{len(cells)} cells: {len(config.weights)} weights x {len(config.downstream)} downstream methods x "
              f"{len(config.objects)} objects. Data: {config.data_root}. Rows: pre-trained weights; "
              "columns: objects and their mean (given only when every object was measured).")
-    write_html_report(out / "report.html", config.title, report_sections(tables, predictions), intro=intro)
+    provenance = [f"{w.name} ({w.arch}): {describe_weights(used[w.name])}" for w in config.weights if w.name in used]
+    sections = [*report_sections(tables, predictions), Section("Backbone weights", provenance)]
+    write_html_report(out / "report.html", config.title, sections, intro=intro)
     return tables
+
+
+def cell_weights(cell: Mapping[str, Any]) -> dict[str, Any]:
+    """The weights record of a stored cell; cells stored before records existed get one from their
+    fingerprint (random init when it names no file)."""
+    return dict(cell.get("init_weights") or file_record(cell.get("fingerprint", {}).get("weights_file")))
 
 
 def config_dict(config: BenchmarkConfig) -> dict[str, Any]:

@@ -74,12 +74,14 @@ class ResultRecord:
 @dataclass(frozen=True)
 class Row:
     """One table row: label cells (e.g. ``("SimSiam+SPD",)``), values as fractions and optionally
-    their standard deviations over seeds (shown as ``87.7 ± 1.2``)."""
+    their standard deviations over seeds (shown as ``87.7 ± 1.2``); ``note`` is shown in parentheses
+    after the labels in markdown and HTML (``random_r18 (random init)``), not in CSV."""
 
     labels: tuple[str, ...]
     values: tuple[float | None, ...]
     is_mean: bool = False
     stds: tuple[float | None, ...] | None = None
+    note: str = ""  # shown after the last label, e.g. "random init"
 
 
 @dataclass
@@ -101,7 +103,8 @@ class Table:
         out = []
         for row in self.rows:
             stds = row.stds or (None,) * len(row.values)
-            out.append([*row.labels, *(format_percent(v, sd) for v, sd in zip(row.values, stds, strict=True))])
+            labels = [*row.labels[:-1], f"{row.labels[-1]} ({row.note})"] if row.note else list(row.labels)
+            out.append([*labels, *(format_percent(v, sd) for v, sd in zip(row.values, stds, strict=True))])
         return out
 
     def to_markdown(self) -> str:
@@ -130,7 +133,8 @@ class Table:
         return {"title": self.title, "metric": self.metric, "label_columns": list(self.label_columns),
                 "columns": list(self.columns),
                 "rows": [{"labels": list(r.labels), "values": list(r.values), "is_mean": r.is_mean,
-                          **({"stds": list(r.stds)} if r.stds else {})} for r in self.rows]}
+                          **({"stds": list(r.stds)} if r.stds else {}), **({"note": r.note} if r.note else {})}
+                         for r in self.rows]}
 
 
 def _as_float(value: Any) -> float | None:
@@ -179,10 +183,12 @@ def metric_table(
     objects: Sequence[str] | None = None,
     methods: Sequence[str] | None = None,
     title: str | None = None,
+    notes: Mapping[str, str] | None = None,
 ) -> Table:
     """Methods as rows, ``objects`` then ``Mean`` as columns, for one metric.
 
-    ``objects`` / ``methods`` fix the order (default: first-seen order in ``records``).
+    ``objects`` / ``methods`` fix the order (default: first-seen order in ``records``); ``notes``
+    maps a method to its row's note (e.g. ``"random init"``).
     """
     index = _index(records)
     objects = list(objects) if objects is not None else _unique(r.object for r in records)
@@ -194,7 +200,8 @@ def metric_table(
         values = [rec.value(metric) if rec else None for rec in cells]
         stds = [rec.value(f"{metric}{STD_SUFFIX}") if rec else None for rec in cells]
         has_std = any(sd is not None for sd in stds)
-        table.rows.append(Row((method,), (*values, mean_or_none(values)), stds=(*stds, None) if has_std else None))
+        table.rows.append(Row((method,), (*values, mean_or_none(values)), stds=(*stds, None) if has_std else None,
+                              note=(notes or {}).get(method, "")))
     return table
 
 
@@ -204,6 +211,7 @@ def paper_tables(
     objects: Sequence[str] | None = None,
     methods: Sequence[str] | None = None,
     title_prefix: str = "",
+    notes: Mapping[str, str] | None = None,
 ) -> list[Table]:
     """One :func:`metric_table` per metric (AU-PR first), skipping metrics no record measured."""
     tables = []
@@ -211,7 +219,7 @@ def paper_tables(
         if not any(r.value(metric) is not None for r in records):
             continue
         title = f"{title_prefix}{METRIC_LABELS.get(metric, metric)} (%)"
-        tables.append(metric_table(records, metric, objects, methods, title))
+        tables.append(metric_table(records, metric, objects, methods, title, notes))
     return tables
 
 

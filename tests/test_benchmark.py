@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
+from _fake_bench import fake_metrics
 from spotdiff.cli import main
 from spotdiff.errors import ConfigError
 from spotdiff.progress import set_quiet
@@ -24,14 +24,6 @@ from spotdiff.report.benchmark import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def fake_metrics(key: str) -> dict[str, float]:
-    """Deterministic per-cell numbers so a resumed run can be compared with a clean one."""
-    seed = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)
-    rng = np.random.default_rng(seed)
-    return {m: float(rng.uniform(0.4, 1.0)) for m in
-            ("image_aupr", "image_auroc", "pixel_aupr", "pixel_auroc", "pixel_aupro")}
 
 
 class FakeRunner:
@@ -302,5 +294,9 @@ def test_pretrain_blocks_run_once_and_changed_blocks_are_refused(fake, monkeypat
     run_benchmark(parse_config(data, tmp_path), out)
     assert len(trained) == 1  # reused
     changed = dict(data, weights=[{"name": "tiny", "arch": "resnet18", "pretrain": {**block, "steps": 4}}])
+    with pytest.raises(ConfigError, match=r"another configuration .*differ in \['weights'\]"):
+        run_benchmark(parse_config(changed, tmp_path), out)
+    (out / "benchmark.json").unlink()  # the config record gone, the stored block still refuses
     with pytest.raises(ConfigError, match="another pretrain block"):
         run_benchmark(parse_config(changed, tmp_path), out)
+    assert len(trained) == 1

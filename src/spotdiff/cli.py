@@ -359,20 +359,34 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "benchmark", help="run a benchmark grid from a YAML config, resumable",
         description="Run every (weights, downstream, object) cell of a YAML grid; cells already in "
-        "<out>/cells are skipped, so an interrupted run resumes. See docs/benchmark_visa.yaml.")
+        "<out>/cells are skipped, so an interrupted run resumes. Several processes may share one --out "
+        "(each cell runs once); see docs/report.md and docs/benchmark_visa.yaml.")
     p.add_argument("--config", required=True, help="benchmark YAML file")
     p.add_argument("--out", default="spotdiff-benchmark", help="output folder (default: ./spotdiff-benchmark)")
+    p.add_argument("--shard", metavar="I/N", help="run only shard I of N (every N-th cell, from cell I)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N for this process (default: the config's device)")
+    p.add_argument("--lease", type=float, default=300.0, metavar="S",
+                   help="take over a cell claimed from another machine after S s without heartbeat (default 300)")
+    p.add_argument("--collect", action="store_true", help="only write the tables from the cells done so far")
     p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output")
     p.set_defaults(run=_run_benchmark)
 
 
 def _run_benchmark(args: argparse.Namespace) -> int:
-    from spotdiff.report.benchmark import load_config, run_benchmark
+    from spotdiff.report.benchmark import collect_benchmark, load_config, parse_shard, run_benchmark
     from spotdiff.report.tables import tables_markdown
 
-    result = run_benchmark(load_config(args.config), args.out)
-    print(tables_markdown(result.tables))
-    print(f"ran {len(result.ran)} cell(s), skipped {len(result.skipped)}; report: {result.out / 'report.html'}")
+    shard = parse_shard(args.shard)
+    config = load_config(args.config, device=args.device)
+    if args.collect:
+        result = collect_benchmark(config, args.out)
+    else:
+        result = run_benchmark(config, args.out, shard=shard, lease=args.lease)
+    if result.tables:
+        print(tables_markdown(result.tables))
+    print(f"ran {len(result.ran)} cell(s), skipped {len(result.skipped)}; "
+          + (f"{result.missing} cell(s) of the grid not done yet" if result.missing else
+             f"report: {result.out / 'report.html'}" if result.tables else "every cell done"))
     return 0
 
 

@@ -8,6 +8,7 @@ reruns removes them first (`remove_stale_temp_files`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -177,3 +178,44 @@ def write_text_atomic(dest: str | os.PathLike[str], text: str) -> None:
 def write_json_atomic(dest: str | os.PathLike[str], obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``dest`` atomically."""
     write_text_atomic(dest, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def create_text_exclusive(dest: str | os.PathLike[str], text: str) -> bool:
+    """Create ``dest`` holding UTF-8 ``text`` only if it does not exist yet; True when this call created it.
+
+    The text goes to a temporary file beside ``dest`` that is then hard-linked to ``dest``: ``link``
+    fails atomically when ``dest`` exists (also on NFS), and no reader ever sees ``dest`` empty or
+    partial. Where hard links are not supported, ``open(O_CREAT | O_EXCL)`` and a write are used.
+    An ``OSError`` of the machine becomes an `OutputError` naming ``dest``.
+    """
+    dest = Path(dest)
+    data = text.encode("utf-8")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{dest.name}{TMP_MARK}", dir=dest.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, default_mode())
+            try:
+                os.link(tmp, dest)
+                return True
+            except FileExistsError:
+                return False
+            except OSError as exc:  # no hard links on this filesystem
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                    raise
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        try:
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, default_mode())
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        return True
+    except OSError as exc:
+        raise output_error(dest, exc) from exc

@@ -2,7 +2,8 @@
 
 A plain ``python -m spotdiff pretrain ...`` is a world of one process and never touches
 ``torch.distributed``. Under ``torchrun --nproc-per-node N [--nnodes M ...]`` the variables
-``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` are set and one process group is created.
+``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` are set and one process group is created -- also for
+``N = 1``, so a one-GPU ``torchrun`` runs the multi-GPU code path (NCCL, SyncBatchNorm, DDP).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class DistContext:
     world_size: int
     local_rank: int
     device: torch.device
+    launched: bool = False  # started by torchrun: a process group exists even for one process
 
     @property
     def is_main(self) -> bool:
@@ -32,7 +34,8 @@ class DistContext:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """A process group is in use (DDP, SyncBatchNorm on GPU, all-reduce)."""
+        return self.world_size > 1 or self.launched
 
 
 def _env_int(name: str, default: int) -> int:
@@ -64,11 +67,13 @@ def init_distributed(device: str = "auto") -> DistContext:
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
+    launched = "TORCHELASTIC_RUN_ID" in os.environ  # set by torchrun
+    if (world_size > 1 or launched) and not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
         kwargs = {"device_id": dev} if use_cuda else {}
         dist.init_process_group(backend=backend, init_method="env://", **kwargs)
-    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=dev,
+                       launched=launched and dist.is_initialized())
 
 
 def cleanup_distributed() -> None:

@@ -157,7 +157,8 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext) -> Path:
         write_json_atomic(run_dir / WEIGHTS_NAME, init.record())
         log(f"pretrain {cfg.method}{'+spd' if cfg.spd else ''} {cfg.arch}: {len(paths)} images"
             f"{f' in {len(class_names)} classes' if class_names else ''}, batch {cfg.batch_size} on "
-            f"{ctx.world_size} process(es) ({device.type}), {total_steps} steps "
+            f"{ctx.world_size} process(es) ({device.type}"
+            f"{', ' + torch.distributed.get_backend() if ctx.distributed else ''}), {total_steps} steps "
             f"({steps_per_epoch}/epoch, warm-up {warmup_steps}), peak lr {peak_lr:g}")
     logger = _RunLogger(run_dir, start_step, cfg.tensorboard) if ctx.is_main else None
 
@@ -185,18 +186,14 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext) -> Path:
                 generator = torch.Generator(device).manual_seed(mix_seed(cfg.seed, step, ctx.rank, 2))
                 views = {k: _to_device(v, device, cfg.channels_last and on_gpu) for k, v in views.items()}
                 batch_labels = batch_labels.to(device, non_blocking=True)
-                *stats, stop = _forward_backward(model, views, batch_labels, generator, amp_dtype, scaler,
-                                                 float(sigterm.is_set()), ctx)
+                *stats, stop = train_step(model, method, optimizer, scaler, views, batch_labels, generator,
+                                          amp_dtype, ctx, float(sigterm.is_set()))
                 if not all(math.isfinite(v) for v in stats):
                     raise SpotdiffError(
                         f"loss became {stats[0]} at step {step + 1} (epoch {epoch}); stopped before "
                         f"updating the weights. The last good checkpoint is kept: "
                         f"{ckpt_path if ckpt_path.is_file() else 'none written yet'}. "
                         "Try a lower --lr or --amp bf16/none.")
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                method.after_step()
                 step += 1
                 window.add(stats, cfg.batch_size)
                 progress.update(1)
@@ -228,6 +225,25 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext) -> Path:
         log(f"pretrain done: {ckpt_path}, backbone {run_dir / BACKBONE_NAME}")
     barrier(ctx)
     return ckpt_path
+
+
+def train_step(model: nn.Module, method: nn.Module, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, views: dict[str, torch.Tensor], labels: torch.Tensor,
+               generator: torch.Generator, amp_dtype: torch.dtype | None, ctx: DistContext,
+               stop: float = 0.0) -> list[float]:
+    """One optimizer step of the loop on a batch already on the device.
+
+    ``model`` is ``method`` or its DDP wrapper. Returns ``[loss, loss_base, loss_spd, stop]``
+    averaged over processes; when a loss is not finite the weights are left unchanged (the loop
+    then stops with an error).
+    """
+    stats = _forward_backward(model, views, labels, generator, amp_dtype, scaler, stop, ctx)
+    if all(math.isfinite(v) for v in stats):
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        method.after_step()
+    return stats
 
 
 def _forward_backward(model: nn.Module, views: dict[str, torch.Tensor], labels: torch.Tensor,

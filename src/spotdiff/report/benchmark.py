@@ -35,10 +35,14 @@ Config (YAML; relative paths are relative to the config file)::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
+import socket
+import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +53,7 @@ import yaml
 
 from spotdiff import __version__
 from spotdiff.errors import ConfigError, SpotdiffError, WeightsError
-from spotdiff.files import write_json_atomic, write_text_atomic
+from spotdiff.files import create_text_exclusive, write_json_atomic, write_text_atomic
 from spotdiff.models import (
     ARCHITECTURES,
     describe_weights,
@@ -76,6 +80,14 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+-]*(_[A-Za-z0-9.+-]+)*$")  # no "__
 CELL_DIR = "cells"
 WEIGHTS_DIR = "weights"
 WORK_DIR = "work"
+CLAIM_DIR = "claims"
+RECORD_NAME = "benchmark.json"  # the config hash every process sharing the folder must match
+SHARDS_NAME = "shards.json"  # the shard count of ``--shard I/N`` processes
+LEASE_SECONDS = 300.0
+"""A claim held by a process on another machine is taken over when its heartbeat (the claim file's
+mtime, touched every ``lease / 10`` s, at most 30 s) has not moved for this long, as seen by the
+process that waits. Claims of this machine are taken over as soon as their process is gone."""
+POLL_SECONDS = 5.0  # how often (at most) a process waiting for other processes' cells looks again
 
 
 # ================================================================================ configuration
@@ -270,8 +282,8 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: str = "config"
         title=str(data.get("title", "spotdiff benchmark")))
 
 
-def load_config(path: str | os.PathLike[str]) -> BenchmarkConfig:
-    """Read and validate a benchmark YAML file; ConfigError names the file."""
+def load_config(path: str | os.PathLike[str], device: str | None = None) -> BenchmarkConfig:
+    """Read and validate a benchmark YAML file; ConfigError names the file. ``device`` overrides its ``device``."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -279,6 +291,11 @@ def load_config(path: str | os.PathLike[str]) -> BenchmarkConfig:
         raise ConfigError(f"{path}: benchmark config not found") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if device is not None:
+        if device not in ("cpu", "cuda") and not re.fullmatch(r"cuda:\d+", device):
+            raise ConfigError(f"--device {device!r}: choose cpu, cuda or cuda:N")
+        if isinstance(data, Mapping):
+            data = {**data, "device": device}
     return parse_config(data, path.resolve().parent, source=str(path))
 
 
@@ -354,6 +371,276 @@ DOWNSTREAM: dict[str, Runner] = {
 }
 
 
+# ================================================================================ sharing one --out
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"I/N"`` -> ``(I, N)`` with ``1 <= I <= N``; None stays None."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not match:
+        raise ConfigError(f"--shard {text!r}: expected I/N, e.g. 1/4 (this process runs shard I of N)")
+    index, count = int(match[1]), int(match[2])
+    if count < 1 or not 1 <= index <= count:
+        raise ConfigError(f"--shard {text}: I must be in 1..N with N >= 1, got I={index}, N={count}")
+    return index, count
+
+
+def check_device(device: str) -> None:
+    """ConfigError when ``device`` asks for a GPU this machine does not have."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: no CUDA device is available here "
+                          "(torch.cuda.is_available() is False); use --device cpu")
+    index = torch.device(device).index
+    if index is not None and index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                          f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+
+
+def config_hash(config: BenchmarkConfig) -> str:
+    """SHA-256 of the config as plain data, without ``device`` (each process may use its own GPU)."""
+    data = config_dict(config)
+    data.pop("device")
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: unreadable ({exc}); delete it when no process is using its folder") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: not a JSON object; delete it when no process is using its folder")
+    return data
+
+
+def bind_out(config: BenchmarkConfig, out: Path) -> None:
+    """Record the config hash in ``out/benchmark.json`` (first process), or refuse another config's ``out``."""
+    digest = config_hash(config)
+    data = config_dict(config)
+    data.pop("device")
+    path = out / RECORD_NAME
+    create_text_exclusive(path, json.dumps({"config_hash": digest, "config": data,
+                                            "spotdiff_version": __version__}, indent=2, sort_keys=True) + "\n")
+    stored = _read_json(path)
+    if stored.get("config_hash") != digest:
+        old = stored.get("config") if isinstance(stored.get("config"), dict) else {}
+        keys = sorted(k for k in set(old) | set(data) if old.get(k) != data.get(k))
+        raise ConfigError(f"{out}: holds a benchmark of another configuration (config hash "
+                          f"{str(stored.get('config_hash'))[:12]} in {path}, this one {digest[:12]}; they differ in "
+                          f"{keys}); use another --out, or delete {path} when no process is using {out} "
+                          "(finished cells are kept where their fingerprint still matches)")
+
+
+def bind_shards(out: Path, shard: tuple[int, int]) -> None:
+    """Record the shard count in ``out/shards.json`` (first ``--shard`` process), or refuse another count."""
+    index, count = shard
+    path = out / SHARDS_NAME
+    create_text_exclusive(path, json.dumps({"count": count}) + "\n")
+    stored = _read_json(path).get("count")
+    if stored != count:
+        raise ConfigError(f"--shard {index}/{count}: {out} is split into {stored} shards ({path}); use --shard "
+                          f"I/{stored}, or delete {path} when no process is using {out}")
+
+
+def _process_start(pid: int) -> str | None:
+    """Start time (clock ticks since boot) of a live process on Linux; None when gone or a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    """Whether process ``pid`` of this machine (and pid namespace) still runs; ``start`` guards pid reuse."""
+    if Path("/proc/self/stat").exists():
+        now = _process_start(pid)
+        return now is not None and (start is None or now == start)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Claims:
+    """Exclusive claims on units of work (cells, pre-training blocks, shards) in ``out/claims``.
+
+    A claim is the file ``<key>.<generation>.claim``, created with an exclusive hard link (see
+    :func:`spotdiff.files.create_text_exclusive`) and holding the owner's host, pid namespace, pid,
+    process start time and a random token. While held, a heartbeat thread touches it every
+    ``heartbeat`` seconds. A claim is *stale* when its process is gone (same machine and pid
+    namespace) or, for other machines, when its mtime has not moved for ``lease`` seconds of the
+    observer's clock (so clocks need not agree). A stale claim of generation ``g`` is taken over by
+    creating generation ``g + 1``: only one process can, so a dead process's cell is re-run once.
+    Before writing a result the owner checks that its claim is still the latest (:meth:`owns`); an
+    owner that was presumed dead (no heartbeat for ``lease`` seconds) discards its result.
+    """
+
+    def __init__(self, folder: Path, lease: float = LEASE_SECONDS) -> None:
+        if not lease > 0:
+            raise ConfigError(f"--lease must be > 0 seconds, got {lease}")
+        self.folder = folder
+        self.lease = float(lease)
+        self.heartbeat = min(30.0, self.lease / 10)
+        self.me = {"host": socket.gethostname(), "pidns": _pid_namespace(), "pid": os.getpid(),
+                   "start": _process_start(os.getpid())}
+        self.held: dict[str, tuple[Path, str]] = {}
+        self._seen: dict[Path, tuple[int, str, float]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- reading
+    def _generations(self, key: str) -> list[tuple[int, Path]]:
+        found = []
+        try:
+            with os.scandir(self.folder) as entries:
+                for entry in entries:
+                    stem, dot, gen = entry.name.removesuffix(".claim").rpartition(".")
+                    if entry.name.endswith(".claim") and dot and stem == key and gen.isdigit():
+                        found.append((int(gen), Path(entry.path)))
+        except FileNotFoundError:
+            pass
+        return sorted(found)
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, Any]:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _local(self, holder: Mapping[str, Any]) -> bool:
+        return holder.get("host") == self.me["host"] and holder.get("pidns") == self.me["pidns"]
+
+    def _stale(self, path: Path, holder: Mapping[str, Any]) -> bool:
+        if self._local(holder) and isinstance(holder.get("pid"), int):
+            return not _alive(holder["pid"], holder.get("start"))
+        try:
+            mtime = path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return False  # released meanwhile: look again later
+        token, now = str(holder.get("token")), time.monotonic()
+        seen = self._seen.get(path)
+        if seen is None or seen[:2] != (mtime, token):
+            self._seen[path] = (mtime, token, now)
+            return False
+        return now - seen[2] >= self.lease
+
+    @staticmethod
+    def describe(holder: Mapping[str, Any]) -> str:
+        return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')} since {holder.get('since', '?')}"
+
+    # -- claiming
+    def claim(self, key: str) -> str | None:
+        """Claim ``key``: None when this process now holds it, else a description of the holder."""
+        gens = self._generations(key)
+        gen = 1
+        if gens:
+            last, path = gens[-1]
+            holder = self._read(path)
+            if not self._stale(path, holder):
+                return self.describe(holder)
+            gen = last + 1
+        token = uuid.uuid4().hex
+        path = self.folder / f"{key}.{gen}.claim"
+        record = {**self.me, "token": token, "key": key,
+                  "since": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())}
+        if not create_text_exclusive(path, json.dumps(record, sort_keys=True) + "\n"):
+            return self.describe(self._read(path))
+        for _, old in gens:  # the stale predecessors (their owners see that they lost)
+            old.unlink(missing_ok=True)
+        if gens:
+            log(f"{key}: took over the stale claim of {self.describe(self._read(gens[-1][1]) or holder)}")
+        with self._lock:
+            self.held[key] = (path, token)
+        self._start_heartbeat()
+        return None
+
+    def owns(self, key: str) -> bool:
+        """True while this process's claim on ``key`` is the latest one and still carries its token."""
+        path, token = self.held[key]
+        gens = self._generations(key)
+        return bool(gens) and gens[-1][1] == path and self._read(path).get("token") == token
+
+    def release(self, key: str) -> None:
+        """Give up ``key`` (its claim file is removed if it is still this process's)."""
+        with self._lock:
+            path, token = self.held.pop(key)
+        if self._read(path).get("token") == token:
+            path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Release every claim and stop the heartbeat."""
+        for key in list(self.held):
+            self.release(key)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _start_heartbeat(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._beat, name="spotdiff-claims", daemon=True)
+            self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat):
+            with self._lock:
+                paths = [path for path, _ in self.held.values()]
+            for path in paths:
+                try:
+                    os.utime(path)
+                except OSError:
+                    pass  # released meanwhile, or taken over
+
+
+def _work_through(claims: Claims, units: Sequence[tuple[str, Callable[[], bool], Callable[[], Any]]],
+                  what: str, poll: float) -> list[str]:
+    """Run every ``(key, is_done, run)`` unit not yet done, each under its claim; wait for units that
+    other processes hold (taking over stale claims). Returns the keys run here."""
+    todo = [u for u in units if not u[1]()]
+    ran: list[str] = []
+    waited = False
+    while todo:
+        blocked = []
+        for key, is_done, run in todo:
+            if is_done():
+                continue
+            holder = claims.claim(key)
+            if holder is not None:
+                blocked.append((key, is_done, run, holder))
+                continue
+            try:
+                if not is_done():  # finished by another process between the check and the claim
+                    run()
+                    ran.append(key)
+            finally:
+                claims.release(key)
+        todo = [(key, is_done, run) for key, is_done, run, _ in blocked if not is_done()]
+        if todo:
+            if not waited:
+                first = next(b for b in blocked if b[0] == todo[0][0])
+                log(f"waiting for {len(todo)} {what} run by other processes (e.g. {first[0]}: {first[3]})")
+            waited = True
+            time.sleep(poll)
+    return ran
+
+
 # ================================================================================ the grid
 def check_weights(config: BenchmarkConfig) -> None:
     """Read every ``file`` weights entry (downloading torchvision weights not cached yet) and check it
@@ -373,33 +660,46 @@ def check_weights(config: BenchmarkConfig) -> None:
             raise WeightsError(f"weights {spec.name!r}: {exc}") from exc
 
 
-def prepare_weights(config: BenchmarkConfig, out: Path) -> dict[str, Path | str | None]:
+def weights_files(config: BenchmarkConfig, out: Path) -> dict[str, Path | str | None]:
+    """Backbone of every weights entry: its ``file`` (None for random init), or ``out/weights/<name>.safetensors``."""
+    return {spec.name: (None if is_random(spec.file) else spec.file) if spec.pretrain is None
+            else out / WEIGHTS_DIR / f"{spec.name}.safetensors"
+            for spec in config.weights}
+
+
+def prepare_weights(config: BenchmarkConfig, out: Path, claims: Claims,
+                    poll: float = POLL_SECONDS) -> dict[str, Path | str | None]:
     """Backbone file of every weights entry; runs (or resumes) the ``pretrain`` blocks first.
 
     A backbone already exported to ``<out>/weights/<name>.safetensors`` is reused when the block
-    recorded beside it (``<name>.json``) is the same; a changed block is a ConfigError.
+    recorded beside it (``<name>.json``) is the same; a changed block is a ConfigError. Each block
+    runs under a claim, so processes sharing ``out`` pre-train it once (the others wait).
     """
-    files: dict[str, Path | str | None] = {}
+    files = weights_files(config, out)
+    units = []
     for spec in config.weights:
         if spec.pretrain is None:  # checked by check_weights
-            files[spec.name] = None if is_random(spec.file) else spec.file
             continue
-        dest = out / WEIGHTS_DIR / f"{spec.name}.safetensors"
+        dest = files[spec.name]
         record = dest.with_suffix(".json")
         block = {"arch": spec.arch, "pretrain": _jsonable(spec.pretrain), "seed": config.seed}
-        if dest.is_file() and record.is_file():
-            try:
-                stored = json.loads(record.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
-                raise ConfigError(f"{record}: unreadable ({exc}); delete it and {dest.name} to re-train") from exc
-            if stored != block:
+
+        def done(dest: Path = dest, record: Path = record, block: dict = block) -> bool:
+            if not (dest.is_file() and record.is_file()):
+                return False
+            if _read_json(record) != block:
                 raise ConfigError(f"{dest}: pre-trained with another pretrain block; use another --out "
                                   f"or delete {dest.name} and {record.name} to re-train")
-            log(f"weights {spec.name}: already pre-trained ({dest})")
-        else:
+            return True
+
+        def run(spec: WeightsSpec = spec, dest: Path = dest, record: Path = record, block: dict = block) -> None:
             pretrain_and_export(spec, config, out / "pretrain" / spec.name, dest)
             write_json_atomic(record, block)
-        files[spec.name] = dest
+
+        if done():
+            log(f"weights {spec.name}: already pre-trained ({dest})")
+        units.append((f"_weights-{spec.name}", done, run))
+    _work_through(claims, units, "pre-training block(s)", poll)
     return files
 
 
@@ -431,6 +731,14 @@ def grid(config: BenchmarkConfig, weights_files: Mapping[str, Path | str | None]
             for obj in config.objects]
 
 
+def shard_cells(cells: Sequence[Cell], shard: tuple[int, int] | None) -> list[Cell]:
+    """The cells of shard ``(I, N)``: every N-th cell of the grid, starting with cell I (1-based)."""
+    if shard is None:
+        return list(cells)
+    index, count = shard
+    return [cell for i, cell in enumerate(cells) if i % count == index - 1]
+
+
 def cell_path(out: Path, cell: Cell) -> Path:
     return out / CELL_DIR / f"{cell.key}.json"
 
@@ -455,8 +763,12 @@ def read_cell(path: Path, cell: Cell, config: BenchmarkConfig) -> dict[str, Any]
     return data
 
 
-def run_cell(cell: Cell, config: BenchmarkConfig, out: Path) -> dict[str, Any]:
-    """Measure one cell and write its JSON atomically; returns the stored dict."""
+def run_cell(cell: Cell, config: BenchmarkConfig, out: Path, claims: Claims | None = None) -> dict[str, Any] | None:
+    """Measure one cell and write its JSON atomically; returns the stored dict.
+
+    With ``claims`` (this process holds the cell's claim), the result is written only if the claim
+    is still this process's; otherwise it is discarded and None is returned.
+    """
     runner = DOWNSTREAM.get(cell.downstream.method)
     if runner is None:
         raise ConfigError(f"no runner registered for downstream method {cell.downstream.method!r}")
@@ -472,52 +784,103 @@ def run_cell(cell: Cell, config: BenchmarkConfig, out: Path) -> dict[str, Any]:
         "init_weights": weights_record(cell.weights.arch, cell.weights_file),
         "fingerprint": cell.fingerprint(config), "spotdiff_version": __version__,
     }
+    if claims is not None and not claims.owns(cell.key):
+        log(f"{cell.key}: another process took this cell over while it ran (no heartbeat seen for "
+            f"{claims.lease:g} s); this result is discarded")
+        return None
     write_json_atomic(cell_path(out, cell), data)
     return data
 
 
 @dataclass
 class BenchmarkResult:
-    """What a benchmark run produced: the stored cell dicts (grid order) and what was skipped."""
+    """What a benchmark run produced: the stored cell dicts (grid order; empty when the tables were
+    not written by this process), the cells it ran and found done, and how many grid cells are missing."""
 
     cells: list[dict[str, Any]]
     ran: list[str]
     skipped: list[str]
     tables: list[Table]
     out: Path
+    missing: int = 0
 
 
-def run_benchmark(config: BenchmarkConfig, out: str | os.PathLike[str]) -> BenchmarkResult:
-    """Run (or resume) the grid, then write results.csv/json, tables.md and report.html into ``out``."""
+def run_benchmark(config: BenchmarkConfig, out: str | os.PathLike[str], shard: tuple[int, int] | None = None,
+                  lease: float = LEASE_SECONDS) -> BenchmarkResult:
+    """Run (or resume) the grid, or shard ``(I, N)`` of it, then write the tables when the grid is complete.
+
+    Several processes may share ``out`` (one per GPU, the tasks of a cluster job array): each cell
+    runs under a claim (:class:`Claims`), so it runs once, and a killed process's cell is taken over.
+    Without ``shard`` a process runs any cell not yet claimed and waits for the cells other
+    processes hold; with ``shard`` it runs only the cells of its shard. The tables (results.csv/json,
+    tables.md, report.html) are written by a process that sees every cell of the grid done at its end.
+    """
     out = Path(out)
+    claims = Claims(out / CLAIM_DIR, lease)
+    poll = min(POLL_SECONDS, claims.heartbeat)
+    check_device(config.device)
     check_weights(config)
     out.mkdir(parents=True, exist_ok=True)
-    files = prepare_weights(config, out)
-    cells = grid(config, files)
-    done, ran, skipped = [], [], []
-    progress_bar = bar(total=len(cells), desc="benchmark", unit="cell")
+    bind_out(config, out)
+    if shard is not None:
+        bind_shards(out, shard)
     try:
-        for cell in cells:
-            path = cell_path(out, cell)
-            data = read_cell(path, cell, config)
-            if data is not None:
-                skipped.append(cell.key)
-            else:
-                progress_bar.set_postfix_str(cell.key)
-                try:
-                    data = run_cell(cell, config, out)
-                except SpotdiffError as exc:
-                    raise type(exc)(f"cell {cell.key}: {exc}") from exc
-                ran.append(cell.key)
-                log(f"{cell.key}: {_headline(data['metrics'])} ({data['seconds']:.1f} s)")
-            done.append(data)
-            progress_bar.update(1)
+        if shard is not None:
+            holder = claims.claim(f"_shard-{shard[0]}-of-{shard[1]}")
+            if holder is not None:
+                raise ConfigError(f"--shard {shard[0]}/{shard[1]} is already being run by {holder} "
+                                  f"(claim in {out / CLAIM_DIR}); give each process its own shard")
+        cells = grid(config, prepare_weights(config, out, claims, poll))
+        mine = shard_cells(cells, shard)
+        done_before = [c.key for c in mine if read_cell(cell_path(out, c), c, config) is not None]
+        if done_before:
+            log(f"skipped {len(done_before)} cell(s) already measured in {out / CELL_DIR}")
+        progress_bar = bar(total=len(mine), initial=len(done_before), desc="benchmark", unit="cell")
+        try:
+            def unit(cell: Cell) -> tuple[str, Callable[[], bool], Callable[[], None]]:
+                def run() -> None:
+                    progress_bar.set_postfix_str(cell.key)
+                    try:
+                        data = run_cell(cell, config, out, claims)
+                    except SpotdiffError as exc:
+                        raise type(exc)(f"cell {cell.key}: {exc}") from exc
+                    if data is not None:
+                        log(f"{cell.key}: {_headline(data['metrics'])} ({data['seconds']:.1f} s)")
+                    progress_bar.update(1)
+                return cell.key, cell_path(out, cell).is_file, run
+
+            ran = _work_through(claims, [unit(c) for c in mine], "cell(s)", poll)
+        finally:
+            progress_bar.close()
+        skipped = [c.key for c in mine if c.key not in ran]
+        missing = sum(not cell_path(out, c).is_file() for c in cells)
+        if missing:
+            log(f"{missing} cell(s) of other shards are not done yet; the process that finishes the last "
+                "one writes the tables (or run `spotdiff benchmark --collect` when all are done)")
+            return BenchmarkResult([], ran, skipped, [], out, missing)
+        holder = claims.claim("_tables")
+        if holder is not None:
+            log(f"every cell is done; the tables are being written by {holder}")
+            return BenchmarkResult([], ran, skipped, [], out, 0)
+        done = [read_cell(cell_path(out, c), c, config) for c in cells]
+        tables = write_results(config, done, out)
+        return BenchmarkResult(done, ran, skipped, tables, out, 0)
     finally:
-        progress_bar.close()
-    if skipped:
-        log(f"skipped {len(skipped)} cell(s) already measured in {out / CELL_DIR}")
+        claims.close()
+
+
+def collect_benchmark(config: BenchmarkConfig, out: str | os.PathLike[str]) -> BenchmarkResult:
+    """Write the tables of ``out`` from the cells measured so far (runs nothing); ``missing`` counts the rest."""
+    out = Path(out)
+    if not (out / RECORD_NAME).is_file():
+        raise ConfigError(f"{out}: no benchmark here ({RECORD_NAME} not found)")
+    bind_out(config, out)
+    cells = grid(config, weights_files(config, out))
+    done = [d for d in (read_cell(cell_path(out, c), c, config) for c in cells) if d is not None]
+    if not done:
+        raise ConfigError(f"{out}: no cell is done yet; nothing to collect")
     tables = write_results(config, done, out)
-    return BenchmarkResult(done, ran, skipped, tables, out)
+    return BenchmarkResult(done, [], [d["key"] for d in done], tables, out, len(cells) - len(done))
 
 
 def _headline(metrics: Mapping[str, Any]) -> str:
@@ -536,6 +899,9 @@ def cell_records(cells: Sequence[Mapping[str, Any]]) -> list[ResultRecord]:
 
 def write_results(config: BenchmarkConfig, cells: Sequence[Mapping[str, Any]], out: Path) -> list[Table]:
     """results.csv, results.json, tables.md and report.html from the stored cells; returns the tables."""
+    from spotdiff.report.html import report_sections, write_html_report  # matplotlib: only when writing
+    from spotdiff.report.plots import Predictions
+
     records = cell_records(cells)
     weights_order = [w.name for w in config.weights]
     used = {c["weights"]: cell_weights(c) for c in cells}

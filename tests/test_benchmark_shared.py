@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 CONFIG = {
     "data": {"root": "data"},
     "objects": ["o1", "o2", "o3", "o4"],
-    "weights": [{"name": "w1", "arch": "resnet18"}, {"name": "w2", "arch": "resnet18"}],
+    "weights": [{"name": "w1", "arch": "resnet18", "file": "random"}, {"name": "w2", "arch": "resnet18", "file": "random"}],
     "downstream": [{"name": "fake-a", "method": "fake"}],
     "report": {"figures": False},
 }

@@ -7,7 +7,7 @@ from typing import Any
 
 from spotdiff.errors import ConfigError
 from spotdiff.models import build_backbone
-from spotdiff.pretrain.base import BLEND_HPARAMS, PretrainMethod
+from spotdiff.pretrain.base import BLEND_HPARAMS, PretrainMethod, zero_init_residual
 from spotdiff.pretrain.moco import MoCo
 from spotdiff.pretrain.simclr import SimCLR
 from spotdiff.pretrain.simsiam import SimSiam
@@ -35,7 +35,8 @@ def build_method(
         arch: backbone architecture (see :func:`spotdiff.models.build_backbone`).
         spd: add the SPD loss (weak positive, SmoothBlend negative) with weight ``eta``.
         num_classes: number of classes (``supervised`` only).
-        weights: local backbone weights to start from; None for random init (seed the RNG first).
+        weights: local backbone weights to start from; None for random init (seed the RNG first;
+            SimSiam then zero-initialises the last BN of every residual block, as its reference).
         hparams: method hyper-parameters (see each class's ``hparam_defaults``) and SmoothBlend's
             ``blend_area``, ``blend_aspect``, ``blend_sigma``, ``blend_jitter``.
     Raises:
@@ -51,5 +52,7 @@ def build_method(
     if num_classes is not None and name != "supervised":
         raise ConfigError(f"{name}: num_classes is only used by 'supervised'")
     backbone = build_backbone(arch, weights=weights)
+    if weights is None and cls.zero_init_residual:
+        zero_init_residual(backbone)
     extra: dict[str, Any] = {"num_classes": num_classes} if name == "supervised" else {}
     return cls(backbone, spd=spd, eta=eta, **extra, **hparams)

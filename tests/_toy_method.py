@@ -75,6 +75,11 @@ class ToyMethod(nn.Module):
         return [{"params": list(self.backbone.parameters()), "lr": lr, "weight_decay": wd},
                 {"params": list(self.projector.parameters()), "lr": lr, "weight_decay": wd, "fixed_lr": True}]
 
+    sync_batchnorm = True
+
+    def check_batches(self, images_per_epoch, batch_size, world_size):
+        pass
+
     def after_step(self):
         self.after_steps += 1
 

@@ -14,7 +14,7 @@ from spotdiff.pretrain.simclr import nt_xent
 
 TINY = {
     "simsiam": {"proj_dim": 32, "pred_dim": 8},
-    "moco": {"dim": 16, "queue_size": 24, "hidden_dim": 32},
+    "moco": {"dim": 16, "queue_size": 24, "hidden_dim": 32, "shuffle_groups": 2},
     "simclr": {"dim": 16, "hidden_dim": 32},
     "supervised": {},
 }
@@ -89,7 +89,9 @@ def test_eta_zero_reproduces_base_method(name: str) -> None:
     base, with_spd = _build(name, spd=False), _build(name, spd=True, eta=0.0)
     with_spd.load_state_dict(base.state_dict(), strict=False)
     views = _views(with_spd)
+    torch.manual_seed(5)  # the same global RNG state (MoCo's key shuffle), as the loop seeds each step
     out_base = base(views, labels=LABELS)
+    torch.manual_seed(5)
     out_spd = with_spd(views, labels=LABELS, generator=torch.Generator().manual_seed(0))
     assert out_base["loss_spd"].item() == 0.0
     assert out_spd["loss_spd"].item() != 0.0
@@ -241,8 +243,8 @@ def _global_pairs() -> tuple[torch.Tensor, torch.Tensor]:
     return z1, z2
 
 
-def test_nt_xent_across_two_ranks_equals_global_batch(tmp_path) -> None:
-    """Under DDP each rank's NT-Xent uses every rank's projections: rank mean == single-process loss."""
+def _run_two_ranks(worker, out_dir) -> list[dict]:
+    """Run ``worker(rank, world, port, out_dir)`` on two local gloo ranks; their ``rank{r}.pt`` results."""
     import socket
 
     import torch.multiprocessing as mp
@@ -251,15 +253,19 @@ def test_nt_xent_across_two_ranks_equals_global_batch(tmp_path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # fork: no re-import of torch in the children (seconds on a busy 2-core machine)
-    ctx = mp.start_processes(_nt_xent_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False,
-                             start_method="fork")
+    ctx = mp.start_processes(worker, args=(2, port, str(out_dir)), nprocs=2, join=False, start_method="fork")
     deadline = time.monotonic() + 120
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:
             for proc in ctx.processes:
                 proc.kill()
             pytest.fail("two-rank gloo workers did not finish within 120 s")
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def test_nt_xent_across_two_ranks_equals_global_batch(tmp_path) -> None:
+    """Under DDP each rank's NT-Xent uses every rank's projections: rank mean == single-process loss."""
+    results = _run_two_ranks(_nt_xent_worker, tmp_path)
     z1, z2 = (z.clone().requires_grad_(True) for z in _global_pairs())
     full = nt_xent(z1, z2, 0.5)
     full.backward()
@@ -283,3 +289,110 @@ def test_spd_gradient_reaches_anchor_and_positive(name: str) -> None:
     assert g_pos is not None and g_pos.abs().sum() > 0
     if name != "simclr":  # SimCLR's BN runs over both views at once, coupling view2 to z1
         assert g_other is None or g_other.abs().sum() == 0  # view2 is not part of SPD
+
+
+# ----------------------------------------------------------------------------- MoCo shuffling BN
+def _bn_batch_means(module: torch.nn.Module, calls: list) -> torch.utils.hooks.RemovableHandle:
+    """Record ``(inputs, per-channel batch mean)`` of every training call of the BN layer ``module``."""
+    return module.register_forward_hook(
+        lambda mod, args, out: calls.append((args[0].detach(), args[0].detach().mean(dim=(0, 2, 3)))))
+
+
+def test_moco_query_and_its_key_are_normalised_with_different_statistics() -> None:
+    """One process: shuffled BN sub-batches; without them the pair would share batch statistics."""
+    m = _build("moco")  # shuffle_groups=2; the key encoder starts as an exact copy of the query encoder
+    images = torch.randn(8, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    query_calls, key_calls = [], []
+    hooks = [_bn_batch_means(m.backbone.bn1, query_calls), _bn_batch_means(m.key_backbone.bn1, key_calls)]
+    torch.manual_seed(0)
+    m({"view1": images, "view2": images})  # the key's image is the query's image
+    for h in hooks:
+        h.remove()
+    assert len(query_calls) == 2 and len(key_calls) == 2  # two BN sub-batches each
+
+    def stats_of(calls: list, row: torch.Tensor) -> torch.Tensor:
+        (mean,) = [mean for x, mean in calls if any(torch.equal(row, r) for r in x)]
+        return mean
+
+    rows = torch.cat([x for x, _ in query_calls])  # bn1 inputs: identical in both encoders
+    assert len(rows) == 8
+    for row in rows:
+        assert not torch.allclose(stats_of(query_calls, row), stats_of(key_calls, row))
+
+
+def test_moco_shuffled_keys_come_back_in_order() -> None:
+    """With BN on running statistics the grouping cannot matter: keys must equal the plain pass."""
+    m = _build("moco")
+    images = torch.randn(8, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+    m.key_backbone.eval()
+    torch.manual_seed(0)
+    keys = m._keys(images)
+    plain = torch.nn.functional.normalize(m.key_head(m.key_backbone(images)), dim=1)
+    assert torch.allclose(keys, plain, atol=1e-6)
+
+
+def test_moco_refuses_a_queue_the_data_cannot_fill_and_too_small_groups() -> None:
+    m = _build("moco")  # queue 24
+    m.check_batches(images_per_epoch=30, batch_size=6, world_size=1)
+    with pytest.raises(ConfigError, match=r"queue_size=24 .*need 1 <= queue_size <= 18"):
+        m.check_batches(images_per_epoch=24, batch_size=6, world_size=1)
+    with pytest.raises(ConfigError, match=r"shuffle_groups=2: need batch >= 4"):
+        m.check_batches(images_per_epoch=100, batch_size=3, world_size=1)
+    m.check_batches(images_per_epoch=100, batch_size=4, world_size=2)  # DDP: groups are the processes
+    with pytest.raises(ConfigError, match="shuffle_groups"):
+        build_method("moco", arch="resnet18", shuffle_groups=1)
+
+
+def _shuffle_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from spotdiff.pretrain.moco import shuffled_across_ranks
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0 if rank == 0 else 99)  # only rank 0's permutation may count
+        images = torch.arange(4.0).view(4, 1) + 10 * rank  # rows 0..3 on rank 0, 10..13 on rank 1
+        seen = []
+
+        def encode(x: torch.Tensor) -> torch.Tensor:  # BN-like: the output depends on the sub-batch
+            seen.append(x.clone())
+            return torch.cat([x, x.mean(dim=0, keepdim=True).expand_as(x)], dim=1)
+
+        out = shuffled_across_ranks(encode, images, rank, world)
+        torch.save({"out": out, "seen": seen[0], "images": images}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_moco_ddp_shuffle_spans_ranks_and_unshuffles(tmp_path) -> None:
+    """Two gloo ranks: each encodes a slice of one global permutation; keys come back in order."""
+    results = _run_two_ranks(_shuffle_worker, tmp_path)
+    seen = [r["seen"].flatten().tolist() for r in results]
+    assert sorted(seen[0] + seen[1]) == [0, 1, 2, 3, 10, 11, 12, 13]  # one permutation, split in two
+    assert set(seen[0]) != {0, 1, 2, 3}  # seed 0: the sub-batches mix the ranks' images
+    for r in results:
+        assert torch.equal(r["out"][:, 0], r["images"][:, 0])  # own rows, own order
+        sub_batch_means = {sum(s) / 4 for s in seen}
+        assert set(r["out"][:, 1].tolist()) <= sub_batch_means
+
+
+def test_simsiam_random_init_zeroes_residual_branches_like_torchvision(tmp_path) -> None:
+    """SimSiam's random init equals torchvision's ``zero_init_residual=True``; loaded weights stay as they are."""
+    from torchvision.models import resnet18
+
+    from spotdiff.pretrain.export import write_backbone
+
+    torch.manual_seed(3)
+    reference = resnet18(zero_init_residual=True).state_dict()
+    torch.manual_seed(3)
+    m = build_method("simsiam", arch="resnet18", **TINY["simsiam"])
+    for key, value in m.backbone.state_dict().items():
+        assert torch.equal(value, reference[key]), key
+    assert m.backbone.layer1[0].bn2.weight.abs().sum() == 0
+    torch.manual_seed(3)
+    assert build_method("moco", arch="resnet18", **TINY["moco"]).backbone.layer1[0].bn2.weight.abs().sum() > 0
+    torch.manual_seed(3)
+    weights = resnet18()
+    write_backbone(weights.state_dict(), "resnet18", tmp_path / "w.safetensors", {})
+    loaded = build_method("simsiam", arch="resnet18", weights=tmp_path / "w.safetensors", **TINY["simsiam"])
+    assert torch.equal(loaded.backbone.layer1[0].bn2.weight, weights.layer1[0].bn2.weight)

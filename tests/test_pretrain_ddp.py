@@ -20,13 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 def test_two_process_gloo_moco_spd_run(tmp_path):
     """torchrun --nproc-per-node 2 on CPU: MoCo v2 + SPD, global batch 4 = 2 per process."""
-    images = _toy_method.make_images(tmp_path / "images", n=12)
+    images = _toy_method.make_images(tmp_path / "images", n=16)
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "spotdiff", "--quiet", "pretrain", "--method", "moco", "--spd", "--arch", "resnet18",
            "--data", str(images), "--out", str(run), "--steps", "2", "--batch-size", "4",
            "--image-size", "32", "--workers", "0", "--checkpoint-every", "1", "--set", "log_every=1",
-           "--set", "tensorboard=false"]
+           "--set", "tensorboard=false", "--set", "hparams.queue_size=12"]  # <= 16 images - batch 4
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -241,6 +241,25 @@ def test_config_errors_name_the_key_and_source(tmp_path):
     assert main(["--quiet", "pretrain", "--data", "d", "--out", str(tmp_path / "o"), "--set", "epoch=1"]) == 2
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--eta", "-0.5"], "eta: must be a finite number >= 0, got -0.5"),
+    (["--eta", "nan"], "eta: must be a finite number >= 0, got nan"),
+    (["--eta", "inf"], "eta: must be a finite number >= 0, got inf"),
+    (["--spd", "--set", "hparams.blend_area=[0.0, 0.01]"], "area=[0.0, 0.01]: need 0 < min <= max < 1"),
+    (["--spd", "--set", "hparams.blend_area=[0.005, 1.5]"], "area=[0.005, 1.5]: need 0 < min <= max < 1"),
+    (["--method", "moco", "--set", "hparams.queue_size=16"],
+     "moco: queue_size=16 is larger than the data allows: need 1 <= queue_size <= 8"),
+])
+def test_bad_spd_and_moco_values_exit_2_with_one_line(images, tmp_path, capsys, args, message):
+    """12 images, batch 4: one line naming the value and the allowed range, exit 2, no run folder."""
+    out = tmp_path / "run"
+    code = main(["--quiet", "pretrain", "--arch", "resnet18", "--data", str(images), "--out", str(out),
+                 "--steps", "1", "--batch-size", "4", "--image-size", "32", "--workers", "0", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not out.exists()
+
+
 def test_folder_layouts_labels_and_bad_images(toy, tmp_path):
     labelled = _toy_method.make_images(tmp_path / "classes", n=9, classes=("good", "scratch", "dent"))
     paths, labels, names = find_images(labelled)
@@ -357,7 +376,8 @@ def test_lars_step_and_optimizer_override(toy, images, tmp_path):
 def test_real_method_with_spd_resumes_bit_identical(method, images, tmp_path, monkeypatch):
     """The real methods (momentum encoder, queue, SmoothBlend generator) resume exactly too."""
     methods = pytest.importorskip("spotdiff.pretrain.methods")
-    cfg = dict(method=method, spd=True, steps=4, checkpoint_every=2, batch_size=4)
+    hparams = {"queue_size": 8, "shuffle_groups": 2} if method == "moco" else {}  # 12 images, batch 4
+    cfg = dict(method=method, spd=True, steps=4, checkpoint_every=2, batch_size=4, hparams=hparams)
     reference = train.run_pretrain(tiny(images, tmp_path / "ref", **cfg))
 
     def build_dying(name, **kwargs):

@@ -23,8 +23,10 @@ Design choices (the paper leaves them open):
   uniformly from ``[1 - j, 1 + j]`` (hue: ``[-j, j]``), applied in this fixed order with
   torchvision's definitions (contrast uses the mean grey level of the patch itself), clamped to
   [0, 1] after each step.
-* **Geometry**: area fraction uniform in ``area``, aspect ratio ``h / w`` log-uniform in ``aspect``,
-  source and destination boxes uniform and independent inside the image.
+* **Geometry**: the *perturbed* area -- the mass of ``alpha`` as a fraction of the image -- is uniform
+  in ``area``; the hard box is sized to give that mass (about 2.6-3.7x larger than the mass at the
+  default ``sigma``, because of the erosion and the soft edge). Aspect ratio ``h / w`` log-uniform in
+  ``aspect``; source and destination boxes uniform and independent inside the image.
 * Only a window of the size of the largest patch of the batch is processed; the output is one
   ``scatter`` into a copy of the input, so the cost hardly depends on the image size.
 """
@@ -145,10 +147,14 @@ class BlendParams:
         return inside.unsqueeze(1)
 
 
-def _pair(value: float | Sequence[float], name: str, low: float, high: float) -> tuple[float, float]:
+def _pair(value: float | Sequence[float], name: str, low: float, high: float,
+          open_range: bool = False) -> tuple[float, float]:
+    """``(min, max)`` from a number or a pair, within ``[low, high]`` (``(low, high)`` if ``open_range``)."""
     lo, hi = (float(value), float(value)) if isinstance(value, (int, float)) else tuple(map(float, value))
-    if not (low <= lo <= hi <= high):
-        raise ConfigError(f"SmoothBlend {name}={value!r}: need {low} <= min <= max <= {high}")
+    inside = low < lo <= hi < high if open_range else low <= lo <= hi <= high
+    if not inside:
+        lt = "<" if open_range else "<="
+        raise ConfigError(f"SmoothBlend {name}={value!r}: need {low:g} {lt} min <= max {lt} {high:g}")
     return lo, hi
 
 
@@ -156,7 +162,8 @@ class SmoothBlend(nn.Module):
     """Batched SmoothBlend of ``(B, 3, H, W)`` images (CPU or CUDA), random parameters per sample.
 
     Args:
-        area: range of the patch area as a fraction of the image area (default 0.5 %-1 %).
+        area: range of the perturbed area -- the mass of alpha, ``alpha.sum() / (H * W)`` -- as a
+            fraction of the image area, in (0, 1) (default 0.5 %-1 %, the paper's patch size).
         aspect: range of the patch aspect ratio ``h / w`` (sampled log-uniformly).
         sigma: Gaussian std of the alpha mask as a fraction of the patch's shorter side; 0 pastes
             with hard edges.
@@ -179,7 +186,7 @@ class SmoothBlend(nn.Module):
         std: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
-        self.area = _pair(area, "area", 1e-6, 1.0)
+        self.area = _pair(area, "area", 0.0, 1.0, open_range=True)
         self.aspect = _pair(aspect, "aspect", 1e-3, 1e3)
         if not (sigma >= 0 and truncate > 0):
             raise ConfigError(
@@ -187,6 +194,11 @@ class SmoothBlend(nn.Module):
         if truncate * sigma >= 0.5:
             raise ConfigError(
                 f"SmoothBlend sigma={sigma!r}: truncate * sigma must be < 0.5 (the eroded box vanishes)")
+        # alpha mass of a box covering a whole square image: the largest area that can be asked for
+        largest = (1.0 - 2.0 * truncate * sigma) ** 2 if sigma > 0 else 1.0
+        if self.area[1] > largest:
+            raise ConfigError(f"SmoothBlend area={area!r}: with sigma={sigma} the perturbed area "
+                              f"(alpha mass) can be at most {largest:.3g} of the image; need max <= {largest:.3g}")
         self.sigma = float(sigma)
         self.truncate = float(truncate)
         if len(jitter) != 4 or min(jitter) < 0 or jitter[3] > 0.5:
@@ -210,18 +222,19 @@ class SmoothBlend(nn.Module):
     ) -> BlendParams:
         """Draw parameters for ``batch`` images of ``height x width`` from ``generator``.
 
-        Random numbers come from ``generator`` on its own device (the global CPU RNG when None) and
-        are moved to ``device``: the same seed gives the same parameters on CPU and CUDA.
+        The area drawn from ``self.area`` is the mass of ``alpha`` (``alpha.sum() / (H * W)``, the
+        area actually perturbed), not the hard box: the box is sized so that its smoothed, eroded
+        alpha has that mass (see :meth:`_box_for_mass`). Random numbers come from ``generator`` on
+        its own device (the global CPU RNG when None) and are moved to ``device``: the same seed
+        gives the same parameters on CPU and CUDA.
         """
         rng_device = generator.device if generator is not None else torch.device("cpu")
         u = torch.rand(10, batch, generator=generator, device=rng_device, dtype=torch.float64)
         u = u.to(device or rng_device)
-        total = height * width
-        area = (self.area[0] + (self.area[1] - self.area[0]) * u[0]) * total
+        target = (self.area[0] + (self.area[1] - self.area[0]) * u[0]) * (height * width)
         log_lo, log_hi = math.log(self.aspect[0]), math.log(self.aspect[1])
         ratio = torch.exp(log_lo + (log_hi - log_lo) * u[1])
-        h = torch.sqrt(area * ratio).round().clamp(1, height)
-        w = (area / h).round().clamp(1, width)
+        h, w = self._box_for_mass(target, ratio, height, width)
         src_y = torch.floor(u[2] * (height - h + 1))
         src_x = torch.floor(u[3] * (width - w + 1))
         dst_y = torch.floor(u[4] * (height - h + 1))
@@ -239,6 +252,45 @@ class SmoothBlend(nn.Module):
             brightness=factor(u[6], b), contrast=factor(u[7], c), saturation=factor(u[8], s),
             hue=((2.0 * u[9] - 1.0) * hj).float(),
         )
+
+    def _box_for_mass(
+        self, target: torch.Tensor, ratio: torch.Tensor, height: int, width: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Integer box sides ``(h, w)`` whose alpha mass is ``target`` pixels, aspect ``h / w = ratio``.
+
+        Continuous start: eroding by ``truncate * sigma`` with ``sigma = self.sigma * min(h, w)``
+        leaves a ``(h - k m) x (w - k m)`` box (``k = 2 * truncate * sigma_fraction``, ``m`` the
+        shorter side) whose blur keeps its mass, so the shorter side is
+        ``sqrt(target / ((1 - k) (rho - k)))`` with ``rho = max(ratio, 1 / ratio)``. Three rescaling
+        steps then correct for the pixel grid with the exact discrete mass :meth:`alpha_mass`, and the
+        sides are rounded to pixels (the only remaining error) and clipped to the image.
+        """
+        k = 2.0 * self.truncate * self.sigma if self.sigma > 0 else 0.0
+        rho = torch.maximum(ratio, 1.0 / ratio)
+        short = torch.sqrt(target / ((1.0 - k) * (rho - k)))
+        h = torch.where(ratio >= 1, short * rho, short)
+        w = torch.where(ratio >= 1, short, short * rho)
+
+        def to_pixels(h: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return h.round().clamp(1, height), w.round().clamp(1, width)
+
+        for _ in range(3):
+            mass = self.alpha_mass(*to_pixels(h, w))
+            scale = torch.sqrt(target / mass.clamp_min(1e-12)).clamp(0.5, 2.0)
+            h, w = h * scale, w * scale
+        return to_pixels(h, w)
+
+    def alpha_mass(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``sum(alpha)`` in pixels of ``(B,)`` boxes of integer sides ``h x w`` (alpha is separable)."""
+        sigma = (self.sigma * torch.minimum(h, w)).float()
+        longest = int(max(h.max(), w.max()))
+        coord = torch.arange(longest, device=h.device).view(1, -1)
+
+        def total(length: torch.Tensor) -> torch.Tensor:
+            inside = coord < length.view(-1, 1)
+            return (self._profile(coord, length, sigma) * inside).sum(dim=1).double()
+
+        return total(h) * total(w)
 
     # -- application
     def apply(
@@ -300,25 +352,27 @@ class SmoothBlend(nn.Module):
         alpha_full.scatter_(1, window_index[:, : ph * pw], alpha.view(bsz, -1))
         return out, alpha_full.view(bsz, 1, height, width)
 
+    def _profile(self, coord: torch.Tensor, length: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """1-D alpha profile ``(B, L)`` at integer patch coordinates ``coord`` of boxes ``length`` (B,).
+
+        The box ``[margin, length - margin)``, ``margin = truncate * sigma``, convolved with
+        ``N(0, sigma^2)`` and evaluated at pixel centres; a hard 0/1 box when ``self.sigma == 0``.
+        """
+        length = length.view(-1, 1)
+        if self.sigma == 0:
+            return ((coord >= 0) & (coord < length)).float()
+        sigma = sigma.view(-1, 1)
+        margin = self.truncate * sigma
+        centre = coord.float() + 0.5
+        scale = 1.0 / (sigma * math.sqrt(2.0))
+        lo = torch.erf((centre - margin) * scale)
+        hi = torch.erf((centre - (length.float() - margin)) * scale)
+        return (0.5 * (lo - hi)).clamp(0.0, 1.0)
+
     def _alpha(self, py: torch.Tensor, px: torch.Tensor, params: BlendParams) -> torch.Tensor:
         """``(B, 1, ph, pw)`` Gaussian-smoothed eroded box (before the footprint cut), float32."""
-        sigma = params.sigma.view(-1, 1)
-        if self.sigma == 0:
-            prof_y = ((py >= 0) & (py < params.h.view(-1, 1))).float()
-            prof_x = ((px >= 0) & (px < params.w.view(-1, 1))).float()
-        else:
-            margin = self.truncate * sigma
-
-            def profile(coord: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
-                # Box [margin, length - margin) convolved with N(0, sigma^2), at pixel centres.
-                centre = coord.float() + 0.5
-                scale = 1.0 / (sigma * math.sqrt(2.0))
-                lo = torch.erf((centre - margin) * scale)
-                hi = torch.erf((centre - (length.view(-1, 1).float() - margin)) * scale)
-                return (0.5 * (lo - hi)).clamp(0.0, 1.0)
-
-            prof_y = profile(py, params.h)
-            prof_x = profile(px, params.w)
+        prof_y = self._profile(py, params.h, params.sigma)
+        prof_x = self._profile(px, params.w, params.sigma)
         return (prof_y.unsqueeze(2) * prof_x.unsqueeze(1)).unsqueeze(1)
 
     def forward(

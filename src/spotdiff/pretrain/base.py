@@ -18,6 +18,7 @@ flow through anchor, positive and negative. Supervised pre-training replaces ``L
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
@@ -27,6 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models import ResNet
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from spotdiff.augment.smoothblend import SmoothBlend
 from spotdiff.augment.views import MultiViewTransform, ViewFn, weak_augmentation
@@ -115,6 +117,20 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+@torch.no_grad()
+def zero_init_residual(backbone: ResNet) -> None:
+    """Zero the last BN scale of every residual block (torchvision's ``zero_init_residual=True``).
+
+    Each block then starts as the identity; applied after the usual random initialisation, so it
+    draws no random numbers.
+    """
+    for block in backbone.modules():
+        if isinstance(block, Bottleneck):
+            block.bn3.weight.zero_()
+        elif isinstance(block, BasicBlock):
+            block.bn2.weight.zero_()
+
+
 # ----------------------------------------------------------------------------- the method interface
 class PretrainMethod(nn.Module):
     """Base class of the pre-training methods (SimSiam, MoCo v2, SimCLR, supervised), SPD optional.
@@ -137,6 +153,10 @@ class PretrainMethod(nn.Module):
     exclude_norm_and_bias_from_wd: ClassVar[bool] = False
     # Parameter-name prefixes whose lr stays constant during the schedule.
     fixed_lr_prefixes: ClassVar[tuple[str, ...]] = ()
+    # True: under DDP on GPU the loop converts every BN layer to SyncBatchNorm (MoCo: False).
+    sync_batchnorm: ClassVar[bool] = True
+    # True: a randomly initialised backbone starts with zero_init_residual (SimSiam's reference).
+    zero_init_residual: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -155,8 +175,8 @@ class PretrainMethod(nn.Module):
         else:
             # fc already removed: the last block's input width equals the feature width
             self.feature_dim = int(backbone.layer4[-1].conv1.in_channels)
-        if eta < 0:
-            raise ConfigError(f"eta={eta!r}: the SPD weight must be >= 0")
+        if not (math.isfinite(eta) and eta >= 0):
+            raise ConfigError(f"eta={eta!r}: the SPD weight must be a finite number >= 0")
         self.backbone = backbone
         self.spd = bool(spd)
         self.eta = float(eta)
@@ -248,6 +268,9 @@ class PretrainMethod(nn.Module):
                 "lars_exclude": no_decay,
             })
         return groups
+
+    def check_batches(self, images_per_epoch: int, batch_size: int, world_size: int) -> None:
+        """Called by the loop before training: ConfigError if the data cannot feed this method. No-op here."""
 
     def after_step(self) -> None:
         """Called by the loop after every optimiser step (MoCo: momentum update). No-op here."""

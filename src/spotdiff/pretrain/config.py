@@ -89,10 +89,12 @@ class PretrainConfig:
 
     def validate(self) -> None:
         """Raise ConfigError for a value of the wrong type or out of range."""
+        non_negative = ("lr", "weight_decay", "momentum", "warmup_epochs", "eta")
         for name in _FIELDS:
             value = coerce_value(name, getattr(self, name), "config")
             if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"{name}: must be a finite number, got {value}")
+                allowed = " >= 0" if name in non_negative else ""
+                raise ConfigError(f"{name}: must be a finite number{allowed}, got {value}")
         def choose(key: str, options: tuple[str, ...]) -> None:
             if getattr(self, key) not in options:
                 raise ConfigError(f"{key}: {getattr(self, key)!r} is not one of {', '.join(options)}")
@@ -112,10 +114,10 @@ class PretrainConfig:
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise ConfigError(f"{key}: must be positive, got {value}")
-        for key in ("lr", "weight_decay", "momentum", "warmup_epochs", "eta"):
+        for key in non_negative:
             value = getattr(self, key)
             if value is not None and value < 0:
-                raise ConfigError(f"{key}: must be >= 0, got {value}")
+                raise ConfigError(f"{key}: must be a finite number >= 0, got {value}")
         for key in ("workers", "checkpoint_every"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")

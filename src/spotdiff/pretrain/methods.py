@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from spotdiff.errors import ConfigError
-from spotdiff.models import WeightsLike, build_backbone
-from spotdiff.pretrain.base import BLEND_HPARAMS, PretrainMethod
+from spotdiff.models import WeightsLike, build_backbone, is_random
+from spotdiff.pretrain.base import BLEND_HPARAMS, PretrainMethod, zero_init_residual
 from spotdiff.pretrain.moco import MoCo
 from spotdiff.pretrain.simclr import SimCLR
 from spotdiff.pretrain.simsiam import SimSiam
@@ -35,7 +35,8 @@ def build_method(
         spd: add the SPD loss (weak positive, SmoothBlend negative) with weight ``eta``.
         num_classes: number of classes (``supervised`` only).
         weights: backbone weights to start from (``"imagenet"``, a torchvision weights name, a file,
-            see :func:`spotdiff.models.load_weights`); None for random init (seed the RNG first).
+            see :func:`spotdiff.models.load_weights`); None for random init (seed the RNG first;
+            SimSiam then zero-initialises the last BN of every residual block, as its reference).
         hparams: method hyper-parameters (see each class's ``hparam_defaults``) and SmoothBlend's
             ``blend_area``, ``blend_aspect``, ``blend_sigma``, ``blend_jitter``.
     Raises:
@@ -51,5 +52,7 @@ def build_method(
     if num_classes is not None and name != "supervised":
         raise ConfigError(f"{name}: num_classes is only used by 'supervised'")
     backbone = build_backbone(arch, weights=weights)
+    if is_random(weights) and cls.zero_init_residual:
+        zero_init_residual(backbone)
     extra: dict[str, Any] = {"num_classes": num_classes} if name == "supervised" else {}
     return cls(backbone, spd=spd, eta=eta, **extra, **hparams)

@@ -40,6 +40,7 @@ class SimSiam(PretrainMethod):
                             batch_size=512, epochs=100, warmup_epochs=0)
     hparam_defaults: dict[str, Any] = {"proj_dim": 2048, "pred_dim": 512}
     fixed_lr_prefixes = ("predictor.",)
+    zero_init_residual = True  # the reference builds its encoder with zero_init_residual=True
 
     def __init__(self, backbone: ResNet, proj_dim: int = 2048, pred_dim: int = 512, **kwargs: Any) -> None:
         super().__init__(backbone, **kwargs)

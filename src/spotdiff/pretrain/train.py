@@ -120,12 +120,13 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext) -> Path:
                         "(lower --batch-size)")
     sampler = EpochBatchSampler(len(paths), cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size)
     steps_per_epoch = sampler.batches_per_epoch
+    method.check_batches(steps_per_epoch * cfg.batch_size, cfg.batch_size, ctx.world_size)
     total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
     warmup_steps = min(total_steps, round(cfg.warmup_epochs * steps_per_epoch))
 
     device = ctx.device
     on_gpu = device.type == "cuda"
-    if ctx.distributed and on_gpu:
+    if ctx.distributed and on_gpu and method.sync_batchnorm:  # MoCo shuffles its BN batches instead
         method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
     method.to(device)
     if on_gpu and cfg.channels_last:

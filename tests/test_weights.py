@@ -236,3 +236,18 @@ def test_pretrain_starts_from_the_named_weights(cached, r18_state, tmp_path, mon
 def test_weights_object_of_another_architecture_is_refused(cached):
     with pytest.raises(WeightsError, match="loaded for resnet18, not resnet50"):
         build_backbone("resnet50", load_weights("resnet18", "imagenet"))
+
+
+@pytest.mark.slow  # the whole demo pipeline at 32 px: about 25 s on the loaded 2-core machine
+def test_demo_adds_the_named_backbone(cached, tmp_path, no_network):
+    from spotdiff.report.demo import BACKBONES, DemoSettings, run_demo
+
+    tiny = DemoSettings(scale=0.1, data_size=32, image_size=32, pretrain_size=32, pretrain_steps=1,
+                        pretrain_batch=4, padim_batch=8, gallery_size=2)
+    result = run_demo(tiny, tmp_path / "demo", weights="imagenet")
+    label = "ResNet18_Weights.IMAGENET1K_V1"
+    assert list(dict.fromkeys(r.method for r in result.records)) == [*BACKBONES, label]
+    results = json.loads((result.out / "results.json").read_text())
+    assert results["extra_weights"] == {"name": label, "file": str(cached), "sha256": sha256_file(cached)}
+    assert f"extra backbone {label}" in result.report.read_text()
+    assert no_network == []

@@ -251,3 +251,33 @@ def test_demo_adds_the_named_backbone(cached, tmp_path, no_network):
     assert results["extra_weights"] == {"name": label, "file": str(cached), "sha256": sha256_file(cached)}
     assert f"extra backbone {label}" in result.report.read_text()
     assert no_network == []
+
+
+class _LocalWeights:
+    """Stands in for a torchvision weights entry whose URL is a local ``file://`` URL (no socket)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def __str__(self) -> str:
+        return "Local_Weights.TEST"
+
+
+def test_download_goes_to_the_cache_and_checks_the_hash_prefix(hub, r18_state, tmp_path, no_network):
+    from spotdiff.models.backbones import fetch_torchvision_weights
+
+    source = tmp_path / "server"
+    source.mkdir()
+    blob = source / "blob.pth"
+    torch.save(r18_state, blob)
+    digest = hashlib.sha256(blob.read_bytes()).hexdigest()
+    good = source / f"resnet18-{digest[:8]}.pth"
+    blob.rename(good)
+    path = fetch_torchvision_weights(_LocalWeights(good.as_uri()))
+    assert path == hub / good.name and path.read_bytes() == good.read_bytes()
+    bad = source / f"resnet18-{'0' if digest[0] != '0' else '1'}{digest[1:8]}.pth"  # wrong prefix
+    good.rename(bad)
+    with pytest.raises(WeightsError, match="does not match the SHA-256 prefix"):
+        fetch_torchvision_weights(_LocalWeights(bad.as_uri()))
+    assert sorted(p.name for p in hub.iterdir()) == [good.name]  # the bad download is not kept
+    assert no_network == []

@@ -21,6 +21,7 @@ from spotdiff.detect import Detector
 from spotdiff.detect.store import CONFIG_FILE, MANIFEST_FILE
 from spotdiff.errors import WeightsError
 from spotdiff.files import sha256_file
+from spotdiff.progress import set_quiet
 from spotdiff.models import build_backbone, load_weights
 
 # torchvision's exact file names (the SHA-256 prefix is part of the name), written out here on purpose
@@ -43,6 +44,13 @@ def no_network(monkeypatch) -> list[tuple]:
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
     return attempts
+
+
+@pytest.fixture(autouse=True)
+def _not_quiet_afterwards():
+    """``main(["--quiet", ...])`` sets a process-wide flag; put it back for the tests that follow."""
+    yield
+    set_quiet(False)
 
 
 @pytest.fixture

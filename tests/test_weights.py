@@ -19,7 +19,7 @@ from spotdiff.cli import main
 from spotdiff.data.synth import generate
 from spotdiff.detect import Detector
 from spotdiff.detect.store import CONFIG_FILE, MANIFEST_FILE
-from spotdiff.errors import WeightsError
+from spotdiff.errors import ConfigError, WeightsError
 from spotdiff.files import sha256_file
 from spotdiff.progress import set_quiet
 from spotdiff.models import build_backbone, load_weights
@@ -289,3 +289,19 @@ def test_download_goes_to_the_cache_and_checks_the_hash_prefix(hub, r18_state, t
         fetch_torchvision_weights(_LocalWeights(bad.as_uri()))
     assert sorted(p.name for p in hub.iterdir()) == [good.name]  # the bad download is not kept
     assert no_network == []
+
+
+def test_benchmark_warns_once_per_weights_entry_without_a_file(cached, tmp_path, capsys):
+    from spotdiff.report.benchmark import check_weights, parse_config
+
+    entries = [{"name": "bare", "arch": "resnet18"}, {"name": "explicit", "arch": "resnet18", "file": "random"},
+               {"name": "inet", "arch": "resnet18", "file": "imagenet"}]
+    config = parse_config({"data": {"root": "data"}, "objects": ["a", "b"], "weights": entries,
+                           "downstream": [{"method": "padim"}]}, tmp_path)
+    assert [w.file for w in config.weights] == [None, "random", "imagenet"]  # names are not made paths
+    check_weights(config)
+    found = warnings_in(capsys.readouterr().err)
+    assert len(found) == 1 and "'bare'" in found[0] and "file: imagenet" in found[0]
+    with pytest.raises(ConfigError, match="'IMAGENET1K_V2' do not exist for resnet18"):
+        parse_config({"data": {"root": "data"}, "objects": ["a"], "downstream": [{"method": "padim"}],
+                      "weights": [{"name": "x", "arch": "resnet18", "file": "IMAGENET1K_V2"}]}, tmp_path)

@@ -340,6 +340,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="spotdiff-demo", help="working folder (default: ./spotdiff-demo)")
     p.add_argument("--quick", action="store_true", help="tiny scale, 64 px, few steps (smoke test)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, pre-training and PaDiM (default 0)")
+    p.add_argument("--weights", default=None, metavar="W",
+                   help="also run PaDiM on this backbone, e.g. imagenet (torchvision's ImageNet resnet18 from its "
+                        "cache; see --help of fit)")
     p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output")
     p.set_defaults(run=_run_demo)
 
@@ -347,7 +350,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from spotdiff.report.demo import DemoSettings, run_demo
 
-    result = run_demo(DemoSettings.preset(quick=args.quick, seed=args.seed), args.out)
+    result = run_demo(DemoSettings.preset(quick=args.quick, seed=args.seed), args.out, weights=args.weights)
     print(result.table.to_markdown())
     print(f"report: {result.report}")
     return 0

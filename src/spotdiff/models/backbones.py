@@ -9,7 +9,8 @@ Weights (``weights=`` everywhere, ``--weights`` on the command line) are one of:
       downloaded there by torch.hub, checked against the SHA-256 prefix in its name;
     * a file: ``.safetensors`` (e.g. the output of ``spotdiff export-backbone``) or ``.pth`` / ``.pt``
       (a torchvision state_dict, read with ``torch.load(weights_only=True)``).
-A name wins over a file of the same name (write ``./imagenet`` for such a file). Keys must match
+A name (a ``str``) wins over a file of the same name (write ``./imagenet`` for such a file, or pass a
+``Path``, which is always a file). Keys must match
 torchvision's names; ``fc.*`` is optional and ignored when absent or unused. :func:`load_weights`
 returns the tensors with their provenance record ``{name, file, sha256}``.
 """
@@ -285,13 +286,14 @@ def weights_file(arch: str, weights: str | os.PathLike[str]) -> tuple[str, Path]
         WeightsError: unknown weights name, a name of another architecture, no network.
     """
     _check_arch(arch)
-    name = os.fspath(weights)
-    source = torchvision_weights(arch, name) if isinstance(name, str) else None
+    if not isinstance(weights, str):  # a Path (or other path-like) is always a file
+        return "file", Path(weights)
+    source = torchvision_weights(arch, weights)
     if source is not None:
         return str(source), fetch_torchvision_weights(source)
-    path = Path(name)
-    if not path.exists() and not path.suffix and os.sep not in str(name):
-        raise WeightsError(f"unknown weights {name!r} (no such name or file); choose {weight_choices(arch)}")
+    path = Path(weights)
+    if not path.exists() and not path.suffix and os.sep not in weights:
+        raise WeightsError(f"unknown weights {weights!r} (no such name or file); choose {weight_choices(arch)}")
     return "file", path
 
 

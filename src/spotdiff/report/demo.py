@@ -6,7 +6,8 @@ Steps (each logged; heavy loops show progress bars):
 2. pre-train a small ResNet-18 on the objects' normal *training* images (1cls split; test images are
    never seen) twice, same seed and budget: SimSiam, and SimSiam + SPD;
 3. export both backbones to torchvision-compatible ``<out>/weights/*.safetensors``;
-4. fit PaDiM on every object with three backbones (random init, SimSiam, SimSiam + SPD) and
+4. fit PaDiM on every object with three backbones (random init, SimSiam, SimSiam + SPD), plus
+   the backbone given by ``weights`` (e.g. ``"imagenet"``, read from torchvision's cache) if any, and
    evaluate it on the object's test split;
 5. write ``results.json``, ``results.csv``, ``tables.md`` and the self-contained ``report.html``.
 
@@ -32,6 +33,7 @@ import numpy as np
 
 from spotdiff.errors import ConfigError, DataError
 from spotdiff.files import write_json_atomic, write_text_atomic
+from spotdiff.models import LoadedWeights, WeightsLike, describe_weights, is_random, load_weights
 from spotdiff.progress import log
 from spotdiff.report.html import report_sections, write_html_report
 from spotdiff.report.plots import Predictions
@@ -181,7 +183,7 @@ def pretrain_backbone(images: Path, out: Path, settings: DemoSettings, spd: bool
     return weights
 
 
-def evaluate_object(data_root: Path, obj: str, label: str, weights: Path | None,
+def evaluate_object(data_root: Path, obj: str, label: str, weights: WeightsLike,
                     settings: DemoSettings) -> tuple[dict[str, Any], Predictions]:
     """Step 4 for one (object, backbone): fit PaDiM on normal training images, evaluate on the test set."""
     from spotdiff.data import open_dataset
@@ -213,10 +215,17 @@ the paper's results. A few minutes of CPU pre-training on a few hundred small sy
 200 ImageNet epochs; random init may win here. Every number is measured by this run."""
 
 
-def run_demo(settings: DemoSettings, out: str | os.PathLike[str] = "spotdiff-demo") -> DemoResult:
-    """Run the whole demo into ``out``; returns the headline table and paths (see module docstring)."""
+def run_demo(settings: DemoSettings, out: str | os.PathLike[str] = "spotdiff-demo",
+             weights: WeightsLike = None) -> DemoResult:
+    """Run the whole demo into ``out``; returns the headline table and paths (see module docstring).
+
+    ``weights``: an extra backbone for PaDiM (anything :func:`spotdiff.models.load_weights` takes,
+    e.g. ``"imagenet"``), read before anything is written; None or ``"random"``: none.
+    """
     if settings.arch != "resnet18":
         raise ConfigError("the demo runs on resnet18 only")
+    extra = None if is_random(weights) else load_weights(settings.arch, weights)
+    backbones = BACKBONES if extra is None else (*BACKBONES, describe_weights(extra.record(), short=True))
     start = time.perf_counter()
     out = Path(out)
     _prepare_out(out, settings)
@@ -236,31 +245,35 @@ def run_demo(settings: DemoSettings, out: str | os.PathLike[str] = "spotdiff-dem
     images = pretrain_images(data_root, objects, out / "pretrain-images", settings.data_size)
     t = lap("data", t)
 
-    weights: dict[str, Path | None] = {RANDOM: None}
+    used: dict[str, Path | LoadedWeights | None] = {RANDOM: None}
+    if extra is not None:
+        used[backbones[-1]] = extra
     for i, (label, (stem, spd)) in enumerate(PRETRAINED.items(), start=1):
         log(f"demo [3/5] pre-training {label} ({i}/{len(PRETRAINED)}): {settings.pretrain_steps} steps "
             f"of {settings.pretrain_batch} images at {settings.pretrain_size} px")
         reused = (out / "weights" / f"{stem}.safetensors").is_file()
-        weights[label] = pretrain_backbone(images, out, settings, spd, stem)
+        used[label] = pretrain_backbone(images, out, settings, spd, stem)
         t = lap(f"pretrain {label}" + (" (reused)" if reused else ""), t)
 
     records: list[ResultRecord] = []
     predictions: list[Predictions] = []
-    n = len(objects) * len(BACKBONES)
-    for k, (obj, label) in enumerate(((o, b) for o in objects for b in BACKBONES), start=1):
+    n = len(objects) * len(backbones)
+    for k, (obj, label) in enumerate(((o, b) for o in objects for b in backbones), start=1):
         log(f"demo [4/5] PaDiM {k}/{n}: {obj}, {label} backbone")
-        metrics, preds = evaluate_object(data_root, obj, label, weights[label], settings)
+        metrics, preds = evaluate_object(data_root, obj, label, used[label], settings)
         records.append(ResultRecord(obj, label, "padim", metrics))
         predictions.append(preds)
     t = lap("PaDiM fit + test", t)
 
     log("demo [5/5] writing the report")
-    table = object_backbone_table(records, backbones=BACKBONES, title="PaDiM on the synthetic dataset (%)")
-    tables = [table, *paper_tables(records, methods=BACKBONES, title_prefix="PaDiM: ")]
+    table = object_backbone_table(records, backbones=backbones, title="PaDiM on the synthetic dataset (%)")
+    tables = [table, *paper_tables(records, methods=backbones, title_prefix="PaDiM: ")]
     settings_text = (f"{settings.arch}; pre-training: {settings.pretrain_steps} steps of {settings.pretrain_batch} "
                      f"images at {settings.pretrain_size} px; PaDiM at {settings.image_size} px "
                      f"(layers {', '.join(settings.layers)}); synthetic data: scale {settings.scale}, "
                      f"{settings.data_size} px; seed {settings.seed}")
+    if extra is not None:
+        settings_text += f"; extra backbone {backbones[-1]}: {describe_weights(extra.record())}"
     timing = ", ".join(f"{name} {sec:.0f} s" for name, sec in stages.items())
     report = out / "report.html"
     write_html_report(report, "spotdiff demo", report_sections(tables, predictions, settings.gallery_size),
@@ -268,6 +281,7 @@ def run_demo(settings: DemoSettings, out: str | os.PathLike[str] = "spotdiff-dem
     lap("report", t)
     seconds = round(time.perf_counter() - start, 1)
     write_json_atomic(out / "results.json", {"settings": asdict(settings), "seconds": seconds,
+                                             "extra_weights": None if extra is None else extra.record(),
                                              "stage_seconds": stages, "records": [r.to_dict() for r in records]})
     write_text_atomic(out / "results.csv", records_csv(records))
     write_text_atomic(out / "tables.md", "# spotdiff demo\n\nValues are percentages with one decimal.\n\n"

@@ -590,10 +590,11 @@ class Claims:
                     pass  # released meanwhile, or taken over
 
 
-def _work_through(claims: Claims, units: Sequence[tuple[str, Callable[[], bool], Callable[[], Any]]],
+def _work_through(claims: Claims, units: Sequence[tuple[str, Callable[[], bool], Callable[[], bool]]],
                   what: str, poll: float) -> list[str]:
     """Run every ``(key, is_done, run)`` unit not yet done, each under its claim; wait for units that
-    other processes hold (taking over stale claims). Returns the keys run here."""
+    other processes hold (taking over stale claims). ``run`` returns False when its result was
+    discarded (the claim was taken over meanwhile). Returns the keys run (and kept) here."""
     todo = [u for u in units if not u[1]()]
     ran: list[str] = []
     waited = False
@@ -607,8 +608,7 @@ def _work_through(claims: Claims, units: Sequence[tuple[str, Callable[[], bool],
                 blocked.append((key, is_done, run, holder))
                 continue
             try:
-                if not is_done():  # finished by another process between the check and the claim
-                    run()
+                if not is_done() and run():  # is_done: finished by another process before the claim
                     ran.append(key)
             finally:
                 claims.release(key)
@@ -656,9 +656,10 @@ def prepare_weights(config: BenchmarkConfig, out: Path, claims: Claims,
                                   f"or delete {dest.name} and {record.name} to re-train")
             return True
 
-        def run(spec: WeightsSpec = spec, dest: Path = dest, record: Path = record, block: dict = block) -> None:
+        def run(spec: WeightsSpec = spec, dest: Path = dest, record: Path = record, block: dict = block) -> bool:
             pretrain_and_export(spec, config, out / "pretrain" / spec.name, dest)
             write_json_atomic(record, block)
+            return True
 
         if done():
             log(f"weights {spec.name}: already pre-trained ({dest})")
@@ -799,16 +800,18 @@ def run_benchmark(config: BenchmarkConfig, out: str | os.PathLike[str], shard: t
             log(f"skipped {len(done_before)} cell(s) already measured in {out / CELL_DIR}")
         progress_bar = bar(total=len(mine), initial=len(done_before), desc="benchmark", unit="cell")
         try:
-            def unit(cell: Cell) -> tuple[str, Callable[[], bool], Callable[[], None]]:
-                def run() -> None:
+            def unit(cell: Cell) -> tuple[str, Callable[[], bool], Callable[[], bool]]:
+                def run() -> bool:
                     progress_bar.set_postfix_str(cell.key)
                     try:
                         data = run_cell(cell, config, out, claims)
                     except SpotdiffError as exc:
                         raise type(exc)(f"cell {cell.key}: {exc}") from exc
-                    if data is not None:
-                        log(f"{cell.key}: {_headline(data['metrics'])} ({data['seconds']:.1f} s)")
+                    if data is None:
+                        return False
+                    log(f"{cell.key}: {_headline(data['metrics'])} ({data['seconds']:.1f} s)")
                     progress_bar.update(1)
+                    return True
                 return cell.key, cell_path(out, cell).is_file, run
 
             ran = _work_through(claims, [unit(c) for c in mine], "cell(s)", poll)

@@ -90,7 +90,11 @@ AMP_LOSS_TOL = 0.05  # |loss_amp - loss_fp32| / loss_fp32 at the same weights an
 
 
 class CheckFailed(AssertionError):
-    """A check ran but its result is out of tolerance."""
+    """A check ran but its result is out of tolerance; ``report`` keeps what it measured."""
+
+    def __init__(self, message: str, report: Report | None = None) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 @dataclass
@@ -109,7 +113,7 @@ def _within(report: Report, what: str, diffs: list[float], tolerance: float) -> 
     worst = math.nan if any(math.isnan(d) for d in diffs) else max(diffs)
     report.summary = f"{what} {worst:.1e} (tolerance {tolerance:g})"
     if not worst <= tolerance:
-        raise CheckFailed(report.summary)
+        raise CheckFailed(report.summary, report)
     return report
 
 
@@ -161,59 +165,75 @@ def check_smoothblend_parity(device: torch.device, sizes: Sizes, work: Path) -> 
 
 def check_pretrain_throughput(device: torch.device, sizes: Sizes, work: Path) -> Report:
     from spotdiff.pretrain.distributed import DistContext
-    from spotdiff.pretrain.methods import build_method
-    from spotdiff.pretrain.optim import build_optimizer, remember_peak_lr
-    from spotdiff.pretrain.train import train_step
 
     report = Report("pretrain_throughput")
     on_gpu = device.type == "cuda"
     amp = torch.bfloat16 if on_gpu else None  # as the loop: autocast on GPU only
     ctx = DistContext(rank=0, world_size=1, local_rank=device.index or 0, device=device)
-    rows, rates = [], {}
+    rows, rates, failures = [], {}, []
     for spd in (False, True):
         name = "SimSiam + SPD" if spd else "SimSiam"
-        torch.manual_seed(0)
-        method = build_method("simsiam", arch=sizes.pretrain_arch, spd=spd).to(device)
-        if on_gpu:
-            method.to(memory_format=torch.channels_last)
-            torch.cuda.reset_peak_memory_stats(device)
-        optimizer = build_optimizer(method, method.recipe.base_lr * sizes.pretrain_batch / 256)
-        remember_peak_lr(optimizer)
-        scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 needs no loss scaling
-        g = torch.Generator(device).manual_seed(0)
-        views = {k: torch.randn(sizes.pretrain_batch, 3, sizes.pretrain_px, sizes.pretrain_px, device=device,
-                                generator=g).contiguous(memory_format=torch.channels_last if on_gpu else
-                                                        torch.contiguous_format)
-                 for k in method.required_views()}
-        labels = torch.zeros(sizes.pretrain_batch, dtype=torch.long, device=device)
-        for _ in range(sizes.warmup_steps):
-            train_step(method, method, optimizer, scaler, views, labels, g, amp, ctx)
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(sizes.timed_steps):
-            stats = train_step(method, method, optimizer, scaler, views, labels, g, amp, ctx)
-        _sync(device)
-        elapsed = time.perf_counter() - start
-        if not all(math.isfinite(v) for v in stats):
-            raise CheckFailed(f"{name}: loss not finite ({stats})")
-        rate = sizes.pretrain_batch * sizes.timed_steps / elapsed
-        rates[name] = rate
-        rows.append(f"| {name} | {sizes.pretrain_arch} | {sizes.pretrain_batch} | {sizes.pretrain_px} | "
-                    f"{'bf16' if amp else 'fp32'} | {sizes.warmup_steps} | {sizes.timed_steps} | {rate:.1f} | "
-                    f"{elapsed / sizes.timed_steps:.3f} | {stats[0]:.4f} | {_peak_gib(device)} |")
-        del method, optimizer, views
+        try:
+            rate, row = _throughput(name, spd, device, sizes, amp, ctx)
+        except (torch.cuda.OutOfMemoryError, CheckFailed) as exc:  # the other method is still measured
+            failures.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            rows.append(f"| {name} | {sizes.pretrain_arch} | {sizes.pretrain_batch} | {sizes.pretrain_px} | "
+                        f"{'bf16' if amp else 'fp32'} | {sizes.warmup_steps} | {sizes.timed_steps} | failed | | | "
+                        f"{_peak_gib(device)} |")
+        else:
+            rates[name] = rate
+            rows.append(row)
         if on_gpu:
             torch.cuda.empty_cache()
-    ratio = rates["SimSiam + SPD"] / rates["SimSiam"]
+    ratio = rates["SimSiam + SPD"] / rates["SimSiam"] if len(rates) == 2 else math.nan
     report.details = ["Images/s = batch x timed steps / wall time of the timed steps (the loop's `img_per_s`): "
                       "one image = one sample, whatever its number of views. Synthetic batches in device "
                       "memory, so no data loading; SGD per the SimSiam recipe; the loop's `train_step`.", "",
                       "| method | arch | batch | px | AMP | warm-up steps | timed steps | images/s | s/step | "
                       "last loss | peak GiB |", "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|", *rows, "",
-                      f"SPD / plain throughput: {ratio:.2f}."]
-    report.summary = (f"SimSiam {rates['SimSiam']:.1f} img/s, SimSiam + SPD {rates['SimSiam + SPD']:.1f} img/s "
-                      f"({sizes.pretrain_arch}, batch {sizes.pretrain_batch}, {'bf16' if amp else 'fp32'})")
+                      f"SPD / plain throughput: {ratio:.2f}.", *(f"- {f}" for f in failures)]
+    report.summary = (", ".join(f"{n} {r:.1f} img/s" for n, r in rates.items())
+                      + f" ({sizes.pretrain_arch}, batch {sizes.pretrain_batch}, {'bf16' if amp else 'fp32'})")
+    if failures:
+        raise CheckFailed("; ".join(failures), report)
     return report
+
+
+def _throughput(name: str, spd: bool, device: torch.device, sizes: Sizes, amp: torch.dtype | None,
+                ctx: object) -> tuple[float, str]:
+    """Images/s of the loop's ``train_step`` for SimSiam (+ SPD), and its markdown table row."""
+    from spotdiff.pretrain.methods import build_method
+    from spotdiff.pretrain.optim import build_optimizer, remember_peak_lr
+    from spotdiff.pretrain.train import train_step
+
+    on_gpu = device.type == "cuda"
+    torch.manual_seed(0)
+    method = build_method("simsiam", arch=sizes.pretrain_arch, spd=spd).to(device)
+    if on_gpu:
+        method.to(memory_format=torch.channels_last)
+        torch.cuda.reset_peak_memory_stats(device)
+    optimizer = build_optimizer(method, method.recipe.base_lr * sizes.pretrain_batch / 256)
+    remember_peak_lr(optimizer)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 needs no loss scaling
+    g = torch.Generator(device).manual_seed(0)
+    layout = torch.channels_last if on_gpu else torch.contiguous_format
+    views = {k: torch.randn(sizes.pretrain_batch, 3, sizes.pretrain_px, sizes.pretrain_px, device=device,
+                            generator=g).contiguous(memory_format=layout) for k in method.required_views()}
+    labels = torch.zeros(sizes.pretrain_batch, dtype=torch.long, device=device)
+    for _ in range(sizes.warmup_steps):
+        train_step(method, method, optimizer, scaler, views, labels, g, amp, ctx)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(sizes.timed_steps):
+        stats = train_step(method, method, optimizer, scaler, views, labels, g, amp, ctx)
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    if not all(math.isfinite(v) for v in stats):
+        raise CheckFailed(f"loss not finite ({stats})")
+    rate = sizes.pretrain_batch * sizes.timed_steps / elapsed
+    return rate, (f"| {name} | {sizes.pretrain_arch} | {sizes.pretrain_batch} | {sizes.pretrain_px} | "
+                  f"{'bf16' if amp else 'fp32'} | {sizes.warmup_steps} | {sizes.timed_steps} | {rate:.1f} | "
+                  f"{elapsed / sizes.timed_steps:.3f} | {stats[0]:.4f} | {_peak_gib(device)} |")
 
 
 def _write_images(folder: Path, n: int, px: int) -> Path:
@@ -428,6 +448,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             report = check(device, sizes, work)
             report.ok = True
+        except CheckFailed as exc:
+            report = exc.report or Report(name)
+            report.summary = (report.summary if str(exc) in report.summary else
+                              "; ".join(filter(None, (report.summary, str(exc)))))[:400]
         except Exception as exc:  # noqa: BLE001 - one failing check must not stop the others
             report = Report(name, summary=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300],
                             details=["```", *traceback.format_exc().strip().splitlines()[-12:], "```"])

@@ -7,6 +7,11 @@ collected into ``results.csv`` / ``results.json``, ``tables.md`` (the paper's la
 downstream method and metric, pre-training methods as rows, objects and mean as columns, AU-PR
 first) and ``report.html``.
 
+Several processes may share one ``<out>`` (one per GPU, the tasks of a job array, ``--shard I/N``):
+``<out>/benchmark.json`` holds the config hash they must agree on, and every cell (and pre-training
+block) runs under an exclusive, heartbeat-kept claim in ``<out>/claims`` (:class:`Claims`), so each
+runs once and a killed process's cell is taken over. See docs/report.md.
+
 Downstream methods are looked up in :data:`DOWNSTREAM` (name -> runner); a runner takes the
 :class:`Cell`, the :class:`BenchmarkConfig` and a scratch folder and returns a :class:`CellOutput`. Tests register
 fast fake runners there to check the grid logic.

@@ -25,6 +25,7 @@ from spotdiff.report.benchmark import (
     load_config,
     parse_shard,
     run_benchmark,
+    run_cell,
     shard_cells,
     weights_files,
 )
@@ -241,3 +242,27 @@ def test_two_processes_one_killed_mid_cell_every_cell_done_once(config_file, fak
     assert _cell_files(out) == sorted(KEYS) and _claims(out) == []
     assert (out / "tables.md").read_text() == (clean / "tables.md").read_text()
     assert "ran " in out_text and "report:" in out_text
+
+
+def test_an_owner_whose_claim_was_taken_over_discards_its_result(config_file, tmp_path, monkeypatch):
+    """A process presumed dead (e.g. suspended past the lease) finishes its cell: nothing is written."""
+    config = load_config(config_file)
+    out = tmp_path / "out"
+    cell = grid(config, weights_files(config, out))[0]
+    owner, taker = Claims(out / CLAIM_DIR), Claims(out / CLAIM_DIR)
+    taker.me["host"] = "another-machine"
+    assert owner.claim(cell.key) is None
+
+    def runner_taken_over(cell, config, work_dir):
+        for path in (out / CLAIM_DIR).glob(f"{cell.key}.*.claim"):
+            path.unlink()  # what a taker does to a stale claim ...
+        assert taker.claim(cell.key) is None  # ... then it holds the cell
+        return slow_runner(cell, config, work_dir)
+
+    monkeypatch.setitem(DOWNSTREAM, "fake", runner_taken_over)
+    assert run_cell(cell, config, out, owner) is None
+    assert _cell_files(out) == [] and taker.owns(cell.key) and not owner.owns(cell.key)
+    owner.release(cell.key)  # leaves the taker's claim alone
+    assert _claims(out) == [f"{cell.key}.1.claim"]
+    taker.close()
+    owner.close()

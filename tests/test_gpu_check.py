@@ -69,3 +69,21 @@ def test_cuda_without_a_gpu_and_unknown_checks_are_refused(tmp_path, capsys):
     assert gpu_check.main(["--device", "cpu", "--only", "nope", "--out", str(tmp_path / "x.md")]) == 2
     assert "unknown check(s) ['nope']" in capsys.readouterr().err
     assert not (tmp_path / "x.md").exists()
+
+
+def test_an_out_of_memory_method_keeps_the_other_measurement(tmp_path, monkeypatch):
+    gpu_check = _module()
+    real = gpu_check._throughput
+
+    def spd_runs_out_of_memory(name, spd, *args):
+        if spd:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB")
+        return real(name, spd, *args)
+
+    monkeypatch.setattr(gpu_check, "_throughput", spd_runs_out_of_memory)
+    out = tmp_path / "check.md"
+    assert gpu_check.main(["--device", "cpu", "--tiny", "--only", "pretrain_throughput", "--out", str(out)]) == 1
+    md = out.read_text()
+    assert re.search(r"^\| pretrain_throughput \| FAIL \| [\d.]+ \| SimSiam [\d.]+ img/s .*OutOfMemoryError", md, re.M)
+    assert re.search(r"^\| SimSiam \| resnet18 \| 4 \| 32 \| fp32 \| 1 \| 2 \| [\d.]+ \|", md, re.M)
+    assert "| SimSiam + SPD | resnet18 | 4 | 32 | fp32 | 1 | 2 | failed |" in md

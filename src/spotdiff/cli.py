@@ -368,7 +368,7 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="spotdiff-benchmark", help="output folder (default: ./spotdiff-benchmark)")
     p.add_argument("--shard", metavar="I/N", help="run only shard I of N (every N-th cell, from cell I)")
     p.add_argument("--device", help="cpu, cuda or cuda:N for this process (default: the config's device)")
-    p.add_argument("--lease", type=float, default=300.0, metavar="S",
+    p.add_argument("--lease", type=float, metavar="S",
                    help="take over a cell claimed from another machine after S s without heartbeat (default 300)")
     p.add_argument("--collect", action="store_true", help="only write the tables from the cells done so far")
     p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output")
@@ -376,7 +376,7 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_benchmark(args: argparse.Namespace) -> int:
-    from spotdiff.report.benchmark import collect_benchmark, load_config, parse_shard, run_benchmark
+    from spotdiff.report.benchmark import LEASE_SECONDS, collect_benchmark, load_config, parse_shard, run_benchmark
     from spotdiff.report.tables import tables_markdown
 
     shard = parse_shard(args.shard)
@@ -384,7 +384,7 @@ def _run_benchmark(args: argparse.Namespace) -> int:
     if args.collect:
         result = collect_benchmark(config, args.out)
     else:
-        result = run_benchmark(config, args.out, shard=shard, lease=args.lease)
+        result = run_benchmark(config, args.out, shard=shard, lease=LEASE_SECONDS if args.lease is None else args.lease)
     if result.tables:
         print(tables_markdown(result.tables))
     print(f"ran {len(result.ran)} cell(s), skipped {len(result.skipped)}; "

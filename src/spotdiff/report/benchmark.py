@@ -7,6 +7,11 @@ collected into ``results.csv`` / ``results.json``, ``tables.md`` (the paper's la
 downstream method and metric, pre-training methods as rows, objects and mean as columns, AU-PR
 first) and ``report.html``.
 
+Several processes may share one ``<out>`` (one per GPU, the tasks of a job array, ``--shard I/N``):
+``<out>/benchmark.json`` holds the config hash they must agree on, and every cell (and pre-training
+block) runs under an exclusive, heartbeat-kept claim in ``<out>/claims`` (:class:`Claims`), so each
+runs once and a killed process's cell is taken over. See docs/report.md.
+
 Downstream methods are looked up in :data:`DOWNSTREAM` (name -> runner); a runner takes the
 :class:`Cell`, the :class:`BenchmarkConfig` and a scratch folder and returns a :class:`CellOutput`. Tests register
 fast fake runners there to check the grid logic.
@@ -609,10 +614,11 @@ class Claims:
                     pass  # released meanwhile, or taken over
 
 
-def _work_through(claims: Claims, units: Sequence[tuple[str, Callable[[], bool], Callable[[], Any]]],
+def _work_through(claims: Claims, units: Sequence[tuple[str, Callable[[], bool], Callable[[], bool]]],
                   what: str, poll: float) -> list[str]:
     """Run every ``(key, is_done, run)`` unit not yet done, each under its claim; wait for units that
-    other processes hold (taking over stale claims). Returns the keys run here."""
+    other processes hold (taking over stale claims). ``run`` returns False when its result was
+    discarded (the claim was taken over meanwhile). Returns the keys run (and kept) here."""
     todo = [u for u in units if not u[1]()]
     ran: list[str] = []
     waited = False
@@ -626,8 +632,7 @@ def _work_through(claims: Claims, units: Sequence[tuple[str, Callable[[], bool],
                 blocked.append((key, is_done, run, holder))
                 continue
             try:
-                if not is_done():  # finished by another process between the check and the claim
-                    run()
+                if not is_done() and run():  # is_done: finished by another process before the claim
                     ran.append(key)
             finally:
                 claims.release(key)
@@ -692,9 +697,10 @@ def prepare_weights(config: BenchmarkConfig, out: Path, claims: Claims,
                                   f"or delete {dest.name} and {record.name} to re-train")
             return True
 
-        def run(spec: WeightsSpec = spec, dest: Path = dest, record: Path = record, block: dict = block) -> None:
+        def run(spec: WeightsSpec = spec, dest: Path = dest, record: Path = record, block: dict = block) -> bool:
             pretrain_and_export(spec, config, out / "pretrain" / spec.name, dest)
             write_json_atomic(record, block)
+            return True
 
         if done():
             log(f"weights {spec.name}: already pre-trained ({dest})")
@@ -837,16 +843,18 @@ def run_benchmark(config: BenchmarkConfig, out: str | os.PathLike[str], shard: t
             log(f"skipped {len(done_before)} cell(s) already measured in {out / CELL_DIR}")
         progress_bar = bar(total=len(mine), initial=len(done_before), desc="benchmark", unit="cell")
         try:
-            def unit(cell: Cell) -> tuple[str, Callable[[], bool], Callable[[], None]]:
-                def run() -> None:
+            def unit(cell: Cell) -> tuple[str, Callable[[], bool], Callable[[], bool]]:
+                def run() -> bool:
                     progress_bar.set_postfix_str(cell.key)
                     try:
                         data = run_cell(cell, config, out, claims)
                     except SpotdiffError as exc:
                         raise type(exc)(f"cell {cell.key}: {exc}") from exc
-                    if data is not None:
-                        log(f"{cell.key}: {_headline(data['metrics'])} ({data['seconds']:.1f} s)")
+                    if data is None:
+                        return False
+                    log(f"{cell.key}: {_headline(data['metrics'])} ({data['seconds']:.1f} s)")
                     progress_bar.update(1)
+                    return True
                 return cell.key, cell_path(out, cell).is_file, run
 
             ran = _work_through(claims, [unit(c) for c in mine], "cell(s)", poll)

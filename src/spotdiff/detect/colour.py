@@ -9,16 +9,20 @@ Rule (our choice; :func:`scale_from_normals`): from the anomaly maps of normal i
 ``vmin`` = the median map value (a typical normal pixel is the bottom of the scale, dark blue) and
 ``vmax = vmin + 2 * (s_max - vmin)`` where ``s_max`` is the highest image score among them, so the
 highest-scoring normal image sits mid-scale (green) and only scores beyond it turn yellow to red.
-The normal images are, in order of preference:
+In ``predict`` (:func:`colour_scale`, the one place to change), in order of preference:
 
-1. the model's calibration (held-out normal images), once a model carries one (the single place
-   to change is :func:`colour_scale`);
-2. ``NORMAL_SAMPLE`` of its own training images, scored right after fitting and recorded in
-   ``config.json`` as ``normal_maps`` (in-sample, so slightly low: a normal test image may reach
-   green-yellow);
-3. model directories written before ``normal_maps`` existed: with ``--threshold T`` the scale is
-   ``0 .. 2T``; otherwise the rule is applied to the first batch that ``predict`` scores, and the
-   scale stays fixed for the rest of the run (a warning says so; re-fit to get a model-fixed scale).
+1. the model's calibration (held-out normal images), once models carry one;
+2. with ``--threshold T``: ``0 .. 2T`` (the threshold mid-scale, green);
+3. the rule on ``NORMAL_SAMPLE`` of the model's own training images, scored right after fitting and
+   recorded in ``config.json`` as ``normal_maps``. These are *in-sample* scores, lower than those of
+   unseen normal images (for PaDiM much lower when the training images are few compared with its
+   ``d`` channels), so unseen normal images can reach yellow or red on this scale: read the colour
+   bar, and prefer 1 or 2;
+4. model directories written before ``normal_maps`` existed: the rule on the first batch that
+   ``predict`` scores; the scale then stays fixed for the rest of the run (a warning says so).
+
+In evaluation (the report's gallery), the rule is applied to the test set's normal images, which
+the model has not seen (:func:`scale_from_normals` on :func:`normal_statistics` of them).
 """
 
 from __future__ import annotations
@@ -62,11 +66,12 @@ def colour_scale(model: Any, threshold: float | None = None) -> ColourScale | No
     """The colour scale of ``model`` (a fitted :class:`~spotdiff.detect.base.Detector`), or None
     when the model records nothing and no threshold is given (the caller then fixes the scale from
     its first batch with :func:`scale_from_normals`)."""
-    stats = getattr(model, "normal_maps", None)
-    if stats:
-        return scale_from_normals(stats, f"{stats['images']} training normal images")
+    # a calibration (held-out normal images), when models carry one, goes first here
     if threshold is not None:
         return ColourScale(0.0, 2.0 * threshold, f"0 .. 2 x threshold {threshold:g}")
+    stats = getattr(model, "normal_maps", None)
+    if stats:
+        return scale_from_normals(stats, f"{stats['images']} training normal images (in-sample)")
     return None
 
 

@@ -37,7 +37,8 @@ def evaluate_detector(
     """Score a labelled test set and compute :func:`spotdiff.metrics.evaluate` on it.
 
     ``dataset`` items are dicts with ``image``, ``label``, ``mask``, ``defect_type`` and ``path``
-    (e.g. ``open_dataset(..., subset="test", image_size=model.image_size)``).
+    (e.g. ``open_dataset(..., subset="test", image_size=model.image_size)``). The metrics dict also
+    holds ``test_set`` (:func:`count_test_set`).
 
     Returns:
         ``(metrics, records, maps, masks)``: the metrics dict (with ``per_defect_type``), one
@@ -83,7 +84,19 @@ def evaluate_detector(
         masks=all_masks,
         defect_types=[r["defect_type"] for r in records],
     )
+    metrics["test_set"] = count_test_set(metrics["per_defect_type"], records, all_masks)
     return metrics, records, all_maps, all_masks
+
+
+def count_test_set(per_type: dict[str, Any], records: list[dict[str, Any]], masks: np.ndarray) -> dict[str, Any]:
+    """What the metrics were measured on: image counts (normal, anomalous, per defect type) and
+    pixel counts (all, anomalous). The positive fraction is the chance level of an AU-PR."""
+    labels = np.array([r["label"] for r in records])
+    types = [r["defect_type"] for r in records]
+    return {"normal": int((labels == 0).sum()), "anomalous": int((labels == 1).sum()),
+            "pixels": int(masks.size), "anomalous_pixels": int(np.count_nonzero(masks)),
+            "per_defect_type": {t: sum(1 for x, y in zip(types, labels, strict=True) if x == t and y == 1)
+                                for t in per_type}}
 
 
 def _csv_text(rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> str:

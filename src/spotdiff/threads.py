@@ -21,9 +21,14 @@ from spotdiff.errors import ConfigError
 ENV_VAR = "SPOTDIFF_THREADS"
 
 
+def cpu_cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def idle_cores() -> int:
     """Cores not busy right now: ``cores - round(1-min load average)``, clamped to [1, cores]."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = cpu_cores()
     try:
         load = os.getloadavg()[0]
     except OSError:  # not available on this platform

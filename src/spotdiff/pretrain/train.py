@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
-import os
 import signal
 import sys
 import threading
@@ -36,6 +35,7 @@ from torch.utils.data import DataLoader
 from spotdiff.errors import ConfigError, DataError, SpotdiffError
 from spotdiff.files import atomic_path, write_text_atomic
 from spotdiff.progress import bar, log, set_quiet
+from spotdiff.threads import cpu_cores
 from spotdiff.pretrain.checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
@@ -109,7 +109,7 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext) -> Path:
     if len(paths) < cfg.batch_size:
         raise DataError(f"{cfg.data}: {len(paths)} images, fewer than one batch of {cfg.batch_size} "
                         "(lower --batch-size)")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = cpu_cores()
     if cfg.workers > cores:
         log(f"note: {cfg.workers} data-loading workers capped at {cores}, the number of CPU cores")
         cfg = dataclasses.replace(cfg, workers=cores)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# `spotdiff.cli.main` sets torch's thread count; tests (and their subprocesses) keep one thread each
+os.environ.setdefault("SPOTDIFF_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

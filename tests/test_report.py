@@ -225,7 +225,9 @@ def test_gallery_reads_images_from_paths_at_mask_size(tmp_path):
     preds = Predictions("o", "m", np.array([0.1, 0.9, 0.2, 0.8]), np.array([0, 0, 1, 1]),
                         ["good", "good", "dent", "dent"], rng.uniform(size=(4, 4, 4)), masks, paths=paths)
     items = preds.gallery_items(3)
-    assert [it.score for it in items] == [0.2, 0.9, 0.8]  # worst anomalous, worst normal, next anomalous
+    # best detection first, then the worst misses: worst anomalous, worst normal
+    assert [(it.kind, it.score) for it in items] == [("best detection", 0.8), ("worst miss", 0.2),
+                                                     ("worst miss", 0.9)]
     assert all(it.image.shape == (16, 16, 3) and 0 <= it.image.min() and it.image.max() <= 1 for it in items)
     assert items[0].caption == "dent"
     assert Predictions("o", "m", np.zeros(2), np.array([0, 1])).gallery_items(2) == []

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from spotdiff import __version__
 from spotdiff.errors import SpotdiffError
 from spotdiff.progress import set_quiet
+from spotdiff.threads import apply_threads
 
 Runner = Callable[[argparse.Namespace], int | None]
 # OS errors caused by the machine, not by spotdiff: reported in one line like a SpotdiffError.
@@ -96,10 +97,10 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, help="training length in epochs (default: the recipe's)")
     length.add_argument("--steps", type=int, help="training length in optimizer steps")
-    p.add_argument("--batch-size", type=int, help="global batch size over all processes")
+    p.add_argument("--batch-size", type=int, help="global batch size over all processes (capped at the number of images, with a note)")
     p.add_argument("--lr", type=float, help="learning rate per 256 images (scaled by batch-size/256)")
     p.add_argument("--image-size", type=int, help="training view side in pixels (default 224)")
-    p.add_argument("--workers", type=int, help="data-loading processes per training process (default 4)")
+    p.add_argument("--workers", type=int, help="data-loading processes per training process (default 4, capped at the CPU cores)")
     p.add_argument("--amp", choices=("bf16", "fp16", "none"), help="mixed precision on GPU (default bf16)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="checkpoint every N steps (0: end only)")
@@ -139,6 +140,13 @@ def _run_export_backbone(args: argparse.Namespace) -> int:
     print(export_backbone(args.checkpoint, args.out, arch=args.arch))
     return 0
 
+
+
+def _print_skipped(skipped: Sequence[tuple[str, str]]) -> None:
+    """One stderr line per image dropped by --skip-bad, naming it once (printed even with --quiet:
+    the run used fewer images than asked for)."""
+    for path, reason in skipped:
+        print(f"skipped {reason}" if reason.startswith(path) else f"skipped {path}: {reason}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- fit
@@ -192,8 +200,7 @@ def _run_fit(args: argparse.Namespace) -> int:
         model = PatchCore(coreset_ratio=args.coreset_ratio, **common)
     train = open_dataset(args.data, args.object, split=args.split, subset="train", image_size=args.image_size,
                          split_csv=args.split_csv, skip_bad=args.skip_bad, seed=args.split_seed)
-    for path, reason in train.skipped:
-        print(f"skipped {path}: {reason}", file=sys.stderr)
+    _print_skipped(train.skipped)
     model.data_source = {"data": str(args.data), "object": args.object, "split": args.split,
                          "split_csv": args.split_csv, "split_seed": args.split_seed}
     model.fit(train)
@@ -231,6 +238,10 @@ def _run_test(args: argparse.Namespace) -> int:
     from spotdiff.models import describe_weights
 
     model = load_detector(args.model_dir, device=args.device)
+    fitted_on = model.data_source.get("object")
+    if fitted_on and fitted_on != args.object:
+        print(f"warning: {args.model_dir} was fitted on object {fitted_on!r}, not {args.object!r}; "
+              "its scores on another object are rarely meaningful", file=sys.stderr)
     height, width = model.image_size
     recorded = model.data_source.get("split_seed", 0)
     split_seed = recorded if args.split_seed is None else args.split_seed
@@ -241,8 +252,7 @@ def _run_test(args: argparse.Namespace) -> int:
     test = open_dataset(args.data, args.object, split=args.split, subset="test",
                         image_size=height if height == width else (height, width),
                         split_csv=args.split_csv, skip_bad=args.skip_bad, seed=split_seed)
-    for path, reason in test.skipped:
-        print(f"skipped {path}: {reason}", file=sys.stderr)
+    _print_skipped(test.skipped)
     metrics, records, maps, _ = evaluate_detector(model, test, batch_size=args.batch_size, num_workers=args.workers)
     metrics["weights"] = model.weights_record
     written = write_test_results(args.out, metrics, records, maps if args.save_maps else None)
@@ -270,6 +280,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 def _run_predict(args: argparse.Namespace) -> int:
     from spotdiff.detect import load_detector
     from spotdiff.detect.predict import predict_images
+    from spotdiff.errors import DataError
 
     model = load_detector(args.model_dir, device=args.device)
     records = predict_images(model, args.images, args.out, threshold=args.threshold, batch_size=args.batch_size,
@@ -278,6 +289,8 @@ def _run_predict(args: argparse.Namespace) -> int:
     for r in failed:
         print(f"skipped: {r['error']}", file=sys.stderr)
     print(f"scored {len(records) - len(failed)} image(s), {len(failed)} failed -> {args.out}/scores.csv")
+    if len(failed) == len(records):
+        raise DataError(f"no image could be scored ({len(failed)} failed; see {args.out}/scores.csv)")
     return 0
 
 
@@ -336,7 +349,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "demo", help="the end-to-end demo on the synthetic dataset",
         description="Synthesize the default dataset, pre-train a small ResNet-18 with SimSiam and "
         "SimSiam + SPD, run PaDiM with random-init / SimSiam / SimSiam+SPD backbones on every object, "
-        "print the table and write an HTML report. CPU only; a few minutes (--quick: under 2 minutes).")
+        "print the table and write an HTML report. CPU only; measured run times are in the README.")
     p.add_argument("--out", default="spotdiff-demo", help="working folder (default: ./spotdiff-demo)")
     p.add_argument("--quick", action="store_true", help="tiny scale, 64 px, few steps (smoke test)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, pre-training and PaDiM (default 0)")
@@ -416,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"spotdiff {__version__}")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="intra-op CPU threads (default: $SPOTDIFF_THREADS, else $OMP_NUM_THREADS, else the "
+                             "cores idle at start: cores - 1-min load average, at least 1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in COMMANDS:
         add(sub)
@@ -428,6 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     set_quiet(args.quiet)
     run: Runner = args.run
     try:
+        apply_threads(args.threads)
         return int(run(args) or 0)
     except SpotdiffError as exc:
         print(f"spotdiff {args.command}: error: {exc}", file=sys.stderr)

@@ -149,7 +149,7 @@ class AnomalyDataset(Dataset):
                 self.skipped.append((str(s.image), why))
         if self.skipped:
             log(f"{self.name or 'dataset'}: skipped {len(self.skipped)} of {len(records)} image(s) that "
-                f"failed to load; first: {self.skipped[0][1]}")
+                "failed to load")
         return kept
 
     def __len__(self) -> int:

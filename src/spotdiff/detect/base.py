@@ -18,12 +18,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision.models import ResNet
 
 from spotdiff.detect import store
+from spotdiff.detect.colour import NORMAL_SAMPLE, normal_statistics
 from spotdiff.data.transforms import normalize
 from spotdiff.errors import ConfigError, DataError, WeightsError
 from spotdiff.models import ARCHITECTURES, WeightsLike, build_backbone, file_record, inference_backbone, load_weights
@@ -102,6 +104,8 @@ class Detector(ABC):
         self.data_source: dict[str, Any] = {}
         """Where the training images came from (the CLI records root, object, split and split seed);
         saved in ``config.json`` so ``spotdiff test`` can open the matching test split."""
+        self._normal_maps: dict[str, Any] | None = None
+        self._normal_sample: list[torch.Tensor] = []  # a few training images, scored after fitting
 
     @property
     def forward_batch(self) -> int:
@@ -116,6 +120,8 @@ class Detector(ABC):
             raise DataError("the training set is empty: no normal images to fit on")
         loader = DataLoader(dataset, batch_size=self.forward_batch, shuffle=False, num_workers=self.num_workers)
         self.n_train = 0
+        self._normal_maps, self._normal_sample = None, []
+        keep = set(np.linspace(0, n - 1, min(n, NORMAL_SAMPLE)).round().astype(int).tolist())
         for batch in progress(loader, desc=desc, total=len(loader), unit="batch"):
             images = _batch_images(batch)
             size = (int(images.shape[-2]), int(images.shape[-1]))
@@ -123,6 +129,7 @@ class Detector(ABC):
                 self.image_size = size
             elif size != self.image_size:
                 raise DataError(f"training images must share one size; got {size} after {self.image_size}")
+            self._normal_sample += [images[i].cpu() for i in range(images.shape[0]) if self.n_train + i in keep]
             self.n_train += images.shape[0]
             yield normalize(images.to(self.device, torch.float32))
 
@@ -161,6 +168,15 @@ class Detector(ABC):
             maps[start : start + step] = chunk_maps
         return scores, maps
 
+    @property
+    def normal_maps(self) -> dict[str, Any] | None:
+        """Statistics of the maps of ``NORMAL_SAMPLE`` training images (see :mod:`spotdiff.detect.colour`),
+        computed once after fitting; None for a model loaded from a directory that predates them."""
+        if self._normal_maps is None and self._normal_sample and self.image_size is not None:
+            scores, maps = self.predict(torch.stack(self._normal_sample))
+            self._normal_maps, self._normal_sample = normal_statistics(scores.numpy(), maps.numpy()), []
+        return self._normal_maps
+
     # ----------------------------------------------------------------------------- persistence
     @abstractmethod
     def _config(self) -> dict[str, Any]:
@@ -188,6 +204,7 @@ class Detector(ABC):
             "backbone_source": self.backbone_source,
             "weights": self.weights_record,
             "data_source": self.data_source,
+            **({"normal_maps": self.normal_maps} if self.normal_maps else {}),
             **self._config(),
         }
         return store.save_model_dir(out_dir, config, self._state(), self.backbone.state_dict())
@@ -220,6 +237,7 @@ class Detector(ABC):
             model.weights_record = dict(config.get("weights") or file_record(  # saved before records existed
                 None if model.backbone_source.startswith("random init") else model.backbone_source))
             model.data_source = dict(config.get("data_source") or {})
+            model._normal_maps = dict(config["normal_maps"]) if config.get("normal_maps") else None
             model._set_state(tensors)
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, WeightsError):

@@ -22,9 +22,10 @@ from spotdiff.data.folder import list_images
 from spotdiff.data.io import load_image
 from spotdiff.data.transforms import image_to_tensor
 from spotdiff.detect.base import Detector
+from spotdiff.detect.colour import colour_scale, normal_statistics, render_overlay, scale_from_normals
 from spotdiff.errors import DataError
 from spotdiff.files import atomic_path, write_json_atomic, write_text_atomic
-from spotdiff.progress import progress
+from spotdiff.progress import log, progress
 
 SCORE_COLUMNS = ("path", "label", "defect_type", "score")
 PREDICT_COLUMNS = ("path", "score", "anomalous", "overlay", "error")
@@ -36,7 +37,8 @@ def evaluate_detector(
     """Score a labelled test set and compute :func:`spotdiff.metrics.evaluate` on it.
 
     ``dataset`` items are dicts with ``image``, ``label``, ``mask``, ``defect_type`` and ``path``
-    (e.g. ``open_dataset(..., subset="test", image_size=model.image_size)``).
+    (e.g. ``open_dataset(..., subset="test", image_size=model.image_size)``). The metrics dict also
+    holds ``test_set`` (:func:`count_test_set`).
 
     Returns:
         ``(metrics, records, maps, masks)``: the metrics dict (with ``per_defect_type``), one
@@ -82,7 +84,19 @@ def evaluate_detector(
         masks=all_masks,
         defect_types=[r["defect_type"] for r in records],
     )
+    metrics["test_set"] = count_test_set(metrics["per_defect_type"], records, all_masks)
     return metrics, records, all_maps, all_masks
+
+
+def count_test_set(per_type: dict[str, Any], records: list[dict[str, Any]], masks: np.ndarray) -> dict[str, Any]:
+    """What the metrics were measured on: image counts (normal, anomalous, per defect type) and
+    pixel counts (all, anomalous). The positive fraction is the chance level of an AU-PR."""
+    labels = np.array([r["label"] for r in records])
+    types = [r["defect_type"] for r in records]
+    return {"normal": int((labels == 0).sum()), "anomalous": int((labels == 1).sum()),
+            "pixels": int(masks.size), "anomalous_pixels": int(np.count_nonzero(masks)),
+            "per_defect_type": {t: sum(1 for x, y in zip(types, labels, strict=True) if x == t and y == 1)
+                                for t in per_type}}
 
 
 def _csv_text(rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> str:
@@ -177,8 +191,8 @@ def predict_images(
 
     Every image is converted to RGB (grayscale, RGBA, palette, 16-bit; see ``load_image``) and
     resized to the model's image size, so mixed sizes are fine; overlays are drawn at that size
-    in ``out_dir/overlays/<stem>.png``. The colour scale spans ``[0, 2 * threshold]`` when a
-    threshold is given (threshold = middle of the scale), otherwise each map's own min..max.
+    in ``out_dir/overlays/<stem>.png``, all on the model's one colour scale
+    (:func:`spotdiff.detect.colour.colour_scale`), each with a colour bar, its score and the decision.
     A file that cannot be read gets a row with an ``error`` message and the batch goes on.
 
     Returns:
@@ -193,6 +207,7 @@ def predict_images(
     assert model.image_size is not None
     records: list[dict[str, Any]] = []
     used: set[str] = set()
+    scale = colour_scale(model, threshold)
     chunks = _batches(paths, batch_size or model.forward_batch)
     n_chunks = -(-len(paths) // (batch_size or model.forward_batch))
     for chunk in progress(chunks, desc="predicting", total=n_chunks, unit="batch"):
@@ -212,11 +227,14 @@ def predict_images(
             if threshold is not None:
                 record["anomalous"] = int(score > threshold)
             if overlays:
+                if scale is None:  # a model directory without normal statistics: fixed from this first batch
+                    scale = scale_from_normals(normal_statistics(scores.numpy(), maps.numpy()), "first batch")
+                    log(f"warning: {len(good)} image(s) of the first batch fix the overlays' colour scale; "
+                        "re-fit the model (or give --threshold) for a scale fixed by the model")
                 pixels = (image.permute(1, 2, 0).numpy() * 255.0).round()
-                lo, hi = (0.0, 2.0 * threshold) if threshold is not None else (float(amap.min()), float(amap.max()))
                 target = overlay_dir / _unique_name(path.stem, used)
                 with atomic_path(target) as tmp:
-                    Image.fromarray(overlay_heatmap(pixels, amap, lo, hi)).save(tmp, format="PNG")
+                    Image.fromarray(render_overlay(pixels, amap, scale, score, threshold)).save(tmp, format="PNG")
                 record["overlay"] = str(target)
             records.append(record)
     order = {str(p): i for i, p in enumerate(paths)}

@@ -37,6 +37,7 @@ from spotdiff.errors import ConfigError, DataError, SpotdiffError
 from spotdiff.files import atomic_path, write_json_atomic, write_text_atomic
 from spotdiff.models import load_weights
 from spotdiff.progress import bar, log, set_quiet
+from spotdiff.threads import cpu_cores
 from spotdiff.pretrain.checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
@@ -105,6 +106,17 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext) -> Path:
     except TypeError as exc:
         raise ConfigError(f"hparams {cfg.hparams}: not accepted by {cfg.method} ({exc})") from exc
     cfg = cfg.with_recipe(method.recipe)
+    fitting = len(paths) - len(paths) % ctx.world_size  # the largest batch the data allows
+    if len(paths) < cfg.batch_size and fitting >= ctx.world_size:
+        log(f"note: batch size {cfg.batch_size} capped at {fitting}, the number of images in {cfg.data}")
+        cfg = dataclasses.replace(cfg, batch_size=fitting)
+    if len(paths) < cfg.batch_size:
+        raise DataError(f"{cfg.data}: {len(paths)} images, fewer than one batch of {cfg.batch_size} "
+                        "(lower --batch-size)")
+    cores = cpu_cores()
+    if cfg.workers > cores:
+        log(f"note: {cfg.workers} data-loading workers capped at {cores}, the number of CPU cores")
+        cfg = dataclasses.replace(cfg, workers=cores)
     method.recipe = dataclasses.replace(  # the optimizer and param groups read the resolved values
         method.recipe, optimizer=cfg.optimizer, base_lr=cfg.lr, weight_decay=cfg.weight_decay,
         momentum=cfg.momentum, batch_size=cfg.batch_size, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs)
@@ -115,9 +127,6 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext) -> Path:
 
     if cfg.batch_size % ctx.world_size:
         raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by {ctx.world_size} processes")
-    if len(paths) < cfg.batch_size:
-        raise DataError(f"{cfg.data}: {len(paths)} images, fewer than one batch of {cfg.batch_size} "
-                        "(lower --batch-size)")
     sampler = EpochBatchSampler(len(paths), cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size)
     steps_per_epoch = sampler.batches_per_epoch
     method.check_batches(steps_per_epoch * cfg.batch_size, cfg.batch_size, ctx.world_size)
@@ -173,7 +182,7 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext) -> Path:
             })
         barrier(ctx)
 
-    progress = bar(total=total_steps, desc=f"pretrain {cfg.method}", initial=start_step, unit="step")
+    progress = bar(total=total_steps, desc=f"pretrain {cfg.method}{'+spd' if cfg.spd else ''}", initial=start_step, unit="step")
     step = start_step
     window = _Window()
     sigterm = _SigtermFlag()

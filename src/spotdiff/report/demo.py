@@ -188,6 +188,7 @@ def evaluate_object(data_root: Path, obj: str, label: str, weights: WeightsLike,
     """Step 4 for one (object, backbone): fit PaDiM on normal training images, evaluate on the test set."""
     from spotdiff.data import open_dataset
     from spotdiff.detect import PaDiM
+    from spotdiff.detect.colour import normal_statistics, scale_from_normals
     from spotdiff.detect.predict import evaluate_detector
 
     train = open_dataset(data_root, obj, split="1cls", subset="train", image_size=settings.image_size)
@@ -195,9 +196,13 @@ def evaluate_object(data_root: Path, obj: str, label: str, weights: WeightsLike,
     detector = PaDiM(arch=settings.arch, weights=weights, layers=settings.layers, seed=settings.seed,
                      batch_size=settings.padim_batch).fit(train)
     metrics, per_image, maps, masks = evaluate_detector(detector, test, settings.padim_batch)
+    labels = np.array([r["label"] for r in per_image])
+    normals = normal_statistics(np.array([r["score"] for r in per_image])[labels == 0], maps[labels == 0])
+    scale = scale_from_normals(normals, "test-set normal images")
     predictions = Predictions(
         obj, label, np.array([r["score"] for r in per_image]), np.array([r["label"] for r in per_image]),
-        [r["defect_type"] for r in per_image], maps, masks, paths=[r["path"] for r in per_image])
+        [r["defect_type"] for r in per_image], maps, masks, paths=[r["path"] for r in per_image],
+        map_range=(scale.vmin, scale.vmax), threshold=float(normals["score_max"]))
     return metrics, predictions
 
 

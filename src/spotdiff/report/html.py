@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from spotdiff import __version__
 from spotdiff.files import write_text_atomic
 from spotdiff.report.plots import (
+    FEW_IMAGES,
     Predictions,
     curves_figure,
     defect_breakdown_figure,
@@ -104,8 +105,9 @@ def table_html(table: Table) -> str:
                 for j, c in enumerate(cells[n_labels:])]
         row_attr = ' class="mean"' if row.is_mean else ""
         body.append(f"<tr{row_attr}>{''.join(tds)}</tr>")
+    notes = "".join(f'\n<p class="caption">{html.escape(n)}</p>' for n in table.notes)
     return (f"<h3>{html.escape(table.title)}</h3>\n<div class=\"table-wrap\"><table>\n"
-            f"<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(body) + "\n</tbody></table></div>")
+            f"<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(body) + "\n</tbody></table></div>" + notes)
 
 
 def figure_html(fig: Figure) -> str:
@@ -169,9 +171,15 @@ def report_sections(tables: Sequence[Table], predictions: Sequence[Predictions] 
     for obj, preds in by_object.items():
         per_method = {p.method: per_defect_type_auroc(p.scores, p.labels, p.defect_types)
                       for p in preds if p.defect_types is not None}
+        counts: dict[str, int] = {}
+        for p in preds[:1]:
+            for t, label in zip(p.defect_types or [], p.labels, strict=False):
+                counts[t] = counts.get(t, 0) + int(label == 1)
         if any(per_method.values()):
-            breakdown.append(Figure(obj, defect_breakdown_figure(per_method, title=obj),
-                                    "Image AU-ROC of each defect type against all normal test images."))
+            breakdown.append(Figure(obj, defect_breakdown_figure(per_method, title=obj, counts=counts or None),
+                                    "Image AU-ROC of each defect type against all normal test images; n = "
+                                    f"anomalous test images of the type; grey: fewer than {FEW_IMAGES} images, "
+                                    "too few for the value to mean much."))
     if breakdown:
         sections.append(Section("Per-defect-type breakdown", breakdown))
     gallery: list[Table | Figure | str] = []
@@ -179,10 +187,15 @@ def report_sections(tables: Sequence[Table], predictions: Sequence[Predictions] 
         for p in preds:
             items = p.gallery_items(gallery_size)
             if items:
-                gallery.append(Figure(f"{obj} / {p.method}", gallery_figure(items)))
+                gallery.append(Figure(f"{obj} / {p.method}", gallery_figure(
+                    items, columns=max(1, -(-gallery_size // 2)), map_range=p.map_range, threshold=p.threshold)))
     if gallery:
-        gallery.insert(0, "Worst misses first: anomalous images with the lowest scores alternate with "
-                          "normal images with the highest scores. Heat map: anomaly map (jet, shared "
-                          "colour range per figure); green outline: ground-truth defect mask.")
+        gallery.insert(0, "Top row: the best detections (anomalous images with the highest scores). Bottom "
+                          "row: the worst misses (anomalous images with the lowest scores alternating with "
+                          "normal images with the highest scores). Heat map: anomaly map (jet) on the "
+                          "model's one colour scale (colour bar), fixed from its scores on the normal test images: "
+                          "from their median map value to twice the way up to their highest image score; "
+                          "'flagged' means a score above every normal test image (the zero-false-alarm "
+                          "threshold); green outline: ground-truth defect mask.")
         sections.append(Section("Gallery", gallery))
     return sections

@@ -2,8 +2,10 @@
 
 * :func:`curves_figure` -- image-level PR and ROC curves of several methods on one object;
 * :func:`gallery_figure` -- test images with the ground-truth outline (contour of the mask) and
-  the anomaly heat map overlaid; :func:`select_gallery` picks the worst misses first;
-* :func:`defect_breakdown_figure` -- a grouped bar chart of a metric per defect type.
+  the anomaly heat map overlaid on the model's fixed colour scale (with a colour bar);
+  :func:`select_best` picks the best detections, :func:`select_gallery` the worst misses;
+* :func:`defect_breakdown_figure` -- a grouped bar chart of a metric per defect type, with the
+  number of images of each type; types with fewer than ``FEW_IMAGES`` are greyed out.
 
 No pyplot state is used: each figure is a standalone :class:`matplotlib.figure.Figure`.
 """
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.patches import Patch
 from PIL import Image
 from sklearn.metrics import auc
 
@@ -23,6 +26,8 @@ from spotdiff.metrics import evaluate, pr_curve, roc_curve
 from matplotlib.figure import Figure
 
 DPI = 100
+FEW_IMAGES = 5
+"""Defect types with fewer anomalous test images than this are greyed out in the breakdown."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,7 @@ class GalleryItem:
     score: float
     label: int
     caption: str = ""
+    kind: str = ""  # the row it belongs to, e.g. "best detection" or "worst miss"
 
 
 @dataclass
@@ -56,7 +62,9 @@ class Predictions:
     ``defect_types`` N names ("good" for normal); ``anomaly_maps`` (N, h, w) or None;
     ``masks`` (N, H, W) in {0, 1} or None; ``images`` (N, H, W, 3) in [0, 1] or None;
     ``paths`` N image files, read (and resized to the masks' or maps' size) for the gallery when
-    ``images`` is None, so only the few gallery images are ever held in memory.
+    ``images`` is None, so only the few gallery images are ever held in memory;
+    ``map_range`` the model's fixed colour scale ``(vmin, vmax)`` (:mod:`spotdiff.detect.colour`);
+    ``threshold`` the score above which an image is flagged (the gallery's decision).
     """
 
     object: str
@@ -68,6 +76,8 @@ class Predictions:
     masks: np.ndarray | None = None
     images: np.ndarray | None = None
     paths: list[str] | None = None
+    map_range: tuple[float, float] | None = None
+    threshold: float | None = None
 
     def image(self, i: int) -> np.ndarray | None:
         """Test image ``i`` as (H, W, 3) in [0, 1], or None when neither images nor paths are kept."""
@@ -87,17 +97,21 @@ class Predictions:
         return ScoreSet(self.method, np.asarray(self.scores), np.asarray(self.labels))
 
     def gallery_items(self, n: int) -> list[GalleryItem]:
-        """The ``n`` worst misses (see :func:`select_gallery`) as gallery tiles; needs images or paths."""
+        """Gallery tiles: the ``n // 2`` best detections (:func:`select_best`), then the
+        ``n - n // 2`` worst misses (:func:`select_gallery`); needs images or paths."""
         if self.images is None and self.paths is None:
             return []
+        worst = select_gallery(self.scores, self.labels, n - n // 2)
+        best = [i for i in select_best(self.scores, self.labels, n) if i not in worst][: n // 2]
         items = []
-        for i in select_gallery(self.scores, self.labels, n):
-            caption = self.defect_types[i] if self.defect_types is not None else ""
-            items.append(GalleryItem(
-                image=self.image(i),
-                anomaly_map=None if self.anomaly_maps is None else self.anomaly_maps[i],
-                mask=None if self.masks is None else self.masks[i],
-                score=float(self.scores[i]), label=int(self.labels[i]), caption=caption))
+        for kind, picks in (("best detection", best), ("worst miss", worst)):
+            for i in picks:
+                caption = self.defect_types[i] if self.defect_types is not None else ""
+                items.append(GalleryItem(
+                    image=self.image(i),
+                    anomaly_map=None if self.anomaly_maps is None else self.anomaly_maps[i],
+                    mask=None if self.masks is None else self.masks[i],
+                    score=float(self.scores[i]), label=int(self.labels[i]), caption=caption, kind=kind))
         return items
 
 
@@ -175,6 +189,14 @@ def select_gallery(scores: Sequence[float], labels: Sequence[int], n: int) -> li
     return out
 
 
+def select_best(scores: Sequence[float], labels: Sequence[int], n: int) -> list[int]:
+    """Indices of the ``n`` best detections: anomalous images by descending score."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels).astype(int)
+    anomalous = np.flatnonzero(labels == 1)
+    return [int(i) for i in anomalous[np.argsort(-scores[anomalous], kind="stable")][:n]]
+
+
 def _resize_map(amap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of a 2-D map to ``shape`` (H, W)."""
     if amap.shape == shape:
@@ -184,11 +206,12 @@ def _resize_map(amap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def gallery_figure(items: Sequence[GalleryItem], columns: int = 4, title: str = "",
-                   map_range: tuple[float, float] | None = None) -> bytes:
+                   map_range: tuple[float, float] | None = None, threshold: float | None = None) -> bytes:
     """A grid of test images with heat-map overlay (jet, alpha 0.45) and ground-truth contour (lime).
 
-    The heat maps share one colour range: ``map_range`` or the min/max over all tiles' maps. Each
-    tile's title gives the true label and the image score.
+    The heat maps share one colour range, shown by a colour bar: ``map_range`` (the model's fixed
+    scale) or else the min/max over all tiles' maps. Each tile's title gives its row kind, the true
+    label, the image score and the decision (``score > threshold``: flagged) when ``threshold`` is set.
     """
     if not items:
         raise ValueError("gallery_figure needs at least one item")
@@ -210,22 +233,34 @@ def gallery_figure(items: Sequence[GalleryItem], columns: int = 4, title: str = 
             ax.imshow(amap, cmap="jet", alpha=0.45, vmin=map_range[0], vmax=max(map_range[1], map_range[0] + 1e-12))
         if it.mask is not None and np.any(np.asarray(it.mask) > 0):
             ax.contour((np.asarray(it.mask) > 0).astype(float), levels=[0.5], colors="lime", linewidths=1.2)
-        kind = "anomalous" if it.label == 1 else "normal"
-        ax.set_title(f"{kind}, score {it.score:.3g}" + (f"\n{it.caption}" if it.caption else ""), fontsize=8)
+        truth = "anomalous" if it.label == 1 else "normal"
+        decision = "" if threshold is None else (", flagged" if it.score > threshold else ", not flagged")
+        head = f"{it.kind}: " if it.kind else ""
+        ax.set_title(f"{head}{truth}\nscore {it.score:.3g}{decision}" + (f"\n{it.caption}" if it.caption else ""),
+                     fontsize=8)
         ax.set_axis_off()
     for ax in axes[len(items):]:
         ax.set_axis_off()
+    if maps and map_range is not None:
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
+
+        norm = Normalize(vmin=map_range[0], vmax=max(map_range[1], map_range[0] + 1e-12))
+        cbar = fig.colorbar(ScalarMappable(norm=norm, cmap="jet"), ax=list(axes), shrink=0.8, pad=0.02)
+        cbar.set_label("anomaly map (model's fixed scale)", fontsize=8)
     if title:
         fig.suptitle(title)
     return _png(fig)
 
 
 def defect_breakdown_figure(
-    breakdown: Mapping[str, Mapping[str, float | None]], metric_label: str = "image AU-ROC", title: str = ""
+    breakdown: Mapping[str, Mapping[str, float | None]], metric_label: str = "image AU-ROC", title: str = "",
+    counts: Mapping[str, int] | None = None,
 ) -> bytes:
     """Grouped horizontal bars of ``breakdown[method][defect_type]`` (fractions, shown in %); PNG bytes.
 
-    Missing values leave a gap in their group.
+    Missing values leave a gap in their group. With ``counts`` (anomalous test images per defect
+    type) each label says ``(n=...)`` and types with fewer than ``FEW_IMAGES`` images are grey.
     """
     methods = list(breakdown)
     defect_types = list(dict.fromkeys(d for m in methods for d in breakdown[m]))
@@ -237,15 +272,26 @@ def defect_breakdown_figure(
     ax = fig.subplots()
     height = 0.8 / n_methods
     y = np.arange(len(defect_types))
+    handles = []
     for k, method in enumerate(methods):
         values = [breakdown[method].get(d) for d in defect_types]
         widths = [np.nan if v is None else 100.0 * float(v) for v in values]
-        ax.barh(y + (k - (n_methods - 1) / 2) * height, widths, height, label=method)
-    ax.set_yticks(y, defect_types, fontsize=8)
+        colour = f"C{k % 10}"
+        handles.append(Patch(color=colour, label=method))
+        bars = ax.barh(y + (k - (n_methods - 1) / 2) * height, widths, height, color=colour)
+        for d, patch in zip(defect_types, bars, strict=True):
+            if counts is not None and counts.get(d, 0) < FEW_IMAGES:
+                patch.set_alpha(0.25)  # greyed out: too few images
+    names = defect_types if counts is None else [f"{d} (n={counts.get(d, 0)})" for d in defect_types]
+    ax.set_yticks(y, names, fontsize=8)
+    if counts is not None:
+        for label, d in zip(ax.get_yticklabels(), defect_types, strict=True):
+            if counts.get(d, 0) < FEW_IMAGES:
+                label.set_color("0.55")
     ax.invert_yaxis()  # first defect type on top
     ax.set(xlabel=f"{metric_label} (%)", xlim=(0, 100))
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     if title:
         ax.set_title(title)
     return _png(fig)

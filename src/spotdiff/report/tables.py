@@ -13,6 +13,11 @@ Two layouts:
   given when the row has a value for every object (a partial mean would not be comparable).
 * :func:`object_backbone_table` -- the demo's table: one row per (object, backbone), the five
   headline metrics as columns, then one ``Mean`` row per backbone (mean over objects).
+
+Every table carries ``notes`` that anchor its numbers (:func:`anchor_notes`): the test set of each
+object (normal / anomalous images, pixels) with the chance level of each AU-PR (the fraction of
+anomalous images or pixels: what a random score reaches), and whether the differences between rows
+exceed their spread over seeds (or that there is only one seed).
 """
 
 from __future__ import annotations
@@ -93,6 +98,7 @@ class Table:
     columns: tuple[str, ...]
     rows: list[Row] = field(default_factory=list)
     metric: str | None = None  # set when the whole table shows one metric
+    notes: list[str] = field(default_factory=list)  # shown under the table (see anchor_notes)
 
     @property
     def header(self) -> list[str]:
@@ -117,6 +123,8 @@ class Table:
             if row.is_mean:
                 cells = [f"**{c}**" for c in cells]
             lines.append("| " + " | ".join(cells) + " |")
+        if self.notes:
+            lines += [""] + [f"- {note}" for note in self.notes]
         return "\n".join(lines) + "\n"
 
     def to_csv(self) -> str:
@@ -134,7 +142,8 @@ class Table:
                 "columns": list(self.columns),
                 "rows": [{"labels": list(r.labels), "values": list(r.values), "is_mean": r.is_mean,
                           **({"stds": list(r.stds)} if r.stds else {}), **({"note": r.note} if r.note else {})}
-                         for r in self.rows]}
+                         for r in self.rows],
+                "notes": list(self.notes)}
 
 
 def _as_float(value: Any) -> float | None:
@@ -202,6 +211,7 @@ def metric_table(
         has_std = any(sd is not None for sd in stds)
         table.rows.append(Row((method,), (*values, mean_or_none(values)), stds=(*stds, None) if has_std else None,
                               note=(notes or {}).get(method, "")))
+    table.notes = anchor_notes(records, objects, table)
     return table
 
 
@@ -246,7 +256,57 @@ def object_backbone_table(
         means = tuple(mean_or_none(index[(bb, o)].value(m) if (bb, o) in index else None for o in objects)
                       for m in metrics)
         table.rows.append(Row((MEAN_LABEL, bb), means, is_mean=True))
+    table.notes = anchor_notes(records, objects, table)
     return table
+
+
+def describe_test_set(obj: str, test_set: Mapping[str, Any]) -> str:
+    """One line: the test set of ``obj`` (``metrics["test_set"]`` of ``evaluate_detector``) and the
+    chance level of each AU-PR (anomalous fraction of images and of pixels)."""
+    normal, anomalous = int(test_set["normal"]), int(test_set["anomalous"])
+    text = f"{obj}: {normal} normal + {anomalous} anomalous test images"
+    chance = [f"image AU-PR {format_percent(anomalous / max(1, normal + anomalous))}"]
+    pixels, bad = int(test_set.get("pixels") or 0), int(test_set.get("anomalous_pixels") or 0)
+    if pixels:
+        text += f", {pixels:,} pixels ({format_percent(bad / pixels)} % anomalous)"
+        chance.append(f"pixel AU-PR {format_percent(bad / pixels)}")
+    return f"{text}; chance level: {', '.join(chance)}."
+
+
+def seed_spread_note(table: Table) -> str | None:
+    """Whether the top two rows of each value column differ by more than their seed spread (the sum
+    of their std over seeds), or that there is no seed spread; None for fewer than two rows."""
+    rows = [r for r in table.rows if not r.is_mean]
+    if len({r.labels[-1] for r in rows}) < 2:
+        return None
+    if not any(r.stds for r in rows):
+        return ("One seed per cell: there is no seed spread to judge the differences between rows by; "
+                "differences of a few points may be noise.")
+    parts = []
+    for j, column in enumerate(table.columns):
+        ranked = sorted((r for r in rows if r.values[j] is not None and r.stds and r.stds[j] is not None),
+                        key=lambda r: -r.values[j])  # type: ignore[operator]
+        if len(ranked) < 2:
+            continue
+        (a, b), gap = ranked[:2], ranked[0].values[j] - ranked[1].values[j]  # type: ignore[operator]
+        spread = a.stds[j] + b.stds[j]  # type: ignore[index,operator]
+        verdict = "beyond" if gap > spread else "within"
+        parts.append(f"{column}: {' / '.join(a.labels)} leads {' / '.join(b.labels)} by {100 * gap:.1f}, "
+                     f"{verdict} their seed spread ({100 * spread:.1f})")
+    return ("Top two rows, gap against the sum of their std over seeds: " + "; ".join(parts) + ".") if parts else None
+
+
+def anchor_notes(records: Sequence[ResultRecord], objects: Sequence[str], table: Table) -> list[str]:
+    """The notes of a table: one :func:`describe_test_set` per object whose records carry a test set,
+    then the :func:`seed_spread_note`."""
+    notes = []
+    for obj in objects:
+        test_set = next((r.metrics["test_set"] for r in records
+                         if r.object == obj and isinstance(r.metrics.get("test_set"), Mapping)), None)
+        if test_set is not None:
+            notes.append(describe_test_set(obj, test_set))
+    spread = seed_spread_note(table)
+    return notes + ([spread] if spread else [])
 
 
 def tables_markdown(tables: Sequence[Table]) -> str:

@@ -1,0 +1,67 @@
+"""The intra-op thread count of CPU work (set by the CLI, not on import).
+
+torch's default is one thread per core. On a machine that other jobs keep busy, those threads
+spin and wait for each other and a run gets slower, not faster (measured in
+``benchmarks/RESULTS.md``, "Intra-op threads"). spotdiff therefore uses the cores that are idle
+when the command starts: ``cores - round(load average over 1 min)``, at least 1 and at most the
+core count. Order of precedence (first that is set wins):
+
+1. ``--threads N`` (global CLI flag);
+2. ``SPOTDIFF_THREADS=N`` in the environment;
+3. ``OMP_NUM_THREADS=N`` in the environment (torch has already applied it; spotdiff leaves it);
+4. the rule above.
+"""
+
+from __future__ import annotations
+
+import os
+
+from spotdiff.errors import ConfigError
+
+ENV_VAR = "SPOTDIFF_THREADS"
+
+
+def cpu_cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def idle_cores() -> int:
+    """Cores not busy right now: ``cores - round(1-min load average)``, clamped to [1, cores]."""
+    cores = cpu_cores()
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        load = 0.0
+    return max(1, min(cores, cores - round(load)))
+
+
+def _parse(value: str | int, source: str) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1:
+        raise ConfigError(f"{source}={value!r}: the thread count must be an integer >= 1")
+    return n
+
+
+def choose_threads(flag: int | None = None) -> tuple[int | None, str]:
+    """The thread count to set and why: ``(n, reason)``; ``n`` is None when OMP_NUM_THREADS rules."""
+    if flag is not None:
+        return _parse(flag, "--threads"), "--threads"
+    if os.environ.get(ENV_VAR):
+        return _parse(os.environ[ENV_VAR], ENV_VAR), ENV_VAR
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None, "OMP_NUM_THREADS"
+    return idle_cores(), "idle cores"
+
+
+def apply_threads(flag: int | None = None) -> int:
+    """Set torch's intra-op thread count by :func:`choose_threads`; returns the count in effect."""
+    import torch
+
+    n, _ = choose_threads(flag)
+    if n is not None and n != torch.get_num_threads():
+        torch.set_num_threads(n)
+    return torch.get_num_threads()

@@ -99,6 +99,8 @@ class Detector(ABC):
         self.data_source: dict[str, Any] = {}
         """Where the training images came from (the CLI records root, object, split and split seed);
         saved in ``config.json`` so ``spotdiff test`` can open the matching test split."""
+        self.calibration: dict[str, Any] | None = None
+        """Thresholds and normal-score distribution (:mod:`spotdiff.detect.calibration`); None until calibrated."""
 
     @property
     def forward_batch(self) -> int:
@@ -125,7 +127,7 @@ class Detector(ABC):
 
     @abstractmethod
     def fit(self, dataset: Dataset) -> Self:
-        """Fit on normal images; returns self."""
+        """Fit on normal images; returns self (folders or path lists: :func:`spotdiff.detect.fit_folder`)."""
 
     # ----------------------------------------------------------------------------- inference
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
@@ -184,6 +186,7 @@ class Detector(ABC):
             "n_train": self.n_train,
             "backbone_source": self.backbone_source,
             "data_source": self.data_source,
+            **({"calibration": self.calibration} if self.calibration else {}),
             **self._config(),
         }
         return store.save_model_dir(out_dir, config, self._state(), self.backbone.state_dict())
@@ -214,6 +217,7 @@ class Detector(ABC):
             model.n_train = int(config["n_train"])
             model.backbone_source = str(config["backbone_source"])
             model.data_source = dict(config.get("data_source") or {})
+            model.calibration = config.get("calibration")
             model._set_state(tensors)
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, WeightsError):

@@ -27,7 +27,8 @@ from spotdiff.files import atomic_path, write_json_atomic, write_text_atomic
 from spotdiff.progress import progress
 
 SCORE_COLUMNS = ("path", "label", "defect_type", "score")
-PREDICT_COLUMNS = ("path", "score", "anomalous", "overlay", "error")
+PREDICT_COLUMNS = ("path", "score", "normalized_score", "decision", "anomalous", "threshold", "overlay", "mask",
+                   "error")
 
 
 def evaluate_detector(
@@ -75,11 +76,12 @@ def evaluate_detector(
         all_masks[row:stop] = (batch["mask"] > 0.5).numpy()
         row = stop
     assert all_maps is not None and all_masks is not None and row == n
+    pixels = bool(all_masks.any())  # no mask at all (plain folders without masks): image metrics only
     metrics = evaluate(
         np.array([r["score"] for r in records]),
         np.array([r["label"] for r in records]),
-        anomaly_maps=all_maps,
-        masks=all_masks,
+        anomaly_maps=all_maps if pixels else None,
+        masks=all_masks if pixels else None,
         defect_types=[r["defect_type"] for r in records],
     )
     return metrics, records, all_maps, all_masks
@@ -152,6 +154,16 @@ def overlay_heatmap(
     return np.clip((1.0 - alpha) * image + alpha * heat, 0, 255).astype(np.uint8)
 
 
+def draw_mask_contour(overlay: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
+    """``overlay`` ``(H, W, 3)`` uint8 with the 1-px outline of the binary ``mask`` ``(H, W)`` drawn in ``colour``."""
+    from scipy.ndimage import binary_erosion
+
+    edge = mask & ~binary_erosion(mask, border_value=0)
+    out = overlay.copy()
+    out[edge] = colour
+    return out
+
+
 def _unique_name(stem: str, used: set[str]) -> str:
     name, n = f"{stem}.png", 1
     while name in used:
@@ -172,24 +184,42 @@ def predict_images(
     threshold: float | None = None,
     batch_size: int | None = None,
     overlays: bool = True,
+    masks: bool = False,
+    pixel_threshold: float | None = None,
 ) -> list[dict[str, Any]]:
     """Score image files in batches; write ``scores.csv`` and heat-map overlays under ``out_dir``.
 
     Every image is converted to RGB (grayscale, RGBA, palette, 16-bit; see ``load_image``) and
     resized to the model's image size, so mixed sizes are fine; overlays are drawn at that size
     in ``out_dir/overlays/<stem>.png``. The colour scale spans ``[0, 2 * threshold]`` when a
-    threshold is given (threshold = middle of the scale), otherwise each map's own min..max.
+    threshold is known (threshold = middle of the scale), otherwise each map's own min..max.
+    ``threshold`` / ``pixel_threshold`` default to the model's calibration (``model.calibration``);
+    with a pixel threshold, overlays carry the outline of the binary defect mask, and ``masks``
+    writes that mask as ``out_dir/masks/<stem>.png`` (0/255).
     A file that cannot be read gets a row with an ``error`` message and the batch goes on.
 
     Returns:
-        One record per input file: ``path``, ``score``, ``anomalous`` (when ``threshold``),
-        ``overlay``, ``error`` (empty fields as "").
+        One record per input file: ``path``, ``score`` (raw), ``normalized_score`` (fraction of normal
+        validation images scoring lower; "" without calibration), ``decision`` (``anomalous``,
+        ``normal`` or ``no threshold``), ``anomalous`` (1/0), ``threshold``, ``overlay``, ``mask``,
+        ``error`` (empty fields as "").
     """
+    from spotdiff.detect.calibration import decide, model_calibration
+
+    cal = model_calibration(model)
+    threshold = threshold if threshold is not None else (cal.image_threshold if cal else None)
+    pixel_threshold = pixel_threshold if pixel_threshold is not None else (cal.pixel_threshold if cal else None)
+    if masks and pixel_threshold is None:
+        from spotdiff.errors import ConfigError
+
+        raise ConfigError("binary masks need a pixel threshold: the model has no calibration; give --pixel-threshold")
     paths = collect_images(inputs)
     out = Path(out_dir)
-    overlay_dir = out / "overlays"
+    overlay_dir, mask_dir = out / "overlays", out / "masks"
     if overlays:
         overlay_dir.mkdir(parents=True, exist_ok=True)
+    if masks:
+        mask_dir.mkdir(parents=True, exist_ok=True)
     assert model.image_size is not None
     records: list[dict[str, Any]] = []
     used: set[str] = set()
@@ -202,21 +232,35 @@ def predict_images(
                 tensors.append(image_to_tensor(load_image(path), model.image_size))
                 good.append(path)
             except DataError as exc:
-                records.append({"path": str(path), "score": "", "anomalous": "", "overlay": "", "error": str(exc)})
+                records.append({"path": str(path), "error": str(exc)})
         if not tensors:
             continue
         images = torch.stack(tensors)
         scores, maps = model.predict(images)
-        for path, image, score, amap in zip(good, images, scores.tolist(), maps.numpy(), strict=True):
-            record: dict[str, Any] = {"path": str(path), "score": score, "anomalous": "", "overlay": "", "error": ""}
+        normalized = cal.normalized(scores.numpy()) if cal else [""] * len(good)
+        decisions = decide(scores, threshold)
+        for path, image, score, amap, norm, decision in zip(good, images, scores.tolist(), maps.numpy(), normalized,
+                                                             decisions, strict=True):
+            record: dict[str, Any] = {"path": str(path), "score": score, "normalized_score": norm, "decision": decision,
+                                      "anomalous": "", "threshold": "", "overlay": "", "mask": "", "error": ""}
             if threshold is not None:
                 record["anomalous"] = int(score > threshold)
+                record["threshold"] = threshold
+            name = _unique_name(path.stem, used)
+            binary = amap > pixel_threshold if pixel_threshold is not None else None
+            if masks and binary is not None:
+                with atomic_path(mask_dir / name) as tmp:
+                    Image.fromarray(binary.astype(np.uint8) * 255).save(tmp, format="PNG")
+                record["mask"] = str(mask_dir / name)
             if overlays:
                 pixels = (image.permute(1, 2, 0).numpy() * 255.0).round()
                 lo, hi = (0.0, 2.0 * threshold) if threshold is not None else (float(amap.min()), float(amap.max()))
-                target = overlay_dir / _unique_name(path.stem, used)
+                picture = overlay_heatmap(pixels, amap, lo, hi)
+                if binary is not None:
+                    picture = draw_mask_contour(picture, binary)
+                target = overlay_dir / name
                 with atomic_path(target) as tmp:
-                    Image.fromarray(overlay_heatmap(pixels, amap, lo, hi)).save(tmp, format="PNG")
+                    Image.fromarray(picture).save(tmp, format="PNG")
                 record["overlay"] = str(target)
             records.append(record)
     order = {str(p): i for i, p in enumerate(paths)}

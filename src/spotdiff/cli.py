@@ -352,6 +352,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--masks", action="store_true", help="also write binary defect masks (masks/<stem>.png)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
+                   help="torch (default) or onnxruntime (runs the file of --onnx; CPU)")
+    p.add_argument("--onnx", default=None, metavar="FILE", help="ONNX file written by `spotdiff export` (--backend onnxruntime)")
     p.add_argument("--no-overlays", action="store_true", help="write scores.csv only")
     p.set_defaults(run=_run_predict)
 
@@ -359,8 +362,18 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 def _run_predict(args: argparse.Namespace) -> int:
     from spotdiff.detect import load_detector
     from spotdiff.detect.predict import predict_images
+    from spotdiff.errors import ConfigError
 
-    model = load_detector(args.model_dir, device=args.device)
+    if args.backend == "onnxruntime":
+        from spotdiff.detect.export import OnnxDetector
+
+        if args.onnx is None:
+            raise ConfigError("--backend onnxruntime needs --onnx FILE (written by `spotdiff export`)")
+        model = OnnxDetector(args.model_dir, args.onnx)
+    elif args.onnx is not None:
+        raise ConfigError("--onnx is only used with --backend onnxruntime")
+    else:
+        model = load_detector(args.model_dir, device=args.device)
     records = predict_images(model, args.images, args.out, threshold=args.threshold, batch_size=args.batch_size,
                              overlays=not args.no_overlays, masks=args.masks, pixel_threshold=args.pixel_threshold)
     failed = [r for r in records if r["error"]]
@@ -369,6 +382,26 @@ def _run_predict(args: argparse.Namespace) -> int:
     print(f"scored {len(records) - len(failed)} image(s), {len(failed)} failed -> {args.out}/scores.csv")
     return 0
 
+
+
+# ----------------------------------------------------------------------------- export
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a fitted detector (PaDiM, PatchCore) as one ONNX graph",
+                       description="Write the whole detector (normalisation, backbone, features, distance, map "
+                                   "smoothing, image score; dynamic batch) as ONNX for `predict --backend onnxruntime`. "
+                                   "Above 2 GB the tensors go to <out>.data (ONNX external data).")
+    p.add_argument("model_dir", help="model directory written by `spotdiff fit`")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="export format (onnx)")
+    p.add_argument("--out", required=True, metavar="FILE.onnx", help="output file")
+    p.add_argument("--external-data", action="store_true", help="write the tensors to <out>.data even below 2 GB")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from spotdiff.detect.export import export_onnx
+
+    print(export_onnx(args.model_dir, args.out, external_data=True if args.external_data else None))
+    return 0
 
 
 # ----------------------------------------------------------------------------- finetune
@@ -471,6 +504,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_fit,
     _add_test,
     _add_predict,
+    _add_export,
     _add_finetune,
     _add_demo,
     _add_benchmark,

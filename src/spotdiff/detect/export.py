@@ -151,8 +151,8 @@ class PatchCoreGraph(_Graph):
         assert model.memory_bank is not None
         bank = model.memory_bank.detach().cpu().float().contiguous()
         self.register_buffer("bank", bank)
-        self.register_buffer("bank_t", bank.T.contiguous())
-        self.register_buffer("bank_sq", (bank * bank).sum(dim=1))
+        # [-2 b^T; ||b||^2] (C + 1, M): [q, 1] @ it = ||b||^2 - 2 q.b in one matrix product
+        self.register_buffer("bank_aug", torch.cat([-2.0 * bank.T, (bank * bank).sum(dim=1)[None]]).contiguous())
         self.num_neighbors = min(int(model.num_neighbors), bank.shape[0])
         total = sum(layer_channels(model.arch, self.layers))
         self.target_dim = model.target_dim
@@ -163,6 +163,10 @@ class PatchCoreGraph(_Graph):
         else:
             self.target_dim = None
         self._set_map_operators()
+
+    def _partial_sq(self, rows: torch.Tensor) -> torch.Tensor:
+        """``(N, C)`` -> ``(N, M)``: ``||b||^2 - 2 q.b`` for every row ``q`` and bank element ``b``."""
+        return torch.matmul(torch.cat([rows, torch.ones_like(rows[:, :1])], dim=1), self.bank_aug)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats = self._features(images)
@@ -175,15 +179,20 @@ class PatchCoreGraph(_Graph):
         patches = torch.cat(parts, dim=1).flatten(2).transpose(1, 2)  # (B, P, C)
         if self.target_dim is not None:
             patches = torch.matmul(patches, self.channel_pool)
-        sq = (patches * patches).sum(-1, keepdim=True) + self.bank_sq - 2.0 * torch.matmul(patches, self.bank_t)
-        nearest_sq, nearest = sq.min(dim=-1)  # (B, P)
-        patch_scores = torch.sqrt(torch.clamp(nearest_sq, min=0.0))
+        # ||q - b||^2 = ||q||^2 + (||b||^2 - 2 q.b): the row constant ||q||^2 is added after the minimum,
+        # so the (B P, M) distance table is written by one matrix product and read by one arg-min
+        b, p, c = patches.shape
+        partial = self._partial_sq(patches.reshape(b * p, c))  # (B P, M)
+        nearest = partial.argmin(dim=1, keepdim=True)
+        partial_min = partial.gather(1, nearest).reshape(b, p)
+        nearest = nearest.reshape(b, p)
+        patch_scores = torch.sqrt(torch.clamp(partial_min + (patches * patches).sum(-1), min=0.0))
         best = patch_scores.argmax(dim=1, keepdim=True)  # (B, 1)
         s_star = patch_scores.gather(1, best)[:, 0]
         m_test = patches.gather(1, best[:, :, None].expand(-1, 1, patches.shape[-1]))  # (B, 1, C)
         m_star = self.bank.index_select(0, nearest.gather(1, best)[:, 0])  # (B, C)
-        star_sq = (m_star * m_star).sum(-1, keepdim=True) + self.bank_sq - 2.0 * torch.matmul(m_star, self.bank_t)
-        support = torch.topk(star_sq, self.num_neighbors, dim=1, largest=False).indices  # (B, b)
+        star_partial = self._partial_sq(m_star)  # ||m* - b||^2 - ||m*||^2: the same order over b
+        support = torch.topk(star_partial, self.num_neighbors, dim=1, largest=False).indices  # (B, b)
         neighbours = self.bank.index_select(0, support.reshape(-1)).reshape(support.shape[0], support.shape[1], -1)
         d_support = torch.sqrt(((neighbours - m_test) ** 2).sum(-1))  # (B, b)
         scores = (1.0 - torch.exp(s_star - torch.logsumexp(d_support, dim=1))) * s_star

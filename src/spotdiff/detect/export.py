@@ -279,8 +279,6 @@ class OnnxDetector:
     have been exported from that model directory (else :class:`WeightsError` naming the file).
     """
 
-    model_type = "onnx"
-
     def __init__(self, model_dir: str | os.PathLike[str], onnx_path: str | os.PathLike[str],
                  batch_size: int = CPU_FORWARD_IMAGES, threads: int | None = None) -> None:
         try:

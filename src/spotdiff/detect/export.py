@@ -124,7 +124,7 @@ class PaDiMGraph(_Graph):
                 self.register_buffer(f"index_{i}", inside.clone())
                 self.parts.append((name, f"index_{i}"))
         self.register_buffer("mean", model.mean.detach().cpu().float().clone())
-        self.register_buffer("inv_chol_t", model.inv_chol.detach().cpu().float().transpose(1, 2).contiguous())
+        self.register_buffer("inv_chol", model.inv_chol.detach().cpu().float())  # shared with the model: no copy
         self._set_map_operators()
         if self.grid[0] * self.grid[1] != self.mean.shape[0]:
             raise WeightsError(f"PaDiM grid {self.grid} does not match its {self.mean.shape[0]} fitted positions")
@@ -138,7 +138,8 @@ class PaDiMGraph(_Graph):
                 part = F.interpolate(part, size=self.grid, mode="nearest")
             parts.append(part)
         emb = torch.cat(parts, dim=1).flatten(2).permute(2, 0, 1)  # (P, B, d)
-        z = torch.matmul(emb - self.mean[:, None, :], self.inv_chol_t)  # (P, B, d): rows L^-1 (x - mu)
+        # rows L^-1 (x - mu); onnxruntime folds the constant transpose once, at session start
+        z = torch.matmul(emb - self.mean[:, None, :], self.inv_chol.transpose(1, 2))  # (P, B, d)
         dist = torch.sqrt((z * z).sum(dim=-1)).transpose(0, 1)  # (B, P)
         return self._maps(dist.reshape(-1, self.grid[0], self.grid[1]))
 

@@ -220,3 +220,17 @@ def test_open_folders_errors(folders, tmp_path):
         split_train_val(sorted((folders / "train").glob("*.png"))[:3])
     with pytest.raises(ConfigError, match="target false-positive rate"):
         fit_folder(PaDiM(arch="resnet18", d=8), folders / "train", target_fpr=1.5)
+
+
+def test_dataset_fit_calibrates_with_val_good_and_refuses_overlap(folders, tmp_path, capsys):
+    """--data/--object (an MVTec-style tree) plus --val-good: calibrated; --val-good inside train: refused."""
+    train = write_images(tmp_path / "mv" / "obj" / "train" / "good", square_images(6, SIZE, seed=1))
+    base = ["fit", "--model", "padim", "--arch", "resnet18", "--d", "8", "--layers", "layer1", "--image-size",
+            str(SIZE), "--data", str(tmp_path / "mv"), "--object", "obj"]
+    assert main(["--quiet", *base, "--val-good", str(folders / "val_good"), "--out", str(tmp_path / "m")]) == 0
+    cal = json.loads((tmp_path / "m" / "config.json").read_text())["calibration"]
+    assert cal["source"] == {"validation": "given"} and len(cal["normal_scores"]) == 6
+    assert "image threshold" in capsys.readouterr().out
+    assert main([*base, "--val-good", str(train), "--out", str(tmp_path / "m2")]) == 2
+    assert "in both the training set and the validation set" in capsys.readouterr().err
+    assert not (tmp_path / "m2").exists()

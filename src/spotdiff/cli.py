@@ -178,7 +178,7 @@ def _run_fit(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from spotdiff.data import list_images, open_dataset
-    from spotdiff.data.plain import check_disjoint
+    from spotdiff.data.plain import check_disjoint, folder_records
     from spotdiff.detect import PaDiM, PatchCore
     from spotdiff.detect.calibration import check_threshold_mode
     from spotdiff.errors import ConfigError
@@ -195,6 +195,8 @@ def _run_fit(args: argparse.Namespace) -> int:
     else:
         model = PatchCore(coreset_ratio=args.coreset_ratio, **common)
     if args.train is not None:
+        if args.data is not None or args.object is not None or args.skip_bad:
+            raise ConfigError("--train DIR cannot be combined with --data, --object or --skip-bad")
         return _fit_folder(args, model)
     if args.data is None or args.object is None:
         raise ConfigError("give --train DIR (a folder of good images) or --data ROOT with --object NAME")
@@ -204,14 +206,23 @@ def _run_fit(args: argparse.Namespace) -> int:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     model.data_source = {"data": str(args.data), "object": args.object, "split": args.split,
                          "split_csv": args.split_csv, "split_seed": args.split_seed}
+    if args.val_good is None and (args.val_bad or args.val_masks or args.threshold is not None
+                                  or args.pixel_threshold is not None or args.threshold_mode != "normal-fpr"):
+        raise ConfigError("with --data, calibration options need --val-good DIR (a dataset split holds no "
+                          "normal validation images)")
     if args.val_good is not None:
         check_threshold_mode(args.threshold_mode, args.val_bad is not None, args.threshold, args.target_fpr)
         check_disjoint([Path(p) for p in train.paths], list_images(args.val_good, recursive=True), "validation")
+        if args.val_bad is not None:
+            folder_records(None, args.val_bad, args.val_masks)  # mask errors before the (long) fit
     model.fit(train)
+    cal = None
     if args.val_good is not None:  # a dataset split has no held-out normal images of its own
-        _calibrate_folders(args, model, args.val_good, {"validation": "given"})
+        cal = _calibrate_folders(args, model, args.val_good, {"validation": "given"})
     out = model.save(args.out)
     print(f"fitted {args.model} ({model.arch}, {model.n_train} training images) -> {out}")
+    if cal is not None:
+        print(cal.summary())
     return 0
 
 
@@ -243,7 +254,7 @@ def _fit_folder(args: argparse.Namespace, model) -> int:  # type: ignore[no-unty
     return 0
 
 
-def _calibrate_folders(args: argparse.Namespace, model, val_good: str, source: dict) -> None:  # type: ignore[no-untyped-def]
+def _calibrate_folders(args: argparse.Namespace, model, val_good: str, source: dict):  # type: ignore[no-untyped-def]
     from spotdiff.data.plain import open_folders
     from spotdiff.detect.calibration import calibrate
 
@@ -251,8 +262,8 @@ def _calibrate_folders(args: argparse.Namespace, model, val_good: str, source: d
     bad, unmasked = (open_folders(None, args.val_bad, args.val_masks, image_size=model.image_size, name="val bad")
                      if args.val_bad else (None, []))
     _report_unmasked(unmasked, args.val_masks)
-    calibrate(model, good, bad, args.threshold_mode, args.target_fpr, args.threshold, args.pixel_threshold,
-              source, has_masks=bad is not None and len(unmasked) < len(bad))
+    return calibrate(model, good, bad, args.threshold_mode, args.target_fpr, args.threshold, args.pixel_threshold,
+                     source, has_masks=bad is not None and len(unmasked) < len(bad))
 
 
 def _report_unmasked(unmasked: list, masks: str | None) -> None:

@@ -151,10 +151,14 @@ def _print_skipped(skipped: Sequence[tuple[str, str]]) -> None:
 
 # ----------------------------------------------------------------------------- fit
 def _add_fit(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("fit", help="fit a 1-class detector (PaDiM, PatchCore) on normal images")
+    p = sub.add_parser("fit", help="fit a 1-class detector (PaDiM, PatchCore) on normal images",
+                       description="Fit on a plain folder of good images (--train) or on a dataset (--data, --object), "
+                                   "then calibrate thresholds on normal validation images (see docs/deploy.md).")
     p.add_argument("--model", choices=["padim", "patchcore"], required=True)
-    p.add_argument("--data", required=True, help="raw VisA root, MVTec-AD root or prepared folder")
-    p.add_argument("--object", required=True, help="object (category) name, e.g. pcb1")
+    p.add_argument("--train", default=None, metavar="DIR", help="folder of good images (instead of --data/--object)")
+    p.add_argument("--data", default=None, help="raw VisA root, MVTec-AD root or prepared folder")
+    p.add_argument("--object", default=None, help="object (category) name, e.g. pcb1")
+    _add_calibration_args(p)
     p.add_argument("--split", default="1cls", help="VisA split CSV name (default 1cls)")
     p.add_argument("--split-csv", default=None, help="explicit split CSV (default <data>/split_csv/<split>.csv)")
     p.add_argument("--arch", default=None, choices=["resnet18", "resnet50", "wide_resnet50_2"],
@@ -181,8 +185,13 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_fit(args: argparse.Namespace) -> int:
-    from spotdiff.data import open_dataset
+    from pathlib import Path
+
+    from spotdiff.data import list_images, open_dataset
+    from spotdiff.data.plain import check_disjoint, folder_records
     from spotdiff.detect import PaDiM, PatchCore
+    from spotdiff.detect.calibration import check_threshold_mode
+    from spotdiff.errors import ConfigError
     from spotdiff.models import random_init_warning
 
     if args.weights is None:
@@ -198,24 +207,95 @@ def _run_fit(args: argparse.Namespace) -> int:
         model = PaDiM(d=args.d, **common)
     else:
         model = PatchCore(coreset_ratio=args.coreset_ratio, **common)
+    if args.train is not None:
+        if args.data is not None or args.object is not None or args.skip_bad:
+            raise ConfigError("--train DIR cannot be combined with --data, --object or --skip-bad")
+        return _fit_folder(args, model)
+    if args.data is None or args.object is None:
+        raise ConfigError("give --train DIR (a folder of good images) or --data ROOT with --object NAME")
     train = open_dataset(args.data, args.object, split=args.split, subset="train", image_size=args.image_size,
                          split_csv=args.split_csv, skip_bad=args.skip_bad, seed=args.split_seed)
     _print_skipped(train.skipped)
     model.data_source = {"data": str(args.data), "object": args.object, "split": args.split,
                          "split_csv": args.split_csv, "split_seed": args.split_seed}
+    if args.val_good is None and (args.val_bad or args.val_masks or args.threshold is not None
+                                  or args.pixel_threshold is not None or args.threshold_mode != "normal-fpr"):
+        raise ConfigError("with --data, calibration options need --val-good DIR (a dataset split holds no "
+                          "normal validation images)")
+    if args.val_good is not None:
+        check_threshold_mode(args.threshold_mode, args.val_bad is not None, args.threshold, args.target_fpr)
+        check_disjoint([Path(p) for p in train.paths], list_images(args.val_good, recursive=True), "validation")
+        if args.val_bad is not None:
+            folder_records(None, args.val_bad, args.val_masks)  # mask errors before the (long) fit
     model.fit(train)
+    cal = None
+    if args.val_good is not None:  # a dataset split has no held-out normal images of its own
+        cal = _calibrate_folders(args, model, args.val_good, {"validation": "given"})
     out = model.save(args.out)
     print(f"fitted {args.model} ({model.arch}, {model.n_train} training images) -> {out}")
+    if cal is not None:
+        print(cal.summary())
     return 0
+
+
+def _add_calibration_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--val-good", default=None, metavar="DIR",
+                   help="normal validation images (default with --train: a seeded 20%% of --train held out)")
+    p.add_argument("--val-bad", default=None, metavar="DIR", help="anomalous validation images (for --threshold-mode f1)")
+    p.add_argument("--val-masks", default=None, metavar="DIR", help="masks of --val-bad images, matched by file stem")
+    p.add_argument("--threshold-mode", choices=["normal-fpr", "f1", "manual"], default="normal-fpr",
+                   help="normal-fpr: flag at most --target-fpr of normal validation images (default); "
+                        "f1: best F1 on --val-bad; manual: --threshold")
+    p.add_argument("--target-fpr", type=float, default=0.01, help="false-positive rate of normal-fpr (default 0.01)")
+    p.add_argument("--threshold", type=float, default=None, help="image threshold of --threshold-mode manual")
+    p.add_argument("--pixel-threshold", type=float, default=None,
+                   help="pixel threshold (default: chosen like the image threshold)")
+
+
+def _fit_folder(args: argparse.Namespace, model) -> int:  # type: ignore[no-untyped-def]
+    from spotdiff.detect.calibration import fit_folder
+
+    model.data_source = {"train": str(args.train), "split_seed": args.split_seed}
+    _, cal, unmasked = fit_folder(model, args.train, args.val_good, args.val_bad, args.val_masks, args.image_size,
+                                  args.threshold_mode, args.target_fpr, args.threshold, args.pixel_threshold,
+                                  val_seed=args.split_seed)
+    _report_unmasked(unmasked, args.val_masks)
+    out = model.save(args.out)
+    print(f"fitted {args.model} ({model.arch}, {model.n_train} training images) -> {out}")
+    print(cal.summary())
+    return 0
+
+
+def _calibrate_folders(args: argparse.Namespace, model, val_good: str, source: dict):  # type: ignore[no-untyped-def]
+    from spotdiff.data.plain import open_folders
+    from spotdiff.detect.calibration import calibrate
+
+    good, _ = open_folders(val_good, image_size=model.image_size, name="val good")
+    bad, unmasked = (open_folders(None, args.val_bad, args.val_masks, image_size=model.image_size, name="val bad")
+                     if args.val_bad else (None, []))
+    _report_unmasked(unmasked, args.val_masks)
+    return calibrate(model, good, bad, args.threshold_mode, args.target_fpr, args.threshold, args.pixel_threshold,
+                     source, has_masks=bad is not None and len(unmasked) < len(bad))
+
+
+def _report_unmasked(unmasked: list, masks: str | None) -> None:
+    if unmasked:
+        names = ", ".join(p.name for p in unmasked[:5]) + (" ..." if len(unmasked) > 5 else "")
+        where = f" in {masks}" if masks is not None else " (no mask folder given)"
+        print(f"note: {len(unmasked)} bad image(s) have no mask{where}; their pixels count as normal: {names}",
+              file=sys.stderr)
 
 
 
 # ----------------------------------------------------------------------------- test
 def _add_test(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("test", help="evaluate a fitted 1-class detector on a test split")
+    p = sub.add_parser("test", help="evaluate a fitted 1-class detector on a test split or on plain folders")
     p.add_argument("model_dir", help="model directory written by `spotdiff fit`")
-    p.add_argument("--data", required=True, help="raw VisA root, MVTec-AD root or prepared folder")
-    p.add_argument("--object", required=True, help="object (category) name")
+    p.add_argument("--good", default=None, metavar="DIR", help="folder of good test images (instead of --data/--object)")
+    p.add_argument("--bad", default=None, metavar="DIR", help="folder of bad test images (with --good)")
+    p.add_argument("--masks", default=None, metavar="DIR", help="masks of --bad images, matched by file stem")
+    p.add_argument("--data", default=None, help="raw VisA root, MVTec-AD root or prepared folder")
+    p.add_argument("--object", default=None, help="object (category) name")
     p.add_argument("--split", default="1cls", help="VisA split CSV name (default 1cls)")
     p.add_argument("--split-csv", default=None, help="explicit split CSV")
     p.add_argument("--batch-size", type=int, default=None)
@@ -230,19 +310,23 @@ def _add_test(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_test(args: argparse.Namespace) -> int:
-    import json
-
     from spotdiff.data import open_dataset
     from spotdiff.detect import load_detector
-    from spotdiff.detect.predict import evaluate_detector, write_test_results
-    from spotdiff.models import describe_weights
+    from spotdiff.detect.predict import evaluate_detector
+    from spotdiff.errors import ConfigError
 
     model = load_detector(args.model_dir, device=args.device)
     fitted_on = model.data_source.get("object")
-    if fitted_on and fitted_on != args.object:
+    if fitted_on and args.object and fitted_on != args.object:
         print(f"warning: {args.model_dir} was fitted on object {fitted_on!r}, not {args.object!r}; "
               "its scores on another object are rarely meaningful", file=sys.stderr)
     height, width = model.image_size
+    if args.good is not None or args.bad is not None:
+        test = _open_test_folders(args, model)
+        metrics, records, maps, _ = evaluate_detector(model, test, batch_size=args.batch_size, num_workers=args.workers)
+        return _write_test(args, model, metrics, records, maps)
+    if args.data is None or args.object is None:
+        raise ConfigError("give --good DIR --bad DIR (plain folders) or --data ROOT with --object NAME")
     recorded = model.data_source.get("split_seed", 0)
     split_seed = recorded if args.split_seed is None else args.split_seed
     if split_seed != recorded:
@@ -254,6 +338,26 @@ def _run_test(args: argparse.Namespace) -> int:
                         split_csv=args.split_csv, skip_bad=args.skip_bad, seed=split_seed)
     _print_skipped(test.skipped)
     metrics, records, maps, _ = evaluate_detector(model, test, batch_size=args.batch_size, num_workers=args.workers)
+    return _write_test(args, model, metrics, records, maps)
+
+
+def _open_test_folders(args: argparse.Namespace, model):  # type: ignore[no-untyped-def]
+    from spotdiff.data.plain import open_folders
+    from spotdiff.errors import ConfigError
+
+    if args.good is None or args.bad is None:
+        raise ConfigError("plain-folder test needs both --good DIR and --bad DIR")
+    test, unmasked = open_folders(args.good, args.bad, args.masks, image_size=model.image_size, name="test")
+    _report_unmasked(unmasked, args.masks)
+    return test
+
+
+def _write_test(args: argparse.Namespace, model, metrics: dict, records: list, maps) -> int:  # type: ignore[no-untyped-def]
+    import json
+
+    from spotdiff.detect.predict import write_test_results
+    from spotdiff.models import describe_weights
+
     metrics["weights"] = model.weights_record
     written = write_test_results(args.out, metrics, records, maps if args.save_maps else None)
     headline = {k: v for k, v in metrics.items() if isinstance(v, float)}
@@ -270,9 +374,16 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model_dir", help="model directory written by `spotdiff fit`")
     p.add_argument("images", nargs="+", help="image files and/or directories (searched recursively)")
     p.add_argument("--out", required=True, help="output directory (scores.csv, overlays/)")
-    p.add_argument("--threshold", type=float, default=None, help="flag images with score > T; colour scale 0..2T")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="flag images with score > T (default: the model's calibrated threshold); colour scale 0..2T")
+    p.add_argument("--pixel-threshold", type=float, default=None,
+                   help="defect pixels have map value > T (default: the model's calibrated pixel threshold)")
+    p.add_argument("--masks", action="store_true", help="also write binary defect masks (masks/<stem>.png)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
+                   help="torch (default) or onnxruntime (runs the file of --onnx; CPU)")
+    p.add_argument("--onnx", default=None, metavar="FILE", help="ONNX file written by `spotdiff export` (--backend onnxruntime)")
     p.add_argument("--no-overlays", action="store_true", help="write scores.csv only")
     p.set_defaults(run=_run_predict)
 
@@ -280,11 +391,20 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 def _run_predict(args: argparse.Namespace) -> int:
     from spotdiff.detect import load_detector
     from spotdiff.detect.predict import predict_images
-    from spotdiff.errors import DataError
+    from spotdiff.errors import ConfigError, DataError
 
-    model = load_detector(args.model_dir, device=args.device)
+    if args.backend == "onnxruntime":
+        from spotdiff.detect.export import OnnxDetector
+
+        if args.onnx is None:
+            raise ConfigError("--backend onnxruntime needs --onnx FILE (written by `spotdiff export`)")
+        model = OnnxDetector(args.model_dir, args.onnx)
+    elif args.onnx is not None:
+        raise ConfigError("--onnx is only used with --backend onnxruntime")
+    else:
+        model = load_detector(args.model_dir, device=args.device)
     records = predict_images(model, args.images, args.out, threshold=args.threshold, batch_size=args.batch_size,
-                             overlays=not args.no_overlays)
+                             overlays=not args.no_overlays, masks=args.masks, pixel_threshold=args.pixel_threshold)
     failed = [r for r in records if r["error"]]
     for r in failed:
         print(f"skipped: {r['error']}", file=sys.stderr)
@@ -293,6 +413,26 @@ def _run_predict(args: argparse.Namespace) -> int:
         raise DataError(f"no image could be scored ({len(failed)} failed; see {args.out}/scores.csv)")
     return 0
 
+
+
+# ----------------------------------------------------------------------------- export
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a fitted detector (PaDiM, PatchCore) as one ONNX graph",
+                       description="Write the whole detector (normalisation, backbone, features, distance, map "
+                                   "smoothing, image score; dynamic batch) as ONNX for `predict --backend onnxruntime`. "
+                                   "Above 2 GB the tensors go to <out>.data (ONNX external data).")
+    p.add_argument("model_dir", help="model directory written by `spotdiff fit`")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="export format (onnx)")
+    p.add_argument("--out", required=True, metavar="FILE.onnx", help="output file")
+    p.add_argument("--external-data", action="store_true", help="write the tensors to <out>.data even below 2 GB")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from spotdiff.detect.export import export_onnx
+
+    print(export_onnx(args.model_dir, args.out, external_data=True if args.external_data else None))
+    return 0
 
 
 # ----------------------------------------------------------------------------- finetune
@@ -415,6 +555,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_fit,
     _add_test,
     _add_predict,
+    _add_export,
     _add_finetune,
     _add_demo,
     _add_benchmark,

@@ -106,6 +106,8 @@ class Detector(ABC):
         saved in ``config.json`` so ``spotdiff test`` can open the matching test split."""
         self._normal_maps: dict[str, Any] | None = None
         self._normal_sample: list[torch.Tensor] = []  # a few training images, scored after fitting
+        self.calibration: dict[str, Any] | None = None
+        """Thresholds and normal-score distribution (:mod:`spotdiff.detect.calibration`); None until calibrated."""
 
     @property
     def forward_batch(self) -> int:
@@ -135,7 +137,7 @@ class Detector(ABC):
 
     @abstractmethod
     def fit(self, dataset: Dataset) -> Self:
-        """Fit on normal images; returns self."""
+        """Fit on normal images; returns self (folders or path lists: :func:`spotdiff.detect.fit_folder`)."""
 
     # ----------------------------------------------------------------------------- inference
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
@@ -205,6 +207,7 @@ class Detector(ABC):
             "weights": self.weights_record,
             "data_source": self.data_source,
             **({"normal_maps": self.normal_maps} if self.normal_maps else {}),
+            **({"calibration": self.calibration} if self.calibration else {}),
             **self._config(),
         }
         return store.save_model_dir(out_dir, config, self._state(), self.backbone.state_dict())
@@ -238,6 +241,7 @@ class Detector(ABC):
                 None if model.backbone_source.startswith("random init") else model.backbone_source))
             model.data_source = dict(config.get("data_source") or {})
             model._normal_maps = dict(config["normal_maps"]) if config.get("normal_maps") else None
+            model.calibration = config.get("calibration")
             model._set_state(tensors)
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, WeightsError):

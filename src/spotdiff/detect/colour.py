@@ -11,14 +11,15 @@ Rule (our choice; :func:`scale_from_normals`): from the anomaly maps of normal i
 highest-scoring normal image sits mid-scale (green) and only scores beyond it turn yellow to red.
 In ``predict`` (:func:`colour_scale`, the one place to change), in order of preference:
 
-1. the model's calibration (held-out normal images), once models carry one;
-2. with ``--threshold T``: ``0 .. 2T`` (the threshold mid-scale, green);
-3. the rule on ``NORMAL_SAMPLE`` of the model's own training images, scored right after fitting and
+1. the image threshold ``T``: ``--threshold T``, or else the model's calibrated threshold (chosen on
+   held-out normal images, :mod:`spotdiff.detect.calibration`): ``0 .. 2T`` (the threshold
+   mid-scale, green);
+2. the rule on ``NORMAL_SAMPLE`` of the model's own training images, scored right after fitting and
    recorded in ``config.json`` as ``normal_maps``. These are *in-sample* scores, lower than those of
    unseen normal images (for PaDiM much lower when the training images are few compared with its
    ``d`` channels), so unseen normal images can reach yellow or red on this scale: read the colour
-   bar, and prefer 1 or 2;
-4. model directories written before ``normal_maps`` existed: the rule on the first batch that
+   bar, and prefer 1;
+3. model directories written before ``normal_maps`` existed: the rule on the first batch that
    ``predict`` scores; the scale then stays fixed for the rest of the run (a warning says so).
 
 In evaluation (the report's gallery), the rule is applied to the test set's normal images, which
@@ -66,7 +67,7 @@ def colour_scale(model: Any, threshold: float | None = None) -> ColourScale | No
     """The colour scale of ``model`` (a fitted :class:`~spotdiff.detect.base.Detector`), or None
     when the model records nothing and no threshold is given (the caller then fixes the scale from
     its first batch with :func:`scale_from_normals`)."""
-    # a calibration (held-out normal images), when models carry one, goes first here
+    # predict passes the calibrated image threshold as ``threshold`` when no --threshold is given
     if threshold is not None:
         return ColourScale(0.0, 2.0 * threshold, f"0 .. 2 x threshold {threshold:g}")
     stats = getattr(model, "normal_maps", None)
@@ -82,15 +83,17 @@ def _font(size: int) -> Any:
 
 
 def render_overlay(image: np.ndarray, anomaly_map: np.ndarray, scale: ColourScale, score: float,
-                   threshold: float | None = None, alpha: float = 0.5) -> np.ndarray:
+                   threshold: float | None = None, alpha: float = 0.5,
+                   contour: np.ndarray | None = None) -> np.ndarray:
     """An annotated overlay: ``image`` (H, W, 3) uint8 with the jet-coloured ``anomaly_map``
     (H, W) on ``scale``, a title line with the score and the decision (``score > threshold``;
     "no threshold" without one) and a colour bar on the right with its end values and the
-    threshold marked. Returns an RGB uint8 array, wider and taller than the image."""
+    threshold marked; ``contour`` (H, W) bool, a binary defect mask, is outlined in white.
+    Returns an RGB uint8 array, wider and taller than the image."""
     from matplotlib import colormaps
     from PIL import Image, ImageDraw
 
-    from spotdiff.detect.predict import overlay_heatmap
+    from spotdiff.detect.predict import draw_mask_contour, overlay_heatmap
 
     h, w = image.shape[:2]
     size = max(9, min(14, h // 8))
@@ -106,7 +109,10 @@ def render_overlay(image: np.ndarray, anomaly_map: np.ndarray, scale: ColourScal
     label_w = max(int(probe.textlength(t, font=font)) for t in labels)
     width = max(w + pad + bar_w + pad + label_w + pad, int(probe.textlength(title, font=font)) + 2 * pad)
     canvas = Image.new("RGB", (width, head + h + pad), "white")
-    canvas.paste(Image.fromarray(overlay_heatmap(image, anomaly_map, scale.vmin, scale.vmax, alpha)), (0, head))
+    heat = overlay_heatmap(image, anomaly_map, scale.vmin, scale.vmax, alpha)
+    if contour is not None:
+        heat = draw_mask_contour(heat, contour)
+    canvas.paste(Image.fromarray(heat), (0, head))
     ramp = colormaps["jet"](np.linspace(1.0, 0.0, h))[:, None, :3] * 255.0  # top = vmax
     canvas.paste(Image.fromarray(np.repeat(ramp, bar_w, axis=1).astype(np.uint8)), (w + pad, head))
     draw = ImageDraw.Draw(canvas)

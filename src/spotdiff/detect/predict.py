@@ -28,7 +28,8 @@ from spotdiff.files import atomic_path, write_json_atomic, write_text_atomic
 from spotdiff.progress import log, progress
 
 SCORE_COLUMNS = ("path", "label", "defect_type", "score")
-PREDICT_COLUMNS = ("path", "score", "anomalous", "overlay", "error")
+PREDICT_COLUMNS = ("path", "score", "normalized_score", "decision", "anomalous", "threshold", "overlay", "mask",
+                   "error")
 
 
 def evaluate_detector(
@@ -77,11 +78,12 @@ def evaluate_detector(
         all_masks[row:stop] = (batch["mask"] > 0.5).numpy()
         row = stop
     assert all_maps is not None and all_masks is not None and row == n
+    pixels = bool(all_masks.any())  # no mask at all (plain folders without masks): image metrics only
     metrics = evaluate(
         np.array([r["score"] for r in records]),
         np.array([r["label"] for r in records]),
-        anomaly_maps=all_maps,
-        masks=all_masks,
+        anomaly_maps=all_maps if pixels else None,
+        masks=all_masks if pixels else None,
         defect_types=[r["defect_type"] for r in records],
     )
     metrics["test_set"] = count_test_set(metrics["per_defect_type"], records, all_masks)
@@ -166,6 +168,16 @@ def overlay_heatmap(
     return np.clip((1.0 - alpha) * image + alpha * heat, 0, 255).astype(np.uint8)
 
 
+def draw_mask_contour(overlay: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
+    """``overlay`` ``(H, W, 3)`` uint8 with the 1-px outline of the binary ``mask`` ``(H, W)`` drawn in ``colour``."""
+    from scipy.ndimage import binary_erosion
+
+    edge = mask & ~binary_erosion(mask, border_value=0)
+    out = overlay.copy()
+    out[edge] = colour
+    return out
+
+
 def _unique_name(stem: str, used: set[str]) -> str:
     name, n = f"{stem}.png", 1
     while name in used:
@@ -186,6 +198,8 @@ def predict_images(
     threshold: float | None = None,
     batch_size: int | None = None,
     overlays: bool = True,
+    masks: bool = False,
+    pixel_threshold: float | None = None,
 ) -> list[dict[str, Any]]:
     """Score image files in batches; write ``scores.csv`` and heat-map overlays under ``out_dir``.
 
@@ -193,17 +207,33 @@ def predict_images(
     resized to the model's image size, so mixed sizes are fine; overlays are drawn at that size
     in ``out_dir/overlays/<stem>.png``, all on the model's one colour scale
     (:func:`spotdiff.detect.colour.colour_scale`), each with a colour bar, its score and the decision.
+    ``threshold`` / ``pixel_threshold`` default to the model's calibration (``model.calibration``);
+    with a pixel threshold, overlays carry the outline of the binary defect mask, and ``masks``
+    writes that mask as ``out_dir/masks/<stem>.png`` (0/255).
     A file that cannot be read gets a row with an ``error`` message and the batch goes on.
 
     Returns:
-        One record per input file: ``path``, ``score``, ``anomalous`` (when ``threshold``),
-        ``overlay``, ``error`` (empty fields as "").
+        One record per input file: ``path``, ``score`` (raw), ``normalized_score`` (fraction of normal
+        validation images scoring lower; "" without calibration), ``decision`` (``anomalous``,
+        ``normal`` or ``no threshold``), ``anomalous`` (1/0), ``threshold``, ``overlay``, ``mask``,
+        ``error`` (empty fields as "").
     """
+    from spotdiff.detect.calibration import decide, model_calibration
+
+    cal = model_calibration(model)
+    threshold = threshold if threshold is not None else (cal.image_threshold if cal else None)
+    pixel_threshold = pixel_threshold if pixel_threshold is not None else (cal.pixel_threshold if cal else None)
+    if masks and pixel_threshold is None:
+        from spotdiff.errors import ConfigError
+
+        raise ConfigError("binary masks need a pixel threshold: the model has no calibration; give --pixel-threshold")
     paths = collect_images(inputs)
     out = Path(out_dir)
-    overlay_dir = out / "overlays"
+    overlay_dir, mask_dir = out / "overlays", out / "masks"
     if overlays:
         overlay_dir.mkdir(parents=True, exist_ok=True)
+    if masks:
+        mask_dir.mkdir(parents=True, exist_ok=True)
     assert model.image_size is not None
     records: list[dict[str, Any]] = []
     used: set[str] = set()
@@ -217,24 +247,36 @@ def predict_images(
                 tensors.append(image_to_tensor(load_image(path), model.image_size))
                 good.append(path)
             except DataError as exc:
-                records.append({"path": str(path), "score": "", "anomalous": "", "overlay": "", "error": str(exc)})
+                records.append({"path": str(path), "error": str(exc)})
         if not tensors:
             continue
         images = torch.stack(tensors)
         scores, maps = model.predict(images)
-        for path, image, score, amap in zip(good, images, scores.tolist(), maps.numpy(), strict=True):
-            record: dict[str, Any] = {"path": str(path), "score": score, "anomalous": "", "overlay": "", "error": ""}
+        normalized = cal.normalized(scores.numpy()) if cal else [""] * len(good)
+        decisions = decide(scores, threshold)
+        for path, image, score, amap, norm, decision in zip(good, images, scores.tolist(), maps.numpy(), normalized,
+                                                             decisions, strict=True):
+            record: dict[str, Any] = {"path": str(path), "score": score, "normalized_score": norm, "decision": decision,
+                                      "anomalous": "", "threshold": "", "overlay": "", "mask": "", "error": ""}
             if threshold is not None:
                 record["anomalous"] = int(score > threshold)
+                record["threshold"] = threshold
+            name = _unique_name(path.stem, used)
+            binary = amap > pixel_threshold if pixel_threshold is not None else None
+            if masks and binary is not None:
+                with atomic_path(mask_dir / name) as tmp:
+                    Image.fromarray(binary.astype(np.uint8) * 255).save(tmp, format="PNG")
+                record["mask"] = str(mask_dir / name)
             if overlays:
                 if scale is None:  # a model directory without normal statistics: fixed from this first batch
                     scale = scale_from_normals(normal_statistics(scores.numpy(), maps.numpy()), "first batch")
                     log(f"warning: {len(good)} image(s) of the first batch fix the overlays' colour scale; "
                         "re-fit the model (or give --threshold) for a scale fixed by the model")
                 pixels = (image.permute(1, 2, 0).numpy() * 255.0).round()
-                target = overlay_dir / _unique_name(path.stem, used)
+                target = overlay_dir / name
                 with atomic_path(target) as tmp:
-                    Image.fromarray(render_overlay(pixels, amap, scale, score, threshold)).save(tmp, format="PNG")
+                    Image.fromarray(render_overlay(pixels, amap, scale, score, threshold, contour=binary)).save(
+                        tmp, format="PNG")
                 record["overlay"] = str(target)
             records.append(record)
     order = {str(p): i for i, p in enumerate(paths)}

@@ -1,0 +1,287 @@
+"""Calibrated decisions: normal-score distribution, normalised score, image and pixel thresholds.
+
+A detector's raw scores (Mahalanobis or nearest-neighbour distances) have no meaning to a person.
+After fitting, the model scores held-out normal images (validation images) and keeps:
+
+* the sorted image scores of the normal validation images. The **normalised score** of an image
+  is the fraction of normal validation images whose score is lower than its score (0 = lower than
+  every normal validation image, 1 = higher than all of them);
+* an image threshold and a pixel threshold (an image is anomalous when its score is > the image
+  threshold; a pixel is a defect pixel when its map value is > the pixel threshold), chosen by:
+
+  - ``normal-fpr``: the smallest threshold that flags at most ``target_fpr`` (default 1 %) of the
+    normal validation images (pixels, for the pixel threshold);
+  - ``f1``: the threshold with the best F1 on normal + anomalous validation images (pixels with
+    masks, for the pixel threshold; without masks the pixel threshold falls back to
+    ``normal-fpr``);
+  - ``manual``: a given value (the pixel threshold then falls back to ``normal-fpr`` unless given).
+
+Everything is stored as ``calibration`` in the model's ``config.json`` (see :class:`Calibration`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from spotdiff.errors import ConfigError, DataError
+from spotdiff.progress import progress
+
+THRESHOLD_MODES = ("normal-fpr", "f1", "manual")
+DEFAULT_FPR = 0.01
+PIXEL_QUANTILE_LEVELS = 101
+"""Stored quantiles (0 %, 1 %, ..., 100 %) of the normal validation pixel scores, for reference."""
+
+
+@dataclass
+class Calibration:
+    """What the thresholds rest on; JSON-serialisable through ``to_dict`` / ``from_dict``.
+
+    Attributes:
+        normal_scores: sorted image scores of the normal validation images.
+        image_threshold, pixel_threshold: decision thresholds (score > threshold = anomalous).
+        image_mode, pixel_mode: how each was chosen (one of ``THRESHOLD_MODES``).
+        target_fpr: the false-positive rate aimed at by ``normal-fpr``.
+        pixel_quantiles: ``PIXEL_QUANTILE_LEVELS`` quantiles of the normal validation pixel scores.
+        figures: validation figures at the chosen thresholds (counts, FPR, TPR, F1).
+        source: how the validation images were chosen (folder or held-out share and seed).
+    """
+
+    normal_scores: list[float]
+    image_threshold: float
+    pixel_threshold: float
+    image_mode: str
+    pixel_mode: str
+    target_fpr: float = DEFAULT_FPR
+    pixel_quantiles: list[float] = field(default_factory=list)
+    figures: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "calibration") -> Calibration:
+        try:
+            cal = cls(**data)
+        except TypeError as exc:
+            raise ConfigError(f"{where}: malformed calibration ({exc})") from exc
+        if not cal.normal_scores:
+            raise ConfigError(f"{where}: calibration has no normal validation scores")
+        return cal
+
+    def normalized(self, scores: np.ndarray | Sequence[float]) -> np.ndarray:
+        """Fraction of normal validation images whose score is lower than each of ``scores``."""
+        ref = np.asarray(self.normal_scores, dtype=np.float64)
+        return np.searchsorted(ref, np.asarray(scores, dtype=np.float64), side="left") / ref.size
+
+    def summary(self) -> str:
+        """Lines printed by ``spotdiff fit``: thresholds, how chosen, validation figures."""
+        f = self.figures
+        lines = [
+            f"calibration on {f.get('n_val_good', 0)} normal + {f.get('n_val_bad', 0)} anomalous validation "
+            f"image(s) ({self.source.get('validation', '?')}):",
+            f"  image threshold {self.image_threshold:.6g} ({self.image_mode}"
+            + (f", target FPR {self.target_fpr:g}" if self.image_mode == "normal-fpr" else "") + "): "
+            + _figures_text(f, "image"),
+            f"  pixel threshold {self.pixel_threshold:.6g} ({self.pixel_mode}"
+            + (f", target FPR {self.target_fpr:g}" if self.pixel_mode == "normal-fpr" else "") + "): "
+            + _figures_text(f, "pixel"),
+        ]
+        n = f.get("n_val_good", 0)
+        if self.image_mode == "normal-fpr" and n and 1.0 / n > self.target_fpr:
+            lines.append(f"  note: with {n} normal validation images the FPR can only be measured in steps of "
+                         f"{1.0 / n:.3g}; give more normal validation images for a {self.target_fpr:g} target")
+        return "\n".join(lines)
+
+
+def _figures_text(figures: dict[str, Any], level: str) -> str:
+    parts = [f"{k} {figures[f'{level}_{k}']:.4f}" for k in ("fpr", "tpr", "f1") if f"{level}_{k}" in figures]
+    return ", ".join(parts) or "no validation figures"
+
+
+def check_threshold_mode(mode: str, have_bad: bool, threshold: float | None, target_fpr: float) -> None:
+    """ConfigError when ``mode`` is unknown or lacks what it needs (anomalous images, a value, a valid FPR)."""
+    if mode not in THRESHOLD_MODES:
+        raise ConfigError(f"unknown threshold mode {mode!r}; choose one of {list(THRESHOLD_MODES)}")
+    if mode == "f1" and not have_bad:
+        raise ConfigError("threshold mode f1 needs anomalous validation images (--val-bad DIR); none were given")
+    if mode == "manual" and threshold is None:
+        raise ConfigError("threshold mode manual needs a value (--threshold T)")
+    if not 0.0 <= target_fpr < 1.0:
+        raise ConfigError(f"target false-positive rate must be in [0, 1), got {target_fpr}")
+
+
+def tail_threshold(values: np.ndarray, fpr: float) -> float:
+    """Smallest value ``t`` of ``values`` with at most ``floor(fpr * n)`` values ``> t``."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    k = int(np.floor(fpr * v.size))
+    return float(np.partition(v, v.size - 1 - k)[v.size - 1 - k])
+
+
+def f1_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Threshold ``t`` maximising F1 of ``score > t`` (candidates: midpoints of distinct scores)."""
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    y = np.asarray(labels).ravel().astype(bool)
+    order = np.argsort(-s, kind="stable")
+    s, y = s[order], y[order]
+    tp = np.cumsum(y)
+    last = np.r_[np.flatnonzero(np.diff(s) != 0), s.size - 1]  # last index of each distinct score
+    tp_at, pos_at = tp[last], last + 1
+    f1 = 2 * tp_at / (pos_at + y.sum())
+    best = int(np.argmax(f1))  # first maximum: the highest threshold among equals
+    i = last[best]
+    return float((s[i] + s[i + 1]) / 2) if i + 1 < s.size else float(s[i] - max(abs(s[i]), 1.0))
+
+
+def rates(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float]:
+    """FPR, TPR (when positives exist) and F1 of ``score > threshold``."""
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    y = np.asarray(labels).ravel().astype(bool)
+    pred = s > threshold
+    out = {"fpr": float(pred[~y].mean()) if (~y).any() else 0.0}
+    if y.any():
+        tp = float((pred & y).sum())
+        out["tpr"] = tp / float(y.sum())
+        out["f1"] = 2 * tp / float(pred.sum() + y.sum())
+    return out
+
+
+def score_dataset(model: Any, dataset: Dataset, desc: str = "scoring validation images") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scores ``(N,)``, maps ``(N, H, W)`` float32 and masks ``(N, H, W)`` bool of a dataset's items."""
+    loader = DataLoader(dataset, batch_size=model.forward_batch, shuffle=False)
+    scores, maps, masks = [], [], []
+    for batch in progress(loader, desc=desc, total=len(loader), unit="batch"):
+        images = batch["image"] if isinstance(batch, dict) else batch
+        s, m = model.predict(images)
+        scores.append(s.numpy())
+        maps.append(m.numpy())
+        mask = batch.get("mask") if isinstance(batch, dict) else None
+        masks.append((mask > 0.5).numpy() if mask is not None else np.zeros(m.shape, bool))
+    return np.concatenate(scores), np.concatenate(maps), np.concatenate(masks)
+
+
+def calibrate(
+    model: Any,
+    val_good: Dataset,
+    val_bad: Dataset | None = None,
+    mode: str = "normal-fpr",
+    target_fpr: float = DEFAULT_FPR,
+    threshold: float | None = None,
+    pixel_threshold: float | None = None,
+    source: dict[str, Any] | None = None,
+    has_masks: bool = False,
+) -> Calibration:
+    """Score validation images and choose thresholds (see module docstring); sets ``model.calibration``.
+
+    ``val_good`` / ``val_bad`` items are dicts with ``image`` (and ``mask`` for ``val_bad``) at the
+    model's image size. ``has_masks``: ``val_bad`` carries real masks (pixel F1 is then possible).
+    """
+    check_threshold_mode(mode, val_bad is not None and len(val_bad) > 0, threshold, target_fpr)  # type: ignore[arg-type]
+    if len(val_good) == 0:  # type: ignore[arg-type]
+        raise DataError("no normal validation images to calibrate on")
+    good_scores, good_maps, _ = score_dataset(model, val_good, "scoring normal validation images")
+    bad_scores = np.zeros(0)
+    bad_maps = np.zeros((0, *good_maps.shape[1:]), np.float32)
+    bad_masks = np.zeros(bad_maps.shape, bool)
+    if val_bad is not None and len(val_bad):  # type: ignore[arg-type]
+        bad_scores, bad_maps, bad_masks = score_dataset(model, val_bad, "scoring anomalous validation images")
+    scores = np.concatenate([good_scores, bad_scores])
+    labels = np.r_[np.zeros(good_scores.size, bool), np.ones(bad_scores.size, bool)]
+
+    if mode == "manual":
+        image_t = float(threshold)  # type: ignore[arg-type]
+    elif mode == "f1":
+        image_t = f1_threshold(scores, labels)
+    else:
+        image_t = tail_threshold(good_scores, target_fpr)
+
+    pixel_mode = "manual" if pixel_threshold is not None else mode
+    masked = has_masks and bool(bad_masks.any())
+    if pixel_mode == "f1" and not masked:
+        pixel_mode = "normal-fpr"  # no masks: no pixel F1
+    if pixel_mode == "manual" and pixel_threshold is None:
+        pixel_mode = "normal-fpr"
+    if pixel_mode == "manual":
+        pixel_t = float(pixel_threshold)  # type: ignore[arg-type]
+    elif pixel_mode == "f1":
+        pixel_t = f1_threshold(np.r_[good_maps.ravel(), bad_maps.ravel()], np.r_[np.zeros(good_maps.size, bool), bad_masks.ravel()])
+    else:
+        pixel_t = tail_threshold(good_maps, target_fpr)
+
+    figures: dict[str, Any] = {"n_val_good": int(good_scores.size), "n_val_bad": int(bad_scores.size)}
+    figures.update({f"image_{k}": v for k, v in rates(scores, labels, image_t).items()})
+    if masked:
+        pix_scores = np.r_[good_maps.ravel(), bad_maps.ravel()]
+        pix_labels = np.r_[np.zeros(good_maps.size, bool), bad_masks.ravel()]
+    else:
+        pix_scores, pix_labels = good_maps.ravel(), np.zeros(good_maps.size, bool)
+    figures.update({f"pixel_{k}": v for k, v in rates(pix_scores, pix_labels, pixel_t).items()})
+    quantiles = np.quantile(good_maps, np.linspace(0, 1, PIXEL_QUANTILE_LEVELS)).tolist()
+    cal = Calibration(
+        normal_scores=sorted(float(s) for s in good_scores), image_threshold=image_t, pixel_threshold=pixel_t,
+        image_mode=mode, pixel_mode=pixel_mode, target_fpr=float(target_fpr), pixel_quantiles=quantiles,
+        figures=figures, source=dict(source or {}),
+    )
+    model.calibration = cal.to_dict()
+    return cal
+
+
+def model_calibration(model: Any) -> Calibration | None:
+    """The calibration stored on a model (None for models fitted before calibration existed)."""
+    data = getattr(model, "calibration", None)
+    return Calibration.from_dict(data) if data else None
+
+
+def fit_folder(
+    model: Any,
+    train: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    val_good: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
+    val_bad: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
+    val_masks: str | os.PathLike[str] | None = None,
+    image_size: int | tuple[int, int] = 256,
+    threshold_mode: str = "normal-fpr",
+    target_fpr: float = DEFAULT_FPR,
+    threshold: float | None = None,
+    pixel_threshold: float | None = None,
+    val_seed: int = 0,
+) -> tuple[Any, Calibration, list[Path]]:
+    """Fit ``model`` on a folder (or list) of good images and calibrate it; the Python twin of
+    ``spotdiff fit --train``.
+
+    Without ``val_good`` a seeded share of ``train`` is held out (see `spotdiff.data.plain`).
+    Every input is checked (folders, masks, overlap, threshold mode) before fitting starts.
+
+    Returns:
+        ``(model, calibration, bad validation images without a mask)``.
+    """
+    from spotdiff.data.dataset import AnomalyDataset, ImageRecord
+    from spotdiff.data.folder import list_images
+    from spotdiff.data.plain import check_disjoint, folder_records, split_train_val
+
+    check_threshold_mode(threshold_mode, val_bad is not None, threshold, target_fpr)
+    fit_paths, val_paths, source = split_train_val(train, val_good, seed=val_seed)
+    bad_set = folder_records(None, val_bad, val_masks) if val_bad is not None else None
+    if val_bad is not None:
+        check_disjoint(fit_paths, list_images(val_bad, recursive=True), "anomalous validation")
+    fit_set = AnomalyDataset([ImageRecord(p, 0) for p in fit_paths], image_size=image_size, name="train")
+    model.fit(fit_set)
+    good_ds = AnomalyDataset([ImageRecord(p, 0) for p in val_paths], image_size=model.image_size, name="val good")
+    bad_ds = AnomalyDataset(bad_set.records, image_size=model.image_size, name="val bad") if bad_set else None
+    cal = calibrate(model, good_ds, bad_ds, threshold_mode, target_fpr, threshold, pixel_threshold, source,
+                    has_masks=bad_set is not None and len(bad_set.unmasked) < len(bad_set.records))
+    return model, cal, bad_set.unmasked if bad_set else []
+
+
+def decide(scores: torch.Tensor | np.ndarray | Sequence[float], threshold: float | None) -> list[str]:
+    """``"anomalous"`` (score > threshold) / ``"normal"`` per score; ``"no threshold"`` when ``threshold`` is None."""
+    if threshold is None:
+        return ["no threshold"] * len(scores)
+    return ["anomalous" if float(s) > threshold else "normal" for s in scores]

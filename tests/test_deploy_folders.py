@@ -105,7 +105,7 @@ def test_fit_folder_api_holds_out_validation_and_calibrates(folders):
 
 def test_cli_fit_test_predict_on_plain_folders(folders, tmp_path, capsys):
     mdir = tmp_path / "model"
-    assert main(["--quiet", "fit", "--model", "padim", "--arch", "resnet18", "--d", "16", "--layers", "layer1",
+    assert main(["--quiet", "fit", "--model", "padim", "--arch", "resnet18", "--weights", "random", "--d", "16", "--layers", "layer1",
                  "layer2", "--image-size", str(SIZE), "--train", str(folders / "train"),
                  "--val-good", str(folders / "val_good"), "--val-bad", str(folders / "val_bad"),
                  "--val-masks", str(folders / "val_masks"), "--threshold-mode", "f1", "--out", str(mdir)]) == 0
@@ -168,7 +168,7 @@ def test_old_model_without_calibration_still_predicts(tmp_path, folders):
 
 
 def _fit(args, tmp_path):
-    return main(["fit", "--model", "padim", "--arch", "resnet18", "--d", "8", "--layers", "layer1",
+    return main(["fit", "--model", "padim", "--arch", "resnet18", "--weights", "random", "--d", "8", "--layers", "layer1",
                  "--image-size", "32", "--out", str(tmp_path / "m"), *args])
 
 
@@ -225,7 +225,7 @@ def test_open_folders_errors(folders, tmp_path):
 def test_dataset_fit_calibrates_with_val_good_and_refuses_overlap(folders, tmp_path, capsys):
     """--data/--object (an MVTec-style tree) plus --val-good: calibrated; --val-good inside train: refused."""
     train = write_images(tmp_path / "mv" / "obj" / "train" / "good", square_images(6, SIZE, seed=1))
-    base = ["fit", "--model", "padim", "--arch", "resnet18", "--d", "8", "--layers", "layer1", "--image-size",
+    base = ["fit", "--model", "padim", "--arch", "resnet18", "--weights", "random", "--d", "8", "--layers", "layer1", "--image-size",
             str(SIZE), "--data", str(tmp_path / "mv"), "--object", "obj"]
     assert main(["--quiet", *base, "--val-good", str(folders / "val_good"), "--out", str(tmp_path / "m")]) == 0
     cal = json.loads((tmp_path / "m" / "config.json").read_text())["calibration"]

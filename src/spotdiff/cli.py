@@ -35,13 +35,26 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, default=256, metavar="PX", help="image side in pixels (default 256)")
     p.add_argument("--objects", nargs="+", metavar="NAME", default=None,
                    help="subset of objects to write (default: pcb_synth capsules_synth cashew_synth)")
+    p.add_argument("--normal", type=int, default=None, metavar="N",
+                   help="normal images per object, overriding --scale's count (e.g. 1000: 900 train in 1cls)")
+    p.add_argument("--frame", default=None, metavar="WxH",
+                   help="write images at WxH px (rendered at --image-size, upscaled, full-resolution noise); "
+                        "'visa' = 1500x1000, VisA's size, for benchmarks")
     p.set_defaults(run=_run_synth)
 
 
 def _run_synth(args: argparse.Namespace) -> int:
-    from spotdiff.data.synth import generate
+    from spotdiff.data.synth import VISA_FRAME, generate
+    from spotdiff.errors import ConfigError
 
-    out = generate(args.out, seed=args.seed, scale=args.scale, image_size=args.image_size, objects=args.objects)
+    frame = None
+    if args.frame is not None:
+        try:
+            frame = VISA_FRAME if args.frame == "visa" else tuple(int(v) for v in args.frame.lower().split("x"))
+        except ValueError:
+            raise ConfigError(f"--frame must be WxH (e.g. 1500x1000) or 'visa', got {args.frame!r}") from None
+    out = generate(args.out, seed=args.seed, scale=args.scale, image_size=args.image_size, objects=args.objects,
+                   normal=args.normal, frame=frame)
     print(out)
     return 0
 

@@ -177,7 +177,8 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
                    help="train/test split seed of a dataset without an official split (magnetic tile); "
                         "recorded in the model, and `spotdiff test` uses it (default 0)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--workers", type=int, default=None,
+                   help="image-decoding threads (default: one per spare core, at most 4; 0 = none)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (reported) instead of failing")
     p.add_argument("--out", required=True, help="model directory to write")
     p.set_defaults(run=_run_fit)
@@ -221,7 +222,8 @@ def _add_test(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split-csv", default=None, help="explicit split CSV")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None,
+                   help="image-decoding threads (default: one per spare core, at most 4; 0 = none)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of failing")
     p.add_argument("--split-seed", type=int, default=None,
                    help="split seed of a dataset without an official split (default: the one `fit` recorded)")

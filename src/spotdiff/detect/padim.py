@@ -15,6 +15,7 @@ size, smoothed with a Gaussian of sigma 4 px. Image score: maximum of the map.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any, Self
 
@@ -26,7 +27,6 @@ from spotdiff.detect.features import check_layers, padim_embedding, upsample_and
 from spotdiff.detect.memory import check_fits
 from spotdiff.errors import ConfigError, DataError, WeightsError
 from spotdiff.models import layer_channels
-from spotdiff.progress import log
 
 DEFAULT_DIMS = {"resnet18": 100, "resnet50": 550, "wide_resnet50_2": 550}
 """Random channel subset size per backbone, as in the PaDiM paper."""
@@ -242,8 +242,9 @@ class PaDiM(Detector):
             (100 for resnet18, 550 otherwise); capped at the total channel count.
         epsilon: covariance regulariser ``epsilon * I``.
         batch_size: images per loader batch and backbone forward pass (on CPU at most
-            ``CPU_FORWARD_IMAGES`` = 4, which is as fast and bounds memory); num_workers: DataLoader
-            workers; device: where features are computed.
+            ``CPU_FORWARD_IMAGES`` = 4, which is as fast and bounds memory); num_workers: image-decoding
+            threads (None: one per spare core, see :func:`spotdiff.data.loader.decode_workers`);
+            device: where features are computed.
     """
 
     model_type = "padim"
@@ -258,7 +259,7 @@ class PaDiM(Detector):
         seed: int = 0,
         batch_size: int = 32,
         device: str | torch.device = "cpu",
-        num_workers: int = 0,
+        num_workers: int | None = None,
     ) -> None:
         layers = check_layers(layers)
         super().__init__(arch, weights, layers, seed, batch_size, device, num_workers)
@@ -320,9 +321,9 @@ class PaDiM(Detector):
                    f"PaDiM statistics (d={self.d}, {grid} positions, {positions} x d(d+1)/2 float32)",
                    "a smaller --d or --image-size")
         if 2 <= n_images <= self.d:
-            log(f"warning: PaDiM: {n_images} training images give a sample covariance of rank at most "
+            print(f"warning: PaDiM: {n_images} training images give a sample covariance of rank at most "
                 f"{n_images - 1} < d = {self.d}; it is invertible only through the regulariser "
-                f"epsilon * I = {self.epsilon:g} * I. Use at least {self.d + 1} images or a smaller --d.")
+                f"epsilon * I = {self.epsilon:g} * I. Use at least {self.d + 1} images or a smaller --d.", file=sys.stderr)
 
     def _predict_normalized(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.mean is not None and self.inv_chol_packed is not None and self.image_size is not None

@@ -195,7 +195,7 @@ class PatchCore(Detector):
         seed: int = 0,
         batch_size: int = 8,
         device: str | torch.device = "cpu",
-        num_workers: int = 0,
+        num_workers: int | None = None,
         nn_backend: str = "auto",
         coreset_shard: int | None = DEFAULT_CORESET_SHARD,
         spill_dir: str | os.PathLike[str] | None = None,

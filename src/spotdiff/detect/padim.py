@@ -34,6 +34,7 @@ DEFAULT_DIMS = {"resnet18": 100, "resnet50": 550, "wide_resnet50_2": 550}
 STAGE_IMAGES = 8
 """Training images folded into the sums at once (see :class:`GaussianAccumulator`)."""
 _CHUNK_BYTES = 16 << 20  # working memory per position chunk (one full (p, d, d) float64 block)
+_FOLD_POSITIONS = 64  # positions per fold step (a (64, stage, d) centred copy of the staged samples)
 
 
 def packed_size(dim: int) -> int:
@@ -61,17 +62,23 @@ class GaussianAccumulator:
     samples: float64 sums, the reference), where the shift ``c`` is the mean of the first samples.
     The shift makes the terms of ``S2`` small and centred, so the final ``S2 - S1 S1^T / N`` does
     not cancel and float32 keeps about 6-7 significant digits of the covariance (measured in
-    ``benchmarks/results_detect.md``). Memory: ``P * d * (d + 1) / 2`` values in the samples' dtype
-    (exactly the size of the packed ``L^-1`` it is turned into) plus ``P * d`` float64 and a staging
-    buffer of ``stage`` samples, independent of the number of samples.
+    ``benchmarks/results_detect.md``).
 
-    Samples are staged and folded into the sums ``stage`` at a time: each fold adds one
-    ``stage``-sample Gram matrix (a batched product) to ``S2``, so ``S2`` receives ``N / stage``
-    additions (a two-level, pairwise-like summation) rather than ``N``. Updates and the final
-    factorisation (in float64) work on chunks of positions so temporaries stay small.
-    :meth:`inverse_cholesky_packed` writes the packed ``L^-1`` over ``S2`` itself (same size), so
+    Layout of ``S2`` (our choice, for speed): the rows of the triangle in blocks of ``ROW_BLOCK``;
+    block ``i`` holds rows ``[s, s + b)`` from column ``s`` on, a ``b x (d - s)`` matrix, so each fold
+    is one ``baddbmm`` per block straight into the sums (about half the products of a full Gram
+    matrix and no packing pass). That stores ``d (d + b) / 2`` values per position, at most
+    ``1 + b / d`` times the packed triangle (1.06 at d = 550). Memory: ``P`` such rows plus ``P * d``
+    float64 and a staging buffer of ``stage`` samples, independent of the number of samples.
+
+    Samples are staged and folded ``stage`` at a time, so ``S2`` receives ``N / stage`` additions
+    of ``stage``-sample products (a two-level summation) rather than ``N``. The factorisation runs
+    in float64 on chunks of positions. :meth:`inverse_cholesky_packed` writes the packed ``L^-1``
+    (``d (d + 1) / 2`` per position, contiguous) over the start of the sums' own buffer, so
     finishing needs no extra memory.
     """
+
+    ROW_BLOCK = 32
 
     def __init__(self, positions: int, dim: int, stage: int = STAGE_IMAGES) -> None:
         if stage < 1:
@@ -79,30 +86,49 @@ class GaussianAccumulator:
         self.positions, self.dim, self.stage = positions, dim, stage
         self.count = 0  # samples added, staged ones included
         self.chunk = max(1, _CHUNK_BYTES // (8 * dim * dim))
-        self.rows, self.cols = torch.triu_indices(dim, dim)
-        self.packed_index = self.rows * dim + self.cols  # flat (d * d) index of each triangle entry
+        self.blocks = self.row_blocks(dim)  # (first row, last row + 1, offset in a row of S2)
+        self.width = self.blocks[-1][2] + (self.blocks[-1][1] - self.blocks[-1][0]) * (dim - self.blocks[-1][0])
         self.shift: torch.Tensor | None = None
         self.sum = torch.zeros(positions, dim, dtype=torch.float64)
-        self.sum_sq: torch.Tensor | None = None  # allocated with the first samples, in their dtype
+        self.sum_sq: torch.Tensor | None = None  # (P, width), allocated with the first samples, in their dtype
         self._staged: torch.Tensor | None = None
         self._n_staged = 0
         self._finalised = False
 
-    @staticmethod
-    def nbytes(positions: int, dim: int, stage: int = STAGE_IMAGES, itemsize: int = 4) -> int:
+    @classmethod
+    def row_blocks(cls, dim: int) -> list[tuple[int, int, int]]:
+        """``(start, stop, offset)`` of each block of triangle rows in a row of ``S2``."""
+        blocks, offset = [], 0
+        for start in range(0, dim, cls.ROW_BLOCK):
+            stop = min(start + cls.ROW_BLOCK, dim)
+            blocks.append((start, stop, offset))
+            offset += (stop - start) * (dim - start)
+        return blocks
+
+    @classmethod
+    def nbytes(cls, positions: int, dim: int, stage: int = STAGE_IMAGES, itemsize: int = 4) -> int:
         """Bytes the accumulator allocates (sums, shift, staging buffer, one chunk of temporaries)."""
+        start, stop, offset = cls.row_blocks(dim)[-1]
+        width = offset + (stop - start) * (dim - start)
         chunk = max(1, _CHUNK_BYTES // (8 * dim * dim))
-        return (positions * packed_size(dim) * itemsize + positions * dim * (8 + itemsize)
+        return (positions * width * itemsize + positions * dim * (8 + itemsize)
                 + stage * positions * dim * itemsize + 4 * chunk * dim * dim * 8)
 
-    def _spans(self) -> list[tuple[int, int]]:
-        return [(p, min(p + self.chunk, self.positions)) for p in range(0, self.positions, self.chunk)]
+    def _spans(self, chunk: int | None = None) -> list[tuple[int, int]]:
+        step = chunk or self.chunk
+        return [(p, min(p + step, self.positions)) for p in range(0, self.positions, step)]
 
     def _buffer(self) -> torch.Tensor:
         if self._finalised:
             raise RuntimeError("accumulator already finalised by inverse_cholesky()")
         assert self.sum_sq is not None
         return self.sum_sq
+
+    def _block(self, sums: torch.Tensor, block: tuple[int, int, int]) -> torch.Tensor:
+        """View ``(p, rows, d - start)`` of one row block in ``sums`` (``(p, width)`` rows of ``S2``)."""
+        start, stop, offset = block
+        size = (stop - start) * (self.dim - start)
+        return sums[:, offset : offset + size].unflatten(1, (stop - start, self.dim - start))
 
     def update(self, x: torch.Tensor) -> None:
         """Add samples ``x`` of shape ``(n, P, d)``, float32 or float64."""
@@ -116,7 +142,7 @@ class GaussianAccumulator:
         if self._staged is None:
             self.shift = x.mean(dim=0)  # kept in the samples' dtype: any fixed shift is exact
             self._staged = torch.empty(self.stage, self.positions, self.dim, dtype=x.dtype)
-            self.sum_sq = torch.zeros(self.positions, self.rows.numel(), dtype=x.dtype)
+            self.sum_sq = torch.zeros(self.positions, self.width, dtype=x.dtype)
         while x.shape[0]:
             take = min(x.shape[0], self.stage - self._n_staged)
             self._staged[self._n_staged : self._n_staged + take] = x[:take]
@@ -127,17 +153,18 @@ class GaussianAccumulator:
                 self._fold()
 
     def _fold(self) -> None:
-        """Add the staged samples to ``S1`` and ``S2``."""
+        """Add the staged samples to ``S1`` and ``S2`` (one ``baddbmm`` per row block and position chunk)."""
         if not self._n_staged:
             return
         assert self._staged is not None and self.shift is not None
         sum_sq = self._buffer()
         x = self._staged[: self._n_staged]
-        for start, stop in self._spans():
-            xc = (x[:, start:stop] - self.shift[start:stop]).transpose(0, 1)  # (p, n, d)
+        for start, stop in self._spans(_FOLD_POSITIONS):
+            xc = (x[:, start:stop] - self.shift[start:stop]).transpose(0, 1).contiguous()  # (p, n, d)
             self.sum[start:stop] += xc.sum(dim=1, dtype=torch.float64)
-            gram = torch.bmm(xc.transpose(1, 2), xc)  # (p, d, d)
-            sum_sq[start:stop] += gram.flatten(1).index_select(1, self.packed_index)
+            xt = xc.transpose(1, 2)  # (p, d, n)
+            for block in self.blocks:
+                self._block(sum_sq[start:stop], block).baddbmm_(xt[:, block[0] : block[1]], xc[:, :, block[0] :])
         self._n_staged = 0
 
     def mean(self) -> torch.Tensor:
@@ -152,11 +179,13 @@ class GaussianAccumulator:
             raise DataError(f"PaDiM needs at least {minimum} training image(s), got {self.count}")
 
     def _chunk_covariance(self, start: int, stop: int) -> torch.Tensor:
-        tri = self._buffer()[start:stop].to(torch.float64)
+        sums = self._buffer()[start:stop]
+        full = torch.zeros(stop - start, self.dim, self.dim, dtype=torch.float64)
+        for block in self.blocks:
+            full[:, block[0] : block[1], block[0] :] = self._block(sums, block)
+        full = full.triu_()
+        full += full.triu(1).transpose(1, 2)
         s1 = self.sum[start:stop]
-        full = torch.empty(stop - start, self.dim, self.dim, dtype=torch.float64)
-        full[:, self.rows, self.cols] = tri
-        full[:, self.cols, self.rows] = tri
         full.baddbmm_(s1[:, :, None], s1[:, None, :], alpha=-1.0 / self.count)  # S2 - S1 S1^T / N
         return full.div_(self.count - 1)
 
@@ -171,13 +200,14 @@ class GaussianAccumulator:
         ``L L^T = covariance + epsilon * I``; in the samples' dtype (float32 for features).
 
         The factorisation runs in float64, a chunk of positions at a time. Consumes the
-        accumulator: chunk ``i`` of the result is written over chunk ``i`` of ``S2`` after it is
-        read (both hold ``d (d + 1) / 2`` values per position), and no further update is possible.
+        accumulator: the result is written into the flat buffer of ``S2``, position ``p`` at
+        ``p * d (d + 1) / 2``; that never reaches past the end of the chunk just read (rows of
+        ``S2`` are longer), so unread sums are never overwritten. No further update is possible.
         """
         self._check_count(2)
         self._fold()
-        out = self._buffer()
-        d = self.dim
+        flat = self._buffer().view(-1)
+        d, size = self.dim, packed_size(self.dim)
         lower_rows, lower_cols = torch.tril_indices(d, d)
         lower = lower_rows * d + lower_cols
         eye = torch.eye(d, dtype=torch.float64)
@@ -189,11 +219,11 @@ class GaussianAccumulator:
             if int(info.max()) > 0:
                 raise DataError("covariance is not positive definite; increase epsilon")
             inv = torch.linalg.solve_triangular(chol, eye, upper=False)
-            out[start:stop] = inv.flatten(1).index_select(1, lower)
+            flat[start * size : stop * size] = inv.flatten(1).index_select(1, lower).flatten()
         self._finalised = True
         self._staged = None
         self.sum_sq = None
-        return out
+        return flat[: self.positions * size].view(self.positions, size)
 
     def inverse_cholesky(self, epsilon: float) -> torch.Tensor:
         """``(P, d, d)`` ``L^-1`` (lower triangular): :meth:`inverse_cholesky_packed`, unpacked."""

@@ -170,6 +170,9 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--d", type=int, default=None,
                    help="PaDiM: size of the random channel subset (default 100 for resnet18, 550 otherwise)")
     p.add_argument("--coreset-ratio", type=float, default=0.1, help="PatchCore: fraction of patches kept (default 0.1)")
+    p.add_argument("--coreset-shard", type=int, default=None, metavar="PATCHES",
+                   help="PatchCore: most patches per greedy coreset run, above it the coreset is approximated "
+                        "by shards (default 65536; 0 = exact greedy on all patches)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per forward pass: default 32 (padim) / 8 (patchcore), at most 4 on CPU")
     p.add_argument("--seed", type=int, default=0, help="seed of random init, channel subset and coreset")
@@ -198,7 +201,8 @@ def _run_fit(args: argparse.Namespace) -> int:
     if args.model == "padim":
         model = PaDiM(d=args.d, **common)
     else:
-        model = PatchCore(coreset_ratio=args.coreset_ratio, **common)
+        shard = {} if args.coreset_shard is None else {"coreset_shard": args.coreset_shard or None}
+        model = PatchCore(coreset_ratio=args.coreset_ratio, **shard, **common)
     train = open_dataset(args.data, args.object, split=args.split, subset="train", image_size=args.image_size,
                          split_csv=args.split_csv, skip_bad=args.skip_bad, seed=args.split_seed)
     for path, reason in train.skipped:

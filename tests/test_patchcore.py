@@ -220,3 +220,15 @@ def test_refuses_a_bank_larger_than_memory(monkeypatch):
         PatchCore(arch="resnet18", coreset_ratio=1.5)
     with pytest.raises(ConfigError, match="coreset_shard"):
         PatchCore(arch="resnet18", coreset_shard=0)
+
+
+def test_model_written_before_coreset_shard_loads(fitted, tmp_path):
+    """A config.json without ``coreset_shard`` (model files from before it existed) still loads."""
+    from spotdiff.detect import store
+
+    fitted.save(tmp_path / "new")
+    config, tensors, backbone = store.load_model_dir(tmp_path / "new")
+    del config["coreset_shard"]
+    store.save_model_dir(tmp_path / "old", config, tensors, backbone)
+    loaded = Detector.load(tmp_path / "old")
+    assert loaded.coreset_shard == 65536 and torch.equal(loaded.memory_bank, fitted.memory_bank)

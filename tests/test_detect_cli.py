@@ -99,3 +99,16 @@ def test_fit_corrupt_training_image_fails_or_is_skipped(tmp_path, capsys):
     assert main([*argv, "--skip-bad"]) == 0
     assert f"skipped {bad}" in capsys.readouterr().err
     assert (tmp_path / "m" / "manifest.json").is_file()
+
+
+def test_fit_coreset_options(tmp_path, capsys):
+    from spotdiff.data.synth import generate
+
+    root = generate(tmp_path / "synth", seed=0, scale=0.05, image_size=48, objects=["cashew_synth"])
+    common = ["--quiet", "fit", "--model", "patchcore", "--arch", "resnet18", "--data", str(root),
+              "--object", "cashew_synth", "--image-size", "48"]
+    assert main([*common, "--coreset-ratio", "1.5", "--out", str(tmp_path / "bad")]) == 2
+    assert "coreset ratio must be in (0, 1]" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    for shard, recorded in (("0", None),):
+        assert main([*common, "--coreset-shard", shard, "--workers", "2", "--out", str(tmp_path / shard)]) == 0
+        assert json.loads((tmp_path / shard / "config.json").read_text())["coreset_shard"] == recorded

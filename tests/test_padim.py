@@ -12,7 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 from spotdiff.detect import Detector, PaDiM, PatchCore
 from spotdiff.detect.features import gaussian_blur, padim_embedding, upsample_and_smooth
-from spotdiff.detect.padim import GaussianAccumulator, mahalanobis
+from spotdiff.detect.padim import GaussianAccumulator, mahalanobis, unpack_lower
 from spotdiff.detect.store import MANIFEST_FILE, MODEL_FILE
 from spotdiff.errors import ConfigError, DataError, WeightsError
 from spotdiff.models import build_backbone, extract_features
@@ -70,6 +70,8 @@ def test_accumulator_memory_does_not_grow_with_samples():
 
 def test_accumulator_chunks_positions(monkeypatch):
     monkeypatch.setattr("spotdiff.detect.padim._CHUNK_BYTES", 8 * 3 * 3 * 2)  # 2 positions per chunk
+    monkeypatch.setattr("spotdiff.detect.padim._FOLD_POSITIONS", 2)
+    monkeypatch.setattr(GaussianAccumulator, "ROW_BLOCK", 2)  # row blocks [0, 2) and [2, 3)
     acc = GaussianAccumulator(positions=5, dim=3)
     assert acc._spans() == [(0, 2), (2, 4), (4, 5)]
     x = torch.randn(9, 5, 3, dtype=torch.float64)
@@ -294,3 +296,59 @@ def test_save_removes_folders_left_by_an_interrupted_save(tmp_path):
     (tmp_path / ".other.tmp-xyz").mkdir()
     save_model_dir(out, {"model": "padim"}, {"t": torch.zeros(2)}, {"w": torch.ones(1)})
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-xyz", "model"]
+
+
+def test_float32_statistics_match_float64_reference(monkeypatch):
+    """float32 sums (shifted, staged) vs the float64 reference: L^-1 and distances agree to 1e-5 (measured 4e-7)."""
+    monkeypatch.setattr(GaussianAccumulator, "ROW_BLOCK", 8)  # 4 row blocks, the last one short
+    monkeypatch.setattr("spotdiff.detect.padim._FOLD_POSITIONS", 5)
+    rng = np.random.default_rng(7)
+    n, p, d = 90, 12, 30
+    mixing = rng.normal(size=(d, d)) / np.sqrt(d)
+    # ReLU-like features: positive offset, correlated channels, spread of scales
+    x = np.maximum(rng.normal(size=(n, p, d)) @ mixing + 0.5, 0) * rng.uniform(0.2, 5.0, size=d) + 3.0
+    x32 = torch.from_numpy(x.astype(np.float32))
+    results = []
+    for data in (x32, x32.double()):
+        acc = GaussianAccumulator(positions=p, dim=d, stage=4)
+        for start in range(0, n, 7):
+            acc.update(data[start : start + 7])
+        results.append((acc.mean(), acc.inverse_cholesky(0.01).double()))
+    (mean32, l32), (mean64, l64) = results
+    assert l32.dtype == torch.float64 and results[0][1].dtype == torch.float64
+    rel_l = ((l32 - l64).abs().amax(dim=(1, 2)) / l64.abs().amax(dim=(1, 2))).max().item()
+    queries = x32[:5] + torch.randn(5, p, d)
+    d32 = mahalanobis(queries.double(), mean32, l32)
+    d64 = mahalanobis(queries.double(), mean64, l64)
+    rel_d = ((d32 - d64).abs() / d64).max().item()
+    assert rel_l < 1e-5 and rel_d < 1e-5, (rel_l, rel_d)
+
+
+def test_float32_sums_are_about_the_size_of_the_packed_model(monkeypatch):
+    # ResNet-50 at 256 px, d = 550: sums (1.06x) + staging + temporaries within 1.15x the packed float32 L^-1
+    assert GaussianAccumulator.nbytes(4096, 550) < 1.15 * 4096 * (550 * 551 // 2) * 4
+    monkeypatch.setattr(GaussianAccumulator, "ROW_BLOCK", 2)
+    acc = GaussianAccumulator(positions=9, dim=6)
+    acc.update(torch.randn(3, 9, 6))
+    # row blocks of 2: 2 x 6 + 2 x 4 + 2 x 2 = 24 values per position (the triangle has 21)
+    assert acc.sum_sq is not None and acc.sum_sq.dtype == torch.float32 and acc.sum_sq.shape == (9, 24)
+    buffer = acc.sum_sq.data_ptr()
+    packed = acc.inverse_cholesky_packed(0.01)
+    assert packed.data_ptr() == buffer and packed.dtype == torch.float32  # written over the sums
+    full = unpack_lower(packed, 6)
+    assert torch.all(full.triu(1) == 0) and full.shape == (9, 6, 6)
+    x, mean = torch.randn(2, 9, 6), torch.randn(9, 6)
+    torch.testing.assert_close(mahalanobis(x, mean, packed, chunk=4), mahalanobis(x, mean, full), rtol=0, atol=0)
+
+
+def test_padim_warns_when_covariance_rank_is_below_d(capsys):
+    PaDiM(arch="resnet18", d=20, batch_size=4).fit(as_dataset(square_images(6)))
+    err = capsys.readouterr().err
+    assert "rank at most 5 < d = 20" in err and "epsilon * I = 0.01 * I" in err
+
+
+def test_padim_refuses_statistics_larger_than_memory(monkeypatch):
+    monkeypatch.setattr("spotdiff.detect.memory.available_bytes", lambda: 10_000_000)
+    with pytest.raises(ConfigError, match=r"PaDiM statistics \(d=40, 16x16 positions.*need about .* MB but only "
+                                          r"10.0 MB .* smaller --d or --image-size"):
+        PaDiM(arch="resnet18", d=40, batch_size=4).fit(as_dataset(square_images(3)))

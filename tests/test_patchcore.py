@@ -10,7 +10,8 @@ from sklearn.metrics import roc_auc_score
 
 from spotdiff.detect import Detector, PatchCore
 from spotdiff.detect.features import patchcore_embedding
-from spotdiff.detect.patchcore import HAVE_FAISS, greedy_coreset, nearest_neighbors, random_projection
+from spotdiff.detect.patchcore import (HAVE_FAISS, greedy_coreset, nearest_neighbors, random_projection,
+                                       sharded_coreset)
 from spotdiff.errors import ConfigError, DataError
 from spotdiff.models import build_backbone, extract_features
 
@@ -164,3 +165,70 @@ def test_finds_synthetic_defects(tmp_path_factory):
     test = open_dataset(root, "cashew_synth", subset="test", image_size=128)
     metrics, _, _, _ = evaluate_detector(PatchCore("resnet18").fit(train), test)
     assert metrics["image_auroc"] > 0.6 and metrics["pixel_auroc"] > 0.85
+
+
+def _materialised_bank(model: PatchCore, images: torch.Tensor) -> torch.Tensor:
+    """Every training patch feature, computed in the same batches as ``fit`` (the old, materialised bank)."""
+    from spotdiff.data.transforms import normalize
+
+    with torch.inference_mode():
+        parts = [model._embed(normalize(images[i : i + model.forward_batch]))
+                 for i in range(0, images.shape[0], model.forward_batch)]
+    return torch.cat([p.reshape(-1, p.shape[-1]) for p in parts])
+
+
+@pytest.mark.parametrize("projection_dim", [16, None])
+def test_streaming_bank_equals_materialised_bank(projection_dim, tmp_path):
+    """With the approximation off, the streamed fit selects exactly the materialised greedy coreset."""
+    images = square_images(7, seed=3)
+    model = PatchCore(arch="resnet18", batch_size=4, coreset_ratio=0.1, projection_dim=projection_dim,
+                      coreset_shard=None, spill_dir=tmp_path).fit(as_dataset(images))
+    full = _materialised_bank(model, images)
+    keep = greedy_coreset(full, int(full.shape[0] * 0.1), projection_dim, seed=0)
+    assert torch.equal(model.memory_bank, full[keep])
+    assert list(tmp_path.iterdir()) == []  # the temporary feature file is gone
+
+
+def test_sharded_coreset_is_per_shard_greedy():
+    z = torch.randn(1000, 8)
+    assert torch.equal(sharded_coreset(z, 50, None, seed=2), greedy_coreset(z, 50, None, seed=2))
+    assert torch.equal(sharded_coreset(z, 50, 1000, seed=2), greedy_coreset(z, 50, None, seed=2))
+    got = sharded_coreset(z, 50, 300, seed=2)  # 4 shards of 250 rows, 13 + 13 + 12 + 12 centres
+    expected = torch.cat([greedy_coreset(z[a : a + 250], q, None, seed=2 + i) + a
+                          for i, (a, q) in enumerate(zip(range(0, 1000, 250), (13, 13, 12, 12)))])
+    assert torch.equal(got, expected) and got.unique().numel() == 50
+
+
+def test_sharded_fit_keeps_the_ratio_and_detects(tmp_path):
+    images = square_images(8)
+    model = PatchCore(arch="resnet18", batch_size=4, coreset_ratio=0.25, coreset_shard=100,
+                      spill_dir=tmp_path).fit(as_dataset(images))
+    assert model.memory_bank.shape == (128, 384)
+    full = _materialised_bank(model, images)
+    assert all(any(torch.equal(row, f) for f in full) for row in model.memory_bank[:5])
+    s_good, _ = model.predict(square_images(4, seed=1))
+    s_bad, _ = model.predict(square_images(4, defect=True, seed=2))
+    assert s_bad.min() > s_good.max()
+
+
+def test_refuses_a_bank_larger_than_memory(monkeypatch):
+    monkeypatch.setattr("spotdiff.detect.memory.available_bytes", lambda: 50_000)
+    with pytest.raises(ConfigError, match=r"PatchCore on 256 patches x 384 channels .* need about .* but only "
+                                          r"50.0 kB .* smaller --coreset-ratio or --image-size"):
+        PatchCore(arch="resnet18", batch_size=4).fit(as_dataset(square_images(4)))
+    with pytest.raises(ConfigError, match=r"coreset ratio must be in \(0, 1\].*got 1.5"):
+        PatchCore(arch="resnet18", coreset_ratio=1.5)
+    with pytest.raises(ConfigError, match="coreset_shard"):
+        PatchCore(arch="resnet18", coreset_shard=0)
+
+
+def test_model_written_before_coreset_shard_loads(fitted, tmp_path):
+    """A config.json without ``coreset_shard`` (model files from before it existed) still loads."""
+    from spotdiff.detect import store
+
+    fitted.save(tmp_path / "new")
+    config, tensors, backbone = store.load_model_dir(tmp_path / "new")
+    del config["coreset_shard"]
+    store.save_model_dir(tmp_path / "old", config, tensors, backbone)
+    loaded = Detector.load(tmp_path / "old")
+    assert loaded.coreset_shard == 65536 and torch.equal(loaded.memory_bank, fitted.memory_bank)

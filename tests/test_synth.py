@@ -260,3 +260,33 @@ def test_identical_bytes_in_another_process(tmp_path: Path) -> None:
     code = f"from spotdiff.data.synth import generate; generate({str(tmp_path / 'there')!r}, {kwargs})"
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
     assert _marker(tmp_path / "there")["files"] == here["files"]
+
+
+def test_benchmark_frame_and_normal_count(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--normal N and --frame WxH: N normals at W x H (masks too), deterministic, recorded in the marker."""
+    args = ["--quiet", "synth", "--out", str(tmp_path / "big"), "--seed", "2", "--scale", "0.05",
+            "--objects", "cashew_synth", "--image-size", "48", "--normal", "7", "--frame", "96x64"]
+    assert main(args) == 0
+    root = tmp_path / "big"
+    normals = sorted((root / "cashew_synth" / "Data" / "Images" / "Normal").iterdir())
+    assert len(normals) == 7 and all(load_image(p).size == (96, 64) for p in normals)
+    anomalies = sorted((root / "cashew_synth" / "Data" / "Images" / "Anomaly").iterdir())
+    masks = sorted((root / "cashew_synth" / "Data" / "Masks" / "Anomaly").iterdir())
+    assert len(anomalies) == image_counts(0.05)[1] and all(load_mask(m).shape == (64, 96) for m in masks)
+    assert all(load_mask(m).any() for m in masks)
+    train = [r for r in _rows(root, "1cls") if r["split"] == "train"]
+    assert len(train) == 6  # round(0.9 * 7)
+    marker = _marker(root)
+    assert marker["normal"] == 7 and marker["frame"] == [96, 64]
+    # the same call elsewhere gives the same bytes; without the options the output differs
+    again = generate(tmp_path / "again", seed=2, scale=0.05, image_size=48, objects=["cashew_synth"],
+                     normal=7, frame=(96, 64))
+    assert _marker(again)["files"] == marker["files"]
+    plain = generate(tmp_path / "again", seed=2, scale=0.05, image_size=48, objects=["cashew_synth"])
+    assert "normal" not in _marker(plain) and load_image(next(
+        (plain / "cashew_synth" / "Data" / "Images" / "Normal").iterdir())).size == (48, 48)
+    capsys.readouterr()
+    assert main(args[:-1] + ["96by64"]) == 2
+    assert "--frame must be WxH" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="normal must be"):
+        generate(tmp_path / "x", normal=2)

@@ -38,13 +38,26 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, default=256, metavar="PX", help="image side in pixels (default 256)")
     p.add_argument("--objects", nargs="+", metavar="NAME", default=None,
                    help="subset of objects to write (default: pcb_synth capsules_synth cashew_synth)")
+    p.add_argument("--normal", type=int, default=None, metavar="N",
+                   help="normal images per object, overriding --scale's count (e.g. 1000: 900 train in 1cls)")
+    p.add_argument("--frame", default=None, metavar="WxH",
+                   help="write images at WxH px (rendered at --image-size, upscaled, full-resolution noise); "
+                        "'visa' = 1500x1000, VisA's size, for benchmarks")
     p.set_defaults(run=_run_synth)
 
 
 def _run_synth(args: argparse.Namespace) -> int:
-    from spotdiff.data.synth import generate
+    from spotdiff.data.synth import VISA_FRAME, generate
+    from spotdiff.errors import ConfigError
 
-    out = generate(args.out, seed=args.seed, scale=args.scale, image_size=args.image_size, objects=args.objects)
+    frame = None
+    if args.frame is not None:
+        try:
+            frame = VISA_FRAME if args.frame == "visa" else tuple(int(v) for v in args.frame.lower().split("x"))
+        except ValueError:
+            raise ConfigError(f"--frame must be WxH (e.g. 1500x1000) or 'visa', got {args.frame!r}") from None
+    out = generate(args.out, seed=args.seed, scale=args.scale, image_size=args.image_size, objects=args.objects,
+                   normal=args.normal, frame=frame)
     print(out)
     return 0
 
@@ -171,6 +184,9 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--d", type=int, default=None,
                    help="PaDiM: size of the random channel subset (default 100 for resnet18, 550 otherwise)")
     p.add_argument("--coreset-ratio", type=float, default=0.1, help="PatchCore: fraction of patches kept (default 0.1)")
+    p.add_argument("--coreset-shard", type=int, default=None, metavar="PATCHES",
+                   help="PatchCore: most patches per greedy coreset run, above it the coreset is approximated "
+                        "by shards (default 65536; 0 = exact greedy on all patches)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per forward pass: default 32 (padim) / 8 (patchcore), at most 4 on CPU")
     p.add_argument("--seed", type=int, default=0, help="seed of random init, channel subset and coreset")
@@ -178,7 +194,8 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
                    help="train/test split seed of a dataset without an official split (magnetic tile); "
                         "recorded in the model, and `spotdiff test` uses it (default 0)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--workers", type=int, default=None,
+                   help="image-decoding threads (default: one per spare core, at most 4; 0 = none)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (reported) instead of failing")
     p.add_argument("--out", required=True, help="model directory to write")
     p.set_defaults(run=_run_fit)
@@ -206,7 +223,8 @@ def _run_fit(args: argparse.Namespace) -> int:
     if args.model == "padim":
         model = PaDiM(d=args.d, **common)
     else:
-        model = PatchCore(coreset_ratio=args.coreset_ratio, **common)
+        shard = {} if args.coreset_shard is None else {"coreset_shard": args.coreset_shard or None}
+        model = PatchCore(coreset_ratio=args.coreset_ratio, **shard, **common)
     if args.train is not None:
         if args.data is not None or args.object is not None or args.skip_bad:
             raise ConfigError("--train DIR cannot be combined with --data, --object or --skip-bad")
@@ -300,7 +318,8 @@ def _add_test(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split-csv", default=None, help="explicit split CSV")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None,
+                   help="image-decoding threads (default: one per spare core, at most 4; 0 = none)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of failing")
     p.add_argument("--split-seed", type=int, default=None,
                    help="split seed of a dataset without an official split (default: the one `fit` recorded)")

@@ -21,9 +21,10 @@ from typing import Any, ClassVar, Self
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.models import ResNet
 
+from spotdiff.data.loader import batches, decode_workers
 from spotdiff.detect import store
 from spotdiff.detect.colour import NORMAL_SAMPLE, normal_statistics
 from spotdiff.data.transforms import normalize
@@ -82,7 +83,7 @@ class Detector(ABC):
         seed: int,
         batch_size: int,
         device: str | torch.device,
-        num_workers: int,
+        num_workers: int | None,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {batch_size}")
@@ -90,7 +91,8 @@ class Detector(ABC):
         self.layers = list(layers)
         self.seed = seed
         self.batch_size = batch_size
-        self.num_workers = num_workers
+        self.num_workers = decode_workers(num_workers)
+        """Image-decoding threads in ``fit`` (None given: :func:`spotdiff.data.loader.decode_workers`)."""
         self.device = torch.device(device)
         if arch not in ARCHITECTURES:
             raise ConfigError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
@@ -120,11 +122,11 @@ class Detector(ABC):
         n = len(dataset)  # type: ignore[arg-type]
         if n == 0:
             raise DataError("the training set is empty: no normal images to fit on")
-        loader = DataLoader(dataset, batch_size=self.forward_batch, shuffle=False, num_workers=self.num_workers)
+        loader = batches(dataset, self.forward_batch, self.num_workers)  # type: ignore[arg-type]
         self.n_train = 0
         self._normal_maps, self._normal_sample = None, []
         keep = set(np.linspace(0, n - 1, min(n, NORMAL_SAMPLE)).round().astype(int).tolist())
-        for batch in progress(loader, desc=desc, total=len(loader), unit="batch"):
+        for batch in progress(loader, desc=desc, total=-(-n // self.forward_batch), unit="batch"):
             images = _batch_images(batch)
             size = (int(images.shape[-2]), int(images.shape[-1]))
             if self.image_size is None:

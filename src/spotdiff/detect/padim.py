@@ -1,10 +1,12 @@
 """PaDiM (Defard et al., 2021): one multivariate Gaussian per feature position.
 
-Fitting streams over the training set: per position only running sums in float64 are kept
-(see :class:`GaussianAccumulator`), so memory does not grow with the number of images. The
-covariance of position ``p`` is the unbiased estimate (divisor ``N - 1``) plus ``epsilon * I``;
-it is stored as the inverse of its Cholesky factor ``L`` (``Sigma = L L^T``) so that the
-Mahalanobis distance is ``||L^-1 (x - mu)||``, one batched matrix product over all positions.
+Fitting streams over the training set: per position only running sums are kept (see
+:class:`GaussianAccumulator`; float32 sums of shifted samples for float32 features), so memory
+does not grow with the number of images. The covariance of position ``p`` is the unbiased
+estimate (divisor ``N - 1``) plus ``epsilon * I``; it is stored as the inverse of its Cholesky
+factor ``L`` (``Sigma = L L^T``) so that the Mahalanobis distance is ``||L^-1 (x - mu)||``, one
+batched matrix product over all positions. ``L^-1`` is kept packed (its lower triangle, the
+``torch.tril_indices`` order) in memory as on disk, and unpacked a few positions at a time.
 
 Anomaly map: Mahalanobis distance on the ``layers[0]`` grid, bilinearly upsampled to the image
 size, smoothed with a Gaussian of sigma 4 px. Image score: maximum of the map.
@@ -13,6 +15,7 @@ size, smoothed with a Gaussian of sigma 4 px. Image score: maximum of the map.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any, Self
 
@@ -21,6 +24,7 @@ from torch.utils.data import Dataset
 
 from spotdiff.detect.base import Detector
 from spotdiff.detect.features import check_layers, padim_embedding, upsample_and_smooth
+from spotdiff.detect.memory import check_fits
 from spotdiff.errors import ConfigError, DataError, WeightsError
 from spotdiff.models import layer_channels
 
@@ -28,26 +32,53 @@ DEFAULT_DIMS = {"resnet18": 100, "resnet50": 550, "wide_resnet50_2": 550}
 """Random channel subset size per backbone, as in the PaDiM paper."""
 
 STAGE_IMAGES = 8
-"""Training images folded into the float64 sums at once (see :class:`GaussianAccumulator`)."""
-_CHUNK_BYTES = 4 << 20  # float64 working memory per position chunk (one full (p, d, d) block)
+"""Training images folded into the sums at once (see :class:`GaussianAccumulator`)."""
+_CHUNK_BYTES = 16 << 20  # working memory per position chunk (one full (p, d, d) float64 block)
+_FOLD_POSITIONS = 64  # positions per fold step (a (64, stage, d) centred copy of the staged samples)
+
+
+def packed_size(dim: int) -> int:
+    """Entries of one packed ``d x d`` triangle: ``d (d + 1) / 2``."""
+    return dim * (dim + 1) // 2
+
+
+def unpack_lower(packed: torch.Tensor, dim: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``(P, d (d + 1) / 2)`` lower triangles (``torch.tril_indices`` order) -> ``(P, d, d)``, zeros above.
+
+    ``out`` (``(P, d, d)``, upper triangle already zero) is reused when given.
+    """
+    rows, cols = torch.tril_indices(dim, dim, device=packed.device)
+    if out is None:
+        out = packed.new_zeros(packed.shape[0], dim, dim)
+    out.view(packed.shape[0], dim * dim).index_copy_(1, rows * dim + cols, packed)
+    return out
 
 
 class GaussianAccumulator:
-    """Streaming mean and covariance of ``P`` positions x ``d`` features, in float64.
+    """Streaming mean and covariance of ``P`` positions x ``d`` features.
 
-    Keeps, per position, ``S1 = sum(x - c)`` and the upper triangle of ``S2 = sum((x - c)(x - c)^T)``
-    in float64, where the shift ``c`` is the mean of the first samples (it keeps the final
-    subtraction well-conditioned). Memory: ``P * d * (d + 3) / 2`` float64 values plus a staging
-    buffer of ``stage`` samples, independent of the number of samples.
+    Keeps, per position, ``S1 = sum(x - c)`` (float64) and the upper triangle of
+    ``S2 = sum((x - c)(x - c)^T)`` in the samples' dtype (float32 features: float32 sums, float64
+    samples: float64 sums, the reference), where the shift ``c`` is the mean of the first samples.
+    The shift makes the terms of ``S2`` small and centred, so the final ``S2 - S1 S1^T / N`` does
+    not cancel and float32 keeps about 6-7 significant digits of the covariance (measured in
+    ``benchmarks/results_detect.md``).
 
-    Samples are staged and folded into the sums ``stage`` at a time: adding to the packed
-    triangle costs the same for 1 sample as for many, so folding in groups is faster. The
-    per-group products are computed in the samples' dtype (float32 features: relative error about
-    ``1e-7 * sqrt(stage)`` on each group, far below the estimate's own noise) and summed in
-    float64. Updates and the final factorisation work on chunks of positions so temporaries stay
-    small. :meth:`inverse_cholesky` writes its float32 result into the buffer of ``S2`` itself
-    (``d^2`` float32 fit in ``d (d + 1) / 2`` float64), so finishing needs no extra memory.
+    Layout of ``S2`` (our choice, for speed): the rows of the triangle in blocks of ``ROW_BLOCK``;
+    block ``i`` holds rows ``[s, s + b)`` from column ``s`` on, a ``b x (d - s)`` matrix, so each fold
+    is one ``baddbmm`` per block straight into the sums (about half the products of a full Gram
+    matrix and no packing pass). That stores ``d (d + b) / 2`` values per position, at most
+    ``1 + b / d`` times the packed triangle (1.06 at d = 550). Memory: ``P`` such rows plus ``P * d``
+    float64 and a staging buffer of ``stage`` samples, independent of the number of samples.
+
+    Samples are staged and folded ``stage`` at a time, so ``S2`` receives ``N / stage`` additions
+    of ``stage``-sample products (a two-level summation) rather than ``N``. The factorisation runs
+    in float64 on chunks of positions. :meth:`inverse_cholesky_packed` writes the packed ``L^-1``
+    (``d (d + 1) / 2`` per position, contiguous) over the start of the sums' own buffer, so
+    finishing needs no extra memory.
     """
+
+    ROW_BLOCK = 32
 
     def __init__(self, positions: int, dim: int, stage: int = STAGE_IMAGES) -> None:
         if stage < 1:
@@ -55,33 +86,63 @@ class GaussianAccumulator:
         self.positions, self.dim, self.stage = positions, dim, stage
         self.count = 0  # samples added, staged ones included
         self.chunk = max(1, _CHUNK_BYTES // (8 * dim * dim))
-        self.rows, self.cols = torch.triu_indices(dim, dim)
-        self.packed_index = self.rows * dim + self.cols  # flat (d * d) index of each triangle entry
+        self.blocks = self.row_blocks(dim)  # (first row, last row + 1, offset in a row of S2)
+        self.width = self.blocks[-1][2] + (self.blocks[-1][1] - self.blocks[-1][0]) * (dim - self.blocks[-1][0])
         self.shift: torch.Tensor | None = None
         self.sum = torch.zeros(positions, dim, dtype=torch.float64)
-        self.sum_sq: torch.Tensor | None = torch.zeros(positions, self.rows.numel(), dtype=torch.float64)
+        self.sum_sq: torch.Tensor | None = None  # (P, width), allocated with the first samples, in their dtype
         self._staged: torch.Tensor | None = None
         self._n_staged = 0
+        self._finalised = False
 
-    def _spans(self) -> list[tuple[int, int]]:
-        return [(p, min(p + self.chunk, self.positions)) for p in range(0, self.positions, self.chunk)]
+    @classmethod
+    def row_blocks(cls, dim: int) -> list[tuple[int, int, int]]:
+        """``(start, stop, offset)`` of each block of triangle rows in a row of ``S2``."""
+        blocks, offset = [], 0
+        for start in range(0, dim, cls.ROW_BLOCK):
+            stop = min(start + cls.ROW_BLOCK, dim)
+            blocks.append((start, stop, offset))
+            offset += (stop - start) * (dim - start)
+        return blocks
+
+    @classmethod
+    def nbytes(cls, positions: int, dim: int, stage: int = STAGE_IMAGES, itemsize: int = 4) -> int:
+        """Bytes the accumulator allocates (sums, shift, staging buffer, one chunk of temporaries)."""
+        start, stop, offset = cls.row_blocks(dim)[-1]
+        width = offset + (stop - start) * (dim - start)
+        chunk = max(1, _CHUNK_BYTES // (8 * dim * dim))
+        return (positions * width * itemsize + positions * dim * (8 + itemsize)
+                + stage * positions * dim * itemsize + 4 * chunk * dim * dim * 8)
+
+    def _spans(self, chunk: int | None = None) -> list[tuple[int, int]]:
+        step = chunk or self.chunk
+        return [(p, min(p + step, self.positions)) for p in range(0, self.positions, step)]
 
     def _buffer(self) -> torch.Tensor:
-        if self.sum_sq is None:
+        if self._finalised:
             raise RuntimeError("accumulator already finalised by inverse_cholesky()")
+        assert self.sum_sq is not None
         return self.sum_sq
+
+    def _block(self, sums: torch.Tensor, block: tuple[int, int, int]) -> torch.Tensor:
+        """View ``(p, rows, d - start)`` of one row block in ``sums`` (``(p, width)`` rows of ``S2``)."""
+        start, stop, offset = block
+        size = (stop - start) * (self.dim - start)
+        return sums[:, offset : offset + size].unflatten(1, (stop - start, self.dim - start))
 
     def update(self, x: torch.Tensor) -> None:
         """Add samples ``x`` of shape ``(n, P, d)``, float32 or float64."""
         if x.ndim != 3 or x.shape[1:] != (self.positions, self.dim):
             raise ValueError(f"expected (n, {self.positions}, {self.dim}), got {tuple(x.shape)}")
-        self._buffer()
+        if self._finalised:
+            raise RuntimeError("accumulator already finalised by inverse_cholesky()")
         x = x.cpu()
         if x.dtype != torch.float64:
             x = x.to(torch.float32)
         if self._staged is None:
             self.shift = x.mean(dim=0)  # kept in the samples' dtype: any fixed shift is exact
             self._staged = torch.empty(self.stage, self.positions, self.dim, dtype=x.dtype)
+            self.sum_sq = torch.zeros(self.positions, self.width, dtype=x.dtype)
         while x.shape[0]:
             take = min(x.shape[0], self.stage - self._n_staged)
             self._staged[self._n_staged : self._n_staged + take] = x[:take]
@@ -92,17 +153,18 @@ class GaussianAccumulator:
                 self._fold()
 
     def _fold(self) -> None:
-        """Add the staged samples to ``S1`` and ``S2``."""
+        """Add the staged samples to ``S1`` and ``S2`` (one ``baddbmm`` per row block and position chunk)."""
         if not self._n_staged:
             return
         assert self._staged is not None and self.shift is not None
         sum_sq = self._buffer()
         x = self._staged[: self._n_staged]
-        for start, stop in self._spans():
-            xc = (x[:, start:stop] - self.shift[start:stop]).transpose(0, 1)  # (p, n, d)
-            self.sum[start:stop] += xc.sum(dim=1)
-            gram = torch.bmm(xc.transpose(1, 2), xc)  # (p, d, d)
-            sum_sq[start:stop] += gram.flatten(1).index_select(1, self.packed_index)
+        for start, stop in self._spans(_FOLD_POSITIONS):
+            xc = (x[:, start:stop] - self.shift[start:stop]).transpose(0, 1).contiguous()  # (p, n, d)
+            self.sum[start:stop] += xc.sum(dim=1, dtype=torch.float64)
+            xt = xc.transpose(1, 2)  # (p, d, n)
+            for block in self.blocks:
+                self._block(sum_sq[start:stop], block).baddbmm_(xt[:, block[0] : block[1]], xc[:, :, block[0] :])
         self._n_staged = 0
 
     def mean(self) -> torch.Tensor:
@@ -117,11 +179,13 @@ class GaussianAccumulator:
             raise DataError(f"PaDiM needs at least {minimum} training image(s), got {self.count}")
 
     def _chunk_covariance(self, start: int, stop: int) -> torch.Tensor:
-        tri = self._buffer()[start:stop]
+        sums = self._buffer()[start:stop]
+        full = torch.zeros(stop - start, self.dim, self.dim, dtype=torch.float64)
+        for block in self.blocks:
+            full[:, block[0] : block[1], block[0] :] = self._block(sums, block)
+        full = full.triu_()
+        full += full.triu(1).transpose(1, 2)
         s1 = self.sum[start:stop]
-        full = torch.empty(stop - start, self.dim, self.dim, dtype=torch.float64)
-        full[:, self.rows, self.cols] = tri
-        full[:, self.cols, self.rows] = tri
         full.baddbmm_(s1[:, :, None], s1[:, None, :], alpha=-1.0 / self.count)  # S2 - S1 S1^T / N
         return full.div_(self.count - 1)
 
@@ -131,17 +195,21 @@ class GaussianAccumulator:
         self._fold()
         return torch.cat([self._chunk_covariance(a, b) for a, b in self._spans()])
 
-    def inverse_cholesky(self, epsilon: float) -> torch.Tensor:
-        """``(P, d, d)`` float32 ``L^-1`` with ``L L^T = covariance + epsilon * I`` (lower triangular).
+    def inverse_cholesky_packed(self, epsilon: float) -> torch.Tensor:
+        """``(P, d (d + 1) / 2)`` ``L^-1`` packed (lower triangle, ``torch.tril_indices`` order),
+        ``L L^T = covariance + epsilon * I``; in the samples' dtype (float32 for features).
 
-        Consumes the accumulator: the result is written chunk by chunk over the ``S2`` buffer
-        (chunk ``i`` of the result never reaches past the end of chunk ``i`` of ``S2``, so
-        unread chunks are never overwritten), and no further update is possible.
+        The factorisation runs in float64, a chunk of positions at a time. Consumes the
+        accumulator: the result is written into the flat buffer of ``S2``, position ``p`` at
+        ``p * d (d + 1) / 2``; that never reaches past the end of the chunk just read (rows of
+        ``S2`` are longer), so unread sums are never overwritten. No further update is possible.
         """
         self._check_count(2)
         self._fold()
-        d = self.dim
-        out = self._buffer().view(torch.float32).view(-1)[: self.positions * d * d].view(self.positions, d, d)
+        flat = self._buffer().view(-1)
+        d, size = self.dim, packed_size(self.dim)
+        lower_rows, lower_cols = torch.tril_indices(d, d)
+        lower = lower_rows * d + lower_cols
         eye = torch.eye(d, dtype=torch.float64)
         for start, stop in self._spans():
             cov = self._chunk_covariance(start, stop)
@@ -150,25 +218,44 @@ class GaussianAccumulator:
             del cov
             if int(info.max()) > 0:
                 raise DataError("covariance is not positive definite; increase epsilon")
-            out[start:stop] = torch.linalg.solve_triangular(chol, eye, upper=False)
-        self.sum_sq = self._staged = None
-        return out
+            inv = torch.linalg.solve_triangular(chol, eye, upper=False)
+            flat[start * size : stop * size] = inv.flatten(1).index_select(1, lower).flatten()
+        self._finalised = True
+        self._staged = None
+        self.sum_sq = None
+        return flat[: self.positions * size].view(self.positions, size)
+
+    def inverse_cholesky(self, epsilon: float) -> torch.Tensor:
+        """``(P, d, d)`` ``L^-1`` (lower triangular): :meth:`inverse_cholesky_packed`, unpacked."""
+        return unpack_lower(self.inverse_cholesky_packed(epsilon), self.dim)
 
 
 def mahalanobis(x: torch.Tensor, mean: torch.Tensor, inv_chol: torch.Tensor, chunk: int = 512) -> torch.Tensor:
     """Mahalanobis distance ``sqrt((x - mu)^T Sigma^-1 (x - mu))`` per position, batched.
 
     Args:
-        x: ``(B, P, d)`` samples; mean: ``(P, d)``; inv_chol: ``(P, d, d)`` with ``Sigma^-1 = L^-T L^-1``.
+        x: ``(B, P, d)`` samples; mean: ``(P, d)``; inv_chol: ``(P, d, d)`` with ``Sigma^-1 = L^-T L^-1``,
+            or packed ``(P, d (d + 1) / 2)`` (see :func:`unpack_lower`), unpacked ``chunk`` positions
+            at a time (``chunk`` then capped so one unpacked block stays under 16 MB).
         chunk: positions per step (bounds the temporaries to ``3 * B * chunk * d`` values).
     Returns:
         ``(B, P)`` distances.
     """
+    d = x.shape[2]
+    packed = inv_chol.ndim == 2
+    block = None
+    if packed:
+        chunk = max(1, min(chunk, _CHUNK_BYTES // (inv_chol.element_size() * d * d)))
+        block = inv_chol.new_zeros(chunk, d, d)
     out = x.new_empty(x.shape[:2])
     for start in range(0, x.shape[1], chunk):
-        stop = start + chunk
+        stop = min(start + chunk, x.shape[1])
         diff = (x[:, start:stop] - mean[start:stop]).transpose(0, 1)  # (p, B, d)
-        z = torch.bmm(diff, inv_chol[start:stop].transpose(1, 2))  # rows are L^-1 (x - mu)
+        if block is not None:
+            factor = unpack_lower(inv_chol[start:stop], d, block[: stop - start])
+        else:
+            factor = inv_chol[start:stop]
+        z = torch.bmm(diff, factor.transpose(1, 2))  # rows are L^-1 (x - mu)
         out[:, start:stop] = torch.linalg.vector_norm(z, dim=-1).T
     return out
 
@@ -186,8 +273,9 @@ class PaDiM(Detector):
             (100 for resnet18, 550 otherwise); capped at the total channel count.
         epsilon: covariance regulariser ``epsilon * I``.
         batch_size: images per loader batch and backbone forward pass (on CPU at most
-            ``CPU_FORWARD_IMAGES`` = 4, which is as fast and bounds memory); num_workers: DataLoader
-            workers; device: where features are computed.
+            ``CPU_FORWARD_IMAGES`` = 4, which is as fast and bounds memory); num_workers: image-decoding
+            threads (None: one per spare core, see :func:`spotdiff.data.loader.decode_workers`);
+            device: where features are computed.
     """
 
     model_type = "padim"
@@ -202,7 +290,7 @@ class PaDiM(Detector):
         seed: int = 0,
         batch_size: int = 32,
         device: str | torch.device = "cpu",
-        num_workers: int = 0,
+        num_workers: int | None = None,
     ) -> None:
         layers = check_layers(layers)
         super().__init__(arch, weights, layers, seed, batch_size, device, num_workers)
@@ -217,7 +305,9 @@ class PaDiM(Detector):
         generator = torch.Generator().manual_seed(seed)
         self.channel_index = torch.randperm(total, generator=generator)[: self.d].sort().values
         self.mean: torch.Tensor | None = None
-        self.inv_chol: torch.Tensor | None = None
+        self.inv_chol_packed: torch.Tensor | None = None
+        """``(P, d (d + 1) / 2)`` float32 lower triangle of ``L^-1`` (``torch.tril_indices`` order);
+        see :attr:`inv_chol` for the square form."""
         self._grid: tuple[int, int] = (0, 0)  # (h, w) of the last embedding
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -226,29 +316,52 @@ class PaDiM(Detector):
         self._grid = (emb.shape[-2], emb.shape[-1])
         return emb.flatten(2).transpose(1, 2)
 
+    @property
+    def inv_chol(self) -> torch.Tensor | None:
+        """``(P, d, d)`` float32 ``L^-1``, unpacked from :attr:`inv_chol_packed` on each access
+        (``P * d^2`` floats: at d = 550 on a 64 x 64 grid, 5 GB; prediction never calls it)."""
+        return None if self.inv_chol_packed is None else unpack_lower(self.inv_chol_packed, self.d)
+
     @torch.inference_mode()
     def fit(self, dataset: Dataset) -> Self:
-        """Estimate the per-position Gaussians from normal images (streaming, float64)."""
+        """Estimate the per-position Gaussians from normal images (streaming float32 sums, float64 factorisation).
+
+        Before the sums are allocated their size is checked against the available memory
+        (:func:`spotdiff.detect.memory.check_fits`).
+        """
         self.image_size = None
         acc: GaussianAccumulator | None = None
+        n_images = len(dataset)  # type: ignore[arg-type]
         for images in self._training_batches(dataset, desc="PaDiM features"):
             emb = self._embed(images)
             if acc is None:
+                self._check_training_size(n_images, emb.shape[1])
                 acc = GaussianAccumulator(emb.shape[1], emb.shape[2])
             acc.update(emb)
         assert acc is not None
         if acc.count < 2:
             raise DataError(f"PaDiM needs at least 2 training images, got {acc.count}")
         self.mean = acc.mean().to(torch.float32).to(self.device)
-        self.inv_chol = acc.inverse_cholesky(self.epsilon).to(self.device)
+        self.inv_chol_packed = acc.inverse_cholesky_packed(self.epsilon).to(self.device)
         return self
 
+    def _check_training_size(self, n_images: int, positions: int) -> None:
+        """Refuse statistics that would not fit in memory; warn when ``N - 1 < d``."""
+        grid = f"{self._grid[0]}x{self._grid[1]}"
+        check_fits(GaussianAccumulator.nbytes(positions, self.d),
+                   f"PaDiM statistics (d={self.d}, {grid} positions, {positions} x d(d+1)/2 float32)",
+                   "a smaller --d or --image-size")
+        if 2 <= n_images <= self.d:
+            print(f"warning: PaDiM: {n_images} training images give a sample covariance of rank at most "
+                f"{n_images - 1} < d = {self.d}; it is invertible only through the regulariser "
+                f"epsilon * I = {self.epsilon:g} * I. Use at least {self.d + 1} images or a smaller --d.", file=sys.stderr)
+
     def _predict_normalized(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.mean is not None and self.inv_chol is not None and self.image_size is not None
+        assert self.mean is not None and self.inv_chol_packed is not None and self.image_size is not None
         emb = self._embed(images)
         if emb.shape[1] != self.mean.shape[0]:
             raise DataError(f"feature grid {self._grid} does not match the fitted model")
-        dists = mahalanobis(emb, self.mean, self.inv_chol).reshape(-1, *self._grid)
+        dists = mahalanobis(emb, self.mean, self.inv_chol_packed).reshape(-1, *self._grid)
         maps = upsample_and_smooth(dists, self.image_size)
         return maps.flatten(1).amax(dim=1), maps
 
@@ -256,12 +369,9 @@ class PaDiM(Detector):
         return {"d": self.d, "epsilon": self.epsilon}
 
     def _state(self) -> dict[str, torch.Tensor]:
-        """The lower-triangular ``L^-1`` is saved packed (its rows' lower parts, ``torch.tril_indices``
-        order): half the file, and unpacked exactly on load since the upper triangle is exactly 0."""
-        assert self.mean is not None and self.inv_chol is not None
-        rows, cols = torch.tril_indices(self.d, self.d, device=self.inv_chol.device)
-        packed = self.inv_chol.flatten(1).index_select(1, rows * self.d + cols)
-        return {"mean": self.mean, "inv_cholesky_packed": packed, "channel_index": self.channel_index}
+        """The lower-triangular ``L^-1`` is saved packed, as held in memory (exact: its upper triangle is 0)."""
+        assert self.mean is not None and self.inv_chol_packed is not None
+        return {"mean": self.mean, "inv_cholesky_packed": self.inv_chol_packed, "channel_index": self.channel_index}
 
     @classmethod
     def _from_config(cls, config: dict[str, Any], device: str | torch.device) -> Self:
@@ -280,9 +390,6 @@ class PaDiM(Detector):
         p, d = mean.shape
         if packed.shape != (p, d * (d + 1) // 2) or index.shape != (d,) or d != self.d:
             raise WeightsError("PaDiM model tensors have inconsistent shapes")
-        rows, cols = torch.tril_indices(d, d)
-        inv_chol = torch.zeros(p, d * d, dtype=torch.float32)
-        inv_chol.index_copy_(1, rows * d + cols, packed.to(torch.float32))
         self.channel_index = index.to(torch.int64)
         self.mean = mean.to(self.device, torch.float32)
-        self.inv_chol = inv_chol.view(p, d, d).to(self.device)
+        self.inv_chol_packed = packed.to(self.device, torch.float32).contiguous()

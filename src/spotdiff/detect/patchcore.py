@@ -3,7 +3,11 @@
 * Patch features: :func:`spotdiff.detect.features.patchcore_embedding` (3x3 local averaging,
   deeper layer bilinearly upsampled, concatenated).
 * Memory bank: every training patch, reduced by greedy k-center coreset selection
-  (:func:`greedy_coreset`) computed on a Gaussian random projection of the features.
+  (:func:`greedy_coreset`) computed on a Gaussian random projection of the features. The full
+  bank is never held in memory: fitting keeps only the projected features (``M x 128``) and
+  streams the full ones to a temporary file, from which the selected rows are read back. Above
+  ``coreset_shard`` patches the selection is approximated by running the greedy on contiguous
+  shards of the training patches (:func:`sharded_coreset`).
 * Pixel map: Euclidean distance of each test patch to its nearest bank element, bilinearly
   upsampled to the image size and smoothed with a Gaussian of sigma 4 px.
 * Image score (paper, eq. 7): let ``s*`` be the largest patch distance, ``m_test*`` that patch,
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from collections.abc import Sequence
 from typing import Any, Self
 
@@ -25,10 +30,15 @@ from torch.utils.data import Dataset
 
 from spotdiff.detect.base import Detector
 from spotdiff.detect.features import check_layers, patchcore_embedding, upsample_and_smooth
+from spotdiff.detect.memory import check_fits, format_bytes
 from spotdiff.errors import ConfigError, WeightsError
 from spotdiff.progress import bar
 
 _CHUNK_BYTES = 64 << 20
+DEFAULT_CORESET_SHARD = 1 << 16
+"""Most patches per greedy k-center run (64 images at 256 px on ``layer2``). Our choice: the greedy
+costs ``ratio * M^2`` distance updates, so sharding keeps it linear in ``M``; measured at 1
+thread, one 65,536-patch shard takes about 18 s at ratio 0.1 (``benchmarks/results_detect.md``)."""
 
 try:  # faiss is a declared dependency; the torch path is kept for platforms without wheels
     import faiss
@@ -39,16 +49,30 @@ except ImportError:  # pragma: no cover - depends on the platform
     HAVE_FAISS = False
 
 
-def random_projection(features: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
-    """Johnson-Lindenstrauss projection ``features @ R``, ``R`` Gaussian with variance ``1 / dim``.
-
-    Squared distances are preserved in expectation. Computed in row chunks. ``(M, C) -> (M, dim)``.
-    """
+def projection_matrix(channels: int, dim: int, seed: int) -> torch.Tensor:
+    """``(channels, dim)`` float64 Gaussian matrix with variance ``1 / dim`` (Johnson-Lindenstrauss)."""
     generator = torch.Generator().manual_seed(seed)
-    proj = torch.randn(features.shape[1], dim, generator=generator) / math.sqrt(dim)
-    proj = proj.to(features.device, features.dtype)
-    rows = max(1, _CHUNK_BYTES // (4 * features.shape[1]))
-    return torch.cat([features[i : i + rows] @ proj for i in range(0, features.shape[0], rows)])
+    return torch.randn(channels, dim, generator=generator, dtype=torch.float64) / math.sqrt(dim)
+
+
+def project(features: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """``features @ matrix`` ``(M, C) -> (M, dim)`` float32, computed in float64 row chunks.
+
+    The float64 product rounded to float32 does not depend on how rows are chunked (summation-order
+    differences are ~1e-16, far below float32's rounding), so projecting a bank batch by batch while
+    it streams gives the same values as projecting it whole.
+    """
+    matrix = matrix.to(features.device)
+    rows = max(1, _CHUNK_BYTES // (8 * features.shape[1]))
+    return torch.cat([(features[i : i + rows].double() @ matrix).float() for i in range(0, features.shape[0], rows)])
+
+
+def random_projection(features: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+    """Johnson-Lindenstrauss projection ``features @ R`` (``R = projection_matrix(C, dim, seed)``).
+
+    Squared distances are preserved in expectation. ``(M, C) -> (M, dim)`` float32.
+    """
+    return project(features, projection_matrix(features.shape[1], dim, seed))
 
 
 def greedy_coreset(
@@ -91,6 +115,30 @@ def greedy_coreset(
     return selected
 
 
+def sharded_coreset(z: torch.Tensor, n_select: int, shard: int | None, seed: int = 0) -> torch.Tensor:
+    """Indices of ``n_select`` rows of the (projected) ``z`` ``(M, dim)``: exact greedy k-center when
+    ``shard`` is None or ``M <= shard``; otherwise an approximation.
+
+    Approximation (our choice): the rows are cut into ``ceil(M / shard)`` contiguous, near-equal
+    shards (consecutive training images); each keeps its share of ``n_select`` (proportional to
+    its size, remainders to the first shards) by its own exact greedy run (seed ``seed + s``).
+    The union covers every shard as well as a greedy on it alone, so it covers the whole
+    set, but centres are not shared across shards (slightly more redundancy than one run). The
+    cost drops from ``n_select * M`` to ``n_select * shard`` distance updates.
+    """
+    m = z.shape[0]
+    if shard is None or m <= shard:
+        return greedy_coreset(z, n_select, None, seed)
+    n_shards = -(-m // shard)
+    bounds = [round(i * m / n_shards) for i in range(n_shards + 1)]
+    quota = [n_select * (b - a) // m for a, b in zip(bounds, bounds[1:])]
+    for i in range(n_select - sum(quota)):
+        quota[i] += 1
+    parts = [greedy_coreset(z[a:b], q, None, seed + i) + a
+             for i, (a, b, q) in enumerate(zip(bounds, bounds[1:], quota)) if q]
+    return torch.cat(parts)
+
+
 def nearest_neighbors(
     queries: torch.Tensor, bank: torch.Tensor, k: int, index: Any | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,6 +174,11 @@ class PatchCore(Detector):
         num_neighbors: ``b`` of the image-score reweighting.
         target_dim: optional channel reduction (adaptive average pooling) of patch features.
         nn_backend: ``"faiss"``, ``"torch"`` or ``"auto"`` (faiss when installed).
+        coreset_shard: most patches per greedy run; above it the coreset is approximated by
+            shards (:func:`sharded_coreset`); None = exact greedy on all patches.
+        spill_dir: directory of the temporary file of full patch features during ``fit``
+            (None: the system temporary directory); the file is unlinked at once and removed
+            when ``fit`` ends.
     """
 
     model_type = "patchcore"
@@ -142,20 +195,29 @@ class PatchCore(Detector):
         seed: int = 0,
         batch_size: int = 8,
         device: str | torch.device = "cpu",
-        num_workers: int = 0,
+        num_workers: int | None = None,
         nn_backend: str = "auto",
+        coreset_shard: int | None = DEFAULT_CORESET_SHARD,
+        spill_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         layers = check_layers(layers)
         super().__init__(arch, weights, layers, seed, batch_size, device, num_workers)
         if not 0.0 < coreset_ratio <= 1.0:
-            raise ConfigError(f"coreset ratio must be in (0, 1], got {coreset_ratio}")
+            raise ConfigError(f"coreset ratio must be in (0, 1] (the fraction of training patches kept), "
+                              f"got {coreset_ratio}")
         if num_neighbors < 1:
             raise ConfigError(f"num_neighbors must be >= 1, got {num_neighbors}")
         if nn_backend not in ("auto", "faiss", "torch"):
             raise ConfigError(f"nn_backend must be auto, faiss or torch, got {nn_backend!r}")
         if nn_backend == "faiss" and not HAVE_FAISS:
             raise ConfigError("nn_backend 'faiss' requested but faiss is not installed")
+        if coreset_shard is not None and coreset_shard < 1:
+            raise ConfigError(f"coreset_shard must be >= 1 patch (or None for the exact greedy), got {coreset_shard}")
+        if projection_dim is not None and projection_dim < 1:
+            raise ConfigError(f"projection_dim must be >= 1 (or None), got {projection_dim}")
         self.coreset_ratio = float(coreset_ratio)
+        self.coreset_shard = coreset_shard
+        self.spill_dir = None if spill_dir is None else os.fspath(spill_dir)
         self.projection_dim = projection_dim
         self.num_neighbors = num_neighbors
         self.target_dim = target_dim
@@ -169,27 +231,63 @@ class PatchCore(Detector):
 
     @torch.inference_mode()
     def fit(self, dataset: Dataset) -> Self:
-        """Collect all training patches into one preallocated bank, then subsample it by coreset."""
+        """Select the memory bank from the patches of normal images without holding them all.
+
+        One pass over the images keeps the projected patches (``M x projection_dim`` float32) and
+        appends the full ones to an unlinked temporary file in ``spill_dir`` (default: the system
+        temporary directory); the coreset is chosen on the projections (:func:`sharded_coreset`)
+        and its rows are read back from the file, a block at a time. The bank equals
+        ``features[greedy_coreset(features, n, projection_dim, seed)]`` of the materialised
+        features when ``coreset_shard`` does not apply (tested). Memory is checked before the
+        projections are allocated.
+        """
         self.image_size = None
         n_images = len(dataset)  # type: ignore[arg-type]
-        bank: torch.Tensor | None = None
+        z: torch.Tensor | None = None
+        matrix: torch.Tensor | None = None
         row = 0
-        for images in self._training_batches(dataset, desc="PatchCore features"):
-            emb = self._embed(images)
-            patches = emb.reshape(-1, emb.shape[-1])
-            if bank is None:
-                per_image = emb.shape[1] * emb.shape[2]
-                bank = torch.empty(n_images * per_image, emb.shape[-1], dtype=torch.float32, device=self.device)
-            bank[row : row + patches.shape[0]] = patches
-            row += patches.shape[0]
-        assert bank is not None
-        bank = bank[:row]
-        n_keep = max(1, int(row * self.coreset_ratio))
-        if n_keep < row:
-            keep = greedy_coreset(bank, n_keep, self.projection_dim, self.seed)
-            bank = bank[keep.to(bank.device)]
-        self._set_bank(bank.contiguous())
+        with tempfile.TemporaryFile(dir=self.spill_dir) as spill:
+            for images in self._training_batches(dataset, desc="PatchCore features"):
+                patches = self._embed(images)
+                patches = patches.reshape(-1, patches.shape[-1]).cpu()
+                if z is None:
+                    channels = patches.shape[1]
+                    total = n_images * patches.shape[0] // images.shape[0]
+                    projected = self.projection_dim is not None and self.projection_dim < channels
+                    width = self.projection_dim if projected else channels
+                    self._check_memory(total, channels, width)
+                    matrix = projection_matrix(channels, width, self.seed) if projected else None
+                    z = torch.empty(total, width, dtype=torch.float32)
+                z[row : row + patches.shape[0]] = patches if matrix is None else project(patches, matrix)
+                if matrix is not None:
+                    spill.write(patches.to(torch.float32).contiguous().numpy().tobytes())
+                row += patches.shape[0]
+            assert z is not None
+            z = z[:row]
+            n_keep = max(1, int(row * self.coreset_ratio))
+            if n_keep < row:
+                keep = sharded_coreset(z.to(self.device), n_keep, self.coreset_shard, self.seed).cpu()
+            else:
+                keep = torch.arange(row)
+            if matrix is None:  # no projection: z holds the features themselves
+                bank = z[keep]
+            else:
+                del z
+                bank = _read_rows(spill, keep, channels)
+        self._set_bank(bank.to(self.device).contiguous())
         return self
+
+    def _check_memory(self, patches: int, channels: int, width: int) -> None:
+        """One line naming the figure and the option that reduces it, before anything large is allocated."""
+        kept = max(1, int(patches * self.coreset_ratio))
+        need = 4 * (patches * width + kept * channels + 6 * patches)
+        check_fits(need, f"PatchCore on {patches} patches x {channels} channels (projections {patches} x {width} "
+                         f"float32, bank {kept} x {channels})", "a smaller --coreset-ratio or --image-size")
+        spill_free = _free_disk(self.spill_dir)
+        if width < channels and 4 * patches * channels > spill_free:
+            raise ConfigError(f"PatchCore streams {format_bytes(4 * patches * channels)} of patch features to a "
+                              f"temporary file but only {format_bytes(spill_free)} is free in "
+                              f"{self.spill_dir or tempfile.gettempdir()}; set TMPDIR or reduce --image-size")
 
     def _set_bank(self, bank: torch.Tensor) -> None:
         self.memory_bank = bank
@@ -231,6 +329,7 @@ class PatchCore(Detector):
             "projection_dim": self.projection_dim,
             "num_neighbors": self.num_neighbors,
             "target_dim": self.target_dim,
+            "coreset_shard": self.coreset_shard,
         }
 
     def _state(self) -> dict[str, torch.Tensor]:
@@ -243,6 +342,7 @@ class PatchCore(Detector):
             arch=config["arch"], layers=config["layers"], coreset_ratio=float(config["coreset_ratio"]),
             projection_dim=config["projection_dim"], num_neighbors=int(config["num_neighbors"]),
             target_dim=config["target_dim"], seed=int(config["seed"]), device=device,
+            coreset_shard=config.get("coreset_shard", DEFAULT_CORESET_SHARD),
         )
 
     def _set_state(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -250,3 +350,34 @@ class PatchCore(Detector):
         if bank is None or bank.ndim != 2 or bank.shape[0] == 0:
             raise WeightsError("PatchCore model file lacks a non-empty 2-D 'memory_bank' tensor")
         self._set_bank(bank.to(self.device, torch.float32).contiguous())
+
+
+def _read_rows(spill: Any, rows: torch.Tensor, channels: int) -> torch.Tensor:
+    """Rows ``rows`` (in that order) of the ``(M, channels)`` float32 matrix written to the file ``spill``.
+
+    The file is read sequentially in blocks of about 64 MB; only the wanted rows are kept.
+    """
+    order = torch.argsort(rows)
+    wanted = rows[order].numpy()
+    out = torch.empty(rows.numel(), channels, dtype=torch.float32)
+    block = max(1, _CHUNK_BYTES // (4 * channels))
+    spill.seek(0)
+    start, i = 0, 0
+    while i < wanted.size:
+        data = np.frombuffer(spill.read(4 * block * channels), dtype=np.float32).reshape(-1, channels)
+        stop = start + data.shape[0]
+        if data.shape[0] == 0:
+            raise RuntimeError("temporary feature file ended early")  # pragma: no cover - disk error
+        j = int(np.searchsorted(wanted, stop, side="left"))
+        if j > i:
+            out[order[i:j]] = torch.from_numpy(data[wanted[i:j] - start].copy())
+        i, start = j, stop
+    return out
+
+
+def _free_disk(directory: str | None) -> int:
+    try:
+        stat = os.statvfs(directory or tempfile.gettempdir())
+    except (OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 1 << 62
+    return stat.f_bavail * stat.f_frsize

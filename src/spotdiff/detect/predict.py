@@ -9,16 +9,17 @@ from __future__ import annotations
 import csv
 import io
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from spotdiff.data.folder import list_images
+from spotdiff.data.loader import batches, chunked, decode_workers, ordered_map
 from spotdiff.data.io import load_image
 from spotdiff.data.transforms import image_to_tensor
 from spotdiff.detect.base import Detector
@@ -33,9 +34,11 @@ PREDICT_COLUMNS = ("path", "score", "normalized_score", "decision", "anomalous",
 
 
 def evaluate_detector(
-    model: Detector, dataset: Dataset, batch_size: int | None = None, num_workers: int = 0
+    model: Detector, dataset: Dataset, batch_size: int | None = None, num_workers: int | None = None
 ) -> tuple[dict[str, Any], list[dict[str, Any]], np.ndarray, np.ndarray]:
     """Score a labelled test set and compute :func:`spotdiff.metrics.evaluate` on it.
+
+    Images are decoded by ``num_workers`` threads (None: :func:`spotdiff.data.loader.decode_workers`).
 
     ``dataset`` items are dicts with ``image``, ``label``, ``mask``, ``defect_type`` and ``path``
     (e.g. ``open_dataset(..., subset="test", image_size=model.image_size)``). The metrics dict also
@@ -51,12 +54,13 @@ def evaluate_detector(
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise DataError("the test set is empty")
     n = len(dataset)  # type: ignore[arg-type]
-    loader = DataLoader(dataset, batch_size=batch_size or model.forward_batch, shuffle=False, num_workers=num_workers)
+    size = batch_size or model.forward_batch
+    loader = batches(dataset, size, decode_workers(num_workers))  # type: ignore[arg-type]
     records: list[dict[str, Any]] = []
     all_maps: np.ndarray | None = None
     all_masks: np.ndarray | None = None
     row = 0
-    for batch in progress(loader, desc="scoring test set", total=len(loader), unit="batch"):
+    for batch in progress(loader, desc="scoring test set", total=-(-n // size), unit="batch"):
         scores, batch_maps = model.predict(batch["image"])
         if batch["mask"].shape[-2:] != batch_maps.shape[-2:]:
             raise DataError(
@@ -186,11 +190,6 @@ def _unique_name(stem: str, used: set[str]) -> str:
     return name
 
 
-def _batches(paths: list[Path], size: int) -> Iterator[list[Path]]:
-    for i in range(0, len(paths), size):
-        yield paths[i : i + size]
-
-
 def predict_images(
     model: Detector,
     inputs: Sequence[str | os.PathLike[str]],
@@ -200,8 +199,11 @@ def predict_images(
     overlays: bool = True,
     masks: bool = False,
     pixel_threshold: float | None = None,
+    num_workers: int | None = None,
 ) -> list[dict[str, Any]]:
     """Score image files in batches; write ``scores.csv`` and heat-map overlays under ``out_dir``.
+
+    Files are decoded and resized by ``num_workers`` threads (None: ``decode_workers()``).
 
     Every image is converted to RGB (grayscale, RGBA, palette, 16-bit; see ``load_image``) and
     resized to the model's image size, so mixed sizes are fine; overlays are drawn at that size
@@ -238,16 +240,24 @@ def predict_images(
     records: list[dict[str, Any]] = []
     used: set[str] = set()
     scale = colour_scale(model, threshold)
-    chunks = _batches(paths, batch_size or model.forward_batch)
-    n_chunks = -(-len(paths) // (batch_size or model.forward_batch))
-    for chunk in progress(chunks, desc="predicting", total=n_chunks, unit="batch"):
+    size = model.image_size
+
+    def decode(path: Path) -> tuple[Path, torch.Tensor | DataError]:
+        try:
+            return path, image_to_tensor(load_image(path), size)
+        except DataError as exc:
+            return path, exc
+
+    step = batch_size or model.forward_batch
+    chunks = chunked(ordered_map(decode, paths, decode_workers(num_workers), ahead=2 * step), step)
+    for chunk in progress(chunks, desc="predicting", total=-(-len(paths) // step), unit="batch"):
         tensors, good = [], []
-        for path in chunk:
-            try:
-                tensors.append(image_to_tensor(load_image(path), model.image_size))
+        for path, decoded in chunk:
+            if isinstance(decoded, DataError):
+                records.append({"path": str(path), "error": str(decoded)})
+            else:
+                tensors.append(decoded)
                 good.append(path)
-            except DataError as exc:
-                records.append({"path": str(path), "error": str(exc)})
         if not tensors:
             continue
         images = torch.stack(tensors)

@@ -20,7 +20,7 @@ from spotdiff.errors import ConfigError, DataError
 from spotdiff.files import default_mode, write_json_atomic
 from spotdiff.progress import log, progress
 
-from ._base import SynthObject, render_sample
+from ._base import RenderedSample, SynthObject, render_sample
 from .capsules import CapsulesSynth
 from .cashew import CashewSynth
 from .pcb import PcbSynth
@@ -37,6 +37,13 @@ NORMALS_AT_SCALE_1 = 160
 ANOMALIES_AT_SCALE_1 = 50
 MIN_PER_CLASS = 5
 MAX_SCALE = 50.0
+MAX_NORMAL = 20000
+VISA_FRAME = (1500, 1000)
+"""(width, height) of ``--frame visa``: about the size of a VisA image (VisA's objects range from
+about 1274 x 976 to 1562 x 960 px; 1500 x 1000 is our round figure)."""
+FRAME_NOISE = 2.0
+"""Std (grey levels) of the sensor noise added per pixel after upscaling to ``frame``, so the JPEG
+carries full-resolution detail (and costs what a photo costs to decode) rather than a smooth upscale."""
 
 OBJECTS: dict[str, SynthObject] = {obj.name: obj for obj in (PcbSynth(), CapsulesSynth(), CashewSynth())}
 
@@ -68,9 +75,35 @@ def split_assignment(seed: int, name: str, split: str, label: str, n: int) -> np
     return train
 
 
-def _params(seed: int, scale: float, image_size: int, objects: Sequence[str]) -> dict:
-    return {"generator": "spotdiff.data.synth", "version": SYNTH_VERSION, "seed": seed, "scale": scale,
-            "image_size": image_size, "objects": list(objects)}
+def _params(seed: int, scale: float, image_size: int, objects: Sequence[str], normal: int | None = None,
+            frame: tuple[int, int] | None = None) -> dict:
+    params = {"generator": "spotdiff.data.synth", "version": SYNTH_VERSION, "seed": seed, "scale": scale,
+              "image_size": image_size, "objects": list(objects)}
+    # recorded only when set, so outputs written before these options existed stay recognised
+    if normal is not None:
+        params["normal"] = normal
+    if frame is not None:
+        params["frame"] = list(frame)
+    return params
+
+
+def _check_extras(normal: int | None, frame: tuple[int, int] | None) -> None:
+    if normal is not None and (not isinstance(normal, int) or isinstance(normal, bool)
+                               or not MIN_PER_CLASS <= normal <= MAX_NORMAL):
+        raise ConfigError(f"synth: normal must be an integer in [{MIN_PER_CLASS}, {MAX_NORMAL}], got {normal!r}")
+    if frame is not None and (len(frame) != 2 or not all(isinstance(v, int) and 32 <= v <= 4096 for v in frame)):
+        raise ConfigError(f"synth: frame must be (width, height) with integers in [32, 4096], got {frame!r}")
+
+
+def _to_frame(sample: RenderedSample, frame: tuple[int, int], rng: np.random.Generator) -> RenderedSample:
+    """Upscale a square sample to ``frame`` = (width, height): image bicubic plus ``FRAME_NOISE``
+    sensor noise at full resolution, mask nearest-neighbour (so it still marks exactly the defect)."""
+    image = np.asarray(Image.fromarray(sample.image, mode="RGB").resize(frame, Image.Resampling.BICUBIC),
+                       dtype=np.float32)
+    image += rng.standard_normal(image.shape, dtype=np.float32) * FRAME_NOISE
+    mask = np.asarray(Image.fromarray(sample.mask, mode="L").resize(frame, Image.Resampling.NEAREST))
+    return RenderedSample(image=np.clip(image.round(), 0, 255).astype(np.uint8), mask=mask,
+                          defect_ids=sample.defect_ids)
 
 
 def _check_args(seed: int, scale: float, image_size: int, objects: Sequence[str] | None) -> list[str]:
@@ -121,15 +154,19 @@ def _encode(image: np.ndarray, fmt: str) -> bytes:
 
 
 def _write_object(stage: Path, obj: SynthObject, seed: int, scale: float, size: int,
-                  files: dict[str, str]) -> dict[str, list[dict]]:
+                  files: dict[str, str], normal: int | None = None,
+                  frame: tuple[int, int] | None = None) -> dict[str, list[dict]]:
     """Render one object into ``stage``; return its rows per label, and record file hashes in ``files``."""
     n_normal, n_anomalous = image_counts(scale)
+    n_normal = n_normal if normal is None else normal
     base = Path(obj.name) / "Data"
     rows: dict[str, list[dict]] = {"normal": [], "anomaly": []}
     anno: list[dict] = []
     jobs = [(False, i) for i in range(n_normal)] + [(True, i) for i in range(n_anomalous)]
     for anomalous, index in progress(jobs, desc=f"synth {obj.name}"):
         sample = render_sample(obj, seed, index, anomalous, size)
+        if frame is not None:
+            sample = _to_frame(sample, frame, np.random.default_rng([seed, *obj.name.encode(), int(anomalous), index]))
         if anomalous:
             image_rel = (base / "Images" / "Anomaly" / f"{index:03d}.JPG").as_posix()
             mask_rel = (base / "Masks" / "Anomaly" / f"{index:03d}.png").as_posix()
@@ -174,7 +211,8 @@ def _split_rows(seed: int, split: str, name: str, rows: dict[str, list[dict]]) -
 
 
 def generate(out_dir: str | os.PathLike[str], seed: int = 0, scale: float = 1.0, image_size: int = 256,
-             objects: Sequence[str] | None = None) -> Path:
+             objects: Sequence[str] | None = None, normal: int | None = None,
+             frame: tuple[int, int] | None = None) -> Path:
     """Write the synthetic VisA-format dataset to ``out_dir`` and return its path.
 
     Layout (paths relative to ``out_dir``), as in the raw VisA download:
@@ -183,17 +221,25 @@ def generate(out_dir: str | os.PathLike[str], seed: int = 0, scale: float = 1.0,
     ``split_csv/{1cls,2cls_fewshot,2cls_highshot}.csv`` (object,split,label,image,mask),
     ``id2class.json`` and the marker ``SYNTH.json`` (parameters and SHA-256 of every file).
 
-    The output is a pure function of (seed, scale, image_size, objects): re-running with the same
+    ``normal`` overrides the number of normal images per object (anomalies still follow ``scale``);
+    ``frame = (width, height)`` writes every image at that size: rendered at ``image_size``, upscaled
+    (bicubic) with full-resolution sensor noise, masks upscaled nearest-neighbour (a benchmark input
+    that costs what VisA's large JPEGs cost to decode, e.g. ``frame=VISA_FRAME``; not more detail).
+
+    The output is a pure function of (seed, scale, image_size, objects, normal, frame): re-running with the same
     arguments on an existing output is a no-op. The dataset is built in a temporary directory
     beside ``out_dir`` and moved into place at the end, so an interrupted run leaves nothing at
     ``out_dir``. Raises DataError if ``out_dir`` is a non-empty directory that is not a previous
     synth output, ConfigError for invalid arguments.
     """
     names = _check_args(seed, scale, image_size, objects)
+    _check_extras(normal, frame)
+    frame = None if frame is None else (int(frame[0]), int(frame[1]))
     out = Path(out_dir)
-    params = _params(int(seed), float(scale), image_size, names)
+    params = _params(int(seed), float(scale), image_size, names, normal, frame)
     previous = _read_marker(out)
-    if previous is not None and {k: previous.get(k) for k in params} == params and all(
+    keys = {*params, "normal", "frame"}
+    if previous is not None and {k: previous.get(k) for k in keys} == {k: params.get(k) for k in keys} and all(
             (out / rel).is_file() for rel in previous.get("files", {})):
         log(f"synth: {out} already holds this dataset (seed={seed}, scale={scale}); nothing to do")
         return out
@@ -206,7 +252,7 @@ def generate(out_dir: str | os.PathLike[str], seed: int = 0, scale: float = 1.0,
         id2class: dict[str, dict[str, str]] = {}
         for name in names:
             obj = OBJECTS[name]
-            rows = _write_object(stage, obj, int(seed), float(scale), image_size, files)
+            rows = _write_object(stage, obj, int(seed), float(scale), image_size, files, normal, frame)
             for split in SPLITS:
                 split_rows[split] += _split_rows(int(seed), split, name, rows)
             id2class[name] = {"0": "BACKGROUND", **{str(i + 1): n for i, n in enumerate(obj.defect_names)}}
@@ -220,6 +266,7 @@ def generate(out_dir: str | os.PathLike[str], seed: int = 0, scale: float = 1.0,
         shutil.rmtree(stage, ignore_errors=True)
         raise
     n_normal, n_anomalous = image_counts(scale)
+    n_normal = n_normal if normal is None else normal
     log(f"synth: wrote {len(names) * (n_normal + n_anomalous)} images ({len(names)} objects x "
         f"{n_normal} normal + {n_anomalous} anomalous) to {out}")
     return out

@@ -58,6 +58,7 @@ from spotdiff.models import (
     is_weights_name,
     load_weights,
     random_init_warning,
+    torchvision_weights,
     weights_record,
 )
 from spotdiff.progress import bar, log
@@ -382,7 +383,13 @@ def prepare_weights(config: BenchmarkConfig, out: Path) -> dict[str, Path | str 
     files: dict[str, Path | str | None] = {}
     for spec in config.weights:
         if spec.pretrain is None:  # checked by check_weights
-            files[spec.name] = None if is_random(spec.file) else spec.file
+            if is_random(spec.file):
+                files[spec.name] = None
+            elif isinstance(spec.file, str):  # a torchvision name, resolved (imagenet -> ResNet18_Weights.
+                # IMAGENET1K_V1) so that cells fingerprint the weights torchvision gave, not the alias
+                files[spec.name] = str(torchvision_weights(spec.arch, spec.file))
+            else:
+                files[spec.name] = spec.file
             continue
         dest = out / WEIGHTS_DIR / f"{spec.name}.safetensors"
         record = dest.with_suffix(".json")

@@ -305,3 +305,28 @@ def test_benchmark_warns_once_per_weights_entry_without_a_file(cached, tmp_path,
     with pytest.raises(ConfigError, match="'IMAGENET1K_V2' do not exist for resnet18"):
         parse_config({"data": {"root": "data"}, "objects": ["a"], "downstream": [{"method": "padim"}],
                       "weights": [{"name": "x", "arch": "resnet18", "file": "IMAGENET1K_V2"}]}, tmp_path)
+
+
+def test_benchmark_cells_record_the_resolved_torchvision_weights(cached, tmp_path, monkeypatch, capsys, no_network):
+    from spotdiff.report.benchmark import DOWNSTREAM, CellOutput, load_config, run_benchmark
+
+    given = []
+
+    def runner(cell, config, work_dir):
+        given.append(cell.weights_file)
+        build_backbone(cell.weights.arch, cell.weights_file)  # what the real runners do with it
+        return CellOutput({"image_auroc": 0.5})
+
+    monkeypatch.setitem(DOWNSTREAM, "probe", runner)
+    bench = tmp_path / "bench.yaml"
+    bench.write_text(yaml.safe_dump({"data": {"root": "data"}, "objects": ["a"], "downstream": [{"method": "probe"}],
+                                     "weights": [{"name": "inet", "arch": "resnet18", "file": "imagenet"}]}))
+    out = tmp_path / "out"
+    run_benchmark(load_config(bench), out)
+    assert given == ["ResNet18_Weights.IMAGENET1K_V1"]
+    cell = json.loads((out / "cells" / "inet__probe__a.json").read_text())
+    assert cell["fingerprint"]["weights_file"] == "ResNet18_Weights.IMAGENET1K_V1"
+    assert cell["init_weights"] == {"name": "ResNet18_Weights.IMAGENET1K_V1", "file": str(cached),
+                                    "sha256": sha256_file(cached)}
+    assert "inet (resnet18): ResNet18_Weights.IMAGENET1K_V1 (" in (out / "report.html").read_text()
+    assert warnings_in(capsys.readouterr().err) == [] and no_network == []

@@ -6,8 +6,8 @@ from spotdiff.models.backbones import (
     WeightsLike,
     build_backbone,
     describe_weights,
-    file_record,
     extract_features,
+    file_record,
     inference_backbone,
     is_random,
     is_weights_name,
@@ -16,6 +16,7 @@ from spotdiff.models.backbones import (
     load_weights,
     random_init_warning,
     read_weights_file,
+    torchvision_weights,
     weights_record,
 )
 
@@ -25,8 +26,8 @@ __all__ = [
     "WeightsLike",
     "build_backbone",
     "describe_weights",
-    "file_record",
     "extract_features",
+    "file_record",
     "inference_backbone",
     "is_random",
     "is_weights_name",
@@ -35,5 +36,6 @@ __all__ = [
     "load_weights",
     "random_init_warning",
     "read_weights_file",
+    "torchvision_weights",
     "weights_record",
 ]

@@ -67,6 +67,7 @@ from spotdiff.models import (
     is_weights_name,
     load_weights,
     random_init_warning,
+    torchvision_weights,
     weights_record,
 )
 from spotdiff.progress import bar, log
@@ -666,10 +667,20 @@ def check_weights(config: BenchmarkConfig) -> None:
 
 
 def weights_files(config: BenchmarkConfig, out: Path) -> dict[str, Path | str | None]:
-    """Backbone of every weights entry: its ``file`` (None for random init), or ``out/weights/<name>.safetensors``."""
-    return {spec.name: (None if is_random(spec.file) else spec.file) if spec.pretrain is None
-            else out / WEIGHTS_DIR / f"{spec.name}.safetensors"
-            for spec in config.weights}
+    """Backbone of every weights entry: None for random init; a torchvision name resolved
+    (``imagenet`` -> ``ResNet18_Weights.IMAGENET1K_V1``, so cells fingerprint the weights torchvision
+    gave, not the alias); its ``file``; or ``out/weights/<name>.safetensors`` for a ``pretrain`` block."""
+    files: dict[str, Path | str | None] = {}
+    for spec in config.weights:
+        if spec.pretrain is not None:
+            files[spec.name] = out / WEIGHTS_DIR / f"{spec.name}.safetensors"
+        elif is_random(spec.file):
+            files[spec.name] = None
+        elif isinstance(spec.file, str):
+            files[spec.name] = str(torchvision_weights(spec.arch, spec.file))
+        else:
+            files[spec.name] = spec.file
+    return files
 
 
 def prepare_weights(config: BenchmarkConfig, out: Path, claims: Claims,

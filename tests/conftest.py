@@ -21,10 +21,15 @@ MAGNETIC_TILE = SHARED / "realdata" / "magnetic_tile"
 
 @pytest.fixture(autouse=True)
 def _deterministic_torch():
-    """Seed torch and keep one intra-op thread per xdist worker (2-core CI machine)."""
+    """Seed torch, keep one intra-op thread per xdist worker (2-core CI machine), and restore the
+    global ``--quiet`` flag that an in-process ``main(["--quiet", ...])`` leaves set."""
+    from spotdiff.progress import is_quiet, set_quiet
+
+    quiet = is_quiet()
     torch.manual_seed(0)
     torch.set_num_threads(1)
     yield
+    set_quiet(quiet)
 
 
 @pytest.fixture(scope="session")

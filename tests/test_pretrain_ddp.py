@@ -36,4 +36,5 @@ def test_two_process_gloo_moco_spd_run(tmp_path):
     assert int(payload["model"]["queue_ptr"]) == 8
     rows = (run / "log.csv").read_text().splitlines()
     assert len(rows) == 3  # header + one row per step, written once (rank 0 only)
-    assert sorted(p.name for p in run.iterdir()) == ["backbone.safetensors", "checkpoint.pt", "config.yaml", "log.csv"]
+    assert sorted(p.name for p in run.iterdir()) == ["backbone.safetensors", "checkpoint.pt", "config.yaml", "log.csv",
+                                                       "weights.json"]

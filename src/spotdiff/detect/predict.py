@@ -254,7 +254,7 @@ def predict_images(
         tensors, good = [], []
         for path, decoded in chunk:
             if isinstance(decoded, DataError):
-                records.append({"path": str(path), "error": str(decoded)})
+                records.append({**dict.fromkeys(PREDICT_COLUMNS, ""), "path": str(path), "error": str(decoded)})
             else:
                 tensors.append(decoded)
                 good.append(path)

@@ -267,10 +267,10 @@ def _calibrate_folders(args: argparse.Namespace, model, val_good: str, source: d
 
 
 def _report_unmasked(unmasked: list, masks: str | None) -> None:
-    if unmasked:
+    """Name the bad images that a given mask folder has no mask for."""
+    if unmasked and masks is not None:
         names = ", ".join(p.name for p in unmasked[:5]) + (" ..." if len(unmasked) > 5 else "")
-        where = f" in {masks}" if masks is not None else " (no mask folder given)"
-        print(f"note: {len(unmasked)} bad image(s) have no mask{where}; their pixels count as normal: {names}",
+        print(f"note: {len(unmasked)} bad image(s) have no mask in {masks}; their pixels count as normal: {names}",
               file=sys.stderr)
 
 

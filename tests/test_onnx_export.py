@@ -32,11 +32,11 @@ def max_relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a - b).abs() / b.abs().clamp_min(1e-12)).max())
 
 
-def make_models(tmp, train):
+def make_models(tmp, train, target_dim=None):
     """PaDiM and PatchCore (resnet18, random init) fitted on ``train``, saved and exported: name -> (model, dir, onnx)."""
     models = {
         "padim": PaDiM(arch="resnet18", d=24, layers=["layer1", "layer2"]),
-        "patchcore": PatchCore(arch="resnet18", coreset_ratio=0.25, num_neighbors=3),
+        "patchcore": PatchCore(arch="resnet18", coreset_ratio=0.25, num_neighbors=3, target_dim=target_dim),
     }
     out = {}
     for name, model in models.items():
@@ -47,7 +47,8 @@ def make_models(tmp, train):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    return make_models(tmp_path_factory.mktemp("onnx"), as_dataset(square_images(8, SIZE, seed=1)))
+    # PatchCore with channel reduction here (exported as a pooling matrix), without it on the magnetic tiles
+    return make_models(tmp_path_factory.mktemp("onnx"), as_dataset(square_images(8, SIZE, seed=1)), target_dim=100)
 
 
 @pytest.mark.parametrize("name", ["padim", "patchcore"])

@@ -66,6 +66,7 @@ def test_tail_threshold_flags_at_most_the_target_share():
         assert (values > t).mean() <= fpr
         assert (values >= t).mean() > fpr  # the smallest such value of the set
     assert tail_threshold(values, 0.0) == values.max()
+    assert (np.arange(100.0) > tail_threshold(np.arange(100.0), 0.29)).sum() == 29  # 0.29 * 100 < 29 in floats
 
 
 def test_f1_threshold_is_the_best_over_all_cuts():

@@ -166,7 +166,8 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of random init, channel subset and coreset")
     p.add_argument("--split-seed", type=int, default=0,
                    help="train/test split seed of a dataset without an official split (magnetic tile); "
-                        "recorded in the model, and `spotdiff test` uses it (default 0)")
+                        "recorded in the model, and `spotdiff test` uses it; with --train, the seed of the "
+                        "held-out validation share (default 0)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (reported) instead of failing")

@@ -6,6 +6,7 @@ Every export runs torch's dynamo exporter (about 5-10 s each on one core), hence
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,6 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from conftest import MAGNETIC_TILE  # noqa: E402
 from detect_fakes import as_dataset, square_images  # noqa: E402
 from spotdiff.cli import main  # noqa: E402
 from spotdiff.detect import PaDiM, PatchCore  # noqa: E402
@@ -22,6 +22,7 @@ from spotdiff.detect import export as export_mod  # noqa: E402
 from spotdiff.detect.export import OnnxDetector, export_onnx  # noqa: E402
 from spotdiff.errors import WeightsError  # noqa: E402
 
+MAGNETIC_TILE = Path(__file__).resolve().parents[1].parent / "shared" / "realdata" / "magnetic_tile"
 RTOL = 1e-4
 SIZE = 48
 pytestmark = pytest.mark.slow

@@ -66,6 +66,7 @@ def test_tail_threshold_flags_at_most_the_target_share():
         assert (values > t).mean() <= fpr
         assert (values >= t).mean() > fpr  # the smallest such value of the set
     assert tail_threshold(values, 0.0) == values.max()
+    assert (np.arange(100.0) > tail_threshold(np.arange(100.0), 0.29)).sum() == 29  # 0.29 * 100 < 29 in floats
 
 
 def test_f1_threshold_is_the_best_over_all_cuts():
@@ -234,3 +235,15 @@ def test_dataset_fit_calibrates_with_val_good_and_refuses_overlap(folders, tmp_p
     assert main([*base, "--val-good", str(train), "--out", str(tmp_path / "m2")]) == 2
     assert "in both the training set and the validation set" in capsys.readouterr().err
     assert not (tmp_path / "m2").exists()
+
+
+def test_mask_contour_is_the_outline_of_the_mask():
+    from spotdiff.detect.predict import draw_mask_contour
+
+    mask = np.zeros((10, 10), bool)
+    mask[2:6, 3:8] = True
+    out = draw_mask_contour(np.zeros((10, 10, 3), np.uint8), mask, (255, 0, 0))
+    drawn = (out == (255, 0, 0)).all(axis=-1)
+    inner = np.zeros_like(mask)
+    inner[3:5, 4:7] = True
+    np.testing.assert_array_equal(drawn, mask & ~inner)

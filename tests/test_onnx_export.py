@@ -6,6 +6,7 @@ Every export runs torch's dynamo exporter (about 5-10 s each on one core), hence
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,6 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from conftest import MAGNETIC_TILE  # noqa: E402
 from detect_fakes import as_dataset, square_images  # noqa: E402
 from spotdiff.cli import main  # noqa: E402
 from spotdiff.detect import PaDiM, PatchCore  # noqa: E402
@@ -22,6 +22,7 @@ from spotdiff.detect import export as export_mod  # noqa: E402
 from spotdiff.detect.export import OnnxDetector, export_onnx  # noqa: E402
 from spotdiff.errors import WeightsError  # noqa: E402
 
+MAGNETIC_TILE = Path(__file__).resolve().parents[1].parent / "shared" / "realdata" / "magnetic_tile"
 RTOL = 1e-4
 SIZE = 48
 pytestmark = pytest.mark.slow
@@ -32,11 +33,11 @@ def max_relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a - b).abs() / b.abs().clamp_min(1e-12)).max())
 
 
-def make_models(tmp, train):
+def make_models(tmp, train, target_dim=None):
     """PaDiM and PatchCore (resnet18, random init) fitted on ``train``, saved and exported: name -> (model, dir, onnx)."""
     models = {
         "padim": PaDiM(arch="resnet18", d=24, layers=["layer1", "layer2"]),
-        "patchcore": PatchCore(arch="resnet18", coreset_ratio=0.25, num_neighbors=3),
+        "patchcore": PatchCore(arch="resnet18", coreset_ratio=0.25, num_neighbors=3, target_dim=target_dim),
     }
     out = {}
     for name, model in models.items():
@@ -47,7 +48,8 @@ def make_models(tmp, train):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    return make_models(tmp_path_factory.mktemp("onnx"), as_dataset(square_images(8, SIZE, seed=1)))
+    # PatchCore with channel reduction here (exported as a pooling matrix), without it on the magnetic tiles
+    return make_models(tmp_path_factory.mktemp("onnx"), as_dataset(square_images(8, SIZE, seed=1)), target_dim=100)
 
 
 @pytest.mark.parametrize("name", ["padim", "patchcore"])

@@ -192,7 +192,8 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of random init, channel subset and coreset")
     p.add_argument("--split-seed", type=int, default=0,
                    help="train/test split seed of a dataset without an official split (magnetic tile); "
-                        "recorded in the model, and `spotdiff test` uses it (default 0)")
+                        "recorded in the model, and `spotdiff test` uses it; with --train, the seed of the "
+                        "held-out validation share (default 0)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--workers", type=int, default=None,
                    help="image-decoding threads (default: one per spare core, at most 4; 0 = none)")
@@ -297,10 +298,10 @@ def _calibrate_folders(args: argparse.Namespace, model, val_good: str, source: d
 
 
 def _report_unmasked(unmasked: list, masks: str | None) -> None:
-    if unmasked:
+    """Name the bad images that a given mask folder has no mask for."""
+    if unmasked and masks is not None:
         names = ", ".join(p.name for p in unmasked[:5]) + (" ..." if len(unmasked) > 5 else "")
-        where = f" in {masks}" if masks is not None else " (no mask folder given)"
-        print(f"note: {len(unmasked)} bad image(s) have no mask{where}; their pixels count as normal: {names}",
+        print(f"note: {len(unmasked)} bad image(s) have no mask in {masks}; their pixels count as normal: {names}",
               file=sys.stderr)
 
 

@@ -122,7 +122,7 @@ def check_threshold_mode(mode: str, have_bad: bool, threshold: float | None, tar
 def tail_threshold(values: np.ndarray, fpr: float) -> float:
     """Smallest value ``t`` of ``values`` with at most ``floor(fpr * n)`` values ``> t``."""
     v = np.asarray(values, dtype=np.float64).ravel()
-    k = int(np.floor(fpr * v.size))
+    k = int(np.floor(fpr * v.size + 1e-9))  # 0.29 * 100 is 28.999999999999996 in floating point
     return float(np.partition(v, v.size - 1 - k)[v.size - 1 - k])
 
 

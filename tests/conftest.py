@@ -25,6 +25,9 @@ def _deterministic_torch():
     torch.manual_seed(0)
     torch.set_num_threads(1)
     yield
+    from spotdiff.progress import set_quiet
+
+    set_quiet(os.environ.get("SPOTDIFF_QUIET", "") not in ("", "0"))  # `main(["--quiet", ...])` sets it globally
 
 
 @pytest.fixture(scope="session")

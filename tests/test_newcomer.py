@@ -156,10 +156,12 @@ def test_fit_skip_bad_names_each_skipped_file_once(two_objects, tmp_path, capsys
     shutil.copytree(two_objects, root)
     bad = sorted((root / "cashew_synth" / "Data" / "Images" / "Normal").iterdir())[0]
     bad.write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
-    assert main([*FIT, "--data", str(root), "--object", "cashew_synth", "--out", str(tmp_path / "m"),
-                 "--skip-bad"]) == 0
+    argv = [*FIT, "--data", str(root), "--object", "cashew_synth", "--out", str(tmp_path / "m"), "--skip-bad"]
+    assert main(argv) == 0
     err = capsys.readouterr().err
     assert err.count(bad.name) == 1 and "skipped 1 of" in err
+    assert main(["--quiet", *argv]) == 0
+    assert capsys.readouterr().err.count(bad.name) == 1  # still named, once, with --quiet
 
 
 def test_pretrain_caps_batch_by_the_data_and_workers_by_the_cores(tmp_path, capsys):

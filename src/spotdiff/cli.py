@@ -110,10 +110,12 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, help="training length in epochs (default: the recipe's)")
     length.add_argument("--steps", type=int, help="training length in optimizer steps")
-    p.add_argument("--batch-size", type=int, help="global batch size over all processes (capped at the number of images, with a note)")
+    p.add_argument("--batch-size", type=int,
+                   help="global batch size over all processes (capped at the number of images, with a note)")
     p.add_argument("--lr", type=float, help="learning rate per 256 images (scaled by batch-size/256)")
     p.add_argument("--image-size", type=int, help="training view side in pixels (default 224)")
-    p.add_argument("--workers", type=int, help="data-loading processes per training process (default 4, capped at the CPU cores)")
+    p.add_argument("--workers", type=int,
+                   help="data-loading processes per training process (default 4, capped at the CPU cores)")
     p.add_argument("--amp", choices=("bf16", "fp16", "none"), help="mixed precision on GPU (default bf16)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="checkpoint every N steps (0: end only)")

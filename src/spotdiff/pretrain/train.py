@@ -108,7 +108,8 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext) -> Path:
     cfg = cfg.with_recipe(method.recipe)
     fitting = len(paths) - len(paths) % ctx.world_size  # the largest batch the data allows
     if len(paths) < cfg.batch_size and fitting >= ctx.world_size:
-        log(f"note: batch size {cfg.batch_size} capped at {fitting}, the number of images in {cfg.data}")
+        log(f"note: batch size {cfg.batch_size} capped at {fitting}, the number of images in {cfg.data} "
+            "(the peak lr scales with it)")
         cfg = dataclasses.replace(cfg, batch_size=fitting)
     if len(paths) < cfg.batch_size:
         raise DataError(f"{cfg.data}: {len(paths)} images, fewer than one batch of {cfg.batch_size} "
@@ -182,7 +183,8 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext) -> Path:
             })
         barrier(ctx)
 
-    progress = bar(total=total_steps, desc=f"pretrain {cfg.method}{'+spd' if cfg.spd else ''}", initial=start_step, unit="step")
+    run_name = f"pretrain {cfg.method}{'+spd' if cfg.spd else ''}"  # names the run: simsiam vs simsiam+spd
+    progress = bar(total=total_steps, desc=run_name, initial=start_step, unit="step")
     step = start_step
     window = _Window()
     sigterm = _SigtermFlag()

@@ -13,6 +13,7 @@ No pyplot state is used: each figure is a standalone :class:`matplotlib.figure.F
 from __future__ import annotations
 
 import io
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -236,8 +237,8 @@ def gallery_figure(items: Sequence[GalleryItem], columns: int = 4, title: str = 
         truth = "anomalous" if it.label == 1 else "normal"
         decision = "" if threshold is None else (", flagged" if it.score > threshold else ", not flagged")
         head = f"{it.kind}: " if it.kind else ""
-        ax.set_title(f"{head}{truth}\nscore {it.score:.3g}{decision}" + (f"\n{it.caption}" if it.caption else ""),
-                     fontsize=8)
+        caption = "\n" + textwrap.fill(it.caption, 26) if it.caption else ""  # long defect names wrap
+        ax.set_title(f"{head}{truth}\nscore {it.score:.3g}{decision}{caption}", fontsize=8)
         ax.set_axis_off()
     for ax in axes[len(items):]:
         ax.set_axis_off()

@@ -44,7 +44,7 @@ from spotdiff.finetune.protocols import (
 )
 from spotdiff.finetune.unet import UNet
 from spotdiff.metrics import evaluate
-from spotdiff.models import ARCHITECTURES, LoadedWeights, WeightsLike, build_backbone, describe_weights, load_weights
+from spotdiff.models import LoadedWeights, WeightsLike, build_backbone, check_arch, describe_weights, load_weights
 from spotdiff.progress import bar, log
 
 TASKS = ("cls", "seg")
@@ -82,8 +82,7 @@ class FinetuneConfig:
         if self.task not in TASKS:
             raise ConfigError(f"unknown task {self.task!r}; choose one of {list(TASKS)}")
         get_protocol(self.protocol)
-        if self.arch not in ARCHITECTURES:
-            raise ConfigError(f"unknown architecture {self.arch!r}; choose one of {sorted(ARCHITECTURES)}")
+        check_arch(self.arch)
         for name in ("seeds", "batch_size", "image_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -79,7 +79,8 @@ def test_the_rule_checker_catches_a_lower_layer_importing_a_higher_one(tmp_path)
     """The check is not vacuous: data importing detect, or detect importing pretrain, is caught."""
     rules = documented_rules()
     fake = tmp_path / "m.py"
-    fake.write_text("import numpy\n\ndef f():\n    from spotdiff.detect import PaDiM\n    import spotdiff.pretrain.train\n")
+    fake.write_text("import numpy\nfrom . import x\n\n"
+                    "def f():\n    from spotdiff.detect import PaDiM\n    import spotdiff.pretrain.train\n")
     assert imported_units(fake) == {"detect", "pretrain"}
     assert "detect" not in rules["data"] and "pretrain" not in rules["detect"]
     assert "cli" not in rules["report"] and rules["errors"] == set()

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from spotdiff.cli import main
+from spotdiff.data import synth
 from spotdiff.detect import PaDiM
 
 
@@ -59,7 +60,6 @@ def test_predict_refuses_missing_input_and_bad_model(model_dir, tmp_path, capsys
 
 @pytest.mark.slow
 def test_fit_test_predict_on_synthetic_data(tmp_path):
-    synth = pytest.importorskip("spotdiff.data.synth")
     root = synth.generate(tmp_path / "synth", seed=0, scale=0.2, image_size=128, objects=["cashew_synth"])
     results = {}
     for model in ("padim", "patchcore"):
@@ -88,7 +88,6 @@ def test_fit_test_predict_on_synthetic_data(tmp_path):
 
 
 def test_fit_corrupt_training_image_fails_or_is_skipped(tmp_path, capsys):
-    synth = pytest.importorskip("spotdiff.data.synth")
     root = synth.generate(tmp_path / "synth", seed=0, scale=0.2, image_size=64, objects=["cashew_synth"])
     bad = sorted((root / "cashew_synth" / "Data" / "Images" / "Normal").iterdir())[0]
     bad.write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from spotdiff.errors import ConfigError
-from spotdiff.pretrain import METHODS, PretrainMethod, build_method, spd_loss
+from spotdiff.pretrain import METHODS, PretrainMethod, build_method, optim, spd_loss
 from spotdiff.pretrain.simclr import nt_xent
 
 TINY = {
@@ -198,8 +198,7 @@ def test_param_groups_and_optimizers() -> None:
 
 
 def test_recipe_optimizers_and_lars_step() -> None:
-    """The loop's optimiser (spotdiff.pretrain.optim, helper "pretrain") with these methods' groups."""
-    optim = pytest.importorskip("spotdiff.pretrain.optim", reason="the training loop has not landed yet")
+    """The loop's optimiser (spotdiff.pretrain.optim) with these methods' groups."""
     LARS = optim.LARS
     assert isinstance(optim.build_optimizer(_build("simsiam"), 0.2), torch.optim.SGD)
     assert isinstance(optim.build_optimizer(_build("simclr"), 0.3), LARS)

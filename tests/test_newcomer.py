@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from spotdiff.cli import main
+from spotdiff.data import synth
 from spotdiff.detect import PaDiM
 from spotdiff.detect.colour import NORMAL_SAMPLE, colour_scale, render_overlay
 from spotdiff.detect.store import CONFIG_FILE, MANIFEST_FILE, sha256_file
@@ -128,7 +129,6 @@ def test_predict_exits_non_zero_when_nothing_was_scored(model_dir, tmp_path, cap
 
 @pytest.fixture(scope="module")
 def two_objects(tmp_path_factory):
-    synth = pytest.importorskip("spotdiff.data.synth")
     root = synth.generate(tmp_path_factory.mktemp("synth"), seed=0, scale=0.1, image_size=32,
                           objects=["cashew_synth", "capsules_synth"])
     return root

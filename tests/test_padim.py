@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from spotdiff.detect import Detector, PaDiM, PatchCore
-from spotdiff.detect.features import gaussian_blur, padim_embedding, upsample_and_smooth
+from spotdiff.detect.features import padim_embedding, upsample_and_smooth
 from spotdiff.detect.padim import GaussianAccumulator, mahalanobis, unpack_lower
 from spotdiff.detect.store import MANIFEST_FILE, MODEL_FILE
 from spotdiff.errors import ConfigError, DataError, WeightsError
@@ -137,12 +137,18 @@ def test_embedding_equals_full_concatenation_then_selection():
     torch.testing.assert_close(got, full[:, index])
 
 
-def test_gaussian_blur_preserves_constant_and_mass():
+def test_smoothing_at_the_same_size_is_scipys_gaussian_filter():
+    """No upsampling (size = the map's): the plain Gaussian blur, equal to scipy's; constants and mass kept."""
+    from scipy import ndimage
+
+    maps = torch.rand(2, 40, 33, dtype=torch.float64)
+    expected = np.stack([ndimage.gaussian_filter(m, 4.0, mode="mirror", truncate=4.0) for m in maps.numpy()])
+    np.testing.assert_allclose(upsample_and_smooth(maps, (40, 33), 4.0).numpy(), expected, rtol=0, atol=1e-12)
     const = torch.full((1, 40, 40), 3.0)
-    torch.testing.assert_close(gaussian_blur(const, 4.0), const)
+    torch.testing.assert_close(upsample_and_smooth(const, (40, 40), 4.0), const)
     spike = torch.zeros(1, 81, 81)
     spike[0, 40, 40] = 1.0
-    blurred = gaussian_blur(spike, 4.0)
+    blurred = upsample_and_smooth(spike, (81, 81), 4.0)
     assert abs(float(blurred.sum()) - 1.0) < 1e-5
     assert blurred[0].argmax() == 40 * 81 + 40
 
@@ -155,7 +161,7 @@ def test_upsample_and_smooth_equals_scipy_reference():
     expected = np.stack([ndimage.gaussian_filter(u, 4.0, mode="mirror", truncate=4.0) for u in up])
     np.testing.assert_allclose(upsample_and_smooth(grid, (64, 48)).numpy(), expected, rtol=0, atol=1e-12)
     # maps smaller than the kernel radius: reflected, then replicated borders; constants stay constant
-    torch.testing.assert_close(gaussian_blur(torch.full((1, 5, 3), 2.0), 4.0), torch.full((1, 5, 3), 2.0))
+    torch.testing.assert_close(upsample_and_smooth(torch.full((1, 5, 3), 2.0), (5, 3), 4.0), torch.full((1, 5, 3), 2.0))
 
 
 def test_predict_is_batch_independent(fitted):

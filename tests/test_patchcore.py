@@ -232,3 +232,52 @@ def test_model_written_before_coreset_shard_loads(fitted, tmp_path):
     store.save_model_dir(tmp_path / "old", config, tensors, backbone)
     loaded = Detector.load(tmp_path / "old")
     assert loaded.coreset_shard == 65536 and torch.equal(loaded.memory_bank, fitted.memory_bank)
+
+
+
+_NO_FAISS = """
+import sys
+sys.modules["faiss"] = None  # `import faiss` now raises ImportError, as on a machine without the extra
+import numpy as np, torch
+from detect_fakes import as_dataset, square_images
+from spotdiff.detect import PatchCore
+from spotdiff.detect import patchcore as pc
+assert not pc.HAVE_FAISS
+model = PatchCore(arch="resnet18", batch_size=4, coreset_ratio=0.25).fit(as_dataset(square_images(8)))
+assert model.nn_backend == "auto" and model._index is None
+images = square_images(3, defect=True, seed=4)
+scores, maps = model.predict(images)
+with torch.inference_mode():
+    patches = model._embed(model._prepare(images)).flatten(0, 2)
+_, idx = pc.nearest_neighbors(patches, model.memory_bank, 3, model._index)
+np.savez(sys.argv[1], scores=scores, maps=maps, bank=model.memory_bank, idx=idx)
+"""
+
+
+@pytest.mark.skipif(not HAVE_FAISS, reason="compares the fallback with faiss")
+def test_without_faiss_the_torch_fallback_is_silent_and_identical(fitted, tmp_path):
+    """faiss is an optional extra: without it ``nn_backend="auto"`` falls back to torch with no
+    ImportError and no output, and finds the same neighbours and scores as faiss."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root / 'src'}{os.pathsep}{root / 'tests'}", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "no_faiss.npz"
+    done = subprocess.run([sys.executable, "-c", _NO_FAISS, str(out)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "faiss" not in done.stderr.lower() and done.stdout == ""
+    assert fitted._index is not None  # this process uses faiss
+    images = square_images(3, defect=True, seed=4)
+    scores, maps = fitted.predict(images)
+    with torch.inference_mode():
+        patches = fitted._embed(fitted._prepare(images)).flatten(0, 2)
+    _, idx = nearest_neighbors(patches, fitted.memory_bank, 3, fitted._index)
+    with np.load(out) as got:
+        assert np.array_equal(got["bank"], fitted.memory_bank.numpy())  # same coreset: faiss plays no part
+        assert np.array_equal(got["idx"], idx.numpy())  # same 3 nearest neighbours of every test patch
+        np.testing.assert_allclose(got["scores"], scores.numpy(), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(got["maps"], maps.numpy(), rtol=1e-4, atol=1e-4)

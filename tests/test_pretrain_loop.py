@@ -19,7 +19,7 @@ import _toy_method
 from spotdiff.cli import main
 from spotdiff.errors import ConfigError, DataError, SpotdiffError
 from spotdiff.models import build_backbone
-from spotdiff.pretrain import train
+from spotdiff.pretrain import methods, train
 from spotdiff.pretrain.checkpoint import load_checkpoint
 from spotdiff.pretrain.config import PretrainConfig, load_config
 from spotdiff.pretrain.data import EpochBatchSampler, PretrainImages, find_images
@@ -375,7 +375,6 @@ def test_lars_step_and_optimizer_override(toy, images, tmp_path):
 @pytest.mark.parametrize("method", ["moco", "simclr"])  # queue + momentum encoder; LARS
 def test_real_method_with_spd_resumes_bit_identical(method, images, tmp_path, monkeypatch):
     """The real methods (momentum encoder, queue, SmoothBlend generator) resume exactly too."""
-    methods = pytest.importorskip("spotdiff.pretrain.methods")
     hparams = {"queue_size": 8, "shuffle_groups": 2} if method == "moco" else {}  # 12 images, batch 4
     cfg = dict(method=method, spd=True, steps=4, checkpoint_every=2, batch_size=4, hparams=hparams)
     reference = train.run_pretrain(tiny(images, tmp_path / "ref", **cfg))
@@ -403,7 +402,6 @@ def test_real_method_with_spd_resumes_bit_identical(method, images, tmp_path, mo
 
 
 def test_real_supervised_method_uses_class_folders(tmp_path):
-    pytest.importorskip("spotdiff.pretrain.methods")
     data = _toy_method.make_images(tmp_path / "classes", n=8, classes=("good", "scratch"))
     train.run_pretrain(tiny(data, tmp_path / "run", method="supervised", spd=True, steps=2, batch_size=4))
     payload = load_checkpoint(tmp_path / "run" / "checkpoint.pt")

@@ -330,3 +330,22 @@ def test_benchmark_cells_record_the_resolved_torchvision_weights(cached, tmp_pat
                                     "sha256": sha256_file(cached)}
     assert "inet (resnet18): ResNet18_Weights.IMAGENET1K_V1 (" in (out / "report.html").read_text()
     assert warnings_in(capsys.readouterr().err) == [] and no_network == []
+
+
+def test_unknown_architecture_is_one_config_error_everywhere(tmp_path):
+    """Backbones, weights, detectors and fine-tuning all refuse an unknown architecture the same way."""
+    from spotdiff.detect import PaDiM
+    from spotdiff.finetune.train import FinetuneConfig
+    from spotdiff.models import layer_channels
+
+    message = r"unknown architecture 'vgg16'; choose one of \['resnet18', 'resnet50', 'wide_resnet50_2'\]"
+    calls = [
+        lambda: build_backbone("vgg16"),
+        lambda: load_weights("vgg16", "imagenet"),
+        lambda: layer_channels("vgg16", ["layer2"]),
+        lambda: PaDiM(arch="vgg16"),
+        lambda: FinetuneConfig(task="cls", protocol="highshot", data=tmp_path, out=tmp_path, arch="vgg16").validate(),
+    ]
+    for call in calls:
+        with pytest.raises(ConfigError, match=message):
+            call()

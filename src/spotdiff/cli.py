@@ -196,7 +196,7 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
                    help="train/test split seed of a dataset without an official split (magnetic tile); "
                         "recorded in the model, and `spotdiff test` uses it; with --train, the seed of the "
                         "held-out validation share (default 0)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--workers", type=int, default=None,
                    help="image-decoding threads (default: one per spare core, at most 4; 0 = none)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (reported) instead of failing")
@@ -211,12 +211,14 @@ def _run_fit(args: argparse.Namespace) -> int:
     from spotdiff.data.plain import check_disjoint, folder_records
     from spotdiff.detect import PaDiM, PatchCore
     from spotdiff.detect.calibration import check_threshold_mode
+    from spotdiff.devices import resolve_device
     from spotdiff.errors import ConfigError
     from spotdiff.models import random_init_warning
 
     if args.weights is None:
         random_init_warning()
-    common = {"seed": args.seed, "device": args.device, "num_workers": args.workers, "weights": args.weights}
+    common = {"seed": args.seed, "device": resolve_device(args.device), "num_workers": args.workers,
+              "weights": args.weights}
     if args.arch:
         common["arch"] = args.arch
     if args.layers:
@@ -320,7 +322,7 @@ def _add_test(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="1cls", help="VisA split CSV name (default 1cls)")
     p.add_argument("--split-csv", default=None, help="explicit split CSV")
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--workers", type=int, default=None,
                    help="image-decoding threads (default: one per spare core, at most 4; 0 = none)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of failing")
@@ -335,9 +337,10 @@ def _run_test(args: argparse.Namespace) -> int:
     from spotdiff.data import open_dataset
     from spotdiff.detect import load_detector
     from spotdiff.detect.predict import evaluate_detector
+    from spotdiff.devices import resolve_device
     from spotdiff.errors import ConfigError
 
-    model = load_detector(args.model_dir, device=args.device)
+    model = load_detector(args.model_dir, device=resolve_device(args.device))
     fitted_on = model.data_source.get("object")
     if fitted_on and args.object and fitted_on != args.object:
         print(f"warning: {args.model_dir} was fitted on object {fitted_on!r}, not {args.object!r}; "
@@ -402,7 +405,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    help="defect pixels have map value > T (default: the model's calibrated pixel threshold)")
     p.add_argument("--masks", action="store_true", help="also write binary defect masks (masks/<stem>.png)")
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
                    help="torch (default) or onnxruntime (runs the file of --onnx; CPU)")
     p.add_argument("--onnx", default=None, metavar="FILE", help="ONNX file written by `spotdiff export` (--backend onnxruntime)")
@@ -413,6 +416,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 def _run_predict(args: argparse.Namespace) -> int:
     from spotdiff.detect import load_detector
     from spotdiff.detect.predict import predict_images
+    from spotdiff.devices import resolve_device
     from spotdiff.errors import ConfigError, DataError
 
     if args.backend == "onnxruntime":
@@ -424,7 +428,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     elif args.onnx is not None:
         raise ConfigError("--onnx is only used with --backend onnxruntime")
     else:
-        model = load_detector(args.model_dir, device=args.device)
+        model = load_detector(args.model_dir, device=resolve_device(args.device))
     records = predict_images(model, args.images, args.out, threshold=args.threshold, batch_size=args.batch_size,
                              overlays=not args.no_overlays, masks=args.masks, pixel_threshold=args.pixel_threshold)
     failed = [r for r in records if r["error"]]

@@ -1,12 +1,14 @@
-"""Tensor conversion shared by every model: resize, to float tensor, ImageNet normalisation."""
+"""Tensor conversion shared by every model: resize, to float tensor, ImageNet normalisation.
+
+torchvision is imported on first use, not with the module: importing it imports all of its models
+and ``torch._dynamo`` (about 2 s), which ``import spotdiff.data`` need not pay.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -17,19 +19,23 @@ def image_to_tensor(img: Image.Image, size: int | tuple[int, int] | None = None)
 
     ``size`` is an int (square) or ``(H, W)``; None keeps the original size.
     """
+    from torchvision.transforms.v2 import InterpolationMode, functional as F
+
     t = F.to_dtype(F.pil_to_tensor(img), torch.float32, scale=True)
     if size is not None:
         hw = (size, size) if isinstance(size, int) else tuple(size)
-        t = F.resize(t, list(hw), interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+        t = F.resize(t, list(hw), interpolation=InterpolationMode.BILINEAR, antialias=True)
     return t
 
 
 def mask_to_tensor(mask: np.ndarray, size: int | tuple[int, int] | None = None) -> torch.Tensor:
     """``(H, W)`` integer class-id mask -> ``(H', W')`` int64 tensor, nearest-neighbour resized."""
+    from torchvision.transforms.v2 import InterpolationMode, functional as F
+
     t = torch.from_numpy(np.ascontiguousarray(mask)).to(torch.int64)
     if size is not None:
         hw = (size, size) if isinstance(size, int) else tuple(size)
-        t = F.resize(t[None], list(hw), interpolation=v2.InterpolationMode.NEAREST_EXACT)[0]
+        t = F.resize(t[None], list(hw), interpolation=InterpolationMode.NEAREST_EXACT)[0]
     return t
 
 

@@ -29,7 +29,7 @@ from spotdiff.detect import store
 from spotdiff.detect.colour import NORMAL_SAMPLE, normal_statistics
 from spotdiff.data.transforms import normalize
 from spotdiff.errors import ConfigError, DataError, WeightsError
-from spotdiff.models import ARCHITECTURES, WeightsLike, build_backbone, file_record, inference_backbone, load_weights
+from spotdiff.models import WeightsLike, build_backbone, check_arch, file_record, inference_backbone, load_weights
 from spotdiff.progress import progress
 
 CPU_FORWARD_IMAGES = 4
@@ -94,8 +94,7 @@ class Detector(ABC):
         self.num_workers = decode_workers(num_workers)
         """Image-decoding threads in ``fit`` (None given: :func:`spotdiff.data.loader.decode_workers`)."""
         self.device = torch.device(device)
-        if arch not in ARCHITECTURES:
-            raise ConfigError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
+        check_arch(arch)
         loaded = load_weights(arch, weights)
         self.backbone = inference_backbone(make_backbone(arch, loaded, seed), self.layers).to(self.device)
         self.backbone_source = loaded.file if not loaded.is_random else f"random init, seed {seed}"

@@ -121,11 +121,6 @@ def _separable(maps: torch.Tensor, size: tuple[int, int], sigma: float) -> torch
     return rows @ maps @ cols.T
 
 
-def gaussian_blur(maps: torch.Tensor, sigma: float = GAUSSIAN_SIGMA) -> torch.Tensor:
-    """Gaussian smoothing of ``(B, H, W)`` maps (radius ``4 sigma``, reflected borders as scipy's ``mirror``)."""
-    return _separable(maps, (maps.shape[-2], maps.shape[-1]), sigma)
-
-
 def upsample_and_smooth(
     grid_maps: torch.Tensor, size: tuple[int, int], sigma: float = GAUSSIAN_SIGMA
 ) -> torch.Tensor:

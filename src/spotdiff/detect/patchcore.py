@@ -40,11 +40,11 @@ DEFAULT_CORESET_SHARD = 1 << 16
 costs ``ratio * M^2`` distance updates, so sharding keeps it linear in ``M``; measured at 1
 thread, one 65,536-patch shard takes about 18 s at ratio 0.1 (``benchmarks/results_detect.md``)."""
 
-try:  # faiss is a declared dependency; the torch path is kept for platforms without wheels
+try:  # faiss is optional (extra `faiss`); without it nn_backend="auto" uses the exact torch search
     import faiss
 
     HAVE_FAISS = True
-except ImportError:  # pragma: no cover - depends on the platform
+except ImportError:  # tested in a subprocess (tests/test_patchcore.py)
     faiss = None
     HAVE_FAISS = False
 

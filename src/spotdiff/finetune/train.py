@@ -28,6 +28,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from spotdiff.data.transforms import normalize
+from spotdiff.devices import resolve_device
 from spotdiff.errors import ConfigError, DataError
 from spotdiff.files import write_json_atomic, write_text_atomic
 from spotdiff.finetune.classifier import BinaryClassifier
@@ -44,7 +45,7 @@ from spotdiff.finetune.protocols import (
 )
 from spotdiff.finetune.unet import UNet
 from spotdiff.metrics import evaluate
-from spotdiff.models import ARCHITECTURES, LoadedWeights, WeightsLike, build_backbone, describe_weights, load_weights
+from spotdiff.models import LoadedWeights, WeightsLike, build_backbone, check_arch, describe_weights, load_weights
 from spotdiff.progress import bar, log
 
 TASKS = ("cls", "seg")
@@ -82,8 +83,7 @@ class FinetuneConfig:
         if self.task not in TASKS:
             raise ConfigError(f"unknown task {self.task!r}; choose one of {list(TASKS)}")
         get_protocol(self.protocol)
-        if self.arch not in ARCHITECTURES:
-            raise ConfigError(f"unknown architecture {self.arch!r}; choose one of {sorted(ARCHITECTURES)}")
+        check_arch(self.arch)
         for name in ("seeds", "batch_size", "image_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -99,19 +99,6 @@ class FinetuneConfig:
             raise ConfigError(f"lr and head_lr_mult must be > 0, got {self.lr} and {self.head_lr_mult}")
         if self.workers < 0:
             raise ConfigError(f"workers must be >= 0, got {self.workers}")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; other names are passed to torch."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"bad device {name!r}: {exc}") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available")
-    return device
 
 
 def build_model(task: str, arch: str, weights: WeightsLike = None) -> BinaryClassifier | UNet:

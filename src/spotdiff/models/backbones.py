@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision import models as tvm
 
-from spotdiff.errors import WeightsError
+from spotdiff.errors import ConfigError, WeightsError
 from spotdiff.files import sha256_file
 from spotdiff.progress import is_quiet
 
@@ -57,14 +57,15 @@ IMAGENET = "imagenet"
 _ENUM_NAME = re.compile(r"^(?:(\w+_Weights)\.)?([A-Z][A-Z0-9_]*)$")
 
 
-def _check_arch(arch: str) -> None:
+def check_arch(arch: str) -> None:
+    """ConfigError unless ``arch`` is one of :data:`ARCHITECTURES` (the one check for every caller)."""
     if arch not in ARCHITECTURES:
-        raise WeightsError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
+        raise ConfigError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
 
 
 def layer_channels(arch: str, layers: Sequence[str]) -> list[int]:
     """Channel count of each named residual stage (``layer1`` .. ``layer4``) of ``arch``."""
-    _check_arch(arch)
+    check_arch(arch)
     try:
         return [_LAYER_CHANNELS[arch][name] for name in layers]
     except KeyError as exc:
@@ -206,7 +207,7 @@ def torchvision_weights(arch: str, name: str) -> tvm.WeightsEnum | None:
     Raises:
         WeightsError: a weights name that does not exist for ``arch``, naming the choices.
     """
-    _check_arch(arch)
+    check_arch(arch)
     enum = tvm.get_model_weights(arch)
     if name.lower() == IMAGENET:
         return enum.DEFAULT
@@ -285,7 +286,7 @@ def weights_file(arch: str, weights: str | os.PathLike[str]) -> tuple[str, Path]
     Raises:
         WeightsError: unknown weights name, a name of another architecture, no network.
     """
-    _check_arch(arch)
+    check_arch(arch)
     if not isinstance(weights, str):  # a Path (or other path-like) is always a file
         return "file", Path(weights)
     source = torchvision_weights(arch, weights)
@@ -316,7 +317,7 @@ def load_weights(arch: str, weights: WeightsLike = None) -> LoadedWeights:
     Raises:
         WeightsError: unknown name, unreadable or truncated file, tensors of another architecture.
     """
-    _check_arch(arch)
+    check_arch(arch)
     if isinstance(weights, LoadedWeights):
         if weights.arch != arch:
             raise WeightsError(f"weights {weights.name} were loaded for {weights.arch}, not {arch}")

@@ -20,9 +20,10 @@ from typing import Any
 import yaml
 
 from spotdiff.errors import ConfigError
+from spotdiff.models import ARCHITECTURES
 from spotdiff.pretrain.methods import METHODS
 
-ARCHS = ("resnet18", "resnet50", "wide_resnet50_2")
+ARCHS: tuple[str, ...] = tuple(ARCHITECTURES)
 AMP_MODES = ("bf16", "fp16", "none")
 OPTIMIZERS = ("sgd", "lars")
 DEVICES = ("auto", "cpu", "cuda")

@@ -15,7 +15,7 @@ from spotdiff.pretrain.supervised import Supervised
 METHOD_CLASSES: dict[str, type[PretrainMethod]] = {
     cls.name: cls for cls in (SimSiam, MoCo, SimCLR, Supervised)
 }
-METHODS = ("simsiam", "moco", "simclr", "supervised")
+METHODS: tuple[str, ...] = tuple(METHOD_CLASSES)
 
 
 def build_method(

@@ -1,0 +1,42 @@
+"""One device rule for every command: ``auto`` (the default) is CUDA when available, else CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spotdiff.cli import build_parser, main
+from spotdiff.devices import resolve_device
+from spotdiff.errors import ConfigError
+from spotdiff.finetune.train import FinetuneConfig
+from spotdiff.pretrain.config import PretrainConfig
+
+
+def test_auto_is_cuda_when_available_else_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="'cuda:1' requested but CUDA is not available"):
+        resolve_device("cuda:1")
+    with pytest.raises(ConfigError, match="bad device 'gpu'"):
+        resolve_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+
+
+def test_every_command_defaults_to_auto():
+    parser = build_parser()
+    for argv in (["fit", "--model", "padim", "--out", "m"], ["test", "m", "--out", "r"],
+                 ["predict", "m", "x.png", "--out", "p"],
+                 ["finetune", "--task", "cls", "--protocol", "5shot", "--data", "d", "--out", "o"]):
+        assert parser.parse_args(argv).device == "auto", argv[0]
+    assert PretrainConfig.device == "auto" and FinetuneConfig.device == "auto"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_cuda_is_one_line_exit_2(tmp_path, capsys):
+    argv = ["predict", str(tmp_path), str(tmp_path), "--device", "cuda", "--out", str(tmp_path / "p")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "device 'cuda' requested but CUDA is not available" in err

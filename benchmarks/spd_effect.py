@@ -129,6 +129,15 @@ def pretrain_folder(train: Any, work: Path, size: int) -> Path:
     return folder
 
 
+def decoded(dataset: Any, cache: Path) -> list[dict[str, Any]]:
+    """Every item of ``dataset``, decoded once and kept in ``cache`` (tensors and strings only)."""
+    if cache.is_file():
+        return torch.load(cache, weights_only=True)
+    items = [dataset[i] for i in range(len(dataset))]
+    torch.save(items, cache)
+    return items
+
+
 def pretrain(arm: dict[str, Any], seed: int, budget: Budget, images: Path, work: Path, arch: str) -> Path:
     """Pre-train one arm for one seed with spotdiff's loop; returns its exported backbone."""
     from spotdiff.pretrain.config import load_config
@@ -259,8 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     train_ds = open_magnetic_tile(args.root, "train", image_size=budget.image_size, seed=args.split_seed)
     test_ds = open_magnetic_tile(args.root, "test", image_size=budget.image_size, seed=args.split_seed)
-    train = [train_ds[i] for i in range(len(train_ds))]  # decoded once for every arm
-    test = [test_ds[i] for i in range(len(test_ds))]
+    train = decoded(train_ds, args.work / f"train_{budget.image_size}px_split{args.split_seed}.pt")
+    test = decoded(test_ds, args.work / f"test_{budget.image_size}px_split{args.split_seed}.pt")
     images = pretrain_folder(train_ds, args.work, max(budget.image_size, budget.pretrain_size))
     n_bad = sum(t["label"] for t in test)
     print(f"data: {len(train)} training normals; test {len(test) - n_bad} normal + {n_bad} defect images "
@@ -270,36 +279,38 @@ def main(argv: list[str] | None = None) -> None:
     key_fields = ("arm", "seed", "detector", "budget")
     rows = [json.loads(line) for line in results_path.read_text().splitlines()] if results_path.is_file() else []
     done = {tuple(json.dumps(r[k]) for k in key_fields) for r in rows}
-    budget_tag = asdict(budget)
+    budget_tag = json.loads(json.dumps(asdict(budget)))  # as it reads back from results.jsonl
     arm_list = arms(budget, imagenet)
-    for seed in range(budget.seeds):
-        for arm in arm_list:
-            if seed >= arm["seeds"]:
-                continue
-            todo = [d for d in budget.detectors
-                    if tuple(json.dumps(v) for v in (arm["name"], seed, d, budget_tag)) not in done]
-            if not todo:
-                continue
-            started = time.perf_counter()
-            if arm["kind"] == "random_tv":
-                weights = None
-            elif arm["kind"] == "random_start":
-                weights = str(start_weights(seed, args.work, args.arch))
-            elif arm["kind"] == "imagenet":
-                weights = str(imagenet)
-            else:
-                weights = str(pretrain(arm, seed, budget, images, args.work, args.arch))
-            pretrain_s = time.perf_counter() - started if arm["kind"] == "pretrain" else 0.0
-            for det in todo:
-                result = detect(det, weights, args.arch, seed, train, test)
-                row = {"arm": arm["name"], "seed": seed, "detector": det, "budget": budget_tag,
-                       "pretrain_s": pretrain_s, **result, "load": os.getloadavg()[0]}
-                rows.append(row)
-                with open(results_path, "a") as fh:
-                    fh.write(json.dumps(row) + "\n")
-                print(f"{arm['name']:<30} seed {seed} {det}: " + ", ".join(f"{m} {result[m]:.3f}" for m in METRICS)
-                      + f" (pre-train {pretrain_s:.0f} s, fit {result['fit_s']:.0f} s, test {result['test_s']:.0f} s)",
-                      flush=True)
+    # The paired main comparison first (every seed), then the eta sweep, then the references, so
+    # that a run stopped early has the pairs.
+    order = sorted(((arm.get("sweep", False), arm["kind"].startswith("random"), seed, i)
+                    for i, arm in enumerate(arm_list) for seed in range(arm["seeds"])))
+    for *_, seed, i in order:
+        arm = arm_list[i]
+        todo = [d for d in budget.detectors
+                if tuple(json.dumps(v) for v in (arm["name"], seed, d, budget_tag)) not in done]
+        if not todo:
+            continue
+        started = time.perf_counter()
+        if arm["kind"] == "random_tv":
+            weights = None
+        elif arm["kind"] == "random_start":
+            weights = str(start_weights(seed, args.work, args.arch))
+        elif arm["kind"] == "imagenet":
+            weights = str(imagenet)
+        else:
+            weights = str(pretrain(arm, seed, budget, images, args.work, args.arch))
+        pretrain_s = time.perf_counter() - started if arm["kind"] == "pretrain" else 0.0
+        for det in todo:
+            result = detect(det, weights, args.arch, seed, train, test)
+            row = {"arm": arm["name"], "seed": seed, "detector": det, "budget": budget_tag,
+                   "pretrain_s": pretrain_s, **result, "load": os.getloadavg()[0]}
+            rows.append(row)
+            with open(results_path, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            print(f"{arm['name']:<30} seed {seed} {det}: " + ", ".join(f"{m} {result[m]:.3f}" for m in METRICS)
+                  + f" (pre-train {pretrain_s:.0f} s, fit {result['fit_s']:.0f} s, test {result['test_s']:.0f} s)",
+                  flush=True)
     mine = [r for r in rows if r["budget"] == budget_tag]
     text = summarise(mine, arm_list, budget.detectors)
     print("\n" + text + f"\ntotal wall {time.perf_counter() - t0:.0f} s", flush=True)

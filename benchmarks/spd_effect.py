@@ -16,6 +16,10 @@ Protocol (issue 14):
 * per arm mean +/- std over seeds, and the paired difference arm - base per seed (mean, std, min,
   max).
 
+The pre-training lr is 0.5 per 256 images (0.03 at batch 16), ours: at the recipes' 0.05 per 256
+(0.003 at batch 16) a few dozen steps leave the backbone almost where it started (SimSiam's loss
+moved from 0 to -0.009 in 30 steps), so base and SPD would be compared on nearly untrained weights.
+
 Usage (repository root; the dataset is read in place, resized copies of the training normals go to
 ``--work``)::
 
@@ -65,18 +69,19 @@ class Budget:
     sweep_seeds: int  # seeds of the eta = 0.3 and 1.0 arms (eta = 0.1 always gets ``seeds``)
     detectors: tuple[str, ...]  # "padim", "patchcore"
     moco: bool  # also MoCo v2 +/- SPD
+    lr: float  # pre-training lr per 256 images (ours for short runs; see module docstring)
 
 
 BUDGETS = {
-    # a minute or two: checks the script end to end
+    # a few minutes: checks the script end to end
     "smoke": Budget(seeds=2, steps=2, batch=8, pretrain_size=32, image_size=32, sweep_seeds=1,
-                    detectors=("padim",), moco=False),
-    # what ran beside five other jobs on a shared 2-core machine in about 45 minutes
-    "small": Budget(seeds=3, steps=30, batch=16, pretrain_size=48, image_size=64, sweep_seeds=2,
-                    detectors=("padim",), moco=False),
-    # about 90 minutes on 2 idle cores (see benchmarks/results_spd.md for the measured unit costs)
-    "full": Budget(seeds=3, steps=100, batch=32, pretrain_size=64, image_size=96, sweep_seeds=3,
-                   detectors=("padim",), moco=False),
+                    detectors=("padim",), moco=False, lr=0.5),
+    # what ran beside five other jobs on the shared 2-core machine (benchmarks/results_spd.md)
+    "small": Budget(seeds=3, steps=20, batch=16, pretrain_size=32, image_size=48, sweep_seeds=1,
+                    detectors=("padim",), moco=False, lr=0.5),
+    # about 90 minutes on 2 idle cores, extrapolated from the unit costs measured in the small run
+    "full": Budget(seeds=3, steps=60, batch=32, pretrain_size=64, image_size=64, sweep_seeds=3,
+                   detectors=("padim",), moco=False, lr=0.5),
 }
 
 
@@ -157,7 +162,7 @@ def pretrain(arm: dict[str, Any], seed: int, budget: Budget, images: Path, work:
         hparams["queue_size"] = (n // budget.batch - 1) * budget.batch
     cfg = load_config(None, dict(
         method=arm["method"], spd=arm["spd"], eta=arm["eta"], arch=arch, data=str(images), out=str(run_dir),
-        steps=budget.steps, batch_size=budget.batch, image_size=budget.pretrain_size, workers=0,
+        steps=budget.steps, batch_size=budget.batch, lr=budget.lr, image_size=budget.pretrain_size, workers=0,
         device="cpu", seed=seed, checkpoint_every=0, log_every=max(1, budget.steps // 10),
         tensorboard=False, weights=arm.get("weights"), hparams=hparams))
     run_pretrain(cfg)
@@ -236,7 +241,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="scratch folder: resized training normals, runs, results.jsonl (reused on rerun)")
     p.add_argument("--budget", choices=sorted(BUDGETS), default="small")
     for field, kind in (("seeds", int), ("steps", int), ("batch", int), ("pretrain_size", int),
-                        ("image_size", int), ("sweep_seeds", int)):
+                        ("image_size", int), ("sweep_seeds", int), ("lr", float)):
         p.add_argument("--" + field.replace("_", "-"), type=kind, default=None, help=f"override the budget's {field}")
     p.add_argument("--detectors", default=None, help="comma list of padim, patchcore (override)")
     p.add_argument("--moco", action="store_true", default=None, help="also MoCo v2 +/- SPD (override)")
@@ -251,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     budget = BUDGETS[args.budget]
     overrides = {k: getattr(args, k) for k in ("seeds", "steps", "batch", "pretrain_size", "image_size",
-                                                "sweep_seeds", "moco") if getattr(args, k) is not None}
+                                                "sweep_seeds", "moco", "lr") if getattr(args, k) is not None}
     if args.detectors:
         overrides["detectors"] = tuple(args.detectors.split(","))
     budget = replace(budget, **overrides)

@@ -134,6 +134,11 @@ def pretrain_folder(train: Any, work: Path, size: int) -> Path:
     return folder
 
 
+def same_unit(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two budgets give the same result for one (arm, seed, detector)."""
+    return all(a.get(k) == b.get(k) for k in ("steps", "batch", "pretrain_size", "image_size", "lr"))
+
+
 def decoded(dataset: Any, cache: Path) -> list[dict[str, Any]]:
     """Every item of ``dataset``, decoded once and kept in ``cache`` (tensors and strings only)."""
     if cache.is_file():
@@ -148,7 +153,8 @@ def pretrain(arm: dict[str, Any], seed: int, budget: Budget, images: Path, work:
     from spotdiff.pretrain.config import load_config
     from spotdiff.pretrain.train import BACKBONE_NAME, run_pretrain
 
-    tag = f"{arm['method']}_spd{int(arm['spd'])}_eta{arm['eta']}_{'in' if arm.get('weights') else 'rand'}_s{seed}"
+    tag = (f"{arm['method']}_spd{int(arm['spd'])}_eta{arm['eta']}_{'in' if arm.get('weights') else 'rand'}_s{seed}"
+           f"_{budget.steps}x{budget.batch}_{budget.pretrain_size}px_lr{budget.lr}")
     run_dir = work / "runs" / tag
     if (run_dir / BACKBONE_NAME).is_file():
         return run_dir / BACKBONE_NAME
@@ -281,10 +287,10 @@ def main(argv: list[str] | None = None) -> None:
           f"(decoded in {time.perf_counter() - t0:.0f} s)", flush=True)
 
     results_path = args.work / "results.jsonl"
-    key_fields = ("arm", "seed", "detector", "budget")
     rows = [json.loads(line) for line in results_path.read_text().splitlines()] if results_path.is_file() else []
-    done = {tuple(json.dumps(r[k]) for k in key_fields) for r in rows}
     budget_tag = json.loads(json.dumps(asdict(budget)))  # as it reads back from results.jsonl
+    mine = [r for r in rows if same_unit(r["budget"], budget_tag)]  # reusable results of earlier runs
+    done = {(r["arm"], r["seed"], r["detector"]) for r in mine}
     arm_list = arms(budget, imagenet)
     # The paired main comparison first (every seed), then the eta sweep, then the references, so
     # that a run stopped early has the pairs.
@@ -292,8 +298,7 @@ def main(argv: list[str] | None = None) -> None:
                     for i, arm in enumerate(arm_list) for seed in range(arm["seeds"])))
     for *_, seed, i in order:
         arm = arm_list[i]
-        todo = [d for d in budget.detectors
-                if tuple(json.dumps(v) for v in (arm["name"], seed, d, budget_tag)) not in done]
+        todo = [d for d in budget.detectors if (arm["name"], seed, d) not in done]
         if not todo:
             continue
         started = time.perf_counter()
@@ -310,13 +315,12 @@ def main(argv: list[str] | None = None) -> None:
             result = detect(det, weights, args.arch, seed, train, test)
             row = {"arm": arm["name"], "seed": seed, "detector": det, "budget": budget_tag,
                    "pretrain_s": pretrain_s, **result, "load": os.getloadavg()[0]}
-            rows.append(row)
+            mine.append(row)
             with open(results_path, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
             print(f"{arm['name']:<30} seed {seed} {det}: " + ", ".join(f"{m} {result[m]:.3f}" for m in METRICS)
                   + f" (pre-train {pretrain_s:.0f} s, fit {result['fit_s']:.0f} s, test {result['test_s']:.0f} s)",
                   flush=True)
-    mine = [r for r in rows if r["budget"] == budget_tag]
     text = summarise(mine, arm_list, budget.detectors)
     print("\n" + text + f"\ntotal wall {time.perf_counter() - t0:.0f} s", flush=True)
     if args.out is not None:

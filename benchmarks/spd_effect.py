@@ -90,7 +90,8 @@ def arms(budget: Budget, imagenet: Path | None) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = [
         {"name": "random (torchvision init)", "kind": "random_tv"},
         {"name": "random (SimSiam start)", "kind": "random_start"},
-        {"name": "SimSiam", "kind": "pretrain", "method": "simsiam", "spd": False, "eta": 0.1},
+        {"name": "SimSiam", "kind": "pretrain", "method": "simsiam", "spd": False, "eta": 0.1,
+         "base": "random (SimSiam start)"},
         {"name": "SimSiam+SPD eta=0.1", "kind": "pretrain", "method": "simsiam", "spd": True, "eta": 0.1,
          "base": "SimSiam"},
         {"name": "SimSiam+SPD eta=0.3", "kind": "pretrain", "method": "simsiam", "spd": True, "eta": 0.3,

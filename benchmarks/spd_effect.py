@@ -16,6 +16,10 @@ Protocol (issue 14):
 * per arm mean +/- std over seeds, and the paired difference arm - base per seed (mean, std, min,
   max).
 
+The pre-training lr is 0.5 per 256 images (0.03 at batch 16), ours: at the recipes' 0.05 per 256
+(0.003 at batch 16) a few dozen steps leave the backbone almost where it started (SimSiam's loss
+moved from 0 to -0.009 in 30 steps), so base and SPD would be compared on nearly untrained weights.
+
 Usage (repository root; the dataset is read in place, resized copies of the training normals go to
 ``--work``)::
 
@@ -65,18 +69,19 @@ class Budget:
     sweep_seeds: int  # seeds of the eta = 0.3 and 1.0 arms (eta = 0.1 always gets ``seeds``)
     detectors: tuple[str, ...]  # "padim", "patchcore"
     moco: bool  # also MoCo v2 +/- SPD
+    lr: float  # pre-training lr per 256 images (ours for short runs; see module docstring)
 
 
 BUDGETS = {
-    # a minute or two: checks the script end to end
+    # a few minutes: checks the script end to end
     "smoke": Budget(seeds=2, steps=2, batch=8, pretrain_size=32, image_size=32, sweep_seeds=1,
-                    detectors=("padim",), moco=False),
-    # what ran beside five other jobs on a shared 2-core machine in about 45 minutes
-    "small": Budget(seeds=3, steps=30, batch=16, pretrain_size=48, image_size=64, sweep_seeds=2,
-                    detectors=("padim",), moco=False),
-    # about 90 minutes on 2 idle cores (see benchmarks/results_spd.md for the measured unit costs)
-    "full": Budget(seeds=3, steps=100, batch=32, pretrain_size=64, image_size=96, sweep_seeds=3,
-                   detectors=("padim",), moco=False),
+                    detectors=("padim",), moco=False, lr=0.5),
+    # what ran beside five other jobs on the shared 2-core machine (benchmarks/results_spd.md)
+    "small": Budget(seeds=3, steps=20, batch=16, pretrain_size=32, image_size=48, sweep_seeds=1,
+                    detectors=("padim",), moco=False, lr=0.5),
+    # about 90 minutes on 2 idle cores, extrapolated from the unit costs measured in the small run
+    "full": Budget(seeds=3, steps=60, batch=32, pretrain_size=64, image_size=64, sweep_seeds=3,
+                   detectors=("padim",), moco=False, lr=0.5),
 }
 
 
@@ -85,7 +90,8 @@ def arms(budget: Budget, imagenet: Path | None) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = [
         {"name": "random (torchvision init)", "kind": "random_tv"},
         {"name": "random (SimSiam start)", "kind": "random_start"},
-        {"name": "SimSiam", "kind": "pretrain", "method": "simsiam", "spd": False, "eta": 0.1},
+        {"name": "SimSiam", "kind": "pretrain", "method": "simsiam", "spd": False, "eta": 0.1,
+         "base": "random (SimSiam start)"},
         {"name": "SimSiam+SPD eta=0.1", "kind": "pretrain", "method": "simsiam", "spd": True, "eta": 0.1,
          "base": "SimSiam"},
         {"name": "SimSiam+SPD eta=0.3", "kind": "pretrain", "method": "simsiam", "spd": True, "eta": 0.3,
@@ -129,12 +135,27 @@ def pretrain_folder(train: Any, work: Path, size: int) -> Path:
     return folder
 
 
+def same_unit(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two budgets give the same result for one (arm, seed, detector)."""
+    return all(a.get(k) == b.get(k) for k in ("steps", "batch", "pretrain_size", "image_size", "lr"))
+
+
+def decoded(dataset: Any, cache: Path) -> list[dict[str, Any]]:
+    """Every item of ``dataset``, decoded once and kept in ``cache`` (tensors and strings only)."""
+    if cache.is_file():
+        return torch.load(cache, weights_only=True)
+    items = [dataset[i] for i in range(len(dataset))]
+    torch.save(items, cache)
+    return items
+
+
 def pretrain(arm: dict[str, Any], seed: int, budget: Budget, images: Path, work: Path, arch: str) -> Path:
     """Pre-train one arm for one seed with spotdiff's loop; returns its exported backbone."""
     from spotdiff.pretrain.config import load_config
     from spotdiff.pretrain.train import BACKBONE_NAME, run_pretrain
 
-    tag = f"{arm['method']}_spd{int(arm['spd'])}_eta{arm['eta']}_{'in' if arm.get('weights') else 'rand'}_s{seed}"
+    tag = (f"{arm['method']}_spd{int(arm['spd'])}_eta{arm['eta']}_{'in' if arm.get('weights') else 'rand'}_s{seed}"
+           f"_{budget.steps}x{budget.batch}_{budget.pretrain_size}px_lr{budget.lr}")
     run_dir = work / "runs" / tag
     if (run_dir / BACKBONE_NAME).is_file():
         return run_dir / BACKBONE_NAME
@@ -148,7 +169,7 @@ def pretrain(arm: dict[str, Any], seed: int, budget: Budget, images: Path, work:
         hparams["queue_size"] = (n // budget.batch - 1) * budget.batch
     cfg = load_config(None, dict(
         method=arm["method"], spd=arm["spd"], eta=arm["eta"], arch=arch, data=str(images), out=str(run_dir),
-        steps=budget.steps, batch_size=budget.batch, image_size=budget.pretrain_size, workers=0,
+        steps=budget.steps, batch_size=budget.batch, lr=budget.lr, image_size=budget.pretrain_size, workers=0,
         device="cpu", seed=seed, checkpoint_every=0, log_every=max(1, budget.steps // 10),
         tensorboard=False, weights=arm.get("weights"), hparams=hparams))
     run_pretrain(cfg)
@@ -227,7 +248,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="scratch folder: resized training normals, runs, results.jsonl (reused on rerun)")
     p.add_argument("--budget", choices=sorted(BUDGETS), default="small")
     for field, kind in (("seeds", int), ("steps", int), ("batch", int), ("pretrain_size", int),
-                        ("image_size", int), ("sweep_seeds", int)):
+                        ("image_size", int), ("sweep_seeds", int), ("lr", float)):
         p.add_argument("--" + field.replace("_", "-"), type=kind, default=None, help=f"override the budget's {field}")
     p.add_argument("--detectors", default=None, help="comma list of padim, patchcore (override)")
     p.add_argument("--moco", action="store_true", default=None, help="also MoCo v2 +/- SPD (override)")
@@ -242,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     budget = BUDGETS[args.budget]
     overrides = {k: getattr(args, k) for k in ("seeds", "steps", "batch", "pretrain_size", "image_size",
-                                                "sweep_seeds", "moco") if getattr(args, k) is not None}
+                                                "sweep_seeds", "moco", "lr") if getattr(args, k) is not None}
     if args.detectors:
         overrides["detectors"] = tuple(args.detectors.split(","))
     budget = replace(budget, **overrides)
@@ -259,48 +280,48 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     train_ds = open_magnetic_tile(args.root, "train", image_size=budget.image_size, seed=args.split_seed)
     test_ds = open_magnetic_tile(args.root, "test", image_size=budget.image_size, seed=args.split_seed)
-    train = [train_ds[i] for i in range(len(train_ds))]  # decoded once for every arm
-    test = [test_ds[i] for i in range(len(test_ds))]
+    train = decoded(train_ds, args.work / f"train_{budget.image_size}px_split{args.split_seed}.pt")
+    test = decoded(test_ds, args.work / f"test_{budget.image_size}px_split{args.split_seed}.pt")
     images = pretrain_folder(train_ds, args.work, max(budget.image_size, budget.pretrain_size))
     n_bad = sum(t["label"] for t in test)
     print(f"data: {len(train)} training normals; test {len(test) - n_bad} normal + {n_bad} defect images "
           f"(decoded in {time.perf_counter() - t0:.0f} s)", flush=True)
 
     results_path = args.work / "results.jsonl"
-    key_fields = ("arm", "seed", "detector", "budget")
     rows = [json.loads(line) for line in results_path.read_text().splitlines()] if results_path.is_file() else []
-    done = {tuple(json.dumps(r[k]) for k in key_fields) for r in rows}
-    budget_tag = asdict(budget)
+    budget_tag = json.loads(json.dumps(asdict(budget)))  # as it reads back from results.jsonl
+    mine = [r for r in rows if same_unit(r["budget"], budget_tag)]  # reusable results of earlier runs
+    done = {(r["arm"], r["seed"], r["detector"]) for r in mine}
     arm_list = arms(budget, imagenet)
-    for seed in range(budget.seeds):
-        for arm in arm_list:
-            if seed >= arm["seeds"]:
-                continue
-            todo = [d for d in budget.detectors
-                    if tuple(json.dumps(v) for v in (arm["name"], seed, d, budget_tag)) not in done]
-            if not todo:
-                continue
-            started = time.perf_counter()
-            if arm["kind"] == "random_tv":
-                weights = None
-            elif arm["kind"] == "random_start":
-                weights = str(start_weights(seed, args.work, args.arch))
-            elif arm["kind"] == "imagenet":
-                weights = str(imagenet)
-            else:
-                weights = str(pretrain(arm, seed, budget, images, args.work, args.arch))
-            pretrain_s = time.perf_counter() - started if arm["kind"] == "pretrain" else 0.0
-            for det in todo:
-                result = detect(det, weights, args.arch, seed, train, test)
-                row = {"arm": arm["name"], "seed": seed, "detector": det, "budget": budget_tag,
-                       "pretrain_s": pretrain_s, **result, "load": os.getloadavg()[0]}
-                rows.append(row)
-                with open(results_path, "a") as fh:
-                    fh.write(json.dumps(row) + "\n")
-                print(f"{arm['name']:<30} seed {seed} {det}: " + ", ".join(f"{m} {result[m]:.3f}" for m in METRICS)
-                      + f" (pre-train {pretrain_s:.0f} s, fit {result['fit_s']:.0f} s, test {result['test_s']:.0f} s)",
-                      flush=True)
-    mine = [r for r in rows if r["budget"] == budget_tag]
+    # The paired main comparison first (every seed), then the eta sweep, then the references, so
+    # that a run stopped early has the pairs.
+    order = sorted(((arm.get("sweep", False), arm["kind"].startswith("random"), seed, i)
+                    for i, arm in enumerate(arm_list) for seed in range(arm["seeds"])))
+    for *_, seed, i in order:
+        arm = arm_list[i]
+        todo = [d for d in budget.detectors if (arm["name"], seed, d) not in done]
+        if not todo:
+            continue
+        started = time.perf_counter()
+        if arm["kind"] == "random_tv":
+            weights = None
+        elif arm["kind"] == "random_start":
+            weights = str(start_weights(seed, args.work, args.arch))
+        elif arm["kind"] == "imagenet":
+            weights = str(imagenet)
+        else:
+            weights = str(pretrain(arm, seed, budget, images, args.work, args.arch))
+        pretrain_s = time.perf_counter() - started if arm["kind"] == "pretrain" else 0.0
+        for det in todo:
+            result = detect(det, weights, args.arch, seed, train, test)
+            row = {"arm": arm["name"], "seed": seed, "detector": det, "budget": budget_tag,
+                   "pretrain_s": pretrain_s, **result, "load": os.getloadavg()[0]}
+            mine.append(row)
+            with open(results_path, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            print(f"{arm['name']:<30} seed {seed} {det}: " + ", ".join(f"{m} {result[m]:.3f}" for m in METRICS)
+                  + f" (pre-train {pretrain_s:.0f} s, fit {result['fit_s']:.0f} s, test {result['test_s']:.0f} s)",
+                  flush=True)
     text = summarise(mine, arm_list, budget.detectors)
     print("\n" + text + f"\ntotal wall {time.perf_counter() - t0:.0f} s", flush=True)
     if args.out is not None:

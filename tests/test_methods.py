@@ -340,6 +340,8 @@ def test_moco_refuses_a_queue_the_data_cannot_fill_and_too_small_groups() -> Non
     m.check_batches(images_per_epoch=100, batch_size=4, world_size=2)  # DDP: groups are the processes
     with pytest.raises(ConfigError, match="shuffle_groups"):
         build_method("moco", arch="resnet18", shuffle_groups=1)
+    # under DDP on GPU the loop must not give MoCo SyncBatchNorm (shared statistics = the leak)
+    assert not m.sync_batchnorm and _build("simclr").sync_batchnorm
 
 
 def _shuffle_worker(rank: int, world: int, port: int, out_dir: str) -> None:

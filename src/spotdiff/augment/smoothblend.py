@@ -24,8 +24,8 @@ Design choices (the paper leaves them open):
   torchvision's definitions (contrast uses the mean grey level of the patch itself), clamped to
   [0, 1] after each step.
 * **Geometry**: the *perturbed* area -- the mass of ``alpha`` as a fraction of the image -- is uniform
-  in ``area``; the hard box is sized to give that mass (about 2.6-3.7x larger than the mass at the
-  default ``sigma``, because of the erosion and the soft edge). Aspect ratio ``h / w`` log-uniform in
+  in ``area``; the hard box is sized to give that mass (at the default ``sigma`` it is 1.9-3.7x
+  the mass, 2.7x on average, because of the erosion and the soft edge). Aspect ``h / w`` log-uniform in
   ``aspect``; source and destination boxes uniform and independent inside the image.
 * Only a window of the size of the largest patch of the batch is processed; the output is one
   ``scatter`` into a copy of the input, so the cost hardly depends on the image size.

@@ -358,3 +358,15 @@ def test_padim_refuses_statistics_larger_than_memory(monkeypatch):
     with pytest.raises(ConfigError, match=r"PaDiM statistics \(d=40, 16x16 positions.*need about .* MB but only "
                                           r"10.0 MB .* smaller --d or --image-size"):
         PaDiM(arch="resnet18", d=40, batch_size=4).fit(as_dataset(square_images(3)))
+
+
+def test_predict_with_packed_factor_equals_unpacked(fitted, monkeypatch):
+    images = square_images(2, defect=True, seed=6)
+    cached = fitted.predict(images)
+    assert fitted._unpacked is not None  # small factor: unpacked once and kept
+    monkeypatch.setattr("spotdiff.detect.padim.UNPACKED_FACTOR_BYTES", 0)
+    fitted._unpacked = None
+    streamed = fitted.predict(images)
+    assert fitted._unpacked is None
+    for a, b in zip(cached, streamed, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

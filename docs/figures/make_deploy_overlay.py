@@ -78,8 +78,12 @@ def main_() -> None:
         source = np.asarray(img.convert("RGB").resize((128, 128), Image.BILINEAR))
     with Image.open(pick["overlay"]) as ov:
         overlay = np.asarray(ov.convert("RGB"))
-    gap = np.full((128, 4, 3), 255, np.uint8)
-    figure = Image.fromarray(np.concatenate([source, gap, overlay], axis=1))
+    # the annotated overlay has a title line above the map and a colour bar beside it: put the input
+    # level with the map
+    head = overlay.shape[0] - source.shape[0] - 4
+    column = np.full((overlay.shape[0], source.shape[1] + 4, 3), 255, np.uint8)
+    column[head : head + source.shape[0], : source.shape[1]] = source
+    figure = Image.fromarray(np.concatenate([column, overlay], axis=1))
     target = HERE / "deploy_overlay.png"
     figure.save(target, optimize=True)
     print(f"{target} ({target.stat().st_size // 1024} KB) from {pick['path']}: score {float(pick['score']):.3f}, "

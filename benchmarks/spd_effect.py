@@ -26,7 +26,8 @@ Usage (repository root; the dataset is read in place, resized copies of the trai
     PYTHONPATH=src python benchmarks/spd_effect.py --budget small [--out benchmarks/results_spd_run.md]
 
 Budgets (``--budget``; any field can be overridden by its own flag): see ``BUDGETS``. ``full`` is
-sized to take about 90 minutes on 2 idle cores; ``small`` is what fits beside other jobs.
+sized to take about 90 minutes on 2 idle cores; ``small`` (about 5 minutes on 2 idle cores, 19 on
+the shared machine) is what was run, see ``benchmarks/results_spd.md``.
 Every finished (arm, seed) is appended to ``WORK/results.jsonl`` at once, and a rerun with the same
 ``--work`` skips what is there, so a stopped run can be continued.
 """
@@ -79,8 +80,9 @@ BUDGETS = {
     # what ran beside five other jobs on the shared 2-core machine (benchmarks/results_spd.md)
     "small": Budget(seeds=3, steps=20, batch=16, pretrain_size=32, image_size=48, sweep_seeds=1,
                     detectors=("padim",), moco=False, lr=0.5),
-    # about 90 minutes on 2 idle cores, extrapolated from the unit costs measured in the small run
-    "full": Budget(seeds=3, steps=60, batch=32, pretrain_size=64, image_size=64, sweep_seeds=3,
+    # about 85 minutes on 2 idle cores: extrapolated (cost ~ steps x batch x pixels) from the small
+    # run's units on the then idle machine (an SPD pre-training 13-14 s, PaDiM fit + test ~4 s); not run
+    "full": Budget(seeds=3, steps=80, batch=32, pretrain_size=64, image_size=64, sweep_seeds=3,
                    detectors=("padim",), moco=False, lr=0.5),
 }
 

@@ -63,6 +63,9 @@ class DemoSettings:
         image_size: side of the images for PaDiM (training and test), pixels.
         pretrain_size: side of the pre-training views, pixels.
         pretrain_steps / pretrain_batch: optimizer steps and images per step of each pre-training.
+        pretrain_lr: pre-training lr per 256 images: 0.5, ten times SimSiam's recipe, the setting
+            where SPD was ahead of SimSiam on real images (benchmarks/results_spd.md); at the
+            recipe's lr a few dozen steps hardly move the weights.
         padim_batch: images per PaDiM feature batch.
         arch / layers: backbone and the PaDiM feature stages.
         seed: seeds data synthesis, both pre-trainings, the random init and PaDiM's channel draw.
@@ -75,6 +78,7 @@ class DemoSettings:
     pretrain_size: int = 64
     pretrain_steps: int = 60
     pretrain_batch: int = 32
+    pretrain_lr: float = 0.5
     padim_batch: int = 32
     arch: str = "resnet18"
     layers: tuple[str, ...] = ("layer1", "layer2", "layer3")
@@ -175,7 +179,8 @@ def pretrain_backbone(images: Path, out: Path, settings: DemoSettings, spd: bool
     shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted earlier attempt
     config = PretrainConfig(
         method="simsiam", spd=spd, arch=settings.arch, data=str(images), out=str(run_dir),
-        steps=settings.pretrain_steps, batch_size=settings.pretrain_batch, image_size=settings.pretrain_size,
+        steps=settings.pretrain_steps, batch_size=settings.pretrain_batch, lr=settings.pretrain_lr,
+        image_size=settings.pretrain_size,
         workers=0, amp="none", device="cpu", channels_last=False, seed=settings.seed,
         checkpoint_every=0, log_every=max(1, settings.pretrain_steps // 10), resume=False)
     checkpoint = run_pretrain(config)
@@ -274,7 +279,8 @@ def run_demo(settings: DemoSettings, out: str | os.PathLike[str] = "spotdiff-dem
     table = object_backbone_table(records, backbones=backbones, title="PaDiM on the synthetic dataset (%)")
     tables = [table, *paper_tables(records, methods=backbones, title_prefix="PaDiM: ")]
     settings_text = (f"{settings.arch}; pre-training: {settings.pretrain_steps} steps of {settings.pretrain_batch} "
-                     f"images at {settings.pretrain_size} px; PaDiM at {settings.image_size} px "
+                     f"images at {settings.pretrain_size} px, lr {settings.pretrain_lr:g} per 256 images; "
+                     f"PaDiM at {settings.image_size} px "
                      f"(layers {', '.join(settings.layers)}); synthetic data: scale {settings.scale}, "
                      f"{settings.data_size} px; seed {settings.seed}")
     if extra is not None:

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from spotdiff.errors import ConfigError, DataError, SpotdiffError
 from spotdiff.files import atomic_path, write_json_atomic, write_text_atomic
-from spotdiff.models import load_weights
+from spotdiff.models import LoadedWeights, load_weights
 from spotdiff.progress import bar, log, set_quiet
 from spotdiff.threads import cpu_cores
 from spotdiff.pretrain.checkpoint import (
@@ -82,12 +82,80 @@ def run_pretrain(cfg: PretrainConfig) -> Path:
 
 
 def _pretrain(cfg: PretrainConfig, ctx: DistContext) -> Path:
+    """Set up, resume if asked, train epoch by epoch, then save the checkpoint and the backbone."""
     if not ctx.is_main:
         set_quiet(True)
-    run_dir = Path(cfg.out)
-    ckpt_path = run_dir / CHECKPOINT_NAME
+    ckpt_path = Path(cfg.out) / CHECKPOINT_NAME
     resume = _checkpoint_to_resume(cfg, ckpt_path)
+    run = _set_up(cfg, ctx, ckpt_path, resume)
+    if resume is not None:
+        _resume(run, resume)
+        del resume
+    on_gpu = ctx.device.type == "cuda"
+    model = DistributedDataParallel(run.method, device_ids=[ctx.device.index] if on_gpu else None) \
+        if ctx.distributed else run.method
+    loader = _data_loader(run)
+    if ctx.is_main:
+        _write_run_record(run)
+    step = _train(run, model, loader)
+    _finish(run, step)
+    return ckpt_path
 
+
+@dataclasses.dataclass
+class _Run:
+    """What the loop needs, built once by ``_set_up``; ``cfg`` holds the resolved settings."""
+
+    cfg: PretrainConfig
+    ctx: DistContext
+    ckpt_path: Path
+    paths: list[Path]
+    labels: list[int]
+    class_names: list[str]
+    init: LoadedWeights  # the initial backbone weights
+    method: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    sampler: EpochBatchSampler
+    total_steps: int
+    warmup_steps: int
+    peak_lr: float
+    start_step: int = 0
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.out)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.batches_per_epoch
+
+
+def _set_up(cfg: PretrainConfig, ctx: DistContext, ckpt_path: Path, resume: dict[str, Any] | None) -> _Run:
+    """Data, model, resolved config, step schedule, device and optimizer: all before the first step."""
+    paths, labels, class_names = _find_images(cfg, ctx)
+    init = load_weights(cfg.arch, cfg.weights)  # read (or downloaded) and checked before anything is written
+    method = _build_method(cfg, class_names, init)
+    cfg = _resolve_config(cfg, method, len(paths), ctx)
+    if resume is not None:
+        changed = config_differences(resume["config"], cfg)
+        if changed:
+            raise ConfigError(f"{ckpt_path}: cannot resume with a different config: " + "; ".join(changed))
+    sampler, total_steps, warmup_steps = _schedule(cfg, ctx, len(paths), method)
+    method = _place(method, cfg, ctx)
+    peak_lr = cfg.lr * cfg.batch_size / 256
+    optimizer = build_optimizer(method, peak_lr)
+    remember_peak_lr(optimizer)
+    on_gpu = ctx.device.type == "cuda"
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if on_gpu else None
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype is torch.float16)
+    return _Run(cfg, ctx, ckpt_path, paths, labels, class_names, init, method, optimizer, scaler, amp_dtype,
+                sampler, total_steps, warmup_steps, peak_lr)
+
+
+def _find_images(cfg: PretrainConfig, ctx: DistContext) -> tuple[list[Path], list[int], list[str]]:
+    """The training images, their labels and class names; unreadable ones dropped with ``skip_bad``."""
     paths, labels, class_names = find_images(cfg.data)
     if cfg.skip_bad:
         paths, labels, dropped = drop_unreadable(paths, labels)
@@ -96,147 +164,187 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext) -> Path:
                 print(f"skipped {reason}", file=sys.stderr)
     if cfg.method == "supervised" and not class_names:
         raise DataError(f"{cfg.data}: supervised pre-training needs class subfolders (DIR/<class>/*.png)")
+    return paths, labels, class_names
 
-    init = load_weights(cfg.arch, cfg.weights)  # read (or downloaded) and checked before anything is written
+
+def _build_method(cfg: PretrainConfig, class_names: list[str], init: LoadedWeights) -> nn.Module:
+    """The method (backbone and heads), initialised from ``init`` and ``cfg.seed``."""
     torch.manual_seed(cfg.seed)  # model initialisation
     try:
-        method = build_method(cfg.method, arch=cfg.arch, spd=cfg.spd, eta=cfg.eta,
-                              num_classes=len(class_names) if cfg.method == "supervised" else None,
-                              weights=init, **cfg.hparams)
+        return build_method(cfg.method, arch=cfg.arch, spd=cfg.spd, eta=cfg.eta,
+                            num_classes=len(class_names) if cfg.method == "supervised" else None,
+                            weights=init, **cfg.hparams)
     except TypeError as exc:
         raise ConfigError(f"hparams {cfg.hparams}: not accepted by {cfg.method} ({exc})") from exc
+
+
+def _resolve_config(cfg: PretrainConfig, method: nn.Module, n_images: int, ctx: DistContext) -> PretrainConfig:
+    """``cfg`` with the method's recipe filled in, batch size and workers capped by the data and cores.
+
+    Also hands the resolved values back to ``method.recipe`` (the optimizer and param groups read them).
+    """
     cfg = cfg.with_recipe(method.recipe)
-    fitting = len(paths) - len(paths) % ctx.world_size  # the largest batch the data allows
-    if len(paths) < cfg.batch_size and fitting >= ctx.world_size:
+    fitting = n_images - n_images % ctx.world_size  # the largest batch the data allows
+    if n_images < cfg.batch_size and fitting >= ctx.world_size:
         log(f"note: batch size {cfg.batch_size} capped at {fitting}, the number of images in {cfg.data} "
             "(the peak lr scales with it)")
         cfg = dataclasses.replace(cfg, batch_size=fitting)
-    if len(paths) < cfg.batch_size:
-        raise DataError(f"{cfg.data}: {len(paths)} images, fewer than one batch of {cfg.batch_size} "
+    if n_images < cfg.batch_size:
+        raise DataError(f"{cfg.data}: {n_images} images, fewer than one batch of {cfg.batch_size} "
                         "(lower --batch-size)")
     cores = cpu_cores()
     if cfg.workers > cores:
         log(f"note: {cfg.workers} data-loading workers capped at {cores}, the number of CPU cores")
         cfg = dataclasses.replace(cfg, workers=cores)
-    method.recipe = dataclasses.replace(  # the optimizer and param groups read the resolved values
+    method.recipe = dataclasses.replace(
         method.recipe, optimizer=cfg.optimizer, base_lr=cfg.lr, weight_decay=cfg.weight_decay,
         momentum=cfg.momentum, batch_size=cfg.batch_size, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs)
-    if resume is not None:
-        changed = config_differences(resume["config"], cfg)
-        if changed:
-            raise ConfigError(f"{ckpt_path}: cannot resume with a different config: " + "; ".join(changed))
+    return cfg
 
+
+def _schedule(cfg: PretrainConfig, ctx: DistContext, n_images: int,
+              method: nn.Module) -> tuple[EpochBatchSampler, int, int]:
+    """This process's batch sampler, the total number of steps and the warm-up steps."""
     if cfg.batch_size % ctx.world_size:
         raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by {ctx.world_size} processes")
-    sampler = EpochBatchSampler(len(paths), cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size)
+    sampler = EpochBatchSampler(n_images, cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size)
     steps_per_epoch = sampler.batches_per_epoch
     method.check_batches(steps_per_epoch * cfg.batch_size, cfg.batch_size, ctx.world_size)
     total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
     warmup_steps = min(total_steps, round(cfg.warmup_epochs * steps_per_epoch))
+    return sampler, total_steps, warmup_steps
 
-    device = ctx.device
-    on_gpu = device.type == "cuda"
+
+def _place(method: nn.Module, cfg: PretrainConfig, ctx: DistContext) -> nn.Module:
+    """``method`` on the device (SyncBatchNorm under DDP on GPUs, channels-last if asked)."""
+    on_gpu = ctx.device.type == "cuda"
     if ctx.distributed and on_gpu and method.sync_batchnorm:  # MoCo shuffles its BN batches instead
         method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
-    method.to(device)
+    method.to(ctx.device)
     if on_gpu and cfg.channels_last:
         method.to(memory_format=torch.channels_last)
-    peak_lr = cfg.lr * cfg.batch_size / 256
-    optimizer = build_optimizer(method, peak_lr)
-    remember_peak_lr(optimizer)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if on_gpu else None
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+    return method
 
-    start_step = 0
-    if resume is not None:
-        method.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        if resume["scaler"]:  # empty when fp16 loss scaling was off
-            scaler.load_state_dict(resume["scaler"])
-        set_rng_state(resume["rng"])
-        start_step = int(resume["step"])
-        log(f"resuming {ckpt_path} at step {start_step}/{total_steps}")
-        del resume
-    model = DistributedDataParallel(method, device_ids=[device.index] if on_gpu else None) if ctx.distributed else method
 
-    dataset = PretrainImages(paths, labels, method.view_transform(cfg.image_size), cfg.seed)
-    loader = DataLoader(dataset, batch_size=sampler.local_batch, sampler=sampler, num_workers=cfg.workers,
-                        pin_memory=on_gpu, drop_last=True, persistent_workers=cfg.workers > 0)
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _write_config(run_dir / CONFIG_NAME, cfg)
-        write_json_atomic(run_dir / WEIGHTS_NAME, init.record())
-        log(f"pretrain {cfg.method}{'+spd' if cfg.spd else ''} {cfg.arch}: {len(paths)} images"
-            f"{f' in {len(class_names)} classes' if class_names else ''}, batch {cfg.batch_size} on "
-            f"{ctx.world_size} process(es) ({device.type}"
-            f"{', ' + torch.distributed.get_backend() if ctx.distributed else ''}), {total_steps} steps "
-            f"({steps_per_epoch}/epoch, warm-up {warmup_steps}), peak lr {peak_lr:g}")
-    logger = _RunLogger(run_dir, start_step, cfg.tensorboard) if ctx.is_main else None
+def _resume(run: _Run, state: dict[str, Any]) -> None:
+    """Load model, optimizer, loss scaler and RNG states; the run continues at the saved step."""
+    run.method.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    if state["scaler"]:  # empty when fp16 loss scaling was off
+        run.scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    run.start_step = int(state["step"])
+    log(f"resuming {run.ckpt_path} at step {run.start_step}/{run.total_steps}")
 
-    def checkpoint(step: int) -> None:
-        if ctx.is_main:
-            save_checkpoint(ckpt_path, {
-                "step": step, "epoch": step // steps_per_epoch, "world_size": ctx.world_size,
-                "config": cfg.to_dict(), "model": method.state_dict(),
-                "backbone": method.backbone.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "rng": rng_state(),
-            })
-        barrier(ctx)
 
-    run_name = f"pretrain {cfg.method}{'+spd' if cfg.spd else ''}"  # names the run: simsiam vs simsiam+spd
-    progress = bar(total=total_steps, desc=run_name, initial=start_step, unit="step")
-    step = start_step
-    window = _Window()
+def _data_loader(run: _Run) -> DataLoader:
+    """Batches of augmented views for this process, in the sampler's (seed, epoch) order."""
+    cfg = run.cfg
+    dataset = PretrainImages(run.paths, run.labels, run.method.view_transform(cfg.image_size), cfg.seed)
+    return DataLoader(dataset, batch_size=run.sampler.local_batch, sampler=run.sampler, num_workers=cfg.workers,
+                      pin_memory=run.ctx.device.type == "cuda", drop_last=True,
+                      persistent_workers=cfg.workers > 0)
+
+
+def _write_run_record(run: _Run) -> None:
+    """Rank 0: the run folder with its resolved config and initial weights' record; one summary line."""
+    cfg, ctx = run.cfg, run.ctx
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    _write_config(run.run_dir / CONFIG_NAME, cfg)
+    write_json_atomic(run.run_dir / WEIGHTS_NAME, run.init.record())
+    log(f"pretrain {cfg.method}{'+spd' if cfg.spd else ''} {cfg.arch}: {len(run.paths)} images"
+        f"{f' in {len(run.class_names)} classes' if run.class_names else ''}, batch {cfg.batch_size} on "
+        f"{ctx.world_size} process(es) ({ctx.device.type}"
+        f"{', ' + torch.distributed.get_backend() if ctx.distributed else ''}), {run.total_steps} steps "
+        f"({run.steps_per_epoch}/epoch, warm-up {run.warmup_steps}), peak lr {run.peak_lr:g}")
+
+
+def _train(run: _Run, model: nn.Module, loader: DataLoader) -> int:
+    """Train from ``run.start_step`` to ``run.total_steps``; return the last step done."""
+    tracker = _Tracker(run)
     sigterm = _SigtermFlag()
+    step = run.start_step
     try:
-        while step < total_steps:
-            epoch, start_batch = divmod(step, steps_per_epoch)
-            sampler.set_epoch(epoch, start_batch)
-            for views, batch_labels in _reraise_data_errors(loader):
-                lr = set_lr(optimizer, lr_factor(step, total_steps, warmup_steps))
-                torch.manual_seed(mix_seed(cfg.seed, step, ctx.rank, 1))
-                generator = torch.Generator(device).manual_seed(mix_seed(cfg.seed, step, ctx.rank, 2))
-                views = {k: _to_device(v, device, cfg.channels_last and on_gpu) for k, v in views.items()}
-                batch_labels = batch_labels.to(device, non_blocking=True)
-                *stats, stop = train_step(model, method, optimizer, scaler, views, batch_labels, generator,
-                                          amp_dtype, ctx, float(sigterm.is_set()))
-                if not all(math.isfinite(v) for v in stats):
-                    raise SpotdiffError(
-                        f"loss became {stats[0]} at step {step + 1} (epoch {epoch}); stopped before "
-                        f"updating the weights. The last good checkpoint is kept: "
-                        f"{ckpt_path if ckpt_path.is_file() else 'none written yet'}. "
-                        "Try a lower --lr or --amp bf16/none.")
-                step += 1
-                window.add(stats, cfg.batch_size)
-                progress.update(1)
-                if logger is not None and (step % cfg.log_every == 0 or step == total_steps):
-                    row = window.row(step, epoch, lr)
-                    logger.write(row)
-                    progress.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.1f}")
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
-                    started = time.perf_counter()
-                    checkpoint(step)
-                    window.start += time.perf_counter() - started  # img/s counts training only
-                if stop and step < total_steps:  # SIGTERM reached some process: save and stop, all together
-                    checkpoint(step)
-                    raise SpotdiffError(f"stopped by SIGTERM after step {step}/{total_steps}; checkpoint saved "
-                                        f"to {ckpt_path}; continue with --resume")
-                if step >= total_steps:
-                    break
+        while step < run.total_steps:
+            step = _train_one_epoch(run, model, loader, step, tracker, sigterm)
     finally:
         sigterm.restore()
-        progress.close()
-        if logger is not None:
-            logger.close()
-    if start_step < total_steps or not ckpt_path.is_file():
-        checkpoint(step)
-    if ctx.is_main:
-        write_backbone(method.backbone.state_dict(), cfg.arch, run_dir / BACKBONE_NAME,
+        tracker.close()
+    return step
+
+
+def _train_one_epoch(run: _Run, model: nn.Module, loader: DataLoader, step: int, tracker: _Tracker,
+                     sigterm: _SigtermFlag) -> int:
+    """The rest of the epoch that ``step`` falls in (or up to the last step); return the step reached.
+
+    Checkpoints every ``checkpoint_every`` steps; on SIGTERM checkpoints and raises SpotdiffError.
+    """
+    epoch, start_batch = divmod(step, run.steps_per_epoch)
+    run.sampler.set_epoch(epoch, start_batch)
+    for views, labels in _reraise_data_errors(loader):
+        lr = set_lr(run.optimizer, lr_factor(step, run.total_steps, run.warmup_steps))
+        *stats, stop = _one_step(run, model, views, labels, step, sigterm)
+        step += 1
+        tracker.add(step, epoch, lr, stats)
+        if run.cfg.checkpoint_every and step % run.cfg.checkpoint_every == 0 and step < run.total_steps:
+            started = time.perf_counter()
+            _checkpoint(run, step)
+            tracker.window.start += time.perf_counter() - started  # img/s counts training only
+        if stop and step < run.total_steps:  # SIGTERM reached some process: save and stop, all together
+            _checkpoint(run, step)
+            raise SpotdiffError(f"stopped by SIGTERM after step {step}/{run.total_steps}; checkpoint saved "
+                                f"to {run.ckpt_path}; continue with --resume")
+        if step >= run.total_steps:
+            break
+    return step
+
+
+def _one_step(run: _Run, model: nn.Module, views: dict[str, torch.Tensor], labels: torch.Tensor, step: int,
+              sigterm: _SigtermFlag) -> list[float]:
+    """Seed step ``step`` (0-based), move the batch to the device and train on it.
+
+    Returns ``[loss, loss_base, loss_spd, stop]``; raises SpotdiffError when the loss is not finite.
+    """
+    cfg, ctx, device = run.cfg, run.ctx, run.ctx.device
+    torch.manual_seed(mix_seed(cfg.seed, step, ctx.rank, 1))
+    generator = torch.Generator(device).manual_seed(mix_seed(cfg.seed, step, ctx.rank, 2))
+    channels_last = cfg.channels_last and device.type == "cuda"
+    views = {k: _to_device(v, device, channels_last) for k, v in views.items()}
+    labels = labels.to(device, non_blocking=True)
+    stats = train_step(model, run.method, run.optimizer, run.scaler, views, labels, generator,
+                       run.amp_dtype, ctx, float(sigterm.is_set()))
+    if not all(math.isfinite(v) for v in stats):
+        raise SpotdiffError(
+            f"loss became {stats[0]} at step {step + 1} (epoch {step // run.steps_per_epoch}); stopped before "
+            f"updating the weights. The last good checkpoint is kept: "
+            f"{run.ckpt_path if run.ckpt_path.is_file() else 'none written yet'}. "
+            "Try a lower --lr or --amp bf16/none.")
+    return stats
+
+
+def _checkpoint(run: _Run, step: int) -> None:
+    """Rank 0 saves everything needed to resume after ``step``; all processes wait for it."""
+    if run.ctx.is_main:
+        save_checkpoint(run.ckpt_path, {
+            "step": step, "epoch": step // run.steps_per_epoch, "world_size": run.ctx.world_size,
+            "config": run.cfg.to_dict(), "model": run.method.state_dict(),
+            "backbone": run.method.backbone.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict(), "rng": rng_state(),
+        })
+    barrier(run.ctx)
+
+
+def _finish(run: _Run, step: int) -> None:
+    """Save the final checkpoint (unless the run was already complete) and the backbone."""
+    if run.start_step < run.total_steps or not run.ckpt_path.is_file():
+        _checkpoint(run, step)
+    if run.ctx.is_main:
+        cfg = run.cfg
+        write_backbone(run.method.backbone.state_dict(), cfg.arch, run.run_dir / BACKBONE_NAME,
                        {"method": cfg.method, "spd": cfg.spd, "eta": cfg.eta, "step": step,
-                        "init_weights": init.name, "init_sha256": init.sha256})
-        log(f"pretrain done: {ckpt_path}, backbone {run_dir / BACKBONE_NAME}")
-    barrier(ctx)
-    return ckpt_path
+                        "init_weights": run.init.name, "init_sha256": run.init.sha256})
+        log(f"pretrain done: {run.ckpt_path}, backbone {run.run_dir / BACKBONE_NAME}")
+    barrier(run.ctx)
 
 
 def train_step(model: nn.Module, method: nn.Module, optimizer: torch.optim.Optimizer,
@@ -356,6 +464,32 @@ class _Window:
                "loss_spd": loss_spd, "img_per_s": self.images / elapsed}
         self.reset()
         return row
+
+
+class _Tracker:
+    """The progress bar, the loss/throughput window and (rank 0) the log rows of one run."""
+
+    def __init__(self, run: _Run) -> None:
+        cfg = run.cfg
+        self.total_steps, self.log_every, self.batch_size = run.total_steps, cfg.log_every, cfg.batch_size
+        self.logger = _RunLogger(run.run_dir, run.start_step, cfg.tensorboard) if run.ctx.is_main else None
+        run_name = f"pretrain {cfg.method}{'+spd' if cfg.spd else ''}"  # names the run: simsiam vs simsiam+spd
+        self.progress = bar(total=run.total_steps, desc=run_name, initial=run.start_step, unit="step")
+        self.window = _Window()
+
+    def add(self, step: int, epoch: int, lr: float, stats: list[float]) -> None:
+        """Count step ``step`` (1-based) with its losses; write a log row every ``log_every`` steps."""
+        self.window.add(stats, self.batch_size)
+        self.progress.update(1)
+        if self.logger is not None and (step % self.log_every == 0 or step == self.total_steps):
+            row = self.window.row(step, epoch, lr)
+            self.logger.write(row)
+            self.progress.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.1f}")
+
+    def close(self) -> None:
+        self.progress.close()
+        if self.logger is not None:
+            self.logger.close()
 
 
 class _RunLogger:

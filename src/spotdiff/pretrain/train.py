@@ -13,6 +13,10 @@ Determinism: the data order depends on ``(seed, epoch)``, each sample's augmenta
 ``(seed, epoch, index)``, and each step's random numbers (global torch RNG and the generator
 given to the method's forward for SPD blending) on ``(seed, step, rank)``. A resumed run
 therefore repeats exactly what the uninterrupted run would have done (bit-identical on CPU).
+
+Reading order: ``run_pretrain`` → ``_pretrain``, which calls ``_set_up`` (data, model, resolved
+config, step schedule, device, optimizer), ``_resume``, ``_data_loader``, ``_train`` (→
+``_train_one_epoch`` → ``_one_step`` → ``train_step``), ``_checkpoint`` and ``_finish``.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 A *result record* is one measured cell: an object, a method label (pre-trained weights and/or
 downstream method), a downstream name and the metrics dict of :func:`spotdiff.metrics.evaluate`
 (values are fractions in [0, 1]). Tables show them as **percentages with one decimal**, as the
-VisA / SPD paper does (``0.8765`` -> ``87.7``); a missing value is shown as ``-``.
+VisA / SPD paper does (``0.8765`` -> ``87.7``); a missing value is shown as ``-``. The cells are
+laid out as markdown, CSV and HTML by :mod:`spotdiff.tabular`, the one table renderer.
 
 Two layouts:
 

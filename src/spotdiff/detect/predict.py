@@ -6,8 +6,6 @@ needed by pixel metrics (``N x H x W`` float32 for the test set).
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -27,6 +25,7 @@ from spotdiff.detect.colour import colour_scale, normal_statistics, render_overl
 from spotdiff.errors import DataError
 from spotdiff.files import atomic_path, write_json_atomic, write_text_atomic
 from spotdiff.progress import log, progress
+from spotdiff.tabular import csv_text
 
 SCORE_COLUMNS = ("path", "label", "defect_type", "score")
 PREDICT_COLUMNS = ("path", "score", "normalized_score", "decision", "anomalous", "threshold", "overlay", "mask",
@@ -105,13 +104,9 @@ def count_test_set(per_type: dict[str, Any], records: list[dict[str, Any]], mask
                                 for t in per_type}}
 
 
-def _csv_text(rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: row.get(k, "") for k in columns})
-    return buf.getvalue()
+def _scores_csv(rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> str:
+    """CSV of ``columns`` of each record (empty where a record lacks one)."""
+    return csv_text(columns, [[row.get(k, "") for k in columns] for row in rows])
 
 
 def write_test_results(
@@ -126,7 +121,7 @@ def write_test_results(
     out.mkdir(parents=True, exist_ok=True)
     written = {"metrics": out / "metrics.json", "scores": out / "scores.csv"}
     write_json_atomic(written["metrics"], metrics)
-    write_text_atomic(written["scores"], _csv_text(records, SCORE_COLUMNS))
+    write_text_atomic(written["scores"], _scores_csv(records, SCORE_COLUMNS))
     if maps is not None:
         written["maps"] = out / "maps.npz"
         with atomic_path(written["maps"]) as tmp, open(tmp, "wb") as fh:
@@ -291,5 +286,5 @@ def predict_images(
             records.append(record)
     order = {str(p): i for i, p in enumerate(paths)}
     records.sort(key=lambda r: order[r["path"]])
-    write_text_atomic(out / "scores.csv", _csv_text(records, PREDICT_COLUMNS))
+    write_text_atomic(out / "scores.csv", _scores_csv(records, PREDICT_COLUMNS))
     return records

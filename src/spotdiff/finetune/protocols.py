@@ -13,7 +13,6 @@ initialisation of the new layers, the batch order and the augmentations.
 from __future__ import annotations
 
 import csv
-import io
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -25,6 +24,7 @@ from torch.utils.data import Dataset
 
 from spotdiff.data import open_dataset, sample_kshot
 from spotdiff.errors import ConfigError, DataError
+from spotdiff.tabular import csv_text, format_percent, markdown_table
 
 
 @dataclass(frozen=True)
@@ -182,19 +182,10 @@ def flatten_aggregate(agg: Mapping[str, Any], prefix: str = "") -> list[dict[str
     return rows
 
 
-def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    for row in rows:
-        writer.writerow(["" if v is None else v for v in row])
-    return buf.getvalue()
-
-
 def aggregate_csv(agg: Mapping[str, Any]) -> str:
     """CSV text with columns ``metric,mean,std,n`` (empty std for a single seed)."""
     rows = flatten_aggregate(agg)
-    return _csv_text(["metric", "mean", "std", "n"], [[r["metric"], r["mean"], r["std"], r["n"]] for r in rows])
+    return csv_text(["metric", "mean", "std", "n"], [[r["metric"], r["mean"], r["std"], r["n"]] for r in rows])
 
 
 # ----------------------------------------------------------------------------- paper-style table
@@ -242,27 +233,18 @@ def table_csv(rows: Mapping[str, Mapping[str, Any]], metrics: Sequence[str]) -> 
     body = []
     for name, agg in rows.items():
         body.append([name] + [agg.get(m, {}).get(s) for m in metrics for s in ("mean", "std")])
-    return _csv_text(header, body)
+    return csv_text(header, body)
 
 
 def _percent(stat: Mapping[str, Any] | None) -> str:
-    if not stat or stat.get("mean") is None:
+    if not stat:
         return "–"
-    text = f"{100 * stat['mean']:.1f}"
-    if stat.get("std") is not None:
-        text += f" ± {100 * stat['std']:.1f}"
-    return text
+    return format_percent(stat.get("mean"), stat.get("std"), missing="–")
 
 
 def table_markdown(rows: Mapping[str, Mapping[str, Any]], metrics: Sequence[str], title: str = "") -> str:
     """Markdown table in percent (one decimal), ``mean ± std`` over seeds, mean row in bold."""
-    lines = [f"**{title}**", ""] if title else []
-    lines.append("| object | " + " | ".join(METRIC_TITLES.get(m, m) for m in metrics) + " |")
-    lines.append("|---|" + "---:|" * len(metrics))
-    for name, agg in rows.items():
-        cells = [_percent(agg.get(m)) for m in metrics]
-        if name == "mean" and len(rows) > 1:
-            lines.append("| **mean** | " + " | ".join(f"**{c}**" for c in cells) + " |")
-        else:
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    header = ["object", *(METRIC_TITLES.get(m, m) for m in metrics)]
+    cells = [[name, *(_percent(agg.get(m)) for m in metrics)] for name, agg in rows.items()]
+    bold = [name == "mean" and len(rows) > 1 for name in rows]
+    return markdown_table(header, cells, ["---"] + ["---:"] * len(metrics), bold, title)

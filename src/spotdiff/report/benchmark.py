@@ -81,6 +81,7 @@ from spotdiff.report.tables import (
     records_csv,
     tables_markdown,
 )
+from spotdiff.tabular import format_percent
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+-]*(_[A-Za-z0-9.+-]+)*$")  # no "__", filename-safe
 CELL_DIR = "cells"
@@ -907,7 +908,7 @@ def _headline(metrics: Mapping[str, Any]) -> str:
     for key in ("image_aupr", "image_auroc", "pixel_aupro"):
         value = metrics.get(key)
         if isinstance(value, int | float) and not np.isnan(value):
-            parts.append(f"{key} {100 * value:.1f}")
+            parts.append(f"{key} {format_percent(value)}")
     return ", ".join(parts) or "done"
 
 

@@ -27,6 +27,7 @@ from spotdiff.report.plots import (
     per_defect_type_auroc,
 )
 from spotdiff.report.tables import Table
+from spotdiff.tabular import html_table
 
 _CSS = """
 :root { --fg:#1f2328; --muted:#59636e; --line:#d1d9e0; --head:#f6f8fa; --accent:#0969da; }
@@ -96,18 +97,10 @@ def _best_by_column(table: Table) -> set[tuple[int, int]]:
 def table_html(table: Table) -> str:
     """One table as HTML (values as percentages with one decimal; column best in bold)."""
     best = _best_by_column(table)
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in table.header)
-    body = []
-    for i, (row, cells) in enumerate(zip(table.rows, table.formatted_rows(), strict=True)):
-        n_labels = len(row.labels)
-        tds = [f"<td>{html.escape(c)}</td>" for c in cells[:n_labels]]
-        tds += [f'<td class="num{" best" if (i, j) in best else ""}">{html.escape(c)}</td>'
-                for j, c in enumerate(cells[n_labels:])]
-        row_attr = ' class="mean"' if row.is_mean else ""
-        body.append(f"<tr{row_attr}>{''.join(tds)}</tr>")
-    notes = "".join(f'\n<p class="caption">{html.escape(n)}</p>' for n in table.notes)
-    return (f"<h3>{html.escape(table.title)}</h3>\n<div class=\"table-wrap\"><table>\n"
-            f"<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(body) + "\n</tbody></table></div>" + notes)
+    classes = [[""] * len(row.labels) + [f"num{' best' if (i, j) in best else ''}" for j in range(len(row.values))]
+               for i, row in enumerate(table.rows)]
+    return html_table(table.header, table.formatted_rows(), classes, ["mean" if r.is_mean else "" for r in table.rows],
+                      table.title, table.notes)
 
 
 def figure_html(fig: Figure) -> str:

@@ -3,7 +3,8 @@
 A *result record* is one measured cell: an object, a method label (pre-trained weights and/or
 downstream method), a downstream name and the metrics dict of :func:`spotdiff.metrics.evaluate`
 (values are fractions in [0, 1]). Tables show them as **percentages with one decimal**, as the
-VisA / SPD paper does (``0.8765`` -> ``87.7``); a missing value is shown as ``-``.
+VisA / SPD paper does (``0.8765`` -> ``87.7``); a missing value is shown as ``-``. The cells are
+laid out as markdown, CSV and HTML by :mod:`spotdiff.tabular`, the one table renderer.
 
 Two layouts:
 
@@ -22,14 +23,13 @@ exceed their spread over seeds (or that there is only one seed).
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from spotdiff.errors import ConfigError
+from spotdiff.tabular import csv_text, format_fraction, format_percent, markdown_table
 
 #: Headline metrics in the paper's order (AU-PR before AU-ROC), with their display names.
 METRIC_LABELS: dict[str, str] = {
@@ -42,7 +42,6 @@ METRIC_LABELS: dict[str, str] = {
 HEADLINE_METRICS: tuple[str, ...] = tuple(METRIC_LABELS)
 MEAN_LABEL = "Mean"
 STD_SUFFIX = "_std"  # a record's ``<metric>_std``: standard deviation over seeds
-MISSING = "-"
 
 
 @dataclass(frozen=True)
@@ -115,26 +114,13 @@ class Table:
 
     def to_markdown(self) -> str:
         """A GitHub-flavoured markdown table preceded by its title; mean rows in bold."""
-        head = self.header
-        lines = [f"**{self.title}**", "", "| " + " | ".join(head) + " |",
-                 "|" + "|".join([":---"] * len(self.label_columns)
-                                + ["---:"] * len(self.columns)) + "|"]
-        for row, cells in zip(self.rows, self.formatted_rows(), strict=True):
-            if row.is_mean:
-                cells = [f"**{c}**" for c in cells]
-            lines.append("| " + " | ".join(cells) + " |")
-        if self.notes:
-            lines += [""] + [f"- {note}" for note in self.notes]
-        return "\n".join(lines) + "\n"
+        align = [":---"] * len(self.label_columns) + ["---:"] * len(self.columns)
+        return markdown_table(self.header, self.formatted_rows(), align, [r.is_mean for r in self.rows],
+                              self.title, self.notes)
 
     def to_csv(self) -> str:
         """CSV with the header row; values are fractions with 6 decimals (empty when missing)."""
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(self.header)
-        for row in self.rows:
-            writer.writerow([*row.labels, *("" if v is None else f"{v:.6f}" for v in row.values)])
-        return buf.getvalue()
+        return csv_text(self.header, [[*row.labels, *map(format_fraction, row.values)] for row in self.rows])
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict; values are fractions (null when missing)."""
@@ -154,14 +140,6 @@ def _as_float(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return None if math.isnan(out) else out
-
-
-def format_percent(value: float | None, std: float | None = None) -> str:
-    """A fraction as a percentage with one decimal (``0.8765`` -> ``"87.7"``; with ``std=0.012``:
-    ``"87.7 ± 1.2"``); ``"-"`` if missing."""
-    if value is None:
-        return MISSING
-    return f"{100.0 * value:.1f}" + ("" if std is None else f" ± {100.0 * std:.1f}")
 
 
 def mean_or_none(values: Iterable[float | None]) -> float | None:
@@ -319,11 +297,6 @@ def records_csv(records: Sequence[ResultRecord], metrics: Sequence[str] = HEADLI
     """The flat results table: one line per record, metric values as fractions; ``extra`` adds
     columns (name -> one value per record, None for empty)."""
     extra = dict(extra or {})
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["object", "method", "downstream", *metrics, *extra])
-    for i, rec in enumerate(records):
-        values = ["" if rec.value(m) is None else f"{rec.value(m):.6f}" for m in metrics]
-        extras = ["" if col[i] is None else col[i] for col in extra.values()]
-        writer.writerow([rec.object, rec.method, rec.downstream, *values, *extras])
-    return buf.getvalue()
+    return csv_text(["object", "method", "downstream", *metrics, *extra],
+                    [[rec.object, rec.method, rec.downstream, *(format_fraction(rec.value(m)) for m in metrics),
+                      *(col[i] for col in extra.values())] for i, rec in enumerate(records)])

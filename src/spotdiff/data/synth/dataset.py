@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
@@ -19,6 +18,7 @@ from PIL import Image
 from spotdiff.errors import ConfigError, DataError
 from spotdiff.files import default_mode, write_json_atomic
 from spotdiff.progress import log, progress
+from spotdiff.tabular import csv_text
 
 from ._base import RenderedSample, SynthObject, render_sample
 from .capsules import CapsulesSynth
@@ -190,11 +190,7 @@ def _put(stage: Path, rel: str, data: bytes, files: dict[str, str]) -> None:
 
 
 def _csv(columns: Sequence[str], rows: list[dict]) -> bytes:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue().encode("utf-8")
+    return csv_text(columns, [[row.get(k, "") for k in columns] for row in rows]).encode("utf-8")
 
 
 def _split_rows(seed: int, split: str, name: str, rows: dict[str, list[dict]]) -> list[dict]:

@@ -164,7 +164,7 @@ def child_padim_ours(args: argparse.Namespace) -> dict:
 
     model = PaDiM(args.arch, weights=work / "backbone.safetensors", layers=LAYERS, d=args.d, seed=args.seed,
                   batch_size=args.batch_size)
-    assert np.array_equal(model.channel_index.numpy(), np.load(work / "channel_index.npy"))
+    assert np.array_equal(model.channel_index_.numpy(), np.load(work / "channel_index.npy"))
     base = rss_mb()
     reset_peak()
     t0 = clocks()

@@ -159,6 +159,7 @@ def child_accuracy(args: argparse.Namespace) -> dict[str, Any]:
     from spotdiff.detect.padim import GaussianAccumulator, mahalanobis
 
     model = PaDiM(**PADIM, seed=0)
+    model.check_params()._build_backbone(model.weights)  # only its feature extractor is used here
     size = args.accuracy_size
     train = open_magnetic_tile(args.real_root, "train", image_size=size, seed=0)
     train = train.subset(range(min(args.accuracy_images, len(train))))

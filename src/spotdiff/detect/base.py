@@ -6,8 +6,12 @@ A detector is fitted on normal images only and scores new images:
   returned by :func:`spotdiff.data.open_dataset`) or such a tensor directly. All training images
   share one size (the data layer resizes them); that size becomes the model's ``image_size_``.
 * ``predict(images)``: ``(B, 3, H, W)`` float in [0, 1] -> ``(scores (B,), maps (B, H', W'))`` as
-  float32 CPU torch tensors, ``(H', W') = image_size``. Images of another size are resized
-  (bilinear, antialiased) to ``image_size`` first, so maps are always at the model's size.
+  float32 CPU torch tensors, ``(H', W') = image_size_``. Images of another size are resized
+  (bilinear, antialiased) to ``image_size_`` first, so maps are always at the model's size.
+
+scikit-learn's estimator conventions: the constructor only stores its arguments (``get_params`` /
+``set_params`` / ``repr``; ``type(m)(**m.get_params())`` is an unfitted copy); ``check_params``
+validates them; ``fit`` and ``load`` build the backbone; fitted state ends in ``_``.
 """
 
 from __future__ import annotations

@@ -106,13 +106,13 @@ def prepare_backbone(work: Path, arch: str, d: int, seed: int) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from spotdiff.detect import PaDiM
+    from spotdiff.detect.padim import channel_subset
     from spotdiff.models import build_backbone
 
     torch.manual_seed(seed)
     save_file({k: v.contiguous() for k, v in build_backbone(arch).state_dict().items()},
               str(work / "backbone.safetensors"))
-    np.save(work / "channel_index.npy", PaDiM(arch, d=d, seed=seed).channel_index.numpy())
+    np.save(work / "channel_index.npy", channel_subset(arch, LAYERS, d, seed)[1].numpy())
 
 
 class ImageFile:
@@ -164,7 +164,7 @@ def child_padim_ours(args: argparse.Namespace) -> dict:
 
     model = PaDiM(args.arch, weights=work / "backbone.safetensors", layers=LAYERS, d=args.d, seed=args.seed,
                   batch_size=args.batch_size)
-    assert np.array_equal(model.channel_index.numpy(), np.load(work / "channel_index.npy"))
+    assert np.array_equal(model.channel_index_.numpy(), np.load(work / "channel_index.npy"))
     base = rss_mb()
     reset_peak()
     t0 = clocks()

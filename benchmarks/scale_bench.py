@@ -142,9 +142,9 @@ def child_fit(args: argparse.Namespace) -> dict[str, Any]:
     out = {"images": len(data), "fit_wall_s": wall, "fit_cpu_s": cpu, "peak_rss": fit_peak,
            "rss_after_imports": start_rss, "rss_after_model_built": built_rss,
            "model_tensor_bytes": tensor_bytes(model._state()), "threads": torch.get_num_threads(),
-           "decode_workers": model.num_workers, "factorisation_wall_s": factorisation[0]}
+           "decode_workers": model.num_workers_, "factorisation_wall_s": factorisation[0]}
     if args.config != "padim":
-        out["bank_rows"] = int(model.memory_bank.shape[0])
+        out["bank_rows"] = int(model.memory_bank_.shape[0])
         out["coreset_shard"] = model.coreset_shard
         out["nn_backend"] = "faiss" if model._index is not None else "torch"
     return {**out, **_test(model, args.data, args.image_size)}
@@ -159,6 +159,7 @@ def child_accuracy(args: argparse.Namespace) -> dict[str, Any]:
     from spotdiff.detect.padim import GaussianAccumulator, mahalanobis
 
     model = PaDiM(**PADIM, seed=0)
+    model.check_params()._build_backbone(model.weights)  # only its feature extractor is used here
     size = args.accuracy_size
     train = open_magnetic_tile(args.real_root, "train", image_size=size, seed=0)
     train = train.subset(range(min(args.accuracy_images, len(train))))

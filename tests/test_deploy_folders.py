@@ -93,7 +93,7 @@ def test_normalized_score_is_fraction_of_normal_scores_below():
 def test_fit_folder_api_holds_out_validation_and_calibrates(folders):
     model, cal, unmasked = fit_folder(PaDiM(arch="resnet18", d=16, layers=["layer1", "layer2"]),
                                       folders / "train", image_size=SIZE, val_seed=3)
-    assert model.n_train + cal.figures["n_val_good"] == 12 and cal.figures["n_val_good"] == 2
+    assert model.n_train_ + cal.figures["n_val_good"] == 12 and cal.figures["n_val_good"] == 2
     assert cal.source == {"validation": "held out of training folder", "val_fraction": 0.2, "val_seed": 3,
                           "n_val_good": 2}
     assert cal.image_threshold == max(cal.normal_scores)  # 1 % of 2 images: none may be flagged

@@ -59,8 +59,8 @@ def test_fit_test_predict_identical_with_decoding_threads(large_jpegs, tmp_path)
     train = open_dataset(large_jpegs, "cashew_synth", subset="train", image_size=64)
     test = open_dataset(large_jpegs, "cashew_synth", subset="test", image_size=64)
     models = [PaDiM(arch="resnet18", d=16, num_workers=w).fit(train) for w in (0, 2)]
-    assert torch.equal(models[0].mean, models[1].mean)
-    assert torch.equal(models[0].inv_chol_packed, models[1].inv_chol_packed)
+    assert torch.equal(models[0].mean_, models[1].mean_)
+    assert torch.equal(models[0].inv_chol_packed_, models[1].inv_chol_packed_)
     runs = [evaluate_detector(models[0], test, num_workers=w) for w in (0, 2)]
     assert runs[0][1] == runs[1][1] and np.array_equal(runs[0][2], runs[1][2])
     folder = large_jpegs / "cashew_synth" / "Data" / "Images" / "Anomaly"

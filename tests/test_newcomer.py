@@ -113,7 +113,7 @@ def test_old_model_dir_without_statistics_loads_and_predict_fixes_the_scale_once
     manifest = json.loads((old / MANIFEST_FILE).read_text())
     manifest["files"][CONFIG_FILE] = sha256_file(old / CONFIG_FILE)
     (old / MANIFEST_FILE).write_text(json.dumps(manifest))
-    assert PaDiM.load(old).normal_maps is None
+    assert PaDiM.load(old).normal_maps_ is None
     assert main(["predict", str(old), *map(str, low_and_high), "--out", str(tmp_path / "p")]) == 0
     assert capsys.readouterr().err.count("first batch fix the overlays' colour scale") == 1
 

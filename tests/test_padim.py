@@ -12,7 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 from spotdiff.detect import Detector, PaDiM, PatchCore
 from spotdiff.detect.features import padim_embedding, upsample_and_smooth
-from spotdiff.detect.padim import GaussianAccumulator, mahalanobis, unpack_lower
+from spotdiff.detect.padim import GaussianAccumulator, channel_subset, mahalanobis, unpack_lower
 from spotdiff.detect.store import MANIFEST_FILE, MODEL_FILE
 from spotdiff.errors import ConfigError, DataError, WeightsError
 from spotdiff.models import build_backbone, extract_features
@@ -174,11 +174,14 @@ def test_predict_is_batch_independent(fitted):
 
 
 def test_channel_subset_is_seeded():
-    a, b, c = PaDiM("resnet18", d=30, seed=3), PaDiM("resnet18", d=30, seed=3), PaDiM("resnet18", d=30, seed=4)
-    assert torch.equal(a.channel_index, b.channel_index) and not torch.equal(a.channel_index, c.channel_index)
-    assert a.channel_index.numel() == 30 and torch.all(a.channel_index[1:] > a.channel_index[:-1])
-    assert PaDiM("resnet18").d == 100 and PaDiM("resnet18", layers=["layer1"], d=500).d == 64
-    assert torch.equal(a.backbone.conv1.weight, b.backbone.conv1.weight)
+    layers = ("layer1", "layer2", "layer3")
+    (d_a, a), (_, b), (_, c) = (channel_subset("resnet18", layers, 30, seed) for seed in (3, 3, 4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert d_a == 30 and a.numel() == 30 and torch.all(a[1:] > a[:-1])
+    assert channel_subset("resnet18", layers, None, 0)[0] == 100 and channel_subset("resnet18", ["layer1"], 500, 0)[0] == 64
+    fa, fb = (PaDiM("resnet18", d=30, seed=3).fit(as_dataset(square_images(2))) for _ in range(2))
+    assert torch.equal(fa.channel_index_, a) and fa.d_ == 30
+    assert torch.equal(fa.backbone_.conv1.weight, fb.backbone_.conv1.weight)
 
 
 def test_detects_defects_and_localises_them(fitted):
@@ -202,7 +205,7 @@ def test_save_load_round_trip_identical(fitted, tmp_path):
     images = square_images(3, defect=True, seed=5)
     fitted.save(tmp_path / "m")
     loaded = Detector.load(tmp_path / "m")
-    assert isinstance(loaded, PaDiM) and loaded.d == 40 and loaded.image_size == (64, 64)
+    assert isinstance(loaded, PaDiM) and loaded.d == 40 and loaded.image_size_ == (64, 64)
     for a, b in zip(fitted.predict(images), loaded.predict(images), strict=True):
         assert torch.equal(a, b)
     config = json.loads((tmp_path / "m" / "config.json").read_text())
@@ -210,8 +213,8 @@ def test_save_load_round_trip_identical(fitted, tmp_path):
     from safetensors.torch import load_file
 
     saved = load_file(str(tmp_path / "m" / MODEL_FILE))  # L^-1 stored as its lower triangle only
-    assert saved["inv_cholesky_packed"].shape == (fitted.mean.shape[0], 40 * 41 // 2)
-    assert torch.equal(loaded.inv_chol, fitted.inv_chol)
+    assert saved["inv_cholesky_packed"].shape == (fitted.mean_.shape[0], 40 * 41 // 2)
+    assert torch.equal(loaded.inv_chol_, fitted.inv_chol_)
     with pytest.raises(WeightsError, match="not PatchCore"):
         PatchCore.load(tmp_path / "m")
     # saving again over a model directory replaces it; other directories are refused
@@ -273,7 +276,7 @@ def test_bad_training_input():
     with pytest.raises(DataError, match="at least 2"):
         PaDiM("resnet18", d=10).fit(as_dataset(square_images(1)))
     with pytest.raises(ConfigError, match="layers"):
-        PaDiM("resnet18", layers=["layer3", "layer1"])
+        PaDiM("resnet18", layers=["layer3", "layer1"]).check_params()
     with pytest.raises(ConfigError, match="not fitted"):
         PaDiM("resnet18", d=10).predict(square_images(1))
 

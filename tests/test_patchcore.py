@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -76,7 +78,7 @@ def test_faiss_and_torch_neighbours_agree():
 
 def test_reweighted_score_follows_paper_formula(fitted):
     rng = np.random.default_rng(2)
-    bank = fitted.memory_bank.numpy().astype(np.float64)
+    bank = fitted.memory_bank_.numpy().astype(np.float64)
     patches = rng.normal(size=(2, 10, bank.shape[1])) + bank.mean(0)
     dists = np.sqrt(((patches[:, :, None] - bank[None, None]) ** 2).sum(-1))  # (B, P, M)
     expected = []
@@ -89,7 +91,7 @@ def test_reweighted_score_follows_paper_formula(fitted):
         d_support = np.sqrt(((bank[support] - patches[b, p]) ** 2).sum(1))
         expected.append((1 - np.exp(s_star) / np.exp(d_support).sum()) * s_star)
     t = torch.from_numpy(patches).float()
-    d, idx = nearest_neighbors(t.reshape(-1, t.shape[-1]), fitted.memory_bank, 1, fitted._index)
+    d, idx = nearest_neighbors(t.reshape(-1, t.shape[-1]), fitted.memory_bank_, 1, fitted._index)
     got = fitted._reweighted_scores(t, d[:, 0].reshape(2, 10), idx[:, 0].reshape(2, 10))
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4)
 
@@ -109,9 +111,9 @@ def test_embedding_is_locally_averaged_and_upsampled():
 
 
 def test_memory_bank_size(fitted):
-    assert fitted.memory_bank.shape == (int(8 * 8 * 8 * 0.25), 384)
+    assert fitted.memory_bank_.shape == (int(8 * 8 * 8 * 0.25), 384)
     full = PatchCore(arch="resnet18", coreset_ratio=1.0).fit(as_dataset(square_images(3)))
-    assert full.memory_bank.shape == (3 * 64, 384)
+    assert full.memory_bank_.shape == (3 * 64, 384)
 
 
 def test_detects_defects_and_localises_them(fitted):
@@ -125,10 +127,8 @@ def test_detects_defects_and_localises_them(fitted):
 
 def test_torch_backend_matches_faiss(fitted):
     images = square_images(3, defect=True, seed=4)
-    torch_model = PatchCore(arch="resnet18", coreset_ratio=0.25, nn_backend="torch")
-    torch_model.backbone = fitted.backbone
-    torch_model.image_size = fitted.image_size
-    torch_model._set_bank(fitted.memory_bank)
+    torch_model = copy.copy(fitted).set_params(nn_backend="torch")  # same fitted backbone and bank
+    torch_model._set_bank(fitted.memory_bank_)
     assert torch_model._index is None
     for a, b in zip(fitted.predict(images), torch_model.predict(images), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
@@ -139,7 +139,7 @@ def test_save_load_round_trip_identical(fitted, tmp_path):
     fitted.save(tmp_path / "m")
     loaded = Detector.load(tmp_path / "m")
     assert isinstance(loaded, PatchCore) and loaded.coreset_ratio == 0.25
-    assert torch.equal(loaded.memory_bank, fitted.memory_bank)
+    assert torch.equal(loaded.memory_bank_, fitted.memory_bank_)
     for a, b in zip(fitted.predict(images), loaded.predict(images), strict=True):
         assert torch.equal(a, b)
 
@@ -148,9 +148,9 @@ def test_bad_input():
     with pytest.raises(DataError, match="empty"):
         PatchCore(arch="resnet18").fit([])
     with pytest.raises(ConfigError, match="coreset ratio"):
-        PatchCore(arch="resnet18", coreset_ratio=0.0)
+        PatchCore(arch="resnet18", coreset_ratio=0.0).check_params()
     with pytest.raises(ConfigError, match="unknown architecture"):
-        PatchCore(arch="vgg16")
+        PatchCore(arch="vgg16").check_params()
 
 
 @pytest.mark.slow
@@ -185,7 +185,7 @@ def test_streaming_bank_equals_materialised_bank(projection_dim, tmp_path):
                       coreset_shard=None, spill_dir=tmp_path).fit(as_dataset(images))
     full = _materialised_bank(model, images)
     keep = greedy_coreset(full, int(full.shape[0] * 0.1), projection_dim, seed=0)
-    assert torch.equal(model.memory_bank, full[keep])
+    assert torch.equal(model.memory_bank_, full[keep])
     assert list(tmp_path.iterdir()) == []  # the temporary feature file is gone
 
 
@@ -203,9 +203,9 @@ def test_sharded_fit_keeps_the_ratio_and_detects(tmp_path):
     images = square_images(8)
     model = PatchCore(arch="resnet18", batch_size=4, coreset_ratio=0.25, coreset_shard=100,
                       spill_dir=tmp_path).fit(as_dataset(images))
-    assert model.memory_bank.shape == (128, 384)
+    assert model.memory_bank_.shape == (128, 384)
     full = _materialised_bank(model, images)
-    assert all(any(torch.equal(row, f) for f in full) for row in model.memory_bank[:5])
+    assert all(any(torch.equal(row, f) for f in full) for row in model.memory_bank_[:5])
     s_good, _ = model.predict(square_images(4, seed=1))
     s_bad, _ = model.predict(square_images(4, defect=True, seed=2))
     assert s_bad.min() > s_good.max()
@@ -217,9 +217,9 @@ def test_refuses_a_bank_larger_than_memory(monkeypatch):
                                           r"50.0 kB .* smaller --coreset-ratio or --image-size"):
         PatchCore(arch="resnet18", batch_size=4).fit(as_dataset(square_images(4)))
     with pytest.raises(ConfigError, match=r"coreset ratio must be in \(0, 1\].*got 1.5"):
-        PatchCore(arch="resnet18", coreset_ratio=1.5)
+        PatchCore(arch="resnet18", coreset_ratio=1.5).check_params()
     with pytest.raises(ConfigError, match="coreset_shard"):
-        PatchCore(arch="resnet18", coreset_shard=0)
+        PatchCore(arch="resnet18", coreset_shard=0).check_params()
 
 
 def test_model_written_before_coreset_shard_loads(fitted, tmp_path):
@@ -231,7 +231,7 @@ def test_model_written_before_coreset_shard_loads(fitted, tmp_path):
     del config["coreset_shard"]
     store.save_model_dir(tmp_path / "old", config, tensors, backbone)
     loaded = Detector.load(tmp_path / "old")
-    assert loaded.coreset_shard == 65536 and torch.equal(loaded.memory_bank, fitted.memory_bank)
+    assert loaded.coreset_shard == 65536 and torch.equal(loaded.memory_bank_, fitted.memory_bank_)
 
 
 
@@ -249,8 +249,8 @@ images = square_images(3, defect=True, seed=4)
 scores, maps = model.predict(images)
 with torch.inference_mode():
     patches = model._embed(model._prepare(images)).flatten(0, 2)
-_, idx = pc.nearest_neighbors(patches, model.memory_bank, 3, model._index)
-np.savez(sys.argv[1], scores=scores, maps=maps, bank=model.memory_bank, idx=idx)
+_, idx = pc.nearest_neighbors(patches, model.memory_bank_, 3, model._index)
+np.savez(sys.argv[1], scores=scores, maps=maps, bank=model.memory_bank_, idx=idx)
 """
 
 
@@ -275,9 +275,9 @@ def test_without_faiss_the_torch_fallback_is_silent_and_identical(fitted, tmp_pa
     scores, maps = fitted.predict(images)
     with torch.inference_mode():
         patches = fitted._embed(fitted._prepare(images)).flatten(0, 2)
-    _, idx = nearest_neighbors(patches, fitted.memory_bank, 3, fitted._index)
+    _, idx = nearest_neighbors(patches, fitted.memory_bank_, 3, fitted._index)
     with np.load(out) as got:
-        assert np.array_equal(got["bank"], fitted.memory_bank.numpy())  # same coreset: faiss plays no part
+        assert np.array_equal(got["bank"], fitted.memory_bank_.numpy())  # same coreset: faiss plays no part
         assert np.array_equal(got["idx"], idx.numpy())  # same 3 nearest neighbours of every test patch
         np.testing.assert_allclose(got["scores"], scores.numpy(), rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(got["maps"], maps.numpy(), rtol=1e-4, atol=1e-4)

@@ -144,7 +144,7 @@ def test_model_dirs_without_a_record_still_load(root, tmp_path, capsys):
     manifest = json.loads((model_dir / MANIFEST_FILE).read_text())
     manifest["files"][CONFIG_FILE] = sha256_file(model_dir / CONFIG_FILE)
     (model_dir / MANIFEST_FILE).write_text(json.dumps(manifest))
-    assert Detector.load(model_dir).weights_record == {"name": "random", "file": None, "sha256": "random"}
+    assert Detector.load(model_dir).weights_record_ == {"name": "random", "file": None, "sha256": "random"}
 
 
 # ----------------------------------------------------------------------------- the random-init warning
@@ -343,7 +343,7 @@ def test_unknown_architecture_is_one_config_error_everywhere(tmp_path):
         lambda: build_backbone("vgg16"),
         lambda: load_weights("vgg16", "imagenet"),
         lambda: layer_channels("vgg16", ["layer2"]),
-        lambda: PaDiM(arch="vgg16"),
+        lambda: PaDiM(arch="vgg16").check_params(),
         lambda: FinetuneConfig(task="cls", protocol="highshot", data=tmp_path, out=tmp_path, arch="vgg16").validate(),
     ]
     for call in calls:

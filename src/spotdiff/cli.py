@@ -213,7 +213,7 @@ def _run_fit(args: argparse.Namespace) -> int:
     from spotdiff.detect.calibration import check_threshold_mode
     from spotdiff.devices import resolve_device
     from spotdiff.errors import ConfigError
-    from spotdiff.models import random_init_warning
+    from spotdiff.models import load_weights, random_init_warning
 
     if args.weights is None:
         random_init_warning()
@@ -230,6 +230,8 @@ def _run_fit(args: argparse.Namespace) -> int:
     else:
         shard = {} if args.coreset_shard is None else {"coreset_shard": args.coreset_shard or None}
         model = PatchCore(coreset_ratio=args.coreset_ratio, **shard, **common)
+    model.check_params()  # bad settings and weights fail before anything is read or written
+    model.set_params(weights=load_weights(model.arch, model.weights))
     if args.train is not None:
         if args.data is not None or args.object is not None or args.skip_bad:
             raise ConfigError("--train DIR cannot be combined with --data, --object or --skip-bad")
@@ -239,7 +241,7 @@ def _run_fit(args: argparse.Namespace) -> int:
     train = open_dataset(args.data, args.object, split=args.split, subset="train", image_size=args.image_size,
                          split_csv=args.split_csv, skip_bad=args.skip_bad, seed=args.split_seed)
     _print_skipped(train.skipped)
-    model.data_source = {"data": str(args.data), "object": args.object, "split": args.split,
+    model.data_source_ = {"data": str(args.data), "object": args.object, "split": args.split,
                          "split_csv": args.split_csv, "split_seed": args.split_seed}
     if args.val_good is None and (args.val_bad or args.val_masks or args.threshold is not None
                                   or args.pixel_threshold is not None or args.threshold_mode != "normal-fpr"):
@@ -255,7 +257,7 @@ def _run_fit(args: argparse.Namespace) -> int:
     if args.val_good is not None:  # a dataset split has no held-out normal images of its own
         cal = _calibrate_folders(args, model, args.val_good, {"validation": "given"})
     out = model.save(args.out)
-    print(f"fitted {args.model} ({model.arch}, {model.n_train} training images) -> {out}")
+    print(f"fitted {args.model} ({model.arch}, {model.n_train_} training images) -> {out}")
     if cal is not None:
         print(cal.summary())
     return 0
@@ -278,13 +280,13 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
 def _fit_folder(args: argparse.Namespace, model) -> int:  # type: ignore[no-untyped-def]
     from spotdiff.detect.calibration import fit_folder
 
-    model.data_source = {"train": str(args.train), "split_seed": args.split_seed}
+    model.data_source_ = {"train": str(args.train), "split_seed": args.split_seed}
     _, cal, unmasked = fit_folder(model, args.train, args.val_good, args.val_bad, args.val_masks, args.image_size,
                                   args.threshold_mode, args.target_fpr, args.threshold, args.pixel_threshold,
                                   val_seed=args.split_seed)
     _report_unmasked(unmasked, args.val_masks)
     out = model.save(args.out)
-    print(f"fitted {args.model} ({model.arch}, {model.n_train} training images) -> {out}")
+    print(f"fitted {args.model} ({model.arch}, {model.n_train_} training images) -> {out}")
     print(cal.summary())
     return 0
 
@@ -293,8 +295,8 @@ def _calibrate_folders(args: argparse.Namespace, model, val_good: str, source: d
     from spotdiff.data.plain import open_folders
     from spotdiff.detect.calibration import calibrate
 
-    good, _ = open_folders(val_good, image_size=model.image_size, name="val good")
-    bad, unmasked = (open_folders(None, args.val_bad, args.val_masks, image_size=model.image_size, name="val bad")
+    good, _ = open_folders(val_good, image_size=model.image_size_, name="val good")
+    bad, unmasked = (open_folders(None, args.val_bad, args.val_masks, image_size=model.image_size_, name="val bad")
                      if args.val_bad else (None, []))
     _report_unmasked(unmasked, args.val_masks)
     return calibrate(model, good, bad, args.threshold_mode, args.target_fpr, args.threshold, args.pixel_threshold,
@@ -341,18 +343,18 @@ def _run_test(args: argparse.Namespace) -> int:
     from spotdiff.errors import ConfigError
 
     model = load_detector(args.model_dir, device=resolve_device(args.device))
-    fitted_on = model.data_source.get("object")
+    fitted_on = model.data_source_.get("object")
     if fitted_on and args.object and fitted_on != args.object:
         print(f"warning: {args.model_dir} was fitted on object {fitted_on!r}, not {args.object!r}; "
               "its scores on another object are rarely meaningful", file=sys.stderr)
-    height, width = model.image_size
+    height, width = model.image_size_
     if args.good is not None or args.bad is not None:
         test = _open_test_folders(args, model)
         metrics, records, maps, _ = evaluate_detector(model, test, batch_size=args.batch_size, num_workers=args.workers)
         return _write_test(args, model, metrics, records, maps)
     if args.data is None or args.object is None:
         raise ConfigError("give --good DIR --bad DIR (plain folders) or --data ROOT with --object NAME")
-    recorded = model.data_source.get("split_seed", 0)
+    recorded = model.data_source_.get("split_seed", 0)
     split_seed = recorded if args.split_seed is None else args.split_seed
     if split_seed != recorded:
         print(f"warning: --split-seed {split_seed} differs from the seed the model was fitted with ({recorded}); "
@@ -372,7 +374,7 @@ def _open_test_folders(args: argparse.Namespace, model):  # type: ignore[no-unty
 
     if args.good is None or args.bad is None:
         raise ConfigError("plain-folder test needs both --good DIR and --bad DIR")
-    test, unmasked = open_folders(args.good, args.bad, args.masks, image_size=model.image_size, name="test")
+    test, unmasked = open_folders(args.good, args.bad, args.masks, image_size=model.image_size_, name="test")
     _report_unmasked(unmasked, args.masks)
     return test
 
@@ -383,11 +385,11 @@ def _write_test(args: argparse.Namespace, model, metrics: dict, records: list, m
     from spotdiff.detect.predict import write_test_results
     from spotdiff.models import describe_weights
 
-    metrics["weights"] = model.weights_record
+    metrics["weights"] = model.weights_record_
     written = write_test_results(args.out, metrics, records, maps if args.save_maps else None)
     headline = {k: v for k, v in metrics.items() if isinstance(v, float)}
     print(json.dumps(headline, indent=2, sort_keys=True))
-    print(f"backbone weights: {describe_weights(model.weights_record)}")
+    print(f"backbone weights: {describe_weights(model.weights_record_)}")
     print(f"results -> {written['metrics'].parent}")
     return 0
 

@@ -4,14 +4,19 @@ A detector is fitted on normal images only and scores new images:
 
 * ``fit(dataset)``: ``dataset[i]`` is a dict with ``"image"``: float ``(3, H, W)`` in [0, 1] (as
   returned by :func:`spotdiff.data.open_dataset`) or such a tensor directly. All training images
-  share one size (the data layer resizes them); that size becomes the model's ``image_size``.
+  share one size (the data layer resizes them); that size becomes the model's ``image_size_``.
 * ``predict(images)``: ``(B, 3, H, W)`` float in [0, 1] -> ``(scores (B,), maps (B, H', W'))`` as
-  float32 CPU torch tensors, ``(H', W') = image_size``. Images of another size are resized
-  (bilinear, antialiased) to ``image_size`` first, so maps are always at the model's size.
+  float32 CPU torch tensors, ``(H', W') = image_size_``. Images of another size are resized
+  (bilinear, antialiased) to ``image_size_`` first, so maps are always at the model's size.
+
+scikit-learn's estimator conventions: the constructor only stores its arguments (``get_params`` /
+``set_params`` / ``repr``; ``type(m)(**m.get_params())`` is an unfitted copy); ``check_params``
+validates them; ``fit`` and ``load`` build the backbone; fitted state ends in ``_``.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -27,6 +32,7 @@ from torchvision.models import ResNet
 from spotdiff.data.loader import batches, decode_workers
 from spotdiff.detect import store
 from spotdiff.detect.colour import NORMAL_SAMPLE, normal_statistics
+from spotdiff.detect.features import check_layers
 from spotdiff.data.transforms import normalize
 from spotdiff.errors import ConfigError, DataError, WeightsError
 from spotdiff.models import WeightsLike, build_backbone, check_arch, file_record, inference_backbone, load_weights
@@ -41,7 +47,7 @@ at 4, 38.0 at 16) and only add activation memory (about 9 MB per image)."""
 def make_backbone(arch: str, weights: WeightsLike, seed: int) -> ResNet:
     """``build_backbone`` in eval mode; random init is drawn from ``seed`` without touching the global RNG.
 
-    Detectors keep only ``inference_backbone`` of it as ``self.backbone`` (BatchNorm folded,
+    Detectors keep only ``inference_backbone`` of it as ``backbone_`` (BatchNorm folded,
     channels-last, stages after the deepest used layer dropped); that is also what they save.
     """
     with torch.random.fork_rng(devices=[]):
@@ -85,56 +91,99 @@ class Detector(ABC):
         device: str | torch.device,
         num_workers: int | None,
     ) -> None:
-        if batch_size < 1:
-            raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+        # scikit-learn convention: the constructor only stores its arguments; fit() checks them
+        # (check_params) and builds the backbone; fitted state ends with "_"
         self.arch = arch
-        self.layers = list(layers)
+        self.weights = weights
+        self.layers = layers
         self.seed = seed
         self.batch_size = batch_size
-        self.num_workers = decode_workers(num_workers)
-        """Image-decoding threads in ``fit`` (None given: :func:`spotdiff.data.loader.decode_workers`)."""
-        self.device = torch.device(device)
-        check_arch(arch)
-        loaded = load_weights(arch, weights)
-        self.backbone = inference_backbone(make_backbone(arch, loaded, seed), self.layers).to(self.device)
-        self.backbone_source = loaded.file if not loaded.is_random else f"random init, seed {seed}"
-        self.weights_record: dict[str, str | None] = loaded.record()
+        self.device = device
+        self.num_workers = num_workers
+
+    data_source_: dict[str, Any] | None = None
+    """Where the training images came from (the CLI records root, object, split and split seed);
+    saved in ``config.json`` so ``spotdiff test`` can open the matching test split."""
+    calibration_: dict[str, Any] | None = None
+    """Thresholds and normal-score distribution (:mod:`spotdiff.detect.calibration`); None until calibrated."""
+    image_size_: tuple[int, int] | None = None
+    """``(H, W)`` of the training images, None until fitted or loaded."""
+
+    # ----------------------------------------------------------------------------- parameters
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        return [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """Constructor arguments by name (scikit-learn's ``get_params``; ``deep`` is accepted and ignored)."""
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def set_params(self, **params: Any) -> Self:
+        """Set constructor arguments (take effect at the next ``fit``); unknown names raise ``ConfigError``."""
+        names = self._param_names()
+        for name, value in params.items():
+            if name not in names:
+                raise ConfigError(f"{type(self).__name__} has no parameter {name!r}; choose from {names}")
+            setattr(self, name, value)
+        return self
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+    def check_params(self) -> Self:
+        """Validate the constructor arguments (cheap: no weights are read); ``fit`` calls it first."""
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
+        check_arch(self.arch)
+        check_layers(self.layers)
+        return self
+
+    def _build_backbone(self, weights: WeightsLike) -> None:
+        """Set ``backbone_`` (inference form on ``device_``), ``backbone_source_`` and ``weights_record_``."""
+        self.device_ = torch.device(self.device)
+        self.layers_ = check_layers(self.layers)
+        loaded = load_weights(self.arch, weights)
+        self.backbone_ = inference_backbone(make_backbone(self.arch, loaded, self.seed), self.layers_).to(self.device_)
+        self.backbone_source_ = loaded.file if not loaded.is_random else f"random init, seed {self.seed}"
+        self.weights_record_: dict[str, str | None] = loaded.record()
         """Provenance of the backbone weights, ``{name, file, sha256}`` (see :func:`spotdiff.models.load_weights`)."""
-        self.image_size: tuple[int, int] | None = None
-        self.n_train = 0
-        self.data_source: dict[str, Any] = {}
-        """Where the training images came from (the CLI records root, object, split and split seed);
-        saved in ``config.json`` so ``spotdiff test`` can open the matching test split."""
         self._normal_maps: dict[str, Any] | None = None
         self._normal_sample: list[torch.Tensor] = []  # a few training images, scored after fitting
-        self.calibration: dict[str, Any] | None = None
-        """Thresholds and normal-score distribution (:mod:`spotdiff.detect.calibration`); None until calibrated."""
+
+    def _start_fit(self) -> None:
+        """Common start of ``fit``: check parameters, build the backbone, forget earlier fitted state."""
+        self.check_params()
+        self._build_backbone(self.weights)
+        self.num_workers_ = decode_workers(self.num_workers)
+        """Image-decoding threads used by ``fit`` (:func:`spotdiff.data.loader.decode_workers`)."""
+        self.image_size_ = None
 
     @property
     def forward_batch(self) -> int:
         """Images per backbone forward pass: ``batch_size``, capped at ``CPU_FORWARD_IMAGES`` on CPU."""
-        return self.batch_size if self.device.type != "cpu" else min(self.batch_size, CPU_FORWARD_IMAGES)
+        return self.batch_size if torch.device(self.device).type != "cpu" else min(self.batch_size, CPU_FORWARD_IMAGES)
 
     # ----------------------------------------------------------------------------- fitting
     def _training_batches(self, dataset: Dataset, desc: str) -> Iterator[torch.Tensor]:
-        """Normalised batches of ``forward_batch`` images on ``self.device``; sets ``image_size`` and ``n_train``."""
+        """Normalised batches of ``forward_batch`` images on ``device_``; sets ``image_size_`` and ``n_train_``."""
         n = len(dataset)  # type: ignore[arg-type]
         if n == 0:
             raise DataError("the training set is empty: no normal images to fit on")
-        loader = batches(dataset, self.forward_batch, self.num_workers)  # type: ignore[arg-type]
-        self.n_train = 0
+        loader = batches(dataset, self.forward_batch, self.num_workers_)  # type: ignore[arg-type]
+        self.n_train_ = 0
         self._normal_maps, self._normal_sample = None, []
         keep = set(np.linspace(0, n - 1, min(n, NORMAL_SAMPLE)).round().astype(int).tolist())
         for batch in progress(loader, desc=desc, total=-(-n // self.forward_batch), unit="batch"):
             images = _batch_images(batch)
             size = (int(images.shape[-2]), int(images.shape[-1]))
-            if self.image_size is None:
-                self.image_size = size
-            elif size != self.image_size:
-                raise DataError(f"training images must share one size; got {size} after {self.image_size}")
-            self._normal_sample += [images[i].cpu() for i in range(images.shape[0]) if self.n_train + i in keep]
-            self.n_train += images.shape[0]
-            yield normalize(images.to(self.device, torch.float32))
+            if self.image_size_ is None:
+                self.image_size_ = size
+            elif size != self.image_size_:
+                raise DataError(f"training images must share one size; got {size} after {self.image_size_}")
+            self._normal_sample += [images[i].cpu() for i in range(images.shape[0]) if self.n_train_ + i in keep]
+            self.n_train_ += images.shape[0]
+            yield normalize(images.to(self.device_, torch.float32))
 
     @abstractmethod
     def fit(self, dataset: Dataset) -> Self:
@@ -142,9 +191,9 @@ class Detector(ABC):
 
     # ----------------------------------------------------------------------------- inference
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.device, torch.float32)
-        if tuple(images.shape[-2:]) != self.image_size:
-            images = F.interpolate(images, size=self.image_size, mode="bilinear", align_corners=False, antialias=True)
+        images = images.to(self.device_, torch.float32)
+        if tuple(images.shape[-2:]) != self.image_size_:
+            images = F.interpolate(images, size=self.image_size_, mode="bilinear", align_corners=False, antialias=True)
         return normalize(images)
 
     @abstractmethod
@@ -158,12 +207,12 @@ class Detector(ABC):
         Images go through the backbone ``forward_batch`` at a time, so memory does not grow with ``B``
         beyond the outputs.
         """
-        if self.image_size is None:
+        if self.image_size_ is None:
             raise ConfigError(f"{type(self).__name__} is not fitted; call fit() or load() first")
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
             raise DataError(f"predict expects a (B, 3, H, W) tensor, got {getattr(images, 'shape', type(images))}")
         scores = torch.empty(images.shape[0])
-        maps = torch.empty(images.shape[0], *self.image_size)
+        maps = torch.empty(images.shape[0], *self.image_size_)
         step = self.forward_batch
         for start in range(0, images.shape[0], step):
             chunk_scores, chunk_maps = self._predict_normalized(self._prepare(images[start : start + step]))
@@ -172,10 +221,10 @@ class Detector(ABC):
         return scores, maps
 
     @property
-    def normal_maps(self) -> dict[str, Any] | None:
+    def normal_maps_(self) -> dict[str, Any] | None:
         """Statistics of the maps of ``NORMAL_SAMPLE`` training images (see :mod:`spotdiff.detect.colour`),
         computed once after fitting; None for a model loaded from a directory that predates them."""
-        if self._normal_maps is None and self._normal_sample and self.image_size is not None:
+        if self._normal_maps is None and self._normal_sample and self.image_size_ is not None:
             scores, maps = self.predict(torch.stack(self._normal_sample))
             self._normal_maps, self._normal_sample = normal_statistics(scores.numpy(), maps.numpy()), []
         return self._normal_maps
@@ -195,23 +244,23 @@ class Detector(ABC):
 
     def save(self, out_dir: str | os.PathLike[str]) -> Path:
         """Write the fitted model as a self-contained directory (see :mod:`spotdiff.detect.store`)."""
-        if self.image_size is None:
+        if self.image_size_ is None:
             raise ConfigError(f"{type(self).__name__} is not fitted; nothing to save")
         config = {
             "model": self.model_type,
             "arch": self.arch,
-            "layers": self.layers,
+            "layers": self.layers_,
             "seed": self.seed,
-            "image_size": list(self.image_size),
-            "n_train": self.n_train,
-            "backbone_source": self.backbone_source,
-            "weights": self.weights_record,
-            "data_source": self.data_source,
-            **({"normal_maps": self.normal_maps} if self.normal_maps else {}),
-            **({"calibration": self.calibration} if self.calibration else {}),
+            "image_size": list(self.image_size_),
+            "n_train": self.n_train_,
+            "backbone_source": self.backbone_source_,
+            "weights": self.weights_record_,
+            "data_source": self.data_source_ or {},
+            **({"normal_maps": self.normal_maps_} if self.normal_maps_ else {}),
+            **({"calibration": self.calibration_} if self.calibration_ else {}),
             **self._config(),
         }
-        return store.save_model_dir(out_dir, config, self._state(), self.backbone.state_dict())
+        return store.save_model_dir(out_dir, config, self._state(), self.backbone_.state_dict())
 
     @classmethod
     def _from_config(cls, config: dict[str, Any], device: str | torch.device) -> Self:
@@ -234,15 +283,16 @@ class Detector(ABC):
             raise WeightsError(f"{model_dir}: holds a {kind} model, not {cls.__name__}")
         try:
             model = target._from_config(config, device)
-            load_feature_weights(model.backbone, backbone_state, source=f"{model_dir}/{store.BACKBONE_FILE}")
-            model.image_size = (int(config["image_size"][0]), int(config["image_size"][1]))
-            model.n_train = int(config["n_train"])
-            model.backbone_source = str(config["backbone_source"])
-            model.weights_record = dict(config.get("weights") or file_record(  # saved before records existed
-                None if model.backbone_source.startswith("random init") else model.backbone_source))
-            model.data_source = dict(config.get("data_source") or {})
+            model._build_backbone(None)  # random init, replaced by the saved feature network
+            load_feature_weights(model.backbone_, backbone_state, source=f"{model_dir}/{store.BACKBONE_FILE}")
+            model.image_size_ = (int(config["image_size"][0]), int(config["image_size"][1]))
+            model.n_train_ = int(config["n_train"])
+            model.backbone_source_ = str(config["backbone_source"])
+            model.weights_record_ = dict(config.get("weights") or file_record(  # saved before records existed
+                None if model.backbone_source_.startswith("random init") else model.backbone_source_))
+            model.data_source_ = dict(config.get("data_source") or {})
             model._normal_maps = dict(config["normal_maps"]) if config.get("normal_maps") else None
-            model.calibration = config.get("calibration")
+            model.calibration_ = config.get("calibration")
             model._set_state(tensors)
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, WeightsError):

@@ -179,7 +179,7 @@ def calibrate(
     source: dict[str, Any] | None = None,
     has_masks: bool = False,
 ) -> Calibration:
-    """Score validation images and choose thresholds (see module docstring); sets ``model.calibration``.
+    """Score validation images and choose thresholds (see module docstring); sets ``model.calibration_``.
 
     ``val_good`` / ``val_bad`` items are dicts with ``image`` (and ``mask`` for ``val_bad``) at the
     model's image size. ``has_masks``: ``val_bad`` carries real masks (pixel F1 is then possible).
@@ -230,13 +230,13 @@ def calibrate(
         image_mode=mode, pixel_mode=pixel_mode, target_fpr=float(target_fpr), pixel_quantiles=quantiles,
         figures=figures, source=dict(source or {}),
     )
-    model.calibration = cal.to_dict()
+    model.calibration_ = cal.to_dict()
     return cal
 
 
 def model_calibration(model: Any) -> Calibration | None:
     """The calibration stored on a model (None for models fitted before calibration existed)."""
-    data = getattr(model, "calibration", None)
+    data = getattr(model, "calibration_", None)
     return Calibration.from_dict(data) if data else None
 
 
@@ -273,8 +273,8 @@ def fit_folder(
         check_disjoint(fit_paths, list_images(val_bad, recursive=True), "anomalous validation")
     fit_set = AnomalyDataset([ImageRecord(p, 0) for p in fit_paths], image_size=image_size, name="train")
     model.fit(fit_set)
-    good_ds = AnomalyDataset([ImageRecord(p, 0) for p in val_paths], image_size=model.image_size, name="val good")
-    bad_ds = AnomalyDataset(bad_set.records, image_size=model.image_size, name="val bad") if bad_set else None
+    good_ds = AnomalyDataset([ImageRecord(p, 0) for p in val_paths], image_size=model.image_size_, name="val good")
+    bad_ds = AnomalyDataset(bad_set.records, image_size=model.image_size_, name="val bad") if bad_set else None
     cal = calibrate(model, good_ds, bad_ds, threshold_mode, target_fpr, threshold, pixel_threshold, source,
                     has_masks=bad_set is not None and len(bad_set.unmasked) < len(bad_set.records))
     return model, cal, bad_set.unmasked if bad_set else []

@@ -70,7 +70,7 @@ def colour_scale(model: Any, threshold: float | None = None) -> ColourScale | No
     # predict passes the calibrated image threshold as ``threshold`` when no --threshold is given
     if threshold is not None:
         return ColourScale(0.0, 2.0 * threshold, f"0 .. 2 x threshold {threshold:g}")
-    stats = getattr(model, "normal_maps", None)
+    stats = getattr(model, "normal_maps_", None)
     if stats:
         return scale_from_normals(stats, f"{stats['images']} training normal images (in-sample)")
     return None

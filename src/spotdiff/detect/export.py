@@ -70,10 +70,10 @@ class _Graph(nn.Module):
 
     def __init__(self, model: Detector) -> None:
         super().__init__()
-        assert model.image_size is not None
-        self.backbone = model.backbone
-        self.layers = list(model.layers)
-        self.image_size = model.image_size
+        assert model.image_size_ is not None
+        self.backbone = model.backbone_
+        self.layers = list(model.layers_)
+        self.image_size_ = model.image_size_
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 
@@ -101,9 +101,9 @@ class _Graph(nn.Module):
     def _set_map_operators(self) -> None:
         """Find the feature grid ``(h, w)`` of ``layers[0]`` (one forward pass) and store the map operators."""
         with torch.no_grad():
-            grid = tuple(self._features(torch.zeros(1, 3, *self.image_size))[self.layers[0]].shape[-2:])
+            grid = tuple(self._features(torch.zeros(1, 3, *self.image_size_))[self.layers[0]].shape[-2:])
         self.grid: tuple[int, int] = (int(grid[0]), int(grid[1]))
-        h, w = self.image_size
+        h, w = self.image_size_
         self.register_buffer("map_rows", _axis_operator(self.grid[0], h, GAUSSIAN_SIGMA).to(torch.float32))
         self.register_buffer("map_cols_t", _axis_operator(self.grid[1], w, GAUSSIAN_SIGMA).to(torch.float32).T.contiguous())
 
@@ -113,8 +113,8 @@ class PaDiMGraph(_Graph):
 
     def __init__(self, model: Any) -> None:
         super().__init__(model)
-        assert model.mean is not None and model.inv_chol is not None
-        index = model.channel_index.cpu()
+        assert model.mean_ is not None and model.inv_chol_ is not None
+        index = model.channel_index_.cpu()
         self.parts: list[tuple[str, str]] = []
         offset = 0
         for i, (name, channels) in enumerate(zip(self.layers, layer_channels(model.arch, self.layers), strict=True)):
@@ -123,8 +123,8 @@ class PaDiMGraph(_Graph):
             if inside.numel():
                 self.register_buffer(f"index_{i}", inside.clone())
                 self.parts.append((name, f"index_{i}"))
-        self.register_buffer("mean", model.mean.detach().cpu().float().clone())
-        self.register_buffer("inv_chol", model.inv_chol.detach().cpu().float())  # shared with the model: no copy
+        self.register_buffer("mean", model.mean_.detach().cpu().float().clone())
+        self.register_buffer("inv_chol", model.inv_chol_.detach().cpu().float())  # shared with the model: no copy
         self._set_map_operators()
         if self.grid[0] * self.grid[1] != self.mean.shape[0]:
             raise WeightsError(f"PaDiM grid {self.grid} does not match its {self.mean.shape[0]} fitted positions")
@@ -149,8 +149,8 @@ class PatchCoreGraph(_Graph):
 
     def __init__(self, model: Any) -> None:
         super().__init__(model)
-        assert model.memory_bank is not None
-        bank = model.memory_bank.detach().cpu().float().contiguous()
+        assert model.memory_bank_ is not None
+        bank = model.memory_bank_.detach().cpu().float().contiguous()
         self.register_buffer("bank", bank)
         # [-2 b^T; ||b||^2] (C + 1, M): [q, 1] @ it = ||b||^2 - 2 q.b in one matrix product
         self.register_buffer("bank_aug", torch.cat([-2.0 * bank.T, (bank * bank).sum(dim=1)[None]]).contiguous())
@@ -205,9 +205,9 @@ def detector_graph(model: Detector) -> nn.Module:
     """The exportable ``nn.Module`` of a fitted PaDiM or PatchCore (on CPU, eval mode)."""
     from spotdiff.detect import PaDiM, PatchCore
 
-    if model.image_size is None:
+    if model.image_size_ is None:
         raise ConfigError(f"{type(model).__name__} is not fitted; nothing to export")
-    model.backbone = model.backbone.cpu()
+    model.backbone_ = model.backbone_.cpu()
     graph = {PaDiM: PaDiMGraph, PatchCore: PatchCoreGraph}[type(model)](model)
     return graph.eval().requires_grad_(False)
 
@@ -239,8 +239,8 @@ def export_onnx(
         external_data = graph_bytes(graph) > PROTOBUF_LIMIT
     out = Path(out)
     data_name = f"{out.name}.data"
-    assert model.image_size is not None
-    example = torch.rand(example_batch, 3, *model.image_size, generator=torch.Generator().manual_seed(0))
+    assert model.image_size_ is not None
+    example = torch.rand(example_batch, 3, *model.image_size_, generator=torch.Generator().manual_seed(0))
     batch = torch.export.Dim("batch", min=1)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent if out.parent.is_dir() else None))
     try:
@@ -252,7 +252,7 @@ def export_onnx(
             )
         program.model.metadata_props[FINGERPRINT_KEY] = model_fingerprint(model_dir)
         program.model.metadata_props["spotdiff.model"] = model.model_type
-        program.model.metadata_props["spotdiff.image_size"] = json.dumps(list(model.image_size))
+        program.model.metadata_props["spotdiff.image_size"] = json.dumps(list(model.image_size_))
         tmp_onnx = work / out.name
         program.save(str(tmp_onnx), external_data=external_data)
         onnx.checker.check_model(str(tmp_onnx)) if external_data else onnx.checker.check_model(onnx.load(str(tmp_onnx)))
@@ -305,16 +305,16 @@ class OnnxDetector:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise WeightsError(f"{path}: onnxruntime cannot load it ({type(exc).__name__}: {exc})") from exc
-        self.image_size: tuple[int, int] = (int(config["image_size"][0]), int(config["image_size"][1]))
-        self.calibration = config.get("calibration")
+        self.image_size_: tuple[int, int] = (int(config["image_size"][0]), int(config["image_size"][1]))
+        self.calibration_ = config.get("calibration")
         self.forward_batch = batch_size
         self.path = path
 
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Image scores ``(B,)`` and maps ``(B, H, W)`` float32 CPU tensors, like ``Detector.predict``."""
         images = images.to(torch.float32).cpu()
-        if tuple(images.shape[-2:]) != self.image_size:
-            images = F.interpolate(images, size=self.image_size, mode="bilinear", align_corners=False, antialias=True)
+        if tuple(images.shape[-2:]) != self.image_size_:
+            images = F.interpolate(images, size=self.image_size_, mode="bilinear", align_corners=False, antialias=True)
         scores, maps = [], []
         for start in range(0, images.shape[0], self.forward_batch):
             chunk = np.ascontiguousarray(images[start : start + self.forward_batch].numpy())

@@ -14,7 +14,6 @@ size, smoothed with a Gaussian of sigma 4 px. Image score: maximum of the map.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any, Self
@@ -23,10 +22,10 @@ import torch
 from torch.utils.data import Dataset
 
 from spotdiff.detect.base import Detector
-from spotdiff.detect.features import check_layers, padim_embedding, upsample_and_smooth
+from spotdiff.detect.features import padim_embedding, upsample_and_smooth
 from spotdiff.detect.memory import check_fits
 from spotdiff.errors import ConfigError, DataError, WeightsError
-from spotdiff.models import layer_channels
+from spotdiff.models import WeightsLike, layer_channels
 
 DEFAULT_DIMS = {"resnet18": 100, "resnet50": 550, "wide_resnet50_2": 550}
 """Random channel subset size per backbone, as in the PaDiM paper."""
@@ -264,6 +263,15 @@ def mahalanobis(x: torch.Tensor, mean: torch.Tensor, inv_chol: torch.Tensor, chu
     return out
 
 
+def channel_subset(arch: str, layers: Sequence[str], d: int | None, seed: int) -> tuple[int, torch.Tensor]:
+    """``(d_, index)``: ``d`` (None: ``DEFAULT_DIMS[arch]``) capped at the channel count of ``layers``, and
+    the sorted random subset of that many concatenated channels drawn from ``seed``."""
+    total = sum(layer_channels(arch, layers))
+    d_ = min(DEFAULT_DIMS[arch] if d is None else d, total)
+    generator = torch.Generator().manual_seed(seed)
+    return d_, torch.randperm(total, generator=generator)[:d_].sort().values
+
+
 class PaDiM(Detector):
     """PaDiM anomaly detector.
 
@@ -287,7 +295,7 @@ class PaDiM(Detector):
     def __init__(
         self,
         arch: str = "resnet18",
-        weights: str | os.PathLike[str] | None = None,
+        weights: WeightsLike = None,
         layers: Sequence[str] = ("layer1", "layer2", "layer3"),
         d: int | None = None,
         epsilon: float = 0.01,
@@ -296,36 +304,40 @@ class PaDiM(Detector):
         device: str | torch.device = "cpu",
         num_workers: int | None = None,
     ) -> None:
-        layers = check_layers(layers)
         super().__init__(arch, weights, layers, seed, batch_size, device, num_workers)
-        total = sum(layer_channels(arch, layers))
-        d = DEFAULT_DIMS[arch] if d is None else d
-        if d < 1:
-            raise ConfigError(f"d must be >= 1, got {d}")
-        self.d = min(d, total)
-        if epsilon <= 0:
-            raise ConfigError(f"epsilon must be > 0, got {epsilon}")
-        self.epsilon = float(epsilon)
-        generator = torch.Generator().manual_seed(seed)
-        self.channel_index = torch.randperm(total, generator=generator)[: self.d].sort().values
-        self.mean: torch.Tensor | None = None
-        self.inv_chol_packed: torch.Tensor | None = None
+        self.d = d
+        self.epsilon = epsilon
+
+    def check_params(self) -> Self:
+        super().check_params()
+        if self.d is not None and self.d < 1:
+            raise ConfigError(f"d must be >= 1, got {self.d}")
+        if self.epsilon <= 0:
+            raise ConfigError(f"epsilon must be > 0, got {self.epsilon}")
+        return self
+
+    def _build_backbone(self, weights: WeightsLike) -> None:
+        """Also draws the channel subset: ``d_`` (``d`` capped at the channel count) and ``channel_index_``."""
+        super()._build_backbone(weights)
+        self.d_, self.channel_index_ = channel_subset(self.arch, self.layers_, self.d, self.seed)
+        self.mean_: torch.Tensor | None = None
+        self.inv_chol_packed_: torch.Tensor | None = None
         """``(P, d (d + 1) / 2)`` float32 lower triangle of ``L^-1`` (``torch.tril_indices`` order);
-        see :attr:`inv_chol` for the square form."""
+        see :attr:`inv_chol_` for the square form."""
         self._unpacked: tuple[torch.Tensor, torch.Tensor] | None = None  # (packed, its unpacked copy)
         self._grid: tuple[int, int] = (0, 0)  # (h, w) of the last embedding
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, P, d)`` patch embeddings of normalised images, ``P = h * w``."""
-        emb = padim_embedding(self.backbone, images, self.layers, self.channel_index, self.arch)
+        emb = padim_embedding(self.backbone_, images, self.layers_, self.channel_index_, self.arch)
         self._grid = (emb.shape[-2], emb.shape[-1])
         return emb.flatten(2).transpose(1, 2)
 
     @property
-    def inv_chol(self) -> torch.Tensor | None:
-        """``(P, d, d)`` float32 ``L^-1``, unpacked from :attr:`inv_chol_packed` on each access
+    def inv_chol_(self) -> torch.Tensor | None:
+        """``(P, d, d)`` float32 ``L^-1``, unpacked from :attr:`inv_chol_packed_` on each access
         (``P * d^2`` floats: at d = 550 on a 64 x 64 grid, 5 GB; prediction never calls it)."""
-        return None if self.inv_chol_packed is None else unpack_lower(self.inv_chol_packed, self.d)
+        return None if self.inv_chol_packed_ is None else unpack_lower(self.inv_chol_packed_, self.d_)
 
     @torch.inference_mode()
     def fit(self, dataset: Dataset) -> Self:
@@ -334,7 +346,7 @@ class PaDiM(Detector):
         Before the sums are allocated their size is checked against the available memory
         (:func:`spotdiff.detect.memory.check_fits`).
         """
-        self.image_size = None
+        self._start_fit()
         acc: GaussianAccumulator | None = None
         n_images = len(dataset)  # type: ignore[arg-type]
         for images in self._training_batches(dataset, desc="PaDiM features"):
@@ -346,42 +358,42 @@ class PaDiM(Detector):
         assert acc is not None
         if acc.count < 2:
             raise DataError(f"PaDiM needs at least 2 training images, got {acc.count}")
-        self.mean = acc.mean().to(torch.float32).to(self.device)
-        self.inv_chol_packed = acc.inverse_cholesky_packed(self.epsilon).to(self.device)
+        self.mean_ = acc.mean().to(torch.float32).to(self.device_)
+        self.inv_chol_packed_ = acc.inverse_cholesky_packed(self.epsilon).to(self.device_)
         return self
 
     def _check_training_size(self, n_images: int, positions: int) -> None:
         """Refuse statistics that would not fit in memory; warn when ``N - 1 < d``."""
         grid = f"{self._grid[0]}x{self._grid[1]}"
-        check_fits(GaussianAccumulator.nbytes(positions, self.d),
-                   f"PaDiM statistics (d={self.d}, {grid} positions, {positions} x d(d+1)/2 float32)",
+        check_fits(GaussianAccumulator.nbytes(positions, self.d_),
+                   f"PaDiM statistics (d={self.d_}, {grid} positions, {positions} x d(d+1)/2 float32)",
                    "a smaller --d or --image-size")
-        if 2 <= n_images <= self.d:
+        if 2 <= n_images <= self.d_:
             print(f"warning: PaDiM: {n_images} training images give a sample covariance of rank at most "
-                f"{n_images - 1} < d = {self.d}; it is invertible only through the regulariser "
-                f"epsilon * I = {self.epsilon:g} * I. Use at least {self.d + 1} images or a smaller --d.", file=sys.stderr)
+                f"{n_images - 1} < d = {self.d_}; it is invertible only through the regulariser "
+                f"epsilon * I = {self.epsilon:g} * I. Use at least {self.d_ + 1} images or a smaller --d.", file=sys.stderr)
 
     def _predict_normalized(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.mean is not None and self.inv_chol_packed is not None and self.image_size is not None
+        assert self.mean_ is not None and self.inv_chol_packed_ is not None and self.image_size_ is not None
         emb = self._embed(images)
-        if emb.shape[1] != self.mean.shape[0]:
+        if emb.shape[1] != self.mean_.shape[0]:
             raise DataError(f"feature grid {self._grid} does not match the fitted model")
-        factor = self.inv_chol_packed
-        if self.mean.shape[0] * self.d**2 * 4 <= UNPACKED_FACTOR_BYTES:
+        factor = self.inv_chol_packed_
+        if self.mean_.shape[0] * self.d_**2 * 4 <= UNPACKED_FACTOR_BYTES:
             if self._unpacked is None or self._unpacked[0] is not factor:
-                self._unpacked = (factor, unpack_lower(factor, self.d))
+                self._unpacked = (factor, unpack_lower(factor, self.d_))
             factor = self._unpacked[1]
-        dists = mahalanobis(emb, self.mean, factor).reshape(-1, *self._grid)
-        maps = upsample_and_smooth(dists, self.image_size)
+        dists = mahalanobis(emb, self.mean_, factor).reshape(-1, *self._grid)
+        maps = upsample_and_smooth(dists, self.image_size_)
         return maps.flatten(1).amax(dim=1), maps
 
     def _config(self) -> dict[str, Any]:
-        return {"d": self.d, "epsilon": self.epsilon}
+        return {"d": self.d_, "epsilon": float(self.epsilon)}
 
     def _state(self) -> dict[str, torch.Tensor]:
         """The lower-triangular ``L^-1`` is saved packed, as held in memory (exact: its upper triangle is 0)."""
-        assert self.mean is not None and self.inv_chol_packed is not None
-        return {"mean": self.mean, "inv_cholesky_packed": self.inv_chol_packed, "channel_index": self.channel_index}
+        assert self.mean_ is not None and self.inv_chol_packed_ is not None
+        return {"mean": self.mean_, "inv_cholesky_packed": self.inv_chol_packed_, "channel_index": self.channel_index_}
 
     @classmethod
     def _from_config(cls, config: dict[str, Any], device: str | torch.device) -> Self:
@@ -398,8 +410,8 @@ class PaDiM(Detector):
         if mean.ndim != 2:
             raise WeightsError("PaDiM model tensors have inconsistent shapes")
         p, d = mean.shape
-        if packed.shape != (p, d * (d + 1) // 2) or index.shape != (d,) or d != self.d:
+        if packed.shape != (p, d * (d + 1) // 2) or index.shape != (d,) or d != self.d_:
             raise WeightsError("PaDiM model tensors have inconsistent shapes")
-        self.channel_index = index.to(torch.int64)
-        self.mean = mean.to(self.device, torch.float32)
-        self.inv_chol_packed = packed.to(self.device, torch.float32).contiguous()
+        self.channel_index_ = index.to(torch.int64)
+        self.mean_ = mean.to(self.device_, torch.float32)
+        self.inv_chol_packed_ = packed.to(self.device_, torch.float32).contiguous()

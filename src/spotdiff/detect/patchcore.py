@@ -29,9 +29,10 @@ import torch
 from torch.utils.data import Dataset
 
 from spotdiff.detect.base import Detector
-from spotdiff.detect.features import check_layers, patchcore_embedding, upsample_and_smooth
+from spotdiff.detect.features import patchcore_embedding, upsample_and_smooth
 from spotdiff.detect.memory import check_fits, format_bytes
 from spotdiff.errors import ConfigError, WeightsError
+from spotdiff.models import WeightsLike
 from spotdiff.progress import bar
 
 _CHUNK_BYTES = 64 << 20
@@ -186,7 +187,7 @@ class PatchCore(Detector):
     def __init__(
         self,
         arch: str = "wide_resnet50_2",
-        weights: str | os.PathLike[str] | None = None,
+        weights: WeightsLike = None,
         layers: Sequence[str] = ("layer2", "layer3"),
         coreset_ratio: float = 0.1,
         projection_dim: int | None = 128,
@@ -200,34 +201,41 @@ class PatchCore(Detector):
         coreset_shard: int | None = DEFAULT_CORESET_SHARD,
         spill_dir: str | os.PathLike[str] | None = None,
     ) -> None:
-        layers = check_layers(layers)
         super().__init__(arch, weights, layers, seed, batch_size, device, num_workers)
-        if not 0.0 < coreset_ratio <= 1.0:
-            raise ConfigError(f"coreset ratio must be in (0, 1] (the fraction of training patches kept), "
-                              f"got {coreset_ratio}")
-        if num_neighbors < 1:
-            raise ConfigError(f"num_neighbors must be >= 1, got {num_neighbors}")
-        if nn_backend not in ("auto", "faiss", "torch"):
-            raise ConfigError(f"nn_backend must be auto, faiss or torch, got {nn_backend!r}")
-        if nn_backend == "faiss" and not HAVE_FAISS:
-            raise ConfigError("nn_backend 'faiss' requested but faiss is not installed")
-        if coreset_shard is not None and coreset_shard < 1:
-            raise ConfigError(f"coreset_shard must be >= 1 patch (or None for the exact greedy), got {coreset_shard}")
-        if projection_dim is not None and projection_dim < 1:
-            raise ConfigError(f"projection_dim must be >= 1 (or None), got {projection_dim}")
-        self.coreset_ratio = float(coreset_ratio)
-        self.coreset_shard = coreset_shard
-        self.spill_dir = None if spill_dir is None else os.fspath(spill_dir)
+        self.coreset_ratio = coreset_ratio
         self.projection_dim = projection_dim
         self.num_neighbors = num_neighbors
         self.target_dim = target_dim
         self.nn_backend = nn_backend
-        self.memory_bank: torch.Tensor | None = None
+        self.coreset_shard = coreset_shard
+        self.spill_dir = spill_dir
+
+    def check_params(self) -> Self:
+        super().check_params()
+        if not 0.0 < self.coreset_ratio <= 1.0:
+            raise ConfigError(f"coreset ratio must be in (0, 1] (the fraction of training patches kept), "
+                              f"got {self.coreset_ratio}")
+        if self.num_neighbors < 1:
+            raise ConfigError(f"num_neighbors must be >= 1, got {self.num_neighbors}")
+        if self.nn_backend not in ("auto", "faiss", "torch"):
+            raise ConfigError(f"nn_backend must be auto, faiss or torch, got {self.nn_backend!r}")
+        if self.nn_backend == "faiss" and not HAVE_FAISS:
+            raise ConfigError("nn_backend 'faiss' requested but faiss is not installed")
+        if self.coreset_shard is not None and self.coreset_shard < 1:
+            raise ConfigError(f"coreset_shard must be >= 1 patch (or None for the exact greedy), got {self.coreset_shard}")
+        if self.projection_dim is not None and self.projection_dim < 1:
+            raise ConfigError(f"projection_dim must be >= 1 (or None), got {self.projection_dim}")
+        return self
+
+    def _build_backbone(self, weights: WeightsLike) -> None:
+        super()._build_backbone(weights)
+        self.memory_bank_: torch.Tensor | None = None
+        """``(n_keep, C)`` float32 coreset of the training patch features."""
         self._index: Any | None = None
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, h, w, C)`` patch features of normalised images."""
-        return patchcore_embedding(self.backbone, images, self.layers, self.target_dim).permute(0, 2, 3, 1)
+        return patchcore_embedding(self.backbone_, images, self.layers_, self.target_dim).permute(0, 2, 3, 1)
 
     @torch.inference_mode()
     def fit(self, dataset: Dataset) -> Self:
@@ -241,7 +249,7 @@ class PatchCore(Detector):
         features when ``coreset_shard`` does not apply (tested). Memory is checked before the
         projections are allocated.
         """
-        self.image_size = None
+        self._start_fit()
         n_images = len(dataset)  # type: ignore[arg-type]
         z: torch.Tensor | None = None
         matrix: torch.Tensor | None = None
@@ -266,7 +274,7 @@ class PatchCore(Detector):
             z = z[:row]
             n_keep = max(1, int(row * self.coreset_ratio))
             if n_keep < row:
-                keep = sharded_coreset(z.to(self.device), n_keep, self.coreset_shard, self.seed).cpu()
+                keep = sharded_coreset(z.to(self.device_), n_keep, self.coreset_shard, self.seed).cpu()
             else:
                 keep = torch.arange(row)
             if matrix is None:  # no projection: z holds the features themselves
@@ -274,7 +282,7 @@ class PatchCore(Detector):
             else:
                 del z
                 bank = _read_rows(spill, keep, channels)
-        self._set_bank(bank.to(self.device).contiguous())
+        self._set_bank(bank.to(self.device_).contiguous())
         return self
 
     def _check_memory(self, patches: int, channels: int, width: int) -> None:
@@ -292,29 +300,29 @@ class PatchCore(Detector):
                               f"{self.spill_dir or tempfile.gettempdir()}; set TMPDIR or reduce --image-size")
 
     def _set_bank(self, bank: torch.Tensor) -> None:
-        self.memory_bank = bank
+        self.memory_bank_ = bank
         self._index = None
         if self.nn_backend in ("auto", "faiss") and HAVE_FAISS:
             self._index = faiss.IndexFlatL2(bank.shape[1])
             self._index.add(np.ascontiguousarray(bank.cpu().numpy(), dtype=np.float32))
 
     def _predict_normalized(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.memory_bank is not None and self.image_size is not None
+        assert self.memory_bank_ is not None and self.image_size_ is not None
         emb = self._embed(images)
         b, h, w, c = emb.shape
         patches = emb.reshape(-1, c)
-        dist, nn_idx = nearest_neighbors(patches, self.memory_bank, 1, self._index)
-        patch_scores = dist[:, 0].reshape(b, h * w).to(self.device)
+        dist, nn_idx = nearest_neighbors(patches, self.memory_bank_, 1, self._index)
+        patch_scores = dist[:, 0].reshape(b, h * w).to(self.device_)
         scores = self._reweighted_scores(patches.reshape(b, h * w, c), patch_scores, nn_idx[:, 0].reshape(b, h * w))
-        maps = upsample_and_smooth(patch_scores.reshape(b, h, w), self.image_size)
+        maps = upsample_and_smooth(patch_scores.reshape(b, h, w), self.image_size_)
         return scores, maps
 
     def _reweighted_scores(
         self, patches: torch.Tensor, patch_scores: torch.Tensor, nn_idx: torch.Tensor
     ) -> torch.Tensor:
         """Paper eq. 7 (see module docstring); ``patches (B, P, C)``, ``patch_scores (B, P)`` -> ``(B,)``."""
-        assert self.memory_bank is not None
-        bank = self.memory_bank
+        assert self.memory_bank_ is not None
+        bank = self.memory_bank_
         best = patch_scores.argmax(dim=1)
         rows = torch.arange(patches.shape[0])
         s_star = patch_scores[rows, best]  # (B,)
@@ -327,7 +335,7 @@ class PatchCore(Detector):
 
     def _config(self) -> dict[str, Any]:
         return {
-            "coreset_ratio": self.coreset_ratio,
+            "coreset_ratio": float(self.coreset_ratio),
             "projection_dim": self.projection_dim,
             "num_neighbors": self.num_neighbors,
             "target_dim": self.target_dim,
@@ -335,8 +343,8 @@ class PatchCore(Detector):
         }
 
     def _state(self) -> dict[str, torch.Tensor]:
-        assert self.memory_bank is not None
-        return {"memory_bank": self.memory_bank}
+        assert self.memory_bank_ is not None
+        return {"memory_bank": self.memory_bank_}
 
     @classmethod
     def _from_config(cls, config: dict[str, Any], device: str | torch.device) -> Self:
@@ -351,7 +359,7 @@ class PatchCore(Detector):
         bank = tensors.get("memory_bank")
         if bank is None or bank.ndim != 2 or bank.shape[0] == 0:
             raise WeightsError("PatchCore model file lacks a non-empty 2-D 'memory_bank' tensor")
-        self._set_bank(bank.to(self.device, torch.float32).contiguous())
+        self._set_bank(bank.to(self.device_, torch.float32).contiguous())
 
 
 def _read_rows(spill: Any, rows: torch.Tensor, channels: int) -> torch.Tensor:

@@ -40,7 +40,7 @@ def evaluate_detector(
     Images are decoded by ``num_workers`` threads (None: :func:`spotdiff.data.loader.decode_workers`).
 
     ``dataset`` items are dicts with ``image``, ``label``, ``mask``, ``defect_type`` and ``path``
-    (e.g. ``open_dataset(..., subset="test", image_size=model.image_size)``). The metrics dict also
+    (e.g. ``open_dataset(..., subset="test", image_size=model.image_size_)``). The metrics dict also
     holds ``test_set`` (:func:`count_test_set`).
 
     Returns:
@@ -64,7 +64,7 @@ def evaluate_detector(
         if batch["mask"].shape[-2:] != batch_maps.shape[-2:]:
             raise DataError(
                 f"mask size {tuple(batch['mask'].shape[-2:])} differs from the model's image size "
-                f"{model.image_size}; open the test set with image_size={model.image_size}"
+                f"{model.image_size_}; open the test set with image_size={model.image_size_}"
             )
         for i, score in enumerate(scores.tolist()):
             records.append({
@@ -204,7 +204,7 @@ def predict_images(
     resized to the model's image size, so mixed sizes are fine; overlays are drawn at that size
     in ``out_dir/overlays/<stem>.png``, all on the model's one colour scale
     (:func:`spotdiff.detect.colour.colour_scale`), each with a colour bar, its score and the decision.
-    ``threshold`` / ``pixel_threshold`` default to the model's calibration (``model.calibration``);
+    ``threshold`` / ``pixel_threshold`` default to the model's calibration (``model.calibration_``);
     with a pixel threshold, overlays carry the outline of the binary defect mask, and ``masks``
     writes that mask as ``out_dir/masks/<stem>.png`` (0/255).
     A file that cannot be read gets a row with an ``error`` message and the batch goes on.
@@ -231,11 +231,11 @@ def predict_images(
         overlay_dir.mkdir(parents=True, exist_ok=True)
     if masks:
         mask_dir.mkdir(parents=True, exist_ok=True)
-    assert model.image_size is not None
+    assert model.image_size_ is not None
     records: list[dict[str, Any]] = []
     used: set[str] = set()
     scale = colour_scale(model, threshold)
-    size = model.image_size
+    size = model.image_size_
 
     def decode(path: Path) -> tuple[Path, torch.Tensor | DataError]:
         try:

@@ -101,6 +101,33 @@ def test_inverse_cholesky_is_regularised_precision_factor():
         acc.update(x)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_lapack_factorisation_equals_torch_over_chunks_and_threads(threads):
+    """potrf + trtri on a thread pool, several chunks of positions, equals torch's cholesky + inverse."""
+    d, positions = 40, 7
+    x = torch.randn(60, positions, d, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    acc = GaussianAccumulator(positions=positions, dim=d)
+    acc.chunk = 3  # three chunks, the last one short
+    acc.update(x)
+    cov = acc.covariance() + 0.01 * torch.eye(d, dtype=torch.float64)
+    expected = torch.linalg.inv(torch.linalg.cholesky(cov))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = acc.inverse_cholesky(0.01)
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert torch.all(got.triu(1) == 0)
+
+
+def test_not_positive_definite_is_a_data_error():
+    acc = GaussianAccumulator(positions=2, dim=3)
+    acc.update(torch.randn(5, 2, 3, dtype=torch.float64))
+    with pytest.raises(DataError, match="not positive definite; increase epsilon"):
+        acc.inverse_cholesky(-100.0)
+
+
 def test_too_few_samples_raise():
     acc = GaussianAccumulator(positions=2, dim=2)
     acc.update(torch.randn(1, 2, 2))

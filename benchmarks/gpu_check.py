@@ -433,15 +433,23 @@ def main(argv: list[str] | None = None) -> int:
     sizes = TINY if args.tiny else FULL
     set_quiet(True)  # no progress bars in the log
     out = Path(args.out or ROOT / "benchmarks" / f"gpu_check_{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}.md")
-    import tempfile
-
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="spotdiff-gpu-check-"))
     names = [c.__name__.removeprefix("check_") for c in CHECKS]
     if unknown := sorted(set(args.only or ()) - set(names)):
         print(f"gpu_check: error: unknown check(s) {unknown}; choose among {names}", file=sys.stderr)
         return 2
     checks = [c for c, n in zip(CHECKS, names) if not args.only or n in args.only]
-    head = environment(device, args.tiny)
+    if args.work:
+        return run_checks(device, sizes, checks, Path(args.work), out, args.tiny)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="spotdiff-gpu-check-") as work:  # removed afterwards
+        return run_checks(device, sizes, checks, Path(work), out, args.tiny)
+
+
+def run_checks(device: torch.device, sizes: Sizes, checks: list[Callable[..., Report]], work: Path, out: Path,
+               tiny: bool) -> int:
+    """Run ``checks`` in order, rewriting the markdown ``out`` after each; 0 when all pass."""
+    head = environment(device, tiny)
     reports: list[Report] = []
     for i, check in enumerate(checks):
         name = check.__name__.removeprefix("check_")

@@ -80,9 +80,9 @@ BUDGETS = {
     # what ran beside five other jobs on the shared 2-core machine (benchmarks/results_spd.md)
     "small": Budget(seeds=3, steps=20, batch=16, pretrain_size=32, image_size=48, sweep_seeds=1,
                     detectors=("padim",), moco=False, lr=0.5),
-    # about 85 minutes on 2 idle cores: extrapolated (cost ~ steps x batch x pixels) from the small
-    # run's units on the then idle machine (an SPD pre-training 13-14 s, PaDiM fit + test ~4 s); not run
-    "full": Budget(seeds=3, steps=80, batch=32, pretrain_size=64, image_size=64, sweep_seeds=3,
+    # sized from this machine's measured units (2026-12-01, load ~4: SimSiam 80 steps 85 s, SimSiam+SPD
+    # 169 s, PaDiM fit + test ~10 s), so that the whole script stays under about 90 minutes on 2 cores
+    "full": Budget(seeds=3, steps=200, batch=32, pretrain_size=64, image_size=64, sweep_seeds=3,
                    detectors=("padim",), moco=False, lr=0.5),
 }
 

@@ -62,13 +62,31 @@ def test_a_failing_check_is_recorded_and_the_others_still_run(tmp_path, monkeypa
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without a GPU")
-def test_cuda_without_a_gpu_and_unknown_checks_are_refused(tmp_path, capsys):
+def test_cuda_without_a_gpu_and_unknown_checks_are_refused(tmp_path, capsys, monkeypatch):
     gpu_check = _module()
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     assert gpu_check.main(["--out", str(tmp_path / "x.md")]) == 2
     assert "no CUDA device is available" in capsys.readouterr().err
     assert gpu_check.main(["--device", "cpu", "--only", "nope", "--out", str(tmp_path / "x.md")]) == 2
     assert "unknown check(s) ['nope']" in capsys.readouterr().err
     assert not (tmp_path / "x.md").exists()
+    assert not list(tmp_path.glob("spotdiff-gpu-check-*"))  # no scratch folder is left behind
+
+
+def test_the_default_scratch_folder_is_removed_afterwards(tmp_path, monkeypatch):
+    gpu_check = _module()
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    seen = []
+
+    def records_its_work_folder(device, sizes, work):
+        seen.append(work)
+        assert work.is_dir() and work.name.startswith("spotdiff-gpu-check-")
+        return gpu_check.Report("smoothblend_parity", summary="ok")
+
+    records_its_work_folder.__name__ = "check_smoothblend_parity"
+    monkeypatch.setattr(gpu_check, "CHECKS", [records_its_work_folder])
+    assert gpu_check.main(["--device", "cpu", "--tiny", "--out", str(tmp_path / "x.md")]) == 0
+    assert len(seen) == 1 and not seen[0].exists()
 
 
 def test_an_out_of_memory_method_keeps_the_other_measurement(tmp_path, monkeypatch):

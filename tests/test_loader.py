@@ -70,3 +70,21 @@ def test_fit_test_predict_identical_with_decoding_threads(large_jpegs, tmp_path)
                               tmp_path / f"out{w}", batch_size=2, overlays=False, num_workers=w) for w in (0, 3)]
     assert [r["score"] for r in records[0]] == [r["score"] for r in records[1]]
     assert records[0][-2]["error"] and records[1][-2]["error"] == records[0][-2]["error"]
+
+
+def test_image_to_tensor_resizes_whole_grey_levels_close_to_a_float_resize():
+    """The uint8 resize (torchvision's fast path) differs from a float resize by at most one grey level."""
+    from torchvision.transforms.v2 import InterpolationMode, functional as F
+
+    from spotdiff.data.transforms import image_to_tensor
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, size=(150, 100, 3), dtype=np.uint8))
+    got = image_to_tensor(img, (32, 48))
+    float_resize = F.resize(F.to_dtype(F.pil_to_tensor(img), torch.float32, scale=True), [32, 48],
+                            interpolation=InterpolationMode.BILINEAR, antialias=True)
+    assert got.dtype == torch.float32 and got.shape == (3, 32, 48)
+    assert float(got.min()) >= 0.0 and float(got.max()) <= 1.0
+    torch.testing.assert_close(got * 255, (got * 255).round(), rtol=0, atol=1e-4)  # whole grey levels
+    assert float((got - float_resize).abs().max()) <= 1.0 / 255 + 1e-6
+    assert torch.equal(image_to_tensor(img), F.to_dtype(F.pil_to_tensor(img), torch.float32, scale=True))

@@ -17,15 +17,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def image_to_tensor(img: Image.Image, size: int | tuple[int, int] | None = None) -> torch.Tensor:
     """RGB PIL image -> ``(3, H, W)`` float32 in [0, 1], bilinearly resized (antialiased) to ``size``.
 
-    ``size`` is an int (square) or ``(H, W)``; None keeps the original size.
+    ``size`` is an int (square) or ``(H, W)``; None keeps the original size. The resize runs on
+    the uint8 image (torchvision's fast path) and rounds to whole grey levels before the
+    conversion to float: on a 1500 x 1000 JPEG resized to 256 px it takes 1.8 ms against 11.5 ms
+    for a float resize, for at most one grey level of difference (``benchmarks/results_detect.md``).
     """
     from torchvision.transforms.v2 import InterpolationMode, functional as F
 
-    t = F.to_dtype(F.pil_to_tensor(img), torch.float32, scale=True)
+    t = F.pil_to_tensor(img)
     if size is not None:
         hw = (size, size) if isinstance(size, int) else tuple(size)
         t = F.resize(t, list(hw), interpolation=InterpolationMode.BILINEAR, antialias=True)
-    return t
+    return F.to_dtype(t, torch.float32, scale=True)
 
 
 def mask_to_tensor(mask: np.ndarray, size: int | tuple[int, int] | None = None) -> torch.Tensor:

@@ -27,7 +27,9 @@ Reduced scale, as recorded in results_detect.md::
     PYTHONPATH=src nice python benchmarks/scale_bench.py --images 48 --coreset-images 40
 
 Prints one markdown table per configuration and, with ``--json``, writes every figure there.
-anomalib is not run here (not installed in this environment).
+With ``--anomalib-python PY`` (an environment with anomalib 2.7 and the same torch) PaDiM is also
+run through anomalib (``benchmarks/anomalib_padim.py``) on the same images, weights and channel
+subset, at each of ``--anomalib-images``.
 """
 
 from __future__ import annotations
@@ -193,6 +195,38 @@ def child_accuracy(args: argparse.Namespace) -> dict[str, Any]:
 CHILDREN = {"floor": child_floor, "fit": child_fit, "accuracy": child_accuracy}
 
 
+def run_anomalib(args: argparse.Namespace, images: int) -> dict[str, Any]:
+    """anomalib's PaDiM (``benchmarks/anomalib_padim.py`` under ``--anomalib-python``) on the same
+    training images, the same random-init ResNet-50 and spotdiff's channel subset; tested on the
+    same decoded test images."""
+    from safetensors.torch import save_file
+
+    from spotdiff.data import open_dataset
+    from spotdiff.detect.base import make_backbone
+    from spotdiff.detect.padim import channel_subset
+
+    with tempfile.TemporaryDirectory(prefix="spotdiff-anomalib-") as tmp:
+        work = Path(tmp)
+        save_file({k: v.contiguous() for k, v in make_backbone(PADIM["arch"], None, 0).state_dict().items()},
+                  str(work / "weights.safetensors"))
+        test = open_dataset(args.data, OBJECT, subset="test", image_size=args.image_size)
+        items = [test[i] for i in range(len(test))]
+        save_file({"images": torch.stack([(it["image"] * 255).round().to(torch.uint8) for it in items]),
+                   "masks": torch.stack([(it["mask"] > 0).to(torch.uint8) for it in items]),
+                   "labels": torch.tensor([int(it["label"]) for it in items])}, str(work / "test.safetensors"))
+        spec = {"arch": PADIM["arch"], "train_paths": train_set(args.data, images, args.image_size).paths,
+                "image_size": args.image_size, "layers": PADIM["layers"], "n_features": PADIM["d"],
+                "channel_index": channel_subset(PADIM["arch"], PADIM["layers"], PADIM["d"], 0)[1].tolist(),
+                "weights": str(work / "weights.safetensors")}
+        (work / "spec.json").write_text(json.dumps(spec))
+        cmd = [args.anomalib_python, str(Path(__file__).with_name("anomalib_padim.py")), "--spec", str(work / "spec.json"),
+               "--test", str(work / "test.safetensors"), "--threads", str(torch.get_num_threads()),
+               "--max-memory-gb", str(args.anomalib_max_memory_gb)]
+        print(f"[{time.strftime('%H:%M:%S')}] anomalib PaDiM, {images} images", file=sys.stderr, flush=True)
+        done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 # ----------------------------------------------------------------------------- parent
 def run_child(kind: str, args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", kind, "--data", str(args.data), "--real-root", str(args.real_root),
@@ -245,6 +279,27 @@ def report(results: dict[str, Any]) -> str:
                   f"{(fit['peak_rss'] - fit['rss_after_model_built']) / fit['model_tensor_bytes']:.2f}x) |",
                   f"| test images/s ({fit.get('nn_backend', 'mahalanobis')}) | {fit['test_images_per_s']:.2f} |",
                   f"| image / pixel AU-ROC | {fit['image_auroc']:.4f} / {fit['pixel_auroc']:.4f} |", ""]
+    for key in sorted(k for k in results if k.startswith("anomalib_")):
+        theirs, ours = results[key], results[f"padim_for_{key}"]
+        lines += [f"### PaDiM side by side with anomalib {theirs['anomalib']}: {theirs['images']} training images "
+                  f"(same images, random-init weights and channel subset)", "",
+                  "| measure | spotdiff | anomalib | spotdiff / anomalib |", "|---|---|---|---|"]
+        if "error" in theirs:
+            lines += [f"| fit | {ours['fit_wall_s']:.1f} s wall, peak {gb(ours['peak_rss'])} | failed after "
+                      f"{theirs['fit_wall_s']:.0f} s under a {theirs['cap_gb']:g} GB address-space cap: "
+                      f"{theirs['error']} (peak RSS {gb(theirs['peak_rss'])}) | n/a |", ""]
+            continue
+        lines += [f"| fit wall s (decode + forward + statistics) | {ours['fit_wall_s']:.1f} | {theirs['fit_wall_s']:.1f} | "
+                  f"{ours['fit_wall_s'] / theirs['fit_wall_s']:.2f} |",
+                  f"| fit CPU s (main process) | {ours['fit_cpu_s']:.1f} | {theirs['fit_cpu_s']:.1f} | "
+                  f"{ours['fit_cpu_s'] / theirs['fit_cpu_s']:.2f} |",
+                  f"| peak RSS | {gb(ours['peak_rss'])} | {gb(theirs['peak_rss'])} | {ours['peak_rss'] / theirs['peak_rss']:.2f} |",
+                  f"| model tensors | {gb(ours['model_tensor_bytes'])} | {gb(theirs['model_tensor_bytes'])} | "
+                  f"{ours['model_tensor_bytes'] / theirs['model_tensor_bytes']:.2f} |",
+                  f"| image AU-ROC | {ours['image_auroc']:.4f} | {theirs['image_auroc']:.4f} | "
+                  f"{ours['image_auroc'] - theirs['image_auroc']:+.4f} (difference) |",
+                  f"| pixel AU-ROC | {ours['pixel_auroc']:.4f} | {theirs['pixel_auroc']:.4f} | "
+                  f"{ours['pixel_auroc'] - theirs['pixel_auroc']:+.4f} (difference) |", ""]
     if "coreset_exact" in results:
         exact, approx = results["coreset_exact"], results.get("coreset_sharded")
         lines += [f"### PatchCore coreset: exact greedy vs sharded ({exact['images']} images)", "",
@@ -283,6 +338,12 @@ def main() -> None:
     p.add_argument("--accuracy-images", type=int, default=200)
     p.add_argument("--accuracy-test", type=int, default=40)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--anomalib-python", default=None,
+                   help="python of an environment with anomalib 2.7: also run its PaDiM on the same input")
+    p.add_argument("--anomalib-images", default=None,
+                   help="comma list of training-image counts for the anomalib comparison (default: --images)")
+    p.add_argument("--anomalib-max-memory-gb", type=float, default=18.0,
+                   help="address-space cap of the anomalib process (running out is reported, not fatal)")
     # child-only
     p.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     p.add_argument("--config", default="padim", help=argparse.SUPPRESS)
@@ -304,6 +365,14 @@ def main() -> None:
         if name in configs:
             results[f"{name}_floor"] = run_child("floor", args, config=name, images=args.images)
             results[name] = run_child("fit", args, config=name, images=args.images)
+            print(report(results), file=sys.stderr, flush=True)
+    if args.anomalib_python:
+        for n in [int(x) for x in (args.anomalib_images or str(args.images)).split(",")]:
+            if n == args.images and "padim" in results:
+                results[f"padim_for_anomalib_{n}"] = results["padim"]
+            else:
+                results[f"padim_for_anomalib_{n}"] = run_child("fit", args, config="padim", images=n)
+            results[f"anomalib_{n}"] = run_anomalib(args, n)
             print(report(results), file=sys.stderr, flush=True)
     if "coreset" in configs:
         n = args.coreset_images

@@ -34,11 +34,13 @@ from spotdiff.models import WeightsLike, layer_channels
 DEFAULT_DIMS = {"resnet18": 100, "resnet50": 550, "wide_resnet50_2": 550}
 """Random channel subset size per backbone, as in the PaDiM paper."""
 
-STAGE_IMAGES = 32
+STAGE_IMAGES = 16
 """Training images folded into the sums at once (see :class:`GaussianAccumulator`). Each fold reads
 and writes all of ``S2``, so a larger stage is fewer passes over it: at d = 550 and 4096 positions,
 one thread, 114 / 86 / 61 CPU ms per image at 8 / 16 / 32 staged, for a staging buffer of
-72 / 144 / 288 MB (0.03x / 0.06x / 0.12x the packed model; ``benchmarks/results_detect.md``)."""
+72 / 144 / 288 MB (0.03x / 0.06x / 0.12x the packed model; ``benchmarks/results_detect.md``).
+16 is our compromise: with 8 the 900-image fit peaked at 1.26x the model above its baseline,
+and issue 15 caps it at 1.3x."""
 _CHUNK_BYTES = 16 << 20  # working memory per position chunk (one full (p, d, d) float64 block)
 UNPACKED_FACTOR_BYTES = 1 << 30
 """``predict`` keeps an unpacked ``(P, d, d)`` copy of ``L^-1`` when it is at most this large

@@ -81,8 +81,9 @@ BUDGETS = {
     "small": Budget(seeds=3, steps=20, batch=16, pretrain_size=32, image_size=48, sweep_seeds=1,
                     detectors=("padim",), moco=False, lr=0.5),
     # sized from this machine's measured units (2026-12-01, load ~4: SimSiam 80 steps 85 s, SimSiam+SPD
-    # 169 s, PaDiM fit + test ~10 s), so that the whole script stays under about 90 minutes on 2 cores
-    "full": Budget(seeds=3, steps=200, batch=32, pretrain_size=64, image_size=64, sweep_seeds=3,
+    # 169 s, PaDiM fit + test ~10 s), so that the whole script stays under about 90 minutes on 2 cores;
+    # what ran (results_spd.md): 3 seeds for SimSiam +/- SPD at eta 0.1, one for eta 0.3 and 1.0
+    "full": Budget(seeds=3, steps=200, batch=32, pretrain_size=64, image_size=64, sweep_seeds=1,
                    detectors=("padim",), moco=False, lr=0.5),
 }
 

@@ -241,10 +241,15 @@ def run_child(kind: str, args: argparse.Namespace, **extra: Any) -> dict[str, An
 
 
 def make_data(args: argparse.Namespace, images: int) -> None:
+    """Write the VisA-size synth to ``--data`` unless it already holds ``images`` training images
+    (a larger one is kept: regenerating would replace it under any run still reading it)."""
+    from spotdiff.data import open_dataset
     from spotdiff.data.synth import VISA_FRAME, generate
     from spotdiff.progress import set_quiet
 
     set_quiet(True)
+    if (args.data / "SYNTH.json").is_file() and len(open_dataset(args.data, OBJECT, subset="train")) >= images:
+        return
     normal = math.ceil(images / 0.9)
     while round(0.9 * normal) < images:
         normal += 1

@@ -26,8 +26,8 @@ Usage (repository root; the dataset is read in place, resized copies of the trai
     PYTHONPATH=src python benchmarks/spd_effect.py --budget small [--out benchmarks/results_spd_run.md]
 
 Budgets (``--budget``; any field can be overridden by its own flag): see ``BUDGETS``. ``full`` is
-sized to take about 90 minutes on 2 idle cores; ``small`` (about 5 minutes on 2 idle cores, 19 on
-the shared machine) is what was run, see ``benchmarks/results_spd.md``.
+sized to take about 90 minutes on 2 idle cores; ``small`` takes about 5. Both were run, see
+``benchmarks/results_spd.md``.
 Every finished (arm, seed) is appended to ``WORK/results.jsonl`` at once, and a rerun with the same
 ``--work`` skips what is there, so a stopped run can be continued.
 """

@@ -290,8 +290,9 @@ def report(results: dict[str, Any]) -> str:
                   f"(same images, random-init weights and channel subset)", "",
                   "| measure | spotdiff | anomalib | spotdiff / anomalib |", "|---|---|---|---|"]
         if "error" in theirs:
+            cap = f" under a {theirs['cap_gb']:g} GB address-space cap" if theirs["cap_gb"] > 0 else ""
             lines += [f"| fit | {ours['fit_wall_s']:.1f} s wall, peak {gb(ours['peak_rss'])} | failed after "
-                      f"{theirs['fit_wall_s']:.0f} s under a {theirs['cap_gb']:g} GB address-space cap: "
+                      f"{theirs['fit_wall_s']:.0f} s{cap}: "
                       f"{theirs['error']} (peak RSS {gb(theirs['peak_rss'])}) | n/a |", ""]
             continue
         lines += [f"| fit wall s (decode + forward + statistics) | {ours['fit_wall_s']:.1f} | {theirs['fit_wall_s']:.1f} | "
@@ -348,7 +349,7 @@ def main() -> None:
     p.add_argument("--anomalib-images", default=None,
                    help="comma list of training-image counts for the anomalib comparison (default: --images)")
     p.add_argument("--anomalib-max-memory-gb", type=float, default=18.0,
-                   help="address-space cap of the anomalib process (running out is reported, not fatal)")
+                   help="address-space cap of the anomalib process (running out is reported, not fatal; 0: none)")
     # child-only
     p.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     p.add_argument("--config", default="padim", help=argparse.SUPPRESS)

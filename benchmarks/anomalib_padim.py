@@ -65,7 +65,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import anomalib
     from anomalib.models.image.padim.torch_model import PadimModel
-    from sklearn.metrics import roc_auc_score
 
     spec = json.loads(args.spec.read_text())
     start_rss = peak_rss()
@@ -92,6 +91,10 @@ def main() -> None:
         return
     out.update(fit_wall_s=time.perf_counter() - wall, fit_cpu_s=time.process_time() - cpu, peak_rss=peak_rss(),
                model_tensor_bytes=sum(t.numel() * t.element_size() for t in (model.gaussian.mean, model.gaussian.inv_covariance)))
+    # imported only now: loaded before the fit, scikit-learn's OpenMP/BLAS runtime made anomalib's
+    # torch.linalg.inv fail ("Pivots given to lu_solve must all be greater or equal to 1")
+    from sklearn.metrics import roc_auc_score
+
     test = load_file(str(args.test))
     model.eval()
     scores, maps = [], []

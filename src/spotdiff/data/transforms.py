@@ -19,7 +19,7 @@ def image_to_tensor(img: Image.Image, size: int | tuple[int, int] | None = None)
 
     ``size`` is an int (square) or ``(H, W)``; None keeps the original size. The resize runs on
     the uint8 image (torchvision's fast path) and rounds to whole grey levels before the
-    conversion to float: on a 1500 x 1000 JPEG resized to 256 px it takes 1.8 ms against 11.5 ms
+    conversion to float: on a 1500 x 1000 JPEG resized to 256 px it takes 2.6 ms against 11.1 ms
     for a float resize, for at most one grey level of difference (``benchmarks/results_detect.md``).
     """
     from torchvision.transforms.v2 import InterpolationMode, functional as F

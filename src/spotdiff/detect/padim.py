@@ -37,7 +37,8 @@ DEFAULT_DIMS = {"resnet18": 100, "resnet50": 550, "wide_resnet50_2": 550}
 STAGE_IMAGES = 16
 """Training images folded into the sums at once (see :class:`GaussianAccumulator`). Each fold reads
 and writes all of ``S2``, so a larger stage is fewer passes over it: at d = 550 and 4096 positions,
-one thread, 114 / 86 / 61 CPU ms per image at 8 / 16 / 32 staged, for a staging buffer of
+one thread, 116 / 98 / 57 CPU ms per image at 8 / 16 / 32 staged (load 1; 114 / 86 / 61 at load 4),
+for a staging buffer of
 72 / 144 / 288 MB (0.03x / 0.06x / 0.12x the packed model; ``benchmarks/results_detect.md``).
 16 is our compromise: with 8 the 900-image fit peaked at 1.26x the model above its baseline,
 and issue 15 caps it at 1.3x."""
@@ -231,7 +232,7 @@ class GaussianAccumulator:
         The factorisation runs in float64, a chunk of positions at a time, through LAPACK's
         ``potrf`` (Cholesky) and ``trtri`` (triangular inverse, ``d^3 / 3`` flops) from scipy, one
         position per task on ``torch.get_num_threads()`` threads with single-threaded BLAS: about
-        2.7x faster than ``torch.linalg.cholesky`` + ``solve_triangular(L, I)`` (``d^3`` flops) at
+        3x faster than ``torch.linalg.cholesky`` + ``solve_triangular(L, I)`` (``d^3`` flops) at
         d = 550, to 1e-15 (``benchmarks/results_detect.md``). Consumes the accumulator: the result
         is written into the flat buffer of ``S2``, position ``p`` at ``p * d (d + 1) / 2``; that
         never reaches past the end of the chunk just read (rows of ``S2`` are longer), so unread

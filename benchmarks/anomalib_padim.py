@@ -82,7 +82,8 @@ def main() -> None:
     if args.max_memory_gb > 0:  # RLIMIT_AS counts mapped libraries and thread reservations too
         cap = int(args.max_memory_gb * 1e9)
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-    torch.set_num_threads(args.threads)
+    if args.threads != torch.get_num_threads():
+        torch.set_num_threads(args.threads)
     import anomalib
     from anomalib.models.image.padim.torch_model import PadimModel
 

@@ -283,7 +283,7 @@ def child_e2e_ours(args: argparse.Namespace) -> dict:
 
     from spotdiff.data import open_dataset
     from spotdiff.detect import PaDiM
-    from spotdiff.detect.predict import evaluate_detector
+    from spotdiff.detect.evaluate import evaluate_detector
 
     torch.set_num_threads(args.threads)
     root = Path(args.work) / "folder"

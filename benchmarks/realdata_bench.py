@@ -25,7 +25,7 @@ import torch
 
 from spotdiff.data import open_magnetic_tile
 from spotdiff.detect import PaDiM, PatchCore
-from spotdiff.detect.predict import evaluate_detector
+from spotdiff.detect.evaluate import evaluate_detector
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "magnetic_tile"
 HEADLINE = ("image_auroc", "image_aupr", "pixel_auroc", "pixel_aupr", "pixel_aupro")

@@ -106,7 +106,7 @@ def child_floor(args: argparse.Namespace) -> dict[str, Any]:
 
 def _test(model: Any, data: Path, size: int) -> dict[str, Any]:
     from spotdiff.data import open_dataset
-    from spotdiff.detect.predict import evaluate_detector
+    from spotdiff.detect.evaluate import evaluate_detector
 
     test = open_dataset(data, OBJECT, subset="test", image_size=size)
     (metrics, _, _, _), wall, _ = timed(lambda: evaluate_detector(model, test))

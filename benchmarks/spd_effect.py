@@ -51,7 +51,7 @@ from PIL import Image
 
 from spotdiff.data import open_magnetic_tile
 from spotdiff.detect import PaDiM, PatchCore
-from spotdiff.detect.predict import evaluate_detector
+from spotdiff.detect.evaluate import evaluate_detector
 from spotdiff.progress import set_quiet
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "magnetic_tile"

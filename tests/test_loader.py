@@ -11,7 +11,8 @@ from spotdiff.data import open_dataset
 from spotdiff.data.loader import batches, decode_workers, ordered_map
 from spotdiff.data.synth import generate
 from spotdiff.detect import PaDiM
-from spotdiff.detect.predict import evaluate_detector, predict_images
+from spotdiff.detect.evaluate import evaluate_detector
+from spotdiff.detect.predict import predict_images
 from spotdiff.errors import ConfigError
 
 

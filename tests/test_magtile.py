@@ -176,7 +176,7 @@ def test_padim_detects_real_defects(mt_root):
     size and count below are the smallest that work. 3 s on an idle core, ~30 s on the loaded machine.
     """
     from spotdiff.detect import PaDiM
-    from spotdiff.detect.predict import evaluate_detector
+    from spotdiff.detect.evaluate import evaluate_detector
 
     rng = np.random.default_rng(0)
     train = open_magnetic_tile(mt_root, "train", image_size=128)

@@ -313,7 +313,7 @@ def test_finds_synthetic_defects(tmp_path_factory):
     """Random-init resnet18 on synthetic cashews, 128 px (measured: image 0.81, pixel 0.95 AU-ROC)."""
     from spotdiff.data import open_dataset
     from spotdiff.data.synth import generate
-    from spotdiff.detect.predict import evaluate_detector
+    from spotdiff.detect.evaluate import evaluate_detector
 
     root = generate(tmp_path_factory.mktemp("synth"), seed=0, scale=0.5, image_size=128, objects=["cashew_synth"])
     train = open_dataset(root, "cashew_synth", subset="train", image_size=128)

@@ -338,7 +338,7 @@ def _add_test(sub: argparse._SubParsersAction) -> None:
 def _run_test(args: argparse.Namespace) -> int:
     from spotdiff.data import open_dataset
     from spotdiff.detect import load_detector
-    from spotdiff.detect.predict import evaluate_detector
+    from spotdiff.detect.evaluate import evaluate_detector
     from spotdiff.devices import resolve_device
     from spotdiff.errors import ConfigError
 
@@ -382,7 +382,7 @@ def _open_test_folders(args: argparse.Namespace, model):  # type: ignore[no-unty
 def _write_test(args: argparse.Namespace, model, metrics: dict, records: list, maps) -> int:  # type: ignore[no-untyped-def]
     import json
 
-    from spotdiff.detect.predict import write_test_results
+    from spotdiff.detect.evaluate import write_test_results
     from spotdiff.models import describe_weights
 
     metrics["weights"] = model.weights_record_

@@ -311,7 +311,7 @@ def _run_detector_cell(kind: str, cell: Cell, config: BenchmarkConfig) -> CellOu
     """Fit detector ``kind`` (params go to its constructor, except ``split``) and evaluate it."""
     from spotdiff.data import open_dataset
     from spotdiff.detect import DETECTORS
-    from spotdiff.detect.predict import evaluate_detector
+    from spotdiff.detect.evaluate import evaluate_detector
 
     params = dict(cell.downstream.params)
     split = params.pop("split", "1cls")

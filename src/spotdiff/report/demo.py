@@ -194,7 +194,7 @@ def evaluate_object(data_root: Path, obj: str, label: str, weights: WeightsLike,
     from spotdiff.data import open_dataset
     from spotdiff.detect import PaDiM
     from spotdiff.detect.colour import normal_statistics, scale_from_normals
-    from spotdiff.detect.predict import evaluate_detector
+    from spotdiff.detect.evaluate import evaluate_detector
 
     train = open_dataset(data_root, obj, split="1cls", subset="train", image_size=settings.image_size)
     test = open_dataset(data_root, obj, split="1cls", subset="test", image_size=settings.image_size)

@@ -190,7 +190,7 @@ def test_bad_folder_input_is_one_line_exit_2_nothing_written(case, folders, tmp_
     args, expected = {
         "empty": (["--train", str(empty)], f"no image files found in {empty}"),
         "no_images": (["--train", str(text)], f"no image files found in {text}"),
-        "overlap": (["--train", train, "--val-good", train], "in both the training set and the validation set"),
+        "overlap": (["--train", train, "--val-good", train], "in both the training set and the normal validation set"),
         "f1_without_bad": (["--train", train, "--threshold-mode", "f1"], "needs anomalous validation images"),
         "orphan_mask": (["--train", train, "--val-bad", str(folders / "val_bad"), "--val-masks", str(masks)],
                         "stray.png: mask without a bad image"),
@@ -230,10 +230,10 @@ def test_dataset_fit_calibrates_with_val_good_and_refuses_overlap(folders, tmp_p
             str(SIZE), "--data", str(tmp_path / "mv"), "--object", "obj"]
     assert main(["--quiet", *base, "--val-good", str(folders / "val_good"), "--out", str(tmp_path / "m")]) == 0
     cal = json.loads((tmp_path / "m" / "config.json").read_text())["calibration"]
-    assert cal["source"] == {"validation": "given"} and len(cal["normal_scores"]) == 6
+    assert cal["source"] == {"validation": "given", "n_val_good": 6} and len(cal["normal_scores"]) == 6
     assert "image threshold" in capsys.readouterr().out
     assert main([*base, "--val-good", str(train), "--out", str(tmp_path / "m2")]) == 2
-    assert "in both the training set and the validation set" in capsys.readouterr().err
+    assert "in both the training set and the normal validation set" in capsys.readouterr().err
     assert not (tmp_path / "m2").exists()
 
 

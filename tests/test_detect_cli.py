@@ -71,7 +71,8 @@ def test_fit_test_predict_on_synthetic_data(tmp_path):
                      "--out", str(rdir), "--save-maps"]) == 0
         metrics = json.loads((rdir / "metrics.json").read_text())
         rows = read_csv(rdir / "scores.csv")
-        assert set(rows[0]) == {"path", "label", "defect_type", "score"}
+        assert set(rows[0]) == {"path", "label", "defect_type", "score", "decision"}
+        assert {r["decision"] for r in rows} <= {"anomalous", "normal"} and "decisions" in metrics  # fit calibrated
         assert {r["label"] for r in rows} == {"0", "1"}
         assert "per_defect_type" in metrics
         with np.load(rdir / "maps.npz") as npz:

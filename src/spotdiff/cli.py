@@ -12,6 +12,7 @@ import argparse
 import errno
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from spotdiff import __version__
 from spotdiff.errors import SpotdiffError
@@ -165,12 +166,18 @@ def _print_skipped(skipped: Sequence[tuple[str, str]]) -> None:
 
 
 # ----------------------------------------------------------------------------- fit
+FOLDERS: dict[str, Any] = {"nargs": "+", "action": "extend", "metavar": "DIR"}  # several folders; a repeated flag adds
+
+
 def _add_fit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fit", help="fit a 1-class detector (PaDiM, PatchCore) on normal images",
-                       description="Fit on a plain folder of good images (--train) or on a dataset (--data, --object), "
-                                   "then calibrate thresholds on normal validation images (see docs/deploy.md).")
+                       description="Fit on plain folders of good images (--train) or on a dataset's training split "
+                                   "(--data, --object), holding out a seeded share of the training images (or "
+                                   "taking --val-good) to calibrate thresholds and the colour scale on normal "
+                                   "images the model was not fitted on (see docs/deploy.md).")
     p.add_argument("--model", choices=["padim", "patchcore"], required=True)
-    p.add_argument("--train", default=None, metavar="DIR", help="folder of good images (instead of --data/--object)")
+    p.add_argument("--train", default=None, **FOLDERS,
+                   help="folders of good images (instead of --data/--object); several folders, or a repeated flag, add")
     p.add_argument("--data", default=None, help="raw VisA root, MVTec-AD root or prepared folder")
     p.add_argument("--object", default=None, help="object (category) name, e.g. pcb1")
     _add_calibration_args(p)
@@ -193,9 +200,9 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
                    help="images per forward pass: default 32 (padim) / 8 (patchcore), at most 4 on CPU")
     p.add_argument("--seed", type=int, default=0, help="seed of random init, channel subset and coreset")
     p.add_argument("--split-seed", type=int, default=0,
-                   help="train/test split seed of a dataset without an official split (magnetic tile); "
-                        "recorded in the model, and `spotdiff test` uses it; with --train, the seed of the "
-                        "held-out validation share (default 0)")
+                   help="seed of the held-out validation share, and the train/test split seed of a dataset "
+                        "without an official split (magnetic tile); recorded in the model, and `spotdiff test` "
+                        "uses it (default 0)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--workers", type=int, default=None,
                    help="image-decoding threads (default: one per spare core, at most 4; 0 = none)")
@@ -204,13 +211,37 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_fit)
 
 
-def _run_fit(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _add_calibration_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--val-good", default=None, **FOLDERS,
+                   help="normal validation images (default: a seeded --val-fraction of the training images held out)")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="share of the training images held out without --val-good (default 0.2)")
+    p.add_argument("--val-bad", default=None, **FOLDERS,
+                   help="anomalous validation images, one defect type per subfolder (for --threshold-mode f1)")
+    p.add_argument("--val-masks", default=None, **FOLDERS, help="masks of --val-bad images, matched by file stem")
+    _add_mask_args(p)
+    p.add_argument("--no-calibration", action="store_true",
+                   help="fit on every training image and store no thresholds (predict then needs --threshold)")
+    p.add_argument("--threshold-mode", choices=["normal-fpr", "f1", "manual"], default="normal-fpr",
+                   help="normal-fpr: flag at most --target-fpr of normal validation images (default); "
+                        "f1: best F1 on --val-bad; manual: --threshold")
+    p.add_argument("--target-fpr", type=float, default=0.01, help="false-positive rate of normal-fpr (default 0.01)")
+    p.add_argument("--threshold", type=float, default=None, help="image threshold of --threshold-mode manual")
+    p.add_argument("--pixel-threshold", type=float, default=None,
+                   help="pixel threshold (default: chosen like the image threshold)")
 
-    from spotdiff.data import list_images, open_dataset
-    from spotdiff.data.plain import check_disjoint, folder_records
+
+def _add_mask_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mask-suffix", default=None, metavar="S",
+                   help="a mask is named <image stem>S (default: '_mask' or nothing, whichever matches; said which)")
+    p.add_argument("--mask-threshold", type=float, default=None, metavar="T",
+                   help="count mask values > T as defect pixels (default: masks must be binary, 0 and one value)")
+
+
+def _run_fit(args: argparse.Namespace) -> int:
+    from spotdiff.data import open_dataset
     from spotdiff.detect import PaDiM, PatchCore
-    from spotdiff.detect.calibration import check_threshold_mode
+    from spotdiff.detect.fitting import fit_dataset, fit_folder
     from spotdiff.devices import resolve_device
     from spotdiff.errors import ConfigError
     from spotdiff.models import load_weights, random_init_warning
@@ -232,93 +263,59 @@ def _run_fit(args: argparse.Namespace) -> int:
         model = PatchCore(coreset_ratio=args.coreset_ratio, **shard, **common)
     model.check_params()  # bad settings and weights fail before anything is read or written
     model.set_params(weights=load_weights(model.arch, model.weights))
+    options = {"val_good": args.val_good, "val_bad": args.val_bad, "val_masks": args.val_masks,
+               "threshold_mode": args.threshold_mode, "target_fpr": args.target_fpr, "threshold": args.threshold,
+               "pixel_threshold": args.pixel_threshold, "val_seed": args.split_seed,
+               "val_fraction": args.val_fraction, "mask_suffix": args.mask_suffix,
+               "mask_threshold": args.mask_threshold, "calibrate": not args.no_calibration}
     if args.train is not None:
         if args.data is not None or args.object is not None or args.skip_bad:
             raise ConfigError("--train DIR cannot be combined with --data, --object or --skip-bad")
-        return _fit_folder(args, model)
-    if args.data is None or args.object is None:
-        raise ConfigError("give --train DIR (a folder of good images) or --data ROOT with --object NAME")
-    train = open_dataset(args.data, args.object, split=args.split, subset="train", image_size=args.image_size,
-                         split_csv=args.split_csv, skip_bad=args.skip_bad, seed=args.split_seed)
-    _print_skipped(train.skipped)
-    model.data_source_ = {"data": str(args.data), "object": args.object, "split": args.split,
-                         "split_csv": args.split_csv, "split_seed": args.split_seed}
-    if args.val_good is None and (args.val_bad or args.val_masks or args.threshold is not None
-                                  or args.pixel_threshold is not None or args.threshold_mode != "normal-fpr"):
-        raise ConfigError("with --data, calibration options need --val-good DIR (a dataset split holds no "
-                          "normal validation images)")
-    if args.val_good is not None:
-        check_threshold_mode(args.threshold_mode, args.val_bad is not None, args.threshold, args.target_fpr)
-        check_disjoint([Path(p) for p in train.paths], list_images(args.val_good, recursive=True), "validation")
-        if args.val_bad is not None:
-            folder_records(None, args.val_bad, args.val_masks)  # mask errors before the (long) fit
-    model.fit(train)
-    cal = None
-    if args.val_good is not None:  # a dataset split has no held-out normal images of its own
-        cal = _calibrate_folders(args, model, args.val_good, {"validation": "given"})
+        model.data_source_ = {"train": [str(p) for p in args.train], "split_seed": args.split_seed}
+        _, cal, unmasked = fit_folder(model, args.train, image_size=args.image_size, **options)
+    else:
+        if args.data is None or args.object is None:
+            raise ConfigError("give --train DIR (folders of good images) or --data ROOT with --object NAME")
+        train = open_dataset(args.data, args.object, split=args.split, subset="train", image_size=args.image_size,
+                             split_csv=args.split_csv, skip_bad=args.skip_bad, seed=args.split_seed)
+        _print_skipped(train.skipped)
+        model.data_source_ = {"data": str(args.data), "object": args.object, "split": args.split,
+                             "split_csv": args.split_csv, "split_seed": args.split_seed}
+        _, cal, unmasked = fit_dataset(model, train, **options)
+    _report_unmasked(unmasked, args.val_masks)
     out = model.save(args.out)
     print(f"fitted {args.model} ({model.arch}, {model.n_train_} training images) -> {out}")
-    if cal is not None:
+    if cal is None:
+        print("no calibration (--no-calibration): no thresholds; predict needs --threshold")
+    else:
+        if cal.source.get("masks"):
+            print(f"validation {cal.source['masks']}")
         print(cal.summary())
     return 0
 
 
-def _add_calibration_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--val-good", default=None, metavar="DIR",
-                   help="normal validation images (default with --train: a seeded 20%% of --train held out)")
-    p.add_argument("--val-bad", default=None, metavar="DIR", help="anomalous validation images (for --threshold-mode f1)")
-    p.add_argument("--val-masks", default=None, metavar="DIR", help="masks of --val-bad images, matched by file stem")
-    p.add_argument("--threshold-mode", choices=["normal-fpr", "f1", "manual"], default="normal-fpr",
-                   help="normal-fpr: flag at most --target-fpr of normal validation images (default); "
-                        "f1: best F1 on --val-bad; manual: --threshold")
-    p.add_argument("--target-fpr", type=float, default=0.01, help="false-positive rate of normal-fpr (default 0.01)")
-    p.add_argument("--threshold", type=float, default=None, help="image threshold of --threshold-mode manual")
-    p.add_argument("--pixel-threshold", type=float, default=None,
-                   help="pixel threshold (default: chosen like the image threshold)")
-
-
-def _fit_folder(args: argparse.Namespace, model) -> int:  # type: ignore[no-untyped-def]
-    from spotdiff.detect.calibration import fit_folder
-
-    model.data_source_ = {"train": str(args.train), "split_seed": args.split_seed}
-    _, cal, unmasked = fit_folder(model, args.train, args.val_good, args.val_bad, args.val_masks, args.image_size,
-                                  args.threshold_mode, args.target_fpr, args.threshold, args.pixel_threshold,
-                                  val_seed=args.split_seed)
-    _report_unmasked(unmasked, args.val_masks)
-    out = model.save(args.out)
-    print(f"fitted {args.model} ({model.arch}, {model.n_train_} training images) -> {out}")
-    print(cal.summary())
-    return 0
-
-
-def _calibrate_folders(args: argparse.Namespace, model, val_good: str, source: dict):  # type: ignore[no-untyped-def]
-    from spotdiff.data.plain import open_folders
-    from spotdiff.detect.calibration import calibrate
-
-    good, _ = open_folders(val_good, image_size=model.image_size_, name="val good")
-    bad, unmasked = (open_folders(None, args.val_bad, args.val_masks, image_size=model.image_size_, name="val bad")
-                     if args.val_bad else (None, []))
-    _report_unmasked(unmasked, args.val_masks)
-    return calibrate(model, good, bad, args.threshold_mode, args.target_fpr, args.threshold, args.pixel_threshold,
-                     source, has_masks=bad is not None and len(unmasked) < len(bad))
-
-
-def _report_unmasked(unmasked: list, masks: str | None) -> None:
-    """Name the bad images that a given mask folder has no mask for."""
+def _report_unmasked(unmasked: list, masks: Sequence[str] | None) -> None:
+    """Name the bad images that the given mask folders have no mask for."""
     if unmasked and masks is not None:
         names = ", ".join(p.name for p in unmasked[:5]) + (" ..." if len(unmasked) > 5 else "")
-        print(f"note: {len(unmasked)} bad image(s) have no mask in {masks}; their pixels count as normal: {names}",
-              file=sys.stderr)
+        print(f"note: {len(unmasked)} bad image(s) have no mask in {', '.join(masks)}; their pixels count as "
+              f"normal: {names}", file=sys.stderr)
 
 
 
 # ----------------------------------------------------------------------------- test
 def _add_test(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("test", help="evaluate a fitted 1-class detector on a test split or on plain folders")
+    p = sub.add_parser("test", help="evaluate a fitted 1-class detector on a test split or on plain folders",
+                       description="Score a labelled test set (plain folders, or a dataset's test split: "
+                                   "MVTec-AD and VisA are read as they are) and report AU-ROC/AU-PR and what the "
+                                   "model's own thresholds decide (false alarms, recall per defect type).")
     p.add_argument("model_dir", help="model directory written by `spotdiff fit`")
-    p.add_argument("--good", default=None, metavar="DIR", help="folder of good test images (instead of --data/--object)")
-    p.add_argument("--bad", default=None, metavar="DIR", help="folder of bad test images (with --good)")
-    p.add_argument("--masks", default=None, metavar="DIR", help="masks of --bad images, matched by file stem")
+    p.add_argument("--good", default=None, **FOLDERS, help="folders of good test images (instead of --data/--object)")
+    p.add_argument("--bad", default=None, **FOLDERS,
+                   help="folders of bad test images (with --good); each subfolder is a defect type")
+    p.add_argument("--masks", default=None, **FOLDERS,
+                   help="masks of --bad images, matched by file stem (may mirror the --bad folders)")
+    _add_mask_args(p)
     p.add_argument("--data", default=None, help="raw VisA root, MVTec-AD root or prepared folder")
     p.add_argument("--object", default=None, help="object (category) name")
     p.add_argument("--split", default="1cls", help="VisA split CSV name (default 1cls)")
@@ -337,58 +334,60 @@ def _add_test(sub: argparse._SubParsersAction) -> None:
 
 def _run_test(args: argparse.Namespace) -> int:
     from spotdiff.data import open_dataset
+    from spotdiff.data.plain import open_folders
     from spotdiff.detect import load_detector
     from spotdiff.detect.evaluate import evaluate_detector
     from spotdiff.devices import resolve_device
     from spotdiff.errors import ConfigError
 
     model = load_detector(args.model_dir, device=resolve_device(args.device))
-    fitted_on = model.data_source_.get("object")
-    if fitted_on and args.object and fitted_on != args.object:
-        print(f"warning: {args.model_dir} was fitted on object {fitted_on!r}, not {args.object!r}; "
-              "its scores on another object are rarely meaningful", file=sys.stderr)
     height, width = model.image_size_
+    size = height if height == width else (height, width)
     if args.good is not None or args.bad is not None:
-        test = _open_test_folders(args, model)
-        metrics, records, maps, _ = evaluate_detector(model, test, batch_size=args.batch_size, num_workers=args.workers)
-        return _write_test(args, model, metrics, records, maps)
-    if args.data is None or args.object is None:
-        raise ConfigError("give --good DIR --bad DIR (plain folders) or --data ROOT with --object NAME")
-    recorded = model.data_source_.get("split_seed", 0)
-    split_seed = recorded if args.split_seed is None else args.split_seed
-    if split_seed != recorded:
-        print(f"warning: --split-seed {split_seed} differs from the seed the model was fitted with ({recorded}); "
-              "for a dataset without an official split, test images may then overlap the training images",
-              file=sys.stderr)
-    test = open_dataset(args.data, args.object, split=args.split, subset="test",
-                        image_size=height if height == width else (height, width),
-                        split_csv=args.split_csv, skip_bad=args.skip_bad, seed=split_seed)
-    _print_skipped(test.skipped)
+        if args.good is None or args.bad is None:
+            raise ConfigError("plain-folder test needs both --good DIR and --bad DIR")
+        test, found = open_folders(args.good, args.bad, args.masks, image_size=size, name="test",
+                                   mask_suffix=args.mask_suffix, mask_threshold=args.mask_threshold)
+        if found.mask_note:
+            print(found.mask_note, file=sys.stderr)
+        _report_unmasked(found.unmasked, args.masks)
+    else:
+        if args.data is None or args.object is None:
+            raise ConfigError("give --good DIR --bad DIR (plain folders) or --data ROOT with --object NAME")
+        if args.masks is not None or args.mask_suffix is not None or args.mask_threshold is not None:
+            raise ConfigError("--masks, --mask-suffix and --mask-threshold are for plain folders (--good/--bad); "
+                              "a dataset's masks are read from its own layout")
+        fitted_on = model.data_source_.get("object")
+        if fitted_on and fitted_on != args.object:
+            print(f"warning: {args.model_dir} was fitted on object {fitted_on!r}, not {args.object!r}; "
+                  "its scores on another object are rarely meaningful", file=sys.stderr)
+        recorded = model.data_source_.get("split_seed", 0)
+        split_seed = recorded if args.split_seed is None else args.split_seed
+        if split_seed != recorded:
+            print(f"warning: --split-seed {split_seed} differs from the seed the model was fitted with ({recorded}); "
+                  "for a dataset without an official split, test images may then overlap the training images",
+                  file=sys.stderr)
+        test = open_dataset(args.data, args.object, split=args.split, subset="test", image_size=size,
+                            split_csv=args.split_csv, skip_bad=args.skip_bad, seed=split_seed)
+        _print_skipped(test.skipped)
     metrics, records, maps, _ = evaluate_detector(model, test, batch_size=args.batch_size, num_workers=args.workers)
     return _write_test(args, model, metrics, records, maps)
-
-
-def _open_test_folders(args: argparse.Namespace, model):  # type: ignore[no-untyped-def]
-    from spotdiff.data.plain import open_folders
-    from spotdiff.errors import ConfigError
-
-    if args.good is None or args.bad is None:
-        raise ConfigError("plain-folder test needs both --good DIR and --bad DIR")
-    test, unmasked = open_folders(args.good, args.bad, args.masks, image_size=model.image_size_, name="test")
-    _report_unmasked(unmasked, args.masks)
-    return test
 
 
 def _write_test(args: argparse.Namespace, model, metrics: dict, records: list, maps) -> int:  # type: ignore[no-untyped-def]
     import json
 
-    from spotdiff.detect.evaluate import write_test_results
+    from spotdiff.detect.evaluate import decisions_text, write_test_results
     from spotdiff.models import describe_weights
 
     metrics["weights"] = model.weights_record_
     written = write_test_results(args.out, metrics, records, maps if args.save_maps else None)
     headline = {k: v for k, v in metrics.items() if isinstance(v, float)}
     print(json.dumps(headline, indent=2, sort_keys=True))
+    if "decisions" in metrics:
+        print(decisions_text(metrics["decisions"]))
+    else:
+        print("no decisions: the model has no calibration (re-fit it without --no-calibration)")
     print(f"backbone weights: {describe_weights(model.weights_record_)}")
     print(f"results -> {written['metrics'].parent}")
     return 0

@@ -171,7 +171,8 @@ PRETRAIN = ["pretrain", "--method", "simsiam", "--arch", "resnet18", "--steps", 
 def test_unusual_images_fit_and_predict(good_tree, tmp_path, capsys):
     model = tmp_path / "model"
     assert main(["--quiet", *FIT, "--data", str(good_tree), "--out", str(model)]) == 0
-    assert json_load(model / "config.json")["n_train"] == len(GOOD_IMAGES)
+    config = json_load(model / "config.json")  # fitted on some, calibrated on the held-out rest
+    assert config["n_train"] + config["calibration"]["figures"]["n_val_good"] == len(GOOD_IMAGES)
     normal = good_tree / OBJECT / "Data" / "Images" / "Normal"
     assert main(["--quiet", "predict", str(model), str(normal), "--out", str(tmp_path / "pred")]) == 0
     rows = csv_rows(tmp_path / "pred" / "scores.csv")
@@ -190,10 +191,11 @@ def test_broken_image_stops_fit_and_test_and_is_skipped_in_predict(kind, tmp_pat
     model = tmp_path / "model"
     assert main(["--quiet", *FIT, "--data", str(root), "--out", str(model)]) == 2
     assert str(broken) in capsys.readouterr().err and not model.exists()
-    # --skip-bad: fitted on the 4 readable images, the broken one reported by name.
+    # --skip-bad: fitted and calibrated on the 4 readable images, the broken one reported by name.
     assert main([*FIT, "--data", str(root), "--out", str(model), "--skip-bad"]) == 0
     assert str(broken) in capsys.readouterr().err
-    assert json_load(model / "config.json")["n_train"] == 4
+    config = json_load(model / "config.json")
+    assert config["n_train"] + config["calibration"]["figures"]["n_val_good"] == 4
 
     test_rows = [*rows[5:], Row("test", "normal", rows[4].image, b"")]  # the broken file as a test image
     csv_path = write_csv(tmp_path / "test.csv", [(OBJECT, r.split, r.label, r.image, r.mask) for r in test_rows])
@@ -214,7 +216,7 @@ def test_mask_of_the_wrong_size_stops_test(tmp_path, capsys):
     rows.append(anomaly_row("a0", noise_jpeg(11), png_bytes(np.ones((31, 32), np.uint8))))
     root = write_tree(tmp_path / "visa", rows)
     model = tmp_path / "model"
-    assert main(["--quiet", *FIT, "--data", str(root), "--out", str(model)]) == 0
+    assert main(["--quiet", *FIT, "--data", str(root), "--out", str(model), "--no-calibration"]) == 0  # 3 images
     argv = ["test", str(model), "--data", str(root), "--object", OBJECT, "--out", str(tmp_path / "test")]
     assert main(["--quiet", *argv]) == 2
     err = capsys.readouterr().err

@@ -30,8 +30,9 @@ ImageSize = int | tuple[int, int] | None
 class ImageRecord:
     """One image of a dataset.
 
-    ``mask_class``: None when the mask file stores class ids (raw VisA); otherwise every nonzero
-    mask pixel gets this id (MVTec-AD defect folder, binarised prepared masks).
+    ``mask_class``: None when the mask file stores class ids (raw VisA); otherwise every mask pixel
+    above ``mask_threshold`` (default 0: every nonzero pixel) gets this id (MVTec-AD defect folder,
+    binarised prepared masks, plain folders).
     ``defect_type``: None means "derive from the class ids in the mask" (raw VisA).
     ``source``: where the record came from (CSV row or folder), for error messages.
     """
@@ -42,6 +43,7 @@ class ImageRecord:
     mask_class: int | None = None
     defect_type: str | None = None
     source: str = ""
+    mask_threshold: int = 0
 
 
 def default_workers() -> int:
@@ -175,7 +177,7 @@ class AnomalyDataset(Dataset):
             raw = load_mask(s.mask)
             _check_mask_size(s, img.size, raw.shape)
             if s.mask_class is not None:
-                raw = np.where(raw != 0, s.mask_class, 0).astype(np.uint8)
+                raw = np.where(raw > s.mask_threshold, s.mask_class, 0).astype(np.uint8)
             elif not raw.flags.writeable:  # torch.from_numpy warns on read-only arrays
                 raw = raw.copy()
             class_mask = mask_to_tensor(raw, self.image_size)

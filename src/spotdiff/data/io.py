@@ -1,12 +1,17 @@
 """Image and mask reading with clear errors that name the file.
 
 Every image is returned as 8-bit RGB whatever its mode on disk (grayscale, RGBA, palette,
-CMYK, 16-bit); EXIF orientation is applied. Masks are returned as integer arrays of class ids.
+CMYK, 16-bit, float); EXIF orientation is applied. Integer images are scaled by their bit depth
+(a 16-bit image by 65535, whatever its content), float images by their documented range [0, 1]
+(values outside it are refused). Masks are returned as integer arrays of class ids.
+A broken symbolic link, an unreadable file and a decompression bomb all raise a `DataError`
+naming the file.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +25,10 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", 
 # only warns between 1x and 2x; we turn the warning into an error too (see `open_image`).
 MAX_IMAGE_PIXELS = 89_478_485
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+# PIL's warning between 1x and 2x the limit would print a second line beside our one-line refusal.
+warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+FLOAT_RANGE = (0.0, 1.0)
+"""The documented value range of float (mode ``F``) images: 0 is black, 1 is white."""
 
 
 def is_image_file(path: str | os.PathLike[str]) -> bool:
@@ -27,41 +36,93 @@ def is_image_file(path: str | os.PathLike[str]) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _open_checked(path: Path) -> Image.Image:
+def _missing(path: Path) -> DataError:
+    if path.is_symlink():
+        return DataError(f"{path}: broken symbolic link (its target {os.readlink(path)} does not exist)")
+    return DataError(f"{path}: file not found")
+
+
+def _bomb_check(path: Path, img: Image.Image) -> None:
+    w, h = img.size
+    if w * h > MAX_IMAGE_PIXELS:
+        raise DataError(f"{path}: image of {w}x{h} pixels exceeds the limit of {MAX_IMAGE_PIXELS} "
+                        "pixels (possible decompression bomb)")
+
+
+def _open(path: Path) -> Image.Image:
+    """``Image.open`` (header only) with every failure, bombs included, as a DataError naming ``path``."""
     if not path.is_file():
-        raise DataError(f"{path}: file not found")
+        raise _missing(path)
     if path.stat().st_size == 0:
         raise DataError(f"{path}: empty file (0 bytes)")
     try:
         img = Image.open(path)
-        w, h = img.size
-        if w * h > MAX_IMAGE_PIXELS:
-            raise DataError(
-                f"{path}: image of {w}x{h} pixels exceeds the limit of {MAX_IMAGE_PIXELS} "
-                "pixels (possible decompression bomb)"
-            )
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"{path}: refused as a possible decompression bomb ({exc})") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read image ({exc})") from exc
+    _bomb_check(path, img)
+    return img
+
+
+def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """``(width, height)`` of an image file from its header (no decoding); DataError like `load_image`."""
+    path = Path(path)
+    with _open(path) as img:
+        return img.size
+
+
+def _open_checked(path: Path) -> Image.Image:
+    img = _open(path)
+    try:
         img.load()
-    except DataError:
-        raise
-    except Image.DecompressionBombError as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DataError(f"{path}: refused as a possible decompression bomb ({exc})") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: cannot read image ({exc})") from exc
     return img
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB; 16-bit grayscale is scaled down, alpha is dropped."""
+def bit_depth(img: Image.Image) -> int:
+    """Bits per sample of an integer grayscale image: 16 for ``I;16*``; for mode ``I`` the file's
+    own (TIFF BitsPerSample; 16 for PNG, which Pillow < 10 opened as ``I``), else 32; 8 otherwise."""
+    if img.mode.startswith("I;16"):
+        return 16
+    if img.mode == "I":
+        tags = getattr(img, "tag_v2", None)
+        bits = tags.get(258) if tags is not None else None
+        if isinstance(bits, tuple):
+            bits = bits[0] if bits else None
+        if isinstance(bits, int) and 8 < bits <= 32:
+            return bits
+        return 16 if img.format == "PNG" else 32
+    return 8
+
+
+def to_rgb(img: Image.Image, path: str | os.PathLike[str] = "image", bits: int | None = None) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB; alpha is dropped (composited on black).
+
+    Integer grayscale deeper than 8 bits is scaled by its bit depth (see `bit_depth`), never by its
+    content; float images (mode ``F``) are scaled from [0, 1] and refused (DataError naming ``path``)
+    when a value is outside that range or not finite. ``bits``: the bit depth when known (read before
+    a transpose drops the file's tags), else `bit_depth`.
+    """
     if img.mode == "RGB":
         return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+    if img.mode.startswith("I"):
+        top = float(2 ** (bits or bit_depth(img)) - 1)
         arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if arr.max(initial=0) > 255 else 255.0
         arr8 = np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8)
         return Image.fromarray(arr8, mode="L").convert("RGB")
     if img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
-        arr8 = np.clip(np.round(arr), 0, 255).astype(np.uint8)
+        low, high = FLOAT_RANGE
+        if not np.isfinite(arr).all():
+            raise DataError(f"{path}: float image holds NaN or infinite values")
+        if arr.size and (arr.min() < low or arr.max() > high):
+            raise DataError(f"{path}: float image values must be in [{low:g}, {high:g}] (0 black, 1 white), "
+                            f"found [{arr.min():.6g}, {arr.max():.6g}]; save it as 8- or 16-bit integers instead")
+        arr8 = np.clip(np.round((arr - low) / (high - low) * 255.0), 0, 255).astype(np.uint8)
         return Image.fromarray(arr8, mode="L").convert("RGB")
     if img.mode in ("P", "PA"):
         img = img.convert("RGBA")
@@ -75,16 +136,17 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
     """Read an image file as an 8-bit RGB PIL image, EXIF orientation applied.
 
     Raises:
-        DataError: the file is missing, empty, truncated, corrupt, or too large; the message
-            names the file.
+        DataError: the file is missing (or a broken symbolic link), empty, truncated, corrupt, too
+            large, or a float image outside [0, 1]; the message names the file.
     """
     path = Path(path)
     img = _open_checked(path)
+    bits = bit_depth(img)
     try:
         img = ImageOps.exif_transpose(img)
     except Exception as exc:  # a broken EXIF block must not kill the whole run
         raise DataError(f"{path}: cannot apply EXIF orientation ({exc})") from exc
-    return to_rgb(img)
+    return to_rgb(img, path, bits)
 
 
 def load_mask(path: str | os.PathLike[str]) -> np.ndarray:

@@ -5,16 +5,18 @@
 >>> scores, maps = model.predict(images)                     # doctest: +SKIP
 >>> model.save("models/padim"); Detector.load("models/padim")  # doctest: +SKIP
 >>> model, cal, _ = fit_folder(PaDiM(), "good/", image_size=256)  # plain folder + thresholds  # doctest: +SKIP
+>>> model, cal, _ = fit_dataset(PaDiM(), train_dataset)  # a dataset split + thresholds  # doctest: +SKIP
 """
 
 from spotdiff.detect.base import Detector
-from spotdiff.detect.calibration import Calibration, calibrate, fit_folder
+from spotdiff.detect.calibration import Calibration, calibrate
+from spotdiff.detect.fitting import fit_dataset, fit_folder
 from spotdiff.detect.padim import PaDiM
 from spotdiff.detect.patchcore import PatchCore
 
 DETECTORS: dict[str, type[Detector]] = {"padim": PaDiM, "patchcore": PatchCore}
 
-__all__ = ["DETECTORS", "Calibration", "Detector", "PaDiM", "PatchCore", "calibrate", "fit_folder", "load_detector"]
+__all__ = ["DETECTORS", "Calibration", "Detector", "PaDiM", "PatchCore", "calibrate", "fit_dataset", "fit_folder", "load_detector"]
 
 
 def load_detector(model_dir, device="cpu") -> Detector:  # type: ignore[no-untyped-def]

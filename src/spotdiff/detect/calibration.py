@@ -21,10 +21,8 @@ Everything is stored as ``calibration`` in the model's ``config.json`` (see :cla
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,6 +36,8 @@ THRESHOLD_MODES = ("normal-fpr", "f1", "manual")
 DEFAULT_FPR = 0.01
 PIXEL_QUANTILE_LEVELS = 101
 """Stored quantiles (0 %, 1 %, ..., 100 %) of the normal validation pixel scores, for reference."""
+FINE_FPR_IMAGES = 100
+"""Below this many normal validation images ``summary`` says how coarse the measured FPR is."""
 
 
 @dataclass
@@ -96,9 +96,10 @@ class Calibration:
             + _figures_text(f, "pixel"),
         ]
         n = f.get("n_val_good", 0)
-        if self.image_mode == "normal-fpr" and n and 1.0 / n > self.target_fpr:
-            lines.append(f"  note: with {n} normal validation images the FPR can only be measured in steps of "
-                         f"{1.0 / n:.3g}; give more normal validation images for a {self.target_fpr:g} target")
+        if n and (n < FINE_FPR_IMAGES or 1.0 / n > self.target_fpr):
+            lines.append(f"  note: {n} normal validation images measure the false-alarm rate in steps of "
+                         f"{1.0 / n:.3g}; for {1.0 / FINE_FPR_IMAGES:g} steps give {FINE_FPR_IMAGES}+ normal images "
+                         "(--val-good DIR, or a larger --val-fraction)")
         return "\n".join(lines)
 
 
@@ -238,46 +239,6 @@ def model_calibration(model: Any) -> Calibration | None:
     """The calibration stored on a model (None for models fitted before calibration existed)."""
     data = getattr(model, "calibration_", None)
     return Calibration.from_dict(data) if data else None
-
-
-def fit_folder(
-    model: Any,
-    train: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
-    val_good: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
-    val_bad: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
-    val_masks: str | os.PathLike[str] | None = None,
-    image_size: int | tuple[int, int] = 256,
-    threshold_mode: str = "normal-fpr",
-    target_fpr: float = DEFAULT_FPR,
-    threshold: float | None = None,
-    pixel_threshold: float | None = None,
-    val_seed: int = 0,
-) -> tuple[Any, Calibration, list[Path]]:
-    """Fit ``model`` on a folder (or list) of good images and calibrate it; the Python twin of
-    ``spotdiff fit --train``.
-
-    Without ``val_good`` a seeded share of ``train`` is held out (see `spotdiff.data.plain`).
-    Every input is checked (folders, masks, overlap, threshold mode) before fitting starts.
-
-    Returns:
-        ``(model, calibration, bad validation images without a mask)``.
-    """
-    from spotdiff.data.dataset import AnomalyDataset, ImageRecord
-    from spotdiff.data.folder import list_images
-    from spotdiff.data.plain import check_disjoint, folder_records, split_train_val
-
-    check_threshold_mode(threshold_mode, val_bad is not None, threshold, target_fpr)
-    fit_paths, val_paths, source = split_train_val(train, val_good, seed=val_seed)
-    bad_set = folder_records(None, val_bad, val_masks) if val_bad is not None else None
-    if val_bad is not None:
-        check_disjoint(fit_paths, list_images(val_bad, recursive=True), "anomalous validation")
-    fit_set = AnomalyDataset([ImageRecord(p, 0) for p in fit_paths], image_size=image_size, name="train")
-    model.fit(fit_set)
-    good_ds = AnomalyDataset([ImageRecord(p, 0) for p in val_paths], image_size=model.image_size_, name="val good")
-    bad_ds = AnomalyDataset(bad_set.records, image_size=model.image_size_, name="val bad") if bad_set else None
-    cal = calibrate(model, good_ds, bad_ds, threshold_mode, target_fpr, threshold, pixel_threshold, source,
-                    has_masks=bad_set is not None and len(bad_set.unmasked) < len(bad_set.records))
-    return model, cal, bad_set.unmasked if bad_set else []
 
 
 def decide(scores: torch.Tensor | np.ndarray | Sequence[float], threshold: float | None) -> list[str]:

@@ -6,6 +6,7 @@ Streams in batches: memory holds one batch of images plus the maps needed by pix
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,13 @@ from torch.utils.data import Dataset
 
 from spotdiff.data.loader import batches, decode_workers
 from spotdiff.detect.base import Detector
+from spotdiff.detect.calibration import model_calibration
 from spotdiff.errors import DataError
 from spotdiff.files import atomic_path, write_json_atomic, write_text_atomic
 from spotdiff.progress import progress
 from spotdiff.tabular import csv_text
 
-SCORE_COLUMNS = ("path", "label", "defect_type", "score")
+SCORE_COLUMNS = ("path", "label", "defect_type", "score", "decision")
 
 
 def evaluate_detector(
@@ -32,12 +34,18 @@ def evaluate_detector(
 
     ``dataset`` items are dicts with ``image``, ``label``, ``mask``, ``defect_type`` and ``path``
     (e.g. ``open_dataset(..., subset="test", image_size=model.image_size_)``). The metrics dict also
-    holds ``test_set`` (:func:`count_test_set`).
+    holds ``test_set`` (:func:`count_test_set`) and, for a calibrated model, ``decisions``
+    (:func:`decision_metrics` at the model's thresholds).
 
     Returns:
         ``(metrics, records, maps, masks)``: the metrics dict (with ``per_defect_type``), one
-        record per image ``{path, label, defect_type, score}``, anomaly maps ``(N, H, W)``
-        float32 and ground-truth masks ``(N, H, W)`` uint8 in {0, 1}.
+        record per image ``{path, label, defect_type, score, decision}`` (decision ``anomalous`` /
+        ``normal``, ``""`` without calibration), anomaly maps ``(N, H, W)`` float32 and ground-truth
+        masks ``(N, H, W)`` uint8 in {0, 1}.
+
+    Raises:
+        DataError: the test set is empty, or a score or map is not finite (no metric is computed
+            from it, and no image is called normal because of it).
     """
     from spotdiff.metrics import evaluate
 
@@ -63,6 +71,7 @@ def evaluate_detector(
                 "label": int(batch["label"][i]),
                 "defect_type": str(batch["defect_type"][i]),
                 "score": float(score),
+                "decision": "",
             })
         if all_maps is None or all_masks is None:  # preallocated: no concatenation copy at the end
             all_maps = np.empty((n, *batch_maps.shape[-2:]), dtype=np.float32)
@@ -72,6 +81,7 @@ def evaluate_detector(
         all_masks[row:stop] = (batch["mask"] > 0.5).numpy()
         row = stop
     assert all_maps is not None and all_masks is not None and row == n
+    _check_finite(records, all_maps)
     pixels = bool(all_masks.any())  # no mask at all (plain folders without masks): image metrics only
     metrics = evaluate(
         np.array([r["score"] for r in records]),
@@ -81,7 +91,95 @@ def evaluate_detector(
         defect_types=[r["defect_type"] for r in records],
     )
     metrics["test_set"] = count_test_set(metrics["per_defect_type"], records, all_masks)
+    cal = model_calibration(model)
+    if cal is not None:
+        metrics["decisions"] = decision_metrics(records, all_maps, all_masks, cal.image_threshold, cal.pixel_threshold)
     return metrics, records, all_maps, all_masks
+
+
+def _check_finite(records: list[dict[str, Any]], maps: np.ndarray) -> None:
+    for i, r in enumerate(records):
+        if not math.isfinite(r["score"]):
+            raise DataError(f"{r['path']}: the model scored it {r['score']}; a non-finite score is never "
+                            "reported as a metric (check the model with `spotdiff predict`)")
+        if not np.isfinite(maps[i]).all():
+            raise DataError(f"{r['path']}: the model's anomaly map holds non-finite values")
+
+
+def decision_metrics(records: list[dict[str, Any]], maps: np.ndarray, masks: np.ndarray, image_threshold: float,
+                     pixel_threshold: float) -> dict[str, Any]:
+    """What the model's own thresholds decide on a labelled test set; sets ``decision`` in each record.
+
+    An image is anomalous when its score is > ``image_threshold``; a pixel is a defect pixel when its map
+    value is > ``pixel_threshold``. Returns ``image_threshold``, ``pixel_threshold``, ``confusion``
+    (image counts ``true_positive``, ``false_positive``, ``true_negative``, ``false_negative``),
+    ``false_alarm_rate`` (flagged good images / good images), ``recall`` (flagged bad / bad),
+    ``precision`` (bad among flagged; None when nothing is flagged), ``per_defect_type``
+    (``{type: {images, detected, recall}}``) and ``pixel``: ``fpr`` (defect pixels among all normal
+    pixels of the test set), ``fpr_good_images`` (among the pixels of good images), ``recall`` (among
+    mask pixels; None without masks). Rates over an empty group are None.
+    """
+    scores = np.array([r["score"] for r in records], dtype=np.float64)
+    labels = np.array([r["label"] for r in records]) == 1
+    flagged = scores > image_threshold
+    for r, f in zip(records, flagged.tolist(), strict=True):
+        r["decision"] = "anomalous" if f else "normal"
+    tp, fp = int((flagged & labels).sum()), int((flagged & ~labels).sum())
+    fn, tn = int((~flagged & labels).sum()), int((~flagged & ~labels).sum())
+    per_type: dict[str, dict[str, Any]] = {}
+    for r, f in zip(records, flagged.tolist(), strict=True):
+        if r["label"] == 1:
+            entry = per_type.setdefault(r["defect_type"], {"images": 0, "detected": 0})
+            entry["images"] += 1
+            entry["detected"] += int(f)
+    for entry in per_type.values():
+        entry["recall"] = entry["detected"] / entry["images"]
+    defect_px = maps > pixel_threshold
+    truth = masks.astype(bool)
+    good = ~labels
+    normal_px = int((~truth).sum())
+    good_px = int(good.sum()) * int(np.prod(maps.shape[1:]))
+    return {
+        "image_threshold": float(image_threshold),
+        "pixel_threshold": float(pixel_threshold),
+        "confusion": {"true_positive": tp, "false_positive": fp, "true_negative": tn, "false_negative": fn},
+        "false_alarm_rate": _rate(fp, fp + tn),
+        "recall": _rate(tp, tp + fn),
+        "precision": _rate(tp, tp + fp),
+        "per_defect_type": dict(sorted(per_type.items())),
+        "pixel": {
+            "fpr": _rate(int((defect_px & ~truth).sum()), normal_px),
+            "fpr_good_images": _rate(int(defect_px[good].sum()), good_px),
+            "recall": _rate(int((defect_px & truth).sum()), int(truth.sum())),
+            "normal_pixels": normal_px,
+            "defect_pixels": int(truth.sum()),
+        },
+    }
+
+
+def _rate(count: int, total: int) -> float | None:
+    return count / total if total else None
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100.0 * value:.1f} %"
+
+
+def decisions_text(decisions: dict[str, Any]) -> str:
+    """Lines printed by ``spotdiff test``: false alarms, recall (per defect type), precision, pixel rates."""
+    c, px = decisions["confusion"], decisions["pixel"]
+    good, bad = c["false_positive"] + c["true_negative"], c["true_positive"] + c["false_negative"]
+    lines = [
+        f"decisions at the model's image threshold {decisions['image_threshold']:.6g}:",
+        (f"  false alarms {c['false_positive']} of {good} good image(s) ({_percent(decisions['false_alarm_rate'])}); "
+        f"recall {c['true_positive']} of {bad} bad image(s) ({_percent(decisions['recall'])}); "
+        f"precision {_percent(decisions['precision'])}"),
+    ]
+    lines += [f"  {name}: {e['detected']} of {e['images']} detected ({_percent(e['recall'])})"
+              for name, e in decisions["per_defect_type"].items()]
+    lines.append(f"at the pixel threshold {decisions['pixel_threshold']:.6g}: pixel FPR {_percent(px['fpr'])} "
+                 f"(good images {_percent(px['fpr_good_images'])}), pixel recall {_percent(px['recall'])}")
+    return "\n".join(lines)
 
 
 def count_test_set(per_type: dict[str, Any], records: list[dict[str, Any]], masks: np.ndarray) -> dict[str, Any]:
@@ -101,7 +199,7 @@ def write_test_results(
     records: list[dict[str, Any]],
     maps: np.ndarray | None = None,
 ) -> dict[str, Path]:
-    """Write ``metrics.json``, ``scores.csv`` (path,label,defect_type,score) and optionally ``maps.npz``
+    """Write ``metrics.json``, ``scores.csv`` (path,label,defect_type,score,decision) and optionally ``maps.npz``
     (float16 maps, key ``maps``, with ``paths``), each atomically. Returns the written paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from detect_fakes import square_images
 from PIL import Image
 
 from spotdiff.cli import main
+from spotdiff.data.folder import list_images
 from spotdiff.data.io import load_image
 from spotdiff.data.plain import folder_records, holdout, open_folders
 from spotdiff.detect.evaluate import decision_metrics, decisions_text
@@ -295,6 +296,7 @@ def test_float_images_outside_their_range_are_refused(values, message, tmp_path)
 def test_dangling_symlink_is_reported_like_an_unreadable_file(tmp_path):
     save_images(tmp_path / "good", square_images(2, SIZE, seed=8), ["a", "b"])
     os.symlink(tmp_path / "gone.png", tmp_path / "good" / "c.png")
-    with pytest.raises(DataError, match=r"c\.png: broken symbolic link"):
-        load_image(tmp_path / "good" / "c.png")
-    assert [r.image.name for r in folder_records(tmp_path / "good").records] == ["a.png", "b.png", "c.png"]
+    assert [p.name for p in list_images(tmp_path / "good")] == ["a.png", "b.png", "c.png"]  # listed, not skipped
+    for read in (load_image, folder_records):  # and refused when read, like any unreadable file
+        with pytest.raises(DataError, match=r"c\.png: broken symbolic link"):
+            read(tmp_path / "good" / ("c.png" if read is load_image else ""))

@@ -34,6 +34,7 @@ from spotdiff.data.dataset import (
     default_workers,
 )
 from spotdiff.data.folder import check_unique, list_images
+from spotdiff.data.io import image_size
 from spotdiff.data.masks import TreeFile, check_binary, match_masks, tree_files
 from spotdiff.errors import DataError
 from spotdiff.files import sha256_file
@@ -104,11 +105,15 @@ def folder_records(good: Images | None, bad: Images | None = None, masks: Images
     if bad is None:
         if masks is not None:
             raise DataError(f"{_label(masks)}: masks given without bad images")
+        check_image_headers(good_paths)
         return FolderSet(records)
     found = bad_images(bad)
     bad_paths = [f.path for f in found]
     if good_paths:
-        check_no_overlap(good_paths, bad_paths, f"good {what}", f"bad {what}")
+        hashes = content_hashes([*good_paths, *bad_paths], check_headers=True)
+        check_no_overlap(good_paths, bad_paths, f"good {what}", f"bad {what}", hashes)
+    else:
+        check_image_headers(bad_paths)
     matched: dict[Path, Path] = {}
     unmasked, note = bad_paths, ""
     threshold = 0
@@ -140,10 +145,16 @@ def open_folders(good: Images | None, bad: Images | None = None, masks: Images |
 # ----------------------------------------------------------------------------- overlaps by content
 
 
-def content_hashes(paths: Sequence[Path], workers: int | None = None) -> dict[Path, str | None]:
-    """SHA-256 of each file's bytes (None for a file that cannot be read: reading it reports it later)."""
+def content_hashes(paths: Sequence[Path], workers: int | None = None,
+                   check_headers: bool = False) -> dict[Path, str | None]:
+    """SHA-256 of each file's bytes (None for a file that cannot be read: reading it reports it later).
+
+    ``check_headers``: also read each image header (`check_image_headers`).
+    """
 
     def digest(path: Path) -> str | None:
+        if check_headers:
+            image_size(path)
         try:
             return sha256_file(path)
         except OSError:
@@ -151,6 +162,13 @@ def content_hashes(paths: Sequence[Path], workers: int | None = None) -> dict[Pa
 
     with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
         return dict(zip(paths, pool.map(digest, paths), strict=True))
+
+
+def check_image_headers(paths: Sequence[Path], workers: int | None = None) -> None:
+    """Read every image header (`spotdiff.data.io.image_size`), so that a broken link, an unreadable
+    header or a decompression bomb is refused now, in one line, before a long fit or test."""
+    with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
+        list(pool.map(image_size, paths))
 
 
 def _same_file(a: Path, b: Path) -> str:

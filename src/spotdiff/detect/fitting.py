@@ -20,6 +20,7 @@ from spotdiff.data.folder import list_images
 from spotdiff.data.plain import (
     VAL_FRACTION,
     FolderSet,
+    check_image_headers,
     check_no_overlap,
     content_hashes,
     folder_records,
@@ -100,6 +101,7 @@ def fit_dataset(
         DataError: folders, masks or overlaps (training vs normal validation vs bad validation,
             by content) that are refused; too few images to hold out.
     """
+    train_paths = [Path(p) for p in train.paths]
     if not calibrate:
         given = [name for name, value in (("--val-good", val_good), ("--val-bad", val_bad), ("--val-masks", val_masks),
                                            ("--threshold", threshold), ("--pixel-threshold", pixel_threshold))
@@ -107,14 +109,15 @@ def fit_dataset(
         if given or threshold_mode != "normal-fpr":
             raise ConfigError(f"--no-calibration fits without thresholds; it cannot be combined with "
                               f"{', '.join(given) or '--threshold-mode'}")
+        check_image_headers(train_paths)
         model.fit(train)
         return model, None, []
     check_threshold_mode(threshold_mode, val_bad is not None, threshold, target_fpr)
-    train_paths = [Path(p) for p in train.paths]
-    hashes = content_hashes(train_paths)
+    hashes = content_hashes(train_paths, check_headers=True)  # bombs and broken links refused before the fit
     if val_good is not None:
         fit_set = train
         val_paths = list_images(val_good, recursive=True)
+        hashes.update(content_hashes(val_paths, check_headers=True))
         check_no_overlap(train_paths, val_paths, "training", "normal validation", hashes)
         good_set = AnomalyDataset([ImageRecord(p, 0) for p in val_paths], image_size=train.image_size,
                                   name="val good")

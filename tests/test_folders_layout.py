@@ -109,7 +109,7 @@ def test_holdout_keeps_byte_identical_copies_on_one_side():
     fit, val = holdout(paths, 0.2, seed=1, hashes=hashes)
     assert {hashes[paths[i]] for i in fit}.isdisjoint({hashes[paths[i]] for i in val})
     assert len(val) >= 2 and len(fit) + len(val) == 10
-    plain_fit, plain_val = holdout(paths, 0.2, seed=1)
+    _, plain_val = holdout(paths, 0.2, seed=1)
     assert len(plain_val) == 2 and plain_val == sorted(np.random.default_rng(1).permutation(10)[:2].tolist())
 
 

@@ -300,3 +300,43 @@ def test_dangling_symlink_is_reported_like_an_unreadable_file(tmp_path):
     for read in (load_image, folder_records):  # and refused when read, like any unreadable file
         with pytest.raises(DataError, match=r"c\.png: broken symbolic link"):
             read(tmp_path / "good" / ("c.png" if read is load_image else ""))
+
+
+# ----------------------------------------------------------------------------- fail closed, docs
+
+
+def test_test_refuses_a_non_finite_score_instead_of_a_metric(mvtec, model_dir):
+    import torch
+
+    from spotdiff.data import open_dataset
+    from spotdiff.detect import Detector
+    from spotdiff.detect.evaluate import evaluate_detector
+
+    model = Detector.load(model_dir)
+    real = model.predict
+
+    def broken(images):
+        scores, maps = real(images)
+        scores = scores.clone()
+        scores[-1] = torch.nan
+        return scores, maps
+
+    model.predict = broken
+    test = open_dataset(mvtec, "part", subset="test", image_size=SIZE)
+    with pytest.raises(DataError, match=r"part/test/.*\.png: the model scored it nan"):
+        evaluate_detector(model, test)
+
+
+def test_every_fit_and_test_command_of_deploy_md_parses():
+    import re
+    import shlex
+
+    from spotdiff.cli import build_parser
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "deploy.md").read_text(encoding="utf-8")
+    blocks = "\n".join(re.findall(r"```bash\n(.*?)```", text, re.DOTALL)).replace("\\\n", " ")
+    commands = [shlex.split(m.group(1).split("#")[0]) for m in re.finditer(r"^spotdiff (.*)$", blocks, re.MULTILINE)]
+    parser = build_parser()
+    parsed = [parser.parse_args(argv) for argv in commands]  # SystemExit(2) on a bad command
+    multi = [a for a in parsed if a.command == "test" and a.bad is not None and len(a.bad) > 1]
+    assert {a.command for a in parsed} >= {"fit", "test", "export", "predict"} and multi

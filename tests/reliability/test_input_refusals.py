@@ -207,3 +207,16 @@ def test_mask_threshold_accepts_what_the_binary_check_refuses(line, model_dir, t
             str(tmp_path / "m"), "--mask-threshold", "127", "--out", str(tmp_path / "r")]
     assert main(["--quiet", *args]) == 0
     assert "masks matched as <stem>_mask.* for 4 of 4 bad image(s)" in capsys.readouterr().err
+
+
+def test_a_bomb_in_the_warning_range_is_one_line_in_a_real_interpreter(line, model_dir, tmp_path):
+    """Between 1x and 2x the pixel limit PIL only warns; the CLI must still print one line, no warning."""
+    from reliability_helpers import assert_clean_error, run_cli
+
+    shutil.copytree(line / "masks", tmp_path / "m")
+    bomb = bomb_png(tmp_path / "m" / "cut" / "001_mask.png", 10_000, 10_000)
+    proc = run_cli("test", model_dir, "--good", line / "good", "--bad", line / "bad", "--masks", tmp_path / "m",
+                   "--out", tmp_path / "r")
+    assert_clean_error(proc, bomb)
+    assert proc.stderr.count("\n") == 1 and "decompression bomb" in proc.stderr, proc.stderr
+    assert not (tmp_path / "r").exists()

@@ -21,6 +21,8 @@ from spotdiff.cli import main
 from spotdiff.detect import PaDiM
 
 SIZE = 24
+# as in the CLI (spotdiff.data.io turns PIL's 1x-2x bomb warning into an error); pytest resets warning filters
+pytestmark = pytest.mark.filterwarnings("error::PIL.Image.DecompressionBombWarning")
 
 
 def noise_png(path: Path, seed: int, defect: bool = False) -> Path:

@@ -132,7 +132,8 @@ def fit_dataset(
     if val_bad is not None:
         bad = folder_records(None, val_bad, val_masks, mask_suffix, mask_threshold, what="validation")
         bad_paths = [r.image for r in bad.records]
-        check_no_overlap(val_paths, bad_paths, "normal validation", "bad validation")
+        hashes.update(content_hashes(bad_paths))
+        check_no_overlap(val_paths, bad_paths, "normal validation", "bad validation", hashes)
         check_no_overlap(train_paths, bad_paths, "training", "bad validation", hashes)
         if bad.mask_note:
             source["masks"] = bad.mask_note

@@ -340,3 +340,12 @@ def test_every_fit_and_test_command_of_deploy_md_parses():
     parsed = [parser.parse_args(argv) for argv in commands]  # SystemExit(2) on a bad command
     multi = [a for a in parsed if a.command == "test" and a.bad is not None and len(a.bad) > 1]
     assert {a.command for a in parsed} >= {"fit", "test", "export", "predict"} and multi
+
+
+def test_list_images_allow_empty_still_refuses_a_loop(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert list_images(tmp_path / "empty", recursive=True, allow_empty=True) == []
+    save_images(tmp_path / "a", square_images(1, SIZE, seed=9), ["x"])
+    (tmp_path / "a" / "back").symlink_to(tmp_path / "a", target_is_directory=True)
+    with pytest.raises(DataError, match="back: symbolic link loop"):
+        list_images(tmp_path / "a", recursive=True, allow_empty=True)

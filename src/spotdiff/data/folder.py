@@ -56,7 +56,8 @@ def _image_files(folder: Path, recursive: bool) -> list[Path]:
     return sorted(found)
 
 
-def list_images(paths_or_dir: PathLike | Sequence[PathLike], recursive: bool = False) -> list[Path]:
+def list_images(paths_or_dir: PathLike | Sequence[PathLike], recursive: bool = False,
+                allow_empty: bool = False) -> list[Path]:
     """Image files named by ``paths_or_dir``: a folder, a file, or a list of either.
 
     Folders contribute their image files (by extension, hidden files ignored), sorted by path;
@@ -66,7 +67,9 @@ def list_images(paths_or_dir: PathLike | Sequence[PathLike], recursive: bool = F
 
     Raises:
         DataError: a path is missing or not an image, a link loop, one file reached twice (the same
-            folder given twice, or linked twice), or no image found.
+            folder given twice, or linked twice), or no image found (unless ``allow_empty``: a
+            caller that only minds when nothing at all is found should pass it rather than catch
+            every DataError, which would hide a loop).
     """
     items = [paths_or_dir] if isinstance(paths_or_dir, (str, os.PathLike)) else list(paths_or_dir)
     found: list[Path] = []
@@ -82,7 +85,7 @@ def list_images(paths_or_dir: PathLike | Sequence[PathLike], recursive: bool = F
             raise DataError(f"{path}: broken symbolic link (its target {os.readlink(path)} does not exist)")
         else:
             raise DataError(f"{path}: no such file or folder")
-    if not found:
+    if not found and not allow_empty:
         names = ", ".join(str(i) for i in items) or "(no paths given)"
         raise DataError(f"no image files found in {names}")
     check_unique(found)

@@ -323,7 +323,7 @@ def test_test_refuses_a_non_finite_score_instead_of_a_metric(mvtec, model_dir):
 
     model.predict = broken
     test = open_dataset(mvtec, "part", subset="test", image_size=SIZE)
-    with pytest.raises(DataError, match=r"part/test/.*\.png: the model scored it nan"):
+    with pytest.raises(DataError, match=r"part/test/.*\.png: the model gives a non-finite score"):
         evaluate_detector(model, test)
 
 

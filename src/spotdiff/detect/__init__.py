@@ -10,13 +10,15 @@
 
 from spotdiff.detect.base import Detector
 from spotdiff.detect.calibration import Calibration, calibrate
+from spotdiff.detect.evaluate import evaluate_detector
 from spotdiff.detect.fitting import fit_dataset, fit_folder
 from spotdiff.detect.padim import PaDiM
 from spotdiff.detect.patchcore import PatchCore
 
 DETECTORS: dict[str, type[Detector]] = {"padim": PaDiM, "patchcore": PatchCore}
 
-__all__ = ["DETECTORS", "Calibration", "Detector", "PaDiM", "PatchCore", "calibrate", "fit_dataset", "fit_folder", "load_detector"]
+__all__ = ["DETECTORS", "Calibration", "Detector", "PaDiM", "PatchCore", "calibrate", "evaluate_detector", "fit_dataset",
+           "fit_folder", "load_detector"]
 
 
 def load_detector(model_dir, device="cpu") -> Detector:  # type: ignore[no-untyped-def]

@@ -11,10 +11,12 @@ from spotdiff.detect.base import Detector
 from spotdiff.detect.calibration import Calibration, calibrate, fit_folder
 from spotdiff.detect.padim import PaDiM
 from spotdiff.detect.patchcore import PatchCore
+from spotdiff.detect.predict import evaluate_detector
 
 DETECTORS: dict[str, type[Detector]] = {"padim": PaDiM, "patchcore": PatchCore}
 
-__all__ = ["DETECTORS", "Calibration", "Detector", "PaDiM", "PatchCore", "calibrate", "fit_folder", "load_detector"]
+__all__ = ["DETECTORS", "Calibration", "Detector", "PaDiM", "PatchCore", "calibrate", "evaluate_detector", "fit_folder",
+           "load_detector"]
 
 
 def load_detector(model_dir, device="cpu") -> Detector:  # type: ignore[no-untyped-def]

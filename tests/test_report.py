@@ -291,3 +291,17 @@ def test_gallery_never_calls_a_normal_image_a_miss():
     kinds = {(it.label, it.kind) for it in items}
     assert (0, "highest-scoring normal") in kinds and (1, "lowest-scoring defect") in kinds
     assert not any(it.label == 0 and "defect" in it.kind for it in items)
+
+
+def test_curve_legend_area_equals_scikit_learns_auc():
+    from sklearn.metrics import auc, precision_recall_curve, roc_curve
+
+    from spotdiff.report.plots import curve_area
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 200)
+    scores = rng.normal(size=200) + labels
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    fpr, tpr, _ = roc_curve(labels, scores)
+    assert curve_area(recall, precision) == pytest.approx(auc(recall, precision), abs=1e-12)
+    assert curve_area(fpr, tpr) == pytest.approx(auc(fpr, tpr), abs=1e-12)

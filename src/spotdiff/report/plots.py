@@ -21,7 +21,6 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.patches import Patch
 from PIL import Image
-from sklearn.metrics import auc
 
 from spotdiff.metrics import evaluate, pr_curve, roc_curve
 from matplotlib.figure import Figure
@@ -118,6 +117,12 @@ class Predictions:
         return items
 
 
+def curve_area(x: np.ndarray, y: np.ndarray) -> float:
+    """Trapezoidal area under a curve whose ``x`` is monotone (either direction), as
+    ``sklearn.metrics.auc`` computes it; the legend value of :func:`curves_figure`."""
+    return abs(float(np.trapezoid(np.asarray(y, dtype=np.float64), np.asarray(x, dtype=np.float64))))
+
+
 def gallery_kind(row: str, label: int) -> str:
     """What a gallery tile is: ``row`` "best" (top row) or "worst" (bottom row), ``label`` 1 = anomalous."""
     if row == "best":
@@ -177,8 +182,8 @@ def curves_figure(score_sets: Sequence[ScoreSet], title: str = "") -> bytes:
         precision, recall, _ = pr_curve(scores, labels)
         fpr, tpr, _ = roc_curve(scores, labels)
         # legend: trapezoidal areas of the plotted curves (= the metrics' image AU-PR / AU-ROC)
-        ax_pr.plot(recall, precision, label=f"{s.method} ({100 * auc(recall, precision):.1f})")
-        ax_roc.plot(fpr, tpr, label=f"{s.method} ({100 * auc(fpr, tpr):.1f})")
+        ax_pr.plot(recall, precision, label=f"{s.method} ({100 * curve_area(recall, precision):.1f})")
+        ax_roc.plot(fpr, tpr, label=f"{s.method} ({100 * curve_area(fpr, tpr):.1f})")
     ax_pr.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title="PR (AU-PR %)")
     ax_roc.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.02),
                title="ROC (AU-ROC %)")

@@ -48,6 +48,10 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     images = re.findall(r'<img [^>]*src="data:image/png;base64,', page)
     assert len(images) == 3 + 3 + 9  # curves and breakdown per object, gallery per object and backbone
     assert (out / "tables.md").is_file() and (out / "results.csv").read_text().count("\n") == 1 + 9
+    # --quick says its numbers are a smoke test: on the terminal, in the report and in tables.md
+    normal = min(r["metrics"]["test_set"]["normal"] for r in records)
+    for text in (printed, page, (out / "tables.md").read_text()):
+        assert "SMOKE TEST (demo --quick)" in text and f"as few as {normal} normal" in text
 
 
 def test_demo_refuses_a_foreign_folder(tmp_path, capsys):
@@ -80,3 +84,12 @@ def test_presets():
     quick, full = DemoSettings.preset(quick=True), DemoSettings.preset()
     assert quick.image_size == 64 and quick.pretrain_steps < full.pretrain_steps
     assert full.arch == quick.arch == "resnet18"
+
+
+def test_only_the_quick_demo_carries_the_smoke_note():
+    from spotdiff.report.demo import smoke_note
+    from spotdiff.report.tables import ResultRecord
+
+    records = [ResultRecord("o", "m", "padim", {"test_set": {"normal": 3, "anomalous": 10}})]
+    assert "as few as 3 normal and 10 anomalous" in smoke_note(DemoSettings.preset(quick=True), records)
+    assert smoke_note(DemoSettings.preset(), records) == ""

@@ -224,5 +224,5 @@ def test_gallery_shows_best_detections_beside_worst_misses():
     labels = np.array([1, 1, 1, 1, 0, 0])
     preds = Predictions("o", "m", scores, labels, images=np.zeros((6, 8, 8, 3)))
     items = preds.gallery_items(4)
-    assert [(it.kind, it.score) for it in items] == [("best detection", 0.9), ("best detection", 0.8),
-                                                     ("worst miss", 0.1), ("worst miss", 0.3)]
+    assert [(it.kind, it.score) for it in items] == [("highest-scoring defect", 0.9), ("highest-scoring defect", 0.8),
+                                                     ("lowest-scoring defect", 0.1), ("highest-scoring normal", 0.3)]

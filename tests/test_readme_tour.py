@@ -8,6 +8,7 @@ entry point as the console script).
 
 from __future__ import annotations
 
+import ast
 import csv
 import os
 import re
@@ -51,3 +52,27 @@ def test_readme_tour_runs_as_written(tmp_path):
     with open(tmp_path / "predictions/pcb/scores.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert rows and all(r["error"] == "" and (tmp_path / r["overlay"]).is_file() for r in rows)
+
+
+def python_snippet(readme: Path = ROOT / "README.md") -> str:
+    """The README's ```python block that fits PaDiM and prints the test metrics."""
+    blocks = re.findall(r"```python\n(.*?)```", readme.read_text(encoding="utf-8"), flags=re.S)
+    matches = [b for b in blocks if "evaluate_detector" in b]
+    assert len(matches) == 1, "README.md: no single python block scoring the test set"
+    return matches[0]
+
+
+@pytest.mark.slow
+def test_readme_python_snippet_scores_the_test_set_and_prints_metrics(tmp_path):
+    src = str(ROOT / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+    synth = subprocess.run([sys.executable, "-m", "spotdiff", "--quiet", "synth", "--out", "data/synth", "--scale",
+                            TOUR_SCALE, "--objects", "pcb_synth"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert synth.returncode == 0, synth.stderr[-2000:]
+    proc = subprocess.run([sys.executable, "-c", python_snippet()], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = ast.literal_eval(proc.stdout.strip().splitlines()[-1])  # the dict of four rounded metrics
+    assert set(printed) == {"image_auroc", "image_aupr", "pixel_aupr", "pixel_aupro"}
+    assert all(0.0 <= v <= 1.0 for v in printed.values())

@@ -225,9 +225,9 @@ def test_gallery_reads_images_from_paths_at_mask_size(tmp_path):
     preds = Predictions("o", "m", np.array([0.1, 0.9, 0.2, 0.8]), np.array([0, 0, 1, 1]),
                         ["good", "good", "dent", "dent"], rng.uniform(size=(4, 4, 4)), masks, paths=paths)
     items = preds.gallery_items(3)
-    # best detection first, then the worst misses: worst anomalous, worst normal
-    assert [(it.kind, it.score) for it in items] == [("best detection", 0.8), ("worst miss", 0.2),
-                                                     ("worst miss", 0.9)]
+    # the best detection first, then the worst cases: lowest-scoring defect, highest-scoring normal
+    assert [(it.kind, it.score) for it in items] == [("highest-scoring defect", 0.8), ("lowest-scoring defect", 0.2),
+                                                     ("highest-scoring normal", 0.9)]
     assert all(it.image.shape == (16, 16, 3) and 0 <= it.image.min() and it.image.max() <= 1 for it in items)
     assert items[0].caption == "dent"
     assert Predictions("o", "m", np.zeros(2), np.array([0, 1])).gallery_items(2) == []
@@ -242,3 +242,66 @@ def test_std_over_seeds_is_shown_as_plus_minus():
     assert table.to_json()["rows"][0]["stds"] == [0.012, None, None]
     assert table.to_csv().splitlines()[1] == "m,0.900000,0.800000,0.850000"
     assert format_percent(0.5, 0.0) == "50.0 ± 0.0"
+
+
+def _records_with_test_sets() -> list[ResultRecord]:
+    records = make_records()
+    for rec in records:
+        rec.metrics["test_set"] = {"normal": 3, "anomalous": 7, "pixels": 1000, "anomalous_pixels": 20}
+    return records
+
+
+def test_a_test_set_note_shared_by_a_sections_tables_is_shown_once():
+    from spotdiff.report.tables import split_shared_notes, tables_markdown
+
+    tables = paper_tables(_records_with_test_sets(), methods=METHODS)
+    assert len(tables) >= 2 and all("pcb_synth: 3 normal + 7 anomalous" in " ".join(t.notes) for t in tables)
+    own, shared = split_shared_notes(tables)
+    assert any(n.startswith("pcb_synth: 3 normal") for n in shared)
+    assert all(not set(shared) & set(t.notes) for t in own)
+    assert [t.rows for t in own] == [t.rows for t in tables]  # only the notes move
+    note = next(n for n in shared if n.startswith("pcb_synth"))
+    assert tables_markdown(tables).count(note) == 1
+    page = render_html("t", [Section("Results", list(tables))])
+    assert page.count(html_escape(note)) == 1
+    # a note one table lacks is not shared
+    own, shared = split_shared_notes([tables[0], metric_table(make_records(), "image_aupr")])
+    assert shared == [] or not any(n.startswith("pcb_synth") for n in shared)
+
+
+def html_escape(text: str) -> str:
+    import html
+
+    return html.escape(text)
+
+
+@pytest.mark.parametrize(("label", "score", "expected"), [
+    (1, 0.9, "caught"), (1, 0.1, "missed"), (0, 0.9, "false alarm"), (0, 0.1, "passed")])
+def test_gallery_decisions_read_as_an_operator_would(label, score, expected):
+    from spotdiff.report.plots import gallery_decision
+
+    assert gallery_decision(label, score, 0.5) == expected
+    assert gallery_decision(label, score, None) == ""
+
+
+def test_gallery_never_calls_a_normal_image_a_miss():
+    scores = np.array([0.1, 0.9, 0.95, 0.2])
+    labels = np.array([1, 1, 0, 0])
+    items = Predictions("o", "m", scores, labels, images=np.zeros((4, 8, 8, 3))).gallery_items(4)
+    kinds = {(it.label, it.kind) for it in items}
+    assert (0, "highest-scoring normal") in kinds and (1, "lowest-scoring defect") in kinds
+    assert not any(it.label == 0 and "defect" in it.kind for it in items)
+
+
+def test_curve_legend_area_equals_scikit_learns_auc():
+    from sklearn.metrics import auc, precision_recall_curve, roc_curve
+
+    from spotdiff.report.plots import curve_area
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 200)
+    scores = rng.normal(size=200) + labels
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    fpr, tpr, _ = roc_curve(labels, scores)
+    assert curve_area(recall, precision) == pytest.approx(auc(recall, precision), abs=1e-12)
+    assert curve_area(fpr, tpr) == pytest.approx(auc(fpr, tpr), abs=1e-12)

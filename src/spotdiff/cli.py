@@ -532,6 +532,8 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     result = run_demo(DemoSettings.preset(quick=args.quick, seed=args.seed), args.out, weights=args.weights)
     print(result.table.to_markdown())
+    if result.smoke_note:
+        print(f"\n{result.smoke_note}")
     print(f"report: {result.report}")
     return 0
 

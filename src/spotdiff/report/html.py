@@ -26,7 +26,7 @@ from spotdiff.report.plots import (
     gallery_figure,
     per_defect_type_auroc,
 )
-from spotdiff.report.tables import Table
+from spotdiff.report.tables import Table, split_shared_notes
 from spotdiff.tabular import html_table
 
 _CSS = """
@@ -127,13 +127,18 @@ def render_html(title: str, sections: Sequence[Section], intro: str = "") -> str
         parts += [f"<p>{html.escape(p)}</p>" for p in intro.split("\n\n") if p.strip()]
     for section in sections:
         parts.append(f'<section id="{_anchor(section.title)}"><h2>{html.escape(section.title)}</h2>')
+        own, shared = split_shared_notes([b for b in section.blocks if isinstance(b, Table)])
+        tables = iter(own)
         for block in section.blocks:
             if isinstance(block, Table):
-                parts.append(table_html(block))
+                parts.append(table_html(next(tables)))
             elif isinstance(block, Figure):
                 parts.append(figure_html(block))
             else:
                 parts.append(f'<p class="caption">{html.escape(str(block))}</p>')
+        if shared:  # e.g. the test-set line: once per section, not under each table
+            parts.append('<p class="caption"><b>Notes for every table above:</b></p>')
+            parts += [f'<p class="caption">{html.escape(n)}</p>' for n in shared]
         parts.append("</section>")
     parts.append("</main></body></html>\n")
     return "\n".join(parts)
@@ -148,7 +153,7 @@ def write_html_report(path: str | os.PathLike[str], title: str, sections: Sequen
 def report_sections(tables: Sequence[Table], predictions: Sequence[Predictions] = (),
                     gallery_size: int = 8) -> list[Section]:
     """The standard report: result tables, then (from ``predictions``) per-object PR/ROC curves,
-    the per-defect-type breakdown and the gallery of worst misses, one figure per object
+    the per-defect-type breakdown and the gallery of best and worst cases, one figure per object
     (gallery: per object and method)."""
     sections = [Section("Results", list(tables))]
     by_object: dict[str, list[Predictions]] = {}
@@ -183,12 +188,14 @@ def report_sections(tables: Sequence[Table], predictions: Sequence[Predictions] 
                 gallery.append(Figure(f"{obj} / {p.method}", gallery_figure(
                     items, columns=max(1, -(-gallery_size // 2)), map_range=p.map_range, threshold=p.threshold)))
     if gallery:
-        gallery.insert(0, "Top row: the best detections (anomalous images with the highest scores). Bottom "
-                          "row: the worst misses (anomalous images with the lowest scores alternating with "
-                          "normal images with the highest scores). Heat map: anomaly map (jet) on the "
-                          "model's one colour scale (colour bar), fixed from its scores on the normal test images: "
-                          "from their median map value to twice the way up to their highest image score; "
-                          "'flagged' means a score above every normal test image (the zero-false-alarm "
-                          "threshold); green outline: ground-truth defect mask.")
+        gallery.insert(0, "Top row: the highest-scoring defects (anomalous images with the highest scores). "
+                          "Bottom row: the worst cases, the lowest-scoring defects (the likeliest misses) "
+                          "alternating with the highest-scoring normal images (the likeliest false alarms). "
+                          "Each tile says what it is, its score and the decision at the threshold: a defect "
+                          "is 'caught' or 'missed', a normal image a 'false alarm' or 'passed'; the threshold "
+                          "is a score above every normal test image (the zero-false-alarm threshold). Heat "
+                          "map: anomaly map (jet) on the model's one colour scale (colour bar), fixed from its "
+                          "scores on the normal test images: from their median map value to twice the way up "
+                          "to their highest image score; green outline: ground-truth defect mask.")
         sections.append(Section("Gallery", gallery))
     return sections

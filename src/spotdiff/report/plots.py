@@ -3,7 +3,7 @@
 * :func:`curves_figure` -- image-level PR and ROC curves of several methods on one object;
 * :func:`gallery_figure` -- test images with the ground-truth outline (contour of the mask) and
   the anomaly heat map overlaid on the model's fixed colour scale (with a colour bar);
-  :func:`select_best` picks the best detections, :func:`select_gallery` the worst misses;
+  :func:`select_best` picks the best detections, :func:`select_gallery` the worst cases;
 * :func:`defect_breakdown_figure` -- a grouped bar chart of a metric per defect type, with the
   number of images of each type; types with fewer than ``FEW_IMAGES`` are greyed out.
 
@@ -21,7 +21,6 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.patches import Patch
 from PIL import Image
-from sklearn.metrics import auc
 
 from spotdiff.metrics import evaluate, pr_curve, roc_curve
 from matplotlib.figure import Figure
@@ -52,7 +51,7 @@ class GalleryItem:
     score: float
     label: int
     caption: str = ""
-    kind: str = ""  # the row it belongs to, e.g. "best detection" or "worst miss"
+    kind: str = ""  # what the tile is (:func:`gallery_kind`), e.g. "lowest-scoring defect"
 
 
 @dataclass
@@ -99,14 +98,16 @@ class Predictions:
 
     def gallery_items(self, n: int) -> list[GalleryItem]:
         """Gallery tiles: the ``n // 2`` best detections (:func:`select_best`), then the
-        ``n - n // 2`` worst misses (:func:`select_gallery`); needs images or paths."""
+        ``n - n // 2`` worst cases (:func:`select_gallery`: lowest-scoring defects and highest-scoring
+        normal images); needs images or paths."""
         if self.images is None and self.paths is None:
             return []
         worst = select_gallery(self.scores, self.labels, n - n // 2)
         best = [i for i in select_best(self.scores, self.labels, n) if i not in worst][: n // 2]
         items = []
-        for kind, picks in (("best detection", best), ("worst miss", worst)):
+        for row, picks in (("best", best), ("worst", worst)):
             for i in picks:
+                kind = gallery_kind(row, int(self.labels[i]))
                 caption = self.defect_types[i] if self.defect_types is not None else ""
                 items.append(GalleryItem(
                     image=self.image(i),
@@ -114,6 +115,30 @@ class Predictions:
                     mask=None if self.masks is None else self.masks[i],
                     score=float(self.scores[i]), label=int(self.labels[i]), caption=caption, kind=kind))
         return items
+
+
+def curve_area(x: np.ndarray, y: np.ndarray) -> float:
+    """Trapezoidal area under a curve whose ``x`` is monotone (either direction), as
+    ``sklearn.metrics.auc`` computes it; the legend value of :func:`curves_figure`."""
+    return abs(float(np.trapezoid(np.asarray(y, dtype=np.float64), np.asarray(x, dtype=np.float64))))
+
+
+def gallery_kind(row: str, label: int) -> str:
+    """What a gallery tile is: ``row`` "best" (top row) or "worst" (bottom row), ``label`` 1 = anomalous."""
+    if row == "best":
+        return "highest-scoring defect"
+    return "lowest-scoring defect" if label == 1 else "highest-scoring normal"
+
+
+def gallery_decision(label: int, score: float, threshold: float | None) -> str:
+    """The decision at ``threshold`` (``score > threshold``: flagged) in the operator's words: a
+    defect is "caught" or "missed", a normal image "false alarm" or "passed"; "" without a threshold."""
+    if threshold is None:
+        return ""
+    flagged = score > threshold
+    if label == 1:
+        return "caught" if flagged else "missed"
+    return "false alarm" if flagged else "passed"
 
 
 def per_defect_type_auroc(scores: Sequence[float], labels: Sequence[int],
@@ -157,8 +182,8 @@ def curves_figure(score_sets: Sequence[ScoreSet], title: str = "") -> bytes:
         precision, recall, _ = pr_curve(scores, labels)
         fpr, tpr, _ = roc_curve(scores, labels)
         # legend: trapezoidal areas of the plotted curves (= the metrics' image AU-PR / AU-ROC)
-        ax_pr.plot(recall, precision, label=f"{s.method} ({100 * auc(recall, precision):.1f})")
-        ax_roc.plot(fpr, tpr, label=f"{s.method} ({100 * auc(fpr, tpr):.1f})")
+        ax_pr.plot(recall, precision, label=f"{s.method} ({100 * curve_area(recall, precision):.1f})")
+        ax_roc.plot(fpr, tpr, label=f"{s.method} ({100 * curve_area(fpr, tpr):.1f})")
     ax_pr.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title="PR (AU-PR %)")
     ax_roc.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.02),
                title="ROC (AU-ROC %)")
@@ -172,7 +197,7 @@ def curves_figure(score_sets: Sequence[ScoreSet], title: str = "") -> bytes:
 
 
 def select_gallery(scores: Sequence[float], labels: Sequence[int], n: int) -> list[int]:
-    """Indices of ``n`` test images, worst misses first.
+    """Indices of ``n`` test images, worst cases first.
 
     Anomalous images sorted by ascending score (missed defects) are interleaved with normal images
     sorted by descending score (false alarms): anomalous first, then normal, and so on. When one
@@ -211,14 +236,15 @@ def gallery_figure(items: Sequence[GalleryItem], columns: int = 4, title: str = 
     """A grid of test images with heat-map overlay (jet, alpha 0.45) and ground-truth contour (lime).
 
     The heat maps share one colour range, shown by a colour bar: ``map_range`` (the model's fixed
-    scale) or else the min/max over all tiles' maps. Each tile's title gives its row kind, the true
-    label, the image score and the decision (``score > threshold``: flagged) when ``threshold`` is set.
+    scale) or else the min/max over all tiles' maps. Each tile's title gives what it is (``kind``),
+    the image score and, when ``threshold`` is set, the decision in the operator's words
+    (:func:`gallery_decision`).
     """
     if not items:
         raise ValueError("gallery_figure needs at least one item")
     columns = max(1, min(columns, len(items)))
     rows = (len(items) + columns - 1) // columns
-    fig = Figure(figsize=(2.2 * columns, 2.5 * rows))
+    fig = Figure(figsize=(2.6 * columns, 3.3 * rows), layout="constrained")  # room for 4-line titles
     axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
     maps = [np.asarray(it.anomaly_map, dtype=np.float32) for it in items if it.anomaly_map is not None]
     if map_range is None and maps:
@@ -234,11 +260,12 @@ def gallery_figure(items: Sequence[GalleryItem], columns: int = 4, title: str = 
             ax.imshow(amap, cmap="jet", alpha=0.45, vmin=map_range[0], vmax=max(map_range[1], map_range[0] + 1e-12))
         if it.mask is not None and np.any(np.asarray(it.mask) > 0):
             ax.contour((np.asarray(it.mask) > 0).astype(float), levels=[0.5], colors="lime", linewidths=1.2)
-        truth = "anomalous" if it.label == 1 else "normal"
-        decision = "" if threshold is None else (", flagged" if it.score > threshold else ", not flagged")
-        head = f"{it.kind}: " if it.kind else ""
-        caption = "\n" + textwrap.fill(it.caption, 26) if it.caption else ""  # long defect names wrap
-        ax.set_title(f"{head}{truth}\nscore {it.score:.3g}{decision}{caption}", fontsize=8)
+        lines = [it.kind or ("anomalous" if it.label == 1 else "normal")]
+        decision = gallery_decision(it.label, it.score, threshold)
+        lines.append(f"score {it.score:.3g}" + (f": {decision}" if decision else ""))
+        if it.caption and it.caption != "good":
+            lines.append(textwrap.shorten(it.caption, 30, placeholder="..."))  # one line, never overlaps
+        ax.set_title("\n".join(lines), fontsize=8)
         ax.set_axis_off()
     for ax in axes[len(items):]:
         ax.set_axis_off()

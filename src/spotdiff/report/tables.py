@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from spotdiff.errors import ConfigError
@@ -287,9 +287,23 @@ def anchor_notes(records: Sequence[ResultRecord], objects: Sequence[str], table:
     return notes + ([spread] if spread else [])
 
 
+def split_shared_notes(tables: Sequence[Table]) -> tuple[list[Table], list[str]]:
+    """The notes every one of two or more ``tables`` carries (e.g. the test-set line), and copies
+    of the tables without them, so a group of tables shows each shared note once, not under each."""
+    if len(tables) < 2:
+        return list(tables), []
+    shared = [n for n in tables[0].notes if all(n in t.notes for t in tables[1:])]
+    return [replace(t, notes=[n for n in t.notes if n not in shared]) for t in tables], shared
+
+
 def tables_markdown(tables: Sequence[Table]) -> str:
-    """All tables as one markdown document, separated by blank lines."""
-    return "\n".join(t.to_markdown() for t in tables)
+    """All tables as one markdown document, separated by blank lines; notes shared by every table
+    are listed once, at the end (:func:`split_shared_notes`)."""
+    own, shared = split_shared_notes(tables)
+    text = "\n".join(t.to_markdown() for t in own)
+    if shared:
+        text += "\n\nNotes for every table above:\n\n" + "\n".join(f"- {n}" for n in shared) + "\n"
+    return text
 
 
 def records_csv(records: Sequence[ResultRecord], metrics: Sequence[str] = HEADLINE_METRICS,

@@ -201,6 +201,12 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
                    help="image-decoding threads (default: one per spare core, at most 4; 0 = none)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (reported) instead of failing")
     p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing model directory --out even when it also holds other files "
+                        "(results, overlays, notes): they are deleted with the old model (without it, refused)")
+    p.add_argument("--strict-weights", action="store_true",
+                   help="refuse a cached torchvision weights file whose SHA-256 does not match the hash in its "
+                        "name (default: use it with a warning, recorded as unverified)")
     p.set_defaults(run=_run_fit)
 
 
@@ -215,6 +221,7 @@ def _run_fit(args: argparse.Namespace) -> int:
     from spotdiff.errors import ConfigError
     from spotdiff.models import load_weights, random_init_warning
 
+    check_numbers(args)
     if args.weights is None:
         random_init_warning()
     common = {"seed": args.seed, "device": resolve_device(args.device), "num_workers": args.workers,
@@ -231,7 +238,7 @@ def _run_fit(args: argparse.Namespace) -> int:
         shard = {} if args.coreset_shard is None else {"coreset_shard": args.coreset_shard or None}
         model = PatchCore(coreset_ratio=args.coreset_ratio, **shard, **common)
     model.check_params()  # bad settings and weights fail before anything is read or written
-    model.set_params(weights=load_weights(model.arch, model.weights))
+    model.set_params(weights=load_weights(model.arch, model.weights, strict=args.strict_weights))
     if args.train is not None:
         if args.data is not None or args.object is not None or args.skip_bad:
             raise ConfigError("--train DIR cannot be combined with --data, --object or --skip-bad")
@@ -256,11 +263,24 @@ def _run_fit(args: argparse.Namespace) -> int:
     cal = None
     if args.val_good is not None:  # a dataset split has no held-out normal images of its own
         cal = _calibrate_folders(args, model, args.val_good, {"validation": "given"})
-    out = model.save(args.out)
+    out = model.save(args.out, overwrite=args.overwrite)
     print(f"fitted {args.model} ({model.arch}, {model.n_train_} training images) -> {out}")
     if cal is not None:
         print(cal.summary())
     return 0
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Refuse a non-finite threshold and a seed outside [0, 2**32 - 1] before anything is read."""
+    from spotdiff.detect.calibration import check_threshold
+    from spotdiff.detect.schema import check_seed
+
+    for name in ("threshold", "pixel_threshold"):
+        if getattr(args, name, None) is not None:
+            check_threshold(getattr(args, name), "--" + name.replace("_", "-"))
+    for name in ("seed", "split_seed"):
+        if getattr(args, name, None) is not None:
+            check_seed(getattr(args, name), "--" + name.replace("_", "-"))
 
 
 def _add_calibration_args(p: argparse.ArgumentParser) -> None:
@@ -285,7 +305,7 @@ def _fit_folder(args: argparse.Namespace, model) -> int:  # type: ignore[no-unty
                                   args.threshold_mode, args.target_fpr, args.threshold, args.pixel_threshold,
                                   val_seed=args.split_seed)
     _report_unmasked(unmasked, args.val_masks)
-    out = model.save(args.out)
+    out = model.save(args.out, overwrite=args.overwrite)
     print(f"fitted {args.model} ({model.arch}, {model.n_train_} training images) -> {out}")
     print(cal.summary())
     return 0
@@ -342,6 +362,7 @@ def _run_test(args: argparse.Namespace) -> int:
     from spotdiff.devices import resolve_device
     from spotdiff.errors import ConfigError
 
+    check_numbers(args)
     model = load_detector(args.model_dir, device=resolve_device(args.device))
     fitted_on = model.data_source_.get("object")
     if fitted_on and args.object and fitted_on != args.object:
@@ -421,6 +442,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     from spotdiff.devices import resolve_device
     from spotdiff.errors import ConfigError, DataError
 
+    check_numbers(args)
     if args.backend == "onnxruntime":
         from spotdiff.detect.export import OnnxDetector
 

@@ -42,7 +42,7 @@ def _image_size_of(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as img:
             return img.size
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # a bomb: one line, not a traceback
         raise DataError(f"{path}: cannot read image ({exc})") from exc
 
 

@@ -81,6 +81,11 @@ def evaluate_detector(
         all_masks[row:stop] = (batch["mask"] > 0.5).numpy()
         row = stop
     assert all_maps is not None and all_masks is not None and row == n
+    finite = np.isfinite([r["score"] for r in records]) & np.isfinite(all_maps.reshape(n, -1)).all(axis=1)
+    if not finite.all():  # metrics on NaN would be a traceback or, worse, a number
+        first = int(np.flatnonzero(~finite)[0])
+        raise DataError(f"{records[first]['path']}: the model gives a non-finite score or map (NaN or infinity) "
+                        f"on this test image ({int((~finite).sum())} of {n} such images); no metrics written")
     pixels = bool(all_masks.any())  # no mask at all (plain folders without masks): image metrics only
     metrics = evaluate(
         np.array([r["score"] for r in records]),

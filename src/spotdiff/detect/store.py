@@ -71,12 +71,15 @@ def save_model_dir(
     config: dict[str, Any],
     tensors: dict[str, torch.Tensor],
     backbone_state: dict[str, torch.Tensor],
+    overwrite: bool = False,
 ) -> Path:
     """Write a model directory atomically and return its path.
 
     Files are written into a temporary sibling directory, fsynced, the manifest last; the
     directory is then renamed onto ``out_dir``. An existing ``out_dir`` is replaced only when it
-    is empty or is itself a model directory (has a manifest); anything else is refused.
+    is empty or is itself a model directory (has a manifest) holding nothing but the files of its
+    manifest; a model directory that also holds other files (results, overlays, notes) is
+    replaced, those files with it, only with ``overwrite``; anything else is refused.
     """
     out = Path(out_dir)
     if out.exists():
@@ -84,6 +87,12 @@ def save_model_dir(
             raise ConfigError(f"{out}: exists and is not a directory")
         if any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
             raise ConfigError(f"{out}: exists and is not a spotdiff model directory; refusing to overwrite it")
+        others = sorted(p.name for p in out.iterdir() if p.name not in (*MODEL_FILES, MANIFEST_FILE))
+        if others and not overwrite:
+            shown = ", ".join(others[:5]) + (f" (+{len(others) - 5} more)" if len(others) > 5 else "")
+            raise ConfigError(f"{out}: model directory also holds files that are not part of the model ({shown}); "
+                              "refusing to replace it: choose another --out, move them away, or give --overwrite "
+                              "to replace the directory and delete them")
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_siblings(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -162,6 +171,8 @@ def load_model_dir(
         backbone = load_file(str(root / BACKBONE_FILE), device="cpu")
     except Exception as exc:  # a manifest re-written to match a broken file
         raise WeightsError(f"{root}: cannot read model files ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(config, dict):
+        raise WeightsError(f"{root / CONFIG_FILE}: must hold a JSON object, got {type(config).__name__}")
     if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
         raise WeightsError(f"{root / CONFIG_FILE}: format or version does not match the manifest")
     return config, tensors, backbone

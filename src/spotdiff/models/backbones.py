@@ -323,6 +323,12 @@ def weights_file(arch: str, weights: str | os.PathLike[str]) -> tuple[str, Path]
     return "file", path
 
 
+def name_hash(path: Path) -> str:
+    """The SHA-256 prefix torchvision puts in a weights file's name (``resnet18-f37072fd.pth``), or ""."""
+    match = torch.hub.HASH_REGEX.search(path.name)
+    return match.group(1) if match else ""
+
+
 def verify_cached(name: str, path: Path, sha256: str, strict: bool = False) -> tuple[str, bool | None]:
     """``(name to record, verified)`` of a file read as torchvision's ``name`` (``"file"``: not one).
 
@@ -333,8 +339,7 @@ def verify_cached(name: str, path: Path, sha256: str, strict: bool = False) -> t
     """
     if name == "file":
         return name, None
-    match = torch.hub.HASH_REGEX.search(path.name)
-    expected = match.group(1) if match else ""
+    expected = name_hash(path)
     if expected and sha256.startswith(expected):
         return name, True
     problem = (f"{path}: SHA-256 {sha256[:max(len(expected), 8)]}... does not start with {expected or '(none)'}, "

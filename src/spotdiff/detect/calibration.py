@@ -222,6 +222,8 @@ def score_dataset(model: Any, dataset: Dataset, desc: str = "scoring validation 
 def _check_finite_scores(scores: np.ndarray, maps: np.ndarray, dataset: Dataset | None, kind: str) -> None:
     """DataError naming the first validation image whose score or map is NaN or infinite: a
     threshold must never rest on a number that went bad (e.g. a backbone with NaN weights)."""
+    if scores.size == 0:
+        return
     ok = np.isfinite(scores) & np.isfinite(maps.reshape(maps.shape[0], -1)).all(axis=1)
     if ok.all():
         return

@@ -17,13 +17,13 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from onnx import numpy_helper  # noqa: E402
-from reliability_helpers import noise_jpeg  # noqa: E402
+from onnx import numpy_helper
+from reliability_helpers import noise_jpeg
 
-from spotdiff.cli import main  # noqa: E402
-from spotdiff.detect import PaDiM, PatchCore, fit_folder  # noqa: E402
-from spotdiff.detect.export import CONTENT_KEY, OnnxDetector, export_onnx, graph_digest  # noqa: E402
-from spotdiff.errors import WeightsError  # noqa: E402
+from spotdiff.cli import main
+from spotdiff.detect import PaDiM, PatchCore, fit_folder
+from spotdiff.detect.export import CONTENT_KEY, OnnxDetector, export_onnx, graph_digest
+from spotdiff.errors import WeightsError
 
 pytestmark = pytest.mark.slow
 SIZE = 32

@@ -292,7 +292,6 @@ class Detector(ABC):
         Called on :class:`Detector` it returns whichever detector the directory holds.
         """
         config, tensors, backbone_state = store.load_model_dir(model_dir)
-        schema.check_model_config(config, f"{model_dir}/{store.CONFIG_FILE}")  # before any tensor work
         schema.check_model_tensors(config, tensors, backbone_state, str(model_dir))
         kind = config.get("model")
         from spotdiff.detect import DETECTORS

@@ -84,7 +84,7 @@ def graph_digest(path: str | os.PathLike[str]) -> str:
     path = Path(path)
     try:
         proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # noqa: BLE001 - any parse failure means "not an ONNX model"
+    except Exception as exc:  # any parse failure means "not an ONNX model"
         raise WeightsError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from exc
     del proto.metadata_props[:]
     digest = hashlib.sha256(proto.SerializeToString(deterministic=True))
@@ -370,7 +370,7 @@ class OnnxDetector:
         want_scores, want_maps = model.predict(probe)
         try:
             got_scores, got_maps = self.predict(probe)
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        except Exception as exc:  # onnxruntime raises its own exception types
             raise WeightsError(f"{self.path}: onnxruntime cannot run it ({type(exc).__name__})") from exc
         for name, got, want in (("scores", got_scores, want_scores), ("maps", got_maps, want_maps)):
             scale = float(want.abs().max()) or 1.0

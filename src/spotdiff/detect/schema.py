@@ -78,8 +78,7 @@ class _Keys:
         value = self.data.get(key) if optional else self.require(key)
         if value is None and optional:
             return None
-        bad = isinstance(value, bool) or not isinstance(value, int)
-        if bad or value < low or (high is not None and value > high):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
             span = f">= {low}" if high is None else f"in [{low}, {high}]"
             raise self.fail(key, f"must be an integer {span}" + (" or null" if optional else ""))
         return value

@@ -14,7 +14,8 @@ Version 1 (spotdiff before 2026-11-25 11:00 UTC) stored the unfolded, full backb
 directories are refused with a message to re-fit.
 
 Loading checks the format version, that every file in the manifest exists and hashes to the
-recorded SHA-256, and reads tensors with safetensors only (no pickle, no code executed).
+recorded SHA-256, validates ``config.json`` (:func:`spotdiff.detect.schema.check_model_config`)
+before any tensor is read, and reads tensors with safetensors only (no pickle, no code executed).
 """
 
 from __future__ import annotations
@@ -167,12 +168,18 @@ def load_model_dir(
             raise WeightsError(f"{path}: SHA-256 does not match the manifest (file modified or corrupt)")
     try:
         config = json.loads((root / CONFIG_FILE).read_text())
-        tensors = load_file(str(root / MODEL_FILE), device="cpu")
-        backbone = load_file(str(root / BACKBONE_FILE), device="cpu")
     except Exception as exc:  # a manifest re-written to match a broken file
-        raise WeightsError(f"{root}: cannot read model files ({type(exc).__name__}: {exc})") from exc
+        raise WeightsError(f"{root / CONFIG_FILE}: unreadable ({type(exc).__name__}: {exc})") from exc
     if not isinstance(config, dict):
         raise WeightsError(f"{root / CONFIG_FILE}: must hold a JSON object, got {type(config).__name__}")
     if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
         raise WeightsError(f"{root / CONFIG_FILE}: format or version does not match the manifest")
+    from spotdiff.detect.schema import check_model_config
+
+    check_model_config(config, str(root / CONFIG_FILE))  # keys, types and ranges before any tensor is read
+    try:
+        tensors = load_file(str(root / MODEL_FILE), device="cpu")
+        backbone = load_file(str(root / BACKBONE_FILE), device="cpu")
+    except Exception as exc:  # a manifest re-written to match a broken file
+        raise WeightsError(f"{root}: cannot read model files ({type(exc).__name__}: {exc})") from exc
     return config, tensors, backbone

@@ -6,7 +6,9 @@ Weights (``weights=`` everywhere, ``--weights`` on the command line) are one of:
       e.g. ``ResNet18_Weights.IMAGENET1K_V1``), or a torchvision weights name of that architecture
       (``"IMAGENET1K_V1"``, ``"ResNet50_Weights.IMAGENET1K_V2"``). They are read from torchvision's
       cache (``$TORCH_HOME/hub/checkpoints/<file>``) with no network access; a file not cached yet is
-      downloaded there by torch.hub, checked against the SHA-256 prefix in its name;
+      downloaded there by torch.hub, checked against the SHA-256 prefix in its name. A cached file
+      is checked against that prefix too (:func:`verify_cached`): one that does not match is used
+      with a warning and recorded as an unverified file, never as torchvision's weights;
     * a file: ``.safetensors`` (e.g. the output of ``spotdiff export-backbone``) or ``.pth`` / ``.pt``
       (a torchvision state_dict, read with ``torch.load(weights_only=True)``).
 A name (a ``str``) wins over a file of the same name (write ``./imagenet`` for such a file, or pass a

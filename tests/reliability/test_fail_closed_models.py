@@ -270,6 +270,12 @@ def test_a_refused_pickle_is_one_line_without_torchs_advice(images, tmp_path, ca
                  "--train", str(images), "--weights", str(weights), "--out", str(tmp_path / "m")]) == 2
     err = one_line_error(capsys, str(weights), "refused", "pickled")
     assert "weights_only" not in err and not marker.exists()
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(payload_pickle(marker))
+    assert main(["--quiet", "export-backbone", str(checkpoint), "--out", str(tmp_path / "b.safetensors")]) == 2
+    err = one_line_error(capsys, str(checkpoint), "refused", "pickled")
+    assert "weights_only" not in err and not marker.exists() and not (tmp_path / "b.safetensors").exists()
 
 
 # ------------------------------------------------------------------------------ fit --out

@@ -221,7 +221,7 @@ def _run_fit(args: argparse.Namespace) -> int:
     from spotdiff.errors import ConfigError
     from spotdiff.models import load_weights, random_init_warning
 
-    check_numbers(args)
+    _check_numbers(args)
     if args.weights is None:
         random_init_warning()
     common = {"seed": args.seed, "device": resolve_device(args.device), "num_workers": args.workers,
@@ -270,7 +270,7 @@ def _run_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_numbers(args: argparse.Namespace) -> None:
+def _check_numbers(args: argparse.Namespace) -> None:
     """Refuse a non-finite threshold and a seed outside [0, 2**32 - 1] before anything is read."""
     from spotdiff.detect.calibration import check_threshold
     from spotdiff.detect.schema import check_seed
@@ -362,7 +362,7 @@ def _run_test(args: argparse.Namespace) -> int:
     from spotdiff.devices import resolve_device
     from spotdiff.errors import ConfigError
 
-    check_numbers(args)
+    _check_numbers(args)
     model = load_detector(args.model_dir, device=resolve_device(args.device))
     fitted_on = model.data_source_.get("object")
     if fitted_on and args.object and fitted_on != args.object:
@@ -442,7 +442,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     from spotdiff.devices import resolve_device
     from spotdiff.errors import ConfigError, DataError
 
-    check_numbers(args)
+    _check_numbers(args)
     if args.backend == "onnxruntime":
         from spotdiff.detect.export import OnnxDetector
 

@@ -296,6 +296,12 @@ def test_fit_out_over_a_model_directory_with_other_files_needs_overwrite(models,
                                                       "model.safetensors"]
     assert load_detector(out).d_ == 8
     assert main(argv) == 0  # a directory holding only its model is replaced as before
+    user = tmp_path / ".m.old-mine"  # named like an interrupted save's leftover, but not only model files
+    user.mkdir()
+    (user / "notes.txt").write_text("keep")
+    (tmp_path / ".m.old-killed").mkdir()  # a real leftover (empty): cleaned up
+    assert main(argv) == 0
+    assert (user / "notes.txt").read_text() == "keep" and not (tmp_path / ".m.old-killed").exists()
 
 
 # ------------------------------------------------------------------------------ decompression bombs

@@ -59,11 +59,15 @@ def _remove_stale_siblings(out: Path) -> None:
 
     POSIX cannot rename a directory over a non-empty one, so replacing a model is two renames;
     a kill between them leaves the previous model in ``.<name>.old-*`` and no ``out`` (loading
-    then says the model is missing). The next save of the same path cleans both up.
+    then says the model is missing). The next save of the same path cleans both up, but only
+    folders holding nothing except model files (what spotdiff wrote): a folder of that name
+    holding anything else (a user's, or files replaced with ``overwrite``) is left alone.
     """
+    ours = {*MODEL_FILES, MANIFEST_FILE}
     for prefix in (f".{out.name}.tmp-", f".{out.name}.old-"):
         for stale in out.parent.glob(f"{glob.escape(prefix)}*"):
-            if stale.is_dir() and not stale.is_symlink():
+            if stale.is_dir() and not stale.is_symlink() and all(
+                    p.name in ours and p.is_file() and not p.is_symlink() for p in stale.iterdir()):
                 shutil.rmtree(stale, ignore_errors=True)
 
 

@@ -72,10 +72,22 @@ def r18_state() -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture
-def cached(hub, r18_state) -> Path:
+def untrusted(hub, r18_state) -> Path:
+    """A stand-in for torchvision's file: its SHA-256 does not start with the f37072fd of its name."""
     path = hub / R18_FILE
     torch.save(r18_state, path)
     return path
+
+
+@pytest.fixture
+def cached(untrusted, monkeypatch) -> Path:
+    """The stand-in, taken for torchvision's genuine file: the hash its name carries is made to be its own
+    (a real SHA-256 prefix cannot be forged in a test)."""
+    from spotdiff.models import backbones
+
+    real = hashlib.sha256(untrusted.read_bytes()).hexdigest()[:8]
+    monkeypatch.setattr(backbones, "name_hash", lambda path: real if path.name == R18_FILE else "")
+    return untrusted
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +114,27 @@ def test_names_load_the_cached_file_without_network(cached, r18_state, no_networ
     assert all(torch.equal(got[k], v) for k, v in r18_state.items() if not k.startswith("fc."))
     record = load_weights("resnet18", name).record()
     assert record == {"name": "ResNet18_Weights.IMAGENET1K_V1", "file": str(cached),
-                      "sha256": hashlib.sha256(cached.read_bytes()).hexdigest()}
+                      "sha256": hashlib.sha256(cached.read_bytes()).hexdigest(), "verified": True}
     assert no_network == []
+
+
+def test_a_cached_file_not_matching_its_name_is_never_recorded_as_torchvision(untrusted, root, tmp_path, capsys,
+                                                                            no_network):
+    """One warning naming the file and both hashes; recorded as an unverified file; --strict-weights refuses it."""
+    actual = sha256_file(untrusted)
+    assert not actual.startswith("f37072fd")
+    loaded = load_weights("resnet18", "imagenet")
+    assert loaded.record() == {"name": "file", "file": str(untrusted), "sha256": actual, "verified": False}
+    found = warnings_in(capsys.readouterr().err)
+    assert len(found) == 1 and str(untrusted) in found[0] and actual[:8] in found[0] and "f37072fd" in found[0]
+    model_dir = tmp_path / "m"
+    assert main(fit_argv(root, model_dir, "--weights", "imagenet")) == 0
+    assert len(warnings_in(capsys.readouterr().err)) == 1
+    assert json.loads((model_dir / CONFIG_FILE).read_text())["weights"]["verified"] is False
+    assert main(fit_argv(root, tmp_path / "strict", "--weights", "imagenet", "--strict-weights")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--strict-weights" in err and str(untrusted) in err, err
+    assert not (tmp_path / "strict").exists() and no_network == []
 
 
 def test_unknown_names_list_the_choices(hub, capsys, tmp_path):
@@ -124,7 +155,8 @@ def test_fit_records_the_weights_and_test_shows_them(cached, root, tmp_path, cap
     assert main(fit_argv(root, model_dir, "--weights", "imagenet")) == 0
     assert warnings_in(capsys.readouterr().err) == []
     record = json.loads((model_dir / CONFIG_FILE).read_text())["weights"]
-    assert record == {"name": "ResNet18_Weights.IMAGENET1K_V1", "file": str(cached), "sha256": sha256_file(cached)}
+    assert record == {"name": "ResNet18_Weights.IMAGENET1K_V1", "file": str(cached), "sha256": sha256_file(cached),
+                      "verified": True}
     results = tmp_path / "r"
     assert main(["--quiet", "test", str(model_dir), "--data", str(root), "--object", "pcb_synth",
                  "--out", str(results)]) == 0
@@ -237,7 +269,7 @@ def test_pretrain_starts_from_the_named_weights(cached, r18_state, tmp_path, mon
     body = {k: v for k, v in r18_state.items() if not k.startswith("fc.")}
     assert first.keys() == body.keys() and all(torch.equal(first[k], v) for k, v in body.items())
     assert json.loads((run / "weights.json").read_text()) == {
-        "name": "ResNet18_Weights.IMAGENET1K_V1", "file": str(cached), "sha256": sha256_file(cached)}
+        "name": "ResNet18_Weights.IMAGENET1K_V1", "file": str(cached), "sha256": sha256_file(cached), "verified": True}
     assert no_network == []
 
 
@@ -256,7 +288,8 @@ def test_demo_adds_the_named_backbone(cached, tmp_path, no_network):
     label = "ResNet18_Weights.IMAGENET1K_V1"
     assert list(dict.fromkeys(r.method for r in result.records)) == [*BACKBONES, label]
     results = json.loads((result.out / "results.json").read_text())
-    assert results["extra_weights"] == {"name": label, "file": str(cached), "sha256": sha256_file(cached)}
+    assert results["extra_weights"] == {"name": label, "file": str(cached), "sha256": sha256_file(cached),
+                                        "verified": True}
     assert f"extra backbone {label}" in result.report.read_text()
     assert no_network == []
 
@@ -327,7 +360,7 @@ def test_benchmark_cells_record_the_resolved_torchvision_weights(cached, tmp_pat
     cell = json.loads((out / "cells" / "inet__probe__a.json").read_text())
     assert cell["fingerprint"]["weights_file"] == "ResNet18_Weights.IMAGENET1K_V1"
     assert cell["init_weights"] == {"name": "ResNet18_Weights.IMAGENET1K_V1", "file": str(cached),
-                                    "sha256": sha256_file(cached)}
+                                    "sha256": sha256_file(cached), "verified": True}
     assert "inet (resnet18): ResNet18_Weights.IMAGENET1K_V1 (" in (out / "report.html").read_text()
     assert warnings_in(capsys.readouterr().err) == [] and no_network == []
 

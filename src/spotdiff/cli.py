@@ -208,6 +208,12 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
                    help="image-decoding threads (default: one per spare core, at most 4; 0 = none)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (reported) instead of failing")
     p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing model directory --out even when it also holds other files "
+                        "(results, overlays, notes): they are deleted with the old model (without it, refused)")
+    p.add_argument("--strict-weights", action="store_true",
+                   help="refuse a cached torchvision weights file whose SHA-256 does not match the hash in its "
+                        "name (default: use it with a warning, recorded as unverified)")
     p.set_defaults(run=_run_fit)
 
 
@@ -246,6 +252,7 @@ def _run_fit(args: argparse.Namespace) -> int:
     from spotdiff.errors import ConfigError
     from spotdiff.models import load_weights, random_init_warning
 
+    _check_numbers(args)
     if args.weights is None:
         random_init_warning()
     common = {"seed": args.seed, "device": resolve_device(args.device), "num_workers": args.workers,
@@ -262,7 +269,7 @@ def _run_fit(args: argparse.Namespace) -> int:
         shard = {} if args.coreset_shard is None else {"coreset_shard": args.coreset_shard or None}
         model = PatchCore(coreset_ratio=args.coreset_ratio, **shard, **common)
     model.check_params()  # bad settings and weights fail before anything is read or written
-    model.set_params(weights=load_weights(model.arch, model.weights))
+    model.set_params(weights=load_weights(model.arch, model.weights, strict=args.strict_weights))
     options = {"val_good": args.val_good, "val_bad": args.val_bad, "val_masks": args.val_masks,
                "threshold_mode": args.threshold_mode, "target_fpr": args.target_fpr, "threshold": args.threshold,
                "pixel_threshold": args.pixel_threshold, "val_seed": args.split_seed,
@@ -283,7 +290,7 @@ def _run_fit(args: argparse.Namespace) -> int:
                              "split_csv": args.split_csv, "split_seed": args.split_seed}
         _, cal, unmasked = fit_dataset(model, train, **options)
     _report_unmasked(unmasked, args.val_masks)
-    out = model.save(args.out)
+    out = model.save(args.out, overwrite=args.overwrite)
     print(f"fitted {args.model} ({model.arch}, {model.n_train_} training images) -> {out}")
     if cal is None:
         print("no calibration (--no-calibration): no thresholds; predict needs --threshold")
@@ -292,6 +299,19 @@ def _run_fit(args: argparse.Namespace) -> int:
             print(f"validation {cal.source['masks']}")
         print(cal.summary())
     return 0
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Refuse a non-finite threshold and a seed outside [0, 2**32 - 1] before anything is read."""
+    from spotdiff.detect.calibration import check_threshold
+    from spotdiff.detect.schema import check_seed
+
+    for name in ("threshold", "pixel_threshold"):
+        if getattr(args, name, None) is not None:
+            check_threshold(getattr(args, name), "--" + name.replace("_", "-"))
+    for name in ("seed", "split_seed"):
+        if getattr(args, name, None) is not None:
+            check_seed(getattr(args, name), "--" + name.replace("_", "-"))
 
 
 def _report_unmasked(unmasked: list, masks: Sequence[str] | None) -> None:
@@ -340,6 +360,7 @@ def _run_test(args: argparse.Namespace) -> int:
     from spotdiff.devices import resolve_device
     from spotdiff.errors import ConfigError
 
+    _check_numbers(args)
     model = load_detector(args.model_dir, device=resolve_device(args.device))
     height, width = model.image_size_
     size = height if height == width else (height, width)
@@ -420,6 +441,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     from spotdiff.devices import resolve_device
     from spotdiff.errors import ConfigError, DataError
 
+    _check_numbers(args)
     if args.backend == "onnxruntime":
         from spotdiff.detect.export import OnnxDetector
 

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 from torchvision.models import ResNet
 
 from spotdiff.data.loader import batches, decode_workers
-from spotdiff.detect import store
+from spotdiff.detect import schema, store
 from spotdiff.detect.colour import NORMAL_SAMPLE, normal_statistics
 from spotdiff.detect.features import check_layers
 from spotdiff.data.transforms import normalize
@@ -137,6 +137,7 @@ class Detector(ABC):
             raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
         check_arch(self.arch)
         check_layers(self.layers)
+        schema.check_seed(self.seed)
         return self
 
     def _build_backbone(self, weights: WeightsLike) -> None:
@@ -184,6 +185,13 @@ class Detector(ABC):
             self._normal_sample += [images[i].cpu() for i in range(images.shape[0]) if self.n_train_ + i in keep]
             self.n_train_ += images.shape[0]
             yield normalize(images.to(self.device_, torch.float32))
+
+    def _check_fitted(self, name: str, tensor: torch.Tensor) -> None:
+        """DataError when a fitted tensor holds NaN or infinity (features that went bad): never fitted."""
+        if not bool(torch.isfinite(tensor).all()):
+            raise DataError(f"{type(self).__name__}: the fitted {name} holds {int((~torch.isfinite(tensor)).sum())} "
+                            "non-finite value(s) (NaN or infinity): the backbone's features went bad on these "
+                            "images; check the weights (--weights) and the training images")
 
     @abstractmethod
     def fit(self, dataset: Dataset) -> Self:
@@ -242,8 +250,13 @@ class Detector(ABC):
     def _set_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Install fitted tensors (the inverse of ``_state``)."""
 
-    def save(self, out_dir: str | os.PathLike[str]) -> Path:
-        """Write the fitted model as a self-contained directory (see :mod:`spotdiff.detect.store`)."""
+    def save(self, out_dir: str | os.PathLike[str], overwrite: bool = False) -> Path:
+        """Write the fitted model as a self-contained directory (see :mod:`spotdiff.detect.store`).
+
+        The config and tensors are validated first (:mod:`spotdiff.detect.schema`): a non-finite
+        statistic is a :class:`DataError` and nothing is written. ``overwrite``: replace a model
+        directory that also holds files not in its manifest (they are deleted with it).
+        """
         if self.image_size_ is None:
             raise ConfigError(f"{type(self).__name__} is not fitted; nothing to save")
         config = {
@@ -260,7 +273,13 @@ class Detector(ABC):
             **({"calibration": self.calibration_} if self.calibration_ else {}),
             **self._config(),
         }
-        return store.save_model_dir(out_dir, config, self._state(), self.backbone_.state_dict())
+        state, backbone = self._state(), self.backbone_.state_dict()
+        try:  # nothing non-finite or inconsistent goes into a model directory
+            schema.check_model_config(config, "config")
+            schema.check_model_tensors(config, state, backbone, "fitted model")
+        except WeightsError as exc:
+            raise DataError(f"{out_dir}: not written: {exc}") from exc
+        return store.save_model_dir(out_dir, config, state, backbone, overwrite=overwrite)
 
     @classmethod
     def _from_config(cls, config: dict[str, Any], device: str | torch.device) -> Self:
@@ -273,6 +292,7 @@ class Detector(ABC):
         Called on :class:`Detector` it returns whichever detector the directory holds.
         """
         config, tensors, backbone_state = store.load_model_dir(model_dir)
+        schema.check_model_tensors(config, tensors, backbone_state, str(model_dir))
         kind = config.get("model")
         from spotdiff.detect import DETECTORS
 

@@ -21,6 +21,7 @@ Everything is stored as ``calibration`` in the model's ``config.json`` (see :cla
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from spotdiff.errors import ConfigError, DataError
+from spotdiff.errors import ConfigError, DataError, SpotdiffError
 from spotdiff.progress import progress
 
 THRESHOLD_MODES = ("normal-fpr", "f1", "manual")
@@ -68,14 +69,50 @@ class Calibration:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "calibration") -> Calibration:
+    def from_dict(cls, data: dict[str, Any], where: str = "calibration",
+                  error: type[SpotdiffError] = ConfigError) -> Calibration:
+        """The calibration stored in ``data``, checked (:meth:`check`); ``error`` is raised, naming ``where``."""
+        if not isinstance(data, dict):
+            raise error(f"{where}: must be a JSON object, got {type(data).__name__}")
         try:
             cal = cls(**data)
         except TypeError as exc:
-            raise ConfigError(f"{where}: malformed calibration ({exc})") from exc
-        if not cal.normal_scores:
-            raise ConfigError(f"{where}: calibration has no normal validation scores")
-        return cal
+            raise error(f"{where}: malformed calibration ({exc})") from exc
+        return cal.check(where, error)
+
+    def check(self, where: str = "calibration", error: type[SpotdiffError] = ConfigError) -> Calibration:
+        """Self, unless a field has the wrong type or a number is not finite (``error`` naming the field).
+
+        Nothing non-finite may decide: a NaN threshold calls every image normal, NaN normal scores
+        make every normalised score 0.
+        """
+        def bad(name: str, problem: str, value: Any) -> SpotdiffError:
+            text = repr(value)
+            return error(f"{where}: {name} {problem} (got {text if len(text) <= 60 else text[:57] + '...'})")
+
+        def finite(value: Any) -> bool:
+            return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+        for name in ("normal_scores", "pixel_quantiles"):
+            values = getattr(self, name)
+            if not isinstance(values, list) or not all(finite(v) for v in values):
+                raise bad(name, "must be a list of finite numbers", values)
+        if not self.normal_scores:
+            raise error(f"{where}: calibration has no normal validation scores")
+        if any(b < a for a, b in zip(self.normal_scores, self.normal_scores[1:])):
+            raise bad("normal_scores", "must be sorted in increasing order", self.normal_scores)
+        for name in ("image_threshold", "pixel_threshold"):
+            if not finite(getattr(self, name)):
+                raise bad(name, "must be a finite number", getattr(self, name))
+        for name in ("image_mode", "pixel_mode"):
+            if getattr(self, name) not in THRESHOLD_MODES:
+                raise bad(name, f"must be one of {list(THRESHOLD_MODES)}", getattr(self, name))
+        if not finite(self.target_fpr) or not 0.0 <= self.target_fpr < 1.0:
+            raise bad("target_fpr", "must be a number in [0, 1)", self.target_fpr)
+        for name in ("figures", "source"):
+            if not isinstance(getattr(self, name), dict):
+                raise bad(name, "must be a JSON object", getattr(self, name))
+        return self
 
     def normalized(self, scores: np.ndarray | Sequence[float]) -> np.ndarray:
         """Fraction of normal validation images whose score is lower than each of ``scores``."""
@@ -108,8 +145,10 @@ def _figures_text(figures: dict[str, Any], level: str) -> str:
     return ", ".join(parts) or "no validation figures"
 
 
-def check_threshold_mode(mode: str, have_bad: bool, threshold: float | None, target_fpr: float) -> None:
-    """ConfigError when ``mode`` is unknown or lacks what it needs (anomalous images, a value, a valid FPR)."""
+def check_threshold_mode(mode: str, have_bad: bool, threshold: float | None, target_fpr: float,
+                         pixel_threshold: float | None = None) -> None:
+    """ConfigError when ``mode`` is unknown or lacks what it needs (anomalous images, a value, a valid FPR),
+    or a given threshold is not a finite number."""
     if mode not in THRESHOLD_MODES:
         raise ConfigError(f"unknown threshold mode {mode!r}; choose one of {list(THRESHOLD_MODES)}")
     if mode == "f1" and not have_bad:
@@ -118,6 +157,18 @@ def check_threshold_mode(mode: str, have_bad: bool, threshold: float | None, tar
         raise ConfigError("threshold mode manual needs a value (--threshold T)")
     if not 0.0 <= target_fpr < 1.0:
         raise ConfigError(f"target false-positive rate must be in [0, 1), got {target_fpr}")
+    if threshold is not None:
+        check_threshold(threshold, "threshold")
+    if pixel_threshold is not None:
+        check_threshold(pixel_threshold, "pixel threshold")
+
+
+def check_threshold(value: Any, name: str = "threshold") -> float:
+    """``value`` as a float; :class:`ConfigError` unless it is a finite number (NaN or infinity
+    would call every image, or every pixel, normal)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 def tail_threshold(values: np.ndarray, fpr: float) -> float:
@@ -169,6 +220,21 @@ def score_dataset(model: Any, dataset: Dataset, desc: str = "scoring validation 
     return np.concatenate(scores), np.concatenate(maps), np.concatenate(masks)
 
 
+def _check_finite_scores(scores: np.ndarray, maps: np.ndarray, dataset: Dataset | None, kind: str) -> None:
+    """DataError naming the first validation image whose score or map is NaN or infinite: a
+    threshold must never rest on a number that went bad (e.g. a backbone with NaN weights)."""
+    if scores.size == 0:
+        return
+    ok = np.isfinite(scores) & np.isfinite(maps.reshape(maps.shape[0], -1)).all(axis=1)
+    if ok.all():
+        return
+    first = int(np.flatnonzero(~ok)[0])
+    paths = getattr(dataset, "paths", None)
+    name = str(paths[first]) if paths is not None else f"validation image #{first}"
+    raise DataError(f"{name}: the model gives a non-finite score or map (NaN or infinity) on this {kind} "
+                    f"validation image ({int((~ok).sum())} of {ok.size} such images); refusing to calibrate on it")
+
+
 def calibrate(
     model: Any,
     val_good: Dataset,
@@ -185,7 +251,8 @@ def calibrate(
     ``val_good`` / ``val_bad`` items are dicts with ``image`` (and ``mask`` for ``val_bad``) at the
     model's image size. ``has_masks``: ``val_bad`` carries real masks (pixel F1 is then possible).
     """
-    check_threshold_mode(mode, val_bad is not None and len(val_bad) > 0, threshold, target_fpr)  # type: ignore[arg-type]
+    check_threshold_mode(mode, val_bad is not None and len(val_bad) > 0, threshold, target_fpr,  # type: ignore[arg-type]
+                         pixel_threshold)
     if len(val_good) == 0:  # type: ignore[arg-type]
         raise DataError("no normal validation images to calibrate on")
     good_scores, good_maps, _ = score_dataset(model, val_good, "scoring normal validation images")
@@ -194,6 +261,8 @@ def calibrate(
     bad_masks = np.zeros(bad_maps.shape, bool)
     if val_bad is not None and len(val_bad):  # type: ignore[arg-type]
         bad_scores, bad_maps, bad_masks = score_dataset(model, val_bad, "scoring anomalous validation images")
+    _check_finite_scores(good_scores, good_maps, val_good, "normal")
+    _check_finite_scores(bad_scores, bad_maps, val_bad, "anomalous")
     scores = np.concatenate([good_scores, bad_scores])
     labels = np.r_[np.zeros(good_scores.size, bool), np.ones(bad_scores.size, bool)]
 
@@ -230,7 +299,7 @@ def calibrate(
         normal_scores=sorted(float(s) for s in good_scores), image_threshold=image_t, pixel_threshold=pixel_t,
         image_mode=mode, pixel_mode=pixel_mode, target_fpr=float(target_fpr), pixel_quantiles=quantiles,
         figures=figures, source=dict(source or {}),
-    )
+    ).check("calibration", DataError)
     model.calibration_ = cal.to_dict()
     return cal
 

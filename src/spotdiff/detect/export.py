@@ -8,8 +8,14 @@ Gaussian smoothing (the same separable matrices as :func:`spotdiff.detect.featur
 and the image score. It reads the fitted tensors of the detector; nothing is re-estimated.
 
 The file records, in its metadata, a fingerprint of the model directory it came from (the
-SHA-256 of its fitted tensors and feature network, and the config fields the graph depends on),
-so :class:`OnnxDetector` refuses an ONNX file exported from another model. Graphs whose
+SHA-256 of its fitted tensors and feature network, and the config fields the graph depends on)
+and the SHA-256 of its own content (:func:`graph_digest`: the graph, its initialisers and any
+external data, metadata excluded). Metadata can be copied from file to file, so
+:class:`OnnxDetector` binds the graph to the model by content as well: it recomputes the digest,
+and runs ``PROBE_IMAGES`` seeded noise images through both the ONNX graph and the model directory's
+torch detector, refusing the file unless scores and maps agree to ``PROBE_RTOL``. A PatchCore
+graph carrying a PaDiM model's metadata, or a graph with a tensor changed, is refused even when
+its recorded digest was re-computed. Graphs whose
 initialisers exceed ONNX's 2 GB protobuf limit (e.g. PaDiM with wide_resnet50_2 at 256 px: 4096
 positions x 550^2 float32 = 5 GB) are written with ONNX external data in one ``<file>.data``.
 """
@@ -42,6 +48,11 @@ OPSET = 18
 PROTOBUF_LIMIT = 2**31 - 1
 """Bytes: above this the graph's tensors go to external data (the protobuf message limit)."""
 FINGERPRINT_KEY = "spotdiff.model_fingerprint"
+CONTENT_KEY = "spotdiff.graph_sha256"
+PROBE_IMAGES = 2
+PROBE_RTOL = 1e-3
+"""Largest relative difference, against the largest torch value, of probe scores and maps between the
+ONNX graph and the torch detector (our choice: 10x the 1e-4 parity measured in tests/test_onnx_export.py)."""
 _GRAPH_CONFIG_KEYS = ("model", "arch", "layers", "image_size", "d", "epsilon", "seed", "num_neighbors", "target_dim")
 
 
@@ -63,6 +74,31 @@ def model_fingerprint(model_dir: str | os.PathLike[str]) -> str:
         "config": {k: config.get(k) for k in _GRAPH_CONFIG_KEYS},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def graph_digest(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of an ONNX file's content without its metadata: the graph and initialisers
+    (deterministic protobuf serialisation) and the bytes of every external data file it names."""
+    import onnx
+
+    path = Path(path)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # any parse failure means "not an ONNX model"
+        raise WeightsError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from exc
+    del proto.metadata_props[:]
+    digest = hashlib.sha256(proto.SerializeToString(deterministic=True))
+    locations = sorted({entry.value for tensor in proto.graph.initializer for entry in tensor.external_data
+                        if entry.key == "location"})
+    for location in locations:
+        data = path.parent / location
+        if Path(location).is_absolute() or ".." in Path(location).parts or not data.is_file():
+            raise WeightsError(f"{path}: external data file {location!r} missing or outside {path.parent}")
+        digest.update(location.encode())
+        with open(data, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 class _Graph(nn.Module):
@@ -225,6 +261,8 @@ def export_onnx(
 ) -> Path:
     """Export the detector of ``model_dir`` to ``out`` (ONNX, opset ``OPSET``, dynamic batch).
 
+    ``out`` (and ``<out>.data``) may not lie inside ``model_dir``, nor be one of its files.
+
     ``external_data``: None = only when the tensors exceed ``PROTOBUF_LIMIT``; then they are written
     to ``<out>.data`` beside ``out``. Both files are written atomically (nothing half-written).
     Uses torch's default (dynamo, ``torch.export``-based) ONNX exporter.
@@ -233,6 +271,11 @@ def export_onnx(
         import onnx
     except ImportError as exc:  # pragma: no cover - the deploy extra is missing
         raise _missing_deploy() from exc
+    out = Path(out)
+    for target in (out, out.parent / f"{out.name}.data"):
+        if target.resolve().is_relative_to(Path(model_dir).resolve()):
+            raise ConfigError(f"{target}: inside the model directory {model_dir}; refusing to write there "
+                              "(it could replace the model's own files): choose --out outside it")
     model = Detector.load(model_dir)
     graph = detector_graph(model)
     if external_data is None:
@@ -250,11 +293,15 @@ def export_onnx(
                 graph, (example,), input_names=["images"], output_names=["scores", "maps"], opset_version=OPSET,
                 dynamic_shapes=({0: batch},), dynamo=True, external_data=external_data, verbose=False,
             )
-        program.model.metadata_props[FINGERPRINT_KEY] = model_fingerprint(model_dir)
-        program.model.metadata_props["spotdiff.model"] = model.model_type
-        program.model.metadata_props["spotdiff.image_size"] = json.dumps(list(model.image_size_))
         tmp_onnx = work / out.name
         program.save(str(tmp_onnx), external_data=external_data)
+        proto = onnx.load(str(tmp_onnx), load_external_data=False)
+        metadata = {FINGERPRINT_KEY: model_fingerprint(model_dir), CONTENT_KEY: graph_digest(tmp_onnx),
+                    "spotdiff.model": model.model_type, "spotdiff.image_size": json.dumps(list(model.image_size_))}
+        for key, value in metadata.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        tmp_onnx.write_bytes(proto.SerializeToString())  # the content (and external data) unchanged
         onnx.checker.check_model(str(tmp_onnx)) if external_data else onnx.checker.check_model(onnx.load(str(tmp_onnx)))
         if external_data:  # the .onnx names "<out>.data"; write the data first so a found .onnx is complete
             produced = [p for p in work.iterdir() if p.name != out.name]
@@ -277,7 +324,9 @@ class OnnxDetector:
     """onnxruntime runner with the ``Detector.predict`` interface, for ``predict --backend onnxruntime``.
 
     ``image_size``, ``calibration`` and the fingerprint come from ``model_dir``; the ONNX file must
-    have been exported from that model directory (else :class:`WeightsError` naming the file).
+    have been exported from that model directory, unchanged since (fingerprint, content digest and
+    a probe run against the torch detector; see the module docstring), else :class:`WeightsError`
+    naming the file. The torch detector is loaded for the probe and then released.
     """
 
     def __init__(self, model_dir: str | os.PathLike[str], onnx_path: str | os.PathLike[str],
@@ -290,7 +339,7 @@ class OnnxDetector:
         path = Path(onnx_path)
         if not path.is_file():
             raise WeightsError(f"{path}: ONNX file not found")
-        config, _, _ = store.load_model_dir(model_dir)  # verifies the model directory's hashes
+        model = Detector.load(model_dir)  # verifies the model directory's hashes and schema
         try:
             meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
         except Exception as exc:  # noqa: BLE001 - any parse failure means "not an ONNX model"
@@ -298,6 +347,9 @@ class OnnxDetector:
         if meta.get(FINGERPRINT_KEY) != model_fingerprint(model_dir):
             raise WeightsError(f"{path}: was not exported from the model in {model_dir} (fingerprint differs); "
                                f"re-run `spotdiff export {model_dir} --format onnx`")
+        if meta.get(CONTENT_KEY) != graph_digest(path):
+            raise WeightsError(f"{path}: its graph or tensors changed after export (content SHA-256 differs from "
+                               f"the one recorded); re-run `spotdiff export {model_dir} --format onnx`")
         options = ort.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads
@@ -305,10 +357,28 @@ class OnnxDetector:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise WeightsError(f"{path}: onnxruntime cannot load it ({type(exc).__name__}: {exc})") from exc
-        self.image_size_: tuple[int, int] = (int(config["image_size"][0]), int(config["image_size"][1]))
-        self.calibration_ = config.get("calibration")
+        assert model.image_size_ is not None
+        self.image_size_: tuple[int, int] = model.image_size_
+        self.calibration_ = model.calibration_
         self.forward_batch = batch_size
         self.path = path
+        self._check_behaviour(model, model_dir)
+
+    def _check_behaviour(self, model: Detector, model_dir: str | os.PathLike[str]) -> None:
+        """WeightsError unless the graph scores ``PROBE_IMAGES`` seeded noise images as ``model`` does."""
+        probe = torch.rand(PROBE_IMAGES, 3, *self.image_size_, generator=torch.Generator().manual_seed(0))
+        want_scores, want_maps = model.predict(probe)
+        try:
+            got_scores, got_maps = self.predict(probe)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise WeightsError(f"{self.path}: onnxruntime cannot run it ({type(exc).__name__})") from exc
+        for name, got, want in (("scores", got_scores, want_scores), ("maps", got_maps, want_maps)):
+            scale = float(want.abs().max()) or 1.0
+            if got.shape != want.shape or not bool(((got - want).abs() <= PROBE_RTOL * scale).all()):
+                raise WeightsError(f"{self.path}: does not compute what the model in {model_dir} computes (its "
+                                   f"{name} on {PROBE_IMAGES} probe images differ by more than {PROBE_RTOL:g} "
+                                   "relative): not this model's graph or tensors; re-run "
+                                   f"`spotdiff export {model_dir} --format onnx`")
 
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Image scores ``(B,)`` and maps ``(B, H, W)`` float32 CPU tensors, like ``Detector.predict``."""

@@ -388,6 +388,8 @@ class PaDiM(Detector):
             raise DataError(f"PaDiM needs at least 2 training images, got {acc.count}")
         self.mean_ = acc.mean().to(torch.float32).to(self.device_)
         self.inv_chol_packed_ = acc.inverse_cholesky_packed(self.epsilon).to(self.device_)
+        self._check_fitted("mean", self.mean_)
+        self._check_fitted("inverse Cholesky factors", self.inv_chol_packed_)
         return self
 
     def _check_training_size(self, n_images: int, positions: int) -> None:

@@ -31,8 +31,9 @@ from torch.utils.data import Dataset
 from spotdiff.detect.base import Detector
 from spotdiff.detect.features import patchcore_embedding, upsample_and_smooth
 from spotdiff.detect.memory import check_fits, format_bytes
+from spotdiff.detect.schema import MIN_NEIGHBORS
 from spotdiff.errors import ConfigError, WeightsError
-from spotdiff.models import WeightsLike
+from spotdiff.models import WeightsLike, layer_channels
 from spotdiff.progress import bar
 
 _CHUNK_BYTES = 64 << 20
@@ -215,8 +216,14 @@ class PatchCore(Detector):
         if not 0.0 < self.coreset_ratio <= 1.0:
             raise ConfigError(f"coreset ratio must be in (0, 1] (the fraction of training patches kept), "
                               f"got {self.coreset_ratio}")
-        if self.num_neighbors < 1:
-            raise ConfigError(f"num_neighbors must be >= 1, got {self.num_neighbors}")
+        if isinstance(self.num_neighbors, bool) or not isinstance(self.num_neighbors, int) \
+                or self.num_neighbors < MIN_NEIGHBORS:
+            raise ConfigError(f"num_neighbors must be an integer >= {MIN_NEIGHBORS} (with one neighbour the "
+                              f"score's weight, paper eq. 7, is 0 for every image), got {self.num_neighbors}")
+        channels = sum(layer_channels(self.arch, self.layers))
+        if self.target_dim is not None and not 1 <= self.target_dim <= channels:
+            raise ConfigError(f"target_dim must be in [1, {channels}] (the channels of {list(self.layers)}), "
+                              f"got {self.target_dim}")
         if self.nn_backend not in ("auto", "faiss", "torch"):
             raise ConfigError(f"nn_backend must be auto, faiss or torch, got {self.nn_backend!r}")
         if self.nn_backend == "faiss" and not HAVE_FAISS:
@@ -263,6 +270,7 @@ class PatchCore(Detector):
                     total = n_images * patches.shape[0] // images.shape[0]
                     projected = self.projection_dim is not None and self.projection_dim < channels
                     width = self.projection_dim if projected else channels
+                    self._bank_rows(total)  # refused before the long feature pass
                     self._check_memory(total, channels, width)
                     matrix = projection_matrix(channels, width, self.seed) if projected else None
                     z = torch.empty(total, width, dtype=torch.float32)
@@ -272,7 +280,7 @@ class PatchCore(Detector):
                 row += patches.shape[0]
             assert z is not None
             z = z[:row]
-            n_keep = max(1, int(row * self.coreset_ratio))
+            n_keep = self._bank_rows(row)
             if n_keep < row:
                 keep = sharded_coreset(z.to(self.device_), n_keep, self.coreset_shard, self.seed).cpu()
             else:
@@ -282,8 +290,20 @@ class PatchCore(Detector):
             else:
                 del z
                 bank = _read_rows(spill, keep, channels)
+        self._check_fitted("memory bank", bank)
         self._set_bank(bank.to(self.device_).contiguous())
         return self
+
+    def _bank_rows(self, patches: int) -> int:
+        """Rows the coreset keeps of ``patches``; ConfigError when fewer than ``num_neighbors`` (the
+        score of eq. 7 needs that many bank rows; a 1-row bank scores every image 0)."""
+        n_keep = max(1, int(patches * self.coreset_ratio))
+        if n_keep < self.num_neighbors:
+            raise ConfigError(f"coreset ratio {self.coreset_ratio:g} keeps {n_keep} of {patches} training patches, "
+                              f"fewer than num_neighbors = {self.num_neighbors}, the bank rows the score needs: "
+                              f"raise --coreset-ratio to at least {self.num_neighbors / patches:.2g} or give more "
+                              "training images")
+        return n_keep
 
     def _check_memory(self, patches: int, channels: int, width: int) -> None:
         """One line naming the figure and the option that reduces it, before anything large is allocated."""

@@ -14,7 +14,8 @@ Version 1 (spotdiff before 2026-11-25 11:00 UTC) stored the unfolded, full backb
 directories are refused with a message to re-fit.
 
 Loading checks the format version, that every file in the manifest exists and hashes to the
-recorded SHA-256, and reads tensors with safetensors only (no pickle, no code executed).
+recorded SHA-256, validates ``config.json`` (:func:`spotdiff.detect.schema.check_model_config`)
+before any tensor is read, and reads tensors with safetensors only (no pickle, no code executed).
 """
 
 from __future__ import annotations
@@ -58,11 +59,15 @@ def _remove_stale_siblings(out: Path) -> None:
 
     POSIX cannot rename a directory over a non-empty one, so replacing a model is two renames;
     a kill between them leaves the previous model in ``.<name>.old-*`` and no ``out`` (loading
-    then says the model is missing). The next save of the same path cleans both up.
+    then says the model is missing). The next save of the same path cleans both up, but only
+    folders holding nothing except model files (what spotdiff wrote): a folder of that name
+    holding anything else (a user's, or files replaced with ``overwrite``) is left alone.
     """
+    ours = {*MODEL_FILES, MANIFEST_FILE}
     for prefix in (f".{out.name}.tmp-", f".{out.name}.old-"):
         for stale in out.parent.glob(f"{glob.escape(prefix)}*"):
-            if stale.is_dir() and not stale.is_symlink():
+            if stale.is_dir() and not stale.is_symlink() and all(
+                    p.name in ours and p.is_file() and not p.is_symlink() for p in stale.iterdir()):
                 shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -71,12 +76,15 @@ def save_model_dir(
     config: dict[str, Any],
     tensors: dict[str, torch.Tensor],
     backbone_state: dict[str, torch.Tensor],
+    overwrite: bool = False,
 ) -> Path:
     """Write a model directory atomically and return its path.
 
     Files are written into a temporary sibling directory, fsynced, the manifest last; the
     directory is then renamed onto ``out_dir``. An existing ``out_dir`` is replaced only when it
-    is empty or is itself a model directory (has a manifest); anything else is refused.
+    is empty or is itself a model directory (has a manifest) holding nothing but the files of its
+    manifest; a model directory that also holds other files (results, overlays, notes) is
+    replaced, those files with it, only with ``overwrite``; anything else is refused.
     """
     out = Path(out_dir)
     if out.exists():
@@ -84,6 +92,12 @@ def save_model_dir(
             raise ConfigError(f"{out}: exists and is not a directory")
         if any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
             raise ConfigError(f"{out}: exists and is not a spotdiff model directory; refusing to overwrite it")
+        others = sorted(p.name for p in out.iterdir() if p.name not in (*MODEL_FILES, MANIFEST_FILE))
+        if others and not overwrite:
+            shown = ", ".join(others[:5]) + (f" (+{len(others) - 5} more)" if len(others) > 5 else "")
+            raise ConfigError(f"{out}: model directory also holds files that are not part of the model ({shown}); "
+                              "refusing to replace it: choose another --out, move them away, or give --overwrite "
+                              "to replace the directory and delete them")
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_siblings(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -158,10 +172,18 @@ def load_model_dir(
             raise WeightsError(f"{path}: SHA-256 does not match the manifest (file modified or corrupt)")
     try:
         config = json.loads((root / CONFIG_FILE).read_text())
+    except Exception as exc:  # a manifest re-written to match a broken file
+        raise WeightsError(f"{root / CONFIG_FILE}: unreadable ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(config, dict):
+        raise WeightsError(f"{root / CONFIG_FILE}: must hold a JSON object, got {type(config).__name__}")
+    if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
+        raise WeightsError(f"{root / CONFIG_FILE}: format or version does not match the manifest")
+    from spotdiff.detect.schema import check_model_config
+
+    check_model_config(config, str(root / CONFIG_FILE))  # keys, types and ranges before any tensor is read
+    try:
         tensors = load_file(str(root / MODEL_FILE), device="cpu")
         backbone = load_file(str(root / BACKBONE_FILE), device="cpu")
     except Exception as exc:  # a manifest re-written to match a broken file
         raise WeightsError(f"{root}: cannot read model files ({type(exc).__name__}: {exc})") from exc
-    if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
-        raise WeightsError(f"{root / CONFIG_FILE}: format or version does not match the manifest")
     return config, tensors, backbone

@@ -6,7 +6,9 @@ Weights (``weights=`` everywhere, ``--weights`` on the command line) are one of:
       e.g. ``ResNet18_Weights.IMAGENET1K_V1``), or a torchvision weights name of that architecture
       (``"IMAGENET1K_V1"``, ``"ResNet50_Weights.IMAGENET1K_V2"``). They are read from torchvision's
       cache (``$TORCH_HOME/hub/checkpoints/<file>``) with no network access; a file not cached yet is
-      downloaded there by torch.hub, checked against the SHA-256 prefix in its name;
+      downloaded there by torch.hub, checked against the SHA-256 prefix in its name. A cached file
+      is checked against that prefix too (:func:`verify_cached`): one that does not match is used
+      with a warning and recorded as an unverified file, never as torchvision's weights;
     * a file: ``.safetensors`` (e.g. the output of ``spotdiff export-backbone``) or ``.pth`` / ``.pt``
       (a torchvision state_dict, read with ``torch.load(weights_only=True)``).
 A name (a ``str``) wins over a file of the same name (write ``./imagenet`` for such a file, or pass a
@@ -21,6 +23,7 @@ import copy
 import functools
 import http.client
 import os
+import pickle
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -89,13 +92,29 @@ def read_weights_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling refusals, corrupt headers, truncated files
-        raise WeightsError(f"{path}: cannot read weights safely ({type(exc).__name__}: {exc})") from exc
+        raise WeightsError(f"{path}: cannot read weights safely ({load_failure(exc)})") from exc
     for key in ("state_dict", "model"):
         if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
             state = state[key]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path}: not a state_dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_failure(exc: BaseException) -> str:
+    """One line saying why ``torch.load(weights_only=True)`` or safetensors refused a file.
+
+    torch's own message for a refused pickle spans several lines and ends by suggesting
+    ``weights_only=False``, which would run the file's code; it is never shown.
+    """
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in text:
+        found = re.search(r"(?:unsupported|Unsupported global:)\s+(GLOBAL\s+[\w.]+)", text)
+        what = f" ({found.group(1)})" if found else ""
+        return (f"refused: it holds pickled Python objects{what}, not only tensors; unpickling them could run "
+                "code, so it is not read")
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first[:200]}"
 
 
 @functools.cache
@@ -159,7 +178,9 @@ class LoadedWeights:
 
     ``name``: ``"random"``, a torchvision weights name (``"ResNet18_Weights.IMAGENET1K_V1"``) or
     ``"file"``; ``file``: the file read (None for random init); ``sha256``: hex SHA-256 of that file
-    (``"random"`` for random init); ``state``: the tensors (None for random init).
+    (``"random"`` for random init); ``verified``: for a file found in torchvision's cache, whether
+    its SHA-256 starts with the hash in its name (True: recorded under torchvision's name; False:
+    recorded as a plain ``"file"``), None otherwise; ``state``: the tensors (None for random init).
     """
 
     arch: str
@@ -167,14 +188,18 @@ class LoadedWeights:
     file: str | None = None
     sha256: str = RANDOM
     state: Mapping[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    verified: bool | None = None
 
     @property
     def is_random(self) -> bool:
         return self.state is None
 
-    def record(self) -> dict[str, str | None]:
-        """``{name, file, sha256}``: what model and run directories store."""
-        return {"name": self.name, "file": self.file, "sha256": self.sha256}
+    def record(self) -> dict[str, Any]:
+        """``{name, file, sha256}`` (and ``verified`` for torchvision's cache): what model and run directories store."""
+        record: dict[str, Any] = {"name": self.name, "file": self.file, "sha256": self.sha256}
+        if self.verified is not None:
+            record["verified"] = self.verified
+        return record
 
 
 WeightsLike = str | os.PathLike[str] | LoadedWeights | None
@@ -191,6 +216,8 @@ def describe_weights(record: Mapping[str, Any] | None, short: bool = False) -> s
     if short:
         return Path(file).name if name == "file" else str(name)
     digest = str(record.get("sha256") or "unknown")[:12]
+    if record.get("verified") is False:
+        return f"{file} (sha256 {digest}; UNVERIFIED: its SHA-256 does not match the hash in its name)"
     return f"{file} (sha256 {digest})" if name == "file" else f"{name} ({file}, sha256 {digest})"
 
 
@@ -298,24 +325,57 @@ def weights_file(arch: str, weights: str | os.PathLike[str]) -> tuple[str, Path]
     return "file", path
 
 
-def weights_record(arch: str, weights: WeightsLike) -> dict[str, str | None]:
+def name_hash(path: Path) -> str:
+    """The SHA-256 prefix torchvision puts in a weights file's name (``resnet18-f37072fd.pth``), or ""."""
+    match = torch.hub.HASH_REGEX.search(path.name)
+    return match.group(1) if match else ""
+
+
+def verify_cached(name: str, path: Path, sha256: str, strict: bool = False) -> tuple[str, bool | None]:
+    """``(name to record, verified)`` of a file read as torchvision's ``name`` (``"file"``: not one).
+
+    torchvision names each weights file after the first hex digits of its SHA-256
+    (``resnet18-f37072fd.pth``); torch.hub checks that prefix only when it downloads. A cached file
+    whose SHA-256 does not start with it is not torchvision's: one warning line naming the file and
+    both hashes, recorded as a plain ``"file"`` with ``verified`` False (``strict``: WeightsError).
+    """
+    if name == "file":
+        return name, None
+    expected = name_hash(path)
+    if expected and sha256.startswith(expected):
+        return name, True
+    problem = (f"{path}: SHA-256 {sha256[:max(len(expected), 8)]}... does not start with {expected or '(none)'}, "
+               f"the hash in its name: it is not {name} as torchvision published it")
+    if strict:
+        raise WeightsError(f"{problem}; refused (--strict-weights); delete it to download it again")
+    print(f"warning: {problem}; used and recorded as an unverified file (--strict-weights refuses it)",
+          file=sys.stderr)
+    return "file", False
+
+
+def weights_record(arch: str, weights: WeightsLike, strict: bool = False) -> dict[str, Any]:
     """The provenance record ``{name, file, sha256}`` of ``weights`` without reading its tensors."""
     if isinstance(weights, LoadedWeights):
         return weights.record()
     if is_random(weights):
         return LoadedWeights(arch, RANDOM).record()
     name, path = weights_file(arch, weights)  # type: ignore[arg-type]
-    return {"name": name, "file": str(path.resolve()), "sha256": sha256_file(path)}
+    digest = sha256_file(path)
+    name, verified = verify_cached(name, path, digest, strict)
+    return LoadedWeights(arch, name, str(path.resolve()), digest, verified=verified).record()
 
 
-def load_weights(arch: str, weights: WeightsLike = None) -> LoadedWeights:
+def load_weights(arch: str, weights: WeightsLike = None, strict: bool = False) -> LoadedWeights:
     """Resolve and read ``weights`` for ``arch`` (see the module docstring), checked to fit it.
 
     Nothing is written except a torchvision file downloaded into torch.hub's cache. Already
-    loaded weights are returned as they are (after checking their architecture).
+    loaded weights are returned as they are (after checking their architecture). A cached
+    torchvision file is checked against the hash in its name (:func:`verify_cached`; ``strict``:
+    a mismatch is refused instead of warned about).
 
     Raises:
-        WeightsError: unknown name, unreadable or truncated file, tensors of another architecture.
+        WeightsError: unknown name, unreadable or truncated file, tensors of another architecture,
+            a NaN or infinite value in a tensor.
     """
     check_arch(arch)
     if isinstance(weights, LoadedWeights):
@@ -332,8 +392,14 @@ def load_weights(arch: str, weights: WeightsLike = None) -> LoadedWeights:
             raise
         raise WeightsError(f"{exc}; this cached copy of {name} is damaged: delete it to download it again, "
                            f"or put a fresh copy of {tvm.get_weight(name).url} there") from exc
-    check_fits(_body_shapes(arch), state, str(path), arch)
-    return LoadedWeights(arch, name, str(path.resolve()), sha256_file(path), state)
+    body = check_fits(_body_shapes(arch), state, str(path), arch)
+    for key, tensor in body.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise WeightsError(f"{path}: tensor {key!r} holds {int((~torch.isfinite(tensor)).sum())} non-finite "
+                               "value(s) (NaN or infinity); such weights would score every image NaN")
+    digest = sha256_file(path)
+    name, verified = verify_cached(name, path, digest, strict)
+    return LoadedWeights(arch, name, str(path.resolve()), digest, state, verified)
 
 
 def random_init_warning(fix: str = "pass --weights imagenet for torchvision's ImageNet weights "

@@ -26,6 +26,7 @@ import torch
 
 from spotdiff.errors import WeightsError
 from spotdiff.files import torch_save_atomic
+from spotdiff.models.backbones import load_failure
 
 FORMAT = "spotdiff.pretrain.checkpoint"
 VERSION = 1
@@ -76,8 +77,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for unsafe payloads, RuntimeError for corrupt zips
-        raise WeightsError(f"{path}: refused or unreadable checkpoint ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+        raise WeightsError(f"{path}: refused or unreadable checkpoint ({load_failure(exc)})") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise WeightsError(f"{path}: not a spotdiff pre-training checkpoint")
     if ckpt.get("version") != VERSION:

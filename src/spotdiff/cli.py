@@ -492,8 +492,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from spotdiff.serve import ServeConfig, read_api_keys, serve
+    from spotdiff.errors import ConfigError
 
+    try:
+        from spotdiff.serve import ServeConfig, read_api_keys, serve
+    except ModuleNotFoundError as exc:
+        raise ConfigError(f'spotdiff serve needs {exc.name}: pip install "spotdiff[serve]"') from exc
     config = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                          max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_pixels=args.max_pixels,
                          request_timeout_s=args.timeout, api_keys=read_api_keys(args.api_key_file),

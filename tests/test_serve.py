@@ -19,15 +19,15 @@ from PIL import Image
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
-from fastapi.testclient import TestClient  # noqa: E402
+from detect_fakes import as_dataset, square_images
+from fastapi.testclient import TestClient
 
-from detect_fakes import as_dataset, square_images  # noqa: E402
-from spotdiff.cli import main  # noqa: E402
-from spotdiff.detect import PaDiM  # noqa: E402
-from spotdiff.detect.calibration import calibrate  # noqa: E402
-from spotdiff.errors import ConfigError  # noqa: E402
-from spotdiff.serve import AuditLog, ServeConfig, create_app, load_models, read_api_keys  # noqa: E402
-from spotdiff.serve.config import check_bind, key_matches  # noqa: E402
+from spotdiff.cli import main
+from spotdiff.detect import PaDiM
+from spotdiff.detect.calibration import calibrate
+from spotdiff.errors import ConfigError
+from spotdiff.serve import AuditLog, ServeConfig, create_app, load_models, read_api_keys
+from spotdiff.serve.config import check_bind, key_matches
 
 SIZE = 48
 KEY = "k" * 20 + "-correct-horse"
@@ -141,14 +141,14 @@ def bomb_png() -> bytes:
 def test_bad_input_is_a_4xx_naming_the_problem_and_never_a_decision(model_dir, tmp_path):
     good = sample_pngs()[0]
     cases = [
-        (dict(content=b"hello, not an image", headers={"Content-Type": "image/png"}), 400, "bad_image", "not an image"),
-        (dict(content=good[: len(good) // 2], headers={"Content-Type": "image/png"}), 400, "bad_image", "cannot read"),
-        (dict(content=b"", headers={"Content-Type": "image/png"}), 400, "bad_image", "empty body"),
-        (dict(content=good, headers={"Content-Type": "text/plain"}), 415, "unsupported_content_type", "text/plain"),
-        (dict(content=good), 415, "unsupported_content_type", "(none)"),
-        (dict(content=b"x" * 9000, headers={"Content-Type": "image/png"}), 413, "body_too_large", "8000 bytes"),
-        (dict(content=bomb_png(), headers={"Content-Type": "image/png"}), 413, "image_too_large", "600x600"),
-        (dict(files={"picture": ("a.png", good, "image/png")}), 400, "missing_image_field", "'image'"),
+        ({"content": b"hello, not an image", "headers": {"Content-Type": "image/png"}}, 400, "bad_image", "not an image"),
+        ({"content": good[: len(good) // 2], "headers": {"Content-Type": "image/png"}}, 400, "bad_image", "cannot read"),
+        ({"content": b"", "headers": {"Content-Type": "image/png"}}, 400, "bad_image", "empty body"),
+        ({"content": good, "headers": {"Content-Type": "text/plain"}}, 415, "unsupported_content_type", "text/plain"),
+        ({"content": good}, 415, "unsupported_content_type", "(none)"),
+        ({"content": b"x" * 9000, "headers": {"Content-Type": "image/png"}}, 413, "body_too_large", "8000 bytes"),
+        ({"content": bomb_png(), "headers": {"Content-Type": "image/png"}}, 413, "image_too_large", "600x600"),
+        ({"files": {"picture": ("a.png", good, "image/png")}}, 400, "missing_image_field", "'image'"),
     ]
     with client_for(model_dir, tmp_path, max_body_bytes=8000, max_pixels=100_000) as client:
         for kwargs, status, code, words in cases:

@@ -16,11 +16,11 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
-from test_report_browser import CHROMIUM, _chromium  # noqa: E402
-from test_serve import model_dir, sample_pngs  # noqa: E402,F401  (model_dir is a fixture)
-from test_serve_kill import free_port  # noqa: E402
+from test_report_browser import CHROMIUM, _chromium
+from test_serve import model_dir, sample_pngs  # noqa: F401  (model_dir is a fixture)
+from test_serve_kill import free_port
 
-from spotdiff.serve import AuditLog, ServeConfig, create_app, load_models  # noqa: E402
+from spotdiff.serve import AuditLog, ServeConfig, create_app, load_models
 
 pytestmark = pytest.mark.browser
 
@@ -62,12 +62,12 @@ def test_operator_page_shows_flagged_parts_first_with_overlays(chromium, model_d
         run = _chromium(chromium, tmp_path, "--virtual-time-budget=4000", "--dump-dom", url + "/")
         dom = run.stdout
         cards = re.findall(r'<div class="card (\w+)" data-decision="(\w+)"[^>]*>(.*?)</div>\s*(?=<div class="card|</main>)',
-                           dom, flags=re.S)
+                           dom, flags=re.DOTALL)
         assert len(cards) == 4, f"cards: {cards}\nchromium said:\n{run.stderr[-2000:]}"
         shown = [c[1] for c in cards]
         assert shown == sorted(decisions, key=lambda d: d != "anomalous"), shown  # flagged first
         assert all('src="blob:' in c[2] for c in cards)  # every card carries its overlay
-        assert "flagged" in re.search(r'<span id="status"[^>]*>(.*?)</span>', dom, flags=re.S).group(1)
+        assert "flagged" in re.search(r'<span id="status"[^>]*>(.*?)</span>', dom, flags=re.DOTALL).group(1)
         polls = httpx.get(f"{url}/metrics").text
         count = int(re.search(r'spotdiff_requests_total\{route="/v1/decisions",status="200"\} (\d+)', polls).group(1))
         assert count >= 2, "the page did not refresh"  # one poll per second of (virtual) time

@@ -22,9 +22,8 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-from test_serve import fit_model_dir, png  # noqa: E402
-
-from detect_fakes import square_images  # noqa: E402
+from detect_fakes import square_images
+from test_serve import fit_model_dir, png
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # two server starts in subprocesses (about 15 s)

@@ -11,11 +11,11 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 pytest.importorskip("fastapi")
 
-from test_serve import client_for, fit_model_dir, post, sample_pngs  # noqa: E402
+from test_serve import client_for, fit_model_dir, post, sample_pngs
 
-from spotdiff.cli import main  # noqa: E402
-from spotdiff.detect.export import export_onnx  # noqa: E402
-from spotdiff.serve import load_models  # noqa: E402
+from spotdiff.cli import main
+from spotdiff.detect.export import export_onnx
+from spotdiff.serve import load_models
 
 pytestmark = pytest.mark.slow
 

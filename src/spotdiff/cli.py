@@ -474,6 +474,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; others need an API key)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch", help="torch (default) or onnxruntime")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ... (torch backend)")
     p.add_argument("--onnx", nargs="+", default=None, metavar="FILE",
                    help="ONNX files from `spotdiff export`, one per MODEL_DIR in order (--backend onnxruntime)")
     p.add_argument("--audit-log", default="audit.jsonl", metavar="FILE", help="JSON-lines audit log, appended "
@@ -503,7 +504,7 @@ def _run_serve(args: argparse.Namespace) -> int:
                          request_timeout_s=args.timeout, api_keys=read_api_keys(args.api_key_file),
                          cors_origins=tuple(args.cors_origin))
     serve(args.model_dirs, host=args.host, port=args.port, backend=args.backend, onnx_files=args.onnx,
-          audit_log=args.audit_log, config=config)
+          audit_log=args.audit_log, config=config, device=args.device)
     return 0
 
 

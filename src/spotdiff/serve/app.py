@@ -31,7 +31,13 @@ from spotdiff.serve.batching import Job, MicroBatcher, Outcome, QueueFull
 from spotdiff.serve.config import ServeConfig, key_matches
 from spotdiff.serve.metrics import CONTENT_TYPE, Metrics
 from spotdiff.serve.page import OPERATOR_PAGE
-from spotdiff.serve.scoring import ImageTooLarge, Scored, ServedModel, overlay_png, prepare_image
+from spotdiff.serve.scoring import (
+    ImageTooLarge,
+    Scored,
+    ServedModel,
+    overlay_png,
+    prepare_image,
+)
 
 RAW_TYPES = ("application/octet-stream",)
 PREDICT_QUERY = frozenset({"overlay", "mask"})

@@ -24,7 +24,13 @@ import torch
 
 from spotdiff.serve.audit import AuditLog, utc_now
 from spotdiff.serve.metrics import Metrics
-from spotdiff.serve.scoring import Scored, ServedModel, mask_png, overlay_png, score_images
+from spotdiff.serve.scoring import (
+    Scored,
+    ServedModel,
+    mask_png,
+    overlay_png,
+    score_images,
+)
 
 
 class QueueFull(Exception):

@@ -93,8 +93,10 @@ def _provenance(model_dir: Path) -> dict[str, Any]:
 
 
 def load_served_model(name: str, model_dir: str | os.PathLike[str], backend: str = "torch",
-                      onnx_file: str | os.PathLike[str] | None = None) -> ServedModel:
-    """Load and validate one model directory (hashes verified); ``onnx_file`` for ``backend="onnxruntime"``.
+                      onnx_file: str | os.PathLike[str] | None = None,
+                      device: str | torch.device = "cpu") -> ServedModel:
+    """Load and validate one model directory (hashes verified); ``onnx_file`` for ``backend="onnxruntime"``
+    (CPU), ``device`` for the torch backend.
 
     Raises:
         WeightsError / ConfigError: the directory or ONNX file fails validation, or the model has no
@@ -114,7 +116,7 @@ def load_served_model(name: str, model_dir: str | os.PathLike[str], backend: str
     else:
         if onnx_file is not None:
             raise ConfigError("--onnx is only used with --backend onnxruntime")
-        scorer = Detector.load(root)
+        scorer = Detector.load(root, device=device)
     calibration = model_calibration(scorer)
     if calibration is None:
         raise ConfigError(f"{root}: the model has no calibrated thresholds, so the service could not decide; "
@@ -123,6 +125,10 @@ def load_served_model(name: str, model_dir: str | os.PathLike[str], backend: str
     assert scale is not None
     return ServedModel(name=name, scorer=scorer, calibration=calibration, fingerprint=model_fingerprint(root),
                        provenance=_provenance(root), backend=backend, scale=scale)
+
+
+class ImageTooLarge(DataError):
+    """The image has more pixels than the service accepts."""
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -135,7 +141,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     if not data:
         raise DataError("empty body: no image bytes")
     try:
-        img = Image.open(io.BytesIO(data))
+        img: Image.Image = Image.open(io.BytesIO(data))
         w, h = img.size
         if w * h > max_pixels:
             raise ImageTooLarge(f"image of {w}x{h} pixels exceeds the limit of {max_pixels} pixels "
@@ -151,10 +157,6 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     except Exception as exc:  # noqa: BLE001 - truncated/corrupt files raise OSError, SyntaxError, ValueError, ...
         raise DataError(f"cannot read image ({type(exc).__name__}: {exc})") from None
     return to_rgb(img)
-
-
-class ImageTooLarge(DataError):
-    """The image has more pixels than the service accepts."""
 
 
 def prepare_image(data: bytes, size: tuple[int, int], max_pixels: int) -> tuple[torch.Tensor, str]:

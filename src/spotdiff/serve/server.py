@@ -34,7 +34,8 @@ def parse_model_spec(spec: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
-def load_models(specs: Sequence[str], backend: str = "torch", onnx_files: Sequence[str] | None = None) -> list[ServedModel]:
+def load_models(specs: Sequence[str], backend: str = "torch", onnx_files: Sequence[str] | None = None,
+                device: str | torch.device = "cpu") -> list[ServedModel]:
     """Load every model of ``specs`` (see :func:`parse_model_spec`); ``onnx_files`` one per spec, in order,
     for ``backend="onnxruntime"``. Each model scores one blank image first: a model that fails or
     returns a non-finite score is refused here, not at the first part."""
@@ -47,7 +48,7 @@ def load_models(specs: Sequence[str], backend: str = "torch", onnx_files: Sequen
         if name in seen:
             raise ConfigError(f"two models are named {name!r}; name them with NAME=DIR")
         seen.add(name)
-        model = load_served_model(name, path, backend, onnx_files[i] if onnx_files else None)
+        model = load_served_model(name, path, backend, onnx_files[i] if onnx_files else None, device)
         try:
             check = score_images(model, torch.zeros(1, 3, *model.image_size))[0]
         except Exception as exc:  # noqa: BLE001 - any failure of the model refuses it
@@ -60,7 +61,7 @@ def load_models(specs: Sequence[str], backend: str = "torch", onnx_files: Sequen
 
 def serve(specs: Sequence[str], host: str = "127.0.0.1", port: int = 8000, backend: str = "torch",
           onnx_files: Sequence[str] | None = None, audit_log: str | os.PathLike[str] = "audit.jsonl",
-          config: ServeConfig | None = None) -> None:
+          config: ServeConfig | None = None, device: str = "auto") -> None:
     """Validate everything, then serve until interrupted (blocks)."""
     import uvicorn
 
@@ -70,7 +71,9 @@ def serve(specs: Sequence[str], host: str = "127.0.0.1", port: int = 8000, backe
     check_bind(host, config.api_keys)
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port must be in 0..65535, got {port}")
-    models = load_models(specs, backend, onnx_files)
+    from spotdiff.devices import resolve_device
+
+    models = load_models(specs, backend, onnx_files, resolve_device(device) if backend == "torch" else "cpu")
     audit = AuditLog(audit_log)
     app = create_app(models, audit, config)
     log(f"serving {', '.join(m.name for m in models)} ({backend}) on http://{host}:{port}; "

@@ -190,6 +190,14 @@ def test_api_keys_are_required_compared_and_never_echoed(model_dir, tmp_path, mo
         assert ok.status_code == 200 and KEY not in ok.text
     assert KEY not in (tmp_path / "audit.jsonl").read_text() and len(audit_lines(tmp_path / "audit.jsonl")) == 1
     assert key_matches(KEY, ("a" * 16, KEY)) and not key_matches(KEY + "x", (KEY,))
+    preflight = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+    with client_for(model_dir, tmp_path) as client:  # CORS off by default
+        assert "access-control-allow-origin" not in client.options("/v1/models/padim/predict", headers=preflight).headers
+        assert "access-control-allow-origin" not in client.get("/v1/models", headers={"Origin": "https://x.example"}).headers
+    with client_for(model_dir, tmp_path, cors_origins=("https://line.example",)) as client:
+        allowed = client.get("/v1/models", headers={"Origin": "https://line.example"})
+        assert allowed.headers["access-control-allow-origin"] == "https://line.example"
+        assert "access-control-allow-origin" not in client.get("/v1/models", headers={"Origin": "https://x.example"}).headers
 
     with pytest.raises(ConfigError, match="without an API key"):
         check_bind("0.0.0.0", ())

@@ -485,7 +485,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="allow this browser origin (repeatable; default: CORS off)")
     p.add_argument("--max-batch", type=int, default=8, help="most images per model batch (default 8)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill (default 5)")
-    p.add_argument("--max-queue", type=int, default=64, help="images queued per model before 503 (default 64)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests in progress per model before 503 (default 64)")
     p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body in MiB (default 20)")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image, width x height (default 40e6)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a score before 504 (default 30)")

@@ -124,6 +124,8 @@ class Service:
         self.config = config
         self.metrics = Metrics(lambda: {n: b.depth for n, b in self.batchers.items()})
         self.batchers: dict[str, MicroBatcher] = {}
+        self.admitted = dict.fromkeys(self.models, 0)
+        """Predict requests in progress per model (reading, decoding, queued or scored): at most ``max_queue``."""
         self.decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="spotdiff-decode")
         self.score_pool = ThreadPoolExecutor(1, thread_name_prefix="spotdiff-score")
         self.recent: dict[str, collections.OrderedDict[str, Recent]] = {
@@ -305,6 +307,17 @@ def create_app(models: Sequence[ServedModel], audit: AuditLog, config: ServeConf
         if unknown:
             raise ApiError(400, "unknown_query_parameter",
                            f"unknown query parameter(s) {unknown}; accepted: {sorted(PREDICT_QUERY)}")
+        if service.admitted[name] >= config.max_queue:
+            raise ApiError(503, "overloaded", f"model {name!r} has {service.admitted[name]} request(s) in progress "
+                           f"(limit {config.max_queue}); retry later", {"Retry-After": str(config.retry_after_s)})
+        service.admitted[name] += 1
+        try:
+            return await _predict(request, model, overlay, mask)
+        finally:
+            service.admitted[name] -= 1
+
+    async def _predict(request: Request, model: ServedModel, overlay: bool, mask: bool) -> JSONResponse:
+        name = model.name
         body = await read_image_body(request, config)
         loop = asyncio.get_running_loop()
         try:

@@ -23,7 +23,8 @@ class ServeConfig:
     Attributes:
         max_batch: most images per model batch.
         max_wait_ms: longest wait for a batch to fill after its first image arrived (milliseconds).
-        max_queue: most images queued or being scored per model; beyond it ``503`` + ``Retry-After``.
+        max_queue: most predict requests in progress per model (body being read, decoding, queued or
+            being scored); beyond it ``503`` + ``Retry-After``. Also bounds the bodies held in memory.
         max_body_bytes: largest request body (``413`` beyond).
         max_pixels: largest image, width x height, read from the header before decoding (``413`` beyond).
         request_timeout_s: longest wait for a score after the body was read (``504`` beyond).

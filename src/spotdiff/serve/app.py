@@ -126,6 +126,8 @@ class Service:
         self.batchers: dict[str, MicroBatcher] = {}
         self.admitted = dict.fromkeys(self.models, 0)
         """Predict requests in progress per model (reading, decoding, queued or scored): at most ``max_queue``."""
+        self.arriving = dict.fromkeys(self.models, 0)
+        """Of those, the ones whose body is being read or decoded: a batch waits for them (``max_wait_ms``)."""
         self.decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="spotdiff-decode")
         self.score_pool = ThreadPoolExecutor(1, thread_name_prefix="spotdiff-score")
         self.recent: dict[str, collections.OrderedDict[str, Recent]] = {
@@ -135,7 +137,8 @@ class Service:
         c = self.config
         for name, model in self.models.items():
             self.batchers[name] = MicroBatcher(model, self.score_pool, self.audit, self.metrics, c.max_batch,
-                                               c.max_wait_ms / 1000.0, c.max_queue, self.remember)
+                                               c.max_wait_ms / 1000.0, c.max_queue, self.remember,
+                                               arriving=lambda name=name: self.arriving[name])
             self.batchers[name].start()
 
     async def stop(self) -> None:
@@ -318,15 +321,17 @@ def create_app(models: Sequence[ServedModel], audit: AuditLog, config: ServeConf
 
     async def _predict(request: Request, model: ServedModel, overlay: bool, mask: bool) -> JSONResponse:
         name = model.name
-        body = await read_image_body(request, config)
-        loop = asyncio.get_running_loop()
+        service.arriving[name] += 1
         try:
-            image, sha = await loop.run_in_executor(service.decode_pool, prepare_image, body, model.image_size,
-                                                    config.max_pixels)
+            body = await read_image_body(request, config)
+            image, sha = await asyncio.get_running_loop().run_in_executor(
+                service.decode_pool, prepare_image, body, model.image_size, config.max_pixels)
         except ImageTooLarge as exc:
             raise ApiError(413, "image_too_large", str(exc)) from None
         except DataError as exc:
             raise ApiError(400, "bad_image", str(exc)) from None
+        finally:
+            service.arriving[name] -= 1
         job = Job(image, sha, overlay=overlay, mask=mask)
         try:
             future = service.batchers[name].submit(job)

@@ -1,7 +1,8 @@
 """Micro-batching: concurrent requests for one model are scored together, off the event loop.
 
-Each model has a bounded queue and one worker task. The worker takes the first waiting image, then
-waits at most ``max_wait_s`` for more, up to ``max_batch``, and scores the batch in the scoring
+Each model has a bounded queue and one worker task. The worker takes the first waiting image, then,
+while more requests for the model are on their way (admitted, body being read or decoded), waits at
+most ``max_wait_s`` for them, up to ``max_batch``, and scores the batch in the scoring
 thread (one thread for all models, so two models never fight over the cores). While a batch is
 being scored new requests queue up, so under load batches fill without waiting. A full queue is
 refused at once (:class:`QueueFull`, a ``503``): the backlog never grows past ``max_queue``.
@@ -64,7 +65,8 @@ class MicroBatcher:
 
     def __init__(self, model: ServedModel, executor: Executor, audit: AuditLog, metrics: Metrics,
                  max_batch: int, max_wait_s: float, max_queue: int,
-                 on_outcome: Callable[[ServedModel, Job, Outcome], None] | None = None) -> None:
+                 on_outcome: Callable[[ServedModel, Job, Outcome], None] | None = None,
+                 arriving: Callable[[], int] | None = None) -> None:
         self.model = model
         self.executor = executor
         self.audit = audit
@@ -73,6 +75,8 @@ class MicroBatcher:
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self.on_outcome = on_outcome
+        self.arriving = arriving
+        """Requests for this model not queued yet (body or decoding under way); None: always wait ``max_wait_s``."""
         self._waiting: collections.deque[Job] = collections.deque()
         self._arrived = asyncio.Event()
         self._in_flight = 0
@@ -115,6 +119,8 @@ class MicroBatcher:
             await self._arrived.wait()
         deadline = loop.time() + self.max_wait_s
         while len(self._waiting) < self.max_batch:
+            if self.arriving is not None and self.arriving() == 0:
+                break  # nothing else is on its way: waiting would only add latency
             left = deadline - loop.time()
             if left <= 0:
                 break

@@ -72,19 +72,27 @@ def fit_model(out: Path, size: int) -> Path:
 
 def in_process(model: ServedModel, images: list[bytes], batch: int, rounds: int = 2) -> dict[str, float]:
     """Images/s of decode + score (the service's adapter, no HTTP) and of ``predict`` alone."""
-    full, bare = [], []
+    full, bare, cpu = [], [], []
     tensors = torch.stack([prepare_image(d, model.image_size, 10**9)[0] for d in images])
     for _ in range(rounds):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for start in range(0, len(images), batch):
             chunk = torch.stack([prepare_image(d, model.image_size, 10**9)[0] for d in images[start:start + batch]])
             score_images(model, chunk)
         full.append(len(images) / (time.perf_counter() - t0))
+        cpu.append((time.process_time() - c0) / len(images))
         t0 = time.perf_counter()
         for start in range(0, len(images), batch):
             model.scorer.predict(tensors[start:start + batch])
         bare.append(len(images) / (time.perf_counter() - t0))
-    return {"decode_score": statistics.median(full), "predict": statistics.median(bare)}
+    return {"decode_score": statistics.median(full), "predict": statistics.median(bare),
+            "cpu_per_image": statistics.median(cpu)}
+
+
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -165,7 +173,10 @@ def run_levels(model_dir: Path, args: argparse.Namespace, tmp: Path, images: lis
         out = []
         for c in levels:
             before = in_process(model, images, args.max_batch)
+            server0, client0 = process_cpu(proc.pid), time.process_time()
             result = asyncio.run(drive(port, images, c, args.requests, args.seconds))
+            result["server_cpu"] = (process_cpu(proc.pid) - server0) / max(result["ok"], 1)
+            result["client_cpu"] = (time.process_time() - client0) / max(result["sent"], 1)
             after = in_process(model, images, args.max_batch)
             out.append({**result, "queue": max_queue, "in_process": {k: (before[k] + after[k]) / 2 for k in before},
                         "in_process_range": {k: (min(before[k], after[k]), max(before[k], after[k])) for k in before}})
@@ -207,13 +218,14 @@ def main() -> None:
           f"per level. In process = decode + score with the service's adapter in batches of {args.max_batch}, "
           f"measured right before and after each level (mean, range in brackets).\n")
     print("| concurrency | queue | requests | service images/s | in-process images/s | ratio | ÷ predict alone "
-          "| p50 ms | p99 ms | 503 share | errors |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| p50 ms | p99 ms | 503 share | errors | CPU ms per image: server / in process / client per request |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in results:
         ref, span = r["in_process"], r["in_process_range"]["decode_score"]
         print(f"| {r['concurrency']} | {r['queue']} | {r['sent']} | {r['rate']:.1f} | {ref['decode_score']:.1f} "
               f"({span[0]:.1f}–{span[1]:.1f}) | {r['rate'] / ref['decode_score']:.2f} | {r['rate'] / ref['predict']:.2f} "
-              f"| {r['p50']:.0f} | {r['p99']:.0f} | {100 * r['share_503']:.1f} % | {r['errors']} |")
+              f"| {r['p50']:.0f} | {r['p99']:.0f} | {100 * r['share_503']:.1f} % | {r['errors']} "
+              f"| {1000 * r['server_cpu']:.0f} / {1000 * ref['cpu_per_image']:.0f} / {1000 * r['client_cpu']:.1f} |")
 
 
 if __name__ == "__main__":

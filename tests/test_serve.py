@@ -305,6 +305,8 @@ def test_cli_refuses_what_it_cannot_serve_in_one_line(model_dir, tmp_path, capsy
         ([str(model_dir), "--api-key-file", str(short)], "shorter than 16"),
         ([str(model_dir), str(model_dir)], "two models are named 'padim'"),
         ([str(model_dir), "--backend", "onnxruntime"], "needs an ONNX file"),
+        ([str(model_dir), "--backend", "onnxruntime", "--onnx", "a.onnx", "--onnx", "b.onnx"], "one file per model"),
+        ([str(model_dir), "--backend", "onnxruntime", "--onnx", str(tmp_path / "none.onnx")], "ONNX file not found"),
         ([str(model_dir), "--max-batch", "0"], "max-batch must be >= 1"),
         ([str(model_dir), "--audit-log", str(tmp_path)], "is a directory"),
     ]:

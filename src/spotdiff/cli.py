@@ -475,8 +475,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch", help="torch (default) or onnxruntime")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ... (torch backend)")
-    p.add_argument("--onnx", nargs="+", default=None, metavar="FILE",
-                   help="ONNX files from `spotdiff export`, one per MODEL_DIR in order (--backend onnxruntime)")
+    p.add_argument("--onnx", action="append", default=None, metavar="FILE",
+                   help="ONNX file from `spotdiff export`; repeat it, one per MODEL_DIR in order (--backend onnxruntime)")
     p.add_argument("--audit-log", default="audit.jsonl", metavar="FILE", help="JSON-lines audit log, appended "
                    "(default audit.jsonl in the working directory)")
     p.add_argument("--api-key-file", default=None, metavar="FILE",

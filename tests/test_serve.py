@@ -313,3 +313,20 @@ def test_cli_refuses_what_it_cannot_serve_in_one_line(model_dir, tmp_path, capsy
         assert main(["--quiet", "serve", *argv]) == 2, argv
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and words in err, (argv, err)
+
+
+def test_audit_log_appends_whole_lines_after_a_cut_one(tmp_path, capsys):
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(b'{"request_id":"a"}\n{"request_id":"b","sco')  # a power loss cut the last line
+    log = AuditLog(path)
+    log.append([{"request_id": "c", "score": 1.5}, {"request_id": "d", "score": 2.5}])
+    log.close()
+    lines = path.read_text().splitlines()
+    assert lines[0] == '{"request_id":"a"}' and lines[1] == '{"request_id":"b","sco'  # kept as they were
+    assert [json.loads(line)["request_id"] for line in lines[2:]] == ["c", "d"]
+    assert "ends in a cut line" in capsys.readouterr().err
+    again = AuditLog(path)
+    with pytest.raises(ValueError):  # a non-finite number is never written as a score
+        again.append([{"score": float("nan")}])
+    again.close()
+    assert path.read_text().count("\n") == 4

@@ -222,7 +222,7 @@ class FlakyScorer:
 
     def predict(self, images):
         self.batches.append(images.shape[0])
-        if self.mode == "raise":
+        if self.mode == "raise" or (images.amax(dim=(1, 2, 3)) == 0).any():  # an all-black image: poison
             raise RuntimeError("simulated out-of-memory")
         if self.mode == "block":
             self.entered.set()
@@ -263,7 +263,8 @@ def test_full_queue_503_timeout_504_and_micro_batches(model_dir, tmp_path, flaky
         scorer.mode = "block"
         first = pool.submit(post, client, good)
         assert scorer.entered.wait(10)  # one image is being scored, the worker is busy
-        queued = [pool.submit(post, client, good) for _ in range(3)]
+        poison = png(torch.zeros(3, SIZE, SIZE))
+        queued = [pool.submit(post, client, data) for data in (good, poison, good)]
         depth = client.app.state.service.batchers["padim"]
         deadline = time.monotonic() + 10
         while depth.depth < 4 and time.monotonic() < deadline:
@@ -272,12 +273,15 @@ def test_full_queue_503_timeout_504_and_micro_batches(model_dir, tmp_path, flaky
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
         assert refused.json()["error"]["code"] == "overloaded"
         scorer.release.set()
-        assert [f.result().status_code for f in [first, *queued]] == [200] * 4
-        assert scorer.batches == [1, 3]  # the three queued while the first was scored went as one batch
+        assert [f.result().status_code for f in [first, *queued]] == [200, 200, 500, 200]  # only the poison failed
+        # the three queued while the first was scored went as one batch; it raised, so each went alone
+        assert scorer.batches == [1, 3, 1, 1, 1]
+        assert queued[1].result().json()["error"]["code"] == "model_failed"
         scorer.mode = ""
         alone = post(client, good).json()["score"]
-        for f in queued:  # in a batch, torch's CPU convolutions may differ from batch 1 in the last bits only
-            assert f.result().json()["score"] == pytest.approx(alone, rel=1e-5)
+        assert queued[0].result().json()["score"] == queued[2].result().json()["score"] == alone
+        post_batch = [pool.submit(post, client, good) for _ in range(4)]  # batched: equal up to the last bits
+        assert all(f.result().json()["score"] == pytest.approx(alone, rel=1e-5) for f in post_batch)
     with client_for(model_dir, tmp_path, models=flaky, request_timeout_s=0.3) as client:
         scorer.mode = "block"
         scorer.release.clear()

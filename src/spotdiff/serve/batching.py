@@ -7,7 +7,8 @@ thread (one thread for all models, so two models never fight over the cores). Wh
 being scored new requests queue up, so under load batches fill without waiting. A full queue is
 refused at once (:class:`QueueFull`, a ``503``): the backlog never grows past ``max_queue``.
 
-A batch's audit lines are written and fsync'ed in the scoring thread before any of its futures is
+When a batch raises, its images are scored one by one, so only the image(s) the model fails on get
+a ``500``. A batch's audit lines are written and fsync'ed in the scoring thread before any of its futures is
 resolved, so no response leaves before its line is on disk.
 """
 
@@ -160,9 +161,8 @@ class MicroBatcher:
         images = torch.stack([job.image for job in batch])
         try:
             scored = score_images(model, images)
-        except Exception as exc:  # noqa: BLE001 - a failing model fails its batch, never the service
-            message = f"the model raised {type(exc).__name__}: {exc}"
-            scored = [Scored(float("nan"), None, None, None, error=message) for _ in batch]
+        except Exception:  # noqa: BLE001 - a failing model fails the image(s) it fails on, never the service
+            scored = [_score_alone(model, images[i : i + 1]) for i in range(len(batch))]
         outcomes = []
         for job, image, result in zip(batch, images, scored, strict=True):
             ok = result.error is None
@@ -184,3 +184,11 @@ class MicroBatcher:
         for o in outcomes:
             self.metrics.decision(model.name, o.record["decision"])
         return outcomes
+
+
+def _score_alone(model: ServedModel, image: torch.Tensor) -> Scored:
+    """One image after its batch raised: its own outcome, or the model's error as its ``error``."""
+    try:
+        return score_images(model, image)[0]
+    except Exception as exc:  # noqa: BLE001
+        return Scored(float("nan"), None, None, None, error=f"the model raised {type(exc).__name__}: {exc}")

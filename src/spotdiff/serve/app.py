@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import functools
 import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -138,7 +139,7 @@ class Service:
         for name, model in self.models.items():
             self.batchers[name] = MicroBatcher(model, self.score_pool, self.audit, self.metrics, c.max_batch,
                                                c.max_wait_ms / 1000.0, c.max_queue, self.remember,
-                                               arriving=lambda name=name: self.arriving[name])
+                                               arriving=functools.partial(self.arriving.__getitem__, name))
             self.batchers[name].start()
 
     async def stop(self) -> None:

@@ -56,14 +56,14 @@ def start_server(model_dir: Path, audit: Path, port: int, cwd: Path) -> subproce
 
 
 async def load(port: int, images: list[bytes], kill: subprocess.Popen[bytes] | None, kill_after: int,
-               limit: int) -> list[dict]:
+               limit: int) -> tuple[list[dict], int]:
     """8 clients post images until ``limit`` answers; SIGKILL ``kill`` once ``kill_after`` 200s arrived.
-    Returns the JSON of every 200 received."""
+    Returns the JSON of every 200 received and the number of requests cut by the kill."""
     answers: list[dict] = []
-    sent = 0
+    sent = cut = 0
 
     async def client(session: httpx.AsyncClient) -> None:
-        nonlocal sent
+        nonlocal sent, cut
         while sent < limit:
             data = images[sent % len(images)]
             sent += 1
@@ -71,6 +71,7 @@ async def load(port: int, images: list[bytes], kill: subprocess.Popen[bytes] | N
                 r = await session.post(f"http://127.0.0.1:{port}/v1/models/padim/predict", content=data,
                                        headers={"Content-Type": "image/png"})
             except httpx.TransportError:
+                cut += 1
                 return  # the server is gone
             if r.status_code == 200:
                 answers.append(r.json())
@@ -79,7 +80,7 @@ async def load(port: int, images: list[bytes], kill: subprocess.Popen[bytes] | N
 
     async with httpx.AsyncClient(timeout=30) as session:
         await asyncio.gather(*(client(session) for _ in range(8)))
-    return answers
+    return answers, cut
 
 
 def test_sigkill_under_load_loses_no_answered_decision(tmp_path):
@@ -89,16 +90,16 @@ def test_sigkill_under_load_loses_no_answered_decision(tmp_path):
     port = free_port()
     first = start_server(model_dir, audit, port, tmp_path)
     try:
-        before = asyncio.run(load(port, images, first, kill_after=30, limit=400))
+        before, cut = asyncio.run(load(port, images, first, kill_after=30, limit=400))
         assert first.wait(10) == -signal.SIGKILL
     finally:
         first.kill()
-    assert len(before) >= 30
+    assert len(before) >= 30 and cut >= 1  # killed mid-run: requests were in flight
     lines_at_kill = audit.read_bytes().count(b"\n")
 
     second = start_server(model_dir, audit, port, tmp_path)
     try:
-        after = asyncio.run(load(port, images, None, kill_after=0, limit=16))
+        after, _ = asyncio.run(load(port, images, None, kill_after=0, limit=16))
     finally:
         second.send_signal(signal.SIGTERM)
         second.wait(30)

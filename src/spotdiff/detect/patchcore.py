@@ -29,11 +29,11 @@ import torch
 from torch.utils.data import Dataset
 
 from spotdiff.detect.base import Detector
+from spotdiff.detect.coreset import greedy_k_center
 from spotdiff.detect.features import patchcore_embedding, upsample_and_smooth
 from spotdiff.detect.memory import check_fits, format_bytes
 from spotdiff.errors import ConfigError, WeightsError
 from spotdiff.models import WeightsLike
-from spotdiff.progress import bar
 
 _CHUNK_BYTES = 64 << 20
 DEFAULT_CORESET_SHARD = 1 << 16
@@ -82,10 +82,9 @@ def greedy_coreset(
     """Greedy k-center selection: indices of ``n_select`` rows of ``features`` ``(M, C)``.
 
     The first centre is a random row (from ``seed``); each next centre is the row farthest from
-    all chosen centres. A running vector of squared distances to the nearest centre is kept and
-    updated with one matrix-vector product per new centre (``|z|^2 - 2 z.c + |c|^2``), so one
-    iteration costs O(M * dim) with no per-point Python work. Distances are measured after a
-    random projection to ``projection_dim`` dimensions (None or >= C: no projection).
+    all chosen centres (ties: lowest index), measured after a random projection to
+    ``projection_dim`` dimensions (None or >= C: no projection) on the float32 rows. Exact and
+    fast: :func:`spotdiff.detect.coreset.greedy_k_center`.
     """
     m = features.shape[0]
     if not 1 <= n_select <= m:
@@ -94,26 +93,8 @@ def greedy_coreset(
         z = random_projection(features, projection_dim, seed)
     else:
         z = features
-    # (dim, M) layout: a row-vector times matrix product streams memory contiguously, which is
-    # several times faster on CPU than a matrix-vector product over (M, dim) rows
-    z_t = z.float().T.contiguous()
-    sq_norm = torch.einsum("ij,ij->j", z_t, z_t)
-    generator = torch.Generator().manual_seed(seed)
-    current = int(torch.randint(m, (1,), generator=generator))
-    selected = torch.empty(n_select, dtype=torch.int64)
-    min_dist = torch.full((1, m), float("inf"), dtype=z_t.dtype, device=z_t.device)
-    dist = torch.empty_like(min_dist)
-    progress_bar = bar(total=n_select, desc="coreset")
-    for i in range(n_select):
-        selected[i] = current
-        torch.matmul(z_t[:, current][None], z_t, out=dist)
-        dist.mul_(-2.0).add_(sq_norm).add_(sq_norm[current])
-        torch.minimum(min_dist, dist, out=min_dist)
-        current = int(torch.argmax(min_dist))
-        if i % 256 == 0:
-            progress_bar.update(min(256, n_select - i))
-    progress_bar.close()
-    return selected
+    first = int(torch.randint(m, (1,), generator=torch.Generator().manual_seed(seed)))
+    return greedy_k_center(z.float(), n_select, first)
 
 
 def sharded_coreset(z: torch.Tensor, n_select: int, shard: int | None, seed: int = 0) -> torch.Tensor:

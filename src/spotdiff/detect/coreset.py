@@ -33,7 +33,7 @@ from spotdiff.errors import ConfigError
 from spotdiff.progress import bar
 
 _TILE_BYTES = 1 << 20  # rows x centres per product tile: stays in a 1 MiB L2 cache
-_CHUNK_ROWS = 1 << 16  # rows per step when building the screen (bounds the float64 temporaries)
+_CHUNK_ROWS = 8192  # rows per step when building the screen (bounds its float64 temporaries)
 _EXACT_BYTES = 8 << 20  # float64 difference temporaries of the exact decisions
 
 
@@ -72,8 +72,8 @@ def greedy_k_center(
         raise ConfigError(f"cannot select {n_select} of {m} patches")
     if not 0 <= first < m:
         raise ConfigError(f"first centre {first} is not a row of the {m} patches")
-    if not bool(torch.isfinite(z).all()):
-        raise ConfigError("patch features contain NaN or infinite values; cannot choose a coreset")
+    if screen_dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        raise ConfigError("a float32 screen needs full float32 products (torch.set_float32_matmul_precision('highest'))")
     screen = _Screen(z, screen_dtype)
     exact = _ExactDistances(z)
     stats = stats if stats is not None else CoresetStats()
@@ -103,6 +103,8 @@ class _Screen:
     def __init__(self, z: torch.Tensor, dtype: torch.dtype) -> None:
         m, dim = z.shape
         mean = torch.mean(z.detach(), 0, dtype=torch.float64)
+        if not bool(torch.isfinite(mean).all()):  # float64 sums of float32 rows cannot overflow
+            raise ConfigError("patch features contain NaN or infinite values; cannot choose a coreset")
         self.rows = torch.ones(m, dim + 1, dtype=dtype, device=z.device)
         norm = torch.empty(m, dtype=torch.float64, device=z.device)
         for a in range(0, m, _CHUNK_ROWS):

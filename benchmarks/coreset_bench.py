@@ -23,9 +23,14 @@ argmax would have been another row), and, in a child process, the peak resident 
 selection adds on one shard and on all 921,600 rows at once (Gaussian rows, ``--memory-select``
 centres: the memory does not grow with the number of centres beyond one index per centre).
 
-Usage (about 2-3 minutes on 1 thread)::
+Usage (each part takes 3-5 minutes on 1 thread at load 3-6; the float32 screen is most of ``speed``)::
 
-    PYTHONPATH=src nice -n 10 python benchmarks/coreset_bench.py [--images 60] [--threads 1] [--json out.json]
+    PYTHONPATH=src nice -n 10 python benchmarks/coreset_bench.py [--part speed] [--images 60] [--json out.json]
+    PYTHONPATH=src nice -n 10 python benchmarks/coreset_bench.py --part fit --images 60
+    PYTHONPATH=src nice -n 10 python benchmarks/coreset_bench.py --part auroc --auroc-images 100 --auroc-test 80
+
+``--part fit`` times ``PatchCore.fit`` with each selection against the forward (:func:`fit_ratio`);
+``--part auroc`` tests both banks (:func:`auroc`).
 """
 
 from __future__ import annotations
@@ -203,6 +208,37 @@ def auroc(args: argparse.Namespace) -> dict[str, Any]:
             "exact_common": len(set(exact_new.tolist()) & set(exact_old.tolist()))}
 
 
+def fit_ratio(args: argparse.Namespace) -> dict[str, Any]:
+    """``PatchCore.fit`` (Wide-ResNet-50, defaults) on ``--images`` magnetic-tile training images with the new
+    and with the previous selection (``greedy_coreset`` swapped in the module), against the forward over the
+    same images decoded beforehand; all in CPU time. With the default shard, every term of the fit
+    (forward, one greedy per 61,440 patches, projection, feature file, the 16-image normal-map scoring
+    against a bank of 10 % of the patches) grows in proportion to the images, so fit / forward at 60 images
+    (one full shard) is the ratio at 900 (15 shards)."""
+    import spotdiff.detect.patchcore as pc
+    from spotdiff.data import open_magnetic_tile
+    from spotdiff.detect import PatchCore
+
+    def previous_coreset(z: torch.Tensor, n: int, projection_dim: Any, seed: int) -> torch.Tensor:
+        first = int(torch.randint(len(z), (1,), generator=torch.Generator().manual_seed(seed)))
+        return torch.tensor(previous_greedy(z, n, first))
+
+    train = open_magnetic_tile(args.real_root, "train", image_size=256, seed=0).subset(range(args.images))
+    _, forward = features(args.real_root, args.images)
+    out: dict[str, Any] = {"images": args.images, "forward_cpu_s": forward * args.images}
+    for name, greedy in (("new", pc.greedy_coreset), ("previous", previous_coreset), ("new again", pc.greedy_coreset)):
+        original = pc.greedy_coreset
+        pc.greedy_coreset = greedy
+        try:
+            model = PatchCore(arch="wide_resnet50_2", seed=0)
+            _, cpu = cpu_timed(lambda m=model: m.fit(train))
+        finally:
+            pc.greedy_coreset = original
+        out[name] = {"fit_cpu_s": cpu, "fit_over_forward": cpu / out["forward_cpu_s"],
+                     "bank_rows": int(model.memory_bank_.shape[0])}
+    return out
+
+
 def child_memory(rows: int, select: int, shard_file: str | None) -> dict[str, Any]:
     """Peak RSS during one new selection above the RSS with the rows loaded (a fresh process)."""
     from spotdiff.detect.coreset import greedy_k_center
@@ -234,7 +270,7 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--memory-select", type=int, default=2048)
-    parser.add_argument("--part", choices=["speed", "auroc"], default="speed")
+    parser.add_argument("--part", choices=["speed", "auroc", "fit"], default="speed")
     parser.add_argument("--auroc-images", type=int, default=100)
     parser.add_argument("--auroc-test", type=int, default=80)
     parser.add_argument("--json", type=Path)
@@ -251,10 +287,10 @@ def main() -> None:
         return
     out: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_start": os.getloadavg(),
                            "threads": args.threads, "torch": torch.__version__, "python": platform.python_version()}
-    if args.part == "auroc":
-        out["auroc"] = auroc(args)
+    if args.part in ("auroc", "fit"):
+        out[args.part] = auroc(args) if args.part == "auroc" else fit_ratio(args)
         out["load_end"] = os.getloadavg()
-        print(report_auroc(out))
+        print(report_auroc(out) if args.part == "auroc" else report_fit(out))
         if args.json:
             args.json.write_text(json.dumps(out, indent=1))
         return
@@ -316,6 +352,17 @@ def report(out: dict[str, Any]) -> str:
         (f"| (forward + coreset) / forward, new / previous | {e['forward_plus_new_over_forward']:.2f} / "
         f"{e['forward_plus_previous_over_forward']:.2f} |"),
     ]
+    return "\n".join(lines)
+
+
+def report_fit(out: dict[str, Any]) -> str:
+    f = out["fit"]
+    lines = [(f"PatchCore fit vs forward, {out['date']}, {out['threads']} thread(s), load average "
+             f"{out['load_start'][0]:.1f} -> {out['load_end'][0]:.1f}; {f['images']} images, forward "
+             f"{f['forward_cpu_s']:.1f} CPU s"), "", "| selection | fit CPU s | fit / forward | bank rows |",
+             "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {f[name]['fit_cpu_s']:.1f} | {f[name]['fit_over_forward']:.2f} | {f[name]['bank_rows']:,} |"
+              for name in ("new", "previous", "new again")]
     return "\n".join(lines)
 
 

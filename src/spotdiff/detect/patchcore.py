@@ -39,7 +39,8 @@ _CHUNK_BYTES = 64 << 20
 DEFAULT_CORESET_SHARD = 1 << 16
 """Most patches per greedy k-center run (64 images at 256 px on ``layer2``). Our choice: the greedy
 costs ``ratio * M^2`` distance updates, so sharding keeps it linear in ``M``; measured at 1
-thread, one 65,536-patch shard takes about 18 s at ratio 0.1 (``benchmarks/results_detect.md``)."""
+thread, one 61,440-patch shard at ratio 0.1 takes about 4 CPU s (12.8 s with the previous loop;
+``benchmarks/coreset_bench.py``)."""
 
 try:  # faiss is optional (extra `faiss`); without it nn_backend="auto" uses the exact torch search
     import faiss

@@ -114,6 +114,14 @@ def test_patch_features_equal_plain_loop(source, n_images, projection_dim, ratio
     assert got.tolist() == reference_greedy(space, n_select, first)
 
 
+def test_two_threads_larger_tiles_same_selection():
+    """With more than one thread the screen uses larger tiles; the choice stays the plain loop's."""
+    z = gaussian(3000, 16, seed=5)
+    expected = reference_greedy(z, 300, 11)
+    torch.set_num_threads(2)  # the autouse fixture sets one thread again for the next test
+    assert greedy_k_center(z, 300, 11, candidates=128).tolist() == expected
+
+
 def test_bad_input_is_refused():
     z = torch.randn(10, 3)
     with pytest.raises(ConfigError, match="cannot select 11 of 10"):

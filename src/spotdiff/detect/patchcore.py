@@ -29,18 +29,19 @@ import torch
 from torch.utils.data import Dataset
 
 from spotdiff.detect.base import Detector
+from spotdiff.detect.coreset import greedy_k_center
 from spotdiff.detect.features import patchcore_embedding, upsample_and_smooth
 from spotdiff.detect.memory import check_fits, format_bytes
 from spotdiff.detect.schema import MIN_NEIGHBORS
 from spotdiff.errors import ConfigError, WeightsError
 from spotdiff.models import WeightsLike, layer_channels
-from spotdiff.progress import bar
 
 _CHUNK_BYTES = 64 << 20
 DEFAULT_CORESET_SHARD = 1 << 16
 """Most patches per greedy k-center run (64 images at 256 px on ``layer2``). Our choice: the greedy
 costs ``ratio * M^2`` distance updates, so sharding keeps it linear in ``M``; measured at 1
-thread, one 65,536-patch shard takes about 18 s at ratio 0.1 (``benchmarks/results_detect.md``)."""
+thread, one 61,440-patch shard at ratio 0.1 takes about 4 CPU s (12.8 s with the previous loop;
+``benchmarks/coreset_bench.py``)."""
 
 try:  # faiss is optional (extra `faiss`); without it nn_backend="auto" uses the exact torch search
     import faiss
@@ -83,10 +84,9 @@ def greedy_coreset(
     """Greedy k-center selection: indices of ``n_select`` rows of ``features`` ``(M, C)``.
 
     The first centre is a random row (from ``seed``); each next centre is the row farthest from
-    all chosen centres. A running vector of squared distances to the nearest centre is kept and
-    updated with one matrix-vector product per new centre (``|z|^2 - 2 z.c + |c|^2``), so one
-    iteration costs O(M * dim) with no per-point Python work. Distances are measured after a
-    random projection to ``projection_dim`` dimensions (None or >= C: no projection).
+    all chosen centres (ties: lowest index), measured after a random projection to
+    ``projection_dim`` dimensions (None or >= C: no projection) on the float32 rows. Exact and
+    fast: :func:`spotdiff.detect.coreset.greedy_k_center`.
     """
     m = features.shape[0]
     if not 1 <= n_select <= m:
@@ -95,26 +95,8 @@ def greedy_coreset(
         z = random_projection(features, projection_dim, seed)
     else:
         z = features
-    # (dim, M) layout: a row-vector times matrix product streams memory contiguously, which is
-    # several times faster on CPU than a matrix-vector product over (M, dim) rows
-    z_t = z.float().T.contiguous()
-    sq_norm = torch.einsum("ij,ij->j", z_t, z_t)
-    generator = torch.Generator().manual_seed(seed)
-    current = int(torch.randint(m, (1,), generator=generator))
-    selected = torch.empty(n_select, dtype=torch.int64)
-    min_dist = torch.full((1, m), float("inf"), dtype=z_t.dtype, device=z_t.device)
-    dist = torch.empty_like(min_dist)
-    progress_bar = bar(total=n_select, desc="coreset")
-    for i in range(n_select):
-        selected[i] = current
-        torch.matmul(z_t[:, current][None], z_t, out=dist)
-        dist.mul_(-2.0).add_(sq_norm).add_(sq_norm[current])
-        torch.minimum(min_dist, dist, out=min_dist)
-        current = int(torch.argmax(min_dist))
-        if i % 256 == 0:
-            progress_bar.update(min(256, n_select - i))
-    progress_bar.close()
-    return selected
+    first = int(torch.randint(m, (1,), generator=torch.Generator().manual_seed(seed)))
+    return greedy_k_center(z.float(), n_select, first)
 
 
 def sharded_coreset(z: torch.Tensor, n_select: int, shard: int | None, seed: int = 0) -> torch.Tensor:

@@ -291,8 +291,9 @@ class PatchCore(Detector):
         """One line naming the figure and the option that reduces it, before anything large is allocated."""
         kept = max(1, int(patches * self.coreset_ratio))
         searched = patches if self.coreset_shard is None else min(patches, self.coreset_shard)
-        # projections, the greedy's transposed copy of one shard, the bank and faiss's copy of it
-        need = 4 * (patches * width + searched * (width + 6) + 2 * kept * channels)
+        # float32 projections, the greedy's float64 centred copy of one shard with its per-row vectors
+        # (detect/coreset.py), the bank and faiss's copy of it
+        need = 4 * (patches * width + 2 * kept * channels) + 8 * searched * (width + 6)
         check_fits(need, f"PatchCore on {patches} patches x {channels} channels (projections {patches} x {width} "
                          f"float32, bank {kept} x {channels})", "a smaller --coreset-ratio or --image-size")
         spill_free = _free_disk(self.spill_dir)

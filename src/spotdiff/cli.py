@@ -445,7 +445,8 @@ def _run_predict(args: argparse.Namespace) -> int:
     failed = [r for r in records if r["error"]]
     for r in failed:
         print(f"error row: {r['error']}", file=sys.stderr)
-    print(f"scored {len(records) - len(failed)} image(s), {len(failed)} error row(s) -> {args.out}/scores.csv")
+    print(f"scored {len(records) - len(failed)} image(s), {len(failed)} failed -> {args.out}/scores.csv"
+          + (" (error rows: exit status 1)" if failed else ""))
     if len(failed) == len(records):
         raise DataError(f"no image could be scored ({len(failed)} failed; see {args.out}/scores.csv)")
     return 1 if failed else 0

@@ -56,16 +56,12 @@ def synthetic(folder: Path, n: int, size: tuple[int, int], fmt: str, seed: int =
     return folder
 
 
-def model_throughput(model: PaDiM, paths: list[Path], batch: int, repeats: int = 2) -> float:
-    """Images/s of ``model.predict`` on pre-decoded, pre-resized images (best of ``repeats``)."""
-    tensors = torch.stack([image_to_tensor(load_image(p), model.image_size_) for p in paths])
-    best = 0.0
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for i in range(0, len(tensors), batch):
-            model.predict(tensors[i : i + batch])
-        best = max(best, len(tensors) / (time.perf_counter() - start))
-    return best
+def model_throughput(model: PaDiM, tensors: torch.Tensor, batch: int) -> float:
+    """Images/s of ``model.predict`` on pre-decoded, pre-resized images ``tensors`` (N, 3, H, W)."""
+    start = time.perf_counter()
+    for i in range(0, len(tensors), batch):
+        model.predict(tensors[i : i + batch])
+    return len(tensors) / (time.perf_counter() - start)
 
 
 def pipeline_throughput(model: object, folder: Path, out: Path, batch: int, workers: int | None,
@@ -86,6 +82,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="decode / write threads (default: decode_workers())")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--backends", default="torch,onnxruntime")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="rounds of (model, predict, predict + overlays), interleaved; the best of each is kept "
+                         "(the load of a shared machine varies by seconds)")
     args = ap.parse_args()
     set_quiet(True)
     torch.set_num_threads(args.threads)
@@ -122,11 +121,16 @@ def main() -> None:
         print("|---|---|---|---|---|")
         for name, folder in sets.items():
             paths = sorted(folder.iterdir())
+            tensors = torch.stack([image_to_tensor(load_image(p), model.image_size_) for p in paths])
             for backend in args.backends.split(","):
                 runner = runners[backend]
-                ceiling = model_throughput(runner, paths, args.batch_size)  # type: ignore[arg-type]
-                bare = pipeline_throughput(runner, folder, work / "out", args.batch_size, args.workers, False, False)
-                full = pipeline_throughput(runner, folder, work / "out", args.batch_size, args.workers, True, True)
+                ceiling = bare = full = 0.0
+                for _ in range(args.repeats):
+                    ceiling = max(ceiling, model_throughput(runner, tensors, args.batch_size))  # type: ignore[arg-type]
+                    bare = max(bare, pipeline_throughput(runner, folder, work / "out", args.batch_size, args.workers,
+                                                         False, False))
+                    full = max(full, pipeline_throughput(runner, folder, work / "out", args.batch_size, args.workers,
+                                                         True, True))
                 print(f"| {name} ({len(paths)}) | {backend} | {ceiling:.1f} | {bare:.1f} ({bare / ceiling:.2f}x) | "
                       f"{full:.1f} ({full / ceiling:.2f}x) |", flush=True)
         end = os.getloadavg()

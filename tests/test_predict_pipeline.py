@@ -93,6 +93,10 @@ def test_scorer_refuses_non_finite_thresholds_and_maps_nan_to_error():
             ImageScorer(MeanRunner(), threshold=bad)
         with pytest.raises(ConfigError, match="--pixel-threshold must be a finite number"):
             ImageScorer(MeanRunner(), pixel_threshold=bad)
+    from spotdiff.detect.calibration import decide
+
+    assert decide([float("nan"), float("inf"), 7.0, 5.0], 6.0) == ["error", "error", "anomalous", "normal"]
+    assert decide([float("nan"), 1.0], None) == ["error", "no threshold"]
     scorer = ImageScorer(MeanRunner())
     item = scorer.decode_image(Image.new("RGB", (SIZE, SIZE), (100, 100, 100)), "x.png")
     bad_map = scorer._decide(item, 1.0, np.full((SIZE, SIZE), np.nan, np.float32))
@@ -215,6 +219,27 @@ def test_writer_failure_ends_run_keeping_rows_scored_before(images, tmp_path, mo
     final = rows_of(out / "scores.csv")
     assert len(final) == 9 and not (out / PARTIAL).exists()
     assert [r["score"] for r in final if r["path"] in {k["path"] for k in kept}] == [k["score"] for k in kept]
+
+
+def test_decoding_worker_that_dies_ends_the_run_with_exit_2_keeping_rows(images, tmp_path, monkeypatch, capsys):
+    import spotdiff.data.io as io
+    import spotdiff.detect as detect
+
+    real = io.load_image
+
+    def dies_on_img4(path):
+        if str(path).endswith("img4.png"):
+            raise MemoryError("decoder killed")
+        return real(path)
+
+    monkeypatch.setattr(io, "load_image", dies_on_img4)
+    monkeypatch.setattr(detect, "load_detector", lambda *a, **k: MeanRunner())
+    out = tmp_path / "out"
+    assert main(["--quiet", "predict", "m", str(images), "--out", str(out), "--batch-size", "2", "--workers", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "img4.png: decoding failed (MemoryError" in err
+    names = [r["path"].rsplit("/", 1)[1] for r in rows_of(out / PARTIAL)]
+    assert names[:4] == ["broken.png", "img0.png", "img1.png", "img2.png"] and "img4.png" not in names
 
 
 def test_resume_refuses_other_thresholds(images, tmp_path):

@@ -10,7 +10,7 @@ import contextlib
 import os
 from collections import deque
 from collections.abc import Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -349,12 +349,11 @@ def _run_pipeline(scorer: ImageScorer, todo: Sequence[Path], names: dict[str, st
         while pending:
             drain(pending.popleft())
     except BaseException:
-        while pending:  # keep every row whose files were written before the failure
+        while pending:  # let the queued writes finish and keep every row whose files were written
             batch = pending.popleft()
+            wait([f for _, f in batch])
             with contextlib.suppress(BaseException):
-                drain([(p, f) for p, f in batch if f.done() and not f.cancelled() and f.exception() is None])
-            for _, future in batch:
-                future.cancel()
+                drain([(p, f) for p, f in batch if not f.cancelled() and f.exception() is None])
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

@@ -123,6 +123,8 @@ class ImageScorer:
             return self.decode_image(load_image(path), path)
         except (DataError, OSError) as exc:
             return DecodedImage(path, error=str(exc) if isinstance(exc, DataError) else f"{path}: {exc}")
+        except Exception as exc:  # a decoding worker that died (out of memory, a library bug): end the run
+            raise DataError(f"{path}: decoding failed ({type(exc).__name__}: {exc}); the run stops") from exc
 
     def decode_image(self, image: Any, path: str | os.PathLike[str] = "<image>") -> DecodedImage:
         """:meth:`decode` of an already opened 8-bit RGB PIL image (e.g. an upload); ``path`` names it."""
@@ -154,16 +156,16 @@ class ImageScorer:
         return [r for r in results if r is not None]
 
     def _decide(self, item: DecodedImage, score: float, amap: np.ndarray) -> ScoredImage:
-        """A result from one image's raw score and map: error when either is not finite."""
+        """A result from one image's raw score and map: error when either is not finite, else the
+        decision of :func:`spotdiff.detect.calibration.decide`."""
+        from spotdiff.detect.calibration import decide
+
         if not math.isfinite(score) or not np.isfinite(amap).all():
             bad = "score" if not math.isfinite(score) else "anomaly map"
             return ScoredImage(item.path, None, ERROR, original_size=item.original_size,
                                error=f"{item.path}: the model gave a non-finite {bad} (score {score}); "
                                      "not scored (check the model: spotdiff test)")
-        if self.threshold is None:
-            decision = "no threshold"
-        else:
-            decision = "anomalous" if score > self.threshold else "normal"
+        decision = decide([score], self.threshold)[0]
         normalized = percentile = None
         if self.calibration is not None:
             normalized = float(self.calibration.normalized([score], self.threshold)[0])

@@ -15,7 +15,7 @@ from PIL import Image
 from spotdiff.cli import main
 from spotdiff.detect.calibration import Calibration
 from spotdiff.detect.predict import predict_images
-from spotdiff.detect.predict_output import PARTIAL, PREVIOUS, PREDICT_COLUMNS
+from spotdiff.detect.predict_output import PARTIAL, PREDICT_COLUMNS, PREVIOUS
 from spotdiff.detect.scoring import ImageScorer, ScoredImage, binary_mask, display_size
 from spotdiff.errors import ConfigError, OutputError
 
@@ -104,7 +104,7 @@ def test_scorer_refuses_non_finite_thresholds_and_maps_nan_to_error():
 
 
 def test_cli_exit_status_1_when_some_images_error_and_2_when_none_scored(tmp_path, capsys, monkeypatch):
-    import spotdiff.detect as detect
+    from spotdiff import detect
 
     folder = tmp_path / "in"
     write_image(folder / "a.png", 0.3)
@@ -190,8 +190,8 @@ def test_earlier_scores_moved_aside_foreign_file_refused_temp_files_cleaned(imag
 
 
 def test_writer_failure_ends_run_keeping_rows_scored_before(images, tmp_path, monkeypatch, capsys):
-    import spotdiff.detect as detect
-    import spotdiff.detect.predict as predict
+    from spotdiff import detect
+    from spotdiff.detect import predict
 
     real = predict.render_overlay
     calls = {"n": 0}
@@ -222,8 +222,8 @@ def test_writer_failure_ends_run_keeping_rows_scored_before(images, tmp_path, mo
 
 
 def test_decoding_worker_that_dies_ends_the_run_with_exit_2_keeping_rows(images, tmp_path, monkeypatch, capsys):
-    import spotdiff.data.io as io
-    import spotdiff.detect as detect
+    from spotdiff import detect
+    from spotdiff.data import io
 
     real = io.load_image
 
@@ -300,7 +300,7 @@ def test_binary_mask_rule():
 
 
 def test_onnxruntime_gets_the_thread_count(tmp_path, monkeypatch):
-    import spotdiff.detect.export as export
+    from spotdiff.detect import export
 
     seen = {}
 

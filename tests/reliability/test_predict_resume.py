@@ -12,8 +12,8 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
-
 from reliability_helpers import cli_command, cli_env
+
 from spotdiff.detect import PaDiM
 
 N_IMAGES = 400
@@ -61,7 +61,7 @@ def test_sigkill_midway_keeps_scored_rows_and_resume_completes_identically(tmp_p
     for row in before:  # every kept row names files that exist and a finite score
         assert np.isfinite(float(row["score"])) and os.path.isfile(row["overlay"])
 
-    resumed = subprocess.run(cli_command(*args, "--out", out, "--resume"), env=cli_env(), capture_output=True,
+    resumed = subprocess.run(cli_command(*args, "--out", out, "--resume"), check=False, env=cli_env(), capture_output=True,
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert reference.wait(timeout=600) == 0, reference.stderr.read()[-2000:]

@@ -334,10 +334,10 @@ def _run_pipeline(scorer: ImageScorer, todo: Sequence[Path], names: dict[str, st
         batches = scorer.scored_batches(todo, step, num_workers)
         for results in progress(batches, desc="predicting", total=-(-len(todo) // step), unit="batch"):
             if outputs.overlay_dir is not None and outputs.scale is None:
-                good = [r for r in results if r.anomaly_map is not None]
+                good = [(r.score, r.anomaly_map) for r in results if r.anomaly_map is not None]
                 if good:  # a model directory without normal statistics: fixed from this first batch
                     outputs.scale = scale_from_normals(normal_statistics(
-                        np.array([r.score for r in good]), np.stack([r.anomaly_map for r in good])), "first batch")
+                        np.array([s for s, _ in good]), np.stack([m for _, m in good])), "first batch")
                     log(f"warning: {len(good)} image(s) of the first batch fix the overlays' colour scale; "
                         "re-fit the model (or give --threshold) for a scale fixed by the model")
             if writers == 0:

@@ -176,10 +176,15 @@ def test_earlier_scores_moved_aside_foreign_file_refused_temp_files_cleaned(imag
     (out / "overlays").mkdir()
     stale_tmp = out / "overlays" / ".img0.png.tmp-abc123"
     stale_tmp.write_bytes(b"half")
+    other_run_tmp = out / "overlays" / ".gone.png.tmp-x1"  # an image that this run does not score
+    other_run_tmp.write_bytes(b"half")
+    lookalike = out / "overlays" / ".notes.txt.tmp-x1"  # not a PNG of ours: kept
+    lookalike.write_bytes(b"user")
     user_file = out / "overlays" / "notes.txt"
     user_file.write_text("mine")
     predict_images(MeanRunner(), [images], out)
     assert (out / PREVIOUS).read_text() == first and not stale_tmp.exists() and user_file.read_text() == "mine"
+    assert not other_run_tmp.exists() and lookalike.exists()
     assert not (out / PARTIAL).exists() and len(rows_of(out / "scores.csv")) == 9
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -320,3 +325,11 @@ def test_onnxruntime_gets_the_thread_count(tmp_path, monkeypatch):
         assert seen["threads"] == 1 == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def test_explicit_dangling_link_is_an_error_row(tmp_path):
+    good = write_image(tmp_path / "in" / "a.png", 0.3)
+    link = tmp_path / "in" / "gone.png"
+    link.symlink_to(tmp_path / "nowhere.png")
+    rows = predict_images(MeanRunner(), [good, link], tmp_path / "out", overlays=False)
+    assert [r["decision"] for r in rows] == ["normal", "error"] and "gone.png" in rows[1]["error"]

@@ -34,7 +34,13 @@ from spotdiff.detect.colour import (
 from spotdiff.detect.predict_output import PREDICT_COLUMNS
 from spotdiff.detect.scoring import ERROR, ImageScorer, ScoredImage, binary_mask
 from spotdiff.errors import ConfigError, DataError, OutputError, SpotdiffError
-from spotdiff.files import atomic_path, write_json_atomic, write_text_atomic
+from spotdiff.files import (
+    TMP_MARK,
+    TMP_PREFIX,
+    atomic_path,
+    write_json_atomic,
+    write_text_atomic,
+)
 from spotdiff.progress import log, progress
 from spotdiff.tabular import csv_text
 
@@ -149,8 +155,8 @@ def collect_images(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
     """Expand files and directories into image paths.
 
     Directories are searched recursively by ``spotdiff.data.list_images`` (image extensions,
-    hidden files skipped, sorted). Explicit files are kept as given, images or not, so that
-    ``predict`` reports an unreadable one in its own row instead of stopping.
+    hidden files skipped, sorted). Explicit files (and links, dangling or not) are kept as given,
+    images or not, so that ``predict`` reports an unreadable one in its own row instead of stopping.
 
     Raises:
         DataError: an input does not exist, or nothing was found.
@@ -162,7 +168,7 @@ def collect_images(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
                 paths.extend(list_images(item, recursive=True))
             except DataError:  # a folder without images: only an error if nothing is found at all
                 pass
-        elif item.exists():
+        elif item.exists() or item.is_symlink():  # a dangling link: an error row, like an unreadable file
             paths.append(item)
         else:
             raise DataError(f"{item}: no such file or directory")
@@ -291,6 +297,7 @@ def predict_images(
     outputs = _Outputs(out / "overlays" if overlays else None, out / "masks" if masks else None,
                        colour_scale(model, scorer.threshold), scorer.threshold, scorer.pixel_threshold)
     targets = [d / n for d in (outputs.overlay_dir, outputs.mask_dir) if d is not None for n in names.values()]
+    targets += _earlier_png_targets(out / "overlays", out / "masks")
     scores_file = ScoresFile(out, resume=resume)
     kept = scores_file.start(scorer.threshold, scorer.pixel_threshold, targets)
     for folder in (outputs.overlay_dir, outputs.mask_dir):
@@ -304,6 +311,19 @@ def predict_images(
     finally:
         scores_file.close()
     return scores_file.finish([str(p) for p in paths])
+
+
+def _earlier_png_targets(*folders: Path) -> list[Path]:
+    """The PNGs that an interrupted earlier run was writing in ``folders`` (their ``.<name>.png.tmp-*``
+    files are left by :func:`spotdiff.files.atomic_path`), so that they are cleaned whatever its inputs were."""
+    found = []
+    for folder in folders:
+        if folder.is_dir():
+            for entry in os.scandir(folder):
+                name = entry.name
+                if name.startswith(TMP_PREFIX) and TMP_MARK in name and name[: name.rindex(TMP_MARK)].endswith(".png"):
+                    found.append(folder / name[len(TMP_PREFIX) : name.rindex(TMP_MARK)])
+    return found
 
 
 def _run_pipeline(scorer: ImageScorer, todo: Sequence[Path], names: dict[str, str], outputs: _Outputs,

@@ -130,7 +130,8 @@ class ScoresFile:
             for path, aside in ((self.final, PREVIOUS), (self.partial, PREVIOUS_PARTIAL)):
                 if path.exists():
                     os.replace(path, self.out / aside)
-                    log(f"moved the earlier run's {path.name} to {aside}")
+                    hint = " (it had not completed: --resume would have continued it)" if path == self.partial else ""
+                    log(f"moved the earlier run's {path.name} to {aside}{hint}")
         text = "".join(_csv_line(r) for r in kept.values())
         write_text_atomic(self.partial, ",".join(PREDICT_COLUMNS) + "\n" + text)
         if self.final.exists():  # resumed from a complete file: it is rewritten at the end

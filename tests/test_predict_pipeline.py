@@ -130,7 +130,10 @@ def test_normalized_score_ranks_is_half_at_threshold_and_never_saturates():
     normals = cal.normalized(cal.normal_scores)
     assert np.all(np.diff(normals) > 0) and normals[-1] == 0.5 and normals[0] > 0.0
     assert cal.percentile(defects).tolist() == [1.0] * 6  # the percentile saturates; it is its own column
-    assert math.isnan(cal.normalized([float("nan")])[0])
+    assert math.isnan(cal.normalized([float("nan")])[0]) and math.isnan(cal.percentile([float("nan")])[0])
+    damaged = Calibration(normal_scores=[float("nan")] * 3, image_threshold=1.0, pixel_threshold=1.0,
+                          image_mode="normal-fpr", pixel_mode="normal-fpr")
+    assert np.isnan(damaged.normalized([0.0, 5.0])).all() and np.isnan(damaged.percentile([0.0, 5.0])).all()
     single = Calibration(normal_scores=[3.0], image_threshold=3.0, pixel_threshold=1.0, image_mode="normal-fpr",
                          pixel_mode="normal-fpr")
     assert single.spread() > 0 and 0.5 < single.normalized([3.5])[0] < single.normalized([4.0])[0] < 1.0

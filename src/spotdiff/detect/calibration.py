@@ -87,7 +87,10 @@ class Calibration:
         Saturates at 1 for every score above the highest normal one: it says "above all normal
         images", not how far; see :meth:`normalized` for a score that ranks defects."""
         ref = np.asarray(self.normal_scores, dtype=np.float64)
-        return np.searchsorted(ref, np.asarray(scores, dtype=np.float64), side="left") / ref.size
+        values = np.asarray(scores, dtype=np.float64)
+        if not np.isfinite(ref).all():  # a damaged calibration ranks nothing: NaN, never 0 or 1
+            return np.full(values.shape, np.nan)
+        return np.where(np.isfinite(values), np.searchsorted(ref, values, side="left") / ref.size, np.nan)
 
     def spread(self) -> float:
         """Scale of :meth:`normalized`: the standard deviation of the normal validation scores, or,
@@ -103,10 +106,13 @@ class Calibration:
         at the threshold, above 0.5 exactly for anomalous images, strictly increasing in the raw
         score, and never rounds to 1 for any finite score a detector produces (at ``z = 99`` it is
         0.995, at ``z = 999`` 0.9995): defects with different raw scores get different normalised
-        scores. A non-finite score gives NaN. See ``docs/detect.md`` ("Normalised score").
+        scores. A non-finite score, or non-finite normal scores, give NaN. See ``docs/deploy.md``
+        ("Normalised score").
         """
         t = float(self.image_threshold if threshold is None else threshold)
         z = (np.asarray(scores, dtype=np.float64) - t) / self.spread()
+        if not np.isfinite(np.asarray(self.normal_scores, dtype=np.float64)).all():
+            z = np.full(z.shape, np.nan)  # a damaged calibration: NaN, never a made-up spread
         with np.errstate(invalid="ignore"):
             return np.where(np.isfinite(z), 0.5 + 0.5 * z / (1.0 + np.abs(z)), np.nan)
 

@@ -170,8 +170,9 @@ class ImageScorer:
         if self.calibration is not None:
             normalized = float(self.calibration.normalized([score], self.threshold)[0])
             percentile = float(self.calibration.percentile([score])[0])
-            if not math.isfinite(normalized):  # a calibration that cannot normalise: say so, never guess
-                normalized = None
+            # a calibration that cannot normalise (non-finite normal scores): empty, never a guess
+            normalized = normalized if math.isfinite(normalized) else None
+            percentile = percentile if math.isfinite(percentile) else None
         return ScoredImage(item.path, score, decision, normalized, percentile, np.asarray(amap, np.float32),
                            item.display, item.original_size)
 

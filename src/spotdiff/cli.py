@@ -400,7 +400,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="score new images with a fitted detector; write scores CSV and heat maps")
     p.add_argument("model_dir", help="model directory written by `spotdiff fit`")
     p.add_argument("images", nargs="+", help="image files and/or directories (searched recursively)")
-    p.add_argument("--out", required=True, help="output directory (scores.csv, overlays/)")
+    p.add_argument("--out", required=True,
+                   help="output directory, outside the model directory and the inputs (scores.csv, overlays/, "
+                        "masks/; scores.partial.csv until the run completes)")
     p.add_argument("--threshold", type=float, default=None,
                    help="flag images with score > T (default: the model's calibrated threshold); colour scale 0..2T")
     p.add_argument("--pixel-threshold", type=float, default=None,

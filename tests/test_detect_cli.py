@@ -40,7 +40,7 @@ def test_predict_handles_modes_sizes_and_corrupt_files(model_dir, tmp_path):
     (src / "notes.txt").write_text("not an image")
     out = tmp_path / "out"
     assert main(["--quiet", "predict", str(model_dir), str(src), "--out", str(out), "--threshold", "5",
-                 "--batch-size", "2"]) == 0
+                 "--batch-size", "2"]) == 1  # completed, with an error row
     rows = {r["path"].split("/in/")[1]: r for r in read_csv(out / "scores.csv")}
     assert sorted(rows) == ["broken.png", "gray.png", "rgb.png", "sub/rgba.png"]
     assert "broken.png" in rows["broken.png"]["error"] and rows["broken.png"]["score"] == ""
@@ -48,7 +48,7 @@ def test_predict_handles_modes_sizes_and_corrupt_files(model_dir, tmp_path):
         row = rows[name]
         assert row["error"] == "" and float(row["score"]) > 0 and row["anomalous"] in ("0", "1")
         with Image.open(row["overlay"]) as overlay:
-            assert overlay.size[0] > 48 and overlay.size[1] > 48 and overlay.mode == "RGB"  # + bar and title
+            assert overlay.size[0] > 2 * 48 and overlay.size[1] > 48 and overlay.mode == "RGB"  # + bar and title
 
 
 def test_predict_refuses_missing_input_and_bad_model(model_dir, tmp_path, capsys):

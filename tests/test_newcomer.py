@@ -54,10 +54,13 @@ def _rows(path):
 
 
 def _heat_part(png) -> np.ndarray:
-    """The heat-map region of an overlay: rows above the 4 px bottom margin, the left SIZE columns."""
+    """The heat-map panel of an overlay (where `overlay_layout` puts it, SIZE x SIZE images)."""
+    from spotdiff.detect.colour import overlay_layout
+
     with Image.open(png) as im:
         arr = np.asarray(im.convert("RGB"), dtype=np.float64)
-    return arr[-4 - SIZE : -4, :SIZE]
+    top, left, h, w = overlay_layout(SIZE, SIZE)["heat"]
+    return arr[top : top + h, left : left + w]
 
 
 def test_fit_records_normal_statistics_and_the_scale_is_fixed_by_them(model_dir):
@@ -95,8 +98,13 @@ def test_overlay_carries_colour_bar_score_and_decision():
     scale = ColourScale(0.0, 1.0, "test")
     plain = render_overlay(image, amap, scale, 0.7)
     decided = render_overlay(image, amap, scale, 0.7, threshold=0.5)
-    assert plain.shape[0] > SIZE and plain.shape[1] > SIZE  # title line above, colour bar beside
-    bar = decided[-4 - SIZE : -4, SIZE + 4 : SIZE + 4 + max(8, SIZE // 16)]
+    from spotdiff.detect.colour import overlay_layout
+
+    assert plain.shape[0] > SIZE and plain.shape[1] > 2 * SIZE  # title lines above; original, heat map, bar
+    top, left, h, w = overlay_layout(SIZE, SIZE)["original"]
+    np.testing.assert_array_equal(decided[top : top + h, left : left + w], image)  # the original beside the map
+    top, left, h, w = overlay_layout(SIZE, SIZE)["bar"]
+    bar = decided[top : top + h, left : left + w]
     assert bar[0, 0, 0] > bar[0, 0, 2] and bar[-1, 0, 2] > bar[-1, 0, 0]  # red on top, blue at the bottom
     assert not np.array_equal(plain, decided)  # the decision (and threshold mark) differ
 

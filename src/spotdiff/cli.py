@@ -420,7 +420,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="score new images with a fitted detector; write scores CSV and heat maps")
     p.add_argument("model_dir", help="model directory written by `spotdiff fit`")
     p.add_argument("images", nargs="+", help="image files and/or directories (searched recursively)")
-    p.add_argument("--out", required=True, help="output directory (scores.csv, overlays/)")
+    p.add_argument("--out", required=True,
+                   help="output directory, outside the model directory and the inputs (scores.csv, overlays/, "
+                        "masks/; scores.partial.csv until the run completes)")
     p.add_argument("--threshold", type=float, default=None,
                    help="flag images with score > T (default: the model's calibrated threshold); colour scale 0..2T")
     p.add_argument("--pixel-threshold", type=float, default=None,
@@ -432,14 +434,22 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    help="torch (default) or onnxruntime (runs the file of --onnx; CPU)")
     p.add_argument("--onnx", default=None, metavar="FILE", help="ONNX file written by `spotdiff export` (--backend onnxruntime)")
     p.add_argument("--no-overlays", action="store_true", help="write scores.csv only")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the images already scored in --out (scores.partial.csv of an interrupted run) and "
+                        "score the rest")
+    p.add_argument("--workers", type=int, default=None,
+                   help="decoding threads and as many writing threads (default: one per spare core, at most 4)")
     p.set_defaults(run=_run_predict)
 
 
 def _run_predict(args: argparse.Namespace) -> int:
+    """Exit status 0: every image scored; 1: the run completed but some images are error rows
+    (unreadable, or a non-finite score); 2: nothing scored, or the run stopped (bad input, a failed write)."""
     from spotdiff.detect import load_detector
     from spotdiff.detect.predict import predict_images
     from spotdiff.devices import resolve_device
     from spotdiff.errors import ConfigError, DataError
+    from spotdiff.threads import session_threads
 
     _check_numbers(args)
     if args.backend == "onnxruntime":
@@ -447,21 +457,22 @@ def _run_predict(args: argparse.Namespace) -> int:
 
         if args.onnx is None:
             raise ConfigError("--backend onnxruntime needs --onnx FILE (written by `spotdiff export`)")
-        model = OnnxDetector(args.model_dir, args.onnx)
+        model = OnnxDetector(args.model_dir, args.onnx, threads=session_threads())
     elif args.onnx is not None:
         raise ConfigError("--onnx is only used with --backend onnxruntime")
     else:
         model = load_detector(args.model_dir, device=resolve_device(args.device))
     records = predict_images(model, args.images, args.out, threshold=args.threshold, batch_size=args.batch_size,
-                             overlays=not args.no_overlays, masks=args.masks, pixel_threshold=args.pixel_threshold)
+                             overlays=not args.no_overlays, masks=args.masks, pixel_threshold=args.pixel_threshold,
+                             num_workers=args.workers, resume=args.resume)
     failed = [r for r in records if r["error"]]
     for r in failed:
-        print(f"skipped: {r['error']}", file=sys.stderr)
-    print(f"scored {len(records) - len(failed)} image(s), {len(failed)} failed -> {args.out}/scores.csv")
+        print(f"error row: {r['error']}", file=sys.stderr)
+    print(f"scored {len(records) - len(failed)} image(s), {len(failed)} failed -> {args.out}/scores.csv"
+          + (" (error rows: exit status 1)" if failed else ""))
     if len(failed) == len(records):
         raise DataError(f"no image could be scored ({len(failed)} failed; see {args.out}/scores.csv)")
-    return 0
-
+    return 1 if failed else 0
 
 
 # ----------------------------------------------------------------------------- export
@@ -479,7 +490,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 def _run_export(args: argparse.Namespace) -> int:
     from spotdiff.detect.export import export_onnx
+    from spotdiff.detect.predict_output import check_output_location
 
+    check_output_location(args.out, option="--out")
     print(export_onnx(args.model_dir, args.out, external_data=True if args.external_data else None))
     return 0
 

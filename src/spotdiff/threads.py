@@ -10,6 +10,10 @@ core count. Order of precedence (first that is set wins):
 2. ``SPOTDIFF_THREADS=N`` in the environment;
 3. ``OMP_NUM_THREADS=N`` in the environment (torch has already applied it; spotdiff leaves it);
 4. the rule above.
+
+onnxruntime's session gets the same count (:func:`session_threads`, intra-op; onnxruntime runs a
+detector graph sequentially, without inter-op threads), so ``--threads`` means the same for both back ends and the
+two are never both set to use all cores in one process.
 """
 
 from __future__ import annotations
@@ -65,3 +69,11 @@ def apply_threads(flag: int | None = None) -> int:
     if n is not None and n != torch.get_num_threads():
         torch.set_num_threads(n)
     return torch.get_num_threads()
+
+
+def session_threads() -> int:
+    """Intra-op threads for an onnxruntime session: the count :func:`apply_threads` gave torch (which
+    honours ``OMP_NUM_THREADS`` when that rules), so both back ends run on the same cores."""
+    import torch
+
+    return max(1, torch.get_num_threads())

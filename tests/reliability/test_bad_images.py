@@ -204,7 +204,7 @@ def test_broken_image_stops_fit_and_test_and_is_skipped_in_predict(kind, tmp_pat
     assert str(broken) in capsys.readouterr().err and not (tmp_path / "test").exists()
 
     good = root / rows[0].image
-    assert main(["--quiet", "predict", str(model), str(good), str(broken), "--out", str(tmp_path / "pred")]) == 0
+    assert main(["--quiet", "predict", str(model), str(good), str(broken), "--out", str(tmp_path / "pred")]) == 1
     assert str(broken) in capsys.readouterr().err
     by_path = {r["path"]: r for r in csv_rows(tmp_path / "pred" / "scores.csv")}
     assert by_path[str(good)]["error"] == "" and np.isfinite(float(by_path[str(good)]["score"]))

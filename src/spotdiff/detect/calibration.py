@@ -3,9 +3,10 @@
 A detector's raw scores (Mahalanobis or nearest-neighbour distances) have no meaning to a person.
 After fitting, the model scores held-out normal images (validation images) and keeps:
 
-* the sorted image scores of the normal validation images. The **normalised score** of an image
+* the sorted image scores of the normal validation images. The **normal percentile** of an image
   is the fraction of normal validation images whose score is lower than its score (0 = lower than
-  every normal validation image, 1 = higher than all of them);
+  every normal validation image, 1 = higher than all of them); the **normalised score**
+  (:meth:`Calibration.normalized`) is 0.5 at the image threshold and ranks defects beyond it;
 * an image threshold and a pixel threshold (an image is anomalous when its score is > the image
   threshold; a pixel is a defect pixel when its map value is > the pixel threshold), chosen by:
 
@@ -35,6 +36,9 @@ from spotdiff.progress import progress
 
 THRESHOLD_MODES = ("normal-fpr", "f1", "manual")
 DEFAULT_FPR = 0.01
+NORMALIZED_FALLBACK = 0.01
+"""Spread of :meth:`Calibration.normalized`, as a fraction of ``max(|T|, 1)``, when the normal
+validation scores have none (our choice: small, so that the score still moves away from 0.5)."""
 PIXEL_QUANTILE_LEVELS = 101
 """Stored quantiles (0 %, 1 %, ..., 100 %) of the normal validation pixel scores, for reference."""
 FINE_FPR_IMAGES = 100
@@ -114,10 +118,40 @@ class Calibration:
                 raise bad(name, "must be a JSON object", getattr(self, name))
         return self
 
-    def normalized(self, scores: np.ndarray | Sequence[float]) -> np.ndarray:
-        """Fraction of normal validation images whose score is lower than each of ``scores``."""
+    def percentile(self, scores: np.ndarray | Sequence[float]) -> np.ndarray:
+        """Fraction of normal validation images whose score is lower than each of ``scores`` (0 .. 1).
+
+        Saturates at 1 for every score above the highest normal one: it says "above all normal
+        images", not how far; see :meth:`normalized` for a score that ranks defects."""
         ref = np.asarray(self.normal_scores, dtype=np.float64)
-        return np.searchsorted(ref, np.asarray(scores, dtype=np.float64), side="left") / ref.size
+        values = np.asarray(scores, dtype=np.float64)
+        if not np.isfinite(ref).all():  # a damaged calibration ranks nothing: NaN, never 0 or 1
+            return np.full(values.shape, np.nan)
+        return np.where(np.isfinite(values), np.searchsorted(ref, values, side="left") / ref.size, np.nan)
+
+    def spread(self) -> float:
+        """Scale of :meth:`normalized`: the standard deviation of the normal validation scores, or,
+        when it is 0 or not finite (one image, equal scores), ``NORMALIZED_FALLBACK * max(|T|, 1)``."""
+        ref = np.asarray(self.normal_scores, dtype=np.float64)
+        sd = float(ref.std()) if ref.size else 0.0
+        return sd if np.isfinite(sd) and sd > 0 else NORMALIZED_FALLBACK * max(abs(float(self.image_threshold)), 1.0)
+
+    def normalized(self, scores: np.ndarray | Sequence[float], threshold: float | None = None) -> np.ndarray:
+        """Normalised score in (0, 1): ``0.5 + 0.5 z / (1 + |z|)`` with ``z = (score - T) / spread``.
+
+        ``T`` is ``threshold`` (default: the image threshold), so the normalised score is exactly 0.5
+        at the threshold, above 0.5 exactly for anomalous images, strictly increasing in the raw
+        score, and never rounds to 1 for any finite score a detector produces (at ``z = 99`` it is
+        0.995, at ``z = 999`` 0.9995): defects with different raw scores get different normalised
+        scores. A non-finite score, or non-finite normal scores, give NaN. See ``docs/deploy.md``
+        ("Normalised score").
+        """
+        t = float(self.image_threshold if threshold is None else threshold)
+        z = (np.asarray(scores, dtype=np.float64) - t) / self.spread()
+        if not np.isfinite(np.asarray(self.normal_scores, dtype=np.float64)).all():
+            z = np.full(z.shape, np.nan)  # a damaged calibration: NaN, never a made-up spread
+        with np.errstate(invalid="ignore"):
+            return np.where(np.isfinite(z), 0.5 + 0.5 * z / (1.0 + np.abs(z)), np.nan)
 
     def summary(self) -> str:
         """Lines printed by ``spotdiff fit``: thresholds, how chosen, validation figures."""
@@ -311,7 +345,9 @@ def model_calibration(model: Any) -> Calibration | None:
 
 
 def decide(scores: torch.Tensor | np.ndarray | Sequence[float], threshold: float | None) -> list[str]:
-    """``"anomalous"`` (score > threshold) / ``"normal"`` per score; ``"no threshold"`` when ``threshold`` is None."""
+    """``"anomalous"`` (score > threshold) / ``"normal"`` per score; ``"no threshold"`` when ``threshold``
+    is None; ``"error"`` for a non-finite score (never ``"normal"``: NaN > T is false)."""
+    values = [float(s) for s in scores]
     if threshold is None:
-        return ["no threshold"] * len(scores)
-    return ["anomalous" if float(s) > threshold else "normal" for s in scores]
+        return ["no threshold" if np.isfinite(v) else "error" for v in values]
+    return ["error" if not np.isfinite(v) else "anomalous" if v > threshold else "normal" for v in values]

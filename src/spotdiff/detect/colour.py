@@ -28,6 +28,7 @@ the model has not seen (:func:`scale_from_normals` on :func:`normal_statistics` 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,51 +77,144 @@ def colour_scale(model: Any, threshold: float | None = None) -> ColourScale | No
     return None
 
 
+@functools.cache
 def _font(size: int) -> Any:
     from PIL import ImageFont
 
     return ImageFont.load_default(size=size)
 
 
+@functools.cache
+def jet_lut() -> np.ndarray:
+    """matplotlib's 'jet' colour map as a ``(256, 3)`` uint8 lookup table (matplotlib is imported once)."""
+    from matplotlib import colormaps
+
+    return np.round(colormaps["jet"](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0).astype(np.uint8)
+
+
+def colourize(values: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
+    """``values`` ``(H, W)`` clipped to [vmin, vmax] and coloured by :func:`jet_lut`: ``(H, W, 3)`` uint8."""
+    span = max(vmax - vmin, 1e-12)
+    index = np.clip((np.asarray(values, np.float32) - vmin) * (255.0 / span), 0.0, 255.0)
+    return jet_lut()[np.nan_to_num(index, nan=0.0).astype(np.uint8)]
+
+
+def resize_map(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``anomaly_map`` ``(h, w)`` bilinearly resized to ``size`` ``(H, W)`` float32 (a copy-free no-op at equal size)."""
+    from PIL import Image
+
+    amap = np.asarray(anomaly_map, np.float32)
+    if amap.shape == tuple(size):
+        return amap
+    return np.asarray(Image.fromarray(amap, mode="F").resize((size[1], size[0]), Image.Resampling.BILINEAR))
+
+
+def outline(mask: np.ndarray) -> np.ndarray:
+    """The 1-px inner outline of a binary ``mask`` ``(H, W)``: mask pixels with a 4-neighbour outside it."""
+    m = np.asarray(mask, bool)
+    inner = m.copy()
+    inner[1:, :] &= m[:-1, :]
+    inner[:-1, :] &= m[1:, :]
+    inner[:, 1:] &= m[:, :-1]
+    inner[:, :-1] &= m[:, 1:]
+    inner[0, :] = inner[-1, :] = False
+    inner[:, 0] = inner[:, -1] = False
+    return m & ~inner
+
+
+def overlay_heatmap(image: np.ndarray, anomaly_map: np.ndarray, vmin: float, vmax: float,
+                    alpha: float = 0.5) -> np.ndarray:
+    """Blend the jet colouring of ``anomaly_map`` (clipped to [vmin, vmax], resized to the image) over
+    an ``(H, W, 3)`` uint8 image; returns ``(H, W, 3)`` uint8."""
+    amap = resize_map(anomaly_map, image.shape[:2])
+    heat = (1.0 - alpha) * image + alpha * colourize(amap, vmin, vmax).astype(np.float32)
+    return np.clip(heat.round(), 0, 255).astype(np.uint8)
+
+
+def draw_mask_contour(overlay: np.ndarray, mask: np.ndarray,
+                      colour: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
+    """``overlay`` ``(H, W, 3)`` uint8 with the 1-px outline (:func:`outline`) of the binary ``mask``
+    ``(H, W)`` drawn in ``colour`` (a copy)."""
+    out = overlay.copy()
+    out[outline(mask)] = colour
+    return out
+
+
+PAD = 4
+"""Pixels between the overlay's parts."""
+
+
+def overlay_layout(panel_h: int, panel_w: int) -> dict[str, tuple[int, int, int, int]]:
+    """Where :func:`render_overlay` puts its parts for panels of ``panel_h x panel_w`` pixels:
+    ``{"original", "heat", "bar": (top, left, height, width)}`` and the ``"font"`` size in ``(0, 0, size, 0)``."""
+    size = max(11, min(18, panel_h // 20))
+    head = 2 * (size + 4) + PAD
+    bar_w = max(10, panel_w // 24)
+    return {"original": (head, 0, panel_h, panel_w), "heat": (head, panel_w + PAD, panel_h, panel_w),
+            "bar": (head, 2 * panel_w + 2 * PAD, panel_h, bar_w), "font": (0, 0, size, 0)}
+
+
 def render_overlay(image: np.ndarray, anomaly_map: np.ndarray, scale: ColourScale, score: float,
                    threshold: float | None = None, alpha: float = 0.5,
-                   contour: np.ndarray | None = None) -> np.ndarray:
-    """An annotated overlay: ``image`` (H, W, 3) uint8 with the jet-coloured ``anomaly_map``
-    (H, W) on ``scale``, a title line with the score and the decision (``score > threshold``;
-    "no threshold" without one) and a colour bar on the right with its end values and the
-    threshold marked; ``contour`` (H, W) bool, a binary defect mask, is outlined in white.
-    Returns an RGB uint8 array, wider and taller than the image."""
-    from matplotlib import colormaps
+                   contour: np.ndarray | None = None, *, normalized: float | None = None,
+                   pixel_threshold: float | None = None, decision: str | None = None) -> np.ndarray:
+    """The overlay an operator reads: the original ``image`` (H, W, 3) uint8 on the left, the same
+    image with the jet-coloured ``anomaly_map`` (any size; resized bilinearly to H x W) on ``scale``
+    on the right, and a colour bar with its end values, the image threshold and the pixel threshold
+    marked. Two title lines: the score, the normalised score and the decision (``decision``, else
+    ``score > threshold``; "no threshold" without one); the thresholds. ``contour`` (H, W) bool, a
+    binary defect mask at the image's size, is outlined in white on the heat panel.
+
+    Drawn with array operations and Pillow's text (no plotting library per image; see
+    :func:`jet_lut`). Returns an RGB uint8 array ``(head + H + PAD, 2 W + bar + labels)``.
+    """
     from PIL import Image, ImageDraw
 
-    from spotdiff.detect.predict import draw_mask_contour, overlay_heatmap
-
     h, w = image.shape[:2]
-    size = max(9, min(14, h // 8))
+    box = overlay_layout(h, w)
+    size = box["font"][2]
     font = _font(size)
-    if threshold is None:
-        decision = "no threshold"
-    else:
-        decision = f"{'ANOMALOUS' if score > threshold else 'normal'} (T {threshold:.3g})"
-    title = f"score {score:.3g} | {decision}"
-    bar_w, pad, head = max(8, w // 16), 4, size + 6
-    labels = [f"{scale.vmax:.3g}", f"{scale.vmin:.3g}"]
+    if decision is None:
+        decision = "no threshold" if threshold is None else ("anomalous" if score > threshold else "normal")
+    line1 = f"{decision.upper() if decision == 'anomalous' else decision} | score {score:.4g}"
+    if normalized is not None:
+        line1 += f" | normalised {normalized:.3f}"
+    thresholds = [f"image threshold {threshold:.4g}" if threshold is not None else "no image threshold"]
+    if pixel_threshold is not None:
+        thresholds.append(f"pixel threshold {pixel_threshold:.4g}")
+    line2 = ", ".join(thresholds) + f" | colour scale {scale.vmin:.3g} .. {scale.vmax:.3g} (map value)"
+    marks = [(scale.vmax, f"{scale.vmax:.3g}"), (scale.vmin, f"{scale.vmin:.3g}")]
+    inside = [(v, f"{name} {v:.3g}") for v, name in ((threshold, "image T"), (pixel_threshold, "pixel T"))
+              if v is not None and scale.vmin < v < scale.vmax]
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_w = max(int(probe.textlength(t, font=font)) for t in labels)
-    width = max(w + pad + bar_w + pad + label_w + pad, int(probe.textlength(title, font=font)) + 2 * pad)
-    canvas = Image.new("RGB", (width, head + h + pad), "white")
+    label_w = max(int(probe.textlength(t, font=font)) for _, t in marks + inside)
+    top, bar_x, _, bar_w = box["bar"]
+    width = max(bar_x + bar_w + PAD + label_w + PAD,
+                max(int(probe.textlength(t, font=font)) for t in (line1, line2)) + 2 * PAD)
+    canvas = np.full((top + h + PAD, width, 3), 255, np.uint8)
+    canvas[top:top + h, :w] = image
     heat = overlay_heatmap(image, anomaly_map, scale.vmin, scale.vmax, alpha)
     if contour is not None:
         heat = draw_mask_contour(heat, contour)
-    canvas.paste(Image.fromarray(heat), (0, head))
-    ramp = colormaps["jet"](np.linspace(1.0, 0.0, h))[:, None, :3] * 255.0  # top = vmax
-    canvas.paste(Image.fromarray(np.repeat(ramp, bar_w, axis=1).astype(np.uint8)), (w + pad, head))
-    draw = ImageDraw.Draw(canvas)
-    draw.text((pad, 2), title, fill="black", font=font)
-    x_text = w + pad + bar_w + pad
-    draw.text((x_text, head), labels[0], fill="black", font=font)
-    draw.text((x_text, head + h - size - 1), labels[1], fill="black", font=font)
-    if threshold is not None and scale.vmin < threshold < scale.vmax:
-        y = head + round((scale.vmax - threshold) / (scale.vmax - scale.vmin) * (h - 1))
-        draw.line([(w + pad - 2, y), (w + pad + bar_w + 1, y)], fill="black", width=2)
-    return np.asarray(canvas)
+    canvas[top:top + h, w + PAD:2 * w + PAD] = heat
+    ramp = jet_lut()[np.linspace(255, 0, h).round().astype(np.uint8)]  # top = vmax
+    canvas[top:top + h, bar_x:bar_x + bar_w] = ramp[:, None, :]
+    span = max(scale.vmax - scale.vmin, 1e-12)
+
+    def row(value: float) -> int:
+        return top + round((scale.vmax - value) / span * (h - 1))
+
+    for value, _ in inside:
+        y = row(value)
+        canvas[max(top, y - 1):y + 1, bar_x - 2:bar_x + bar_w + 2] = 0
+    pil = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(pil)
+    draw.text((PAD, 2), line1, fill="black", font=font)
+    draw.text((PAD, 2 + size + 4), line2, fill="black", font=font)
+    x_text = bar_x + bar_w + PAD
+    draw.text((x_text, top), marks[0][1], fill="black", font=font)
+    draw.text((x_text, top + h - size - 1), marks[1][1], fill="black", font=font)
+    for value, text in inside:
+        y = min(max(row(value) - size // 2, top + size + 2), top + h - 2 * size - 2)
+        draw.text((x_text, y), text, fill="black", font=font)
+    return np.asarray(pil)

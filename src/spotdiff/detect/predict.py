@@ -5,41 +5,54 @@ Evaluation on labelled test sets is in :mod:`spotdiff.detect.evaluate`.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from spotdiff.data.folder import list_images
-from spotdiff.data.loader import chunked, decode_workers, ordered_map
-from spotdiff.data.io import load_image
-from spotdiff.data.transforms import image_to_tensor
-from spotdiff.detect.base import Detector
-from spotdiff.detect.colour import colour_scale, normal_statistics, render_overlay, scale_from_normals
-from spotdiff.errors import DataError
-from spotdiff.files import atomic_path, write_text_atomic
+from spotdiff.data.loader import decode_workers
+from spotdiff.detect.colour import (
+    ColourScale,
+    colour_scale,
+    draw_mask_contour,
+    normal_statistics,
+    overlay_heatmap,
+    render_overlay,
+    scale_from_normals,
+)
+from spotdiff.detect.predict_output import PREDICT_COLUMNS
+from spotdiff.detect.scoring import ERROR, ImageScorer, ScoredImage, binary_mask
+from spotdiff.errors import ConfigError, DataError, OutputError, SpotdiffError
+from spotdiff.files import (
+    TMP_MARK,
+    TMP_PREFIX,
+    atomic_path,
+)
 from spotdiff.progress import log, progress
-from spotdiff.tabular import csv_text
 
-PREDICT_COLUMNS = ("path", "score", "normalized_score", "decision", "anomalous", "threshold", "overlay", "mask",
-                   "error")
-
-
-def _scores_csv(rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> str:
-    """CSV of ``columns`` of each record (empty where a record lacks one)."""
-    return csv_text(columns, [[row.get(k, "") for k in columns] for row in rows])
+PIPELINE_DEPTH = 2
+"""Batches whose overlays and masks may be waiting for the writer threads (bounds predict's memory)."""
+PNG_COMPRESS_LEVEL = 1
+"""zlib level of overlay and mask PNGs: lossless either way; level 1 encodes several times faster than
+Pillow's default 6 for files about 10-30 % larger (our choice, for predict's throughput)."""
+__all__ = ["PREDICT_COLUMNS", "collect_images", "draw_mask_contour", "overlay_heatmap", "predict_images",
+           "write_result"]
 
 
 def collect_images(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
     """Expand files and directories into image paths.
 
     Directories are searched recursively by ``spotdiff.data.list_images`` (image extensions,
-    hidden files skipped, sorted). Explicit files are kept as given, images or not, so that
-    ``predict`` reports an unreadable one in its own row instead of stopping.
+    hidden files skipped, sorted). Explicit files (and links, dangling or not) are kept as given,
+    images or not, so that ``predict`` reports an unreadable one in its own row instead of stopping.
 
     Raises:
         DataError: an input does not exist, or nothing was found.
@@ -51,35 +64,13 @@ def collect_images(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
                 paths.extend(list_images(item, recursive=True))
             except DataError:  # a folder without images: only an error if nothing is found at all
                 pass
-        elif item.exists():
+        elif item.exists() or item.is_symlink():  # a dangling link: an error row, like an unreadable file
             paths.append(item)
         else:
             raise DataError(f"{item}: no such file or directory")
     if not paths:
         raise DataError(f"no image files found in {[str(i) for i in inputs]}")
     return paths
-
-
-def overlay_heatmap(
-    image: np.ndarray, anomaly_map: np.ndarray, vmin: float, vmax: float, alpha: float = 0.5
-) -> np.ndarray:
-    """Blend the 'jet' colouring of ``anomaly_map`` (clipped to [vmin, vmax]) over an ``(H, W, 3)`` uint8 image."""
-    from matplotlib import colormaps
-
-    span = max(vmax - vmin, 1e-12)
-    norm = np.clip((anomaly_map - vmin) / span, 0.0, 1.0)
-    heat = colormaps["jet"](norm)[..., :3] * 255.0
-    return np.clip((1.0 - alpha) * image + alpha * heat, 0, 255).astype(np.uint8)
-
-
-def draw_mask_contour(overlay: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
-    """``overlay`` ``(H, W, 3)`` uint8 with the 1-px outline of the binary ``mask`` ``(H, W)`` drawn in ``colour``."""
-    from scipy.ndimage import binary_erosion
-
-    edge = mask & ~binary_erosion(mask, border_value=0)
-    out = overlay.copy()
-    out[edge] = colour
-    return out
 
 
 def _unique_name(stem: str, used: set[str]) -> str:
@@ -90,8 +81,60 @@ def _unique_name(stem: str, used: set[str]) -> str:
     return name
 
 
+def output_names(paths: Sequence[Path]) -> list[str]:
+    """The overlay/mask file name of each input: ``<stem>.png``, ``<stem>_1.png``, ... for repeated
+    stems, in input order (the same names on a resumed run)."""
+    used: set[str] = set()
+    return [_unique_name(p.stem, used) for p in paths]
+
+
+@dataclass
+class _Outputs:
+    """What the writers need: folders (None = not written), the colour scale and the thresholds."""
+
+    overlay_dir: Path | None
+    mask_dir: Path | None
+    scale: ColourScale | None
+    threshold: float | None
+    pixel_threshold: float | None
+
+
+def _save_png(array: np.ndarray, dest: Path) -> None:
+    with atomic_path(dest) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+
+
+def write_result(result: ScoredImage, name: str, outputs: _Outputs) -> dict[str, Any]:
+    """Write the mask (at the original image's size) and the overlay of one scored image; return its
+    ``scores.csv`` row. Runs in a writer thread."""
+    row: dict[str, Any] = {"path": str(result.path), "score": "" if result.score is None else result.score,
+                           "normalized_score": "" if result.normalized_score is None else result.normalized_score,
+                           "normal_percentile": "" if result.normal_percentile is None else result.normal_percentile,
+                           "decision": result.decision, "anomalous": "", "overlay": "", "mask": "",
+                           "threshold": "" if outputs.threshold is None else outputs.threshold,
+                           "pixel_threshold": "" if outputs.pixel_threshold is None else outputs.pixel_threshold,
+                           "error": result.error}
+    if result.decision == ERROR or result.score is None:
+        return row
+    if outputs.threshold is not None:
+        row["anomalous"] = int(result.decision == "anomalous")
+    if outputs.mask_dir is not None:
+        mask = binary_mask(result, outputs.pixel_threshold)
+        assert mask is not None
+        _save_png(mask.astype(np.uint8) * 255, outputs.mask_dir / name)
+        row["mask"] = str(outputs.mask_dir / name)
+    if outputs.overlay_dir is not None and result.display is not None and outputs.scale is not None:
+        contour = binary_mask(result, outputs.pixel_threshold, result.display.shape[:2])
+        picture = render_overlay(result.display, result.anomaly_map, outputs.scale, result.score,  # type: ignore[arg-type]
+                                 outputs.threshold, contour=contour, normalized=result.normalized_score,
+                                 pixel_threshold=outputs.pixel_threshold, decision=result.decision)
+        _save_png(picture, outputs.overlay_dir / name)
+        row["overlay"] = str(outputs.overlay_dir / name)
+    return row
+
+
 def predict_images(
-    model: Detector,
+    model: Any,
     inputs: Sequence[str | os.PathLike[str]],
     out_dir: str | os.PathLike[str],
     threshold: float | None = None,
@@ -100,96 +143,143 @@ def predict_images(
     masks: bool = False,
     pixel_threshold: float | None = None,
     num_workers: int | None = None,
+    resume: bool = False,
 ) -> list[dict[str, Any]]:
-    """Score image files in batches; write ``scores.csv`` and heat-map overlays under ``out_dir``.
+    """Score image files; write ``scores.csv``, heat-map overlays and (``masks``) defect masks under ``out_dir``.
 
-    Files are decoded and resized by ``num_workers`` threads (None: ``decode_workers()``).
+    A pipeline (``docs/deploy.md``, "Predict"): ``num_workers`` threads (None: ``decode_workers()``)
+    decode and resize ahead of the model (:class:`~spotdiff.detect.scoring.ImageScorer`), the model
+    runs on batches of ``batch_size`` in this thread, and as many writer threads render overlays and
+    write masks behind it; at most ``PIPELINE_DEPTH`` batches wait for the writers, so memory is
+    bounded by the pipeline's depth, not by the number of images. Output order and file names do
+    not depend on the number of threads.
 
-    Every image is converted to RGB (grayscale, RGBA, palette, 16-bit; see ``load_image``) and
-    resized to the model's image size, so mixed sizes are fine; overlays are drawn at that size
-    in ``out_dir/overlays/<stem>.png``, all on the model's one colour scale
-    (:func:`spotdiff.detect.colour.colour_scale`), each with a colour bar, its score and the decision.
-    ``threshold`` / ``pixel_threshold`` default to the model's calibration (``model.calibration_``);
-    with a pixel threshold, overlays carry the outline of the binary defect mask, and ``masks``
-    writes that mask as ``out_dir/masks/<stem>.png`` (0/255).
-    A file that cannot be read gets a row with an ``error`` message and the batch goes on.
+    Every image is converted to RGB (see ``load_image``) and resized to the model's image size, so
+    mixed sizes are fine. ``threshold`` / ``pixel_threshold`` default to the model's calibration.
+    Overlays (``overlays/<stem>.png``): the original at :func:`~spotdiff.detect.scoring.display_size`
+    beside its heat map on the model's one colour scale (:func:`~spotdiff.detect.colour.colour_scale`),
+    with a colour bar, both thresholds, the score, normalised score and decision; the outline of the
+    defect mask on anomalous images only. Masks (``masks/<stem>.png``, 0/255) are written at the
+    original image's size: map (bilinearly resized) > pixel threshold on an anomalous image, empty
+    on a normal one (:func:`~spotdiff.detect.scoring.binary_mask`).
+
+    Rows are kept as the run goes (:class:`~spotdiff.detect.predict_output.ScoresFile`):
+    ``scores.partial.csv`` is appended per batch and renamed ``scores.csv`` when the run completes;
+    ``resume`` skips the images an earlier run of the same ``out_dir`` scored. An unreadable image,
+    or one whose score or map is not finite, is a row with decision ``error`` and an ``error``
+    message; the rest are scored. An error in a writer ends the run (its exception is raised) with
+    every row completed before it in ``scores.partial.csv``.
+
+    Raises:
+        ConfigError: ``out_dir`` inside a model directory or an input folder, a non-finite threshold,
+            masks without a pixel threshold, a resume whose thresholds differ.
+        OutputError: a scores file in ``out_dir`` that predict did not write, or a failed write.
 
     Returns:
-        One record per input file: ``path``, ``score`` (raw), ``normalized_score`` (fraction of normal
-        validation images scoring lower; "" without calibration), ``decision`` (``anomalous``,
-        ``normal`` or ``no threshold``), ``anomalous`` (1/0), ``threshold``, ``overlay``, ``mask``,
-        ``error`` (empty fields as "").
+        One row per input file, in input order, with the columns ``PREDICT_COLUMNS``: ``path``,
+        ``score`` (raw), ``normalized_score`` (0.5 at the threshold; "" without calibration),
+        ``normal_percentile``, ``decision`` (``anomalous``, ``normal``, ``no threshold``, ``error``),
+        ``anomalous`` (1/0), ``threshold``, ``pixel_threshold``, ``overlay``, ``mask``, ``error``.
     """
-    from spotdiff.detect.calibration import decide, model_calibration
+    from spotdiff.detect.predict_output import ScoresFile, check_output_location
 
-    cal = model_calibration(model)
-    threshold = threshold if threshold is not None else (cal.image_threshold if cal else None)
-    pixel_threshold = pixel_threshold if pixel_threshold is not None else (cal.pixel_threshold if cal else None)
-    if masks and pixel_threshold is None:
-        from spotdiff.errors import ConfigError
-
+    scorer = ImageScorer(model, threshold, pixel_threshold, keep_display=overlays)
+    if masks and scorer.pixel_threshold is None:
         raise ConfigError("binary masks need a pixel threshold: the model has no calibration; give --pixel-threshold")
+    check_output_location(out_dir, inputs)
     paths = collect_images(inputs)
     out = Path(out_dir)
-    overlay_dir, mask_dir = out / "overlays", out / "masks"
-    if overlays:
-        overlay_dir.mkdir(parents=True, exist_ok=True)
-    if masks:
-        mask_dir.mkdir(parents=True, exist_ok=True)
-    assert model.image_size_ is not None
-    records: list[dict[str, Any]] = []
-    used: set[str] = set()
-    scale = colour_scale(model, threshold)
-    size = model.image_size_
-
-    def decode(path: Path) -> tuple[Path, torch.Tensor | DataError]:
-        try:
-            return path, image_to_tensor(load_image(path), size)
-        except DataError as exc:
-            return path, exc
-
+    names = dict(zip(map(str, paths), output_names(paths), strict=True))
+    outputs = _Outputs(out / "overlays" if overlays else None, out / "masks" if masks else None,
+                       colour_scale(model, scorer.threshold), scorer.threshold, scorer.pixel_threshold)
+    targets = [d / n for d in (outputs.overlay_dir, outputs.mask_dir) if d is not None for n in names.values()]
+    targets += _earlier_png_targets(out / "overlays", out / "masks")
+    scores_file = ScoresFile(out, resume=resume)
+    kept = scores_file.start(scorer.threshold, scorer.pixel_threshold, targets)
+    for folder in (outputs.overlay_dir, outputs.mask_dir):
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+    todo = [p for p in paths if str(p) not in kept]
     step = batch_size or model.forward_batch
-    chunks = chunked(ordered_map(decode, paths, decode_workers(num_workers), ahead=2 * step), step)
-    for chunk in progress(chunks, desc="predicting", total=-(-len(paths) // step), unit="batch"):
-        tensors, good = [], []
-        for path, decoded in chunk:
-            if isinstance(decoded, DataError):
-                records.append({**dict.fromkeys(PREDICT_COLUMNS, ""), "path": str(path), "error": str(decoded)})
-            else:
-                tensors.append(decoded)
-                good.append(path)
-        if not tensors:
-            continue
-        images = torch.stack(tensors)
-        scores, maps = model.predict(images)
-        normalized = cal.normalized(scores.numpy()) if cal else [""] * len(good)
-        decisions = decide(scores, threshold)
-        for path, image, score, amap, norm, decision in zip(good, images, scores.tolist(), maps.numpy(), normalized,
-                                                             decisions, strict=True):
-            record: dict[str, Any] = {"path": str(path), "score": score, "normalized_score": norm, "decision": decision,
-                                      "anomalous": "", "threshold": "", "overlay": "", "mask": "", "error": ""}
-            if threshold is not None:
-                record["anomalous"] = int(score > threshold)
-                record["threshold"] = threshold
-            name = _unique_name(path.stem, used)
-            binary = amap > pixel_threshold if pixel_threshold is not None else None
-            if masks and binary is not None:
-                with atomic_path(mask_dir / name) as tmp:
-                    Image.fromarray(binary.astype(np.uint8) * 255).save(tmp, format="PNG")
-                record["mask"] = str(mask_dir / name)
-            if overlays:
-                if scale is None:  # a model directory without normal statistics: fixed from this first batch
-                    scale = scale_from_normals(normal_statistics(scores.numpy(), maps.numpy()), "first batch")
+    writers = decode_workers(num_workers)
+    try:
+        _run_pipeline(scorer, todo, names, outputs, scores_file, step, num_workers, writers)
+    finally:
+        scores_file.close()
+    return scores_file.finish([str(p) for p in paths])
+
+
+def _earlier_png_targets(*folders: Path) -> list[Path]:
+    """The PNGs that an interrupted earlier run was writing in ``folders`` (their ``.<name>.png.tmp-*``
+    files are left by :func:`spotdiff.files.atomic_path`), so that they are cleaned whatever its inputs were."""
+    found = []
+    for folder in folders:
+        if folder.is_dir():
+            for entry in os.scandir(folder):
+                name = entry.name
+                if name.startswith(TMP_PREFIX) and TMP_MARK in name and name[: name.rindex(TMP_MARK)].endswith(".png"):
+                    found.append(folder / name[len(TMP_PREFIX) : name.rindex(TMP_MARK)])
+    return found
+
+
+def _run_pipeline(scorer: ImageScorer, todo: Sequence[Path], names: dict[str, str], outputs: _Outputs,
+                  scores_file: Any, step: int, num_workers: int | None, writers: int) -> None:
+    """Model batches in this thread; each batch's writes go to the writer pool, and its rows are
+    appended in order once its writes are done. On any exception the rows of the writes that
+    completed are appended before it propagates (a writer's unexpected exception becomes
+    :class:`~spotdiff.errors.OutputError` naming the image)."""
+    pending: deque[list[tuple[Path, Future[dict[str, Any]]]]] = deque()
+
+    def drain(batch: list[tuple[Path, Future[dict[str, Any]]]]) -> None:
+        rows = []
+        try:
+            for path, future in batch:
+                try:
+                    rows.append(future.result())
+                except SpotdiffError:
+                    raise
+                except Exception as exc:  # a writer that died: end the run, naming the image
+                    raise OutputError(f"{path}: writing its overlay/mask failed ({type(exc).__name__}: {exc})") \
+                        from exc
+        finally:
+            if rows:
+                scores_file.append(rows)
+
+    pool = ThreadPoolExecutor(max_workers=max(1, writers), thread_name_prefix="spotdiff-write")
+    try:
+        batches = scorer.scored_batches(todo, step, num_workers)
+        for results in progress(batches, desc="predicting", total=-(-len(todo) // step), unit="batch"):
+            if outputs.overlay_dir is not None and outputs.scale is None:
+                good = [(r.score, r.anomaly_map) for r in results if r.anomaly_map is not None]
+                if good:  # a model directory without normal statistics: fixed from this first batch
+                    outputs.scale = scale_from_normals(normal_statistics(
+                        np.array([s for s, _ in good]), np.stack([m for _, m in good])), "first batch")
                     log(f"warning: {len(good)} image(s) of the first batch fix the overlays' colour scale; "
                         "re-fit the model (or give --threshold) for a scale fixed by the model")
-                pixels = (image.permute(1, 2, 0).numpy() * 255.0).round()
-                target = overlay_dir / name
-                with atomic_path(target) as tmp:
-                    Image.fromarray(render_overlay(pixels, amap, scale, score, threshold, contour=binary)).save(
-                        tmp, format="PNG")
-                record["overlay"] = str(target)
-            records.append(record)
-    order = {str(p): i for i, p in enumerate(paths)}
-    records.sort(key=lambda r: order[r["path"]])
-    write_text_atomic(out / "scores.csv", _scores_csv(records, PREDICT_COLUMNS))
-    return records
+            if writers == 0:
+                pending.append([(r.path, _completed(write_result, r, names[str(r.path)], outputs)) for r in results])
+            else:
+                pending.append([(r.path, pool.submit(write_result, r, names[str(r.path)], outputs)) for r in results])
+            while len(pending) > PIPELINE_DEPTH:
+                drain(pending.popleft())
+        while pending:
+            drain(pending.popleft())
+    except BaseException:
+        while pending:  # let the queued writes finish and keep every row whose files were written
+            batch = pending.popleft()
+            wait([f for _, f in batch])
+            with contextlib.suppress(BaseException):
+                drain([(p, f) for p, f in batch if not f.cancelled() and f.exception() is None])
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _completed(fn: Any, *args: Any) -> Future[dict[str, Any]]:
+    """``fn(*args)`` run now, as a finished Future (the writers = 0 case)."""
+    future: Future[dict[str, Any]] = Future()
+    try:
+        future.set_result(fn(*args))
+    except Exception as exc:  # noqa: BLE001 - re-raised by drain() like a pool's
+        future.set_exception(exc)
+    return future

@@ -178,6 +178,13 @@ def bomb_png() -> bytes:
     return buf.getvalue()
 
 
+def thin_png() -> bytes:
+    """2000 x 1 pixels: few, but its overlay's original (both sides >= the model's) would be 96000 x 48."""
+    buf = io.BytesIO()
+    Image.new("L", (2000, 1), 128).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def test_bad_input_is_a_4xx_naming_the_problem_and_never_a_decision(model_dir, tmp_path):
     good = sample_pngs()[0]
     cases = [
@@ -188,6 +195,7 @@ def test_bad_input_is_a_4xx_naming_the_problem_and_never_a_decision(model_dir, t
         ({"content": good}, 415, "unsupported_content_type", "(none)"),
         ({"content": b"x" * 9000, "headers": {"Content-Type": "image/png"}}, 413, "body_too_large", "8000 bytes"),
         ({"content": bomb_png(), "headers": {"Content-Type": "image/png"}}, 413, "image_too_large", "600x600"),
+        ({"content": thin_png(), "headers": {"Content-Type": "image/png"}}, 413, "image_too_large", "aspect ratio"),
         ({"files": {"picture": ("a.png", good, "image/png")}}, 400, "missing_image_field", "'image'"),
     ]
     with client_for(model_dir, tmp_path, max_body_bytes=8000, max_pixels=100_000) as client:

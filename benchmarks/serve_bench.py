@@ -4,11 +4,12 @@ concurrencies, against the in-process model throughput on the same images in the
 Fits a random-init ResNet-18 PaDiM on synthetic 256-px images (speed does not depend on the
 weights' values) unless ``--model-dir`` is given, starts ``spotdiff serve`` as a subprocess on
 127.0.0.1, and drives it with an async httpx client: for each concurrency, at most ``--requests``
-requests and at most ``--seconds`` seconds. The in-process figure (decode + score with the same
-adapter, ``spotdiff.serve.scoring``, in batches of ``--max-batch``, and ``Detector.predict`` alone
-on decoded tensors) is measured before and after the load runs, with the same thread count, and
-the mean is the reference. ``--overload-queue Q`` adds a run at the highest concurrency against a
-server whose queue holds only Q images, to show the 503 + Retry-After path.
+requests and at most ``--seconds`` seconds. The in-process figure (decode + score on the service's
+path, ``spotdiff.serve.scoring.prepare_request`` then ``ImageScorer.score_batch``, in batches of
+``--max-batch``, and ``Detector.predict`` alone on decoded tensors) is measured before and after
+the load runs, with the same thread count, and the mean is the reference. ``--overload-queue Q``
+adds a run at the highest concurrency against a server whose queue holds only Q images, to show
+the 503 + Retry-After path.
 
 Nothing leaves loopback. The client shares the machine's cores with the server: on a 2-core
 machine its CPU time is part of what the service figure pays.
@@ -44,7 +45,7 @@ from PIL import Image
 from spotdiff.detect import PaDiM
 from spotdiff.detect.calibration import calibrate
 from spotdiff.serve import load_models
-from spotdiff.serve.scoring import ServedModel, prepare_image, score_images
+from spotdiff.serve.scoring import ServedModel, prepare_request
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,19 +72,18 @@ def fit_model(out: Path, size: int) -> Path:
 
 
 def in_process(model: ServedModel, images: list[bytes], batch: int, rounds: int = 2) -> dict[str, float]:
-    """Images/s of decode + score (the service's adapter, no HTTP) and of ``predict`` alone."""
+    """Images/s of decode + score (the service's path, no HTTP) and of ``predict`` alone."""
     full, bare, cpu = [], [], []
-    tensors = torch.stack([prepare_image(d, model.image_size, 10**9)[0] for d in images])
+    tensors = torch.stack([prepare_request(model, d, 10**9)[0].tensor for d in images])  # type: ignore[misc]
     for _ in range(rounds):
         t0, c0 = time.perf_counter(), time.process_time()
         for start in range(0, len(images), batch):
-            chunk = torch.stack([prepare_image(d, model.image_size, 10**9)[0] for d in images[start:start + batch]])
-            score_images(model, chunk)
+            model.scorer.score_batch([prepare_request(model, d, 10**9)[0] for d in images[start:start + batch]])
         full.append(len(images) / (time.perf_counter() - t0))
         cpu.append((time.process_time() - c0) / len(images))
         t0 = time.perf_counter()
         for start in range(0, len(images), batch):
-            model.scorer.predict(tensors[start:start + batch])
+            model.scorer.model.predict(tensors[start:start + batch])
         bare.append(len(images) / (time.perf_counter() - t0))
     return {"decode_score": statistics.median(full), "predict": statistics.median(bare),
             "cpu_per_image": statistics.median(cpu)}

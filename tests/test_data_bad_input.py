@@ -248,3 +248,31 @@ def test_bad_image_size_is_a_config_error(visa, size):
 
     with pytest.raises(ConfigError, match="image_size"):
         open_dataset(visa, "obj", image_size=size)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # refused by our own check
+@pytest.mark.parametrize("kind", ["truncated", "garbage", "text", "bomb"])
+def test_image_bytes_fail_as_the_file_does(tmp_path, kind):
+    """`load_image_bytes` (an upload) and `load_image` (a file) are one decode path: the same error."""
+    from spotdiff.data.io import ImageTooLarge, load_image, load_image_bytes
+
+    path = tmp_path / "part.png"
+    size = (10_000, 9_000) if kind == "bomb" else (40, 30)  # 90 Mpx: over MAX_IMAGE_PIXELS
+    Image.new("1" if kind == "bomb" else "RGB", size).save(path)
+    data = path.read_bytes()
+    data = {"truncated": data[: len(data) // 2], "garbage": b"\x89PNG\r\n\x1a\nnot a png", "text": b"hello",
+            "bomb": data}[kind]
+    path.write_bytes(data)
+    with pytest.raises(DataError) as from_file:
+        load_image(path)
+    with pytest.raises(DataError) as from_bytes:
+        load_image_bytes(data, str(path))
+    assert str(from_bytes.value) == str(from_file.value) and str(path) in str(from_file.value)
+    assert isinstance(from_bytes.value, ImageTooLarge) == (kind == "bomb")
+    assert ("cannot read image" in str(from_file.value)) == (kind != "bomb")
+    with pytest.raises(DataError, match="upload: empty"):
+        load_image_bytes(b"", "upload")
+    good = tmp_path / "good.png"
+    Image.new("RGB", (40, 30)).save(good)
+    with pytest.raises(ImageTooLarge, match="upload: image of 40x30 pixels exceeds the limit of 1000 pixels"):
+        load_image_bytes(good.read_bytes(), "upload", max_pixels=1000)

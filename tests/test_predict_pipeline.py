@@ -201,7 +201,7 @@ def test_writer_failure_ends_run_keeping_rows_scored_before(images, tmp_path, mo
     from spotdiff import detect
     from spotdiff.detect import predict
 
-    real = predict.render_overlay
+    real = predict.overlay_picture
     calls = {"n": 0}
 
     def dies_on_fifth(*args, **kwargs):
@@ -210,7 +210,7 @@ def test_writer_failure_ends_run_keeping_rows_scored_before(images, tmp_path, mo
             raise MemoryError("worker killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(predict, "render_overlay", dies_on_fifth)
+    monkeypatch.setattr(predict, "overlay_picture", dies_on_fifth)
     monkeypatch.setattr(detect, "load_detector", lambda *a, **k: MeanRunner())
     out = tmp_path / "out"
     assert main(["--quiet", "predict", "m", str(images), "--out", str(out), "--batch-size", "2",
@@ -222,7 +222,7 @@ def test_writer_failure_ends_run_keeping_rows_scored_before(images, tmp_path, mo
     assert names == ["broken.png", "img0.png", "img1.png", "img2.png", "img3.png", "img5.png", "img6.png", "nan.png"]
     assert all((out / "overlays" / n).is_file() for n in names if n.startswith("img"))
     assert not (out / "scores.csv").exists()
-    monkeypatch.setattr(predict, "render_overlay", real)
+    monkeypatch.setattr(predict, "overlay_picture", real)
     assert main(["--quiet", "predict", "m", str(images), "--out", str(out), "--resume"]) == 1  # error rows
     final = rows_of(out / "scores.csv")
     assert len(final) == 9 and not (out / PARTIAL).exists()

@@ -25,6 +25,7 @@ from fastapi.testclient import TestClient
 from spotdiff.cli import main
 from spotdiff.detect import PaDiM
 from spotdiff.detect.calibration import calibrate
+from spotdiff.detect.predict import predict_images
 from spotdiff.errors import ConfigError
 from spotdiff.serve import AuditLog, ServeConfig, create_app, load_models, read_api_keys
 from spotdiff.serve.config import check_bind, key_matches
@@ -72,29 +73,68 @@ def post(client: TestClient, data: bytes, name: str = "padim", query: str = "", 
                        headers={"Content-Type": "image/png", **headers})
 
 
-def test_scores_and_decisions_equal_predicts(model_dir, tmp_path):
+def odd_images() -> dict[str, bytes]:
+    """Files that exercise every decoding step: a non-square RGB PNG (overlay at the native aspect),
+    a 16-bit grey PNG (scaled by its bit depth), a JPEG whose EXIF says "rotate 90°"."""
+    g = np.random.default_rng(5)
+    wide = (np.clip(0.45 + 0.04 * g.standard_normal((40, 72, 3)), 0, 1) * 255).round().astype(np.uint8)
+    wide[10:22, 30:42] = (242, 26, 26)  # a red square: a defect
+    deep = (np.clip(0.45 + 0.04 * g.standard_normal((SIZE, SIZE)), 0, 1) * 65535).round().astype(np.uint16)
+    out = {}
+    for name, image, fmt, extra in [("wide.png", Image.fromarray(wide), "PNG", {}),
+                                    ("deep.png", Image.fromarray(deep), "PNG", {}),
+                                    ("turned.jpg", Image.fromarray(wide), "JPEG", {"quality": 95})]:
+        buf = io.BytesIO()
+        if fmt == "JPEG":
+            exif = Image.Exif()
+            exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
+            extra["exif"] = exif
+        image.save(buf, format=fmt, **extra)
+        out[name] = buf.getvalue()
+    return out
+
+
+def pixels(png_data: bytes | Path) -> np.ndarray:
+    source = io.BytesIO(base64.b64decode(png_data)) if isinstance(png_data, (bytes, str)) else png_data
+    return np.asarray(Image.open(source))
+
+
+def test_answers_overlays_and_masks_equal_predicts(model_dir, tmp_path):
+    """The service's answer for an image is what `spotdiff predict` writes for the same file: every
+    number of its scores.csv row, the decision, and the overlay and mask PNGs pixel for pixel."""
     folder = tmp_path / "in"
     folder.mkdir()
-    for i, data in enumerate(sample_pngs()):
-        (folder / f"img{i}.png").write_bytes(data)
-    assert main(["--quiet", "predict", str(model_dir), str(folder), "--out", str(tmp_path / "out"),
-                 "--batch-size", "1", "--no-overlays"]) == 0
-    with open(tmp_path / "out" / "scores.csv", newline="") as fh:
+    files = {f"img{i}.png": data for i, data in enumerate(sample_pngs())} | odd_images()
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    out = tmp_path / "out"
+    assert main(["--quiet", "predict", str(model_dir), str(folder), "--out", str(out), "--batch-size", "1",
+                 "--masks"]) == 0
+    with open(out / "scores.csv", newline="") as fh:
         expected = {Path(r["path"]).name: r for r in csv.DictReader(fh)}
+    assert sorted(expected) == sorted(files)
     with client_for(model_dir, tmp_path) as client:
         for name, row in sorted(expected.items()):
-            data = (folder / name).read_bytes()
-            raw = post(client, data)
-            multipart = client.post("/v1/models/padim/predict", files={"image": (name, data, "image/png")})
+            data = files[name]
+            raw = post(client, data, query="?overlay=true&mask=true")
+            multipart = client.post("/v1/models/padim/predict?overlay=true&mask=true",
+                                    files={"image": (name, data, "image/png")})
             for r in (raw, multipart):
                 assert r.status_code == 200, r.text
                 body = r.json()
+                assert row["decision"] in ("normal", "anomalous"), row
                 assert body["score"] == float(row["score"])  # same decode, same model call: identical
                 assert body["normalized_score"] == float(row["normalized_score"])
+                assert body["normal_percentile"] == float(row["normal_percentile"])
                 assert body["decision"] == row["decision"]
-                assert body["thresholds"]["image"] == float(row["threshold"])
+                assert body["anomalous"] == (row["anomalous"] == "1")
+                assert body["thresholds"] == {"image": float(row["threshold"]), "pixel": float(row["pixel_threshold"])}
+                assert np.array_equal(pixels(body["overlay_png"]), pixels(Path(row["overlay"])))
+                assert np.array_equal(pixels(body["mask_png"]), pixels(Path(row["mask"])))
     decisions = [r["decision"] for r in expected.values()]
     assert "anomalous" in decisions and "normal" in decisions  # both outcomes were compared
+    assert pixels(out / "masks" / "wide.png").shape == (40, 72)  # the original's size, as predict's
+    assert pixels(out / "masks" / "turned.png").shape == (72, 40)  # EXIF orientation applied
 
 
 def test_answer_overlay_mask_models_metrics_and_schema(model_dir, tmp_path):
@@ -138,16 +178,24 @@ def bomb_png() -> bytes:
     return buf.getvalue()
 
 
+def thin_png() -> bytes:
+    """2000 x 1 pixels: few, but its overlay's original (both sides >= the model's) would be 96000 x 48."""
+    buf = io.BytesIO()
+    Image.new("L", (2000, 1), 128).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def test_bad_input_is_a_4xx_naming_the_problem_and_never_a_decision(model_dir, tmp_path):
     good = sample_pngs()[0]
     cases = [
         ({"content": b"hello, not an image", "headers": {"Content-Type": "image/png"}}, 400, "bad_image", "not an image"),
         ({"content": good[: len(good) // 2], "headers": {"Content-Type": "image/png"}}, 400, "bad_image", "cannot read"),
-        ({"content": b"", "headers": {"Content-Type": "image/png"}}, 400, "bad_image", "empty body"),
+        ({"content": b"", "headers": {"Content-Type": "image/png"}}, 400, "bad_image", "request body: empty"),
         ({"content": good, "headers": {"Content-Type": "text/plain"}}, 415, "unsupported_content_type", "text/plain"),
         ({"content": good}, 415, "unsupported_content_type", "(none)"),
         ({"content": b"x" * 9000, "headers": {"Content-Type": "image/png"}}, 413, "body_too_large", "8000 bytes"),
         ({"content": bomb_png(), "headers": {"Content-Type": "image/png"}}, 413, "image_too_large", "600x600"),
+        ({"content": thin_png(), "headers": {"Content-Type": "image/png"}}, 413, "image_too_large", "aspect ratio"),
         ({"files": {"picture": ("a.png", good, "image/png")}}, 400, "missing_image_field", "'image'"),
     ]
     with client_for(model_dir, tmp_path, max_body_bytes=8000, max_pixels=100_000) as client:
@@ -220,6 +268,9 @@ class FlakyScorer:
         self.release, self.entered = threading.Event(), threading.Event()
         self.image_size_, self.forward_batch = inner.image_size_, inner.forward_batch
 
+    def __getattr__(self, name):  # calibration_, normal_maps_, ...: the wrapped detector's
+        return getattr(self.inner, name)
+
     def predict(self, images):
         self.batches.append(images.shape[0])
         if self.mode == "raise" or (images.amax(dim=(1, 2, 3)) == 0).any():  # an all-black image: poison
@@ -237,12 +288,12 @@ class FlakyScorer:
 @pytest.fixture()
 def flaky(model_dir):
     models = load_models([str(model_dir)])
-    models[0].scorer = FlakyScorer(models[0].scorer)
+    models[0].scorer.model = FlakyScorer(models[0].scorer.model)
     return models
 
 
 def test_a_failing_model_gives_a_5xx_never_a_decision_and_the_service_goes_on(model_dir, tmp_path, flaky):
-    good, scorer = sample_pngs()[0], flaky[0].scorer
+    good, scorer = sample_pngs()[0], flaky[0].scorer.model
     with client_for(model_dir, tmp_path, models=flaky) as client:
         for mode, words in [("raise", "simulated out-of-memory"), ("nan", "non-finite score")]:
             scorer.mode = mode
@@ -251,13 +302,22 @@ def test_a_failing_model_gives_a_5xx_never_a_decision_and_the_service_goes_on(mo
             assert words in r.json()["error"]["message"] and "decision" not in r.json()
         scorer.mode = ""
         assert post(client, good).status_code == 200
+        scorer.mode = "nan"  # what predict writes for the same image and model: an error row, never a decision
+        (tmp_path / "in").mkdir()
+        (tmp_path / "in" / "part.png").write_bytes(good)
+        row = predict_images(scorer, [tmp_path / "in"], tmp_path / "out", batch_size=1, overlays=False)[0]
+        r = post(client, good)
+        assert row["decision"] == "error" and r.status_code == 500
+        assert r.json()["error"]["message"].split(": ", 1)[1] == row["error"].split(": ", 1)[1]  # but the name
+        scorer.mode = ""
     lines = audit_lines(tmp_path / "audit.jsonl")
-    assert [line["decision"] for line in lines[:2]] == ["error", "error"] and lines[2]["decision"] in ("normal", "anomalous")
+    assert [line["decision"] for line in lines] == ["error", "error", lines[2]["decision"], "error"]
+    assert lines[2]["decision"] in ("normal", "anomalous")
     assert lines[0]["score"] is None and "simulated" in lines[0]["error"]
 
 
 def test_full_queue_503_timeout_504_and_micro_batches(model_dir, tmp_path, flaky):
-    good, scorer = sample_pngs()[0], flaky[0].scorer
+    good, scorer = sample_pngs()[0], flaky[0].scorer.model
     with client_for(model_dir, tmp_path, models=flaky, max_queue=4, max_batch=8, max_wait_ms=50,
                     request_timeout_s=20) as client, ThreadPoolExecutor(8) as pool:
         scorer.mode = "block"

@@ -37,4 +37,7 @@ def test_onnxruntime_backend_scores_equal_predicts(tmp_path):
         for name, row in sorted(expected.items()):
             r = post(client, (folder / name).read_bytes(), name="station-3")
             assert r.status_code == 200, r.text
-            assert r.json()["score"] == float(row["score"]) and r.json()["decision"] == row["decision"]
+            body = r.json()
+            assert body["score"] == float(row["score"]) and body["decision"] == row["decision"]
+            assert body["normalized_score"] == float(row["normalized_score"])
+            assert body["normal_percentile"] == float(row["normal_percentile"])

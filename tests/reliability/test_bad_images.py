@@ -38,7 +38,7 @@ from reliability_helpers import (
 
 from spotdiff.cli import main
 from spotdiff.data import ImageFolderDataset, open_dataset
-from spotdiff.data.io import load_image
+from spotdiff.data.io import load_image, load_image_bytes
 from spotdiff.errors import DataError
 
 
@@ -75,8 +75,10 @@ def good_tree(tmp_path_factory) -> Path:
 
 def test_unusual_images_load_upright_as_rgb(good_tree):
     for kind, (suffix, _) in GOOD_IMAGES.items():
-        img = load_image(good_tree / OBJECT / "Data" / "Images" / "Normal" / f"{kind}{suffix}")
+        path = good_tree / OBJECT / "Data" / "Images" / "Normal" / f"{kind}{suffix}"
+        img = load_image(path)
         assert img.mode == "RGB" and img.size == (W, H), kind
+        assert np.array_equal(np.asarray(load_image_bytes(path.read_bytes(), kind)), np.asarray(img)), kind  # upload
     train = open_dataset(good_tree, OBJECT, subset="train", image_size=None)
     test = open_dataset(good_tree, OBJECT, subset="test", image_size=None)
     assert len(train) == len(test) == len(GOOD_IMAGES)

@@ -5,14 +5,16 @@ CMYK, 16-bit, float); EXIF orientation is applied. Integer images are scaled by 
 (a 16-bit image by 65535, whatever its content), float images by their documented range [0, 1]
 (values outside it are refused). Masks are returned as integer arrays of class ids.
 A broken symbolic link, an unreadable file and a decompression bomb all raise a `DataError`
-naming the file.
+naming the file. Bytes (an upload) are read by `load_image_bytes`, on the same steps as a file.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -42,11 +44,31 @@ def _missing(path: Path) -> DataError:
     return DataError(f"{path}: file not found")
 
 
-def _bomb_check(path: Path, img: Image.Image) -> None:
+class ImageTooLarge(DataError):
+    """An image declares more pixels than allowed (a possible decompression bomb)."""
+
+
+def _bomb_check(name: str | os.PathLike[str], img: Image.Image, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
     w, h = img.size
-    if w * h > MAX_IMAGE_PIXELS:
-        raise DataError(f"{path}: image of {w}x{h} pixels exceeds the limit of {MAX_IMAGE_PIXELS} "
-                        "pixels (possible decompression bomb)")
+    if w * h > max_pixels:
+        img.close()
+        raise ImageTooLarge(f"{name}: image of {w}x{h} pixels exceeds the limit of {max_pixels} "
+                            "pixels (possible decompression bomb)")
+
+
+def _open_source(source: Path | BinaryIO, name: str | os.PathLike[str], max_pixels: int) -> Image.Image:
+    """``Image.open`` (header only) of a file or a byte stream, with every failure, bombs included
+    (more than ``max_pixels`` pixels), as a DataError naming ``name``."""
+    try:
+        img = Image.open(source)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLarge(f"{name}: refused as a possible decompression bomb ({exc})") from exc
+    except Image.UnidentifiedImageError:
+        raise DataError(f"{name}: cannot read image (not an image: in no format PIL reads)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{name}: cannot read image ({exc})") from exc
+    _bomb_check(name, img, max_pixels)
+    return img
 
 
 def _open(path: Path) -> Image.Image:
@@ -55,14 +77,7 @@ def _open(path: Path) -> Image.Image:
         raise _missing(path)
     if path.stat().st_size == 0:
         raise DataError(f"{path}: empty file (0 bytes)")
-    try:
-        img = Image.open(path)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DataError(f"{path}: refused as a possible decompression bomb ({exc})") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read image ({exc})") from exc
-    _bomb_check(path, img)
-    return img
+    return _open_source(path, path, MAX_IMAGE_PIXELS)
 
 
 def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
@@ -72,15 +87,19 @@ def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
         return img.size
 
 
-def _open_checked(path: Path) -> Image.Image:
-    img = _open(path)
+def _load(img: Image.Image, name: str | os.PathLike[str]) -> Image.Image:
+    """Decode the pixels of an opened image; every failure as a DataError naming ``name``."""
     try:
         img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DataError(f"{path}: refused as a possible decompression bomb ({exc})") from exc
+        raise ImageTooLarge(f"{name}: refused as a possible decompression bomb ({exc})") from exc
     except (OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read image ({exc})") from exc
+        raise DataError(f"{name}: cannot read image ({exc})") from exc
     return img
+
+
+def _open_checked(path: Path) -> Image.Image:
+    return _load(_open(path), path)
 
 
 def bit_depth(img: Image.Image) -> int:
@@ -132,21 +151,42 @@ def to_rgb(img: Image.Image, path: str | os.PathLike[str] = "image", bits: int |
     return img.convert("RGB")
 
 
+def _oriented_rgb(img: Image.Image, name: str | os.PathLike[str]) -> Image.Image:
+    """A decoded image with its EXIF orientation applied, as 8-bit RGB (`to_rgb` at its bit depth)."""
+    bits = bit_depth(img)
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception as exc:  # a broken EXIF block must not kill the whole run
+        raise DataError(f"{name}: cannot apply EXIF orientation ({exc})") from exc
+    return to_rgb(img, name, bits)
+
+
 def load_image(path: str | os.PathLike[str]) -> Image.Image:
     """Read an image file as an 8-bit RGB PIL image, EXIF orientation applied.
 
     Raises:
         DataError: the file is missing (or a broken symbolic link), empty, truncated, corrupt, too
-            large, or a float image outside [0, 1]; the message names the file.
+            large (:class:`ImageTooLarge`), or a float image outside [0, 1]; the message names the file.
     """
     path = Path(path)
-    img = _open_checked(path)
-    bits = bit_depth(img)
-    try:
-        img = ImageOps.exif_transpose(img)
-    except Exception as exc:  # a broken EXIF block must not kill the whole run
-        raise DataError(f"{path}: cannot apply EXIF orientation ({exc})") from exc
-    return to_rgb(img, path, bits)
+    return _oriented_rgb(_open_checked(path), path)
+
+
+def load_image_bytes(data: bytes, name: str = "image", max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """The bytes of an image file (e.g. an upload) as :func:`load_image` reads the file: the same
+    steps (header, pixel limit, decoding, EXIF orientation, `to_rgb` at the file's bit depth) and
+    the same errors, naming ``name``.
+
+    ``max_pixels`` (width x height, checked from the header before decoding) may be lowered below
+    ``MAX_IMAGE_PIXELS``; above twice it PIL refuses the image anyway.
+
+    Raises:
+        ImageTooLarge: more than ``max_pixels`` pixels (a DataError).
+        DataError: empty, not an image, truncated or corrupt, or a float image outside [0, 1].
+    """
+    if not data:
+        raise DataError(f"{name}: empty (0 bytes)")
+    return _oriented_rgb(_load(_open_source(io.BytesIO(data), name, max_pixels), name), name)
 
 
 def load_mask(path: str | os.PathLike[str]) -> np.ndarray:

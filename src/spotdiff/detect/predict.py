@@ -25,11 +25,16 @@ from spotdiff.detect.colour import (
     draw_mask_contour,
     normal_statistics,
     overlay_heatmap,
-    render_overlay,
     scale_from_normals,
 )
 from spotdiff.detect.predict_output import PREDICT_COLUMNS
-from spotdiff.detect.scoring import ERROR, ImageScorer, ScoredImage, binary_mask
+from spotdiff.detect.scoring import (
+    ERROR,
+    ImageScorer,
+    ScoredImage,
+    binary_mask,
+    overlay_picture,
+)
 from spotdiff.errors import ConfigError, DataError, OutputError, SpotdiffError
 from spotdiff.files import (
     TMP_MARK,
@@ -123,13 +128,11 @@ def write_result(result: ScoredImage, name: str, outputs: _Outputs) -> dict[str,
         assert mask is not None
         _save_png(mask.astype(np.uint8) * 255, outputs.mask_dir / name)
         row["mask"] = str(outputs.mask_dir / name)
-    if outputs.overlay_dir is not None and result.display is not None and outputs.scale is not None:
-        contour = binary_mask(result, outputs.pixel_threshold, result.display.shape[:2])
-        picture = render_overlay(result.display, result.anomaly_map, outputs.scale, result.score,  # type: ignore[arg-type]
-                                 outputs.threshold, contour=contour, normalized=result.normalized_score,
-                                 pixel_threshold=outputs.pixel_threshold, decision=result.decision)
-        _save_png(picture, outputs.overlay_dir / name)
-        row["overlay"] = str(outputs.overlay_dir / name)
+    if outputs.overlay_dir is not None and outputs.scale is not None:
+        picture = overlay_picture(result, outputs.scale, outputs.threshold, outputs.pixel_threshold)
+        if picture is not None:
+            _save_png(picture, outputs.overlay_dir / name)
+            row["overlay"] = str(outputs.overlay_dir / name)
     return row
 
 

@@ -205,3 +205,20 @@ def binary_mask(result: ScoredImage, pixel_threshold: float | None,
     if result.decision in ("normal", ERROR):
         return np.zeros(size, bool)
     return resize_map(result.anomaly_map, size) > pixel_threshold
+
+
+def overlay_picture(result: ScoredImage, scale: Any, threshold: float | None,
+                    pixel_threshold: float | None) -> np.ndarray | None:
+    """The overlay of ``result`` that ``predict`` writes (:func:`~spotdiff.detect.colour.render_overlay`):
+    the original (``result.display``) beside its heat map on ``scale`` (a
+    :class:`~spotdiff.detect.colour.ColourScale`), with the score, normalised score, decision, both
+    thresholds and the outline of :func:`binary_mask` at the display's size; ``(H', W', 3)`` uint8.
+    None for an error result or one decoded without ``keep_display``."""
+    from spotdiff.detect.colour import render_overlay
+
+    if result.decision == ERROR or result.score is None or result.display is None or result.anomaly_map is None:
+        return None
+    contour = binary_mask(result, pixel_threshold, result.display.shape[:2])
+    return render_overlay(result.display, result.anomaly_map, scale, result.score, threshold, contour=contour,
+                          normalized=result.normalized_score, pixel_threshold=pixel_threshold,
+                          decision=result.decision)

@@ -3,7 +3,7 @@
 >>> from spotdiff.serve import ServeConfig, create_app, load_models   # doctest: +SKIP
 >>> app = create_app(load_models(["models/padim"]), AuditLog("audit.jsonl"), ServeConfig())  # doctest: +SKIP
 
-``scoring`` (the one adapter onto the library's decode / predict / decide path), ``batching``
+``scoring`` (models, and the service's steps around ``predict``'s per-image path), ``batching``
 (micro-batches off the event loop), ``audit`` (fsync'ed JSON lines), ``metrics`` (Prometheus text),
 ``config`` (limits, API keys, the loopback rule), ``app`` (routes, errors), ``page`` (the operator's
 page) and ``server`` (validation, then uvicorn).

@@ -17,7 +17,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -26,19 +25,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from spotdiff import __version__
+from spotdiff.data.io import ImageTooLarge
+from spotdiff.detect.scoring import ERROR, ScoredImage
 from spotdiff.errors import DataError
 from spotdiff.serve.audit import AuditLog
 from spotdiff.serve.batching import Job, MicroBatcher, Outcome, QueueFull
 from spotdiff.serve.config import ServeConfig, key_matches
 from spotdiff.serve.metrics import CONTENT_TYPE, Metrics
 from spotdiff.serve.page import OPERATOR_PAGE
-from spotdiff.serve.scoring import (
-    ImageTooLarge,
-    Scored,
-    ServedModel,
-    overlay_png,
-    prepare_image,
-)
+from spotdiff.serve.scoring import ServedModel, overlay_png, prepare_request
 
 RAW_TYPES = ("application/octet-stream",)
 PREDICT_QUERY = frozenset({"overlay", "mask"})
@@ -73,12 +68,13 @@ class Thresholds(BaseModel):
 
 
 class Prediction(BaseModel):
-    """One image's answer."""
+    """One image's answer: the values of ``predict``'s ``scores.csv`` columns of the same name."""
 
     request_id: str
     model: str
     score: float
-    normalized_score: float
+    normalized_score: float | None
+    normal_percentile: float | None
     decision: str
     anomalous: bool
     thresholds: Thresholds
@@ -106,12 +102,12 @@ ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (400
 # ----------------------------------------------------------------------------- state
 @dataclass
 class Recent:
-    """A decision kept for the operator's page (the overlay is drawn only when the page asks)."""
+    """A decision kept for the operator's page (the overlay is drawn only when the page asks, from
+    ``scored.display`` and ``scored.anomaly_map``)."""
 
     record: dict[str, Any]
     model: ServedModel
-    image: torch.Tensor  # (3, H, W) uint8
-    scored: Scored
+    scored: ScoredImage
     flagged: bool
     png: bytes | None = None
 
@@ -152,8 +148,7 @@ class Service:
     def remember(self, model: ServedModel, job: Job, outcome: Outcome) -> None:
         flagged = outcome.record["decision"] != "normal"
         kept = self.recent["flagged" if flagged else "normal"]
-        kept[job.request_id] = Recent(outcome.record, model, (job.image * 255).round().to(torch.uint8),
-                                      outcome.scored, flagged)
+        kept[job.request_id] = Recent(outcome.record, model, outcome.scored, flagged)
         while len(kept) > self.config.recent:
             kept.popitem(last=False)
 
@@ -325,15 +320,15 @@ def create_app(models: Sequence[ServedModel], audit: AuditLog, config: ServeConf
         service.arriving[name] += 1
         try:
             body = await read_image_body(request, config)
-            image, sha = await asyncio.get_running_loop().run_in_executor(
-                service.decode_pool, prepare_image, body, model.image_size, config.max_pixels)
+            item, sha = await asyncio.get_running_loop().run_in_executor(
+                service.decode_pool, prepare_request, model, body, config.max_pixels)
         except ImageTooLarge as exc:
             raise ApiError(413, "image_too_large", str(exc)) from None
         except DataError as exc:
             raise ApiError(400, "bad_image", str(exc)) from None
         finally:
             service.arriving[name] -= 1
-        job = Job(image, sha, overlay=overlay, mask=mask)
+        job = Job(item, sha, overlay=overlay, mask=mask)
         try:
             future = service.batchers[name].submit(job)
         except QueueFull as exc:
@@ -348,7 +343,7 @@ def create_app(models: Sequence[ServedModel], audit: AuditLog, config: ServeConf
                                                     f"({exc.strerror or exc}); not answered") from None
         except Exception as exc:  # noqa: BLE001 - a failure of the scoring thread is the service's
             raise ApiError(500, "scoring_failed", f"{type(exc).__name__}: {exc}") from None
-        if outcome.scored.error is not None:
+        if outcome.scored.decision == ERROR:
             raise ApiError(500, "model_failed", outcome.scored.error)
         return JSONResponse(answer(model, job, outcome), headers={"X-Request-ID": job.request_id})
 
@@ -357,9 +352,9 @@ def create_app(models: Sequence[ServedModel], audit: AuditLog, config: ServeConf
         authorize(request)
         flagged = list(reversed(service.recent["flagged"].values()))
         normal = list(reversed(service.recent["normal"].values()))
-        items = [{**r.record, "flagged": r.flagged,
-                  "overlay_url": f"/v1/decisions/{r.record['request_id']}/overlay.png" if r.scored.error is None
-                  else None} for r in [*flagged, *normal][:limit]]
+        items = [{**r.record, "normal_percentile": r.scored.normal_percentile, "flagged": r.flagged,
+                  "overlay_url": f"/v1/decisions/{r.record['request_id']}/overlay.png"
+                  if r.scored.decision != ERROR else None} for r in [*flagged, *normal][:limit]]
         return {"flagged": len(flagged), "shown": len(items), "decisions": items}
 
     @app.get("/v1/decisions/{request_id}/overlay.png", summary="overlay of a recent decision", response_class=Response,
@@ -367,12 +362,11 @@ def create_app(models: Sequence[ServedModel], audit: AuditLog, config: ServeConf
     async def decision_overlay(request: Request, request_id: str) -> Response:
         authorize(request)
         recent = service.find_recent(request_id)
-        if recent is None or recent.scored.error is not None:
+        if recent is None or recent.scored.decision == ERROR:
             raise ApiError(404, "unknown_decision", f"no recent decision {request_id!r} with an overlay")
         if recent.png is None:
-            image = recent.image.to(torch.float32) / 255.0
             recent.png = await asyncio.get_running_loop().run_in_executor(
-                service.decode_pool, overlay_png, recent.model, image, recent.scored)
+                service.decode_pool, overlay_png, recent.model, recent.scored)
         return Response(recent.png, media_type="image/png")
 
     @app.get("/", response_class=HTMLResponse, summary="the operator's page", include_in_schema=True)
@@ -407,10 +401,11 @@ async def read_image_body(request: Request, config: ServeConfig) -> bytes:
 def answer(model: ServedModel, job: Job, outcome: Outcome) -> dict[str, Any]:
     """The JSON of a ``200`` (:class:`Prediction`)."""
     scored = outcome.scored
-    assert scored.decision is not None and scored.normalized is not None
+    assert scored.decision != ERROR and scored.score is not None
     body: dict[str, Any] = {
         "request_id": job.request_id, "model": model.name, "score": scored.score,
-        "normalized_score": scored.normalized, "decision": scored.decision,
+        "normalized_score": scored.normalized_score, "normal_percentile": scored.normal_percentile,
+        "decision": scored.decision,
         "anomalous": scored.decision == "anomalous", "thresholds": model.thresholds,
         "model_fingerprint": model.fingerprint, "provenance": model.provenance, "image_sha256": job.sha256,
     }

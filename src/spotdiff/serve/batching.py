@@ -7,8 +7,9 @@ thread (one thread for all models, so two models never fight over the cores). Wh
 being scored new requests queue up, so under load batches fill without waiting. A full queue is
 refused at once (:class:`QueueFull`, a ``503``): the backlog never grows past ``max_queue``.
 
-When a batch raises, its images are scored one by one, so only the image(s) the model fails on get
-a ``500``. A batch's audit lines are written and fsync'ed in the scoring thread before any of its futures is
+Scoring is ``predict``'s (:meth:`~spotdiff.detect.scoring.ImageScorer.score_batch`). When a batch
+raises, its images are scored one by one, so only the image(s) the model fails on get a ``500``.
+A batch's audit lines are written and fsync'ed in the scoring thread before any of its futures is
 resolved, so no response leaves before its line is on disk.
 """
 
@@ -22,17 +23,10 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
+from spotdiff.detect.scoring import ERROR, DecodedImage, ScoredImage
 from spotdiff.serve.audit import AuditLog, utc_now
 from spotdiff.serve.metrics import Metrics
-from spotdiff.serve.scoring import (
-    Scored,
-    ServedModel,
-    mask_png,
-    overlay_png,
-    score_images,
-)
+from spotdiff.serve.scoring import ServedModel, mask_png, overlay_png, score_alone
 
 
 class QueueFull(Exception):
@@ -41,9 +35,9 @@ class QueueFull(Exception):
 
 @dataclass
 class Job:
-    """One image waiting to be scored."""
+    """One image waiting to be scored: ``item`` as :meth:`ImageScorer.decode_image` made it."""
 
-    image: torch.Tensor
+    item: DecodedImage
     sha256: str
     overlay: bool = False
     mask: bool = False
@@ -55,7 +49,7 @@ class Job:
 class Outcome:
     """What the scoring thread hands back: the score/decision, the audit record as written, PNGs asked for."""
 
-    scored: Scored
+    scored: ScoredImage
     record: dict[str, Any]
     overlay: bytes | None = None
     mask: bytes | None = None
@@ -156,26 +150,27 @@ class MicroBatcher:
                     job.future.set_result(outcome)
 
     def _score(self, batch: list[Job]) -> list[Outcome]:
-        """Scoring thread: score, render what was asked for, append the audit lines (fsync), in that order."""
+        """Scoring thread: score (``ImageScorer.score_batch``), render what was asked for, append the
+        audit lines (fsync), in that order."""
         model = self.model
-        images = torch.stack([job.image for job in batch])
+        items = [job.item for job in batch]
         try:
-            scored = score_images(model, images)
+            scored = model.scorer.score_batch(items)
         except Exception:  # noqa: BLE001 - a failing model fails the image(s) it fails on, never the service
-            scored = [_score_alone(model, images[i : i + 1]) for i in range(len(batch))]
+            scored = [score_alone(model, item) for item in items]
         outcomes = []
-        for job, image, result in zip(batch, images, scored, strict=True):
-            ok = result.error is None
+        for job, result in zip(batch, scored, strict=True):
+            ok = result.decision != ERROR
             record = {"time": utc_now(), "request_id": job.request_id, "model": model.name,
                       "image_sha256": job.sha256, "model_fingerprint": model.fingerprint,
                       "score": result.score if ok else None,
-                      "normalized_score": result.normalized, "decision": result.decision if ok else "error",
-                      "threshold": model.calibration.image_threshold}
+                      "normalized_score": result.normalized_score if ok else None, "decision": result.decision,
+                      "threshold": model.scorer.threshold}
             if not ok:
                 record["error"] = result.error
             outcome = Outcome(result, record)
             if ok and job.overlay:
-                outcome.overlay = overlay_png(model, image, result)
+                outcome.overlay = overlay_png(model, result)
             if ok and job.mask:
                 outcome.mask = mask_png(model, result)
             outcomes.append(outcome)
@@ -184,11 +179,3 @@ class MicroBatcher:
         for o in outcomes:
             self.metrics.decision(model.name, o.record["decision"])
         return outcomes
-
-
-def _score_alone(model: ServedModel, image: torch.Tensor) -> Scored:
-    """One image after its batch raised: its own outcome, or the model's error as its ``error``."""
-    try:
-        return score_images(model, image)[0]
-    except Exception as exc:  # noqa: BLE001
-        return Scored(float("nan"), None, None, None, error=f"the model raised {type(exc).__name__}: {exc}")

@@ -62,8 +62,10 @@ async function card(item) {
   el.className = "card " + outcome; el.dataset.decision = item.decision; el.dataset.requestId = item.request_id;
   el.appendChild(text("div", "verdict", outcome === "error" ? "error" : item.decision));
   const score = item.score === null ? "no score" :
-    "score " + item.score.toPrecision(4) + " (T " + item.threshold.toPrecision(4) + "), above " +
-    (100 * item.normalized_score).toFixed(1) + " % of normal images";
+    "score " + item.score.toPrecision(4) + " (T " + item.threshold.toPrecision(4) + ")" +
+    (item.normalized_score === null ? "" : ", normalised " + item.normalized_score.toFixed(3)) +
+    (item.normal_percentile === null ? "" :
+     ", above " + (100 * item.normal_percentile).toFixed(1) + " % of normal images");
   el.appendChild(text("div", "meta", item.model + " | " + score));
   el.appendChild(text("div", "meta", item.time + (item.error ? " | " + item.error : "")));
   const url = await overlayUrl(item);

@@ -1,13 +1,15 @@
-"""What the service scores with: the loaded models, image decoding from bytes, and the one adapter
-onto the library's scoring path (``score_images``), shared with ``spotdiff predict``.
+"""What the service scores with: the loaded models, and the service's own steps around ``predict``'s
+per-image path.
 
-``predict`` decodes a file with :func:`spotdiff.data.io.load_image` (PIL open, pixel limit, EXIF
-orientation, :func:`~spotdiff.data.io.to_rgb`), converts it with
-:func:`~spotdiff.data.transforms.image_to_tensor` at the model's size, scores a batch with
-``Detector.predict`` (or :class:`~spotdiff.detect.export.OnnxDetector` for onnxruntime) and decides
-with :func:`~spotdiff.detect.calibration.decide` on the calibrated threshold. The service does the
-same steps on request bodies, so its scores equal ``predict``'s on the same image
-(``tests/test_serve.py``). :func:`score_images` is the one place that calls the detector.
+Everything between the request's bytes and the answer is the path of ``spotdiff predict``: the bytes
+are read by :func:`spotdiff.data.io.load_image_bytes` (the steps of ``load_image``: header, pixel
+limit, decoding, EXIF orientation, ``to_rgb``), then :class:`~spotdiff.detect.scoring.ImageScorer`
+resizes (``decode_image``), scores a batch and decides (``score_batch``: fail closed, ``error`` for a
+non-finite score or map); masks are :func:`~spotdiff.detect.scoring.binary_mask` and overlays
+:func:`~spotdiff.detect.scoring.overlay_picture`, as ``predict`` writes them. What is the service's
+own: its (lower, configurable) pixel limit, a bound on the overlay's size, a client's bytes never
+raising anything but a ``DataError``, and a model that raises failing only its own image
+(:func:`score_alone`) instead of ending the run.
 """
 
 from __future__ import annotations
@@ -15,32 +17,35 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-from spotdiff.data.io import to_rgb
-from spotdiff.data.transforms import image_to_tensor
-from spotdiff.detect.calibration import Calibration, decide, model_calibration
-from spotdiff.detect.colour import ColourScale, colour_scale, render_overlay
+from spotdiff.data.io import ImageTooLarge, load_image_bytes
+from spotdiff.detect.calibration import Calibration
+from spotdiff.detect.colour import ColourScale, colour_scale
+from spotdiff.detect.predict import PNG_COMPRESS_LEVEL
+from spotdiff.detect.scoring import (
+    ERROR,
+    DecodedImage,
+    ImageScorer,
+    ScoredImage,
+    binary_mask,
+    display_size,
+    overlay_picture,
+)
 from spotdiff.errors import ConfigError, DataError, WeightsError
 
 BACKENDS = ("torch", "onnxruntime")
-
-
-class Scorer(Protocol):
-    """What the service needs of a detector: ``Detector`` and ``OnnxDetector`` both are one."""
-
-    image_size_: tuple[int, int] | None
-    forward_batch: int
-
-    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+BODY = "request body"
+"""How error messages name the image of a request."""
+__all__ = ["BACKENDS", "ServedModel", "load_served_model", "mask_png", "overlay_png",
+           "prepare_request", "score_alone"]
 
 
 @dataclass
@@ -49,30 +54,35 @@ class ServedModel:
 
     Attributes:
         name: the URL name (``/v1/models/{name}/predict``).
-        scorer: the detector (torch) or its onnxruntime runner.
-        calibration: thresholds and normal scores (a served model must have them).
+        scorer: ``predict``'s per-image path over the detector (torch) or its onnxruntime runner
+            (``scorer.model``), at the model's calibrated thresholds, keeping the original for overlays.
         fingerprint: SHA-256 of the fitted tensors, feature network and graph config
             (:func:`spotdiff.detect.export.model_fingerprint`).
         provenance: model type, arch, backbone weights record, training data source, image size.
-        scale: the overlays' colour scale (the model's one scale, as in ``predict``).
+        scale: the overlays' colour scale (:func:`~spotdiff.detect.colour.colour_scale`, as in ``predict``).
     """
 
     name: str
-    scorer: Scorer
-    calibration: Calibration
+    scorer: ImageScorer
     fingerprint: str
     provenance: dict[str, Any]
     backend: str
     scale: ColourScale
-    image_size: tuple[int, int] = field(init=False)
-
-    def __post_init__(self) -> None:
-        assert self.scorer.image_size_ is not None
-        self.image_size = (int(self.scorer.image_size_[0]), int(self.scorer.image_size_[1]))
 
     @property
-    def thresholds(self) -> dict[str, float]:
-        return {"image": self.calibration.image_threshold, "pixel": self.calibration.pixel_threshold}
+    def calibration(self) -> Calibration:
+        """Thresholds and normal scores (a served model has them: :func:`load_served_model`)."""
+        assert self.scorer.calibration is not None
+        return self.scorer.calibration
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """``(H, W)`` the model scores at."""
+        return self.scorer.image_size
+
+    @property
+    def thresholds(self) -> dict[str, float | None]:
+        return {"image": self.scorer.threshold, "pixel": self.scorer.pixel_threshold}
 
     def describe(self) -> dict[str, Any]:
         """The JSON of ``GET /v1/models``."""
@@ -108,113 +118,75 @@ def load_served_model(name: str, model_dir: str | os.PathLike[str], backend: str
     root = Path(model_dir)
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
-    scorer: Any
+    detector: Any
     if backend == "onnxruntime":
         if onnx_file is None:
             raise ConfigError(f"{root}: --backend onnxruntime needs an ONNX file (written by `spotdiff export`)")
-        scorer = OnnxDetector(root, onnx_file)
+        detector = OnnxDetector(root, onnx_file)
     else:
         if onnx_file is not None:
             raise ConfigError("--onnx is only used with --backend onnxruntime")
-        scorer = Detector.load(root, device=device)
-    calibration = model_calibration(scorer)
-    if calibration is None:
+        detector = Detector.load(root, device=device)
+    scorer = ImageScorer(detector, keep_display=True)
+    if scorer.calibration is None or scorer.threshold is None:
         raise ConfigError(f"{root}: the model has no calibrated thresholds, so the service could not decide; "
                           "re-fit it with --train DIR or --val-good DIR")
-    scale = colour_scale(scorer, calibration.image_threshold)
+    scale = colour_scale(detector, scorer.threshold)
     assert scale is not None
-    return ServedModel(name=name, scorer=scorer, calibration=calibration, fingerprint=model_fingerprint(root),
-                       provenance=_provenance(root), backend=backend, scale=scale)
+    return ServedModel(name=name, scorer=scorer, fingerprint=model_fingerprint(root), provenance=_provenance(root),
+                       backend=backend, scale=scale)
 
 
-class ImageTooLarge(DataError):
-    """The image has more pixels than the service accepts."""
-
-
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Request bytes -> 8-bit RGB PIL image, exactly as :func:`spotdiff.data.io.load_image` reads a file.
+def prepare_request(model: ServedModel, data: bytes, max_pixels: int) -> tuple[DecodedImage, str]:
+    """Request bytes -> ``(the decoded item of ImageScorer.decode_image, SHA-256 hex of the bytes)``.
 
     Raises:
-        DataError: empty, not an image, truncated or corrupt (the message says which).
-        ImageTooLarge: more than ``max_pixels`` pixels (checked from the header, before decoding).
+        ImageTooLarge: more than ``max_pixels`` pixels (from the header, before decoding), or an
+            aspect ratio so extreme that the overlay's original (at ``display_size``) would have more.
+        DataError: empty, not an image, truncated or corrupt (the message says which); whatever the
+            decoder raises on a client's bytes is one.
     """
-    if not data:
-        raise DataError("empty body: no image bytes")
     try:
-        img: Image.Image = Image.open(io.BytesIO(data))
-        w, h = img.size
-        if w * h > max_pixels:
-            raise ImageTooLarge(f"image of {w}x{h} pixels exceeds the limit of {max_pixels} pixels "
-                                "(possible decompression bomb)")
-        img.load()
-        img = ImageOps.exif_transpose(img)
-    except (DataError, ImageTooLarge):
+        image = load_image_bytes(data, BODY, max_pixels)
+        h, w = display_size((image.height, image.width), model.image_size)
+        if h * w > max_pixels:
+            raise ImageTooLarge(f"{BODY}: image of {image.width}x{image.height} pixels would be shown at {w}x{h} "
+                                f"beside its heat map, beyond the limit of {max_pixels} pixels (extreme aspect ratio)")
+        item = model.scorer.decode_image(image, BODY)
+    except DataError:
         raise
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"refused as a possible decompression bomb ({exc})") from exc
-    except Image.UnidentifiedImageError:
-        raise DataError("not an image: the body is in no image format PIL reads") from None
-    except Exception as exc:  # noqa: BLE001 - truncated/corrupt files raise OSError, SyntaxError, ValueError, ...
-        raise DataError(f"cannot read image ({type(exc).__name__}: {exc})") from None
-    return to_rgb(img)
+    except Exception as exc:  # noqa: BLE001 - a client's bytes may make a decoder raise anything: a 400
+        raise DataError(f"{BODY}: cannot read image ({type(exc).__name__}: {exc})") from None
+    return item, hashlib.sha256(data).hexdigest()
 
 
-def prepare_image(data: bytes, size: tuple[int, int], max_pixels: int) -> tuple[torch.Tensor, str]:
-    """Decode and resize request bytes: ``((3, H, W) float32 in [0, 1], SHA-256 hex of the bytes)``."""
-    return image_to_tensor(decode_image(data, max_pixels), size), hashlib.sha256(data).hexdigest()
-
-
-@dataclass
-class Scored:
-    """One image's outcome: ``score`` raw, ``normalized`` (fraction of normal validation images scoring
-    lower), ``decision`` ``anomalous``/``normal``, ``anomaly_map`` ``(H, W)`` float32; ``error`` set
-    (and no decision) when the model returned a non-finite score."""
-
-    score: float
-    normalized: float | None
-    decision: str | None
-    anomaly_map: np.ndarray | None
-    error: str | None = None
-
-
-def score_images(model: ServedModel, images: torch.Tensor) -> list[Scored]:
-    """Score a batch ``(B, 3, H, W)`` at the model's size with the library's path: the detector's
-    ``predict``, the calibration's normalised score and :func:`~spotdiff.detect.calibration.decide`.
-
-    A non-finite score is never decided: that image gets ``error`` (fail closed). Exceptions of the
-    detector propagate (the batcher turns them into a 500 for every image of the batch).
-    """
-    scores, maps = model.scorer.predict(images)
-    values = scores.numpy().astype(np.float64)
-    normalized = model.calibration.normalized(values)
-    decisions = decide(values, model.calibration.image_threshold)
-    maps_np = maps.numpy()
-    out = []
-    for i, value in enumerate(values.tolist()):
-        if not math.isfinite(value) or not np.isfinite(maps_np[i]).all():
-            out.append(Scored(value, None, None, None, error=f"the model returned a non-finite score ({value})"))
-        else:
-            out.append(Scored(value, float(normalized[i]), decisions[i], maps_np[i]))
-    return out
+def score_alone(model: ServedModel, item: DecodedImage) -> ScoredImage:
+    """:meth:`ImageScorer.score_batch` of one item; an exception of the model is that image's ``error``
+    (the service fails the image the model fails on, and goes on)."""
+    try:
+        return model.scorer.score_batch([item])[0]
+    except Exception as exc:  # noqa: BLE001
+        return ScoredImage(item.path, None, ERROR, original_size=item.original_size,
+                           error=f"{item.path}: the model raised {type(exc).__name__}: {exc}")
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
-    """An ``(H, W, 3)`` or ``(H, W)`` uint8 array as PNG bytes."""
+    """An ``(H, W, 3)`` or ``(H, W)`` uint8 array as PNG bytes (``predict``'s compression level)."""
     buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
+    Image.fromarray(pixels).save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buf.getvalue()
 
 
-def overlay_png(model: ServedModel, image: torch.Tensor, scored: Scored) -> bytes:
-    """The annotated heat-map overlay of ``predict`` (same colour scale, title, colour bar, mask outline)."""
-    assert scored.anomaly_map is not None
-    pixels = (image.permute(1, 2, 0).numpy() * 255.0).round()
-    binary = scored.anomaly_map > model.calibration.pixel_threshold
-    return png_bytes(render_overlay(pixels, scored.anomaly_map, model.scale, scored.score,
-                                    model.calibration.image_threshold, contour=binary))
+def overlay_png(model: ServedModel, result: ScoredImage) -> bytes:
+    """The overlay ``predict`` writes for ``result`` (:func:`~spotdiff.detect.scoring.overlay_picture`), as PNG."""
+    picture = overlay_picture(result, model.scale, model.scorer.threshold, model.scorer.pixel_threshold)
+    assert picture is not None, "overlay of a failed result"
+    return png_bytes(picture)
 
 
-def mask_png(model: ServedModel, scored: Scored) -> bytes:
-    """The binary defect mask (map > pixel threshold) as a 0/255 PNG at the model's size, as ``predict --masks``."""
-    assert scored.anomaly_map is not None
-    return png_bytes((scored.anomaly_map > model.calibration.pixel_threshold).astype(np.uint8) * 255)
+def mask_png(model: ServedModel, result: ScoredImage) -> bytes:
+    """The defect mask ``predict --masks`` writes for ``result`` (:func:`~spotdiff.detect.scoring.binary_mask`:
+    at the original image's size, empty on a normal image), as a 0/255 PNG."""
+    mask = binary_mask(result, model.scorer.pixel_threshold)
+    assert mask is not None, "mask of a failed result"
+    return png_bytes(mask.astype(np.uint8) * 255)

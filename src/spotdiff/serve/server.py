@@ -6,7 +6,6 @@ bind address without a key, the audit log) fails before the socket is opened: on
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Sequence
@@ -14,11 +13,12 @@ from pathlib import Path
 
 import torch
 
+from spotdiff.detect.scoring import ERROR
 from spotdiff.errors import ConfigError
 from spotdiff.progress import log
 from spotdiff.serve.audit import AuditLog
 from spotdiff.serve.config import ServeConfig, check_bind
-from spotdiff.serve.scoring import ServedModel, load_served_model, score_images
+from spotdiff.serve.scoring import ServedModel, load_served_model, score_alone
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -49,11 +49,11 @@ def load_models(specs: Sequence[str], backend: str = "torch", onnx_files: Sequen
             raise ConfigError(f"two models are named {name!r}; name them with NAME=DIR")
         seen.add(name)
         model = load_served_model(name, path, backend, onnx_files[i] if onnx_files else None, device)
-        try:
-            check = score_images(model, torch.zeros(1, 3, *model.image_size))[0]
-        except Exception as exc:  # noqa: BLE001 - any failure of the model refuses it
-            raise ConfigError(f"{path}: the model fails on a blank image ({type(exc).__name__}: {exc})") from None
-        if check.error is not None or not math.isfinite(check.score):
+        from PIL import Image
+
+        height, width = model.image_size
+        check = score_alone(model, model.scorer.decode_image(Image.new("RGB", (width, height)), "a blank image"))
+        if check.decision == ERROR:
             raise ConfigError(f"{path}: the model fails on a blank image ({check.error})")
         models.append(model)
     return models

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -18,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from spotdiff.errors import ConfigError
-from spotdiff.progress import log
 
 
 def utc_now() -> str:
@@ -39,7 +39,9 @@ class AuditLog:
             raise ConfigError(f"--audit-log {self.path}: cannot open for appending ({exc.strerror})") from exc
         self._lock = threading.Lock()
         if self._ends_mid_line():
-            log(f"warning: {self.path} ends in a cut line (a power loss?); new lines start after it")
+            # a damaged audit trail is said even under --quiet (like the images skipped by --skip-bad)
+            print(f"warning: {self.path} ends in a cut line (a power loss?); new lines start after it",
+                  file=sys.stderr)
             self._write(b"\n")
         self.lines_written = 0
 

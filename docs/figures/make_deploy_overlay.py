@@ -3,8 +3,8 @@
 Plain folders are made from the synthetic ``cashew_synth`` object (good images, bad images and
 their masks); then the commands of docs/deploy.md run as written: fit with an F1 threshold,
 test, export to ONNX, predict with onnxruntime writing masks and overlays. The figure shows a
-bad image that was used neither for fitting nor for calibration: input | overlay with the mask
-contour. Random-init ResNet-18, 128 px: a few minutes on one CPU core.
+bad image that was used neither for fitting nor for calibration: predict's overlay (the original
+beside its heat map, the defect outline, the colour bar with both thresholds, score and decision). Random-init ResNet-18, 128 px: a few minutes on one CPU core.
 
 Usage (from the repository root)::
 
@@ -17,7 +17,6 @@ import argparse
 import shutil
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from spotdiff.cli import main
@@ -74,16 +73,9 @@ def main_() -> None:
     header = rows[0].split(",")
     records = [dict(zip(header, r.split(","))) for r in rows[1:]]
     pick = max(records, key=lambda r: float(r["score"]))  # the most anomalous held-out bad image
-    with Image.open(pick["path"]) as img:
-        source = np.asarray(img.convert("RGB").resize((128, 128), Image.BILINEAR))
+    # predict's overlay already shows the original beside its heat map, colour bar and decision
     with Image.open(pick["overlay"]) as ov:
-        overlay = np.asarray(ov.convert("RGB"))
-    # the annotated overlay has a title line above the map and a colour bar beside it: put the input
-    # level with the map
-    head = overlay.shape[0] - source.shape[0] - 4
-    column = np.full((overlay.shape[0], source.shape[1] + 4, 3), 255, np.uint8)
-    column[head : head + source.shape[0], : source.shape[1]] = source
-    figure = Image.fromarray(np.concatenate([column, overlay], axis=1))
+        figure = ov.convert("RGB")
     target = HERE / "deploy_overlay.png"
     figure.save(target, optimize=True)
     print(f"{target} ({target.stat().st_size // 1024} KB) from {pick['path']}: score {float(pick['score']):.3f}, "

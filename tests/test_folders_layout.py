@@ -349,3 +349,15 @@ def test_list_images_allow_empty_still_refuses_a_loop(tmp_path):
     (tmp_path / "a" / "back").symlink_to(tmp_path / "a", target_is_directory=True)
     with pytest.raises(DataError, match="back: symbolic link loop"):
         list_images(tmp_path / "a", recursive=True, allow_empty=True)
+
+
+def test_predict_refuses_a_folder_with_a_link_loop_instead_of_dropping_it(tmp_path):
+    from spotdiff.detect.predict import collect_images
+
+    save_images(tmp_path / "a", square_images(1, SIZE, seed=9), ["x"])
+    save_images(tmp_path / "b", square_images(1, SIZE, seed=8), ["y"])
+    (tmp_path / "a" / "back").symlink_to(tmp_path / "a", target_is_directory=True)
+    with pytest.raises(DataError, match="back: symbolic link loop"):
+        collect_images([tmp_path / "a", tmp_path / "b"])  # not: b's image alone, a silently dropped
+    (tmp_path / "empty").mkdir()
+    assert [p.name for p in collect_images([tmp_path / "empty", tmp_path / "b"])] == ["y.png"]

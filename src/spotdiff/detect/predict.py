@@ -60,15 +60,14 @@ def collect_images(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
     images or not, so that ``predict`` reports an unreadable one in its own row instead of stopping.
 
     Raises:
-        DataError: an input does not exist, or nothing was found.
+        DataError: an input does not exist, a folder holds a link loop or reaches a file twice,
+            or nothing was found.
     """
     paths: list[Path] = []
     for item in map(Path, inputs):
-        if item.is_dir():
-            try:
-                paths.extend(list_images(item, recursive=True))
-            except DataError:  # a folder without images: only an error if nothing is found at all
-                pass
+        if item.is_dir():  # a folder without images is only an error if nothing is found at all;
+            # a link loop or a file reached twice is refused (DataError), never a silently dropped folder
+            paths.extend(list_images(item, recursive=True, allow_empty=True))
         elif item.exists() or item.is_symlink():  # a dangling link: an error row, like an unreadable file
             paths.append(item)
         else:

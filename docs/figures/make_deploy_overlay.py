@@ -63,7 +63,8 @@ def main_() -> None:
         target = masks_val if (line / "val_bad" / f"{mask.stem}.JPG").exists() else masks_bad
         shutil.copy(mask, target / mask.name)
     run("fit", "--model", "padim", "--arch", "resnet18", "--image-size", "128", "--train", str(line / "good"),
-        "--val-bad", str(line / "val_bad"), "--val-masks", str(masks_val), "--threshold-mode", "f1",
+        "--val-bad", str(line / "val_bad"), "--val-masks", str(masks_val), "--mask-threshold", "0",
+        "--threshold-mode", "f1",  # the synthetic masks hold defect-class ids, as VisA's do
         "--out", str(model))
     run("export", str(model), "--format", "onnx", "--out", str(onnx_file))
     run("predict", str(model), str(line / "bad"), "--backend", "onnxruntime", "--onnx", str(onnx_file),

@@ -158,4 +158,5 @@ def check_binary(mask_paths: Sequence[Path], mask_threshold: float | None = None
                 shown = ", ".join(str(int(v)) for v in found[:6]) + (", ..." if found.size > 6 else "")
                 raise DataError(f"{path}: mask is not binary ({found.size} values: {shown}); a mask holds 0 for "
                                 "normal pixels and one defect value (e.g. 255); give --mask-threshold T to count "
-                                "values > T as defect")
+                                "values > T as defect (--mask-threshold 0 for multi-class masks such as VisA's, "
+                                "whose values are defect-class ids)")

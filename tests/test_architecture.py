@@ -84,3 +84,51 @@ def test_the_rule_checker_catches_a_lower_layer_importing_a_higher_one(tmp_path)
     assert imported_units(fake) == {"detect", "pretrain"}
     assert "detect" not in rules["data"] and "pretrain" not in rules["detect"]
     assert "cli" not in rules["report"] and rules["errors"] == set()
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The spotdiff modules (dotted, e.g. ``spotdiff.detect.store``) a source file imports, anywhere in it."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module.startswith("spotdiff."):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("spotdiff."))
+    return found
+
+
+def module_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (module -> modules it imports) as a path, or None."""
+    state: dict[str, int] = {}  # 1 on the stack, 2 done
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start)):
+            return found
+    return None
+
+
+def test_no_import_cycle_between_modules_of_a_package():
+    """No module imports another that imports it back (directly or around a circle), counting
+    imports inside functions too; a package's ``__init__`` re-exporting its modules is not a cycle."""
+    graph: dict[str, set[str]] = {}
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC.parent).with_suffix("")
+        name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        graph[name] = imported_modules(path)
+    known = set(graph)  # names of classes or functions imported from a package are not modules
+    graph = {m: {d for d in deps if d in known and d not in (m, m.rsplit(".", 1)[0])} for m, deps in graph.items()}
+    assert module_cycle(graph) is None, f"import cycle: {' -> '.join(module_cycle(graph) or [])}"
+    assert module_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # the check is not vacuous

@@ -18,6 +18,11 @@ import torch
 from spotdiff.errors import ConfigError, WeightsError
 from spotdiff.models import ARCHITECTURES, layer_channels
 
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.safetensors"
+BACKBONE_FILE = "backbone.safetensors"
+"""The files of a model directory (written and read by :mod:`spotdiff.detect.store`)."""
+
 MAX_IMAGE_SIDE = 8192
 """Largest model image side in pixels (our choice: 32x VisA's usual 256 px input; a PaDiM at that
 size would need terabytes of statistics, so anything larger is a damaged or hostile file)."""
@@ -174,8 +179,6 @@ def check_model_tensors(config: Mapping[str, Any], tensors: Mapping[str, torch.T
     channels of ``layers``. PatchCore: ``memory_bank`` ``(n, C)`` with ``C`` the feature width
     (``target_dim`` or the channels of ``layers``) and ``num_neighbors <= n``.
     """
-    from spotdiff.detect.store import BACKBONE_FILE, MODEL_FILE
-
     for name, tensor in backbone.items():
         check_finite_tensor(tensor, name, f"{model_dir}/{BACKBONE_FILE}")
     where = f"{model_dir}/{MODEL_FILE}"

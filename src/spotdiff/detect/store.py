@@ -33,14 +33,17 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from spotdiff.detect.schema import (
+    BACKBONE_FILE,
+    CONFIG_FILE,
+    MODEL_FILE,
+    check_model_config,
+)
 from spotdiff.errors import ConfigError, WeightsError
 from spotdiff.files import default_mode, output_error, sha256_file
 
 FORMAT = "spotdiff-detector"
 FORMAT_VERSION = 2
-CONFIG_FILE = "config.json"
-MODEL_FILE = "model.safetensors"
-BACKBONE_FILE = "backbone.safetensors"
 MANIFEST_FILE = "manifest.json"
 MODEL_FILES = (CONFIG_FILE, MODEL_FILE, BACKBONE_FILE)
 
@@ -178,8 +181,6 @@ def load_model_dir(
         raise WeightsError(f"{root / CONFIG_FILE}: must hold a JSON object, got {type(config).__name__}")
     if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
         raise WeightsError(f"{root / CONFIG_FILE}: format or version does not match the manifest")
-    from spotdiff.detect.schema import check_model_config
-
     check_model_config(config, str(root / CONFIG_FILE))  # keys, types and ranges before any tensor is read
     try:
         tensors = load_file(str(root / MODEL_FILE), device="cpu")

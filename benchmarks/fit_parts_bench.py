@@ -77,7 +77,7 @@ def resize_part(jpeg: Path, repeats: int) -> list[str]:
 
 
 def staging_part(d: int, positions: int = 1024, images: int = 64) -> list[str]:
-    from spotdiff.detect.padim import GaussianAccumulator
+    from spotdiff.detect.gaussian import GaussianAccumulator
 
     x = torch.randn(images, positions, d, generator=torch.Generator().manual_seed(0))
     rows = []
@@ -97,7 +97,7 @@ def staging_part(d: int, positions: int = 1024, images: int = 64) -> list[str]:
 
 
 def factorisation_part(d: int, positions: int, repeats: int) -> list[str]:
-    from spotdiff.detect.padim import _inverse_cholesky
+    from spotdiff.detect.gaussian import _inverse_cholesky
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(positions, 2 * d, d, generator=g, dtype=torch.float64)

@@ -118,7 +118,7 @@ def child_fit(args: argparse.Namespace) -> dict[str, Any]:
     """Fit + save one detector; peak RSS at the end of fit + save, before testing."""
     from spotdiff.detect import PaDiM, PatchCore
 
-    from spotdiff.detect.padim import GaussianAccumulator
+    from spotdiff.detect.gaussian import GaussianAccumulator
 
     start_rss = peak_rss_bytes()  # after importing torch and spotdiff
     factorisation = [0.0]
@@ -158,7 +158,7 @@ def child_accuracy(args: argparse.Namespace) -> dict[str, Any]:
     from spotdiff.data.transforms import normalize
     from spotdiff.detect import PaDiM
     from spotdiff.detect.features import upsample_and_smooth
-    from spotdiff.detect.padim import GaussianAccumulator, mahalanobis
+    from spotdiff.detect.gaussian import GaussianAccumulator, mahalanobis
 
     model = PaDiM(**PADIM, seed=0)
     model.check_params()._build_backbone(model.weights)  # only its feature extractor is used here

@@ -12,7 +12,8 @@ from sklearn.metrics import roc_auc_score
 
 from spotdiff.detect import Detector, PaDiM, PatchCore
 from spotdiff.detect.features import padim_embedding, upsample_and_smooth
-from spotdiff.detect.padim import GaussianAccumulator, channel_subset, mahalanobis, unpack_lower
+from spotdiff.detect.gaussian import GaussianAccumulator, mahalanobis, unpack_lower
+from spotdiff.detect.padim import channel_subset
 from spotdiff.detect.store import MANIFEST_FILE, MODEL_FILE
 from spotdiff.errors import ConfigError, DataError, WeightsError
 from spotdiff.models import build_backbone, extract_features
@@ -69,8 +70,8 @@ def test_accumulator_memory_does_not_grow_with_samples():
 
 
 def test_accumulator_chunks_positions(monkeypatch):
-    monkeypatch.setattr("spotdiff.detect.padim._CHUNK_BYTES", 8 * 3 * 3 * 2)  # 2 positions per chunk
-    monkeypatch.setattr("spotdiff.detect.padim._FOLD_POSITIONS", 2)
+    monkeypatch.setattr("spotdiff.detect.gaussian._CHUNK_BYTES", 8 * 3 * 3 * 2)  # 2 positions per chunk
+    monkeypatch.setattr("spotdiff.detect.gaussian._FOLD_POSITIONS", 2)
     monkeypatch.setattr(GaussianAccumulator, "ROW_BLOCK", 2)  # row blocks [0, 2) and [2, 3)
     acc = GaussianAccumulator(positions=5, dim=3)
     assert acc._spans() == [(0, 2), (2, 4), (4, 5)]
@@ -337,7 +338,7 @@ def test_save_removes_folders_left_by_an_interrupted_save(tmp_path):
 def test_float32_statistics_match_float64_reference(monkeypatch):
     """float32 sums (shifted, staged) vs the float64 reference: L^-1 and distances agree to 1e-5 (measured 4e-7)."""
     monkeypatch.setattr(GaussianAccumulator, "ROW_BLOCK", 8)  # 4 row blocks, the last one short
-    monkeypatch.setattr("spotdiff.detect.padim._FOLD_POSITIONS", 5)
+    monkeypatch.setattr("spotdiff.detect.gaussian._FOLD_POSITIONS", 5)
     rng = np.random.default_rng(7)
     n, p, d = 90, 12, 30
     mixing = rng.normal(size=(d, d)) / np.sqrt(d)

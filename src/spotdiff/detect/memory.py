@@ -31,7 +31,7 @@ def format_bytes(n: float) -> str:
     raise AssertionError  # unreachable
 
 
-def check_fits(need: int, what: str, remedy: str) -> None:
+def check_memory_fits(need: int, what: str, remedy: str) -> None:
     """Raise :class:`ConfigError` in one line when ``need`` bytes exceed :func:`available_bytes`."""
     free = available_bytes()
     if need > free:

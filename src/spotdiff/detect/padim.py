@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from spotdiff.detect.base import Detector
 from spotdiff.detect.features import padim_embedding, upsample_and_smooth
 from spotdiff.detect.gaussian import GaussianAccumulator, mahalanobis, unpack_lower
-from spotdiff.detect.memory import check_fits
+from spotdiff.detect.memory import check_memory_fits
 from spotdiff.errors import ConfigError, DataError, WeightsError
 from spotdiff.models import WeightsLike, layer_channels
 
@@ -116,7 +116,7 @@ class PaDiM(Detector):
         """Estimate the per-position Gaussians from normal images (streaming float32 sums, float64 factorisation).
 
         Before the sums are allocated their size is checked against the available memory
-        (:func:`spotdiff.detect.memory.check_fits`).
+        (:func:`spotdiff.detect.memory.check_memory_fits`).
         """
         self._start_fit()
         acc: GaussianAccumulator | None = None
@@ -139,7 +139,7 @@ class PaDiM(Detector):
     def _check_training_size(self, n_images: int, positions: int) -> None:
         """Refuse statistics that would not fit in memory; warn when ``N - 1 < d``."""
         grid = f"{self._grid[0]}x{self._grid[1]}"
-        check_fits(GaussianAccumulator.nbytes(positions, self.d_),
+        check_memory_fits(GaussianAccumulator.nbytes(positions, self.d_),
                    f"PaDiM statistics (d={self.d_}, {grid} positions, {positions} x d(d+1)/2 float32)",
                    "a smaller --d or --image-size")
         if 2 <= n_images <= self.d_:

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 from spotdiff.detect.base import Detector
 from spotdiff.detect.coreset import greedy_k_center
 from spotdiff.detect.features import patchcore_embedding, upsample_and_smooth
-from spotdiff.detect.memory import check_fits, format_bytes
+from spotdiff.detect.memory import check_memory_fits, format_bytes
 from spotdiff.detect.schema import MIN_NEIGHBORS
 from spotdiff.errors import ConfigError, WeightsError
 from spotdiff.models import WeightsLike, layer_channels
@@ -294,7 +294,7 @@ class PatchCore(Detector):
         # float32 projections, the greedy's float64 centred copy of one shard with its per-row vectors
         # (detect/coreset.py), the bank and faiss's copy of it
         need = 4 * (patches * width + 2 * kept * channels) + 8 * searched * (width + 6)
-        check_fits(need, f"PatchCore on {patches} patches x {channels} channels (projections {patches} x {width} "
+        check_memory_fits(need, f"PatchCore on {patches} patches x {channels} channels (projections {patches} x {width} "
                          f"float32, bank {kept} x {channels})", "a smaller --coreset-ratio or --image-size")
         spill_free = _free_disk(self.spill_dir)
         if width < channels and 4 * patches * channels > spill_free:

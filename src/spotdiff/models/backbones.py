@@ -131,7 +131,7 @@ def architecture_of(state: Mapping[str, torch.Tensor]) -> str | None:
     return next((arch for arch in ARCHITECTURES if _body_shapes(arch) == body), None)
 
 
-def check_fits(
+def check_state_shapes(
     own: Mapping[str, tuple[int, ...]], state: Mapping[str, torch.Tensor], source: str, target: str
 ) -> dict[str, torch.Tensor]:
     """``state`` without the ``fc`` head, checked against the key -> shape map ``own`` of ``target``.
@@ -166,10 +166,10 @@ def check_fits(
 def load_backbone_weights(
     model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "weights"
 ) -> None:
-    """Load ``state`` into a torchvision ResNet, strictly except for the ``fc`` head (see :func:`check_fits`)."""
+    """Load ``state`` into a torchvision ResNet, strictly except for the ``fc`` head (see :func:`check_state_shapes`)."""
     own = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIXES)}
     target = next((arch for arch in ARCHITECTURES if _body_shapes(arch) == own), type(model).__name__)
-    model.load_state_dict(check_fits(own, state, source, target), strict=False)
+    model.load_state_dict(check_state_shapes(own, state, source, target), strict=False)
 
 
 @dataclass(frozen=True)
@@ -392,7 +392,7 @@ def load_weights(arch: str, weights: WeightsLike = None, strict: bool = False) -
             raise
         raise WeightsError(f"{exc}; this cached copy of {name} is damaged: delete it to download it again, "
                            f"or put a fresh copy of {tvm.get_weight(name).url} there") from exc
-    body = check_fits(_body_shapes(arch), state, str(path), arch)
+    body = check_state_shapes(_body_shapes(arch), state, str(path), arch)
     for key, tensor in body.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise WeightsError(f"{path}: tensor {key!r} holds {int((~torch.isfinite(tensor)).sum())} non-finite "

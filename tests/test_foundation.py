@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
@@ -180,3 +181,17 @@ def test_atomic_outputs_get_the_usual_permissions(tmp_path):
         assert (tmp_path / "r.json").stat().st_mode & 0o777 == default_mode() == 0o644
     finally:
         os.umask(old)
+
+
+def test_quiet_is_accepted_before_or_after_every_command():
+    from spotdiff.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {"fit", "test", "predict", "pretrain", "demo", "benchmark", "serve"} <= set(commands)
+    for name, command in commands.items():
+        assert any("--quiet" in a.option_strings for a in command._actions), name
+    before = parser.parse_args(["--quiet", "demo"])
+    after = parser.parse_args(["demo", "--quiet"])
+    neither = parser.parse_args(["demo"])
+    assert before.quiet is True and after.quiet is True and neither.quiet is False

@@ -603,7 +603,6 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default=None, metavar="W",
                    help="also run PaDiM on this backbone, e.g. imagenet (torchvision's ImageNet resnet18 from its "
                         "cache; see --help of fit)")
-    p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output")
     p.set_defaults(run=_run_demo)
 
 
@@ -633,7 +632,6 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lease", type=float, metavar="S",
                    help="take over a cell claimed from another machine after S s without heartbeat (default 300)")
     p.add_argument("--collect", action="store_true", help="only write the tables from the cells done so far")
-    p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output")
     p.set_defaults(run=_run_benchmark)
 
 
@@ -686,6 +684,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in COMMANDS:
         add(sub)
+    for command in sub.choices.values():  # --quiet also after the command: `spotdiff fit ... --quiet`
+        command.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                             help="no progress bars or status lines (also accepted before the command)")
     return parser
 
 

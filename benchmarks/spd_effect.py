@@ -85,7 +85,7 @@ DESIGNS = {
     "tiny": Design(seeds=2, steps=2, batch=8, pretrain_size=72, image_size=32, seg_steps=2, seg_batch=4,
                    seg_shots=2, max_train=16, max_test_per_class=6),
     # 2 idle CPU cores, ~60-75 min for the whole design (sizing in spd_prereg.md)
-    "cpu": Design(seeds=8, steps=40, batch=32, pretrain_size=72, image_size=64, seg_steps=60, seg_batch=8,
+    "cpu": Design(seeds=8, steps=30, batch=32, pretrain_size=72, image_size=64, seg_steps=60, seg_batch=8,
                   seg_shots=10),
     # one H200-class GPU, <= 8 min (not run yet)
     "cuda": Design(seeds=10, steps=600, batch=256, pretrain_size=72, image_size=64, seg_steps=300, seg_batch=16,

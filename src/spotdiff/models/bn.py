@@ -29,6 +29,7 @@ from spotdiff.data.dataset import AnomalyDataset, ImageRecord
 from spotdiff.data.folder import list_images
 from spotdiff.data.transforms import normalize
 from spotdiff.errors import DataError
+from spotdiff.models.backbones import LoadedWeights, build_backbone
 
 BN_BATCH = 16
 """Images per forward pass while re-estimating (our choice; the cumulative average does not depend
@@ -107,3 +108,20 @@ def recalibrate_batchnorm_folder(model: nn.Module, folder: str | os.PathLike[str
 def metadata_entries(record: dict[str, Any]) -> dict[str, str]:
     """The record of :func:`recalibrate_batchnorm_folder` as safetensors string metadata (``bn_*`` keys)."""
     return {"bn_recalibrated": "true", **{f"bn_{key}": str(value) for key, value in record.items()}}
+
+
+def recalibrated_weights(weights: LoadedWeights, folder: str | os.PathLike[str], image_size: int,
+                         seed: int = 0) -> LoadedWeights:
+    """``weights`` (random init drawn from ``seed``, as the detectors draw it) with BN re-estimated on ``folder``.
+
+    The result is a :class:`LoadedWeights` holding the new state; its ``name`` records the
+    re-estimation (folder, image count, size) so that model directories keep the provenance.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = build_backbone(weights.arch, weights)
+    record = recalibrate_batchnorm_folder(net, folder, image_size)
+    name = (f"{weights.name} + BN re-estimated on {record['images']} images of {record['folder']} "
+            f"at {record['image_size']} px")
+    return LoadedWeights(weights.arch, name=name, file=weights.file, sha256=weights.sha256,
+                         state={k: v.detach().clone() for k, v in net.state_dict().items()})

@@ -432,6 +432,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
     from spotdiff.progress import set_quiet
+    # Every module a cell uses, imported now: editing the work tree during a long run cannot change it.
+    import spotdiff.detect.predict  # noqa: F401
+    import spotdiff.finetune.train  # noqa: F401
+    import spotdiff.models.bn  # noqa: F401
+    import spotdiff.pretrain.train  # noqa: F401
 
     name = "tiny" if args.tiny else args.design
     design = DESIGNS[name] if args.seeds is None else replace(DESIGNS[name], seeds=args.seeds)
@@ -458,8 +463,9 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     set_quiet(True)
+    code = code_commit()  # the code this process runs (read once, at start)
     command = "python benchmarks/spd_effect.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    print(f"# spd_effect {name}: {design_tag}; prereg {prereg[:12]}; code {code_commit()[:18]}; "
+    print(f"# spd_effect {name}: {design_tag}; prereg {prereg[:12]}; code {code[:18]}; "
           f"{platform.machine()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}; "
           f"load {os.getloadavg()[0]:.1f}", flush=True)
     todo = [(a, s) for s in range(design.seeds) for a in ARMS]
@@ -471,7 +477,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
         data = seed_data(args.root, seed, design, args.work)
         metrics = run_cell(arm, seed, design, data, args.work)
         row = {"arm": arm, "seed": seed, "design_name": name, "design": design_tag, "metrics": metrics,
-               "prereg_commit": prereg, "commit": code_commit(), "command": command,
+               "prereg_commit": prereg, "commit": code, "command": command,
                "load": os.getloadavg()[0], "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if only is not None:
             print(json.dumps(row), flush=True)

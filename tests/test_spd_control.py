@@ -23,7 +23,7 @@ from spotdiff.pretrain.data import EpochBatchSampler, PretrainImages, find_image
 from spotdiff.pretrain.methods import build_method
 from spotdiff.pretrain.train import run_pretrain
 
-SIZE = 64  # SmoothBlend holds its stated area and smoothness from 52 px with aspect 0.5-2
+SIZE = 72  # SmoothBlend holds its stated area and smoothness from 65 px with aspect 0.5-2
 SMALL = {"proj_dim": 32, "pred_dim": 16, "blend_aspect": (0.5, 2.0)}
 
 

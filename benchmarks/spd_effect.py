@@ -82,6 +82,7 @@ class Design:
     blend_area: tuple[float, float] = (0.005, 0.01)  # SmoothBlend's (the library's default)
     proj_dim: int = 2048  # SimSiam's projector / predictor widths (the recipe)
     pred_dim: int = 512
+    workers: int = 0  # pre-training data-loading processes (views do not depend on it; not recorded)
 
 
 CI_ONLY_DEFAULTS = {"blend_area": [0.005, 0.01], "proj_dim": 2048, "pred_dim": 512}
@@ -90,7 +91,8 @@ CI_ONLY_DEFAULTS = {"blend_area": [0.005, 0.01], "proj_dim": 2048, "pred_dim": 5
 def design_record(design: Design) -> dict[str, Any]:
     """The design as stored in every result row (JSON types; CI-only fields only when changed)."""
     tag = json.loads(json.dumps(asdict(design)))
-    return {k: v for k, v in tag.items() if not (k in CI_ONLY_DEFAULTS and CI_ONLY_DEFAULTS[k] == v)}
+    return {k: v for k, v in tag.items()
+            if k != "workers" and not (k in CI_ONLY_DEFAULTS and CI_ONLY_DEFAULTS[k] == v)}
 
 
 DESIGNS = {
@@ -103,7 +105,7 @@ DESIGNS = {
                   seg_shots=10),
     # one H200-class GPU, <= 8 min (not run yet)
     "cuda": Design(seeds=10, steps=600, batch=256, pretrain_size=72, image_size=64, seg_steps=300, seg_batch=16,
-                   seg_shots=10, device="cuda", amp="bf16"),
+                   seg_shots=10, device="cuda", amp="bf16", workers=12),
 }
 
 
@@ -214,7 +216,7 @@ def pretrain_backbone(arm: str, seed: int, design: Design, images: Path, run_dir
     spd, eta = ARM_SETTINGS[arm]
     cfg = load_config(None, dict(
         method="simsiam", spd=spd, eta=eta, arch=design.arch, data=str(images), out=str(run_dir),
-        steps=design.steps, batch_size=design.batch, image_size=design.pretrain_size, workers=0,
+        steps=design.steps, batch_size=design.batch, image_size=design.pretrain_size, workers=design.workers,
         device=design.device, amp=design.amp, seed=seed, checkpoint_every=0,
         log_every=max(1, design.steps // 10), tensorboard=False,
         hparams={"blend_aspect": list(BLEND_ASPECT), **{

@@ -260,7 +260,12 @@ def detector_metrics(kind: str, weights: Path, design: Design, seed: int, data: 
 
 def segmentation_metrics(weights: Path, design: Design, seed: int, data: SeedData) -> dict[str, float]:
     """2-class k-shot segmentation: a U-Net fine-tuned from ``weights`` (the finetune package's recipe)."""
-    from spotdiff.finetune.train import TensorData, build_model, evaluate_model, train_model
+    from spotdiff.finetune.train import (
+        TensorData,
+        build_model,
+        evaluate_model,
+        train_model,
+    )
     from spotdiff.models import load_weights
 
     def tensors(items: list[dict[str, Any]]) -> TensorData:
@@ -449,12 +454,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
-    from spotdiff.progress import set_quiet
     # Every module a cell uses, imported now: editing the work tree during a long run cannot change it.
-    import spotdiff.detect.predict  # noqa: F401
-    import spotdiff.finetune.train  # noqa: F401
-    import spotdiff.models.bn  # noqa: F401
+    import spotdiff.detect.predict
+    import spotdiff.finetune.train
+    import spotdiff.models.bn
     import spotdiff.pretrain.train  # noqa: F401
+    from spotdiff.progress import set_quiet
 
     name = "tiny" if args.tiny else args.design
     design = DESIGNS[name] if args.seeds is None else replace(DESIGNS[name], seeds=args.seeds)

@@ -5,19 +5,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
+import _toy_method
 import pytest
 import torch
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-import _toy_method
 from spotdiff.cli import main
 from spotdiff.errors import DataError
 from spotdiff.models import build_backbone, load_weights
-from spotdiff.models.bn import recalibrate_batchnorm, recalibrate_batchnorm_folder, recalibrated_weights
+from spotdiff.models.bn import (
+    recalibrate_batchnorm,
+    recalibrate_batchnorm_folder,
+    recalibrated_weights,
+)
 from spotdiff.pretrain import train
 from spotdiff.pretrain.config import load_config
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import _toy_method
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-import _toy_method
 from spotdiff.pretrain.checkpoint import load_checkpoint
 from spotdiff.pretrain.config import load_config
 from spotdiff.pretrain.data import EpochBatchSampler, PretrainImages, find_images

@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import MAGNETIC_TILE
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import spd_effect  # noqa: E402
+import spd_effect
 
 TIMINGS = ("cpu_s", "wall_s", "pretrain_cpu_s")
 

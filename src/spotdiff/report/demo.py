@@ -225,8 +225,13 @@ Settings: {settings}. Run time (wall): {timing}.
 
 What this shows: the whole pipeline (data, pre-training, export, 1-class detection, exact metrics, \
 report) running end to end, and how the three backbones compare on this run. What it does not show: \
-the paper's results. A few minutes of CPU pre-training on a few hundred small synthetic images is not \
-200 ImageNet epochs; random init may win here. Every number is measured by this run."""
+the paper's results, nor whether SPD helps: A few minutes of CPU pre-training on a few hundred small \
+synthetic images is not 200 ImageNet epochs; random init may win here, and a difference between the \
+SimSiam and SimSiam + SPD rows here also reflects SPD's extra BatchNorm passes, not only its loss. \
+The controlled test of SPD (an eta = 0 control, BN re-estimated, pre-registered) is \
+benchmarks/spd_effect.py; see benchmarks/results_spd.md for what it found. The pre-training lr is \
+SimSiam's recipe (0.05 per 256 images), not one chosen on test results. Every number is measured by \
+this run."""
 
 
 def run_demo(settings: DemoSettings, out: str | os.PathLike[str] = "spotdiff-demo",

@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from spotdiff.data.dataset import AnomalyDataset, ImageRecord
 from spotdiff.data.folder import list_images
@@ -88,7 +87,7 @@ def recalibrate_batchnorm_folder(model: nn.Module, folder: str | os.PathLike[str
         raise DataError(f"BN re-estimation image size must be >= 1, got {image_size}")
     paths = list_images(folder, recursive=True)  # DataError when the folder has no image
     dataset = AnomalyDataset([ImageRecord(p, 0) for p in paths], image_size=image_size, name="bn images")
-    images = []
+    images: list[torch.Tensor] = []
     for i in range(len(dataset)):
         try:
             images.append(dataset[i]["image"])
@@ -96,8 +95,9 @@ def recalibrate_batchnorm_folder(model: nn.Module, folder: str | os.PathLike[str
             raise
         except (OSError, ValueError, SyntaxError) as exc:
             raise DataError(f"{paths[i]}: cannot read image for BN re-estimation ({exc})") from exc
-    loader = DataLoader(images, batch_size=batch_size, shuffle=False)
-    count = recalibrate_batchnorm(model, (normalize(batch) for batch in loader))
+    stacked = torch.stack(images)
+    count = recalibrate_batchnorm(model, (normalize(stacked[i:i + batch_size])
+                                          for i in range(0, len(stacked), batch_size)))
     digest = hashlib.sha256()
     for path in sorted(paths):
         digest.update(f"{path.name}\0{path.stat().st_size}\n".encode())

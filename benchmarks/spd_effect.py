@@ -381,16 +381,27 @@ def analyse(rows: list[dict[str, Any]], design: Design) -> str:
         return [cells[(a, s)][key][metric] - cells[(b, s)][key][metric] for s in complete]
 
     def fmt(st: dict[str, float]) -> str:
+        if st["n"] < 2:
+            return f"{st['mean']:+.4f} | - | - | n = {st['n']}"
         return (f"{st['mean']:+.4f} | [{st['lo']:+.4f}, {st['hi']:+.4f}] | {st['p_wilcoxon']:.3g} | "
                 f"{'yes' if st['lo'] > 0 or st['hi'] < 0 else 'no'}")
 
     primary = paired_stats(diffs(*PRIMARY, "padim_bn", "pixel_aupr"))
-    verdict = ("an effect (the 95 % interval excludes 0)" if primary["lo"] > 0 or primary["hi"] < 0
-               else "no effect shown (the 95 % interval includes 0)")
+    if primary["n"] < 2:
+        verdict = "not estimable yet (an interval needs at least 2 complete seeds); no claim"
+    elif primary["lo"] > 0 or primary["hi"] < 0:
+        verdict = "an effect (the 95 % interval excludes 0)"
+    else:
+        verdict = "no effect shown (the 95 % interval includes 0)"
     lines += [f"**Primary endpoint** (PaDiM pixel AU-PR, spd_eta0.1 - spd_eta0, BN re-estimated, "
               f"n = {primary['n']} seeds): mean {primary['mean']:+.4f}, 95 % t-interval "
               f"[{primary['lo']:+.4f}, {primary['hi']:+.4f}], exact Wilcoxon p = {primary['p_wilcoxon']:.3g}: "
-              f"{verdict}.", ""]
+              f"{verdict}.", "",
+              "Per seed: " + ", ".join(
+                  f"seed {s}: {cells[(PRIMARY[0], s)]['padim_bn']['pixel_aupr']:.4f} - "
+                  f"{cells[(PRIMARY[1], s)]['padim_bn']['pixel_aupr']:.4f} = "
+                  f"{cells[(PRIMARY[0], s)]['padim_bn']['pixel_aupr'] - cells[(PRIMARY[1], s)]['padim_bn']['pixel_aupr']:+.4f}"
+                  for s in complete) + ".", ""]
     for title, (a, b) in (("spd_eta0.1 - spd_eta0 (SPD gradient; the pre-registered pair)", PRIMARY),
                           ("spd_eta0 - simsiam (the SPD path's extra passes without its gradient; reference)",
                            ("spd_eta0", "simsiam")),
@@ -416,6 +427,17 @@ def analyse(rows: list[dict[str, Any]], design: Design) -> str:
         lines.append(f"| {arm} | {_mean_sd([x['cos_weak_weak'] for x in m], 4)} | "
                      f"{_mean_sd([x['cos_weak_blended'] for x in m], 4)} | {_mean_sd([x['gap'] for x in m], 5)} | "
                      f"{_mean_sd(change, 5)} |")
+    lines += ["", "Every finished cell (complete seeds or not; descriptive):", "",
+              "| arm | seed | PaDiM pixel AU-PR (BN / raw) | PaDiM image AU-PR (BN / raw) | PaDiM AU-PRO (BN) | "
+              "PatchCore pixel AU-PR (BN / raw) | 10-shot U-Net pixel AU-PR | manipulation gap | CPU s (pre-training) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["seed"], ARMS.index(r["arm"]))):
+        m = r["metrics"]
+        lines.append(
+            f"| {r['arm']} | {r['seed']} | {m['padim_bn']['pixel_aupr']:.4f} / {m['padim_raw']['pixel_aupr']:.4f} | "
+            f"{m['padim_bn']['image_aupr']:.4f} / {m['padim_raw']['image_aupr']:.4f} | {m['padim_bn']['pixel_aupro']:.4f} | "
+            f"{m['patchcore_bn']['pixel_aupr']:.4f} / {m['patchcore_raw']['pixel_aupr']:.4f} | "
+            f"{m['seg10_bn']['pixel_aupr']:.4f} | {m['manip']['gap']:+.5f} | {m['cpu_s']:.0f} ({m['pretrain_cpu_s']:.0f}) |")
     cpu = [r["metrics"]["cpu_s"] for r in rows]
     lines += ["", f"Cells finished: {len(rows)} of {design.seeds * len(ARMS)}; CPU time per cell "
               f"{_mean_sd(cpu, 0)} s (this process, all threads)."]
@@ -441,6 +463,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prereg", type=Path, default=PREREG, help=argparse.SUPPRESS)
     p.add_argument("--cell", default=None, metavar="ARM:SEED", help="run only this cell (e.g. spd_eta0:3)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--analyse", action="store_true",
+                   help="only (re)write WORK/analysis.md from the finished cells; run nothing")
     return p.parse_args(argv)
 
 
@@ -483,6 +507,11 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
                               f"{prereg[:12]} ({args.prereg} changed after the run started); use a new --work")
     mine = [r for r in rows if r["design"] == design_tag]
     done = {(r["arm"], r["seed"]) for r in mine}
+    if args.analyse:
+        text = analyse(mine, design)
+        (args.work / "analysis.md").write_text(text)
+        print(text, flush=True)
+        return 0
     args.work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     set_quiet(True)

@@ -70,8 +70,11 @@ def test_one_cell_reproduces_its_metrics_exactly_and_finished_cells_resume(tiny_
         again = json.loads((tmp_path / "cell_spd_eta0.1_s1.json").read_text())
         original = next(r for r in rows if r["arm"] == "spd_eta0.1" and r["seed"] == 1)
         assert _metrics(again) == _metrics(original)
-        # resume: every cell is finished, nothing runs again
+        # resume: every cell is finished, nothing runs again; --analyse only rewrites the analysis
         assert spd_effect.main(["--tiny", "--work", str(tiny_run), "--threads", "1"]) == 0
+        (tiny_run / "analysis.md").unlink()
+        assert spd_effect.main(["--tiny", "--work", str(tiny_run), "--analyse"]) == 0
+        assert "| spd_eta0 | 1 |" in (tiny_run / "analysis.md").read_text()  # every finished cell listed
     finally:
         torch.set_num_threads(threads)
     assert len((tiny_run / "results.jsonl").read_text().splitlines()) == len(rows)

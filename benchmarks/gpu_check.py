@@ -82,6 +82,12 @@ FULL = Sizes("resnet50", 256, 224, 5, 20, 256, 224, 32, 8, 256, "resnet18", "wid
              "resnet50", 8, 256, 3, 32, 64, 3, 8)
 TINY = Sizes("resnet18", 4, 32, 1, 2, 4, 32, 6, 2, 32, "resnet18", "resnet18", "resnet18", 2, 32, 2, 8, 32, 2, 4)
 
+
+def blend_settings(px: int) -> dict[str, tuple[float, float]]:
+    """SmoothBlend's ``area`` / ``aspect`` for ``px``-pixel images: the defaults from 91 px, below that
+    settings that hold their stated area and smoothness there (docs/pretrain_methods.md)."""
+    return {} if px >= 91 else {"area": (0.04, 0.08), "aspect": (0.5, 2.0)}
+
 # Tolerances (our choice): SmoothBlend is elementwise float32 maths, so only erf/exp rounding differs;
 # detector outputs go through convolutions, a Cholesky inverse (PaDiM) or a greedy coreset (PatchCore).
 BLEND_TOL = 1e-5  # max |device - cpu| on ImageNet-normalised pixels
@@ -140,7 +146,7 @@ def check_smoothblend_parity(device: torch.device, sizes: Sizes, work: Path) -> 
     from spotdiff.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 
     report = Report("smoothblend_parity")
-    blend = SmoothBlend(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    blend = SmoothBlend(mean=IMAGENET_MEAN, std=IMAGENET_STD, **blend_settings(sizes.blend_px))
     images = normalize(_smooth_images(sizes.blend_batch, sizes.blend_px, seed=1))
     ref, ref_alpha = blend(images, generator=torch.Generator().manual_seed(7), return_mask=True)
     dev_blend = blend.to(device)
@@ -208,7 +214,8 @@ def _throughput(name: str, spd: bool, device: torch.device, sizes: Sizes, amp: t
 
     on_gpu = device.type == "cuda"
     torch.manual_seed(0)
-    method = build_method("simsiam", arch=sizes.pretrain_arch, spd=spd).to(device)
+    blend = {f"blend_{k}": v for k, v in blend_settings(sizes.pretrain_px).items()} if spd else {}
+    method = build_method("simsiam", arch=sizes.pretrain_arch, spd=spd, **blend).to(device)
     if on_gpu:
         method.to(memory_format=torch.channels_last)
         torch.cuda.reset_peak_memory_stats(device)
@@ -257,7 +264,8 @@ def check_torchrun_smoke(device: torch.device, sizes: Sizes, work: Path) -> Repo
            "--data", str(images), "--out", str(run), "--steps", str(sizes.smoke_steps),
            "--batch-size", str(sizes.smoke_batch), "--image-size", str(sizes.smoke_px), "--workers", "0",
            "--amp", "bf16", "--checkpoint-every", "0", "--set", f"device={device.type}",
-           "--set", "log_every=1", "--set", "tensorboard=false"]
+           "--set", "log_every=1", "--set", "tensorboard=false",
+           *[a for k, v in blend_settings(sizes.smoke_px).items() for a in ("--set", f"hparams.blend_{k}={list(v)}")]]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH")) if p)}
     if device.type == "cuda":  # LOCAL_RANK 0 is then this check's GPU
         visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]

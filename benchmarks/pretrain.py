@@ -86,7 +86,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--size", type=int, default=96)  # SmoothBlend holds its defaults from 91 px
     parser.add_argument("--method", default="simsiam")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()

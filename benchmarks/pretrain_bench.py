@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--size", type=int, default=96)  # SmoothBlend holds its defaults from 91 px
     p.add_argument("--steps", type=int, default=7)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--amp", action="store_true")

@@ -77,6 +77,9 @@ class ToyMethod(nn.Module):
 
     sync_batchnorm = True
 
+    def check_image_size(self, image_size):  # no SmoothBlend here
+        pass
+
     def check_batches(self, images_per_epoch, batch_size, world_size):
         pass
 

@@ -24,6 +24,8 @@ BATCH, SIZE = 6, 32
 def _build(name: str, spd: bool = False, eta: float = 0.1, seed: int = 0) -> PretrainMethod:
     torch.manual_seed(seed)
     extra = {"num_classes": 3} if name == "supervised" else {}
+    if spd:  # SmoothBlend holds its stated area and smoothness at 32 px only with a larger area
+        extra |= {"blend_area": (0.04, 0.08), "blend_aspect": (0.5, 2.0)}
     return build_method(name, arch="resnet18", spd=spd, eta=eta, **extra, **TINY[name])
 
 

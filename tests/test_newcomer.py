@@ -181,7 +181,7 @@ def test_pretrain_caps_batch_by_the_data_and_workers_by_the_cores(tmp_path, caps
     run = tmp_path / "run"
     assert main(["pretrain", "--method", "simsiam", "--spd", "--arch", "resnet18", "--steps", "1",
                  "--batch-size", "512", "--image-size", "32", "--workers", "4096", "--data", str(images),
-                 "--out", str(run)]) == 0
+                 "--out", str(run), "--set", "hparams.blend_area=[0.04, 0.08]", "--set", "hparams.blend_aspect=[0.5, 2.0]"]) == 0  # SmoothBlend at 32 px
     err = capsys.readouterr().err
     assert "batch size 512 capped at 6" in err and "workers capped at" in err
     assert "pretrain simsiam+spd" in err  # the progress bar names the run

@@ -26,7 +26,8 @@ def test_two_process_gloo_moco_spd_run(tmp_path):
            "-m", "spotdiff", "--quiet", "pretrain", "--method", "moco", "--spd", "--arch", "resnet18",
            "--data", str(images), "--out", str(run), "--steps", "2", "--batch-size", "4",
            "--image-size", "32", "--workers", "0", "--checkpoint-every", "1", "--set", "log_every=1",
-           "--set", "tensorboard=false", "--set", "hparams.queue_size=12"]  # <= 16 images - batch 4
+           "--set", "tensorboard=false", "--set", "hparams.queue_size=12",  # <= 16 images - batch 4
+           "--set", "hparams.blend_area=[0.04, 0.08]", "--set", "hparams.blend_aspect=[0.5, 2.0]"]  # SmoothBlend at 32 px
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr

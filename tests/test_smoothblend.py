@@ -19,6 +19,7 @@ from spotdiff.augment import (
 )
 from spotdiff.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 from spotdiff.errors import ConfigError
+from spotdiff.augment.smoothblend import MAX_MASS_ERROR, MIN_PEAK_ALPHA, MIN_SIGMA_PX
 
 
 def _images(b: int = 6, h: int = 48, w: int = 64, seed: int = 1) -> torch.Tensor:
@@ -52,7 +53,7 @@ def test_per_sample_boxes_differ() -> None:
 
 @pytest.mark.parametrize(("area", "sigma", "size"), [
     ((0.005, 0.01), 0.08, 96),   # the defaults (the paper's 0.5-1 %)
-    ((0.005, 0.01), 0.08, 48),   # small images: the pixel grid matters
+    ((0.005, 0.01), 0.08, 72),   # near the smallest size the defaults hold (68 px): the grid matters
     ((0.02, 0.04), 0.12, 64),
     ((0.01, 0.03), 0.0, 64),     # hard paste: mass == box area
 ])
@@ -99,7 +100,7 @@ def test_no_dark_halo_convex_combination() -> None:
 
 def test_reproducible_from_seed_and_generator_independent_of_global_rng() -> None:
     blend = SmoothBlend()
-    x = _images()
+    x = _images(6, 96, 96)
     a = blend(x, generator=torch.Generator().manual_seed(7))
     torch.manual_seed(123)
     b = blend(x, generator=torch.Generator().manual_seed(7))
@@ -242,3 +243,59 @@ def test_property_footprint_and_range(b, h, w, area_lo, area_span, sigma, seed) 
     assert torch.equal(out[~fp.expand_as(out)], x[~fp.expand_as(x)])
     assert (alpha[~fp] == 0).all() and alpha.min() >= 0 and alpha.max() <= 1
     assert out.min() >= 0 and out.max() <= 1
+
+
+# ----------------------------------------------------------------------------- small images (issue 22)
+STATED_SMALLEST = [((0.3, 3.3), 91), ((0.5, 2.0), 65)]  # docs/pretrain_methods.md
+
+
+@pytest.mark.parametrize(("aspect", "smallest"), STATED_SMALLEST)
+def test_stated_area_and_smoothness_hold_from_the_stated_smallest_size(aspect, smallest) -> None:
+    """At and above the stated smallest size 400 random draws keep sigma >= 0.5 px, peak alpha >= 0.9
+    and the alpha mass within 25 % of the drawn area; one pixel below, forward refuses."""
+    blend = SmoothBlend(aspect=aspect)
+    for size in (smallest, smallest + 7, 128):
+        blend.check_size(size, size)
+        params = blend.sample(400, size, size, torch.Generator().manual_seed(size))
+        assert float(params.sigma.min()) >= MIN_SIGMA_PX
+        _, alpha = blend.apply(torch.rand(400, 3, size, size, generator=torch.Generator().manual_seed(1)), params)
+        assert float(alpha.amax(dim=(1, 2, 3)).min()) >= MIN_PEAK_ALPHA
+        u = torch.rand(10, 400, generator=torch.Generator().manual_seed(size), dtype=torch.float64)
+        target = (blend.area[0] + (blend.area[1] - blend.area[0]) * u[0]) * size * size
+        error = (alpha.sum(dim=(1, 2, 3)).double() - target).abs() / target
+        assert float(error.max()) <= MAX_MASS_ERROR
+    blend(torch.rand(2, 3, smallest, smallest))
+    with pytest.raises(ConfigError, match=rf"image size {smallest - 1}x{smallest - 1}: too small"):
+        blend(torch.rand(2, 3, smallest - 1, smallest - 1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("aspect", "smallest"), STATED_SMALLEST)
+def test_smallest_size_is_the_stated_one(aspect, smallest) -> None:
+    """Every size from the stated smallest to 192 px passes the check, the one below it does not."""
+    assert SmoothBlend(aspect=aspect).smallest_size() == smallest
+
+
+def test_sigma_is_floored_in_pixels_and_hard_paste_is_not() -> None:
+    params = SmoothBlend(aspect=(0.5, 2.0)).sample(200, 64, 64, torch.Generator().manual_seed(0))
+    assert torch.allclose(params.sigma, torch.maximum(0.08 * torch.minimum(params.h, params.w).float(),
+                                                      torch.tensor(MIN_SIGMA_PX)))
+    hard = SmoothBlend(sigma=0.0).sample(50, 16, 16, torch.Generator().manual_seed(0))
+    assert float(hard.sigma.abs().max()) == 0.0
+    SmoothBlend(sigma=0.0)(torch.rand(2, 3, 16, 16))  # a hard paste has no smoothness to keep
+
+
+def test_pretrain_refuses_a_view_size_where_smoothblend_cannot_hold(tmp_path, capsys) -> None:
+    from spotdiff.cli import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        Image.fromarray((_images(1, 40, 40, seed=i)[0].permute(1, 2, 0) * 255).byte().numpy()).save(images / f"{i}.png")
+    out = tmp_path / "run"
+    code = main(["pretrain", "--method", "simsiam", "--spd", "--arch", "resnet18", "--data", str(images),
+                 "--out", str(out), "--steps", "1", "--batch-size", "4", "--image-size", "32",
+                 "--workers", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "image size 32x32: too small" in err[0]
+    assert not out.exists()

@@ -264,7 +264,7 @@ def test_pretrain_starts_from_the_named_weights(cached, r18_state, tmp_path, mon
     run = tmp_path / "run"
     assert main(["--quiet", "pretrain", "--method", "simsiam", "--spd", "--arch", "resnet18", "--weights", "imagenet",
                  "--data", str(images), "--steps", "1", "--batch-size", "4", "--image-size", "32", "--workers",
-                 "0", "--lr", "0.01", "--out", str(run)]) == 0
+                 "0", "--lr", "0.01", "--out", str(run), "--set", "hparams.blend_area=[0.04, 0.08]", "--set", "hparams.blend_aspect=[0.5, 2.0]"]) == 0  # SmoothBlend at 32 px
     first = seen[0]
     body = {k: v for k, v in r18_state.items() if not k.startswith("fc.")}
     assert first.keys() == body.keys() and all(torch.equal(first[k], v) for k, v in body.items())
@@ -282,7 +282,7 @@ def test_weights_object_of_another_architecture_is_refused(cached):
 def test_demo_adds_the_named_backbone(cached, tmp_path, no_network):
     from spotdiff.report.demo import BACKBONES, DemoSettings, run_demo
 
-    tiny = DemoSettings(scale=0.1, data_size=32, image_size=32, pretrain_size=32, pretrain_steps=1,
+    tiny = DemoSettings(scale=0.1, data_size=32, image_size=32, pretrain_size=72, pretrain_steps=1,
                         pretrain_batch=4, padim_batch=8, gallery_size=2)
     result = run_demo(tiny, tmp_path / "demo", weights="imagenet")
     label = "ResNet18_Weights.IMAGENET1K_V1"

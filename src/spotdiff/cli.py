@@ -147,13 +147,18 @@ def _add_export_backbone(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", metavar="CKPT", help="a pre-training checkpoint (RUN_DIR/checkpoint.pt)")
     p.add_argument("--out", required=True, metavar="W.safetensors", help="output weights file")
     p.add_argument("--arch", help="expected architecture (default: the checkpoint's)")
+    p.add_argument("--bn-recalibrate", metavar="DIR", default=None,
+                   help="re-estimate every BatchNorm layer's running statistics on the clean images of DIR")
+    p.add_argument("--bn-image-size", type=int, default=256, metavar="PX",
+                   help="image size of the BN re-estimation (default 256; use the detector's)")
     p.set_defaults(run=_run_export_backbone)
 
 
 def _run_export_backbone(args: argparse.Namespace) -> int:
     from spotdiff.pretrain.export import export_backbone
 
-    print(export_backbone(args.checkpoint, args.out, arch=args.arch))
+    print(export_backbone(args.checkpoint, args.out, arch=args.arch, bn_recalibrate=args.bn_recalibrate,
+                          bn_image_size=args.bn_image_size))
     return 0
 
 
@@ -188,6 +193,8 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default=None, metavar="W",
                    help=f"backbone weights: {WEIGHTS_HELP}; default: random init, with a warning")
     p.add_argument("--image-size", type=int, default=256, help="square input size in pixels (default 256)")
+    p.add_argument("--bn-recalibrate", metavar="DIR", default=None,
+                   help="re-estimate the backbone's BatchNorm statistics on the clean images of DIR first (off)")
     p.add_argument("--layers", nargs="+", default=None,
                    help="backbone stages (default: layer1 layer2 layer3 for padim, layer2 layer3 for patchcore)")
     p.add_argument("--d", type=int, default=None,
@@ -270,6 +277,10 @@ def _run_fit(args: argparse.Namespace) -> int:
         model = PatchCore(coreset_ratio=args.coreset_ratio, **shard, **common)
     model.check_params()  # bad settings and weights fail before anything is read or written
     model.set_params(weights=load_weights(model.arch, model.weights, strict=args.strict_weights))
+    if args.bn_recalibrate is not None:
+        from spotdiff.models.bn import recalibrated_weights
+
+        model.set_params(weights=recalibrated_weights(model.weights, args.bn_recalibrate, args.image_size, args.seed))
     options = {"val_good": args.val_good, "val_bad": args.val_bad, "val_masks": args.val_masks,
                "threshold_mode": args.threshold_mode, "target_fpr": args.target_fpr, "threshold": args.threshold,
                "pixel_threshold": args.pixel_threshold, "val_seed": args.split_seed,

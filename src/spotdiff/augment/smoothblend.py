@@ -45,6 +45,16 @@ from torchvision.transforms.v2 import functional as F
 from spotdiff.errors import ConfigError
 
 _GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+MIN_SIGMA_PX = 0.5
+"""Floor of the Gaussian std, in pixels (ours): below half a pixel the whole soft edge
+(``2 * truncate * sigma`` = 3 px at the floor) collapses into one or two pixels and the paste is
+hard in effect (issue 22 measured sigma ~ 0.29 px at 32 px)."""
+MIN_PEAK_ALPHA = 0.9
+"""Smallest accepted peak of ``alpha`` (the patch must really be pasted somewhere)."""
+MAX_MASS_ERROR = 0.25
+"""Largest accepted relative error of the alpha mass against the drawn area (pixel rounding)."""
+GRID = (21, 33)
+"""Areas x aspects (evenly / log-evenly over the ranges, ends included) on which sizes are checked."""
 
 
 # ----------------------------------------------------------------------------- colour jitter
@@ -184,8 +194,12 @@ class SmoothBlend(nn.Module):
         jitter: Sequence[float] = (0.4, 0.4, 0.4, 0.1),
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        min_sigma_px: float = MIN_SIGMA_PX,
     ) -> None:
         super().__init__()
+        if not (math.isfinite(min_sigma_px) and min_sigma_px >= 0):
+            raise ConfigError(f"SmoothBlend min_sigma_px={min_sigma_px!r}: need a finite number >= 0")
+        self.min_sigma_px = float(min_sigma_px) if sigma > 0 else 0.0
         self.area = _pair(area, "area", 0.0, 1.0, open_range=True)
         self.aspect = _pair(aspect, "aspect", 1e-3, 1e3)
         if not (sigma >= 0 and truncate > 0):
@@ -214,6 +228,68 @@ class SmoothBlend(nn.Module):
     def extra_repr(self) -> str:
         return (f"area={self.area}, aspect={self.aspect}, sigma={self.sigma}, truncate={self.truncate}, "
                 f"jitter={self.jitter}, normalised={self.mean is not None}")
+
+    # -- the smallest image
+    def check_size(self, height: int, width: int) -> None:
+        """ConfigError unless every box this blend can draw on ``height x width`` images is smooth.
+
+        Checked on a grid of areas and aspects (:data:`GRID`, the ends included): the peak of
+        ``alpha`` must reach :data:`MIN_PEAK_ALPHA` and the alpha mass must be within
+        :data:`MAX_MASS_ERROR` of the drawn area, with ``sigma >= min_sigma_px``. Cached per size.
+        """
+        problem = self._size_problem(int(height), int(width)) if self._size_problem_cached_hw(height, width) else ""
+        if problem:
+            raise ConfigError(problem)
+
+    def _size_problem_cached_hw(self, height: int, width: int) -> bool:
+        if height == width:
+            return self._size_problem_cached(int(height))
+        peak, error = self.worst_case(int(height), int(width))
+        return not (peak >= MIN_PEAK_ALPHA and error <= MAX_MASS_ERROR)
+
+    def _size_problem(self, height: int, width: int) -> str:
+        """Why SmoothBlend cannot hold its stated area and smoothness at ``height x width`` ('' if it can)."""
+        peak, error = self.worst_case(height, width)
+        if peak >= MIN_PEAK_ALPHA and error <= MAX_MASS_ERROR:
+            return ""
+        return (f"SmoothBlend image size {height}x{width}: too small for area={self.area}, aspect={self.aspect}, "
+                f"sigma={self.sigma}, min_sigma_px={self.min_sigma_px} (lowest peak alpha {peak:.2f}, "
+                f"need >= {MIN_PEAK_ALPHA}; alpha mass off by up to {error:.0%}, need <= {MAX_MASS_ERROR:.0%}); "
+                "use larger images or a narrower aspect range (defaults hold from 91 px, aspect 0.5-2 from 65 px; "
+                "SmoothBlend.smallest_size() computes it)")
+
+    def worst_case(self, height: int, width: int) -> tuple[float, float]:
+        """``(lowest peak alpha, largest relative alpha-mass error)`` over a grid of boxes on ``height x width``.
+
+        The grid: :data:`GRID` areas (evenly over ``area``) x aspects (log-evenly over ``aspect``),
+        ends included. Peak and mass are exact for the drawn integer boxes (closed-form alpha).
+        """
+        if self.sigma == 0:
+            return 1.0, 0.0
+        areas = torch.linspace(self.area[0], self.area[1], GRID[0], dtype=torch.float64)
+        log_lo, log_hi = math.log(self.aspect[0]), math.log(self.aspect[1])
+        ratios = torch.exp(torch.linspace(log_lo, log_hi, GRID[1], dtype=torch.float64))
+        area, ratio = (t.reshape(-1) for t in torch.meshgrid(areas, ratios, indexing="ij"))
+        target = area * (height * width)
+        h, w = self._box_for_mass(target, ratio, height, width)
+        error = float(((self.alpha_mass(h, w) - target).abs() / target).max())
+        sigma = self._sigma_px(h, w)
+        cy, cx = ((h - 1) / 2).floor().long(), ((w - 1) / 2).floor().long()
+        peak = self._profile(cy.view(-1, 1), h, sigma) * self._profile(cx.view(-1, 1), w, sigma)
+        return float(peak.min()), error
+
+    def smallest_size(self, limit: int = 192) -> int:
+        """The smallest square side (px) from which on :meth:`check_size` passes for every side up to
+        ``limit`` (pixel rounding makes some single sizes below it pass too; errors shrink with size)."""
+        last_failing = max((side for side in range(4, limit + 1) if self._size_problem_cached(side)), default=3)
+        return last_failing + 1
+
+    def _size_problem_cached(self, side: int) -> bool:
+        cache = self.__dict__.setdefault("_checked_sizes", {})
+        if (side, side) not in cache:
+            peak, error = self.worst_case(side, side)
+            cache[(side, side)] = "" if peak >= MIN_PEAK_ALPHA and error <= MAX_MASS_ERROR else "fails"
+        return bool(cache[(side, side)])
 
     # -- parameters
     def sample(
@@ -248,7 +324,7 @@ class SmoothBlend(nn.Module):
         return BlendParams(
             h=h.to(long), w=w.to(long), src_y=src_y.to(long), src_x=src_x.to(long),
             dst_y=dst_y.to(long), dst_x=dst_x.to(long),
-            sigma=(self.sigma * torch.minimum(h, w)).float(),
+            sigma=self._sigma_px(h, w),
             brightness=factor(u[6], b), contrast=factor(u[7], c), saturation=factor(u[8], s),
             hue=((2.0 * u[9] - 1.0) * hj).float(),
         )
@@ -268,21 +344,41 @@ class SmoothBlend(nn.Module):
         k = 2.0 * self.truncate * self.sigma if self.sigma > 0 else 0.0
         rho = torch.maximum(ratio, 1.0 / ratio)
         short = torch.sqrt(target / ((1.0 - k) * (rho - k)))
+        if self.min_sigma_px > 0:  # floored sigma: (m - e)(rho m - e) = target, e = 2 truncate min_sigma_px
+            e = 2.0 * self.truncate * self.min_sigma_px
+            floored = (e * (1 + rho) + torch.sqrt((e * (1 + rho)) ** 2 - 4 * rho * (e * e - target))) / (2 * rho)
+            short = torch.where(self.sigma * short < self.min_sigma_px, floored, short)
         h = torch.where(ratio >= 1, short * rho, short)
         w = torch.where(ratio >= 1, short, short * rho)
 
         def to_pixels(h: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return h.round().clamp(1, height), w.round().clamp(1, width)
 
-        for _ in range(3):
+        for _ in range(4):
             mass = self.alpha_mass(*to_pixels(h, w))
             scale = torch.sqrt(target / mass.clamp_min(1e-12)).clamp(0.5, 2.0)
             h, w = h * scale, w * scale
-        return to_pixels(h, w)
+        # Of the nine integer boxes around the rounded (h, w), the one whose mass is closest to the target.
+        best_h, best_w = to_pixels(h, w)
+        best_err = (self.alpha_mass(best_h, best_w) - target).abs()
+        round_h, round_w = best_h, best_w
+        for dh, dw in ((a, b) for a in (-1, 0, 1) for b in (-1, 0, 1) if a or b):
+            ch, cw = (round_h + dh).clamp(1, height), (round_w + dw).clamp(1, width)
+            err = (self.alpha_mass(ch, cw) - target).abs()
+            better = err < best_err
+            best_h, best_w, best_err = (torch.where(better, ch, best_h), torch.where(better, cw, best_w),
+                                        torch.minimum(err, best_err))
+        return best_h, best_w
+
+    def _sigma_px(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` Gaussian std in pixels: ``sigma * min(h, w)``, floored at ``min_sigma_px`` (0 if sigma is 0)."""
+        if self.sigma == 0:
+            return torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+        return (self.sigma * torch.minimum(h, w)).clamp_min(self.min_sigma_px).float()
 
     def alpha_mass(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``sum(alpha)`` in pixels of ``(B,)`` boxes of integer sides ``h x w`` (alpha is separable)."""
-        sigma = (self.sigma * torch.minimum(h, w)).float()
+        sigma = self._sigma_px(h, w)
         longest = int(max(h.max(), w.max()))
         coord = torch.arange(longest, device=h.device).view(1, -1)
 
@@ -385,6 +481,7 @@ class SmoothBlend(nn.Module):
             generator: source of randomness (see :meth:`sample`); the global RNG when None.
             return_mask: also return ``alpha`` (B, 1, H, W) in [0, 1].
         """
+        self.check_size(images.shape[2], images.shape[3])
         params = self.sample(images.shape[0], images.shape[2], images.shape[3], generator, images.device)
         with torch.no_grad():
             out, alpha = self.apply(images, params, with_alpha=return_mask)

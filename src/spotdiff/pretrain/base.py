@@ -269,6 +269,11 @@ class PretrainMethod(nn.Module):
             })
         return groups
 
+    def check_image_size(self, image_size: int) -> None:
+        """ConfigError when SmoothBlend cannot hold its stated area and smoothness on ``image_size`` views."""
+        if self.smoothblend is not None:
+            self.smoothblend.check_size(image_size, image_size)
+
     def check_batches(self, images_per_epoch: int, batch_size: int, world_size: int) -> None:
         """Called by the loop before training: ConfigError if the data cannot feed this method. No-op here."""
 

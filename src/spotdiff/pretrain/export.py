@@ -19,6 +19,7 @@ import torch
 from spotdiff.errors import WeightsError
 from spotdiff.files import save_safetensors_atomic
 from spotdiff.models import build_backbone, load_backbone_weights
+from spotdiff.models.bn import metadata_entries, recalibrate_batchnorm_folder
 from spotdiff.pretrain.checkpoint import load_checkpoint
 
 BACKBONE_FORMAT = "spotdiff.backbone"
@@ -36,11 +37,16 @@ def write_backbone(state: Mapping[str, torch.Tensor], arch: str, out: str | os.P
     return out
 
 
-def export_backbone(ckpt: str | os.PathLike[str], out: str | os.PathLike[str], arch: str | None = None) -> Path:
+def export_backbone(ckpt: str | os.PathLike[str], out: str | os.PathLike[str], arch: str | None = None,
+                    bn_recalibrate: str | os.PathLike[str] | None = None, bn_image_size: int = 256) -> Path:
     """Write the backbone of pre-training checkpoint ``ckpt`` to ``out`` (``.safetensors``).
 
     Args:
         arch: expected architecture; a WeightsError if the checkpoint's differs. None: the checkpoint's.
+        bn_recalibrate: a folder of clean images: every BN layer's running statistics are re-estimated
+            on them (``spotdiff.models.bn``, at ``bn_image_size`` px, detector preprocessing) before
+            writing, and the metadata records it (``bn_*`` keys). A folder without a readable image:
+            DataError, nothing written.
     """
     if Path(out).suffix != ".safetensors":
         raise WeightsError(f"{out}: the exported backbone must be a .safetensors file")
@@ -55,7 +61,14 @@ def export_backbone(ckpt: str | os.PathLike[str], out: str | os.PathLike[str], a
     metadata = {k: config.get(k) for k in ("method", "spd", "eta")} | {"step": payload.get("step")}
     if not isinstance(payload.get("backbone"), Mapping):
         raise WeightsError(f"{ckpt}: checkpoint holds no backbone state")
+    state = payload["backbone"]
+    if bn_recalibrate is not None:
+        net = build_backbone(arch)
+        load_backbone_weights(net, {k.removeprefix("module."): v for k, v in state.items()
+                                    if not k.startswith("fc.")}, source=str(ckpt))
+        metadata |= metadata_entries(recalibrate_batchnorm_folder(net, bn_recalibrate, bn_image_size))
+        state = net.state_dict()
     try:
-        return write_backbone(payload["backbone"], arch, out, metadata)
+        return write_backbone(state, arch, out, metadata)
     except WeightsError as exc:
         raise WeightsError(f"{ckpt}: {exc}") from exc

@@ -142,6 +142,7 @@ def _set_up(cfg: PretrainConfig, ctx: DistContext, ckpt_path: Path, resume: dict
     init = load_weights(cfg.arch, cfg.weights)  # read (or downloaded) and checked before anything is written
     method = _build_method(cfg, class_names, init)
     cfg = _resolve_config(cfg, method, len(paths), ctx)
+    method.check_image_size(cfg.image_size)  # before anything is written
     if resume is not None:
         changed = config_differences(resume["config"], cfg)
         if changed:

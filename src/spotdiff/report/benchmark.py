@@ -29,7 +29,7 @@ Config (YAML; relative paths are relative to the config file)::
       - {name: simsiam_spd_r50, arch: resnet50, file: w/simsiam_spd_r50.safetensors}
       - name: tiny_simsiam                                       # pre-trained first
         arch: resnet18
-        pretrain: {method: simsiam, spd: true, steps: 100, image_size: 64, data: images/}
+        pretrain: {method: simsiam, spd: true, steps: 100, image_size: 96, data: images/}
     downstream:
       - {name: padim, method: padim, params: {layers: [layer1, layer2, layer3]}}
       - {name: patchcore, method: patchcore, weights: [wrn50_simsiam]}  # only these weights

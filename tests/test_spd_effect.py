@@ -31,12 +31,15 @@ def _prereg_committed() -> bool:
 def tiny_run(tmp_path_factory) -> Path:
     if not _prereg_committed():
         pytest.skip("not a git checkout with the committed pre-registration")
+    from spotdiff.progress import is_quiet, set_quiet
+
     work = tmp_path_factory.mktemp("spd_tiny")
-    threads = torch.get_num_threads()
+    threads, quiet = torch.get_num_threads(), is_quiet()
     try:
         assert spd_effect.main(["--tiny", "--work", str(work), "--threads", "1"]) == 0
-    finally:
+    finally:  # the script sets both for itself; the tests after this module must not inherit them
         torch.set_num_threads(threads)
+        set_quiet(quiet)
     return work
 
 

@@ -146,7 +146,9 @@ class Detector(ABC):
         self.layers_ = check_layers(self.layers)
         loaded = load_weights(self.arch, weights)
         self.backbone_ = inference_backbone(make_backbone(self.arch, loaded, self.seed), self.layers_).to(self.device_)
-        self.backbone_source_ = loaded.file if not loaded.is_random else f"random init, seed {self.seed}"
+        # a file, else the weights' name (e.g. weights re-estimated in memory by --bn-recalibrate)
+        self.backbone_source_ = (f"random init, seed {self.seed}" if loaded.is_random
+                                 else loaded.file or loaded.name or "weights given in memory")
         self.weights_record_: dict[str, str | None] = loaded.record()
         """Provenance of the backbone weights, ``{name, file, sha256}`` (see :func:`spotdiff.models.load_weights`)."""
         self._normal_maps: dict[str, Any] | None = None

@@ -6,7 +6,6 @@ import re
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,20 +15,13 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
-from test_report_browser import CHROMIUM, _chromium
+from test_report_browser import _chromium, chromium  # noqa: F401  (chromium is a fixture)
 from test_serve import model_dir, sample_pngs  # noqa: F401  (model_dir is a fixture)
 from test_serve_kill import free_port
 
 from spotdiff.serve import AuditLog, ServeConfig, create_app, load_models
 
 pytestmark = pytest.mark.browser
-
-
-@pytest.fixture(scope="module")
-def chromium() -> Path:
-    if not CHROMIUM.is_file():
-        pytest.skip(f"headless Chromium not found at {CHROMIUM} (apt-get install chromium)")
-    return CHROMIUM
 
 
 @contextmanager

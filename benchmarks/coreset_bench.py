@@ -146,7 +146,7 @@ def auroc(args: argparse.Namespace) -> dict[str, Any]:
     import spotdiff.detect.patchcore as pc
     from spotdiff.data import open_magnetic_tile
     from spotdiff.detect import PatchCore
-    from spotdiff.detect.predict import evaluate_detector
+    from spotdiff.detect.evaluate import evaluate_detector
 
     def previous_coreset(z: torch.Tensor, n: int, projection_dim: Any, seed: int) -> torch.Tensor:
         first = int(torch.randint(len(z), (1,), generator=torch.Generator().manual_seed(seed)))

@@ -19,17 +19,27 @@ ID2CLASS_JSON = SHARED_VISA / "id2class.json"
 MAGNETIC_TILE = SHARED / "realdata" / "magnetic_tile"
 
 
+def _session_quiet() -> bool:
+    from spotdiff.progress import is_quiet
+
+    return is_quiet()
+
+
+_QUIET_AT_START = _session_quiet()  # $SPOTDIFF_QUIET as the test session found it
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_torch():
-    """Seed torch, keep one intra-op thread per xdist worker (2-core CI machine), and restore the
-    global ``--quiet`` flag that an in-process ``main(["--quiet", ...])`` leaves set."""
-    from spotdiff.progress import is_quiet, set_quiet
+    """Seed torch, keep one intra-op thread per xdist worker (2-core CI machine), and start every
+    test with the global ``--quiet`` flag as the session began, whatever an in-process
+    ``main(["--quiet", ...])`` or a module-scoped fixture left set."""
+    from spotdiff.progress import set_quiet
 
-    quiet = is_quiet()
+    set_quiet(_QUIET_AT_START)
     torch.manual_seed(0)
     torch.set_num_threads(1)
     yield
-    set_quiet(quiet)
+    set_quiet(_QUIET_AT_START)
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,6 @@ fitting starts. ``calibrate=False`` fits on every training image and stores no t
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ from spotdiff.data.folder import list_images
 from spotdiff.data.plain import (
     VAL_FRACTION,
     FolderSet,
+    Images,
     check_image_headers,
     check_no_overlap,
     content_hashes,
@@ -30,8 +29,6 @@ from spotdiff.detect.calibration import DEFAULT_FPR, Calibration, check_threshol
 from spotdiff.detect.calibration import calibrate as calibrate_model
 from spotdiff.errors import ConfigError
 
-PathLike = str | os.PathLike[str]
-Images = PathLike | Sequence[PathLike]
 Fitted = tuple[Any, Calibration | None, list[Path]]
 """``(model, calibration or None with calibrate=False, bad validation images without a mask)``."""
 

@@ -32,7 +32,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
-from torchvision.transforms.v2 import InterpolationMode, functional as F
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as F
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -61,7 +62,9 @@ def batches(images: Images, size: int, ahead: int = 8) -> Iterator[torch.Tensor]
     with ThreadPoolExecutor(1) as pool:
         pending: deque = deque()
         for start in starts:
-            pending.append(pool.submit(lambda a: torch.stack([images[i] for i in range(a, min(a + size, len(images)))]), start))
+            pending.append(
+                pool.submit(lambda a: torch.stack([images[i] for i in range(a, min(a + size, len(images)))]), start)
+            )
             if len(pending) > ahead:
                 yield pending.popleft().result()
         while pending:
@@ -106,12 +109,22 @@ def main() -> None:
                 model(batch)
             model.fit()
     except (MemoryError, RuntimeError) as exc:  # out of memory (or LAPACK failing to allocate under the cap)
-        out.update(error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}", cap_gb=args.max_memory_gb,
-                   fit_wall_s=time.perf_counter() - wall, peak_rss=peak_rss())
+        out.update(
+            error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+            cap_gb=args.max_memory_gb,
+            fit_wall_s=time.perf_counter() - wall,
+            peak_rss=peak_rss(),
+        )
         print(json.dumps(out))
         return
-    out.update(fit_wall_s=time.perf_counter() - wall, fit_cpu_s=time.process_time() - cpu, peak_rss=peak_rss(),
-               model_tensor_bytes=sum(t.numel() * t.element_size() for t in (model.gaussian.mean, model.gaussian.inv_covariance)))
+    out.update(
+        fit_wall_s=time.perf_counter() - wall,
+        fit_cpu_s=time.process_time() - cpu,
+        peak_rss=peak_rss(),
+        model_tensor_bytes=sum(
+            t.numel() * t.element_size() for t in (model.gaussian.mean, model.gaussian.inv_covariance)
+        ),
+    )
     # imported only now: loaded before the fit, scikit-learn's OpenMP/BLAS runtime made anomalib's
     # torch.linalg.inv fail ("Pivots given to lu_solve must all be greater or equal to 1")
     from sklearn.metrics import roc_auc_score

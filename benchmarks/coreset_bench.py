@@ -120,14 +120,22 @@ def compare(z: torch.Tensor, n_select: int, first: int) -> dict[str, Any]:
     old, old_cpu = cpu_timed(lambda: previous_greedy(z, n_select, first))
     again, new_cpu2 = cpu_timed(lambda: greedy_k_center(z, n_select, first).tolist())
     stats32 = CoresetStats()
-    new32, new32_cpu = cpu_timed(lambda: greedy_k_center(z, n_select, first, screen_dtype=torch.float32,
-                                                         stats=stats32).tolist())
+    new32, new32_cpu = cpu_timed(
+        lambda: greedy_k_center(z, n_select, first, screen_dtype=torch.float32, stats=stats32).tolist()
+    )
     diverge = next((i for i, (a, b) in enumerate(zip(old, new, strict=True)) if a != b), None)
     return {
-        "rows": len(z), "centres": n_select, "new_cpu_s": [new_cpu, new_cpu2], "previous_cpu_s": old_cpu,
-        "speed_up": old_cpu / min(new_cpu, new_cpu2), "new_stats": vars(stats),
-        "same_order": old == new, "same_set": set(old) == set(new), "first_divergence": diverge,
-        "common_centres": len(set(old) & set(new)), "repeatable": again == new,
+        "rows": len(z),
+        "centres": n_select,
+        "new_cpu_s": [new_cpu, new_cpu2],
+        "previous_cpu_s": old_cpu,
+        "speed_up": old_cpu / min(new_cpu, new_cpu2),
+        "new_stats": vars(stats),
+        "same_order": old == new,
+        "same_set": set(old) == set(new),
+        "first_divergence": diverge,
+        "common_centres": len(set(old) & set(new)),
+        "repeatable": again == new,
         "float32_screen": {"cpu_s": new32_cpu, "same_as_float64_screen": new32 == new, "stats": vars(stats32)},
     }
 
@@ -184,9 +192,12 @@ def auroc(args: argparse.Namespace) -> dict[str, Any]:
     n = len(model.memory_bank_)
     exact_new, exact_cpu = cpu_timed(lambda: greedy(z, n, None, model.seed))
     exact_old, exact_old_cpu = cpu_timed(lambda: previous_coreset(z, n, None, model.seed))
-    selections = {"sharded, new": (captured["keep"], captured["cpu"]),
-                  "sharded, previous": (captured["keep_previous"], captured["cpu_previous"]),
-                  "exact, new": (exact_new, exact_cpu), "exact, previous": (exact_old, exact_old_cpu)}
+    selections = {
+        "sharded, new": (captured["keep"], captured["cpu"]),
+        "sharded, previous": (captured["keep_previous"], captured["cpu_previous"]),
+        "exact, new": (exact_new, exact_cpu),
+        "exact, previous": (exact_old, exact_old_cpu),
+    }
     embed, cache = model._embed, {}
 
     def cached_embed(images: torch.Tensor) -> torch.Tensor:
@@ -199,13 +210,22 @@ def auroc(args: argparse.Namespace) -> dict[str, Any]:
     for name, (keep, cpu) in selections.items():
         model._set_bank(full[keep].contiguous())
         metrics = evaluate_detector(model, test)[0]
-        banks[name] = {"cpu_s": cpu, "rows": len(keep), "image_auroc": metrics["image_auroc"],
-                       "pixel_auroc": metrics["pixel_auroc"]}
-    return {"train_images": len(train), "test_images": len(test), "fit_cpu_s": fit_cpu, "banks": banks,
-            "sharded_same_set": set(captured["keep"].tolist()) == set(captured["keep_previous"].tolist()),
-            "sharded_common": len(set(captured["keep"].tolist()) & set(captured["keep_previous"].tolist())),
-            "exact_same_set": set(exact_new.tolist()) == set(exact_old.tolist()),
-            "exact_common": len(set(exact_new.tolist()) & set(exact_old.tolist()))}
+        banks[name] = {
+            "cpu_s": cpu,
+            "rows": len(keep),
+            "image_auroc": metrics["image_auroc"],
+            "pixel_auroc": metrics["pixel_auroc"],
+        }
+    return {
+        "train_images": len(train),
+        "test_images": len(test),
+        "fit_cpu_s": fit_cpu,
+        "banks": banks,
+        "sharded_same_set": set(captured["keep"].tolist()) == set(captured["keep_previous"].tolist()),
+        "sharded_common": len(set(captured["keep"].tolist()) & set(captured["keep_previous"].tolist())),
+        "exact_same_set": set(exact_new.tolist()) == set(exact_old.tolist()),
+        "exact_common": len(set(exact_new.tolist()) & set(exact_old.tolist())),
+    }
 
 
 def fit_ratio(args: argparse.Namespace) -> dict[str, Any]:
@@ -234,8 +254,11 @@ def fit_ratio(args: argparse.Namespace) -> dict[str, Any]:
             _, cpu = cpu_timed(lambda m=model: m.fit(train))
         finally:
             pc.greedy_coreset = original
-        out[name] = {"fit_cpu_s": cpu, "fit_over_forward": cpu / out["forward_cpu_s"],
-                     "bank_rows": int(model.memory_bank_.shape[0])}
+        out[name] = {
+            "fit_cpu_s": cpu,
+            "fit_over_forward": cpu / out["forward_cpu_s"],
+            "bank_rows": int(model.memory_bank_.shape[0]),
+        }
     return out
 
 
@@ -251,14 +274,27 @@ def child_memory(rows: int, select: int, shard_file: str | None) -> dict[str, An
         f.write("5")  # Linux: reset the peak (VmHWM) to the current RSS
     before = status_bytes("VmRSS")
     _, cpu = cpu_timed(lambda: greedy_k_center(z, select, 0))
-    return {"rows": len(z), "centres": select, "input_bytes": z.numel() * 4,
-            "extra_peak_rss": status_bytes("VmHWM") - before,
-            "cpu_s": cpu}
+    return {
+        "rows": len(z),
+        "centres": select,
+        "input_bytes": z.numel() * 4,
+        "extra_peak_rss": status_bytes("VmHWM") - before,
+        "cpu_s": cpu,
+    }
 
 
 def run_memory_child(args: argparse.Namespace, rows: int, select: int, shard_file: str | None) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--child-memory", "--threads", str(args.threads), "--memory-rows", str(rows),
-           "--memory-select", str(select)] + (["--shard-file", shard_file] if shard_file else [])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child-memory",
+        "--threads",
+        str(args.threads),
+        "--memory-rows",
+        str(rows),
+        "--memory-select",
+        str(select),
+    ] + (["--shard-file", shard_file] if shard_file else [])
     done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, env={**os.environ, "SPOTDIFF_QUIET": "1"})
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -285,8 +321,13 @@ def main() -> None:
     if args.child_memory:
         print(json.dumps(child_memory(args.memory_rows, args.memory_select, args.shard_file)))
         return
-    out: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_start": os.getloadavg(),
-                           "threads": args.threads, "torch": torch.__version__, "python": platform.python_version()}
+    out: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_start": os.getloadavg(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
     if args.part in ("auroc", "fit"):
         out[args.part] = auroc(args) if args.part == "auroc" else fit_ratio(args)
         out["load_end"] = os.getloadavg()
@@ -312,10 +353,14 @@ def main() -> None:
     forward_900 = 900 * forward_per_image
     new_900 = scale * min(out["shard"]["new_cpu_s"])
     old_900 = scale * out["shard"]["previous_cpu_s"]
-    out["extrapolated_900"] = {"forward_cpu_s": forward_900, "coreset_new_cpu_s": new_900,
-                               "coreset_previous_cpu_s": old_900, "shards": shards,
-                               "forward_plus_new_over_forward": (forward_900 + new_900) / forward_900,
-                               "forward_plus_previous_over_forward": (forward_900 + old_900) / forward_900}
+    out["extrapolated_900"] = {
+        "forward_cpu_s": forward_900,
+        "coreset_new_cpu_s": new_900,
+        "coreset_previous_cpu_s": old_900,
+        "shards": shards,
+        "forward_plus_new_over_forward": (forward_900 + new_900) / forward_900,
+        "forward_plus_previous_over_forward": (forward_900 + old_900) / forward_900,
+    }
     print(report(out))
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
@@ -325,56 +370,89 @@ def report(out: dict[str, Any]) -> str:
     s, e = out["shard"], out["extrapolated_900"]
     f32 = s["float32_screen"]["stats"]
     lines = [
-        (f"Coreset benchmark, {out['date']}, {out['threads']} thread(s), load average "
-        f"{out['load_start'][0]:.1f} -> {out['load_end'][0]:.1f}, torch {out['torch']}"),
+        (
+            f"Coreset benchmark, {out['date']}, {out['threads']} thread(s), load average "
+            f"{out['load_start'][0]:.1f} -> {out['load_end'][0]:.1f}, torch {out['torch']}"
+        ),
         "",
-        "| measure | value |", "|---|---|",
+        "| measure | value |",
+        "|---|---|",
         f"| forward (backbone + patch embedding), CPU s per image | {out['forward_cpu_s_per_image']:.3f} |",
         f"| shard: rows x centres | {s['rows']:,} x {s['centres']:,} (128-d projections) |",
         f"| new selection, CPU s (two runs) | {s['new_cpu_s'][0]:.2f}, {s['new_cpu_s'][1]:.2f} |",
         f"| previous loop, CPU s | {s['previous_cpu_s']:.2f} |",
         f"| speed-up (previous / best new) | **{s['speed_up']:.1f}x** |",
         f"| rounds; exact decisions (float64 screen) | {s['new_stats']['rounds']}; {s['new_stats']['exact_decisions']} |",
-        (f"| same indices, same order as the previous loop | {s['same_order']} (first difference at step "
-        f"{s['first_divergence']}) |"),
+        (
+            f"| same indices, same order as the previous loop | {s['same_order']} (first difference at step "
+            f"{s['first_divergence']}) |"
+        ),
         f"| same set as the previous loop | {s['same_set']} ({s['common_centres']:,} of {s['centres']:,} in common) |",
-        (f"| float32 screen: CPU s; bounds overlapped (exact decisions); its own argmax wrong | "
-        f"{s['float32_screen']['cpu_s']:.2f}; {f32['exact_decisions']} of {s['centres'] - 1}; "
-        f"{f32['screen_would_differ']} |"),
-        (f"| peak RSS added, one shard ({out['memory_shard']['rows']:,} rows, input "
-        f"{out['memory_shard']['input_bytes'] / 1e6:.0f} MB) | {out['memory_shard']['extra_peak_rss'] / 1e6:.0f} MB |"),
-        (f"| peak RSS added, all {out['memory_visa_rows']['rows']:,} rows at once (input "
-        f"{out['memory_visa_rows']['input_bytes'] / 1e6:.0f} MB, {out['memory_visa_rows']['centres']} centres) | "
-        f"{out['memory_visa_rows']['extra_peak_rss'] / 1e6:.0f} MB |"),
+        (
+            f"| float32 screen: CPU s; bounds overlapped (exact decisions); its own argmax wrong | "
+            f"{s['float32_screen']['cpu_s']:.2f}; {f32['exact_decisions']} of {s['centres'] - 1}; "
+            f"{f32['screen_would_differ']} |"
+        ),
+        (
+            f"| peak RSS added, one shard ({out['memory_shard']['rows']:,} rows, input "
+            f"{out['memory_shard']['input_bytes'] / 1e6:.0f} MB) | {out['memory_shard']['extra_peak_rss'] / 1e6:.0f} MB |"
+        ),
+        (
+            f"| peak RSS added, all {out['memory_visa_rows']['rows']:,} rows at once (input "
+            f"{out['memory_visa_rows']['input_bytes'] / 1e6:.0f} MB, {out['memory_visa_rows']['centres']} centres) | "
+            f"{out['memory_visa_rows']['extra_peak_rss'] / 1e6:.0f} MB |"
+        ),
         f"| 900 images, extrapolated: forward CPU s | {e['forward_cpu_s']:.0f} |",
-        (f"| 900 images, extrapolated: coreset CPU s, new / previous ({e['shards']} shards) | "
-        f"{e['coreset_new_cpu_s']:.0f} / {e['coreset_previous_cpu_s']:.0f} |"),
-        (f"| (forward + coreset) / forward, new / previous | {e['forward_plus_new_over_forward']:.2f} / "
-        f"{e['forward_plus_previous_over_forward']:.2f} |"),
+        (
+            f"| 900 images, extrapolated: coreset CPU s, new / previous ({e['shards']} shards) | "
+            f"{e['coreset_new_cpu_s']:.0f} / {e['coreset_previous_cpu_s']:.0f} |"
+        ),
+        (
+            f"| (forward + coreset) / forward, new / previous | {e['forward_plus_new_over_forward']:.2f} / "
+            f"{e['forward_plus_previous_over_forward']:.2f} |"
+        ),
     ]
     return "\n".join(lines)
 
 
 def report_fit(out: dict[str, Any]) -> str:
     f = out["fit"]
-    lines = [(f"PatchCore fit vs forward, {out['date']}, {out['threads']} thread(s), load average "
-             f"{out['load_start'][0]:.1f} -> {out['load_end'][0]:.1f}; {f['images']} images, forward "
-             f"{f['forward_cpu_s']:.1f} CPU s"), "", "| selection | fit CPU s | fit / forward | bank rows |",
-             "|---|---:|---:|---:|"]
-    lines += [f"| {name} | {f[name]['fit_cpu_s']:.1f} | {f[name]['fit_over_forward']:.2f} | {f[name]['bank_rows']:,} |"
-              for name in ("new", "previous", "new again")]
+    lines = [
+        (
+            f"PatchCore fit vs forward, {out['date']}, {out['threads']} thread(s), load average "
+            f"{out['load_start'][0]:.1f} -> {out['load_end'][0]:.1f}; {f['images']} images, forward "
+            f"{f['forward_cpu_s']:.1f} CPU s"
+        ),
+        "",
+        "| selection | fit CPU s | fit / forward | bank rows |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {name} | {f[name]['fit_cpu_s']:.1f} | {f[name]['fit_over_forward']:.2f} | {f[name]['bank_rows']:,} |"
+        for name in ("new", "previous", "new again")
+    ]
     return "\n".join(lines)
 
 
 def report_auroc(out: dict[str, Any]) -> str:
     a = out["auroc"]
-    lines = [(f"Coreset AU-ROC, {out['date']}, {out['threads']} thread(s), load average {out['load_start'][0]:.1f} -> "
-             f"{out['load_end'][0]:.1f}; {a['train_images']} training, {a['test_images']} test images"),
-             "", "| selection | CPU s | bank rows | image AU-ROC | pixel AU-ROC |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {name} | {b['cpu_s']:.1f} | {b['rows']:,} | {b['image_auroc']:.4f} | {b['pixel_auroc']:.4f} |"
-              for name, b in a["banks"].items()]
-    lines.append(f"\nsame set, sharded: {a['sharded_same_set']} ({a['sharded_common']:,} in common); "
-                 f"exact: {a['exact_same_set']} ({a['exact_common']:,} in common)")
+    lines = [
+        (
+            f"Coreset AU-ROC, {out['date']}, {out['threads']} thread(s), load average {out['load_start'][0]:.1f} -> "
+            f"{out['load_end'][0]:.1f}; {a['train_images']} training, {a['test_images']} test images"
+        ),
+        "",
+        "| selection | CPU s | bank rows | image AU-ROC | pixel AU-ROC |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {name} | {b['cpu_s']:.1f} | {b['rows']:,} | {b['image_auroc']:.4f} | {b['pixel_auroc']:.4f} |"
+        for name, b in a["banks"].items()
+    ]
+    lines.append(
+        f"\nsame set, sharded: {a['sharded_same_set']} ({a['sharded_common']:,} in common); "
+        f"exact: {a['exact_same_set']} ({a['exact_common']:,} in common)"
+    )
     return "\n".join(lines)
 
 

@@ -40,13 +40,20 @@ def make_tree(root: Path, n_images: int, w: int, h: int) -> None:
         mask = ""
         if anomalous:
             m = np.zeros((h, w), np.uint8)
-            m[h // 4: h // 2, w // 4: w // 2] = 1 + i % 3
+            m[h // 4 : h // 2, w // 4 : w // 2] = 1 + i % 3
             mask_path = root / "bench" / "Data" / "Masks" / "Anomaly" / f"{i:04d}.png"
             mask_path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(m).save(mask_path)
             mask = mask_path.relative_to(root).as_posix()
-        rows.append(("bench", "test" if anomalous else "train", "anomaly" if anomalous else "normal",
-                     img.relative_to(root).as_posix(), mask))
+        rows.append(
+            (
+                "bench",
+                "test" if anomalous else "train",
+                "anomaly" if anomalous else "normal",
+                img.relative_to(root).as_posix(),
+                mask,
+            )
+        )
     (root / "split_csv").mkdir()
     with open(root / "split_csv" / "1cls.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
@@ -89,11 +96,19 @@ def main() -> None:
         best: dict[str, float] = {}
         for rep in range(args.repeats):
             for name, fn in [
-                ("official-style serial copy (peer)", lambda: official_style(tmp / "visa", tmp / f"o{rep}")),
-                ("spotdiff prepare, 1 worker", lambda: prepare_visa(tmp / "visa", "1cls", tmp / f"a{rep}", workers=1)),
-                ("spotdiff prepare, 2 workers", lambda: prepare_visa(tmp / "visa", "1cls", tmp / f"b{rep}", workers=2)),
-                ("spotdiff prepare rerun (all up to date), 2 workers",
-                 lambda: prepare_visa(tmp / "visa", "1cls", tmp / f"b{rep}", workers=2)),
+                ("official-style serial copy (peer)", lambda rep=rep: official_style(tmp / "visa", tmp / f"o{rep}")),
+                (
+                    "spotdiff prepare, 1 worker",
+                    lambda rep=rep: prepare_visa(tmp / "visa", "1cls", tmp / f"a{rep}", workers=1),
+                ),
+                (
+                    "spotdiff prepare, 2 workers",
+                    lambda rep=rep: prepare_visa(tmp / "visa", "1cls", tmp / f"b{rep}", workers=2),
+                ),
+                (
+                    "spotdiff prepare rerun (all up to date), 2 workers",
+                    lambda rep=rep: prepare_visa(tmp / "visa", "1cls", tmp / f"b{rep}", workers=2),
+                ),
             ]:
                 best[name] = min(best.get(name, float("inf")), timed(fn))
         peer = best["official-style serial copy (peer)"]

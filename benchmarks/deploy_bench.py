@@ -31,8 +31,9 @@ from spotdiff.detect.export import OnnxDetector, export_onnx
 def synthetic(n: int, size: int, seed: int) -> torch.Tensor:
     """``(n, 3, size, size)`` textured grey images in [0, 1] (low-frequency pattern plus noise)."""
     g = torch.Generator().manual_seed(seed)
-    base = torch.nn.functional.interpolate(torch.rand(n, 3, size // 16, size // 16, generator=g), size=(size, size),
-                                           mode="bilinear", align_corners=False)
+    base = torch.nn.functional.interpolate(
+        torch.rand(n, 3, size // 16, size // 16, generator=g), size=(size, size), mode="bilinear", align_corners=False
+    )
     return (0.3 + 0.4 * base + 0.05 * torch.randn(n, 3, size, size, generator=g)).clamp(0, 1)
 
 
@@ -62,10 +63,14 @@ def bench(name: str, args: argparse.Namespace, tmp: Path) -> None:
     rel_maps = float(((om - tm).abs() / tm.abs()).max())
     rel_scores = float(((os_ - ts).abs() / ts.abs()).max())
     onnx_mb = (tmp / f"{name}.onnx").stat().st_size / 2**20
-    print(f"\n### {name}, resnet18, {args.image_size} px, {args.train} training images, {args.images} images x "
-          f"{args.rounds} rounds, {args.threads} thread(s) each\n")
-    print(f"fit {t1 - t0:.1f} s, export {t2 - t1:.1f} s, ONNX file {onnx_mb:.0f} MB; "
-          f"max relative difference onnxruntime vs torch: maps {rel_maps:.2e}, scores {rel_scores:.2e}\n")
+    print(
+        f"\n### {name}, resnet18, {args.image_size} px, {args.train} training images, {args.images} images x "
+        f"{args.rounds} rounds, {args.threads} thread(s) each\n"
+    )
+    print(
+        f"fit {t1 - t0:.1f} s, export {t2 - t1:.1f} s, ONNX file {onnx_mb:.0f} MB; "
+        f"max relative difference onnxruntime vs torch: maps {rel_maps:.2e}, scores {rel_scores:.2e}\n"
+    )
     print("| back end | images/s (best round) | images/s (median) | CPU s per image (median) |")
     print("|---|---:|---:|---:|")
     rate = {}
@@ -75,9 +80,12 @@ def bench(name: str, args: argparse.Namespace, tmp: Path) -> None:
         cpu = statistics.median(c for _, c in rows) / args.images
         rate[backend] = (best, median, cpu)
         print(f"| {backend} | {best:.2f} | {median:.2f} | {cpu:.3f} |")
-    print(f"\nonnxruntime / torch: {rate['onnxruntime'][0] / rate['torch'][0]:.2f}x (best), "
-          f"{rate['onnxruntime'][1] / rate['torch'][1]:.2f}x (median), "
-          f"{rate['torch'][2] / rate['onnxruntime'][2]:.2f}x (CPU time)", flush=True)
+    print(
+        f"\nonnxruntime / torch: {rate['onnxruntime'][0] / rate['torch'][0]:.2f}x (best), "
+        f"{rate['onnxruntime'][1] / rate['torch'][1]:.2f}x (median), "
+        f"{rate['torch'][2] / rate['onnxruntime'][2]:.2f}x (CPU time)",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -90,9 +98,11 @@ def main() -> None:
     parser.add_argument("--models", default="padim,patchcore")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"# deploy_bench: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}, {os.cpu_count()} CPUs, Python "
-          f"{platform.python_version()}, torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}")
+    print(
+        f"# deploy_bench: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}, {os.cpu_count()} CPUs, Python "
+        f"{platform.python_version()}, torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             bench(name, args, Path(tmp))

@@ -49,8 +49,10 @@ def stage(data: Path, work: Path, n_train: int, n_good: int, per_type: int, seed
     rng = np.random.default_rng(seed)
     free = sorted((data / "MT_Free" / "Imgs").glob("*.jpg"))
     order = rng.permutation(len(free))
-    picks = {"train": [free[i] for i in order[:n_train]],
-             "test/good": [free[i] for i in order[n_train:n_train + n_good]]}
+    picks = {
+        "train": [free[i] for i in order[:n_train]],
+        "test/good": [free[i] for i in order[n_train : n_train + n_good]],
+    }
     counts = {k: len(v) for k, v in picks.items()}
     for folder, files in picks.items():
         (work / folder).mkdir(parents=True)
@@ -75,8 +77,9 @@ def cli(args: list[str], threads: int) -> dict[str, float]:
     """Run ``python -m spotdiff ...``; wall and CPU seconds of the child."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "spotdiff", "--quiet", "--threads", str(threads), *args],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "spotdiff", "--quiet", "--threads", str(threads), *args], capture_output=True, text=True
+    )
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode not in (0, 1):
@@ -107,7 +110,7 @@ def in_process_rate(model_dir: Path, images: list[Path], threads: int, onnx: Pat
     for _ in range(2):
         start = time.process_time()
         for i in range(0, len(tensors), step):
-            model.predict(tensors[i:i + step])
+            model.predict(tensors[i : i + step])
         best = min(best, time.process_time() - start)
     return len(images) / best
 
@@ -145,22 +148,81 @@ def main() -> None:
     load = os.getloadavg()[0]
     t = args.threads
     model, onnx = work / "model", work / "model.onnx"
-    steps = {"fit": cli(["fit", "--model", "padim", "--arch", "resnet18", "--image-size", str(args.image_size),
-                         "--weights", "random", "--seed", str(args.seed), "--train", str(work / "train"),
-                         "--out", str(model)], t)}
-    steps["test"] = cli(["test", str(model), "--good", str(work / "test/good"), "--bad", str(work / "test/bad"),
-                         "--masks", str(work / "test/masks"), "--mask-threshold", "127",
-                         "--out", str(work / "results")], t)
+    steps = {
+        "fit": cli(
+            [
+                "fit",
+                "--model",
+                "padim",
+                "--arch",
+                "resnet18",
+                "--image-size",
+                str(args.image_size),
+                "--weights",
+                "random",
+                "--seed",
+                str(args.seed),
+                "--train",
+                str(work / "train"),
+                "--out",
+                str(model),
+            ],
+            t,
+        )
+    }
+    steps["test"] = cli(
+        [
+            "test",
+            str(model),
+            "--good",
+            str(work / "test/good"),
+            "--bad",
+            str(work / "test/bad"),
+            "--masks",
+            str(work / "test/masks"),
+            "--mask-threshold",
+            "127",
+            "--out",
+            str(work / "results"),
+        ],
+        t,
+    )
     test_images = [str(work / "test/good"), str(work / "test/bad")]
     steps["predict torch"] = cli(["predict", str(model), *test_images, "--masks", "--out", str(work / "pred-torch")], t)
-    steps["predict torch, no overlays"] = cli(["predict", str(model), *test_images, "--no-overlays",
-                                              "--out", str(work / "pred-torch-plain")], t)
+    steps["predict torch, no overlays"] = cli(
+        ["predict", str(model), *test_images, "--no-overlays", "--out", str(work / "pred-torch-plain")], t
+    )
     steps["export"] = cli(["export", str(model), "--format", "onnx", "--out", str(onnx)], t)
-    steps["predict onnxruntime"] = cli(["predict", str(model), *test_images, "--masks", "--backend", "onnxruntime",
-                                        "--onnx", str(onnx), "--out", str(work / "pred-ort")], t)
-    steps["predict onnxruntime, no overlays"] = cli(["predict", str(model), *test_images, "--no-overlays",
-                                                     "--backend", "onnxruntime", "--onnx", str(onnx),
-                                                     "--out", str(work / "pred-ort-plain")], t)
+    steps["predict onnxruntime"] = cli(
+        [
+            "predict",
+            str(model),
+            *test_images,
+            "--masks",
+            "--backend",
+            "onnxruntime",
+            "--onnx",
+            str(onnx),
+            "--out",
+            str(work / "pred-ort"),
+        ],
+        t,
+    )
+    steps["predict onnxruntime, no overlays"] = cli(
+        [
+            "predict",
+            str(model),
+            *test_images,
+            "--no-overlays",
+            "--backend",
+            "onnxruntime",
+            "--onnx",
+            str(onnx),
+            "--out",
+            str(work / "pred-ort-plain"),
+        ],
+        t,
+    )
     files = sorted(p for p in (work / "test").rglob("*.jpg"))
     n = len(files)
     peer = {"torch": in_process_rate(model, files, t), "onnxruntime": in_process_rate(model, files, t, onnx)}
@@ -169,38 +231,59 @@ def main() -> None:
     good_names = {p.name for p in (work / "test/good").iterdir()}
     pixel_fpr = {b: mask_fpr_on_good(work / f"pred-{b}", good_names) for b in ("torch", "ort")}
 
-    print(f"\n### deploy_realdata.py, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-          f"load average {load:.1f} at start, {os.getloadavg()[0]:.1f} at end, {t} thread(s)\n")
-    print(f"PaDiM ResNet-18 (random init), {args.image_size} px, split seed {args.seed}; staged: "
-          + ", ".join(f"{k} {v}" for k, v in counts.items()) + ".\n")
+    print(
+        f"\n### deploy_realdata.py, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, "
+        f"load average {load:.1f} at start, {os.getloadavg()[0]:.1f} at end, {t} thread(s)\n"
+    )
+    print(
+        f"PaDiM ResNet-18 (random init), {args.image_size} px, split seed {args.seed}; staged: "
+        + ", ".join(f"{k} {v}" for k, v in counts.items())
+        + ".\n"
+    )
     c = decisions["confusion"]
     print("| decision figure (model's own thresholds) | value |\n|---|---:|")
-    print(f"| image threshold / pixel threshold | {decisions['image_threshold']:.3f} / "
-          f"{decisions['pixel_threshold']:.3f} |")
-    print(f"| false alarms on good test images | {c['false_positive']} of {c['false_positive'] + c['true_negative']} "
-          f"({decisions['false_alarm_rate']:.3f}) |")
-    print(f"| recall on defective images | {c['true_positive']} of {c['true_positive'] + c['false_negative']} "
-          f"({decisions['recall']:.3f}) |")
+    print(
+        f"| image threshold / pixel threshold | {decisions['image_threshold']:.3f} / "
+        f"{decisions['pixel_threshold']:.3f} |"
+    )
+    print(
+        f"| false alarms on good test images | {c['false_positive']} of {c['false_positive'] + c['true_negative']} "
+        f"({decisions['false_alarm_rate']:.3f}) |"
+    )
+    print(
+        f"| recall on defective images | {c['true_positive']} of {c['true_positive'] + c['false_negative']} "
+        f"({decisions['recall']:.3f}) |"
+    )
     print(f"| precision | {decisions['precision']:.3f} |")
     for name, entry in decisions["per_defect_type"].items():
         print(f"| recall, {name} | {entry['detected']} of {entry['images']} ({entry['recall']:.3f}) |")
     print(f"| pixel FPR, all normal pixels (test) | {decisions['pixel']['fpr']:.4f} |")
     print(f"| pixel FPR on good images, `test` | {decisions['pixel']['fpr_good_images']:.4f} |")
-    print(f"| pixel FPR on good images, `predict --masks` torch / onnxruntime | {pixel_fpr['torch']:.4f} / "
-          f"{pixel_fpr['ort']:.4f} |")
-    print(f"| image AU-ROC / AU-PR; pixel AU-PR | {metrics['image_auroc']:.3f} / {metrics['image_aupr']:.3f}; "
-          f"{metrics.get('pixel_aupr', float('nan')):.3f} |")
-    print(f"\n| step ({n} test images) | wall s | CPU s | images per CPU-s | / in-process model |\n"
-          "|---|---:|---:|---:|---:|")
+    print(
+        f"| pixel FPR on good images, `predict --masks` torch / onnxruntime | {pixel_fpr['torch']:.4f} / "
+        f"{pixel_fpr['ort']:.4f} |"
+    )
+    print(
+        f"| image AU-ROC / AU-PR; pixel AU-PR | {metrics['image_auroc']:.3f} / {metrics['image_aupr']:.3f}; "
+        f"{metrics.get('pixel_aupr', float('nan')):.3f} |"
+    )
+    print(
+        f"\n| step ({n} test images) | wall s | CPU s | images per CPU-s | / in-process model |\n"
+        "|---|---:|---:|---:|---:|"
+    )
     for name, s in steps.items():
         rate = n / s["cpu_s"] if name.startswith("predict") else None
         backend = "onnxruntime" if "onnxruntime" in name else "torch"
         ratio = f"{rate / peer[backend]:.2f}" if rate else ""
         print(f"| {name} | {s['wall_s']:.1f} | {s['cpu_s']:.1f} | {f'{rate:.1f}' if rate else ''} | {ratio} |")
-    print(f"| in-process model (pre-decoded), torch / onnxruntime | | | {peer['torch']:.1f} / "
-          f"{peer['onnxruntime']:.1f} | 1 |")
-    print("\nCPU seconds of each command include its start (interpreter, torch import, model load and, "
-          "for onnxruntime, the content check and probe run); images per CPU-second is the test set over them.")
+    print(
+        f"| in-process model (pre-decoded), torch / onnxruntime | | | {peer['torch']:.1f} / "
+        f"{peer['onnxruntime']:.1f} | 1 |"
+    )
+    print(
+        "\nCPU seconds of each command include its start (interpreter, torch import, model load and, "
+        "for onnxruntime, the content check and probe run); images per CPU-second is the test set over them."
+    )
 
 
 if __name__ == "__main__":

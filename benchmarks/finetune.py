@@ -96,14 +96,18 @@ def main() -> None:
 
     n = len(labels)
     per = 1000 / args.batches
-    print(f"pcb_synth high-shot train subset: {n} images ({sum(labels)} anomalous), {args.disk_size} px JPEG on "
-          f"disk, trained at {args.size} px, batch {args.batch_size}, {args.batches} batches, best of {args.repeats}\n")
+    print(
+        f"pcb_synth high-shot train subset: {n} images ({sum(labels)} anomalous), {args.disk_size} px JPEG on "
+        f"disk, trained at {args.size} px, batch {args.batch_size}, {args.batches} batches, best of {args.repeats}\n"
+    )
     print("| run | ms per batch | ratio to peer |")
     print("|---|---:|---:|")
     print(f"| decode every batch (peer) | {peer_s * per:.1f} | 1.00 |")
     print(f"| in-memory uint8 cache (spotdiff) | {ours_s * per:.1f} | {ours_s / peer_s:.2f} |")
-    print(f"\none-off decode of the {n} images into the cache: {decode_s * 1000:.0f} ms "
-          f"({decode_s / n * 1000:.1f} ms per image)\n")
+    print(
+        f"\none-off decode of the {n} images into the cache: {decode_s * 1000:.0f} ms "
+        f"({decode_s / n * 1000:.1f} ms per image)\n"
+    )
     print("| training step, resnet18 | ms per step | ratio to classifier |")
     print("|---|---:|---:|")
     print(f"| classifier (cls) | {step_s['cls'] * 1000:.0f} | 1.00 |")

@@ -43,7 +43,8 @@ def best_ms(fn, repeats: int) -> float:
 
 
 def resize_part(jpeg: Path, repeats: int) -> list[str]:
-    from torchvision.transforms.v2 import InterpolationMode, functional as F
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
 
     from spotdiff.data.transforms import image_to_tensor
 
@@ -64,16 +65,22 @@ def resize_part(jpeg: Path, repeats: int) -> list[str]:
         times["uint8"].append(best_ms(lambda: image_to_tensor(img, 256), 1))
     best = {k: min(v) for k, v in times.items()}
     diff = float((image_to_tensor(img, 256) - float_resize()).abs().max()) * 255
-    return [f"### Resize of one {img.size[0]} x {img.size[1]} JPEG to 256 px (`{jpeg.name}`), one thread, "
-            f"best of {repeats}", "",
-            "| step | ms |", "|---|---:|",
-            f"| Pillow decode | {best['decode']:.1f} |",
-            f"| float resize (before) | {best['float']:.1f} |",
-            f"| uint8 resize, then float (`image_to_tensor`) | {best['uint8']:.1f} |",
-            f"| ratio uint8 / float | {best['uint8'] / best['float']:.2f} |",
-            f"| decode + resize, ratio after / before | "
-            f"{(best['decode'] + best['uint8']) / (best['decode'] + best['float']):.2f} |", "",
-            f"Largest difference: {diff:.2f} grey levels.", ""]
+    return [
+        f"### Resize of one {img.size[0]} x {img.size[1]} JPEG to 256 px (`{jpeg.name}`), one thread, "
+        f"best of {repeats}",
+        "",
+        "| step | ms |",
+        "|---|---:|",
+        f"| Pillow decode | {best['decode']:.1f} |",
+        f"| float resize (before) | {best['float']:.1f} |",
+        f"| uint8 resize, then float (`image_to_tensor`) | {best['uint8']:.1f} |",
+        f"| ratio uint8 / float | {best['uint8'] / best['float']:.2f} |",
+        f"| decode + resize, ratio after / before | "
+        f"{(best['decode'] + best['uint8']) / (best['decode'] + best['float']):.2f} |",
+        "",
+        f"Largest difference: {diff:.2f} grey levels.",
+        "",
+    ]
 
 
 def staging_part(d: int, positions: int = 1024, images: int = 64) -> list[str]:
@@ -91,9 +98,14 @@ def staging_part(d: int, positions: int = 1024, images: int = 64) -> list[str]:
         per_image = (time.process_time() - cpu) / (images - stage) * 4096 / positions
         rows.append(f"| {stage} | {per_image * 1e3:.0f} | {stage * 4096 * d * 4 / 1e6:.0f} |")
         del acc
-    return [f"### Covariance update per image, d = {d}, one thread ({positions} positions, scaled to 4096)", "",
-            "| images staged | CPU ms per image | staging buffer at 4096 positions, MB |", "|---:|---:|---:|",
-            *rows, ""]
+    return [
+        f"### Covariance update per image, d = {d}, one thread ({positions} positions, scaled to 4096)",
+        "",
+        "| images staged | CPU ms per image | staging buffer at 4096 positions, MB |",
+        "|---:|---:|---:|",
+        *rows,
+        "",
+    ]
 
 
 def factorisation_part(d: int, positions: int, repeats: int) -> list[str]:
@@ -117,12 +129,18 @@ def factorisation_part(d: int, positions: int, repeats: int) -> list[str]:
             times["lapack"].append(best_ms(lapack_way, 1))
         rel = float(np.abs(lapack_way() - torch_way().numpy()).max() / torch_way().abs().max())
     best = {k: min(v) / positions for k, v in times.items()}
-    return [f"### Factorisation of `L^-1`, d = {d}, float64, one thread, {positions} positions, best of {repeats}", "",
-            "| method | ms per position |", "|---|---:|",
-            f"| torch.linalg.cholesky + solve_triangular(L, I) (before) | {best['torch']:.2f} |",
-            f"| LAPACK potrf + trtri (now) | {best['lapack']:.2f} |",
-            f"| ratio now / before | {best['lapack'] / best['torch']:.2f} |", "",
-            f"Largest difference relative to the largest entry: {rel:.1e}.", ""]
+    return [
+        f"### Factorisation of `L^-1`, d = {d}, float64, one thread, {positions} positions, best of {repeats}",
+        "",
+        "| method | ms per position |",
+        "|---|---:|",
+        f"| torch.linalg.cholesky + solve_triangular(L, I) (before) | {best['torch']:.2f} |",
+        f"| LAPACK potrf + trtri (now) | {best['lapack']:.2f} |",
+        f"| ratio now / before | {best['lapack'] / best['torch']:.2f} |",
+        "",
+        f"Largest difference relative to the largest entry: {rel:.1e}.",
+        "",
+    ]
 
 
 def main() -> None:
@@ -141,10 +159,17 @@ def main() -> None:
 
             generate(root, seed=0, scale=1.0, image_size=384, objects=["pcb_synth"], normal=4, frame=VISA_FRAME)
         jpeg = sorted((root / "pcb_synth" / "Data" / "Images" / "Normal").glob("*.JPG"))[0]
-    print(f"Date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average {os.getloadavg()}; "
-          f"torch {torch.__version__}\n")
-    print("\n".join(resize_part(jpeg, args.repeats) + staging_part(args.d)
-                    + factorisation_part(args.d, args.positions, args.repeats)))
+    print(
+        f"Date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average {os.getloadavg()}; "
+        f"torch {torch.__version__}\n"
+    )
+    print(
+        "\n".join(
+            resize_part(jpeg, args.repeats)
+            + staging_part(args.d)
+            + factorisation_part(args.d, args.positions, args.repeats)
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -78,8 +78,28 @@ class Sizes:
     smoke_batch: int
 
 
-FULL = Sizes("resnet50", 256, 224, 5, 20, 256, 224, 32, 8, 256, "resnet18", "wide_resnet50_2",
-             "resnet50", 8, 256, 3, 32, 64, 3, 8)
+FULL = Sizes(
+    "resnet50",
+    256,
+    224,
+    5,
+    20,
+    256,
+    224,
+    32,
+    8,
+    256,
+    "resnet18",
+    "wide_resnet50_2",
+    "resnet50",
+    8,
+    256,
+    3,
+    32,
+    64,
+    3,
+    8,
+)
 TINY = Sizes("resnet18", 4, 32, 1, 2, 4, 32, 6, 2, 32, "resnet18", "resnet18", "resnet18", 2, 32, 2, 8, 32, 2, 4)
 
 
@@ -87,6 +107,7 @@ def blend_settings(px: int) -> dict[str, tuple[float, float]]:
     """SmoothBlend's ``area`` / ``aspect`` for ``px``-pixel images: the defaults from 91 px, below that
     settings that hold their stated area and smoothness there (docs/pretrain_methods.md)."""
     return {} if px >= 91 else {"area": (0.04, 0.08), "aspect": (0.5, 2.0)}
+
 
 # Tolerances (our choice): SmoothBlend is elementwise float32 maths, so only erf/exp rounding differs;
 # detector outputs go through convolutions, a Cholesky inverse (PaDiM) or a greedy coreset (PatchCore).
@@ -162,10 +183,14 @@ def check_smoothblend_parity(device: torch.device, sizes: Sizes, work: Path) -> 
         diffs += [diff, alpha_diff]
         rows.append(f"| {layout} | {diff:.2e} | {alpha_diff:.2e} | {changed}/{len(images)} |")
     _sync(device)
-    report.details = [f"{sizes.blend_batch} images of {sizes.blend_px} px, ImageNet-normalised, one CPU "
-                      f"generator seed for both; tolerance {BLEND_TOL:g}.", "",
-                      "| layout on device | max abs diff (image) | max abs diff (alpha) | images changed |",
-                      "|---|---:|---:|---:|", *rows]
+    report.details = [
+        f"{sizes.blend_batch} images of {sizes.blend_px} px, ImageNet-normalised, one CPU "
+        f"generator seed for both; tolerance {BLEND_TOL:g}.",
+        "",
+        "| layout on device | max abs diff (image) | max abs diff (alpha) | images changed |",
+        "|---|---:|---:|---:|",
+        *rows,
+    ]
     return _within(report, "max abs diff", diffs, BLEND_TOL)
 
 
@@ -183,30 +208,41 @@ def check_pretrain_throughput(device: torch.device, sizes: Sizes, work: Path) ->
             rate, row = _throughput(name, spd, device, sizes, amp, ctx)
         except (torch.cuda.OutOfMemoryError, CheckFailed) as exc:  # the other method is still measured
             failures.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
-            rows.append(f"| {name} | {sizes.pretrain_arch} | {sizes.pretrain_batch} | {sizes.pretrain_px} | "
-                        f"{'bf16' if amp else 'fp32'} | {sizes.warmup_steps} | {sizes.timed_steps} | failed | | | "
-                        f"{_peak_gib(device)} |")
+            rows.append(
+                f"| {name} | {sizes.pretrain_arch} | {sizes.pretrain_batch} | {sizes.pretrain_px} | "
+                f"{'bf16' if amp else 'fp32'} | {sizes.warmup_steps} | {sizes.timed_steps} | failed | | | "
+                f"{_peak_gib(device)} |"
+            )
         else:
             rates[name] = rate
             rows.append(row)
         if on_gpu:
             torch.cuda.empty_cache()
     ratio = rates["SimSiam + SPD"] / rates["SimSiam"] if len(rates) == 2 else math.nan
-    report.details = ["Images/s = batch x timed steps / wall time of the timed steps (the loop's `img_per_s`): "
-                      "one image = one sample, whatever its number of views. Synthetic batches in device "
-                      "memory, so no data loading; SGD per the SimSiam recipe; the loop's `train_step`.", "",
-                      "| method | arch | batch | px | AMP | warm-up steps | timed steps | images/s | s/step | "
-                      "last loss | peak GiB |", "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|", *rows, "",
-                      f"SPD / plain throughput: {ratio:.2f}.", *(f"- {f}" for f in failures)]
-    report.summary = (", ".join(f"{n} {r:.1f} img/s" for n, r in rates.items())
-                      + f" ({sizes.pretrain_arch}, batch {sizes.pretrain_batch}, {'bf16' if amp else 'fp32'})")
+    report.details = [
+        "Images/s = batch x timed steps / wall time of the timed steps (the loop's `img_per_s`): "
+        "one image = one sample, whatever its number of views. Synthetic batches in device "
+        "memory, so no data loading; SGD per the SimSiam recipe; the loop's `train_step`.",
+        "",
+        "| method | arch | batch | px | AMP | warm-up steps | timed steps | images/s | s/step | last loss | peak GiB |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+        f"SPD / plain throughput: {ratio:.2f}.",
+        *(f"- {f}" for f in failures),
+    ]
+    report.summary = (
+        ", ".join(f"{n} {r:.1f} img/s" for n, r in rates.items())
+        + f" ({sizes.pretrain_arch}, batch {sizes.pretrain_batch}, {'bf16' if amp else 'fp32'})"
+    )
     if failures:
         raise CheckFailed("; ".join(failures), report)
     return report
 
 
-def _throughput(name: str, spd: bool, device: torch.device, sizes: Sizes, amp: torch.dtype | None,
-                ctx: object) -> tuple[float, str]:
+def _throughput(
+    name: str, spd: bool, device: torch.device, sizes: Sizes, amp: torch.dtype | None, ctx: object
+) -> tuple[float, str]:
     """Images/s of the loop's ``train_step`` for SimSiam (+ SPD), and its markdown table row."""
     from spotdiff.pretrain.methods import build_method
     from spotdiff.pretrain.optim import build_optimizer, remember_peak_lr
@@ -224,8 +260,12 @@ def _throughput(name: str, spd: bool, device: torch.device, sizes: Sizes, amp: t
     scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 needs no loss scaling
     g = torch.Generator(device).manual_seed(0)
     layout = torch.channels_last if on_gpu else torch.contiguous_format
-    views = {k: torch.randn(sizes.pretrain_batch, 3, sizes.pretrain_px, sizes.pretrain_px, device=device,
-                            generator=g).contiguous(memory_format=layout) for k in method.required_views()}
+    views = {
+        k: torch.randn(
+            sizes.pretrain_batch, 3, sizes.pretrain_px, sizes.pretrain_px, device=device, generator=g
+        ).contiguous(memory_format=layout)
+        for k in method.required_views()
+    }
     labels = torch.zeros(sizes.pretrain_batch, dtype=torch.long, device=device)
     for _ in range(sizes.warmup_steps):
         train_step(method, method, optimizer, scaler, views, labels, g, amp, ctx)
@@ -238,9 +278,11 @@ def _throughput(name: str, spd: bool, device: torch.device, sizes: Sizes, amp: t
     if not all(math.isfinite(v) for v in stats):
         raise CheckFailed(f"loss not finite ({stats})")
     rate = sizes.pretrain_batch * sizes.timed_steps / elapsed
-    return rate, (f"| {name} | {sizes.pretrain_arch} | {sizes.pretrain_batch} | {sizes.pretrain_px} | "
-                  f"{'bf16' if amp else 'fp32'} | {sizes.warmup_steps} | {sizes.timed_steps} | {rate:.1f} | "
-                  f"{elapsed / sizes.timed_steps:.3f} | {stats[0]:.4f} | {_peak_gib(device)} |")
+    return rate, (
+        f"| {name} | {sizes.pretrain_arch} | {sizes.pretrain_batch} | {sizes.pretrain_px} | "
+        f"{'bf16' if amp else 'fp32'} | {sizes.warmup_steps} | {sizes.timed_steps} | {rate:.1f} | "
+        f"{elapsed / sizes.timed_steps:.3f} | {stats[0]:.4f} | {_peak_gib(device)} |"
+    )
 
 
 def _write_images(folder: Path, n: int, px: int) -> Path:
@@ -259,13 +301,45 @@ def check_torchrun_smoke(device: torch.device, sizes: Sizes, work: Path) -> Repo
     run = work / "smoke_run"
     shutil.rmtree(run, ignore_errors=True)  # our scratch folder: a fresh run each time
     backend = "nccl" if device.type == "cuda" else "gloo"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-           "-m", "spotdiff", "pretrain", "--method", "simsiam", "--spd", "--arch", "resnet18",
-           "--data", str(images), "--out", str(run), "--steps", str(sizes.smoke_steps),
-           "--batch-size", str(sizes.smoke_batch), "--image-size", str(sizes.smoke_px), "--workers", "0",
-           "--amp", "bf16", "--checkpoint-every", "0", "--set", f"device={device.type}",
-           "--set", "log_every=1", "--set", "tensorboard=false",
-           *[a for k, v in blend_settings(sizes.smoke_px).items() for a in ("--set", f"hparams.blend_{k}={list(v)}")]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "1",
+        "-m",
+        "spotdiff",
+        "pretrain",
+        "--method",
+        "simsiam",
+        "--spd",
+        "--arch",
+        "resnet18",
+        "--data",
+        str(images),
+        "--out",
+        str(run),
+        "--steps",
+        str(sizes.smoke_steps),
+        "--batch-size",
+        str(sizes.smoke_batch),
+        "--image-size",
+        str(sizes.smoke_px),
+        "--workers",
+        "0",
+        "--amp",
+        "bf16",
+        "--checkpoint-every",
+        "0",
+        "--set",
+        f"device={device.type}",
+        "--set",
+        "log_every=1",
+        "--set",
+        "tensorboard=false",
+        *[a for k, v in blend_settings(sizes.smoke_px).items() for a in ("--set", f"hparams.blend_{k}={list(v)}")],
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH")) if p)}
     if device.type == "cuda":  # LOCAL_RANK 0 is then this check's GPU
         visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
@@ -287,13 +361,16 @@ def check_torchrun_smoke(device: torch.device, sizes: Sizes, work: Path) -> Repo
     missing = [n for n in ("checkpoint.pt", "backbone.safetensors") if not (run / n).is_file()]
     if missing:
         raise CheckFailed(f"missing outputs: {missing}")
-    report.details = [f"`torchrun --standalone --nproc-per-node 1 -m spotdiff pretrain --method simsiam --spd "
-                      f"--arch resnet18` on {sizes.smoke_images} images of {sizes.smoke_px} px, "
-                      f"{sizes.smoke_steps} steps of {sizes.smoke_batch}, AMP bf16 (GPU only); {seconds:.1f} s "
-                      "with start-up.", "",
-                      f"- process group: {backend} (log: `{marker}`); SyncBatchNorm and DDP on GPU",
-                      f"- losses per step: {', '.join(f'{v:.4f}' for v in losses)}",
-                      "- checkpoint.pt and backbone.safetensors written"]
+    report.details = [
+        f"`torchrun --standalone --nproc-per-node 1 -m spotdiff pretrain --method simsiam --spd "
+        f"--arch resnet18` on {sizes.smoke_images} images of {sizes.smoke_px} px, "
+        f"{sizes.smoke_steps} steps of {sizes.smoke_batch}, AMP bf16 (GPU only); {seconds:.1f} s "
+        "with start-up.",
+        "",
+        f"- process group: {backend} (log: `{marker}`); SyncBatchNorm and DDP on GPU",
+        f"- losses per step: {', '.join(f'{v:.4f}' for v in losses)}",
+        "- checkpoint.pt and backbone.safetensors written",
+    ]
     report.summary = f"{backend} process group, {sizes.smoke_steps} steps, finite losses, outputs written"
     return report
 
@@ -303,13 +380,15 @@ def check_detector_parity(device: torch.device, sizes: Sizes, work: Path) -> Rep
 
     report = Report("detector_parity")
     images = _smooth_images(sizes.detect_train + sizes.detect_test, sizes.detect_px, seed=5)
-    train, test = list(images[: sizes.detect_train]), images[sizes.detect_train:]
+    train, test = list(images[: sizes.detect_train]), images[sizes.detect_train :]
     rows, diffs = [], []
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        for cls, kwargs in ((PaDiM, {"arch": sizes.padim_arch}),
-                            (PatchCore, {"arch": sizes.patchcore_arch, "coreset_ratio": 1.0})):
+        for cls, kwargs in (
+            (PaDiM, {"arch": sizes.padim_arch}),
+            (PatchCore, {"arch": sizes.patchcore_arch, "coreset_ratio": 1.0}),
+        ):
             outputs = []
             for dev in (torch.device("cpu"), device):
                 model = cls(seed=0, batch_size=32, device=dev, **kwargs).fit(train)
@@ -318,17 +397,22 @@ def check_detector_parity(device: torch.device, sizes: Sizes, work: Path) -> Rep
             s_diff = float((dev_s - cpu_s).abs().max() / cpu_s.abs().max().clamp_min(1e-12))
             m_diff = float((dev_m - cpu_m).abs().max() / cpu_m.abs().max().clamp_min(1e-12))
             diffs += [s_diff, m_diff]
-            rows.append(f"| {cls.__name__} | {kwargs['arch']} | {dev_batch} / {cpu_batch} | {s_diff:.1e} | "
-                        f"{m_diff:.1e} |")
+            rows.append(
+                f"| {cls.__name__} | {kwargs['arch']} | {dev_batch} / {cpu_batch} | {s_diff:.1e} | {m_diff:.1e} |"
+            )
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
-    report.details = [f"Fitted on {sizes.detect_train} and run on {sizes.detect_test} synthetic images of "
-                      f"{sizes.detect_px} px, seed 0, on the device and on the CPU; TF32 off during the check "
-                      "(so only the batching and kernels differ). PatchCore keeps its whole memory bank "
-                      "(coreset_ratio 1.0): the greedy coreset's near-ties may break differently on CUDA, which "
-                      f"is not what this compares. Tolerance {DETECT_TOL:g}, relative to the largest CPU value.", "",
-                      "| detector | arch | images per forward (device / CPU) | scores: max rel diff | "
-                      "maps: max rel diff |", "|---|---|---|---:|---:|", *rows]
+    report.details = [
+        f"Fitted on {sizes.detect_train} and run on {sizes.detect_test} synthetic images of "
+        f"{sizes.detect_px} px, seed 0, on the device and on the CPU; TF32 off during the check "
+        "(so only the batching and kernels differ). PatchCore keeps its whole memory bank "
+        "(coreset_ratio 1.0): the greedy coreset's near-ties may break differently on CUDA, which "
+        f"is not what this compares. Tolerance {DETECT_TOL:g}, relative to the largest CPU value.",
+        "",
+        "| detector | arch | images per forward (device / CPU) | scores: max rel diff | maps: max rel diff |",
+        "|---|---|---|---:|---:|",
+        *rows,
+    ]
     return _within(report, "max relative diff", diffs, DETECT_TOL)
 
 
@@ -344,7 +428,7 @@ def check_unet_amp_step(device: torch.device, sizes: Sizes, work: Path) -> Repor
     images = normalize(_smooth_images(sizes.unet_batch, sizes.unet_px, seed=9)).to(device)
     masks = torch.zeros(sizes.unet_batch, sizes.unet_px, sizes.unet_px, device=device)
     quarter = sizes.unet_px // 4
-    masks[::2, quarter: 2 * quarter, quarter: 2 * quarter] = 1
+    masks[::2, quarter : 2 * quarter, quarter : 2 * quarter] = 1
     labels = (masks.flatten(1).amax(1) > 0).long()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     modes = [("fp32", None), ("bf16", torch.bfloat16)] + ([("fp16", torch.float16)] if device.type == "cuda" else [])
@@ -378,20 +462,29 @@ def check_unet_amp_step(device: torch.device, sizes: Sizes, work: Path) -> Repor
         rows.append(f"| {name} | {losses[name]:.5f} | {rel:.1e} | {overflows} | {min(times[1:]) * 1000:.1f} |")
         if rel > AMP_LOSS_TOL:
             raise CheckFailed(f"{name}: first loss {losses[name]:.5f} vs fp32 {losses['fp32']:.5f} (rel {rel:.1e})")
-    report.details = [f"U-Net on {sizes.unet_arch}, batch {sizes.unet_batch} at {sizes.unet_px} px, focal loss, AdamW "
-                      "(fp16 with loss scaling; a skipped first step of the scaler is normal); "
-                      f"{sizes.unet_steps} steps per mode from the same weights. Note: `spotdiff finetune` itself trains in fp32 "
-                      "today; this checks that the U-Net is ready for autocast.", "",
-                      "| mode | first loss | rel diff to fp32 | steps with overflow | ms/step (best after the first) |",
-                      "|---|---:|---:|---:|---:|", *rows]
+    report.details = [
+        f"U-Net on {sizes.unet_arch}, batch {sizes.unet_batch} at {sizes.unet_px} px, focal loss, AdamW "
+        "(fp16 with loss scaling; a skipped first step of the scaler is normal); "
+        f"{sizes.unet_steps} steps per mode from the same weights. Note: `spotdiff finetune` itself trains in fp32 "
+        "today; this checks that the U-Net is ready for autocast.",
+        "",
+        "| mode | first loss | rel diff to fp32 | steps with overflow | ms/step (best after the first) |",
+        "|---|---:|---:|---:|---:|",
+        *rows,
+    ]
     report.summary = "finite loss and gradients; " + ", ".join(
-        f"{n} loss within {abs(losses[n] - losses['fp32']) / losses['fp32']:.0e} of fp32" for n, _ in modes[1:])
+        f"{n} loss within {abs(losses[n] - losses['fp32']) / losses['fp32']:.0e} of fp32" for n, _ in modes[1:]
+    )
     return report
 
 
 CHECKS: list[Callable[[torch.device, Sizes, Path], Report]] = [
-    check_smoothblend_parity, check_pretrain_throughput, check_torchrun_smoke, check_detector_parity,
-    check_unet_amp_step]
+    check_smoothblend_parity,
+    check_pretrain_throughput,
+    check_torchrun_smoke,
+    check_detector_parity,
+    check_unet_amp_step,
+]
 
 
 # ----------------------------------------------------------------------------------------- report
@@ -402,20 +495,28 @@ def environment(device: torch.device, tiny: bool) -> list[str]:
         nccl = ".".join(map(str, torch.cuda.nccl.version())) if hasattr(torch.cuda, "nccl") else "?"
     else:
         gpu, nccl = "none (CPU run)", "-"
-    return [f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC",
-            f"- GPU: {gpu}",
-            f"- torch {torch.__version__}, CUDA {torch.version.cuda or '-'}, cuDNN "
-            f"{torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else '-'}, NCCL {nccl}",
-            f"- spotdiff {__version__}, Python {platform.python_version()}, host {socket.gethostname()}, "
-            f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}",
-            f"- mode: {'tiny (`--tiny`: smoke sizes; the numbers are not performance figures)' if tiny else 'full'}"]
+    return [
+        f"- date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M:%S} UTC",
+        f"- GPU: {gpu}",
+        f"- torch {torch.__version__}, CUDA {torch.version.cuda or '-'}, cuDNN "
+        f"{torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else '-'}, NCCL {nccl}",
+        f"- spotdiff {__version__}, Python {platform.python_version()}, host {socket.gethostname()}, "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}",
+        f"- mode: {'tiny (`--tiny`: smoke sizes; the numbers are not performance figures)' if tiny else 'full'}",
+    ]
 
 
 def render(head: list[str], reports: list[Report], pending: list[str]) -> str:
     passed = sum(r.ok for r in reports)
-    lines = ["# spotdiff GPU check", "", *head,
-             f"- result: {passed}/{len(reports)} checks passed" + (f", {len(pending)} not run yet" if pending else ""),
-             "", "| check | result | seconds | summary |", "|---|---|---:|---|"]
+    lines = [
+        "# spotdiff GPU check",
+        "",
+        *head,
+        f"- result: {passed}/{len(reports)} checks passed" + (f", {len(pending)} not run yet" if pending else ""),
+        "",
+        "| check | result | seconds | summary |",
+        "|---|---|---:|---|",
+    ]
     lines += [f"| {r.name} | {'PASS' if r.ok else 'FAIL'} | {r.seconds:.1f} | {r.summary} |" for r in reports]
     lines += [f"| {name} | not run | | |" for name in pending]
     for r in reports:
@@ -433,14 +534,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("gpu_check: error: --device cuda but no CUDA device is available; use --device cpu --tiny for "
-              "the CPU smoke run", file=sys.stderr)
+        print(
+            "gpu_check: error: --device cuda but no CUDA device is available; use --device cpu --tiny for "
+            "the CPU smoke run",
+            file=sys.stderr,
+        )
         return 2
     if device.type == "cuda":
         torch.cuda.set_device(device)
     sizes = TINY if args.tiny else FULL
     set_quiet(True)  # no progress bars in the log
-    out = Path(args.out or ROOT / "benchmarks" / f"gpu_check_{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}.md")
+    out = Path(args.out or ROOT / "benchmarks" / f"gpu_check_{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}.md")
     names = [c.__name__.removeprefix("check_") for c in CHECKS]
     if unknown := sorted(set(args.only or ()) - set(names)):
         print(f"gpu_check: error: unknown check(s) {unknown}; choose among {names}", file=sys.stderr)
@@ -454,8 +558,9 @@ def main(argv: list[str] | None = None) -> int:
         return run_checks(device, sizes, checks, Path(work), out, args.tiny)
 
 
-def run_checks(device: torch.device, sizes: Sizes, checks: list[Callable[..., Report]], work: Path, out: Path,
-               tiny: bool) -> int:
+def run_checks(
+    device: torch.device, sizes: Sizes, checks: list[Callable[..., Report]], work: Path, out: Path, tiny: bool
+) -> int:
     """Run ``checks`` in order, rewriting the markdown ``out`` after each; 0 when all pass."""
     head = environment(device, tiny)
     reports: list[Report] = []
@@ -468,18 +573,25 @@ def run_checks(device: torch.device, sizes: Sizes, checks: list[Callable[..., Re
             report.ok = True
         except CheckFailed as exc:
             report = exc.report or Report(name)
-            report.summary = (report.summary if str(exc) in report.summary else
-                              "; ".join(filter(None, (report.summary, str(exc)))))[:400]
+            report.summary = (
+                report.summary if str(exc) in report.summary else "; ".join(filter(None, (report.summary, str(exc))))
+            )[:400]
         except Exception as exc:  # noqa: BLE001 - one failing check must not stop the others
-            report = Report(name, summary=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300],
-                            details=["```", *traceback.format_exc().strip().splitlines()[-12:], "```"])
+            report = Report(
+                name,
+                summary=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300],
+                details=["```", *traceback.format_exc().strip().splitlines()[-12:], "```"],
+            )
         report.seconds = time.perf_counter() - start
         reports.append(report)
-        print(f"gpu_check: {name}: {'PASS' if report.ok else 'FAIL'} ({report.seconds:.1f} s) {report.summary}",
-              file=sys.stderr, flush=True)
+        print(
+            f"gpu_check: {name}: {'PASS' if report.ok else 'FAIL'} ({report.seconds:.1f} s) {report.summary}",
+            file=sys.stderr,
+            flush=True,
+        )
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        pending = [c.__name__.removeprefix("check_") for c in checks[i + 1:]]
+        pending = [c.__name__.removeprefix("check_") for c in checks[i + 1 :]]
         write_text_atomic(out, render(head, reports, pending))  # a timeout still leaves the finished checks
     print(out)
     return 0 if all(r.ok for r in reports) else 1

@@ -76,7 +76,9 @@ def threshold_loop(
     fpr = np.array(fps[::-1] + [n_neg]) / n_neg
     tp, fp = np.array(tps[::-1], float), np.array(fps[::-1], float)
     precision = np.divide(tp, tp + fp, out=np.ones_like(tp), where=tp + fp > 0)
-    return float(np.trapezoid(np.r_[0, tpr], np.r_[0, fpr])), float(np.trapezoid(np.r_[1, precision], np.r_[0, tp / n_pos]))
+    return float(np.trapezoid(np.r_[0, tpr], np.r_[0, fpr])), float(
+        np.trapezoid(np.r_[1, precision], np.r_[0, tp / n_pos])
+    )
 
 
 def timed(fn, *args, repeat: int = 1):
@@ -96,6 +98,7 @@ def timed(fn, *args, repeat: int = 1):
 
 def rss_peak_delta_mib(fn, *args) -> float | None:
     """Peak RSS growth during fn (Linux: reset VmHWM via /proc/self/clear_refs)."""
+
     def read(field: str) -> int:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field):
@@ -120,11 +123,15 @@ def main() -> None:
 
     scores, labels, maps, masks = make_maps(args.maps, args.size)
     map_mib = maps.nbytes / 2**20
-    print(f"machine: {platform.machine()}, {platform.python_implementation()} {platform.python_version()}, "
-          f"numpy {np.__version__}, scipy {scipy.__version__}, scikit-learn {sklearn.__version__}")
-    print(f"data: {args.maps} maps of {args.size}x{args.size} = {maps.size / 1e6:.1f} M pixels "
-          f"({map_mib:.0f} MiB float32), {masks.sum() / 1e3:.0f} k anomalous pixels "
-          f"({100 * masks.mean():.2f} %), {int(labels.sum())} anomalous images")
+    print(
+        f"machine: {platform.machine()}, {platform.python_implementation()} {platform.python_version()}, "
+        f"numpy {np.__version__}, scipy {scipy.__version__}, scikit-learn {sklearn.__version__}"
+    )
+    print(
+        f"data: {args.maps} maps of {args.size}x{args.size} = {maps.size / 1e6:.1f} M pixels "
+        f"({map_mib:.0f} MiB float32), {masks.sum() / 1e3:.0f} k anomalous pixels "
+        f"({100 * masks.mean():.2f} %), {int(labels.sum())} anomalous images"
+    )
 
     # memory first: the first call finds no freed memory of an earlier call to reuse
     rss_mib = rss_peak_delta_mib(metrics.evaluate, scores, labels, maps, masks)
@@ -139,9 +146,7 @@ def main() -> None:
     loop_cpu, loop_wall, loop = timed(threshold_loop, maps, masks)
     official_cpu, official_wall, _ = timed(threshold_loop, maps, masks, 200, True)
     y, s = masks.reshape(-1), maps.reshape(-1)
-    sk_cpu, sk_wall, (sk_auroc, sk_ap) = timed(
-        lambda: (skm.roc_auc_score(y, s), skm.average_precision_score(y, s))
-    )
+    sk_cpu, sk_wall, (sk_auroc, sk_ap) = timed(lambda: (skm.roc_auc_score(y, s), skm.average_precision_score(y, s)))
     sk_precision, sk_recall, _ = skm.precision_recall_curve(y, s)
     sk_aupr = skm.auc(sk_recall, sk_precision)
 
@@ -156,17 +161,22 @@ def main() -> None:
     for name, cpu, wall in rows:
         print(f"{name:58s} {cpu:7.2f} {cpu / ours_cpu:5.1f}x   {wall:7.2f} {wall / ours_wall:5.1f}x")
     print()
-    print(f"pixel_auroc {ours['pixel_auroc']:.8f}  sklearn {sk_auroc:.8f}  diff {abs(ours['pixel_auroc'] - sk_auroc):.1e}"
-          f"  (200-threshold loop {loop[0]:.6f})")
+    print(
+        f"pixel_auroc {ours['pixel_auroc']:.8f}  sklearn {sk_auroc:.8f}  diff {abs(ours['pixel_auroc'] - sk_auroc):.1e}"
+        f"  (200-threshold loop {loop[0]:.6f})"
+    )
     print(f"pixel_ap    {ours['pixel_ap']:.8f}  sklearn {sk_ap:.8f}  diff {abs(ours['pixel_ap'] - sk_ap):.1e}")
-    print(f"pixel_aupr  {ours['pixel_aupr']:.8f}  sklearn {sk_aupr:.8f}  diff {abs(ours['pixel_aupr'] - sk_aupr):.1e}"
-          f"  (200-threshold loop {loop[1]:.6f})")
+    print(
+        f"pixel_aupr  {ours['pixel_aupr']:.8f}  sklearn {sk_aupr:.8f}  diff {abs(ours['pixel_aupr'] - sk_aupr):.1e}"
+        f"  (200-threshold loop {loop[1]:.6f})"
+    )
     print(f"pixel_aupro {ours['pixel_aupro']:.8f}")
     print()
-    print(f"peak extra memory, tracemalloc: {traced_mib:6.1f} MiB = {traced_mib / map_mib:.2f} x the maps ({map_mib:.0f} MiB)")
+    print(
+        f"peak extra memory, tracemalloc: {traced_mib:6.1f} MiB = {traced_mib / map_mib:.2f} x the maps ({map_mib:.0f} MiB)"
+    )
     if rss_mib is not None:
         print(f"peak extra memory, RSS (VmHWM): {rss_mib:6.1f} MiB = {rss_mib / map_mib:.2f} x the maps")
-
 
 
 if __name__ == "__main__":

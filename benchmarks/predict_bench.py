@@ -64,12 +64,12 @@ def model_throughput(model: PaDiM, tensors: torch.Tensor, batch: int) -> float:
     return len(tensors) / (time.perf_counter() - start)
 
 
-def pipeline_throughput(model: object, folder: Path, out: Path, batch: int, workers: int | None,
-                        overlays: bool, masks: bool) -> float:
+def pipeline_throughput(
+    model: object, folder: Path, out: Path, batch: int, workers: int | None, overlays: bool, masks: bool
+) -> float:
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    rows = predict_images(model, [folder], out, batch_size=batch, overlays=overlays, masks=masks,
-                          num_workers=workers)
+    rows = predict_images(model, [folder], out, batch_size=batch, overlays=overlays, masks=masks, num_workers=workers)
     elapsed = time.perf_counter() - start
     assert not any(r["error"] for r in rows)
     return len(rows) / elapsed
@@ -82,21 +82,29 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="decode / write threads (default: decode_workers())")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--backends", default="torch,onnxruntime")
-    ap.add_argument("--repeats", type=int, default=2,
-                    help="rounds of (model, predict, predict + overlays), interleaved; the best of each is kept "
-                         "(the load of a shared machine varies by seconds)")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="rounds of (model, predict, predict + overlays), interleaved; the best of each is kept "
+        "(the load of a shared machine varies by seconds)",
+    )
     args = ap.parse_args()
     set_quiet(True)
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
-    print(f"# predict_bench: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs (affinity {len(os.sched_getaffinity(0))}), load {load[0]:.1f}/{load[1]:.1f}, "
-          f"torch {torch.__version__}, threads {args.threads}, workers {decode_workers(args.workers)}, "
-          f"batch {args.batch_size}, {args.images} images per set")
+    print(
+        f"# predict_bench: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs (affinity {len(os.sched_getaffinity(0))}), load {load[0]:.1f}/{load[1]:.1f}, "
+        f"torch {torch.__version__}, threads {args.threads}, workers {decode_workers(args.workers)}, "
+        f"batch {args.batch_size}, {args.images} images per set"
+    )
     work = Path(tempfile.mkdtemp(prefix="predict_bench-"))
     try:
-        sets = {"900x900 PNG": synthetic(work / "png", args.images, (900, 900), "png"),
-                "1500x1000 JPEG": synthetic(work / "jpg", args.images, (1000, 1500), "jpg", seed=1)}
+        sets = {
+            "900x900 PNG": synthetic(work / "png", args.images, (900, 900), "png"),
+            "1500x1000 JPEG": synthetic(work / "jpg", args.images, (1000, 1500), "jpg", seed=1),
+        }
         if MAGTILE.is_dir():
             tiles = sorted(MAGTILE.glob("*.jpg"))[: args.images]
             folder = work / "magtile"
@@ -104,8 +112,10 @@ def main() -> None:
             for p in tiles:
                 shutil.copyfile(p, folder / p.name)
             sets["magnetic tile JPEG"] = folder
-        train = [{"image": image_to_tensor(load_image(p), 256)}
-                 for p in sorted(synthetic(work / "train", 16, (256, 256), "png", seed=2).iterdir())]
+        train = [
+            {"image": image_to_tensor(load_image(p), 256)}
+            for p in sorted(synthetic(work / "train", 16, (256, 256), "png", seed=2).iterdir())
+        ]
         model = PaDiM(arch="resnet18", d=100, weights=None)
         model.fit(train[:12])
         calibrate(model, train[12:])  # thresholds for the decisions and masks
@@ -116,8 +126,10 @@ def main() -> None:
 
             export_onnx(work / "model", work / "model.onnx")
             runners["onnxruntime"] = OnnxDetector(work / "model", work / "model.onnx", threads=args.threads)
-        print("| images | back end | model img/s | predict, no overlays img/s (ratio) | "
-              "predict + overlays + masks img/s (ratio) |")
+        print(
+            "| images | back end | model img/s | predict, no overlays img/s (ratio) | "
+            "predict + overlays + masks img/s (ratio) |"
+        )
         print("|---|---|---|---|---|")
         for name, folder in sets.items():
             paths = sorted(folder.iterdir())
@@ -127,12 +139,19 @@ def main() -> None:
                 ceiling = bare = full = 0.0
                 for _ in range(args.repeats):
                     ceiling = max(ceiling, model_throughput(runner, tensors, args.batch_size))  # type: ignore[arg-type]
-                    bare = max(bare, pipeline_throughput(runner, folder, work / "out", args.batch_size, args.workers,
-                                                         False, False))
-                    full = max(full, pipeline_throughput(runner, folder, work / "out", args.batch_size, args.workers,
-                                                         True, True))
-                print(f"| {name} ({len(paths)}) | {backend} | {ceiling:.1f} | {bare:.1f} ({bare / ceiling:.2f}x) | "
-                      f"{full:.1f} ({full / ceiling:.2f}x) |", flush=True)
+                    bare = max(
+                        bare,
+                        pipeline_throughput(runner, folder, work / "out", args.batch_size, args.workers, False, False),
+                    )
+                    full = max(
+                        full,
+                        pipeline_throughput(runner, folder, work / "out", args.batch_size, args.workers, True, True),
+                    )
+                print(
+                    f"| {name} ({len(paths)}) | {backend} | {ceiling:.1f} | {bare:.1f} ({bare / ceiling:.2f}x) | "
+                    f"{full:.1f} ({full / ceiling:.2f}x) |",
+                    flush=True,
+                )
         end = os.getloadavg()
         print(f"# load at the end {end[0]:.1f}/{end[1]:.1f}")
     finally:

@@ -23,10 +23,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from spotdiff.progress import set_quiet
 from spotdiff.pretrain import train
 from spotdiff.pretrain.config import load_config
 from spotdiff.pretrain.data import EpochBatchSampler, PretrainImages, find_images
+from spotdiff.progress import set_quiet
 
 
 def make_images(folder: Path, n: int, size: int = 128) -> None:
@@ -43,8 +43,13 @@ def bare_loop(data: Path, steps: int, batch: int, size: int, method_name: str) -
     method = train.build_method(method_name, arch="resnet18", spd=True)
     paths, labels, _ = find_images(data)
     sampler = EpochBatchSampler(len(paths), batch, seed=0)
-    loader = DataLoader(PretrainImages(paths, labels, method.view_transform(size), 0),
-                        batch_size=batch, sampler=sampler, num_workers=0, drop_last=True)
+    loader = DataLoader(
+        PretrainImages(paths, labels, method.view_transform(size), 0),
+        batch_size=batch,
+        sampler=sampler,
+        num_workers=0,
+        drop_last=True,
+    )
     opt = torch.optim.SGD(method.parameters(), lr=1e-3, momentum=0.9)
     done, start = 0, None
     epoch = 0
@@ -65,16 +70,31 @@ def bare_loop(data: Path, steps: int, batch: int, size: int, method_name: str) -
     return steps * batch / (time.perf_counter() - start), time.process_time() - cpu_start
 
 
-def spotdiff_loop(data: Path, out: Path, steps: int, batch: int, size: int,
-                  method_name: str) -> tuple[float, float, float]:
+def spotdiff_loop(
+    data: Path, out: Path, steps: int, batch: int, size: int, method_name: str
+) -> tuple[float, float, float]:
     """``(images/s over steps 2.. (wall), wall seconds outside the steps, CPU seconds of the whole run)``.
 
     Per-step times come from the CSV log (one row per step); the rest of the wall time is
     set-up (model, data listing), the final checkpoint and the backbone export.
     """
-    cfg = load_config(None, dict(method=method_name, spd=True, arch="resnet18", data=str(data), out=str(out),
-                                 steps=steps + 1, batch_size=batch, image_size=size, workers=0,
-                                 log_every=1, tensorboard=False, checkpoint_every=0))
+    cfg = load_config(
+        None,
+        dict(
+            method=method_name,
+            spd=True,
+            arch="resnet18",
+            data=str(data),
+            out=str(out),
+            steps=steps + 1,
+            batch_size=batch,
+            image_size=size,
+            workers=0,
+            log_every=1,
+            tensorboard=False,
+            checkpoint_every=0,
+        ),
+    )
     start, cpu_start = time.perf_counter(), time.process_time()
     train.run_pretrain(cfg)
     total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
@@ -100,8 +120,9 @@ def main() -> None:
             speed, cpu = bare_loop(tmp / "images", args.steps, args.batch, args.size, args.method)
             bare.append(speed)
             bare_cpu.append(cpu)
-            speed, outside, cpu = spotdiff_loop(tmp / "images", tmp / f"run{r}", args.steps, args.batch,
-                                                args.size, args.method)
+            speed, outside, cpu = spotdiff_loop(
+                tmp / "images", tmp / f"run{r}", args.steps, args.batch, args.size, args.method
+            )
             ours.append(speed)
             fixed.append(outside)
             ours_cpu.append(cpu)
@@ -110,15 +131,23 @@ def main() -> None:
     ratios = sorted(o / b for o, b in zip(ours, bare, strict=True))
     cpu_ratios = sorted(b / o for o, b in zip(ours_cpu, bare_cpu, strict=True))
     med = statistics.median
-    print(f"{args.method}+spd resnet18 {args.size}px batch {args.batch}, {args.steps + 1} steps x {args.rounds} "
-          "rounds, 1 thread, workers=0")
+    print(
+        f"{args.method}+spd resnet18 {args.size}px batch {args.batch}, {args.steps + 1} steps x {args.rounds} "
+        "rounds, 1 thread, workers=0"
+    )
     print(f"bare loop:     median {med(bare):8.2f} img/s (wall, steps 2..), {med(bare_cpu):.1f} CPU s per run")
-    print(f"run_pretrain:  median {med(ours):8.2f} img/s (wall, steps 2..), {med(ours_cpu):.1f} CPU s per run; "
-          f"{med(fixed):.1f} s wall outside the steps (set-up, final checkpoint, export)")
-    print(f"speed ratio run_pretrain / bare, steps only (wall): median {med(ratios):.3f} "
-          f"(min {ratios[0]:.3f}, max {ratios[-1]:.3f})")
-    print(f"speed ratio run_pretrain / bare, whole run (CPU time): median {med(cpu_ratios):.3f} "
-          f"(min {cpu_ratios[0]:.3f}, max {cpu_ratios[-1]:.3f})")
+    print(
+        f"run_pretrain:  median {med(ours):8.2f} img/s (wall, steps 2..), {med(ours_cpu):.1f} CPU s per run; "
+        f"{med(fixed):.1f} s wall outside the steps (set-up, final checkpoint, export)"
+    )
+    print(
+        f"speed ratio run_pretrain / bare, steps only (wall): median {med(ratios):.3f} "
+        f"(min {ratios[0]:.3f}, max {ratios[-1]:.3f})"
+    )
+    print(
+        f"speed ratio run_pretrain / bare, whole run (CPU time): median {med(cpu_ratios):.3f} "
+        f"(min {cpu_ratios[0]:.3f}, max {cpu_ratios[-1]:.3f})"
+    )
 
 
 if __name__ == "__main__":

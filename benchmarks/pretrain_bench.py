@@ -49,14 +49,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _step_fn(method: PretrainMethod, views: dict, labels: torch.Tensor, device: torch.device,
-             amp: bool) -> Callable[[int], None]:
+def _step_fn(
+    method: PretrainMethod, views: dict, labels: torch.Tensor, device: torch.device, amp: bool
+) -> Callable[[int], None]:
     opt = torch.optim.SGD(method.param_groups(0.01), lr=0.01, momentum=0.9)
 
     def step(seed: int) -> None:
         gen = torch.Generator(device=device).manual_seed(seed)
-        with torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16,
-                            enabled=amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16, enabled=amp):
             out = method(views, labels=labels, generator=gen)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
@@ -75,11 +75,14 @@ def bench_methods(args: argparse.Namespace, device: torch.device) -> list[dict]:
         base = build_method(name, arch=args.arch, spd=False, **extra).to(device)
         torch.manual_seed(0)
         spd = build_method(name, arch=args.arch, spd=True, **extra).to(device)
-        views = {v: torch.randn(args.batch, 3, args.size, args.size, generator=gen).to(device)
-                 for v in spd.required_views()}
+        views = {
+            v: torch.randn(args.batch, 3, args.size, args.size, generator=gen).to(device) for v in spd.required_views()
+        }
         labels = torch.randint(0, 10, (args.batch,), generator=gen).to(device)
-        steps = {"base": _step_fn(base, views, labels, device, args.amp),
-                 "spd": _step_fn(spd, views, labels, device, args.amp)}
+        steps = {
+            "base": _step_fn(base, views, labels, device, args.amp),
+            "spd": _step_fn(spd, views, labels, device, args.amp),
+        }
         times: dict[str, list[float]] = {"base": [], "spd": []}
         for i in range(args.warmup + args.steps):
             for key, step in steps.items():
@@ -92,10 +95,14 @@ def bench_methods(args: argparse.Namespace, device: torch.device) -> list[dict]:
         t_base, t_spd = statistics.median(times["base"]), statistics.median(times["spd"])
         # median of the ratios of adjacent (base, SPD) steps: robust to load drifting on a shared machine
         ratio = statistics.median(s / b for b, s in zip(times["base"], times["spd"]))
-        rows.append({"method": name, "base_s": t_base, "spd_s": t_spd, "ratio": ratio,
-                     "expected": expected_ratio(name)})
-        print(f"{name:10s} base {t_base * 1e3:8.1f} ms  +SPD {t_spd * 1e3:8.1f} ms  "
-              f"ratio {ratio:.2f} (expected {expected_ratio(name):.2f})", flush=True)
+        rows.append(
+            {"method": name, "base_s": t_base, "spd_s": t_spd, "ratio": ratio, "expected": expected_ratio(name)}
+        )
+        print(
+            f"{name:10s} base {t_base * 1e3:8.1f} ms  +SPD {t_spd * 1e3:8.1f} ms  "
+            f"ratio {ratio:.2f} (expected {expected_ratio(name):.2f})",
+            flush=True,
+        )
         del base, spd, views
     return rows
 
@@ -127,18 +134,19 @@ def bench_smoothblend(args: argparse.Namespace, device: torch.device) -> dict:
     result = {"batched": timed(batched), "per_sample": timed(per_sample)}
     # Reference: copying the batch once (clone), the floor for any out-of-place augmentation.
     result["clone"] = timed(lambda: images.clone())
-    print(f"SmoothBlend 224x224: batched {result['batched']:.0f} img/s, per-sample loop "
-          f"{result['per_sample']:.0f} img/s, clone {result['clone']:.0f} img/s", flush=True)
+    print(
+        f"SmoothBlend 224x224: batched {result['batched']:.0f} img/s, per-sample loop "
+        f"{result['per_sample']:.0f} img/s, clone {result['clone']:.0f} img/s",
+        flush=True,
+    )
     return result
 
 
-def render(args: argparse.Namespace, device: torch.device, rows: list[dict], blend: dict,
-           elapsed: float) -> str:
+def render(args: argparse.Namespace, device: torch.device, rows: list[dict], blend: dict, elapsed: float) -> str:
     if device.type == "cuda":
         machine = torch.cuda.get_device_name(device)
     else:
-        machine = (f"{os.cpu_count()}-core {platform.machine()} CPU, "
-                   f"torch.set_num_threads({torch.get_num_threads()})")
+        machine = f"{os.cpu_count()}-core {platform.machine()} CPU, torch.set_num_threads({torch.get_num_threads()})"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     command = " ".join(["PYTHONPATH=src python benchmarks/pretrain_bench.py", *args.argv])
     lines = [
@@ -160,8 +168,10 @@ def render(args: argparse.Namespace, device: torch.device, rows: list[dict], ble
         "|---|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['base_s'] * 1e3:.1f} | {r['spd_s'] * 1e3:.1f} | "
-                     f"{r['ratio']:.2f} | {r['expected']:.2f} |")
+        lines.append(
+            f"| {r['method']} | {r['base_s'] * 1e3:.1f} | {r['spd_s'] * 1e3:.1f} | "
+            f"{r['ratio']:.2f} | {r['expected']:.2f} |"
+        )
     lines += [
         "",
         f"## SmoothBlend, 224 x 224, batch {args.blend_batch}, one thread",
@@ -169,9 +179,11 @@ def render(args: argparse.Namespace, device: torch.device, rows: list[dict], ble
         "| variant | images / s | relative to batched |",
         "|---|---:|---:|",
     ]
-    for key, label in (("batched", "batched (one call per batch)"),
-                       ("per_sample", "per-sample loop (one call per image)"),
-                       ("clone", "reference: `images.clone()`")):
+    for key, label in (
+        ("batched", "batched (one call per batch)"),
+        ("per_sample", "per-sample loop (one call per image)"),
+        ("clone", "reference: `images.clone()`"),
+    ):
         lines.append(f"| {label} | {blend[key]:.0f} | {blend[key] / blend['batched']:.2f} |")
     if device.type == "cpu":
         lines += [

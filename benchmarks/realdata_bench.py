@@ -55,9 +55,11 @@ def run_one(name: str, root: Path, size: int, seed: int) -> None:
     metrics, _, _, _ = evaluate_detector(model, test)
     t2 = time.perf_counter()
     print(f"\n### {name}, {size} px, random-init backbone, split seed {seed}\n")
-    print(f"train {len(train)} normal images; test {len(test)} ({len(test) - sum(test.labels)} normal, "
-          f"{sum(test.labels)} anomalous). fit {t1 - t0:.1f} s, test {t2 - t1:.1f} s "
-          f"({1000 * (t2 - t1) / len(test):.0f} ms/image).\n")
+    print(
+        f"train {len(train)} normal images; test {len(test)} ({len(test) - sum(test.labels)} normal, "
+        f"{sum(test.labels)} anomalous). fit {t1 - t0:.1f} s, test {t2 - t1:.1f} s "
+        f"({1000 * (t2 - t1) / len(test):.0f} ms/image).\n"
+    )
     print("| subset | " + " | ".join(HEADLINE) + " |")
     print("|---|" + "---:|" * len(HEADLINE))
     print("| all | " + " | ".join(fmt(metrics[k]) for k in HEADLINE) + " |")
@@ -76,8 +78,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"magnetic tile, {platform.machine()} {torch.get_num_threads()} thread(s), Python "
-          f"{platform.python_version()}, torch {torch.__version__}")
+    print(
+        f"magnetic tile, {platform.machine()} {torch.get_num_threads()} thread(s), Python "
+        f"{platform.python_version()}, torch {torch.__version__}"
+    )
     for name in args.models.split(","):
         run_one(name, args.root, args.image_size, args.seed)
 

@@ -110,14 +110,18 @@ def _test(model: Any, data: Path, size: int) -> dict[str, Any]:
 
     test = open_dataset(data, OBJECT, subset="test", image_size=size)
     (metrics, _, _, _), wall, _ = timed(lambda: evaluate_detector(model, test))
-    return {"test_images": len(test), "test_wall_s": wall, "test_images_per_s": len(test) / wall,
-            "image_auroc": metrics["image_auroc"], "pixel_auroc": metrics["pixel_auroc"]}
+    return {
+        "test_images": len(test),
+        "test_wall_s": wall,
+        "test_images_per_s": len(test) / wall,
+        "image_auroc": metrics["image_auroc"],
+        "pixel_auroc": metrics["pixel_auroc"],
+    }
 
 
 def child_fit(args: argparse.Namespace) -> dict[str, Any]:
     """Fit + save one detector; peak RSS at the end of fit + save, before testing."""
     from spotdiff.detect import PaDiM, PatchCore
-
     from spotdiff.detect.gaussian import GaussianAccumulator
 
     start_rss = peak_rss_bytes()  # after importing torch and spotdiff
@@ -141,10 +145,18 @@ def child_fit(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         _, wall, cpu = timed(lambda: model.fit(data).save(Path(tmp) / "model"))
     fit_peak = peak_rss_bytes()
-    out = {"images": len(data), "fit_wall_s": wall, "fit_cpu_s": cpu, "peak_rss": fit_peak,
-           "rss_after_imports": start_rss, "rss_after_model_built": built_rss,
-           "model_tensor_bytes": tensor_bytes(model._state()), "threads": torch.get_num_threads(),
-           "decode_workers": model.num_workers_, "factorisation_wall_s": factorisation[0]}
+    out = {
+        "images": len(data),
+        "fit_wall_s": wall,
+        "fit_cpu_s": cpu,
+        "peak_rss": fit_peak,
+        "rss_after_imports": start_rss,
+        "rss_after_model_built": built_rss,
+        "model_tensor_bytes": tensor_bytes(model._state()),
+        "threads": torch.get_num_threads(),
+        "decode_workers": model.num_workers_,
+        "factorisation_wall_s": factorisation[0],
+    }
     if args.config != "padim":
         out["bank_rows"] = int(model.memory_bank_.shape[0])
         out["coreset_shard"] = model.coreset_shard
@@ -187,9 +199,16 @@ def child_accuracy(args: argparse.Namespace) -> dict[str, Any]:
             maps = [upsample_and_smooth(d, (size, size)) for d in dists]
             worst_dist = max(worst_dist, ((dists[0] - dists[1]).abs() / dists[1]).max().item())
             worst_map = max(worst_map, ((maps[0] - maps[1]).abs() / maps[1].abs()).max().item())
-    return {"train_images": len(train), "test_images": len(test), "image_size": size,
-            "positions": accs[0].positions, "d": accs[0].dim, "max_rel_diff_inv_cholesky": rel_l,
-            "max_rel_diff_distance": worst_dist, "max_rel_diff_map": worst_map}
+    return {
+        "train_images": len(train),
+        "test_images": len(test),
+        "image_size": size,
+        "positions": accs[0].positions,
+        "d": accs[0].dim,
+        "max_rel_diff_inv_cholesky": rel_l,
+        "max_rel_diff_distance": worst_dist,
+        "max_rel_diff_map": worst_map,
+    }
 
 
 CHILDREN = {"floor": child_floor, "fit": child_fit, "accuracy": child_accuracy}
@@ -207,21 +226,42 @@ def run_anomalib(args: argparse.Namespace, images: int) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="spotdiff-anomalib-") as tmp:
         work = Path(tmp)
-        save_file({k: v.contiguous() for k, v in make_backbone(PADIM["arch"], None, 0).state_dict().items()},
-                  str(work / "weights.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in make_backbone(PADIM["arch"], None, 0).state_dict().items()},
+            str(work / "weights.safetensors"),
+        )
         test = open_dataset(args.data, OBJECT, subset="test", image_size=args.image_size)
         items = [test[i] for i in range(len(test))]
-        save_file({"images": torch.stack([(it["image"] * 255).round().to(torch.uint8) for it in items]),
-                   "masks": torch.stack([(it["mask"] > 0).to(torch.uint8) for it in items]),
-                   "labels": torch.tensor([int(it["label"]) for it in items])}, str(work / "test.safetensors"))
-        spec = {"arch": PADIM["arch"], "train_paths": train_set(args.data, images, args.image_size).paths,
-                "image_size": args.image_size, "layers": PADIM["layers"], "n_features": PADIM["d"],
-                "channel_index": channel_subset(PADIM["arch"], PADIM["layers"], PADIM["d"], 0)[1].tolist(),
-                "weights": str(work / "weights.safetensors")}
+        save_file(
+            {
+                "images": torch.stack([(it["image"] * 255).round().to(torch.uint8) for it in items]),
+                "masks": torch.stack([(it["mask"] > 0).to(torch.uint8) for it in items]),
+                "labels": torch.tensor([int(it["label"]) for it in items]),
+            },
+            str(work / "test.safetensors"),
+        )
+        spec = {
+            "arch": PADIM["arch"],
+            "train_paths": train_set(args.data, images, args.image_size).paths,
+            "image_size": args.image_size,
+            "layers": PADIM["layers"],
+            "n_features": PADIM["d"],
+            "channel_index": channel_subset(PADIM["arch"], PADIM["layers"], PADIM["d"], 0)[1].tolist(),
+            "weights": str(work / "weights.safetensors"),
+        }
         (work / "spec.json").write_text(json.dumps(spec))
-        cmd = [args.anomalib_python, str(Path(__file__).with_name("anomalib_padim.py")), "--spec", str(work / "spec.json"),
-               "--test", str(work / "test.safetensors"), "--threads", str(torch.get_num_threads()),
-               "--max-memory-gb", str(args.anomalib_max_memory_gb)]
+        cmd = [
+            args.anomalib_python,
+            str(Path(__file__).with_name("anomalib_padim.py")),
+            "--spec",
+            str(work / "spec.json"),
+            "--test",
+            str(work / "test.safetensors"),
+            "--threads",
+            str(torch.get_num_threads()),
+            "--max-memory-gb",
+            str(args.anomalib_max_memory_gb),
+        ]
         print(f"[{time.strftime('%H:%M:%S')}] anomalib PaDiM, {images} images", file=sys.stderr, flush=True)
         done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -229,10 +269,24 @@ def run_anomalib(args: argparse.Namespace, images: int) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- parent
 def run_child(kind: str, args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--child", kind, "--data", str(args.data), "--real-root", str(args.real_root),
-           "--image-size", str(args.image_size),
-           "--accuracy-size", str(args.accuracy_size), "--accuracy-images", str(args.accuracy_images),
-           "--accuracy-test", str(args.accuracy_test)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        "--data",
+        str(args.data),
+        "--real-root",
+        str(args.real_root),
+        "--image-size",
+        str(args.image_size),
+        "--accuracy-size",
+        str(args.accuracy_size),
+        "--accuracy-images",
+        str(args.accuracy_images),
+        "--accuracy-test",
+        str(args.accuracy_test),
+    ]
     for key, value in extra.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
     print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
@@ -261,74 +315,110 @@ def gb(n: float) -> str:
 
 
 def report(results: dict[str, Any]) -> str:
-    lines = [f"Date {results['date']}; load average at start {results['load_start']}, at end {results.get('load_end', 'n/a')}; "
-             f"{results['machine']}; torch {results['torch']}. Random-init backbones (seed 0); input "
-             f"`{OBJECT}` at 1500x1000 JPEG resized to {results['args']['image_size']} px.", ""]
+    lines = [
+        f"Date {results['date']}; load average at start {results['load_start']}, at end {results.get('load_end', 'n/a')}; "
+        f"{results['machine']}; torch {results['torch']}. Random-init backbones (seed 0); input "
+        f"`{OBJECT}` at 1500x1000 JPEG resized to {results['args']['image_size']} px.",
+        "",
+    ]
     for name, target in (("padim", "1.15x"), ("patchcore", "15 min at 900 images")):
         if name not in results:
             continue
         fit, floor = results[name], results[f"{name}_floor"]
-        lines += [f"### {name}: {fit['images']} training images, {fit['test_images']} test images", "",
-                  "| measure | value |", "|---|---|",
-                  f"| fit + save wall / CPU s | {fit['fit_wall_s']:.1f} / {fit['fit_cpu_s']:.1f} |",
-                  f"| backbone forward floor wall / CPU s (same images, same run) | "
-                  f"{floor['forward_wall_s']:.1f} / {floor['forward_cpu_s']:.1f} |",
-                  f"| fit / floor (wall; CPU) | {fit['fit_wall_s'] / floor['forward_wall_s']:.2f}; "
-                  f"{fit['fit_cpu_s'] / floor['forward_cpu_s']:.2f} (target {target}) |",
-                  *([f"| of which the float64 factorisation of L^-1 (wall s) | {fit['factorisation_wall_s']:.1f} |"]
-                    if name == "padim" else []),
-                  f"| model tensors (stored form) | {gb(fit['model_tensor_bytes'])} |",
-                  f"| peak RSS of the fit process | {gb(fit['peak_rss'])} "
-                  f"({fit['peak_rss'] / fit['model_tensor_bytes']:.2f}x the model tensors; "
-                  f"{gb(fit['rss_after_model_built'])} after imports and backbone; above that "
-                  f"{(fit['peak_rss'] - fit['rss_after_model_built']) / fit['model_tensor_bytes']:.2f}x) |",
-                  f"| test images/s ({fit.get('nn_backend', 'mahalanobis')}) | {fit['test_images_per_s']:.2f} |",
-                  f"| image / pixel AU-ROC | {fit['image_auroc']:.4f} / {fit['pixel_auroc']:.4f} |", ""]
+        lines += [
+            f"### {name}: {fit['images']} training images, {fit['test_images']} test images",
+            "",
+            "| measure | value |",
+            "|---|---|",
+            f"| fit + save wall / CPU s | {fit['fit_wall_s']:.1f} / {fit['fit_cpu_s']:.1f} |",
+            f"| backbone forward floor wall / CPU s (same images, same run) | "
+            f"{floor['forward_wall_s']:.1f} / {floor['forward_cpu_s']:.1f} |",
+            f"| fit / floor (wall; CPU) | {fit['fit_wall_s'] / floor['forward_wall_s']:.2f}; "
+            f"{fit['fit_cpu_s'] / floor['forward_cpu_s']:.2f} (target {target}) |",
+            *(
+                [f"| of which the float64 factorisation of L^-1 (wall s) | {fit['factorisation_wall_s']:.1f} |"]
+                if name == "padim"
+                else []
+            ),
+            f"| model tensors (stored form) | {gb(fit['model_tensor_bytes'])} |",
+            f"| peak RSS of the fit process | {gb(fit['peak_rss'])} "
+            f"({fit['peak_rss'] / fit['model_tensor_bytes']:.2f}x the model tensors; "
+            f"{gb(fit['rss_after_model_built'])} after imports and backbone; above that "
+            f"{(fit['peak_rss'] - fit['rss_after_model_built']) / fit['model_tensor_bytes']:.2f}x) |",
+            f"| test images/s ({fit.get('nn_backend', 'mahalanobis')}) | {fit['test_images_per_s']:.2f} |",
+            f"| image / pixel AU-ROC | {fit['image_auroc']:.4f} / {fit['pixel_auroc']:.4f} |",
+            "",
+        ]
     for key in sorted(k for k in results if k.startswith("anomalib_")):
         theirs, ours = results[key], results[f"padim_for_{key}"]
-        lines += [f"### PaDiM side by side with anomalib {theirs['anomalib']}: {theirs['images']} training images "
-                  f"(same images, random-init weights and channel subset)", "",
-                  "| measure | spotdiff | anomalib | spotdiff / anomalib |", "|---|---|---|---|"]
+        lines += [
+            f"### PaDiM side by side with anomalib {theirs['anomalib']}: {theirs['images']} training images "
+            f"(same images, random-init weights and channel subset)",
+            "",
+            "| measure | spotdiff | anomalib | spotdiff / anomalib |",
+            "|---|---|---|---|",
+        ]
         if "error" in theirs:
             cap = f" under a {theirs['cap_gb']:g} GB address-space cap" if theirs["cap_gb"] > 0 else ""
-            lines += [f"| fit | {ours['fit_wall_s']:.1f} s wall, peak {gb(ours['peak_rss'])} | failed after "
-                      f"{theirs['fit_wall_s']:.0f} s{cap}: "
-                      f"{theirs['error']} (peak RSS {gb(theirs['peak_rss'])}) | n/a |", ""]
+            lines += [
+                f"| fit | {ours['fit_wall_s']:.1f} s wall, peak {gb(ours['peak_rss'])} | failed after "
+                f"{theirs['fit_wall_s']:.0f} s{cap}: "
+                f"{theirs['error']} (peak RSS {gb(theirs['peak_rss'])}) | n/a |",
+                "",
+            ]
             continue
-        lines += [f"| fit wall s (decode + forward + statistics) | {ours['fit_wall_s']:.1f} | {theirs['fit_wall_s']:.1f} | "
-                  f"{ours['fit_wall_s'] / theirs['fit_wall_s']:.2f} |",
-                  f"| fit CPU s (main process) | {ours['fit_cpu_s']:.1f} | {theirs['fit_cpu_s']:.1f} | "
-                  f"{ours['fit_cpu_s'] / theirs['fit_cpu_s']:.2f} |",
-                  f"| peak RSS | {gb(ours['peak_rss'])} | {gb(theirs['peak_rss'])} | {ours['peak_rss'] / theirs['peak_rss']:.2f} |",
-                  f"| model tensors | {gb(ours['model_tensor_bytes'])} | {gb(theirs['model_tensor_bytes'])} | "
-                  f"{ours['model_tensor_bytes'] / theirs['model_tensor_bytes']:.2f} |",
-                  f"| image AU-ROC | {ours['image_auroc']:.4f} | {theirs['image_auroc']:.4f} | "
-                  f"{ours['image_auroc'] - theirs['image_auroc']:+.4f} (difference) |",
-                  f"| pixel AU-ROC | {ours['pixel_auroc']:.4f} | {theirs['pixel_auroc']:.4f} | "
-                  f"{ours['pixel_auroc'] - theirs['pixel_auroc']:+.4f} (difference) |", ""]
+        lines += [
+            f"| fit wall s (decode + forward + statistics) | {ours['fit_wall_s']:.1f} | {theirs['fit_wall_s']:.1f} | "
+            f"{ours['fit_wall_s'] / theirs['fit_wall_s']:.2f} |",
+            f"| fit CPU s (main process) | {ours['fit_cpu_s']:.1f} | {theirs['fit_cpu_s']:.1f} | "
+            f"{ours['fit_cpu_s'] / theirs['fit_cpu_s']:.2f} |",
+            f"| peak RSS | {gb(ours['peak_rss'])} | {gb(theirs['peak_rss'])} | {ours['peak_rss'] / theirs['peak_rss']:.2f} |",
+            f"| model tensors | {gb(ours['model_tensor_bytes'])} | {gb(theirs['model_tensor_bytes'])} | "
+            f"{ours['model_tensor_bytes'] / theirs['model_tensor_bytes']:.2f} |",
+            f"| image AU-ROC | {ours['image_auroc']:.4f} | {theirs['image_auroc']:.4f} | "
+            f"{ours['image_auroc'] - theirs['image_auroc']:+.4f} (difference) |",
+            f"| pixel AU-ROC | {ours['pixel_auroc']:.4f} | {theirs['pixel_auroc']:.4f} | "
+            f"{ours['pixel_auroc'] - theirs['pixel_auroc']:+.4f} (difference) |",
+            "",
+        ]
     if "coreset_exact" in results:
         exact, approx = results["coreset_exact"], results.get("coreset_sharded")
-        lines += [f"### PatchCore coreset: exact greedy vs sharded ({exact['images']} images)", "",
-                  "| coreset | shard (patches) | bank rows | fit wall s | image AU-ROC | pixel AU-ROC |",
-                  "|---|---|---|---|---|---|"]
-        runs = [("exact", exact), ("sharded, default shard", results.get("coreset_default")), ("sharded, 4 shards", approx)]
+        lines += [
+            f"### PatchCore coreset: exact greedy vs sharded ({exact['images']} images)",
+            "",
+            "| coreset | shard (patches) | bank rows | fit wall s | image AU-ROC | pixel AU-ROC |",
+            "|---|---|---|---|---|---|",
+        ]
+        runs = [
+            ("exact", exact),
+            ("sharded, default shard", results.get("coreset_default")),
+            ("sharded, 4 shards", approx),
+        ]
         for label, r in runs:
             if r is None:
                 continue
-            lines.append(f"| {label} | {r['coreset_shard']} | {r['bank_rows']} | {r['fit_wall_s']:.1f} | "
-                         f"{r['image_auroc']:.4f} | {r['pixel_auroc']:.4f} |")
+            lines.append(
+                f"| {label} | {r['coreset_shard']} | {r['bank_rows']} | {r['fit_wall_s']:.1f} | "
+                f"{r['image_auroc']:.4f} | {r['pixel_auroc']:.4f} |"
+            )
         lines.append("")
         for label, r in runs[1:]:
             if r is not None:
-                lines.append(f"Difference {label} - exact: image {r['image_auroc'] - exact['image_auroc']:+.4f}, "
-                             f"pixel {r['pixel_auroc'] - exact['pixel_auroc']:+.4f} (target |diff| <= 0.005).")
+                lines.append(
+                    f"Difference {label} - exact: image {r['image_auroc'] - exact['image_auroc']:+.4f}, "
+                    f"pixel {r['pixel_auroc'] - exact['pixel_auroc']:+.4f} (target |diff| <= 0.005)."
+                )
         lines.append("")
     if "accuracy" in results:
         a = results["accuracy"]
-        lines += [f"### PaDiM float32 statistics vs float64 reference (magnetic tile, {a['train_images']} train, "
-                  f"{a['test_images']} test images, {a['image_size']} px, {a['positions']} positions, d = {a['d']})", "",
-                  f"max relative difference: L^-1 {a['max_rel_diff_inv_cholesky']:.2e} (per position, max-norm), "
-                  f"Mahalanobis distance {a['max_rel_diff_distance']:.2e}, anomaly map {a['max_rel_diff_map']:.2e}", ""]
+        lines += [
+            f"### PaDiM float32 statistics vs float64 reference (magnetic tile, {a['train_images']} train, "
+            f"{a['test_images']} test images, {a['image_size']} px, {a['positions']} positions, d = {a['d']})",
+            "",
+            f"max relative difference: L^-1 {a['max_rel_diff_inv_cholesky']:.2e} (per position, max-norm), "
+            f"Mahalanobis distance {a['max_rel_diff_distance']:.2e}, anomaly map {a['max_rel_diff_map']:.2e}",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -344,12 +434,22 @@ def main() -> None:
     p.add_argument("--accuracy-images", type=int, default=200)
     p.add_argument("--accuracy-test", type=int, default=40)
     p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--anomalib-python", default=None,
-                   help="python of an environment with anomalib 2.7: also run its PaDiM on the same input")
-    p.add_argument("--anomalib-images", default=None,
-                   help="comma list of training-image counts for the anomalib comparison (default: --images)")
-    p.add_argument("--anomalib-max-memory-gb", type=float, default=18.0,
-                   help="address-space cap of the anomalib process (running out is reported, not fatal; 0: none)")
+    p.add_argument(
+        "--anomalib-python",
+        default=None,
+        help="python of an environment with anomalib 2.7: also run its PaDiM on the same input",
+    )
+    p.add_argument(
+        "--anomalib-images",
+        default=None,
+        help="comma list of training-image counts for the anomalib comparison (default: --images)",
+    )
+    p.add_argument(
+        "--anomalib-max-memory-gb",
+        type=float,
+        default=18.0,
+        help="address-space cap of the anomalib process (running out is reported, not fatal; 0: none)",
+    )
     # child-only
     p.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     p.add_argument("--config", default="padim", help=argparse.SUPPRESS)
@@ -364,9 +464,13 @@ def main() -> None:
         return
     configs = args.configs.split(",")
     make_data(args, max(args.images, args.coreset_images))
-    results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                               "load_start": os.getloadavg(), "torch": torch.__version__,
-                               "machine": f"{os.cpu_count()}-core {platform.machine()}", "args": vars(args)}
+    results: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_start": os.getloadavg(),
+        "torch": torch.__version__,
+        "machine": f"{os.cpu_count()}-core {platform.machine()}",
+        "args": vars(args),
+    }
     for name in ("padim", "patchcore"):
         if name in configs:
             results[f"{name}_floor"] = run_child("floor", args, config=name, images=args.images)
@@ -387,8 +491,9 @@ def main() -> None:
         if patches > DEFAULT_CORESET_SHARD:
             results["coreset_default"] = run_child("fit", args, config="patchcore", images=n)
             print(report(results), file=sys.stderr, flush=True)
-        results["coreset_sharded"] = run_child("fit", args, config="patchcore", images=n,
-                                               coreset_shard=max(1, patches // 4))
+        results["coreset_sharded"] = run_child(
+            "fit", args, config="patchcore", images=n, coreset_shard=max(1, patches // 4)
+        )
     if "accuracy" in configs:
         results["accuracy"] = run_child("accuracy", args)
     results["load_end"] = os.getloadavg()

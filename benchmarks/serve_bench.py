@@ -53,8 +53,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def synthetic(n: int, size: int, seed: int) -> torch.Tensor:
     """``(n, 3, size, size)`` textured grey images in [0, 1]."""
     g = torch.Generator().manual_seed(seed)
-    base = torch.nn.functional.interpolate(torch.rand(n, 3, size // 16, size // 16, generator=g), size=(size, size),
-                                           mode="bilinear", align_corners=False)
+    base = torch.nn.functional.interpolate(
+        torch.rand(n, 3, size // 16, size // 16, generator=g), size=(size, size), mode="bilinear", align_corners=False
+    )
     return (0.3 + 0.4 * base + 0.05 * torch.randn(n, 3, size, size, generator=g)).clamp(0, 1)
 
 
@@ -78,15 +79,18 @@ def in_process(model: ServedModel, images: list[bytes], batch: int, rounds: int 
     for _ in range(rounds):
         t0, c0 = time.perf_counter(), time.process_time()
         for start in range(0, len(images), batch):
-            model.scorer.score_batch([prepare_request(model, d, 10**9)[0] for d in images[start:start + batch]])
+            model.scorer.score_batch([prepare_request(model, d, 10**9)[0] for d in images[start : start + batch]])
         full.append(len(images) / (time.perf_counter() - t0))
         cpu.append((time.process_time() - c0) / len(images))
         t0 = time.perf_counter()
         for start in range(0, len(images), batch):
-            model.scorer.model.predict(tensors[start:start + batch])
+            model.scorer.model.predict(tensors[start : start + batch])
         bare.append(len(images) / (time.perf_counter() - t0))
-    return {"decode_score": statistics.median(full), "predict": statistics.median(bare),
-            "cpu_per_image": statistics.median(cpu)}
+    return {
+        "decode_score": statistics.median(full),
+        "predict": statistics.median(bare),
+        "cpu_per_image": statistics.median(cpu),
+    }
 
 
 def process_cpu(pid: int) -> float:
@@ -105,9 +109,26 @@ def start_server(model_dir: Path, args: argparse.Namespace, tmp: Path, max_queue
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     env.pop("SPOTDIFF_API_KEYS", None)
-    cmd = [sys.executable, "-m", "spotdiff", "--quiet", "--threads", str(args.threads), "serve", str(model_dir),
-           "--port", str(port), "--audit-log", str(tmp / "audit.jsonl"), "--max-batch", str(args.max_batch),
-           "--max-wait-ms", str(args.max_wait_ms), "--max-queue", str(max_queue)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "spotdiff",
+        "--quiet",
+        "--threads",
+        str(args.threads),
+        "serve",
+        str(model_dir),
+        "--port",
+        str(port),
+        "--audit-log",
+        str(tmp / "audit.jsonl"),
+        "--max-batch",
+        str(args.max_batch),
+        "--max-wait-ms",
+        str(args.max_wait_ms),
+        "--max-queue",
+        str(max_queue),
+    ]
     proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -156,15 +177,23 @@ async def drive(port: int, images: list[bytes], concurrency: int, requests: int,
     ok = statuses.get("200", 0)
     total = sum(statuses.values())
     lat = np.array(latencies) * 1000.0
-    return {"concurrency": concurrency, "sent": total, "ok": ok, "wall": wall, "rate": ok / wall,
-            "p50": float(np.percentile(lat, 50)) if ok else float("nan"),
-            "p99": float(np.percentile(lat, 99)) if ok else float("nan"),
-            "share_503": statuses.get("503", 0) / max(total, 1),
-            "errors": total - ok - statuses.get("503", 0), "statuses": statuses}
+    return {
+        "concurrency": concurrency,
+        "sent": total,
+        "ok": ok,
+        "wall": wall,
+        "rate": ok / wall,
+        "p50": float(np.percentile(lat, 50)) if ok else float("nan"),
+        "p99": float(np.percentile(lat, 99)) if ok else float("nan"),
+        "share_503": statuses.get("503", 0) / max(total, 1),
+        "errors": total - ok - statuses.get("503", 0),
+        "statuses": statuses,
+    }
 
 
-def run_levels(model_dir: Path, args: argparse.Namespace, tmp: Path, images: list[bytes], levels: list[int],
-               max_queue: int) -> list[dict]:
+def run_levels(
+    model_dir: Path, args: argparse.Namespace, tmp: Path, images: list[bytes], levels: list[int], max_queue: int
+) -> list[dict]:
     """Each level bracketed by in-process passes over the same images (the machine's load drifts)."""
     model = load_models([str(model_dir)])[0]
     proc, port = start_server(model_dir, args, tmp, max_queue)
@@ -178,8 +207,14 @@ def run_levels(model_dir: Path, args: argparse.Namespace, tmp: Path, images: lis
             result["server_cpu"] = (process_cpu(proc.pid) - server0) / max(result["ok"], 1)
             result["client_cpu"] = (time.process_time() - client0) / max(result["sent"], 1)
             after = in_process(model, images, args.max_batch)
-            out.append({**result, "queue": max_queue, "in_process": {k: (before[k] + after[k]) / 2 for k in before},
-                        "in_process_range": {k: (min(before[k], after[k]), max(before[k], after[k])) for k in before}})
+            out.append(
+                {
+                    **result,
+                    "queue": max_queue,
+                    "in_process": {k: (before[k] + after[k]) / 2 for k in before},
+                    "in_process_range": {k: (min(before[k], after[k]), max(before[k], after[k])) for k in before},
+                }
+            )
         return out
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -211,21 +246,27 @@ def main() -> None:
             results += run_levels(model_dir, args, tmp, images, [max(args.concurrency)], args.overload_queue)
     load1 = os.getloadavg()
     print(f"### serve_bench.py, {started:%Y-%m-%d %H:%M} UTC\n")
-    print(f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}; "
-          f"load average {load0[0]:.1f} at start, {load1[0]:.1f} at end (1 min). Random-init ResNet-18 PaDiM, "
-          f"{args.image_size} px PNG bodies, {args.threads} torch thread(s) in the server and in process, max batch "
-          f"{args.max_batch}, max wait {args.max_wait_ms:g} ms; at most {args.requests} requests / {args.seconds:g} s "
-          f"per level. In process = decode + score with the service's adapter in batches of {args.max_batch}, "
-          f"measured right before and after each level (mean, range in brackets).\n")
-    print("| concurrency | queue | requests | service images/s | in-process images/s | ratio | ÷ predict alone "
-          "| p50 ms | p99 ms | 503 share | errors | CPU ms per image: server / in process / client per request |")
+    print(
+        f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}; "
+        f"load average {load0[0]:.1f} at start, {load1[0]:.1f} at end (1 min). Random-init ResNet-18 PaDiM, "
+        f"{args.image_size} px PNG bodies, {args.threads} torch thread(s) in the server and in process, max batch "
+        f"{args.max_batch}, max wait {args.max_wait_ms:g} ms; at most {args.requests} requests / {args.seconds:g} s "
+        f"per level. In process = decode + score with the service's adapter in batches of {args.max_batch}, "
+        f"measured right before and after each level (mean, range in brackets).\n"
+    )
+    print(
+        "| concurrency | queue | requests | service images/s | in-process images/s | ratio | ÷ predict alone "
+        "| p50 ms | p99 ms | 503 share | errors | CPU ms per image: server / in process / client per request |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in results:
         ref, span = r["in_process"], r["in_process_range"]["decode_score"]
-        print(f"| {r['concurrency']} | {r['queue']} | {r['sent']} | {r['rate']:.1f} | {ref['decode_score']:.1f} "
-              f"({span[0]:.1f}–{span[1]:.1f}) | {r['rate'] / ref['decode_score']:.2f} | {r['rate'] / ref['predict']:.2f} "
-              f"| {r['p50']:.0f} | {r['p99']:.0f} | {100 * r['share_503']:.1f} % | {r['errors']} "
-              f"| {1000 * r['server_cpu']:.0f} / {1000 * ref['cpu_per_image']:.0f} / {1000 * r['client_cpu']:.1f} |")
+        print(
+            f"| {r['concurrency']} | {r['queue']} | {r['sent']} | {r['rate']:.1f} | {ref['decode_score']:.1f} "
+            f"({span[0]:.1f}–{span[1]:.1f}) | {r['rate'] / ref['decode_score']:.2f} | {r['rate'] / ref['predict']:.2f} "
+            f"| {r['p50']:.0f} | {r['p99']:.0f} | {100 * r['share_503']:.1f} % | {r['errors']} "
+            f"| {1000 * r['server_cpu']:.0f} / {1000 * ref['cpu_per_image']:.0f} / {1000 * r['client_cpu']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -91,21 +91,44 @@ CI_ONLY_DEFAULTS = {"blend_area": [0.005, 0.01], "proj_dim": 2048, "pred_dim": 5
 def design_record(design: Design) -> dict[str, Any]:
     """The design as stored in every result row (JSON types; CI-only fields only when changed)."""
     tag = json.loads(json.dumps(asdict(design)))
-    return {k: v for k, v in tag.items()
-            if k != "workers" and not (k in CI_ONLY_DEFAULTS and CI_ONLY_DEFAULTS[k] == v)}
+    return {k: v for k, v in tag.items() if k != "workers" and not (k in CI_ONLY_DEFAULTS and CI_ONLY_DEFAULTS[k] == v)}
 
 
 DESIGNS = {
     # CI: every arm, every endpoint and the statistics, a few images (tests/test_spd_effect.py)
-    "tiny": Design(seeds=2, steps=1, batch=4, pretrain_size=32, image_size=32, seg_steps=1, seg_batch=4,
-                   seg_shots=2, max_train=8, max_test_per_class=4, blend_area=(0.04, 0.08), proj_dim=32,
-                   pred_dim=16),
+    "tiny": Design(
+        seeds=2,
+        steps=1,
+        batch=4,
+        pretrain_size=32,
+        image_size=32,
+        seg_steps=1,
+        seg_batch=4,
+        seg_shots=2,
+        max_train=8,
+        max_test_per_class=4,
+        blend_area=(0.04, 0.08),
+        proj_dim=32,
+        pred_dim=16,
+    ),
     # 2 idle CPU cores, ~60-75 min for the whole design (sizing in spd_prereg.md)
-    "cpu": Design(seeds=8, steps=30, batch=32, pretrain_size=72, image_size=64, seg_steps=60, seg_batch=8,
-                  seg_shots=10),
+    "cpu": Design(
+        seeds=8, steps=30, batch=32, pretrain_size=72, image_size=64, seg_steps=60, seg_batch=8, seg_shots=10
+    ),
     # one H200-class GPU, <= 8 min (not run yet)
-    "cuda": Design(seeds=10, steps=600, batch=256, pretrain_size=72, image_size=64, seg_steps=300, seg_batch=16,
-                   seg_shots=10, device="cuda", amp="bf16", workers=12),
+    "cuda": Design(
+        seeds=10,
+        steps=600,
+        batch=256,
+        pretrain_size=72,
+        image_size=64,
+        seg_steps=300,
+        seg_batch=16,
+        seg_shots=10,
+        device="cuda",
+        amp="bf16",
+        workers=12,
+    ),
 }
 
 
@@ -128,13 +151,16 @@ def prereg_commit(path: Path) -> str:
         raise ConfigError(f"{path}: pre-registration is not committed; commit it before running")
     prefix = _git("rev-parse", "--show-prefix", cwd=folder)
     try:
-        committed = subprocess.run(["git", "show", f"{commit}:{prefix}{path.name}"], cwd=folder,
-                                   capture_output=True, check=True).stdout
+        committed = subprocess.run(
+            ["git", "show", f"{commit}:{prefix}{path.name}"], cwd=folder, capture_output=True, check=True
+        ).stdout
     except (OSError, subprocess.CalledProcessError) as exc:
         raise ConfigError(f"{path}: cannot read the pre-registration at commit {commit[:12]}") from exc
     if committed != path.read_bytes():
-        raise ConfigError(f"{path}: pre-registration changed since its commit {commit[:12]}; "
-                          "the experiment runs only against the committed text")
+        raise ConfigError(
+            f"{path}: pre-registration changed since its commit {commit[:12]}; "
+            "the experiment runs only against the committed text"
+        )
     return commit
 
 
@@ -214,14 +240,35 @@ def pretrain_backbone(arm: str, seed: int, design: Design, images: Path, run_dir
     if run_dir.exists():  # an interrupted cell starts again
         shutil.rmtree(run_dir)
     spd, eta = ARM_SETTINGS[arm]
-    cfg = load_config(None, dict(
-        method="simsiam", spd=spd, eta=eta, arch=design.arch, data=str(images), out=str(run_dir),
-        steps=design.steps, batch_size=design.batch, image_size=design.pretrain_size, workers=design.workers,
-        device=design.device, amp=design.amp, seed=seed, checkpoint_every=0,
-        log_every=max(1, design.steps // 10), tensorboard=False,
-        hparams={"blend_aspect": list(BLEND_ASPECT), **{
-            k: getattr(design, k) for k in ("blend_area", "proj_dim", "pred_dim")
-            if json.loads(json.dumps(getattr(design, k))) != CI_ONLY_DEFAULTS[k]}}))
+    cfg = load_config(
+        None,
+        dict(
+            method="simsiam",
+            spd=spd,
+            eta=eta,
+            arch=design.arch,
+            data=str(images),
+            out=str(run_dir),
+            steps=design.steps,
+            batch_size=design.batch,
+            image_size=design.pretrain_size,
+            workers=design.workers,
+            device=design.device,
+            amp=design.amp,
+            seed=seed,
+            checkpoint_every=0,
+            log_every=max(1, design.steps // 10),
+            tensorboard=False,
+            hparams={
+                "blend_aspect": list(BLEND_ASPECT),
+                **{
+                    k: getattr(design, k)
+                    for k in ("blend_area", "proj_dim", "pred_dim")
+                    if json.loads(json.dumps(getattr(design, k))) != CI_ONLY_DEFAULTS[k]
+                },
+            },
+        ),
+    )
     run_pretrain(cfg)
     return run_dir / BACKBONE_NAME
 
@@ -237,11 +284,17 @@ def bn_reestimated(raw: Path, train: list[dict[str, Any]], design: Design, out: 
 
     net = build_backbone(design.arch, weights=str(raw)).to(design.device)
     images = torch.stack([item["image"] for item in train])
-    count = recalibrate_batchnorm(net, (normalize(images[i:i + BN_BATCH]) for i in range(0, len(images), BN_BATCH)))
+    count = recalibrate_batchnorm(net, (normalize(images[i : i + BN_BATCH]) for i in range(0, len(images), BN_BATCH)))
     with safe_open(str(raw), "pt") as fh:
         meta = {k: v for k, v in (fh.metadata() or {}).items() if k not in ("format", "arch")}
-    meta.update({"bn_recalibrated": "true", "bn_images": count, "bn_image_size": design.image_size,
-                 "bn_folder": "training normals of the seed's split"})
+    meta.update(
+        {
+            "bn_recalibrated": "true",
+            "bn_images": count,
+            "bn_image_size": design.image_size,
+            "bn_folder": "training normals of the seed's split",
+        }
+    )
     return write_backbone(net.state_dict(), design.arch, out, meta)
 
 
@@ -273,7 +326,9 @@ def segmentation_metrics(weights: Path, design: Design, seed: int, data: SeedDat
             images=torch.stack([(it["image"] * 255).round().clamp(0, 255).to(torch.uint8) for it in items]),
             masks=torch.stack([(it["mask"].reshape(it["image"].shape[-2:]) > 0.5).to(torch.uint8) for it in items]),
             labels=torch.tensor([int(it["label"]) for it in items]),
-            defect_types=[it["defect_type"] for it in items], paths=[it["path"] for it in items])
+            defect_types=[it["defect_type"] for it in items],
+            paths=[it["path"] for it in items],
+        )
 
     g = torch.Generator().manual_seed(seed)
     bad = [i for i, it in enumerate(data.test) if int(it["label"]) == 1]
@@ -373,8 +428,7 @@ def analyse(rows: list[dict[str, Any]], design: Design) -> str:
     """Markdown from finished cells: the primary endpoint, secondary ones, per-arm means, manipulation check."""
     cells = {(r["arm"], r["seed"]): r["metrics"] for r in rows}
     complete = sorted(s for s in range(design.seeds) if all((a, s) in cells for a in ARMS))
-    status = ("complete" if len(complete) == design.seeds
-              else f"partial: {len(complete)} of {design.seeds} seeds")
+    status = "complete" if len(complete) == design.seeds else f"partial: {len(complete)} of {design.seeds} seeds"
     lines = [f"Status: **{status}** (seeds with every arm: {complete})", ""]
 
     def diffs(a: str, b: str, key: str, metric: str) -> list[float]:
@@ -383,8 +437,10 @@ def analyse(rows: list[dict[str, Any]], design: Design) -> str:
     def fmt(st: dict[str, float]) -> str:
         if st["n"] < 2:
             return f"{st['mean']:+.4f} | - | - | n = {st['n']}"
-        return (f"{st['mean']:+.4f} | [{st['lo']:+.4f}, {st['hi']:+.4f}] | {st['p_wilcoxon']:.3g} | "
-                f"{'yes' if st['lo'] > 0 or st['hi'] < 0 else 'no'}")
+        return (
+            f"{st['mean']:+.4f} | [{st['lo']:+.4f}, {st['hi']:+.4f}] | {st['p_wilcoxon']:.3g} | "
+            f"{'yes' if st['lo'] > 0 or st['hi'] < 0 else 'no'}"
+        )
 
     primary = paired_stats(diffs(*PRIMARY, "padim_bn", "pixel_aupr"))
     if primary["n"] < 2:
@@ -393,54 +449,83 @@ def analyse(rows: list[dict[str, Any]], design: Design) -> str:
         verdict = "an effect (the 95 % interval excludes 0)"
     else:
         verdict = "no effect shown (the 95 % interval includes 0)"
-    lines += [f"**Primary endpoint** (PaDiM pixel AU-PR, spd_eta0.1 - spd_eta0, BN re-estimated, "
-              f"n = {primary['n']} seeds): mean {primary['mean']:+.4f}, 95 % t-interval "
-              f"[{primary['lo']:+.4f}, {primary['hi']:+.4f}], exact Wilcoxon p = {primary['p_wilcoxon']:.3g}: "
-              f"{verdict}.", "",
-              "Per seed: " + ", ".join(
-                  f"seed {s}: {cells[(PRIMARY[0], s)]['padim_bn']['pixel_aupr']:.4f} - "
-                  f"{cells[(PRIMARY[1], s)]['padim_bn']['pixel_aupr']:.4f} = "
-                  f"{cells[(PRIMARY[0], s)]['padim_bn']['pixel_aupr'] - cells[(PRIMARY[1], s)]['padim_bn']['pixel_aupr']:+.4f}"
-                  for s in complete) + ".", ""]
-    for title, (a, b) in (("spd_eta0.1 - spd_eta0 (SPD gradient; the pre-registered pair)", PRIMARY),
-                          ("spd_eta0 - simsiam (the SPD path's extra passes without its gradient; reference)",
-                           ("spd_eta0", "simsiam")),
-                          ("simsiam - start (pre-training at all; reference)", ("simsiam", "start"))):
-        lines += [f"Paired differences, {title}:", "",
-                  "| endpoint | mean | 95 % t-interval | Wilcoxon p (exact) | excludes 0 |", "|---|---:|---:|---:|---|"]
+    lines += [
+        f"**Primary endpoint** (PaDiM pixel AU-PR, spd_eta0.1 - spd_eta0, BN re-estimated, "
+        f"n = {primary['n']} seeds): mean {primary['mean']:+.4f}, 95 % t-interval "
+        f"[{primary['lo']:+.4f}, {primary['hi']:+.4f}], exact Wilcoxon p = {primary['p_wilcoxon']:.3g}: "
+        f"{verdict}.",
+        "",
+        "Per seed: "
+        + ", ".join(
+            f"seed {s}: {cells[(PRIMARY[0], s)]['padim_bn']['pixel_aupr']:.4f} - "
+            f"{cells[(PRIMARY[1], s)]['padim_bn']['pixel_aupr']:.4f} = "
+            f"{cells[(PRIMARY[0], s)]['padim_bn']['pixel_aupr'] - cells[(PRIMARY[1], s)]['padim_bn']['pixel_aupr']:+.4f}"
+            for s in complete
+        )
+        + ".",
+        "",
+    ]
+    for title, (a, b) in (
+        ("spd_eta0.1 - spd_eta0 (SPD gradient; the pre-registered pair)", PRIMARY),
+        ("spd_eta0 - simsiam (the SPD path's extra passes without its gradient; reference)", ("spd_eta0", "simsiam")),
+        ("simsiam - start (pre-training at all; reference)", ("simsiam", "start")),
+    ):
+        lines += [
+            f"Paired differences, {title}:",
+            "",
+            "| endpoint | mean | 95 % t-interval | Wilcoxon p (exact) | excludes 0 |",
+            "|---|---:|---:|---:|---|",
+        ]
         for label, key, metric in ENDPOINTS:
             lines.append(f"| {label} | " + fmt(paired_stats(diffs(a, b, key, metric))) + " |")
         lines.append("")
-    lines += ["Per arm, mean ± sd over the complete seeds:", "",
-              "| arm | " + " | ".join(label for label, _, _ in ENDPOINTS) + " |",
-              "|---|" + "---:|" * len(ENDPOINTS)]
+    lines += [
+        "Per arm, mean ± sd over the complete seeds:",
+        "",
+        "| arm | " + " | ".join(label for label, _, _ in ENDPOINTS) + " |",
+        "|---|" + "---:|" * len(ENDPOINTS),
+    ]
     for arm in ARMS:
         vals = [[cells[(arm, s)][k][m] for s in complete] for _, k, m in ENDPOINTS]
         lines.append(f"| {arm} | " + " | ".join(_mean_sd(v) for v in vals) + " |")
-    lines += ["", "Manipulation check (held-out normals, pooled backbone features, BN re-estimated): "
-              "mean cos(weak, weak'), cos(weak, blended), gap; `start` is every arm's 'before':", "",
-              "| arm | cos(weak, weak') | cos(weak, blended) | gap | gap - start's gap (paired) |",
-              "|---|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "Manipulation check (held-out normals, pooled backbone features, BN re-estimated): "
+        "mean cos(weak, weak'), cos(weak, blended), gap; `start` is every arm's 'before':",
+        "",
+        "| arm | cos(weak, weak') | cos(weak, blended) | gap | gap - start's gap (paired) |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for arm in ARMS:
         m = [cells[(arm, s)]["manip"] for s in complete]
         change = [cells[(arm, s)]["manip"]["gap"] - cells[("start", s)]["manip"]["gap"] for s in complete]
-        lines.append(f"| {arm} | {_mean_sd([x['cos_weak_weak'] for x in m], 4)} | "
-                     f"{_mean_sd([x['cos_weak_blended'] for x in m], 4)} | {_mean_sd([x['gap'] for x in m], 5)} | "
-                     f"{_mean_sd(change, 5)} |")
-    lines += ["", "Every finished cell (complete seeds or not; descriptive):", "",
-              "| arm | seed | PaDiM pixel AU-PR (BN / raw) | PaDiM image AU-PR (BN / raw) | PaDiM AU-PRO (BN) | "
-              "PatchCore pixel AU-PR (BN / raw) | 10-shot U-Net pixel AU-PR | manipulation gap | CPU s (pre-training) |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines.append(
+            f"| {arm} | {_mean_sd([x['cos_weak_weak'] for x in m], 4)} | "
+            f"{_mean_sd([x['cos_weak_blended'] for x in m], 4)} | {_mean_sd([x['gap'] for x in m], 5)} | "
+            f"{_mean_sd(change, 5)} |"
+        )
+    lines += [
+        "",
+        "Every finished cell (complete seeds or not; descriptive):",
+        "",
+        "| arm | seed | PaDiM pixel AU-PR (BN / raw) | PaDiM image AU-PR (BN / raw) | PaDiM AU-PRO (BN) | "
+        "PatchCore pixel AU-PR (BN / raw) | 10-shot U-Net pixel AU-PR | manipulation gap | CPU s (pre-training) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in sorted(rows, key=lambda r: (r["seed"], ARMS.index(r["arm"]))):
         m = r["metrics"]
         lines.append(
             f"| {r['arm']} | {r['seed']} | {m['padim_bn']['pixel_aupr']:.4f} / {m['padim_raw']['pixel_aupr']:.4f} | "
             f"{m['padim_bn']['image_aupr']:.4f} / {m['padim_raw']['image_aupr']:.4f} | {m['padim_bn']['pixel_aupro']:.4f} | "
             f"{m['patchcore_bn']['pixel_aupr']:.4f} / {m['patchcore_raw']['pixel_aupr']:.4f} | "
-            f"{m['seg10_bn']['pixel_aupr']:.4f} | {m['manip']['gap']:+.5f} | {m['cpu_s']:.0f} ({m['pretrain_cpu_s']:.0f}) |")
+            f"{m['seg10_bn']['pixel_aupr']:.4f} | {m['manip']['gap']:+.5f} | {m['cpu_s']:.0f} ({m['pretrain_cpu_s']:.0f}) |"
+        )
     cpu = [r["metrics"]["cpu_s"] for r in rows]
-    lines += ["", f"Cells finished: {len(rows)} of {design.seeds * len(ARMS)}; CPU time per cell "
-              f"{_mean_sd(cpu, 0)} s (this process, all threads)."]
+    lines += [
+        "",
+        f"Cells finished: {len(rows)} of {design.seeds * len(ARMS)}; CPU time per cell "
+        f"{_mean_sd(cpu, 0)} s (this process, all threads).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -463,8 +548,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prereg", type=Path, default=PREREG, help=argparse.SUPPRESS)
     p.add_argument("--cell", default=None, metavar="ARM:SEED", help="run only this cell (e.g. spd_eta0:3)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    p.add_argument("--analyse", action="store_true",
-                   help="only (re)write WORK/analysis.md from the finished cells; run nothing")
+    p.add_argument(
+        "--analyse", action="store_true", help="only (re)write WORK/analysis.md from the finished cells; run nothing"
+    )
     return p.parse_args(argv)
 
 
@@ -503,8 +589,10 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
     rows = [json.loads(line) for line in results.read_text().splitlines() if line] if results.is_file() else []
     for r in rows:
         if r["prereg_commit"] != prereg:
-            raise ConfigError(f"{results}: rows were run under pre-registration {r['prereg_commit'][:12]}, now "
-                              f"{prereg[:12]} ({args.prereg} changed after the run started); use a new --work")
+            raise ConfigError(
+                f"{results}: rows were run under pre-registration {r['prereg_commit'][:12]}, now "
+                f"{prereg[:12]} ({args.prereg} changed after the run started); use a new --work"
+            )
     mine = [r for r in rows if r["design"] == design_tag]
     done = {(r["arm"], r["seed"]) for r in mine}
     if args.analyse:
@@ -517,9 +605,12 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
     set_quiet(True)
     code = code_commit()  # the code this process runs (read once, at start)
     command = "python benchmarks/spd_effect.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    print(f"# spd_effect {name}: {design_tag}; prereg {prereg[:12]}; code {code[:18]}; "
-          f"{platform.machine()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}; "
-          f"load {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"# spd_effect {name}: {design_tag}; prereg {prereg[:12]}; code {code[:18]}; "
+        f"{platform.machine()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}; "
+        f"load {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     todo = [(a, s) for s in range(design.seeds) for a in ARMS]
     if only is not None:
         todo = [only]
@@ -528,9 +619,18 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
             continue
         data = seed_data(args.root, seed, design, args.work)
         metrics = run_cell(arm, seed, design, data, args.work)
-        row = {"arm": arm, "seed": seed, "design_name": name, "design": design_tag, "metrics": metrics,
-               "prereg_commit": prereg, "commit": code, "command": command,
-               "load": os.getloadavg()[0], "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        row = {
+            "arm": arm,
+            "seed": seed,
+            "design_name": name,
+            "design": design_tag,
+            "metrics": metrics,
+            "prereg_commit": prereg,
+            "commit": code,
+            "command": command,
+            "load": os.getloadavg()[0],
+            "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         if only is not None:
             print(json.dumps(row), flush=True)
             (args.work / f"cell_{arm}_s{seed}.json").write_text(json.dumps(row) + "\n")
@@ -538,10 +638,12 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
         mine.append(row)
         with open(results, "a") as fh:
             fh.write(json.dumps(row) + "\n")
-        print(f"{arm:<11} seed {seed}: PaDiM pixel AU-PR {metrics['padim_bn']['pixel_aupr']:.4f} "
-              f"(raw {metrics['padim_raw']['pixel_aupr']:.4f}), seg {metrics['seg10_bn']['pixel_aupr']:.4f}, "
-              f"gap {metrics['manip']['gap']:+.5f}; cpu {metrics['cpu_s']:.0f} s, wall {metrics['wall_s']:.0f} s",
-              flush=True)
+        print(
+            f"{arm:<11} seed {seed}: PaDiM pixel AU-PR {metrics['padim_bn']['pixel_aupr']:.4f} "
+            f"(raw {metrics['padim_raw']['pixel_aupr']:.4f}), seg {metrics['seg10_bn']['pixel_aupr']:.4f}, "
+            f"gap {metrics['manip']['gap']:+.5f}; cpu {metrics['cpu_s']:.0f} s, wall {metrics['wall_s']:.0f} s",
+            flush=True,
+        )
         (args.work / "analysis.md").write_text(analyse(mine, design))
     text = analyse(mine, design)
     (args.work / "analysis.md").write_text(text)

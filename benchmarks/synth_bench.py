@@ -21,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from spotdiff.data.io import load_image, load_mask
 from spotdiff.data.synth import OBJECTS, generate, image_counts, render_sample
 from spotdiff.progress import set_quiet
@@ -42,20 +41,25 @@ def speed(scale: float) -> None:
         def read_all() -> None:
             for p in files:
                 load_image(p) if p.suffix == ".JPG" else load_mask(p)
+
         _, read_wall, read_cpu = _timed(read_all)
         size_mb = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) / 2**20
     print(f"## Generation speed (scale {scale}: {n_images} images of 256x256 + masks, {size_mb:.1f} MiB)\n")
     print("| step | wall s | CPU s | images/s (CPU) | ratio to peer (CPU) |")
     print("|---|---:|---:|---:|---:|")
-    print(f"| generate (render + JPEG/PNG + CSVs) | {gen_wall:.2f} | {gen_cpu:.2f} | {n_images / gen_cpu:.0f} | {gen_cpu / read_cpu:.1f} |")
-    print(f"| peer: read every image and mask once | {read_wall:.2f} | {read_cpu:.2f} | {n_images / read_cpu:.0f} | 1.0 |")
+    print(
+        f"| generate (render + JPEG/PNG + CSVs) | {gen_wall:.2f} | {gen_cpu:.2f} | {n_images / gen_cpu:.0f} | {gen_cpu / read_cpu:.1f} |"
+    )
+    print(
+        f"| peer: read every image and mask once | {read_wall:.2f} | {read_cpu:.2f} | {n_images / read_cpu:.0f} | 1.0 |"
+    )
     print("\n| object | normal renders/s (CPU) | anomalous renders/s (CPU) |")
     print("|---|---:|---:|")
     for name, obj in OBJECTS.items():
         rates = []
         for anomalous in (False, True):
             n = 24
-            _, _, cpu = _timed(lambda a=anomalous: [render_sample(obj, 0, i, a, 256) for i in range(n)])
+            _, _, cpu = _timed(lambda a=anomalous, obj=obj, n=n: [render_sample(obj, 0, i, a, 256) for i in range(n)])
             rates.append(n / cpu)
         print(f"| {name} | {rates[0]:.0f} | {rates[1]:.0f} |")
 
@@ -105,8 +109,10 @@ def detectability(scale: float, size: int) -> None:
             scores = maps.flatten(1).max(1).values
             res = evaluate(scores.numpy(), labels.numpy(), anomaly_maps=maps.numpy(), masks=masks.numpy())
             n_test_normal = int((labels == 0).sum())
-            print(f"| {name} | {n} | {n_test_normal} / {len(labels) - n_test_normal} | "
-                  f"{res['image_auroc']:.3f} | {res['pixel_auroc']:.3f} |")
+            print(
+                f"| {name} | {n} | {n_test_normal} / {len(labels) - n_test_normal} | "
+                f"{res['image_auroc']:.3f} | {res['pixel_auroc']:.3f} |"
+            )
 
 
 def main() -> None:
@@ -114,13 +120,19 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--detect", action="store_true", help="also run the random-feature PaDiM check")
     parser.add_argument("--detect-size", type=int, default=128)
-    parser.add_argument("--detect-scale", type=float, default=2.0,
-                        help="dataset scale of the detection check (2.0: 32 normal + 71 anomalous test images per object)")
+    parser.add_argument(
+        "--detect-scale",
+        type=float,
+        default=2.0,
+        help="dataset scale of the detection check (2.0: 32 normal + 71 anomalous test images per object)",
+    )
     args = parser.parse_args()
     set_quiet(True)
     n_normal, n_anomalous = image_counts(args.scale)
-    print(f"machine: {platform.machine()}, Python {platform.python_version()}; "
-          f"{len(OBJECTS)} objects x ({n_normal} normal + {n_anomalous} anomalous)\n")
+    print(
+        f"machine: {platform.machine()}, Python {platform.python_version()}; "
+        f"{len(OBJECTS)} objects x ({n_normal} normal + {n_anomalous} anomalous)\n"
+    )
     speed(args.scale)
     if args.detect:
         detectability(args.detect_scale, args.detect_size)

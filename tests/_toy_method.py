@@ -36,8 +36,18 @@ class ToyRecipe:
 
 
 class ToyMethod(nn.Module):
-    def __init__(self, name="simsiam", arch="resnet18", spd=False, eta=0.1, num_classes=None,
-                 weights=None, nan_at_step=0, sleep=0.0, optimizer="sgd"):
+    def __init__(
+        self,
+        name="simsiam",
+        arch="resnet18",
+        spd=False,
+        eta=0.1,
+        num_classes=None,
+        weights=None,
+        nan_at_step=0,
+        sleep=0.0,
+        optimizer="sgd",
+    ):
         super().__init__()
         self.name = name
         self.backbone = build_backbone(arch, weights=weights)
@@ -52,8 +62,14 @@ class ToyMethod(nn.Module):
         self.after_steps = 0
 
     def view_transform(self, image_size):
-        aug = v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(image_size, scale=(0.3, 1.0), antialias=True),
-                          v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True)])
+        aug = v2.Compose(
+            [
+                v2.PILToTensor(),
+                v2.RandomResizedCrop(image_size, scale=(0.3, 1.0), antialias=True),
+                v2.RandomHorizontalFlip(),
+                v2.ToDtype(torch.float32, scale=True),
+            ]
+        )
         return lambda img: {"view1": aug(img), "view2": aug(img)}
 
     def forward(self, views, labels=None, generator=None):
@@ -72,8 +88,10 @@ class ToyMethod(nn.Module):
 
     def param_groups(self, lr):
         wd = self.recipe.weight_decay
-        return [{"params": list(self.backbone.parameters()), "lr": lr, "weight_decay": wd},
-                {"params": list(self.projector.parameters()), "lr": lr, "weight_decay": wd, "fixed_lr": True}]
+        return [
+            {"params": list(self.backbone.parameters()), "lr": lr, "weight_decay": wd},
+            {"params": list(self.projector.parameters()), "lr": lr, "weight_decay": wd, "fixed_lr": True},
+        ]
 
     sync_batchnorm = True
 

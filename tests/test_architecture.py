@@ -79,8 +79,10 @@ def test_the_rule_checker_catches_a_lower_layer_importing_a_higher_one(tmp_path)
     """The check is not vacuous: data importing detect, or detect importing pretrain, is caught."""
     rules = documented_rules()
     fake = tmp_path / "m.py"
-    fake.write_text("import numpy\nfrom . import x\n\n"
-                    "def f():\n    from spotdiff.detect import PaDiM\n    import spotdiff.pretrain.train\n")
+    fake.write_text(
+        "import numpy\nfrom . import x\n\n"
+        "def f():\n    from spotdiff.detect import PaDiM\n    import spotdiff.pretrain.train\n"
+    )
     assert imported_units(fake) == {"detect", "pretrain"}
     assert "detect" not in rules["data"] and "pretrain" not in rules["detect"]
     assert "cli" not in rules["report"] and rules["errors"] == set()
@@ -107,7 +109,7 @@ def module_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         stack.pop()

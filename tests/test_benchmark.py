@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from _fake_bench import fake_metrics
+
 from spotdiff.cli import main
 from spotdiff.errors import ConfigError
 from spotdiff.progress import set_quiet
@@ -50,10 +50,14 @@ CONFIG = {
     "data": {"root": "data"},
     "objects": ["pcb_synth", "cashew_synth"],
     "image_size": 32,
-    "weights": [{"name": "random_r18", "arch": "resnet18", "file": "random"},
-                {"name": "simsiam_spd", "arch": "resnet18", "file": "w.safetensors"}],
-    "downstream": [{"name": "fake-a", "method": "fake"},
-                   {"name": "fake-b", "method": "fake", "params": {"k": 5}, "weights": ["simsiam_spd"]}],
+    "weights": [
+        {"name": "random_r18", "arch": "resnet18", "file": "random"},
+        {"name": "simsiam_spd", "arch": "resnet18", "file": "w.safetensors"},
+    ],
+    "downstream": [
+        {"name": "fake-a", "method": "fake"},
+        {"name": "fake-b", "method": "fake", "params": {"k": 5}, "weights": ["simsiam_spd"]},
+    ],
     "report": {"figures": False},  # figures are checked in test_outputs_tables_csv_and_report only
 }
 N_CELLS = 2 * 2 + 1 * 2  # fake-a on both weights, fake-b on one, two objects
@@ -95,9 +99,13 @@ def test_grid_order_and_weights_restriction(config_file):
     config = load_config(config_file)
     cells = grid(config, {"random_r18": None, "simsiam_spd": config_file.parent / "w.safetensors"})
     assert [c.key for c in cells] == [
-        "random_r18__fake-a__pcb_synth", "random_r18__fake-a__cashew_synth",
-        "simsiam_spd__fake-a__pcb_synth", "simsiam_spd__fake-a__cashew_synth",
-        "simsiam_spd__fake-b__pcb_synth", "simsiam_spd__fake-b__cashew_synth"]
+        "random_r18__fake-a__pcb_synth",
+        "random_r18__fake-a__cashew_synth",
+        "simsiam_spd__fake-a__pcb_synth",
+        "simsiam_spd__fake-a__cashew_synth",
+        "simsiam_spd__fake-b__pcb_synth",
+        "simsiam_spd__fake-b__cashew_synth",
+    ]
     assert config.data_root == config_file.parent / "data"  # relative to the config file
 
 
@@ -110,8 +118,10 @@ def test_second_run_skips_every_done_cell(config_file, fake, tmp_path):
     second = run_benchmark(load_config(config_file), out)
     assert second.ran == [] and len(second.skipped) == N_CELLS
     assert len(fake.calls) == N_CELLS  # nothing re-run
-    assert _results(out) == [{"weights": c["weights"], "downstream": c["downstream"], "object": c["object"],
-                              "metrics": c["metrics"]} for c in first.cells]
+    assert _results(out) == [
+        {"weights": c["weights"], "downstream": c["downstream"], "object": c["object"], "metrics": c["metrics"]}
+        for c in first.cells
+    ]
 
 
 def test_killed_run_resumes_and_matches_a_clean_run(config_file, monkeypatch, tmp_path):
@@ -184,20 +194,23 @@ def test_corrupt_cell_file_is_named(config_file, tmp_path):
         run_benchmark(load_config(config_file), out)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"colour": 1}, "unknown key"),
-    ({"objects": []}, "objects"),
-    ({"data": {}}, "data.root"),
-    ({"weights": [{"name": "a__b"}]}, "no '__'"),
-    ({"weights": [{"name": "x/y"}]}, "weights name"),
-    ({"downstream": [{"name": "d", "method": "nope"}]}, "unknown method 'nope'"),
-    ({"downstream": [{"method": "fake", "weights": ["ghost"]}]}, "weights must list names"),
-    ({"weights": [{"name": "a"}, {"name": "a"}]}, "duplicate weights"),
-    ({"weights": [{"name": "a", "file": "f", "pretrain": {"method": "simsiam"}}]}, "either file or pretrain"),
-    ({"image_size": "big"}, "image_size"),
-    ({"weights": [{"name": "a", "arch": "resnet5"}]}, "unknown arch 'resnet5'"),
-    ({"device": "tpu"}, "device"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"colour": 1}, "unknown key"),
+        ({"objects": []}, "objects"),
+        ({"data": {}}, "data.root"),
+        ({"weights": [{"name": "a__b"}]}, "no '__'"),
+        ({"weights": [{"name": "x/y"}]}, "weights name"),
+        ({"downstream": [{"name": "d", "method": "nope"}]}, "unknown method 'nope'"),
+        ({"downstream": [{"method": "fake", "weights": ["ghost"]}]}, "weights must list names"),
+        ({"weights": [{"name": "a"}, {"name": "a"}]}, "duplicate weights"),
+        ({"weights": [{"name": "a", "file": "f", "pretrain": {"method": "simsiam"}}]}, "either file or pretrain"),
+        ({"image_size": "big"}, "image_size"),
+        ({"weights": [{"name": "a", "arch": "resnet5"}]}, "unknown arch 'resnet5'"),
+        ({"device": "tpu"}, "device"),
+    ],
+)
 def test_config_errors(fake, tmp_path, change, message):
     with pytest.raises(ConfigError, match=message):
         parse_config({**CONFIG, **change}, tmp_path)
@@ -251,16 +264,25 @@ def test_real_runners_on_synthetic_data(tmp_path):
     from spotdiff.data.synth import generate
 
     data = generate(tmp_path / "data", seed=0, scale=0.2, image_size=64, objects=["cashew_synth"])
-    config = parse_config({
-        "data": {"root": str(data)}, "objects": ["cashew_synth"], "image_size": 64, "batch_size": 16,
-        "weights": [{"name": "random_r18", "arch": "resnet18"}],
-        "downstream": [
-            {"name": "padim", "method": "padim", "params": {"layers": ["layer1", "layer2"]}},
-            {"name": "cls-highshot", "method": "cls",
-             "params": {"protocol": "highshot", "seeds": 2, "steps": 2, "batch_size": 4}},
-        ],
-        "report": {"figures": False},
-    }, tmp_path)
+    config = parse_config(
+        {
+            "data": {"root": str(data)},
+            "objects": ["cashew_synth"],
+            "image_size": 64,
+            "batch_size": 16,
+            "weights": [{"name": "random_r18", "arch": "resnet18"}],
+            "downstream": [
+                {"name": "padim", "method": "padim", "params": {"layers": ["layer1", "layer2"]}},
+                {
+                    "name": "cls-highshot",
+                    "method": "cls",
+                    "params": {"protocol": "highshot", "seeds": 2, "steps": 2, "batch_size": 4},
+                },
+            ],
+            "report": {"figures": False},
+        },
+        tmp_path,
+    )
     result = run_benchmark(config, tmp_path / "out")
     assert result.ran == ["random_r18__padim__cashew_synth", "random_r18__cls-highshot__cashew_synth"]
     padim, cls = result.cells
@@ -285,8 +307,11 @@ def test_pretrain_blocks_run_once_and_changed_blocks_are_refused(fake, monkeypat
 
     monkeypatch.setattr(benchmark, "pretrain_and_export", fake_pretrain)
     block = {"method": "simsiam", "spd": True, "steps": 3, "data": "images"}
-    data = dict(CONFIG, weights=[{"name": "tiny", "arch": "resnet18", "pretrain": block}],
-                downstream=[{"name": "fake-a", "method": "fake"}])
+    data = dict(
+        CONFIG,
+        weights=[{"name": "tiny", "arch": "resnet18", "pretrain": block}],
+        downstream=[{"name": "fake-a", "method": "fake"}],
+    )
     out = tmp_path / "out"
     result = run_benchmark(parse_config(data, tmp_path), out)
     assert trained == [("tiny", {**block, "data": str(tmp_path / "images")})]  # data relative to the config

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from _fake_bench import fake_metrics, slow_runner
+
 from spotdiff.cli import main
 from spotdiff.report.benchmark import (
     CLAIM_DIR,
@@ -34,7 +34,10 @@ HERE = Path(__file__).resolve().parent
 CONFIG = {
     "data": {"root": "data"},
     "objects": ["o1", "o2", "o3", "o4"],
-    "weights": [{"name": "w1", "arch": "resnet18", "file": "random"}, {"name": "w2", "arch": "resnet18", "file": "random"}],
+    "weights": [
+        {"name": "w1", "arch": "resnet18", "file": "random"},
+        {"name": "w2", "arch": "resnet18", "file": "random"},
+    ],
     "downstream": [{"name": "fake-a", "method": "fake"}],
     "report": {"figures": False},
 }
@@ -134,15 +137,18 @@ def test_claim_of_a_dead_process_on_this_machine_is_taken_over_at_once(tmp_path)
     taker.close()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--shard", "0/2"], "--shard 0/2: I must be in 1..N"),
-    (["--shard", "3/2"], "--shard 3/2: I must be in 1..N"),
-    (["--shard", "1/0"], "--shard 1/0: I must be in 1..N"),
-    (["--shard", "one/two"], "expected I/N"),
-    (["--shard", "1/3"], "is split into 2 shards"),
-    (["--device", "tpu"], "--device 'tpu': choose cpu, cuda or cuda:N"),
-    (["--lease", "0"], "--lease must be > 0"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--shard", "0/2"], "--shard 0/2: I must be in 1..N"),
+        (["--shard", "3/2"], "--shard 3/2: I must be in 1..N"),
+        (["--shard", "1/0"], "--shard 1/0: I must be in 1..N"),
+        (["--shard", "one/two"], "expected I/N"),
+        (["--shard", "1/3"], "is split into 2 shards"),
+        (["--device", "tpu"], "--device 'tpu': choose cpu, cuda or cuda:N"),
+        (["--lease", "0"], "--lease must be > 0"),
+    ],
+)
 def test_bad_input_is_one_line_and_loses_or_repeats_no_cell(config_file, fake_log, tmp_path, capsys, argv, message):
     out = tmp_path / "out"
     base = ["--quiet", "benchmark", "--config", str(config_file), "--out", str(out)]
@@ -200,11 +206,31 @@ def test_collect_writes_the_tables_of_the_cells_done_so_far(config_file, tmp_pat
 
 
 def _driver(config: Path, out: Path, log: Path, seconds: float, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), str(HERE)]),
-           "OMP_NUM_THREADS": "1", "FAKE_LOG": str(log), "FAKE_SECONDS": str(seconds)}
-    return subprocess.Popen([sys.executable, str(HERE / "_fake_bench.py"), "benchmark", "--config", str(config),
-                             "--out", str(out), "--lease", "2", *extra],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), str(HERE)]),
+        "OMP_NUM_THREADS": "1",
+        "FAKE_LOG": str(log),
+        "FAKE_SECONDS": str(seconds),
+    }
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(HERE / "_fake_bench.py"),
+            "benchmark",
+            "--config",
+            str(config),
+            "--out",
+            str(out),
+            "--lease",
+            "2",
+            *extra,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.mark.slow
@@ -219,8 +245,11 @@ def test_two_processes_one_killed_mid_cell_every_cell_done_once(config_file, fak
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and victim.poll() is None:
-            mine = [ln.split() for ln in (fake_log.read_text() if fake_log.exists() else "").splitlines()
-                    if ln.endswith(f" {victim.pid}")]
+            mine = [
+                ln.split()
+                for ln in (fake_log.read_text() if fake_log.exists() else "").splitlines()
+                if ln.endswith(f" {victim.pid}")
+            ]
             if sum(e == "end" for e, _, _ in mine) >= 1 and mine[-1][0] == "start":
                 break  # the victim is inside its second (or later) cell
             time.sleep(0.01)

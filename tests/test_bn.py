@@ -82,8 +82,18 @@ def checkpoint(tmp_path_factory) -> Path:
     saved = train.build_method
     train.build_method = _toy_method.build_toy_method
     try:
-        cfg = load_config(None, dict(arch="resnet18", data=str(images), out=str(tmp / "run"), steps=1,
-                                     image_size=32, workers=0, tensorboard=False))
+        cfg = load_config(
+            None,
+            dict(
+                arch="resnet18",
+                data=str(images),
+                out=str(tmp / "run"),
+                steps=1,
+                image_size=32,
+                workers=0,
+                tensorboard=False,
+            ),
+        )
         return train.run_pretrain(cfg)
     finally:
         train.build_method = saved
@@ -93,8 +103,22 @@ def test_export_backbone_bn_recalibrate_records_it_and_refuses_bad_folders(check
     images = _folder(tmp_path / "good")
     plain, bn = tmp_path / "plain.safetensors", tmp_path / "bn.safetensors"
     assert main(["--quiet", "export-backbone", str(checkpoint), "--out", str(plain)]) == 0
-    assert main(["--quiet", "export-backbone", str(checkpoint), "--out", str(bn), "--bn-recalibrate", str(images),
-                 "--bn-image-size", "32"]) == 0
+    assert (
+        main(
+            [
+                "--quiet",
+                "export-backbone",
+                str(checkpoint),
+                "--out",
+                str(bn),
+                "--bn-recalibrate",
+                str(images),
+                "--bn-image-size",
+                "32",
+            ]
+        )
+        == 0
+    )
     a, b = load_file(plain), load_file(bn)
     assert not torch.equal(a["bn1.running_mean"], b["bn1.running_mean"])
     assert all(torch.equal(a[k], b[k]) for k in a if "running" not in k and "num_batches" not in k)
@@ -106,7 +130,9 @@ def test_export_backbone_bn_recalibrate_records_it_and_refuses_bad_folders(check
     broken.mkdir()
     (broken / "x.jpg").write_bytes(b"\xff\xd8 truncated")
     out = tmp_path / "never.safetensors"
-    assert main(["--quiet", "export-backbone", str(checkpoint), "--out", str(out), "--bn-recalibrate", str(broken)]) == 2
+    assert (
+        main(["--quiet", "export-backbone", str(checkpoint), "--out", str(out), "--bn-recalibrate", str(broken)]) == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "x.jpg" in err[0]
     assert not out.exists()
@@ -114,8 +140,24 @@ def test_export_backbone_bn_recalibrate_records_it_and_refuses_bad_folders(check
 
 def test_fit_bn_recalibrate_is_recorded_and_bad_folder_writes_nothing(tmp_path, capsys):
     good = _folder(tmp_path / "good", n=8)
-    common = ["--quiet", "fit", "--model", "padim", "--arch", "resnet18", "--d", "8", "--image-size", "32",
-              "--train", str(good), "--workers", "0", "--device", "cpu"]
+    common = [
+        "--quiet",
+        "fit",
+        "--model",
+        "padim",
+        "--arch",
+        "resnet18",
+        "--d",
+        "8",
+        "--image-size",
+        "32",
+        "--train",
+        str(good),
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+    ]
     assert main([*common, "--out", str(tmp_path / "model"), "--bn-recalibrate", str(good)]) == 0
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert "BN re-estimated on 8 images" in json.dumps(config)

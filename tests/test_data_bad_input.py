@@ -23,8 +23,10 @@ def _rows() -> list[SplitRow]:
     img, msk = "obj/Data/Images/{}/{}.JPG", "obj/Data/Masks/Anomaly/{}.png"
     rows = [SplitRow("obj", "train", "normal", img.format("Normal", f"{i:04d}"), "", i + 2) for i in range(3)]
     rows.append(SplitRow("obj", "test", "normal", img.format("Normal", "0003"), "", 5))
-    rows += [SplitRow("obj", "test", "anomaly", img.format("Anomaly", f"{i:03d}"), msk.format(f"{i:03d}"), 6 + i)
-             for i in range(2)]
+    rows += [
+        SplitRow("obj", "test", "anomaly", img.format("Anomaly", f"{i:03d}"), msk.format(f"{i:03d}"), 6 + i)
+        for i in range(2)
+    ]
     return rows
 
 
@@ -43,24 +45,30 @@ def _mask(root: Path, row: int) -> Path:
 
 
 # ----------------------------------------------------------------------------- split CSV rows
-@pytest.mark.parametrize("body, row, message", [
-    ("object,split,label,image\n" + GOOD, 1, "header is"),
-    (HEADER + "obj,train,normal\n", 2, "expected 5 columns, found 3"),
-    (HEADER + "obj,val,normal,obj/a.JPG,\n", 2, "split 'val' is not one of train, test"),
-    (HEADER + "obj,train,bad,obj/a.JPG,\n", 2, "label 'bad' is not one of normal, anomaly"),
-    (HEADER + GOOD + "obj,test,anomaly,obj/Data/Images/Anomaly/000.JPG,\n", 3, "anomalous image .* has no mask"),
-    (HEADER + "obj,train,normal,obj/a.JPG,obj/a.png\n", 2, "normal image obj/a.JPG has a mask"),
-    (HEADER + GOOD + "obj,test,normal,obj/Data/Images/Normal/0001.JPG,\n", 3,
-     "duplicate image obj/Data/Images/Normal/0001.JPG \\(first listed in row 2\\)"),
-    (HEADER + "obj,train,normal,/etc/passwd.JPG,\n", 2, "is absolute"),
-    (HEADER + "obj,train,normal,C:\\\\data\\\\a.JPG,\n", 2, "is absolute"),
-    (HEADER + "obj,train,normal,obj/../../a.JPG,\n", 2, "contains '..'"),
-    (HEADER + "obj,test,anomaly,obj/a.JPG,obj\\\\..\\\\..\\\\m.png\n", 2, "mask path .* contains '..'"),
-    (HEADER + "../obj,train,normal,obj/a.JPG,\n", 2, "invalid object '../obj'"),
-    (HEADER + ",train,normal,obj/a.JPG,\n", 2, "invalid object ''"),
-    (HEADER + "obj,train,normal,,\n", 2, "empty image path"),
-    ("", 1, "empty split CSV"),
-])
+@pytest.mark.parametrize(
+    "body, row, message",
+    [
+        ("object,split,label,image\n" + GOOD, 1, "header is"),
+        (HEADER + "obj,train,normal\n", 2, "expected 5 columns, found 3"),
+        (HEADER + "obj,val,normal,obj/a.JPG,\n", 2, "split 'val' is not one of train, test"),
+        (HEADER + "obj,train,bad,obj/a.JPG,\n", 2, "label 'bad' is not one of normal, anomaly"),
+        (HEADER + GOOD + "obj,test,anomaly,obj/Data/Images/Anomaly/000.JPG,\n", 3, "anomalous image .* has no mask"),
+        (HEADER + "obj,train,normal,obj/a.JPG,obj/a.png\n", 2, "normal image obj/a.JPG has a mask"),
+        (
+            HEADER + GOOD + "obj,test,normal,obj/Data/Images/Normal/0001.JPG,\n",
+            3,
+            "duplicate image obj/Data/Images/Normal/0001.JPG \\(first listed in row 2\\)",
+        ),
+        (HEADER + "obj,train,normal,/etc/passwd.JPG,\n", 2, "is absolute"),
+        (HEADER + "obj,train,normal,C:\\\\data\\\\a.JPG,\n", 2, "is absolute"),
+        (HEADER + "obj,train,normal,obj/../../a.JPG,\n", 2, "contains '..'"),
+        (HEADER + "obj,test,anomaly,obj/a.JPG,obj\\\\..\\\\..\\\\m.png\n", 2, "mask path .* contains '..'"),
+        (HEADER + "../obj,train,normal,obj/a.JPG,\n", 2, "invalid object '../obj'"),
+        (HEADER + ",train,normal,obj/a.JPG,\n", 2, "invalid object ''"),
+        (HEADER + "obj,train,normal,,\n", 2, "empty image path"),
+        ("", 1, "empty split CSV"),
+    ],
+)
 def test_bad_csv_rows_name_file_and_row(tmp_path, body, row, message):
     csv = tmp_path / "split.csv"
     csv.write_text(body.replace("\\\\", "\\"))
@@ -92,8 +100,9 @@ def _corrupt(path: Path, kind: str) -> None:
     path.write_bytes({"zero": b"", "truncated": data[: len(data) // 2], "garbage": b"\xff\xd8\xffnot a jpeg"}[kind])
 
 
-@pytest.mark.parametrize("kind, message", [
-    ("zero", "empty file"), ("truncated", "cannot read image"), ("garbage", "cannot read image")])
+@pytest.mark.parametrize(
+    "kind, message", [("zero", "empty file"), ("truncated", "cannot read image"), ("garbage", "cannot read image")]
+)
 def test_bad_image_fails_when_read(visa, kind, message):
     bad = _image(visa, 3)
     _corrupt(bad, kind)
@@ -144,15 +153,18 @@ def _assert_nothing_written(out: Path) -> None:
     assert not out.exists(), sorted(out.rglob("*"))
 
 
-@pytest.mark.parametrize("damage, row, message", [
-    (lambda r: _image(r, 3).unlink(), 3, "file not found"),
-    (lambda r: _mask(r, 6).unlink(), 6, "file not found"),
-    (lambda r: _corrupt(_image(r, 4), "zero"), 4, "empty file"),
-    (lambda r: _corrupt(_image(r, 4), "truncated"), 4, "cannot read image"),
-    (lambda r: _corrupt(_image(r, 6), "garbage"), 6, "cannot read image"),
-    (lambda r: _corrupt(_mask(r, 7), "garbage"), 7, "cannot read image"),
-    (lambda r: _wrong_size_mask(r, 7), 7, "is 10x10 but image"),
-])
+@pytest.mark.parametrize(
+    "damage, row, message",
+    [
+        (lambda r: _image(r, 3).unlink(), 3, "file not found"),
+        (lambda r: _mask(r, 6).unlink(), 6, "file not found"),
+        (lambda r: _corrupt(_image(r, 4), "zero"), 4, "empty file"),
+        (lambda r: _corrupt(_image(r, 4), "truncated"), 4, "cannot read image"),
+        (lambda r: _corrupt(_image(r, 6), "garbage"), 6, "cannot read image"),
+        (lambda r: _corrupt(_mask(r, 7), "garbage"), 7, "cannot read image"),
+        (lambda r: _wrong_size_mask(r, 7), 7, "is 10x10 but image"),
+    ],
+)
 def test_prepare_validates_everything_before_writing(visa, tmp_path, damage, row, message):
     damage(visa)
     out = tmp_path / "out"
@@ -185,8 +197,10 @@ def test_prepare_refuses_colliding_destinations(visa, tmp_path):
     other = visa / "obj" / "Data" / "Images" / "Extra" / "0001.JPG"
     other.parent.mkdir()
     other.write_bytes(_image(visa, 3).read_bytes())
-    csv = write_split_csv(tmp_path / "dup.csv", [tuple(GOOD.strip().split(",")),
-                                                ("obj", "train", "normal", "obj/Data/Images/Extra/0001.JPG", "")])
+    csv = write_split_csv(
+        tmp_path / "dup.csv",
+        [tuple(GOOD.strip().split(",")), ("obj", "train", "normal", "obj/Data/Images/Extra/0001.JPG", "")],
+    )
     with pytest.raises(DataError, match="dup.csv row 3: destination .*train/good/0001.JPG is also written by row 2"):
         prepare_visa(visa, "1cls", tmp_path / "out", split_csv=csv)
     _assert_nothing_written(tmp_path / "out")
@@ -260,8 +274,12 @@ def test_image_bytes_fail_as_the_file_does(tmp_path, kind):
     size = (10_000, 9_000) if kind == "bomb" else (40, 30)  # 90 Mpx: over MAX_IMAGE_PIXELS
     Image.new("1" if kind == "bomb" else "RGB", size).save(path)
     data = path.read_bytes()
-    data = {"truncated": data[: len(data) // 2], "garbage": b"\x89PNG\r\n\x1a\nnot a png", "text": b"hello",
-            "bomb": data}[kind]
+    data = {
+        "truncated": data[: len(data) // 2],
+        "garbage": b"\x89PNG\r\n\x1a\nnot a png",
+        "text": b"hello",
+        "bomb": data,
+    }[kind]
     path.write_bytes(data)
     with pytest.raises(DataError) as from_file:
         load_image(path)

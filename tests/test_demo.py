@@ -34,8 +34,13 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         cells = [format_percent(rec["metrics"][m]) for m in HEADLINE_METRICS]
         assert f"| {rec['object']} | {rec['method']} | " + " | ".join(cells) + " |" in printed
     assert sum(1 for line in printed.splitlines() if line.startswith("| **Mean**")) == len(BACKBONES)
-    assert set(results["stage_seconds"]) == {"data", "pretrain SimSiam", "pretrain SimSiam+SPD",
-                                             "PaDiM fit + test", "report"}
+    assert set(results["stage_seconds"]) == {
+        "data",
+        "pretrain SimSiam",
+        "pretrain SimSiam+SPD",
+        "PaDiM fit + test",
+        "report",
+    }
     assert sum(results["stage_seconds"].values()) <= results["seconds"] + 0.5
 
     # the exported backbones load into torchvision's resnet18 and differ from each other

@@ -8,13 +8,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from detect_fakes import square_images
 from PIL import Image
 
 from spotdiff.cli import main
 from spotdiff.detect import Detector, PaDiM, fit_folder
 from spotdiff.detect.calibration import Calibration, f1_threshold, rates, tail_threshold
 from spotdiff.errors import ConfigError, DataError
-from detect_fakes import square_images
 
 SIZE = 48
 
@@ -22,7 +22,9 @@ SIZE = 48
 def write_images(folder, images, prefix="img"):
     folder.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(images):
-        Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(folder / f"{prefix}_{i}.png")
+        Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(
+            folder / f"{prefix}_{i}.png"
+        )
     return folder
 
 
@@ -81,8 +83,13 @@ def test_f1_threshold_is_the_best_over_all_cuts():
 
 
 def test_normal_percentile_is_fraction_of_normal_scores_below():
-    cal = Calibration(normal_scores=[1.0, 2.0, 3.0, 4.0], image_threshold=3.5, pixel_threshold=1.0,
-                      image_mode="normal-fpr", pixel_mode="normal-fpr")
+    cal = Calibration(
+        normal_scores=[1.0, 2.0, 3.0, 4.0],
+        image_threshold=3.5,
+        pixel_threshold=1.0,
+        image_mode="normal-fpr",
+        pixel_mode="normal-fpr",
+    )
     assert cal.percentile([0.5, 2.0, 2.5, 10.0]).tolist() == [0.0, 0.25, 0.5, 1.0]
     assert Calibration.from_dict(cal.to_dict()) == cal
 
@@ -91,25 +98,61 @@ def test_normal_percentile_is_fraction_of_normal_scores_below():
 
 
 def test_fit_folder_api_holds_out_validation_and_calibrates(folders):
-    model, cal, unmasked = fit_folder(PaDiM(arch="resnet18", d=16, layers=["layer1", "layer2"]),
-                                      folders / "train", image_size=SIZE, val_seed=3)
+    model, cal, unmasked = fit_folder(
+        PaDiM(arch="resnet18", d=16, layers=["layer1", "layer2"]), folders / "train", image_size=SIZE, val_seed=3
+    )
     assert model.n_train_ + cal.figures["n_val_good"] == 12 and cal.figures["n_val_good"] == 2
-    assert cal.source == {"validation": "held out of training folder", "val_fraction": 0.2, "val_seed": 3,
-                          "n_val_good": 2}
+    assert cal.source == {
+        "validation": "held out of training folder",
+        "val_fraction": 0.2,
+        "val_seed": 3,
+        "n_val_good": 2,
+    }
     assert cal.image_threshold == max(cal.normal_scores)  # 1 % of 2 images: none may be flagged
     assert cal.figures["image_fpr"] == 0.0 and unmasked == []
     paths = sorted((folders / "train").glob("*.png"))
-    model2, cal2, _ = fit_folder(PaDiM(arch="resnet18", d=16, layers=["layer1", "layer2"]), paths,
-                                 image_size=SIZE, val_seed=3)
+    model2, cal2, _ = fit_folder(
+        PaDiM(arch="resnet18", d=16, layers=["layer1", "layer2"]), paths, image_size=SIZE, val_seed=3
+    )
     assert cal2.normal_scores == pytest.approx(cal.normal_scores)  # a path list = the folder
 
 
 def test_cli_fit_test_predict_on_plain_folders(folders, tmp_path, capsys):
     mdir = tmp_path / "model"
-    assert main(["--quiet", "fit", "--model", "padim", "--arch", "resnet18", "--weights", "random", "--d", "16", "--layers", "layer1",
-                 "layer2", "--image-size", str(SIZE), "--train", str(folders / "train"),
-                 "--val-good", str(folders / "val_good"), "--val-bad", str(folders / "val_bad"),
-                 "--val-masks", str(folders / "val_masks"), "--threshold-mode", "f1", "--out", str(mdir)]) == 0
+    assert (
+        main(
+            [
+                "--quiet",
+                "fit",
+                "--model",
+                "padim",
+                "--arch",
+                "resnet18",
+                "--weights",
+                "random",
+                "--d",
+                "16",
+                "--layers",
+                "layer1",
+                "layer2",
+                "--image-size",
+                str(SIZE),
+                "--train",
+                str(folders / "train"),
+                "--val-good",
+                str(folders / "val_good"),
+                "--val-bad",
+                str(folders / "val_bad"),
+                "--val-masks",
+                str(folders / "val_masks"),
+                "--threshold-mode",
+                "f1",
+                "--out",
+                str(mdir),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "image threshold" in out and "(f1)" in out and "pixel threshold" in out
     cal = json.loads((mdir / "config.json").read_text())["calibration"]
@@ -119,16 +162,45 @@ def test_cli_fit_test_predict_on_plain_folders(folders, tmp_path, capsys):
     assert len(cal["normal_scores"]) == 6 and len(cal["pixel_quantiles"]) == 101
 
     rdir = tmp_path / "results"
-    assert main(["--quiet", "test", str(mdir), "--good", str(folders / "test_good"), "--bad",
-                 str(folders / "test_bad"), "--masks", str(folders / "test_masks"), "--out", str(rdir)]) == 0
+    assert (
+        main(
+            [
+                "--quiet",
+                "test",
+                str(mdir),
+                "--good",
+                str(folders / "test_good"),
+                "--bad",
+                str(folders / "test_bad"),
+                "--masks",
+                str(folders / "test_masks"),
+                "--out",
+                str(rdir),
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "1 bad image(s) have no mask" in captured.err and "tb_3.png" in captured.err
     metrics = json.loads((rdir / "metrics.json").read_text())
     assert metrics["image_auroc"] > 0.8 and "pixel_auroc" in metrics
 
     pdir = tmp_path / "pred"
-    assert main(["--quiet", "predict", str(mdir), str(folders / "test_good"), str(folders / "test_bad"),
-                 "--out", str(pdir), "--masks"]) == 0
+    assert (
+        main(
+            [
+                "--quiet",
+                "predict",
+                str(mdir),
+                str(folders / "test_good"),
+                str(folders / "test_bad"),
+                "--out",
+                str(pdir),
+                "--masks",
+            ]
+        )
+        == 0
+    )
     rows = read_csv(pdir / "scores.csv")
     assert len(rows) == 8
     model = Detector.load(mdir)
@@ -161,8 +233,22 @@ def test_old_model_without_calibration_still_predicts(tmp_path, folders):
     assert main(["--quiet", "predict", str(mdir), str(folders / "test_good"), "--out", str(out), "--no-overlays"]) == 0
     rows = read_csv(out / "scores.csv")
     assert {r["decision"] for r in rows} == {"no threshold"} and {r["normalized_score"] for r in rows} == {""}
-    assert main(["--quiet", "predict", str(mdir), str(folders / "test_good"), "--out", str(out), "--no-overlays",
-                 "--threshold", "0"]) == 0
+    assert (
+        main(
+            [
+                "--quiet",
+                "predict",
+                str(mdir),
+                str(folders / "test_good"),
+                "--out",
+                str(out),
+                "--no-overlays",
+                "--threshold",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert {r["decision"] for r in read_csv(out / "scores.csv")} == {"anomalous"}
     assert main(["predict", str(mdir), str(folders / "test_good"), "--out", str(out), "--masks"]) == 2
 
@@ -171,12 +257,31 @@ def test_old_model_without_calibration_still_predicts(tmp_path, folders):
 
 
 def _fit(args, tmp_path):
-    return main(["fit", "--model", "padim", "--arch", "resnet18", "--weights", "random", "--d", "8", "--layers", "layer1",
-                 "--image-size", "32", "--out", str(tmp_path / "m"), *args])
+    return main(
+        [
+            "fit",
+            "--model",
+            "padim",
+            "--arch",
+            "resnet18",
+            "--weights",
+            "random",
+            "--d",
+            "8",
+            "--layers",
+            "layer1",
+            "--image-size",
+            "32",
+            "--out",
+            str(tmp_path / "m"),
+            *args,
+        ]
+    )
 
 
-@pytest.mark.parametrize("case", ["empty", "no_images", "overlap", "f1_without_bad", "orphan_mask", "mask_size",
-                                  "manual_without_value"])
+@pytest.mark.parametrize(
+    "case", ["empty", "no_images", "overlap", "f1_without_bad", "orphan_mask", "mask_size", "manual_without_value"]
+)
 def test_bad_folder_input_is_one_line_exit_2_nothing_written(case, folders, tmp_path, capsys):
     train = str(folders / "train")
     empty = tmp_path / "empty"
@@ -194,10 +299,14 @@ def test_bad_folder_input_is_one_line_exit_2_nothing_written(case, folders, tmp_
         "no_images": (["--train", str(text)], f"no image files found in {text}"),
         "overlap": (["--train", train, "--val-good", train], "in both the training set and the normal validation set"),
         "f1_without_bad": (["--train", train, "--threshold-mode", "f1"], "needs anomalous validation images"),
-        "orphan_mask": (["--train", train, "--val-bad", str(folders / "val_bad"), "--val-masks", str(masks)],
-                        "stray.png: mask without a bad image"),
-        "mask_size": (["--train", train, "--val-bad", str(folders / "val_bad"), "--val-masks", str(small)],
-                      "vb_0.png: mask is 16x16 but image"),
+        "orphan_mask": (
+            ["--train", train, "--val-bad", str(folders / "val_bad"), "--val-masks", str(masks)],
+            "stray.png: mask without a bad image",
+        ),
+        "mask_size": (
+            ["--train", train, "--val-bad", str(folders / "val_bad"), "--val-masks", str(small)],
+            "vb_0.png: mask is 16x16 but image",
+        ),
         "manual_without_value": (["--train", train, "--threshold-mode", "manual"], "needs a value (--threshold T)"),
     }[case]
     assert _fit(args, tmp_path) == 2
@@ -228,8 +337,25 @@ def test_open_folders_errors(folders, tmp_path):
 def test_dataset_fit_calibrates_with_val_good_and_refuses_overlap(folders, tmp_path, capsys):
     """--data/--object (an MVTec-style tree) plus --val-good: calibrated; --val-good inside train: refused."""
     train = write_images(tmp_path / "mv" / "obj" / "train" / "good", square_images(6, SIZE, seed=1))
-    base = ["fit", "--model", "padim", "--arch", "resnet18", "--weights", "random", "--d", "8", "--layers", "layer1", "--image-size",
-            str(SIZE), "--data", str(tmp_path / "mv"), "--object", "obj"]
+    base = [
+        "fit",
+        "--model",
+        "padim",
+        "--arch",
+        "resnet18",
+        "--weights",
+        "random",
+        "--d",
+        "8",
+        "--layers",
+        "layer1",
+        "--image-size",
+        str(SIZE),
+        "--data",
+        str(tmp_path / "mv"),
+        "--object",
+        "obj",
+    ]
     assert main(["--quiet", *base, "--val-good", str(folders / "val_good"), "--out", str(tmp_path / "m")]) == 0
     cal = json.loads((tmp_path / "m" / "config.json").read_text())["calibration"]
     assert cal["source"] == {"validation": "given", "n_val_good": 6} and len(cal["normal_scores"]) == 6

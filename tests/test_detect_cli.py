@@ -39,8 +39,12 @@ def test_predict_handles_modes_sizes_and_corrupt_files(model_dir, tmp_path):
     (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (src / "notes.txt").write_text("not an image")
     out = tmp_path / "out"
-    assert main(["--quiet", "predict", str(model_dir), str(src), "--out", str(out), "--threshold", "5",
-                 "--batch-size", "2"]) == 1  # completed, with an error row
+    assert (
+        main(
+            ["--quiet", "predict", str(model_dir), str(src), "--out", str(out), "--threshold", "5", "--batch-size", "2"]
+        )
+        == 1
+    )  # completed, with an error row
     rows = {r["path"].split("/in/")[1]: r for r in read_csv(out / "scores.csv")}
     assert sorted(rows) == ["broken.png", "gray.png", "rgb.png", "sub/rgba.png"]
     assert "broken.png" in rows["broken.png"]["error"] and rows["broken.png"]["score"] == ""
@@ -64,11 +68,45 @@ def test_fit_test_predict_on_synthetic_data(tmp_path):
     results = {}
     for model in ("padim", "patchcore"):
         mdir, rdir = tmp_path / f"m_{model}", tmp_path / f"r_{model}"
-        assert main(["--quiet", "fit", "--model", model, "--data", str(root), "--object", "cashew_synth",
-                     "--arch", "resnet18", "--image-size", "128", "--out", str(mdir)]) == 0
+        assert (
+            main(
+                [
+                    "--quiet",
+                    "fit",
+                    "--model",
+                    model,
+                    "--data",
+                    str(root),
+                    "--object",
+                    "cashew_synth",
+                    "--arch",
+                    "resnet18",
+                    "--image-size",
+                    "128",
+                    "--out",
+                    str(mdir),
+                ]
+            )
+            == 0
+        )
         assert json.loads((mdir / "config.json").read_text())["model"] == model
-        assert main(["--quiet", "test", str(mdir), "--data", str(root), "--object", "cashew_synth",
-                     "--out", str(rdir), "--save-maps"]) == 0
+        assert (
+            main(
+                [
+                    "--quiet",
+                    "test",
+                    str(mdir),
+                    "--data",
+                    str(root),
+                    "--object",
+                    "cashew_synth",
+                    "--out",
+                    str(rdir),
+                    "--save-maps",
+                ]
+            )
+            == 0
+        )
         metrics = json.loads((rdir / "metrics.json").read_text())
         rows = read_csv(rdir / "scores.csv")
         assert set(rows[0]) == {"path", "label", "defect_type", "score", "decision"}
@@ -92,8 +130,24 @@ def test_fit_corrupt_training_image_fails_or_is_skipped(tmp_path, capsys):
     root = synth.generate(tmp_path / "synth", seed=0, scale=0.2, image_size=64, objects=["cashew_synth"])
     bad = sorted((root / "cashew_synth" / "Data" / "Images" / "Normal").iterdir())[0]
     bad.write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
-    argv = ["--quiet", "fit", "--model", "padim", "--data", str(root), "--object", "cashew_synth",
-            "--arch", "resnet18", "--d", "20", "--image-size", "64", "--out", str(tmp_path / "m")]
+    argv = [
+        "--quiet",
+        "fit",
+        "--model",
+        "padim",
+        "--data",
+        str(root),
+        "--object",
+        "cashew_synth",
+        "--arch",
+        "resnet18",
+        "--d",
+        "20",
+        "--image-size",
+        "64",
+        "--out",
+        str(tmp_path / "m"),
+    ]
     assert main(argv) == 2
     assert bad.name in capsys.readouterr().err and not (tmp_path / "m").exists()
     assert main([*argv, "--skip-bad"]) == 0
@@ -105,8 +159,20 @@ def test_fit_coreset_options(tmp_path, capsys):
     from spotdiff.data.synth import generate
 
     root = generate(tmp_path / "synth", seed=0, scale=0.05, image_size=48, objects=["cashew_synth"])
-    common = ["--quiet", "fit", "--model", "patchcore", "--arch", "resnet18", "--data", str(root),
-              "--object", "cashew_synth", "--image-size", "48"]
+    common = [
+        "--quiet",
+        "fit",
+        "--model",
+        "patchcore",
+        "--arch",
+        "resnet18",
+        "--data",
+        str(root),
+        "--object",
+        "cashew_synth",
+        "--image-size",
+        "48",
+    ]
     assert main([*common, "--coreset-ratio", "1.5", "--out", str(tmp_path / "bad")]) == 2
     assert "coreset ratio must be in (0, 1]" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     for shard, recorded in (("0", None),):

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from detect_fakes import as_dataset, square_images
 from safetensors import safe_open
 from sklearn.base import clone
 
@@ -15,18 +16,39 @@ from spotdiff.detect import DETECTORS, Detector, PaDiM, PatchCore
 from spotdiff.detect.store import BACKBONE_FILE, CONFIG_FILE, MODEL_FILE
 from spotdiff.errors import ConfigError, WeightsError
 
-from detect_fakes import as_dataset, square_images
-
-TINY = {"padim": {"arch": "resnet18", "layers": ["layer1"], "d": 8, "seed": 3},
-        "patchcore": {"arch": "resnet18", "layers": ["layer1", "layer2"], "coreset_ratio": 0.5, "num_neighbors": 2,
-                      "seed": 3}}
+TINY = {
+    "padim": {"arch": "resnet18", "layers": ["layer1"], "d": 8, "seed": 3},
+    "patchcore": {
+        "arch": "resnet18",
+        "layers": ["layer1", "layer2"],
+        "coreset_ratio": 0.5,
+        "num_neighbors": 2,
+        "seed": 3,
+    },
+}
 
 # what `save` wrote before the estimator refactor (commit eb7b0d7), besides the backbone file
-COMMON_KEYS = {"format", "format_version", "model", "arch", "layers", "seed", "image_size", "n_train",
-               "backbone_source", "weights", "data_source", "normal_maps"}
-OLD_FORMAT = {"padim": (COMMON_KEYS | {"d", "epsilon"}, {"mean", "inv_cholesky_packed", "channel_index"}),
-              "patchcore": (COMMON_KEYS | {"coreset_ratio", "projection_dim", "num_neighbors", "target_dim",
-                                           "coreset_shard"}, {"memory_bank"})}
+COMMON_KEYS = {
+    "format",
+    "format_version",
+    "model",
+    "arch",
+    "layers",
+    "seed",
+    "image_size",
+    "n_train",
+    "backbone_source",
+    "weights",
+    "data_source",
+    "normal_maps",
+}
+OLD_FORMAT = {
+    "padim": (COMMON_KEYS | {"d", "epsilon"}, {"mean", "inv_cholesky_packed", "channel_index"}),
+    "patchcore": (
+        COMMON_KEYS | {"coreset_ratio", "projection_dim", "num_neighbors", "target_dim", "coreset_shard"},
+        {"memory_bank"},
+    ),
+}
 
 
 def _fit(kind: str) -> Detector:
@@ -35,9 +57,17 @@ def _fit(kind: str) -> Detector:
 
 def test_constructor_stores_parameters_only():
     model = PaDiM(arch="resnet18", weights="no/such/file.safetensors", d=-1, epsilon=0.0, layers=("layer9",))
-    assert model.get_params() == {"arch": "resnet18", "weights": "no/such/file.safetensors", "layers": ("layer9",),
-                                  "d": -1, "epsilon": 0.0, "seed": 0, "batch_size": 32, "device": "cpu",
-                                  "num_workers": None}
+    assert model.get_params() == {
+        "arch": "resnet18",
+        "weights": "no/such/file.safetensors",
+        "layers": ("layer9",),
+        "d": -1,
+        "epsilon": 0.0,
+        "seed": 0,
+        "batch_size": 32,
+        "device": "cpu",
+        "num_workers": None,
+    }
     assert not [name for name in vars(model) if name.endswith("_")]  # nothing fitted, no backbone built
     with pytest.raises(ConfigError, match="unknown layer"):
         model.check_params()
@@ -50,10 +80,13 @@ def test_constructor_stores_parameters_only():
 
 
 def test_repr_shows_the_settings():
-    assert repr(PaDiM(d=20)) == ("PaDiM(arch='resnet18', weights=None, layers=('layer1', 'layer2', 'layer3'), d=20, "
-                                 "epsilon=0.01, seed=0, batch_size=32, device='cpu', num_workers=None)")
-    assert repr(PatchCore(coreset_ratio=0.25)).startswith("PatchCore(arch='wide_resnet50_2', weights=None, "
-                                                          "layers=('layer2', 'layer3'), coreset_ratio=0.25,")
+    assert repr(PaDiM(d=20)) == (
+        "PaDiM(arch='resnet18', weights=None, layers=('layer1', 'layer2', 'layer3'), d=20, "
+        "epsilon=0.01, seed=0, batch_size=32, device='cpu', num_workers=None)"
+    )
+    assert repr(PatchCore(coreset_ratio=0.25)).startswith(
+        "PatchCore(arch='wide_resnet50_2', weights=None, layers=('layer2', 'layer3'), coreset_ratio=0.25,"
+    )
 
 
 def test_set_params_refuses_unknown_names():

@@ -27,9 +27,12 @@ def test_auto_is_cuda_when_available_else_cpu(monkeypatch):
 
 def test_every_command_defaults_to_auto():
     parser = build_parser()
-    for argv in (["fit", "--model", "padim", "--out", "m"], ["test", "m", "--out", "r"],
-                 ["predict", "m", "x.png", "--out", "p"],
-                 ["finetune", "--task", "cls", "--protocol", "5shot", "--data", "d", "--out", "o"]):
+    for argv in (
+        ["fit", "--model", "padim", "--out", "m"],
+        ["test", "m", "--out", "r"],
+        ["predict", "m", "x.png", "--out", "p"],
+        ["finetune", "--task", "cls", "--protocol", "5shot", "--data", "d", "--out", "o"],
+    ):
         assert parser.parse_args(argv).device == "auto", argv[0]
     assert PretrainConfig.device == "auto" and FinetuneConfig.device == "auto"
 

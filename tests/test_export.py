@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import _toy_method
 import pytest
 import torch
 import torchvision
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import _toy_method
 from spotdiff.cli import main
 from spotdiff.errors import WeightsError
 from spotdiff.models import build_backbone
@@ -29,8 +29,20 @@ def checkpoint(tmp_path_factory) -> Path:
     train.build_method = _toy_method.build_toy_method
     try:
         torch.set_num_threads(1)
-        cfg = load_config(None, dict(arch="resnet18", data=str(images), out=str(tmp / "run"), steps=1,
-                                     image_size=32, workers=0, spd=True, eta=0.25, tensorboard=False))
+        cfg = load_config(
+            None,
+            dict(
+                arch="resnet18",
+                data=str(images),
+                out=str(tmp / "run"),
+                steps=1,
+                image_size=32,
+                workers=0,
+                spd=True,
+                eta=0.25,
+                tensorboard=False,
+            ),
+        )
         return train.run_pretrain(cfg)
     finally:
         train.build_method = saved
@@ -47,8 +59,14 @@ def test_exported_weights_load_into_torchvision(checkpoint, tmp_path):
     assert all(torch.equal(state[k], trained[k]) for k in state)
     with safe_open(out, "pt") as fh:
         meta = fh.metadata()
-    assert meta == {"format": "spotdiff.backbone", "arch": "resnet18", "method": "simsiam",
-                    "spd": "True", "eta": "0.25", "step": "1"}
+    assert meta == {
+        "format": "spotdiff.backbone",
+        "arch": "resnet18",
+        "method": "simsiam",
+        "spd": "True",
+        "eta": "0.25",
+        "step": "1",
+    }
     downstream = build_backbone("resnet18", weights=out)
     assert torch.equal(downstream.layer4[1].bn2.running_var, trained["layer4.1.bn2.running_var"])
 
@@ -57,8 +75,20 @@ def test_export_cli_and_arch_check(checkpoint, tmp_path, capsys):
     out = tmp_path / "cli.safetensors"
     assert main(["--quiet", "export-backbone", str(checkpoint), "--out", str(out)]) == 0
     assert out.is_file() and str(out) in capsys.readouterr().out
-    assert main(["--quiet", "export-backbone", str(checkpoint), "--out", str(tmp_path / "x.safetensors"),
-                 "--arch", "resnet50"]) == 2
+    assert (
+        main(
+            [
+                "--quiet",
+                "export-backbone",
+                str(checkpoint),
+                "--out",
+                str(tmp_path / "x.safetensors"),
+                "--arch",
+                "resnet50",
+            ]
+        )
+        == 2
+    )
     assert "checkpoint backbone is resnet18, not resnet50" in capsys.readouterr().err
     with pytest.raises(WeightsError, match=r"\.safetensors file"):
         export_backbone(checkpoint, tmp_path / "w.pth")

@@ -35,8 +35,8 @@ def obvious_defects(n: int, size: int, seed: int) -> TensorData:
     side = size // 4
     for i in range(n // 2, n):
         y, x = torch.randint(0, size - side, (2,), generator=g).tolist()
-        images[i, :, y:y + side, x:x + side] = torch.tensor([250, 20, 20], dtype=torch.uint8)[:, None, None]
-        masks[i, y:y + side, x:x + side] = 1
+        images[i, :, y : y + side, x : x + side] = torch.tensor([250, 20, 20], dtype=torch.uint8)[:, None, None]
+        masks[i, y : y + side, x : x + side] = 1
         labels[i] = 1
     types = ["good" if v == 0 else "square" for v in labels.tolist()]
     return TensorData(images, masks, labels, types, [f"img{i}.png" for i in range(n)])

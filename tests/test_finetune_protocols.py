@@ -40,8 +40,9 @@ def test_objects_are_listed_from_the_split_csv(synth_root):
 def test_kshot_draw_is_reproducible_per_seed(synth_root):
     data = open_protocol(synth_root, "pcb_synth", get_protocol("5shot"), image_size=SIZE)
     draws = [data.train_indices(seed) for seed in range(5)]
-    assert draws == [open_protocol(synth_root, "pcb_synth", get_protocol("5shot"), SIZE).train_indices(s)
-                     for s in range(5)]
+    assert draws == [
+        open_protocol(synth_root, "pcb_synth", get_protocol("5shot"), SIZE).train_indices(s) for s in range(5)
+    ]
     assert draws[0] == sample_kshot(data.train_pool.labels, 5, 0)
     labels = data.train_pool.labels
     for draw in draws:
@@ -59,8 +60,23 @@ def test_k_larger_than_the_pool_is_refused(synth_root, tmp_path, capsys):
     with pytest.raises(DataError, match=r"k=10 is larger than the pool of \d+ .*2cls_fewshot\.csv"):
         open_protocol(synth_root, "pcb_synth", get_protocol("10shot"), image_size=SIZE)
     out = tmp_path / "out"
-    assert run_cli("--task", "cls", "--protocol", "10shot", "--data", str(synth_root), "--object", "all",
-                   "--arch", "resnet18", "--out", str(out)) == 2
+    assert (
+        run_cli(
+            "--task",
+            "cls",
+            "--protocol",
+            "10shot",
+            "--data",
+            str(synth_root),
+            "--object",
+            "all",
+            "--arch",
+            "resnet18",
+            "--out",
+            str(out),
+        )
+        == 2
+    )
     assert "k=10 is larger than the pool" in capsys.readouterr().err
     assert not out.exists()  # refused before anything was written
 
@@ -79,8 +95,23 @@ def test_split_without_anomalies_is_refused(synth_root, tmp_path, capsys):
     with pytest.raises(DataError, match=r"pcb_synth.*2cls_highshot\.csv.*'train' has no anomalous images"):
         open_protocol(root, "pcb_synth", get_protocol("highshot"), image_size=SIZE)
     out = tmp_path / "out"
-    assert run_cli("--task", "seg", "--protocol", "highshot", "--data", str(root), "--object", "pcb_synth",
-                   "--arch", "resnet18", "--out", str(out)) == 2
+    assert (
+        run_cli(
+            "--task",
+            "seg",
+            "--protocol",
+            "highshot",
+            "--data",
+            str(root),
+            "--object",
+            "pcb_synth",
+            "--arch",
+            "resnet18",
+            "--out",
+            str(out),
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "spotdiff finetune: error:" in err and "no anomalous images" in err
     assert not out.exists()
@@ -92,8 +123,25 @@ def test_weights_of_another_architecture_are_named_through_the_cli(synth_root, t
     weights = tmp_path / "r18.safetensors"
     save_file(build_backbone("resnet18").state_dict(), str(weights))
     out = tmp_path / "out"
-    assert run_cli("--task", "cls", "--protocol", "5shot", "--data", str(synth_root), "--object", "pcb_synth",
-                   "--arch", "resnet50", "--weights", str(weights), "--out", str(out)) == 2
+    assert (
+        run_cli(
+            "--task",
+            "cls",
+            "--protocol",
+            "5shot",
+            "--data",
+            str(synth_root),
+            "--object",
+            "pcb_synth",
+            "--arch",
+            "resnet50",
+            "--weights",
+            str(weights),
+            "--out",
+            str(out),
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert str(weights) in err and "are resnet18 weights, they do not fit resnet50" in err
     assert len(err.strip().splitlines()) == 1
@@ -103,9 +151,31 @@ def test_weights_of_another_architecture_are_named_through_the_cli(synth_root, t
 @pytest.mark.slow
 def test_cli_end_to_end_segmentation_all_objects(synth_root, tmp_path, capsys):
     out = tmp_path / "out"
-    assert run_cli("--task", "seg", "--protocol", "5shot", "--data", str(synth_root), "--object", "all",
-                   "--arch", "resnet18", "--seeds", "2", "--steps", "4", "--image-size", str(SIZE),
-                   "--workers", "0", "--out", str(out)) == 0
+    assert (
+        run_cli(
+            "--task",
+            "seg",
+            "--protocol",
+            "5shot",
+            "--data",
+            str(synth_root),
+            "--object",
+            "all",
+            "--arch",
+            "resnet18",
+            "--seeds",
+            "2",
+            "--steps",
+            "4",
+            "--image-size",
+            str(SIZE),
+            "--workers",
+            "0",
+            "--out",
+            str(out),
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "| **mean** |" in printed
     for obj in OBJECTS:
@@ -123,8 +193,7 @@ def test_cli_end_to_end_segmentation_all_objects(synth_root, tmp_path, capsys):
     with open(out / "table.csv", newline="") as fh:
         table = list(csv.DictReader(fh))
     assert [r["object"] for r in table] == sorted(OBJECTS) + ["mean"]
-    assert list(table[0])[:5] == ["object", "image_aupr_mean", "image_aupr_std", "image_auroc_mean",
-                                  "image_auroc_std"]
+    assert list(table[0])[:5] == ["object", "image_aupr_mean", "image_aupr_std", "image_auroc_mean", "image_auroc_std"]
     mean_of_means = sum(float(r["pixel_auroc_mean"]) for r in table[:2]) / 2
     assert float(table[2]["pixel_auroc_mean"]) == pytest.approx(mean_of_means)
     results = json.loads((out / "results.json").read_text())
@@ -135,9 +204,18 @@ def test_cli_end_to_end_segmentation_all_objects(synth_root, tmp_path, capsys):
 def test_highshot_classifier_runs_every_seed_on_the_same_images(synth_root, tmp_path):
     from spotdiff.finetune import FinetuneConfig, run_finetune
 
-    config = FinetuneConfig(task="cls", protocol="highshot", data=synth_root, out=tmp_path / "out",
-                            object="cashew_synth", arch="resnet18", seeds=2, epochs=1, batch_size=8,
-                            image_size=SIZE)
+    config = FinetuneConfig(
+        task="cls",
+        protocol="highshot",
+        data=synth_root,
+        out=tmp_path / "out",
+        object="cashew_synth",
+        arch="resnet18",
+        seeds=2,
+        epochs=1,
+        batch_size=8,
+        image_size=SIZE,
+    )
     results = run_finetune(config)
     records = results["per_seed"]["cashew_synth"]
     pool = open_protocol(synth_root, "cashew_synth", get_protocol("highshot"), SIZE).train_pool

@@ -23,8 +23,20 @@ from spotdiff.detect.evaluate import decision_metrics, decisions_text
 from spotdiff.errors import DataError
 
 SIZE = 32
-MODEL = ["--model", "padim", "--arch", "resnet18", "--weights", "random", "--d", "8", "--layers", "layer1",
-         "--image-size", str(SIZE)]
+MODEL = [
+    "--model",
+    "padim",
+    "--arch",
+    "resnet18",
+    "--weights",
+    "random",
+    "--d",
+    "8",
+    "--layers",
+    "layer1",
+    "--image-size",
+    str(SIZE),
+]
 
 
 def save_images(folder: Path, images, names) -> list[Path]:
@@ -77,8 +89,12 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 def test_fit_data_holds_out_a_seeded_share_and_calibrates(mvtec, model_dir, tmp_path, capsys):
     config = json.loads((model_dir / "config.json").read_text())
     cal = config["calibration"]
-    assert cal["source"] == {"validation": "held out of training split", "val_fraction": 0.2, "val_seed": 0,
-                             "n_val_good": 2}
+    assert cal["source"] == {
+        "validation": "held out of training split",
+        "val_fraction": 0.2,
+        "val_seed": 0,
+        "n_val_good": 2,
+    }
     assert config["n_train"] == 8 and len(cal["normal_scores"]) == 2
     assert np.isfinite(cal["image_threshold"]) and np.isfinite(cal["pixel_threshold"])
     # the same seed holds out the same images; the summary says how coarse 2 images measure the FPR
@@ -93,13 +109,33 @@ def test_fit_data_holds_out_a_seeded_share_and_calibrates(mvtec, model_dir, tmp_
 
 def test_no_calibration_keeps_the_old_fit_and_refuses_validation_options(mvtec, tmp_path, capsys):
     out = tmp_path / "plain"
-    assert main(["--quiet", "fit", *MODEL, "--data", str(mvtec), "--object", "part", "--no-calibration",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            ["--quiet", "fit", *MODEL, "--data", str(mvtec), "--object", "part", "--no-calibration", "--out", str(out)]
+        )
+        == 0
+    )
     config = json.loads((out / "config.json").read_text())
     assert "calibration" not in config and config["n_train"] == 10
     assert "no calibration" in capsys.readouterr().out
-    assert main(["fit", *MODEL, "--data", str(mvtec), "--object", "part", "--no-calibration", "--val-good",
-                 str(mvtec / "part" / "test" / "good"), "--out", str(tmp_path / "x")]) == 2
+    assert (
+        main(
+            [
+                "fit",
+                *MODEL,
+                "--data",
+                str(mvtec),
+                "--object",
+                "part",
+                "--no-calibration",
+                "--val-good",
+                str(mvtec / "part" / "test" / "good"),
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
     assert "--no-calibration" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
@@ -132,8 +168,18 @@ def _routes(mvtec: Path, tmp: Path) -> dict[str, list[str]]:
     return {
         "dataset": ["--data", str(mvtec), "--object", "part"],
         "folders": ["--good", good, "--bad", crack, cut, "--masks", str(gt / "crack"), str(gt / "cut")],
-        "repeated_flags": ["--good", good, "--bad", crack, "--bad", cut, "--masks", str(gt / "crack"),
-                           "--masks", str(gt / "cut")],
+        "repeated_flags": [
+            "--good",
+            good,
+            "--bad",
+            crack,
+            "--bad",
+            cut,
+            "--masks",
+            str(gt / "crack"),
+            "--masks",
+            str(gt / "cut"),
+        ],
         "symlinked_types": ["--good", good, "--bad", str(links), "--masks", str(gt)],
         "plain_stem_mirror": ["--good", good, "--bad", str(links), "--masks", str(plain), "--mask-suffix", ""],
     }
@@ -147,8 +193,7 @@ def test_every_route_reads_the_same_test_set(mvtec, model_dir, tmp_path, capsys)
         printed = capsys.readouterr()
         metrics = json.loads((out / "metrics.json").read_text())
         rows = read_csv(out / "scores.csv")
-        results[name] = (metrics, {(r["defect_type"], Path(r["path"]).name): (r["score"], r["decision"])
-                                   for r in rows})
+        results[name] = (metrics, {(r["defect_type"], Path(r["path"]).name): (r["score"], r["decision"]) for r in rows})
         assert set(metrics["per_defect_type"]) == {"crack", "cut"}, name
         assert metrics["test_set"]["per_defect_type"] == {"crack": 3, "cut": 3}, name
         assert "pixel_auroc" in metrics and metrics["test_set"]["anomalous_pixels"] > 0, name
@@ -189,20 +234,31 @@ def test_test_reports_decisions_at_the_model_thresholds(mvtec, model_dir, tmp_pa
 
 
 def test_decision_metrics_counts_exactly():
-    records = [{"score": s, "label": y, "defect_type": t} for s, y, t in
-               [(0.1, 0, "good"), (0.9, 0, "good"), (0.2, 0, "good"), (0.8, 1, "a"), (0.3, 1, "a"), (0.95, 1, "b")]]
+    records = [
+        {"score": s, "label": y, "defect_type": t}
+        for s, y, t in [
+            (0.1, 0, "good"),
+            (0.9, 0, "good"),
+            (0.2, 0, "good"),
+            (0.8, 1, "a"),
+            (0.3, 1, "a"),
+            (0.95, 1, "b"),
+        ]
+    ]
     maps = np.zeros((6, 2, 2), np.float32)
     masks = np.zeros((6, 2, 2), np.uint8)
-    maps[1, 0, 0] = 1.0          # one defect pixel on a good image: 1 of 12 good pixels
-    masks[3, :, 0] = 1           # two mask pixels, one found
+    maps[1, 0, 0] = 1.0  # one defect pixel on a good image: 1 of 12 good pixels
+    masks[3, :, 0] = 1  # two mask pixels, one found
     maps[3, 0, 0] = 1.0
-    maps[5, 1, 1] = 1.0          # a defect pixel outside any mask on a bad image
+    maps[5, 1, 1] = 1.0  # a defect pixel outside any mask on a bad image
     d = decision_metrics(records, maps, masks, image_threshold=0.5, pixel_threshold=0.5)
     assert d["confusion"] == {"true_positive": 2, "false_positive": 1, "true_negative": 2, "false_negative": 1}
     assert d["false_alarm_rate"] == pytest.approx(1 / 3) and d["recall"] == pytest.approx(2 / 3)
     assert d["precision"] == pytest.approx(2 / 3)
-    assert d["per_defect_type"] == {"a": {"images": 2, "detected": 1, "recall": 0.5},
-                                    "b": {"images": 1, "detected": 1, "recall": 1.0}}
+    assert d["per_defect_type"] == {
+        "a": {"images": 2, "detected": 1, "recall": 0.5},
+        "b": {"images": 1, "detected": 1, "recall": 1.0},
+    }
     assert d["pixel"]["fpr"] == pytest.approx(2 / 22) and d["pixel"]["fpr_good_images"] == pytest.approx(1 / 12)
     assert d["pixel"]["recall"] == 0.5
     assert [r["decision"] for r in records] == ["normal", "anomalous", "normal", "anomalous", "normal", "anomalous"]
@@ -221,7 +277,11 @@ def test_defect_types_flat_and_nested(tmp_path):
     save_images(tmp_path / "dent", imgs[3:], ["c"])
     found = folder_records(None, [tmp_path / "bad", tmp_path / "dent"])
     assert sorted((r.image.name, r.defect_type) for r in found.records) == [
-        ("a.png", "scratch"), ("b.png", "scratch"), ("c.png", "dent"), ("loose.png", "bad")]
+        ("a.png", "scratch"),
+        ("b.png", "scratch"),
+        ("c.png", "dent"),
+        ("loose.png", "bad"),
+    ]
 
 
 def test_mask_threshold_binarises_non_binary_masks(tmp_path):
@@ -283,8 +343,9 @@ def test_image_modes_are_scaled_by_bit_depth_or_documented_range(case, tmp_path)
     assert pixels.shape == (8, 8, 3) and pixels[1, 1, 0] == expected, (case, pixels[1, 1])
 
 
-@pytest.mark.parametrize("values, message", [((0.0, 2.0), r"must be in \[0, 1\].*found \[0, 2\]"),
-                                              ((np.nan, 0.5), "NaN or infinite")])
+@pytest.mark.parametrize(
+    "values, message", [((0.0, 2.0), r"must be in \[0, 1\].*found \[0, 2\]"), ((np.nan, 0.5), "NaN or infinite")]
+)
 def test_float_images_outside_their_range_are_refused(values, message, tmp_path):
     arr = np.full((8, 8), values[1], np.float32)
     arr[0, 0] = values[0]

@@ -88,7 +88,9 @@ def test_extract_features_shapes(arch):
         feats = extract_features(model, torch.randn(1, 3, 64, 64), ["layer1", "layer2", "layer3"])
     channels = layer_channels(arch, ["layer1", "layer2", "layer3"])
     assert [tuple(f.shape) for f in feats.values()] == [
-        (1, channels[0], 16, 16), (1, channels[1], 8, 8), (1, channels[2], 4, 4)
+        (1, channels[0], 16, 16),
+        (1, channels[1], 8, 8),
+        (1, channels[2], 4, 4),
     ]
 
 

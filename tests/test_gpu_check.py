@@ -28,8 +28,22 @@ def _module():
 def test_cpu_smoke_mode_runs_every_check_and_writes_the_report(tmp_path):
     out = tmp_path / "check.md"
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([str(ROOT / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--tiny", "--out", str(out),
-                           "--work", str(tmp_path / "work")], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            str(ROOT / "benchmarks" / "gpu_check.sh"),
+            "--device",
+            "cpu",
+            "--tiny",
+            "--out",
+            str(out),
+            "--work",
+            str(tmp_path / "work"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     md = out.read_text()
     assert md.startswith("# spotdiff GPU check\n")

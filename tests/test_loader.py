@@ -19,8 +19,15 @@ from spotdiff.errors import ConfigError
 @pytest.fixture(scope="module")
 def large_jpegs(tmp_path_factory):
     """A tiny synth object written at 120 x 90 px, read back at 64 px (decode + antialiased resize)."""
-    return generate(tmp_path_factory.mktemp("loader") / "synth", seed=1, scale=0.05, image_size=48,
-                    objects=["cashew_synth"], normal=9, frame=(120, 90))
+    return generate(
+        tmp_path_factory.mktemp("loader") / "synth",
+        seed=1,
+        scale=0.05,
+        image_size=48,
+        objects=["cashew_synth"],
+        normal=9,
+        frame=(120, 90),
+    )
 
 
 def test_ordered_map_keeps_order_and_raises_in_turn():
@@ -67,23 +74,37 @@ def test_fit_test_predict_identical_with_decoding_threads(large_jpegs, tmp_path)
     folder = large_jpegs / "cashew_synth" / "Data" / "Images" / "Anomaly"
     (tmp_path / "broken.JPG").write_bytes(b"\xff\xd8 not a jpeg")
     Image.new("L", (33, 21), 90).save(tmp_path / "gray.png")
-    records = [predict_images(models[0], [folder, tmp_path / "broken.JPG", tmp_path / "gray.png"],
-                              tmp_path / f"out{w}", batch_size=2, overlays=False, num_workers=w) for w in (0, 3)]
+    records = [
+        predict_images(
+            models[0],
+            [folder, tmp_path / "broken.JPG", tmp_path / "gray.png"],
+            tmp_path / f"out{w}",
+            batch_size=2,
+            overlays=False,
+            num_workers=w,
+        )
+        for w in (0, 3)
+    ]
     assert [r["score"] for r in records[0]] == [r["score"] for r in records[1]]
     assert records[0][-2]["error"] and records[1][-2]["error"] == records[0][-2]["error"]
 
 
 def test_image_to_tensor_resizes_whole_grey_levels_close_to_a_float_resize():
     """The uint8 resize (torchvision's fast path) differs from a float resize by at most one grey level."""
-    from torchvision.transforms.v2 import InterpolationMode, functional as F
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
 
     from spotdiff.data.transforms import image_to_tensor
 
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, size=(150, 100, 3), dtype=np.uint8))
     got = image_to_tensor(img, (32, 48))
-    float_resize = F.resize(F.to_dtype(F.pil_to_tensor(img), torch.float32, scale=True), [32, 48],
-                            interpolation=InterpolationMode.BILINEAR, antialias=True)
+    float_resize = F.resize(
+        F.to_dtype(F.pil_to_tensor(img), torch.float32, scale=True),
+        [32, 48],
+        interpolation=InterpolationMode.BILINEAR,
+        antialias=True,
+    )
     assert got.dtype == torch.float32 and got.shape == (3, 32, 48)
     assert float(got.min()) >= 0.0 and float(got.max()) <= 1.0
     torch.testing.assert_close(got * 255, (got * 255).round(), rtol=0, atol=1e-4)  # whole grey levels

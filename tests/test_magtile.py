@@ -26,8 +26,13 @@ def mt_root() -> Path:
     return root
 
 
-def _write_pair(folder: Path, name: str, size: tuple[int, int] = (40, 30), mask_size: tuple[int, int] | None = None,
-                defect: bool = True) -> None:
+def _write_pair(
+    folder: Path,
+    name: str,
+    size: tuple[int, int] = (40, 30),
+    mask_size: tuple[int, int] | None = None,
+    defect: bool = True,
+) -> None:
     """A gray JPEG ``name.jpg`` (w, h = size) and its 0/255 mask ``name.png`` in ``folder/Imgs``."""
     imgs = folder / "Imgs"
     imgs.mkdir(parents=True, exist_ok=True)
@@ -198,9 +203,27 @@ def test_fit_records_the_split_seed_and_test_reuses_it(fake_root, tmp_path, caps
     from spotdiff.cli import main
 
     model = tmp_path / "model"
-    fit = ["--quiet", "fit", "--model", "padim", "--data", str(fake_root), "--object", "magnetic_tile",
-           "--image-size", "32", "--d", "4", "--split-seed", "3", "--weights", "random", "--out", str(model),
-           "--no-calibration"]  # the fake tiles are byte-identical copies: nothing to hold out
+    fit = [
+        "--quiet",
+        "fit",
+        "--model",
+        "padim",
+        "--data",
+        str(fake_root),
+        "--object",
+        "magnetic_tile",
+        "--image-size",
+        "32",
+        "--d",
+        "4",
+        "--split-seed",
+        "3",
+        "--weights",
+        "random",
+        "--out",
+        str(model),
+        "--no-calibration",
+    ]  # the fake tiles are byte-identical copies: nothing to hold out
     assert main(fit) == 0
     assert json.loads((model / "config.json").read_text())["data_source"]["split_seed"] == 3
     test = ["--quiet", "test", str(model), "--data", str(fake_root), "--object", "magnetic_tile"]

@@ -206,8 +206,13 @@ def test_recipe_optimizers_and_lars_step() -> None:
     assert isinstance(optim.build_optimizer(_build("simclr"), 0.3), LARS)
     w = torch.nn.Parameter(torch.full((4,), 2.0))
     b = torch.nn.Parameter(torch.full((4,), 2.0))
-    opt = LARS([{"params": [w]}, {"params": [b], "lars_exclude": True, "weight_decay": 0.0}],
-               lr=1.0, momentum=0.9, weight_decay=0.5, trust_coefficient=0.01)
+    opt = LARS(
+        [{"params": [w]}, {"params": [b], "lars_exclude": True, "weight_decay": 0.0}],
+        lr=1.0,
+        momentum=0.9,
+        weight_decay=0.5,
+        trust_coefficient=0.01,
+    )
     w.grad = torch.full((4,), 3.0)
     b.grad = torch.full((4,), 3.0)
     opt.step()
@@ -285,7 +290,8 @@ def test_spd_gradient_reaches_anchor_and_positive(name: str) -> None:
     views = {k: v.requires_grad_(True) for k, v in _views(m).items()}
     out = m(views, generator=torch.Generator().manual_seed(0))
     g_anchor, g_pos, g_other = torch.autograd.grad(
-        out["loss_spd"], [views["view1"], views["spd_pos"], views["view2"]], allow_unused=True)
+        out["loss_spd"], [views["view1"], views["spd_pos"], views["view2"]], allow_unused=True
+    )
     assert g_anchor is not None and g_anchor.abs().sum() > 0  # anchor = view1's projection
     assert g_pos is not None and g_pos.abs().sum() > 0
     if name != "simclr":  # SimCLR's BN runs over both views at once, coupling view2 to z1
@@ -296,7 +302,8 @@ def test_spd_gradient_reaches_anchor_and_positive(name: str) -> None:
 def _bn_batch_means(module: torch.nn.Module, calls: list) -> torch.utils.hooks.RemovableHandle:
     """Record ``(inputs, per-channel batch mean)`` of every training call of the BN layer ``module``."""
     return module.register_forward_hook(
-        lambda mod, args, out: calls.append((args[0].detach(), args[0].detach().mean(dim=(0, 2, 3)))))
+        lambda mod, args, out: calls.append((args[0].detach(), args[0].detach().mean(dim=(0, 2, 3))))
+    )
 
 
 def test_moco_query_and_its_key_are_normalised_with_different_statistics() -> None:

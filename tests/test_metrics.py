@@ -213,8 +213,9 @@ def test_aupro_uses_eight_connected_regions():
     for (y, x), s in {(0, 0): 0.9, (1, 1): 0.1, (3, 3): 0.9}.items():
         maps[0, y, x], masks[0, y, x] = s, True
     # at t=0.9: FPR 0, PRO = (1/2 + 1) / 2; it stays there until FPR jumps to 1 at t=0.5
-    result = evaluate([0.0, 1.0], [0, 1], np.concatenate([np.zeros_like(maps), maps]),
-                      np.concatenate([np.zeros_like(masks), masks]))
+    result = evaluate(
+        [0.0, 1.0], [0, 1], np.concatenate([np.zeros_like(maps), maps]), np.concatenate([np.zeros_like(masks), masks])
+    )
     assert result["pixel_aupro"] == pytest.approx(0.75)
 
 
@@ -223,8 +224,9 @@ def test_aupro_perfect_and_interpolated_at_limit():
     masks = np.zeros((1, 1, 10), dtype=bool)
     masks[0, 0, :2] = True
     maps[0, 0, :2] = 1.0
-    assert evaluate([0.0, 1.0], [0, 1], np.concatenate([maps, maps]) * [[[0]], [[1]]],
-                    np.concatenate([masks & False, masks]))["pixel_aupro"] == pytest.approx(1.0)
+    assert evaluate(
+        [0.0, 1.0], [0, 1], np.concatenate([maps, maps]) * [[[0]], [[1]]], np.concatenate([masks & False, masks])
+    )["pixel_aupro"] == pytest.approx(1.0)
     # region half detected at t=1 (FPR 0), fully at t=0 where FPR jumps to 1:
     # PRO(FPR) = 0.5 + 0.5 * FPR on [0, 1]; mean over [0, 0.3] = 0.5 + 0.075
     maps[0, 0, 1] = 0.0
@@ -238,8 +240,12 @@ def test_mask_encodings_and_torch_inputs_agree():
     variants = [
         (scores, labels, maps, masks.astype(np.uint8) * 255),
         (scores, labels.astype(np.int64), maps, masks.astype(np.float32)),
-        (torch.from_numpy(scores), torch.from_numpy(labels), torch.from_numpy(maps)[:, None],
-         torch.from_numpy(masks)[:, None]),
+        (
+            torch.from_numpy(scores),
+            torch.from_numpy(labels),
+            torch.from_numpy(maps)[:, None],
+            torch.from_numpy(masks)[:, None],
+        ),
         (scores, labels, torch.from_numpy(maps).to(torch.float64), torch.from_numpy(masks.astype(np.uint8))),
     ]
     for variant in variants:
@@ -281,8 +287,15 @@ def test_per_defect_type_is_each_type_against_all_normal_images():
     for name, entry in result["per_defect_type"].items():
         keep = ~labels | (types == name)
         assert_same(entry, evaluate(scores[keep], labels[keep], maps[keep], masks[keep]))
-        assert set(entry) == {"image_auroc", "image_aupr", "image_ap",
-                              "pixel_auroc", "pixel_aupr", "pixel_ap", "pixel_aupro"}
+        assert set(entry) == {
+            "image_auroc",
+            "image_aupr",
+            "image_ap",
+            "pixel_auroc",
+            "pixel_aupr",
+            "pixel_ap",
+            "pixel_aupro",
+        }
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -347,7 +360,6 @@ def test_single_class_raises():
         evaluate([0.1, 0.2], [0, 1], maps, np.ones((2, 3, 3), bool))
 
 
-
 def test_defect_type_without_mask_pixels_gets_nan_pixel_metrics():
     masks = np.zeros((3, 3, 3), bool)
     masks[1, 0, 0] = True  # type "dent" has an anomalous image without any mask pixel
@@ -373,8 +385,9 @@ def test_evaluator_pools_batches_of_different_map_sizes():
     scores_b, labels_b, maps_b, masks_b = blob_case(n_images=4, side=20, seed=6)
     evaluator = Evaluator()
     evaluator.update(scores_a, labels_a, maps_a, masks_a)
-    evaluator.update(torch.from_numpy(scores_b), torch.from_numpy(labels_b), torch.from_numpy(maps_b),
-                     torch.from_numpy(masks_b))
+    evaluator.update(
+        torch.from_numpy(scores_b), torch.from_numpy(labels_b), torch.from_numpy(maps_b), torch.from_numpy(masks_b)
+    )
     pooled_maps = np.concatenate([maps_a.ravel(), maps_b.ravel()])
     pooled_masks = np.concatenate([masks_a.ravel(), masks_b.ravel()])
     result = evaluator.compute()

@@ -80,8 +80,10 @@ def test_low_score_overlay_is_cooler_and_never_rescaled_per_image(model_dir, low
     rows = {r["path"]: r for r in _rows(both / "scores.csv")}
     low, high = (rows[str(p)] for p in low_and_high)
     assert float(low["score"]) < float(high["score"])
-    redness = {k: (lambda a: float((a[..., 0] - a[..., 2]).mean()))(_heat_part(r["overlay"]))
-               for k, r in (("low", low), ("high", high))}
+    redness = {
+        k: (lambda a: float((a[..., 0] - a[..., 2]).mean()))(_heat_part(r["overlay"]))
+        for k, r in (("low", low), ("high", high))
+    }
     assert redness["low"] < redness["high"] - 10  # jet: blue = low, red = high
     # the low image's overlay does not depend on what else is scored with it: one scale per model
     assert main(["--quiet", "predict", str(model_dir), str(low_and_high[0]), "--out", str(alone)]) == 0
@@ -109,8 +111,9 @@ def test_overlay_carries_colour_bar_score_and_decision():
     assert not np.array_equal(plain, decided)  # the decision (and threshold mark) differ
 
 
-def test_old_model_dir_without_statistics_loads_and_predict_fixes_the_scale_once(model_dir, low_and_high,
-                                                                                 tmp_path, capsys):
+def test_old_model_dir_without_statistics_loads_and_predict_fixes_the_scale_once(
+    model_dir, low_and_high, tmp_path, capsys
+):
     import shutil
 
     old = tmp_path / "old"
@@ -137,8 +140,9 @@ def test_predict_exits_non_zero_when_nothing_was_scored(model_dir, tmp_path, cap
 
 @pytest.fixture(scope="module")
 def two_objects(tmp_path_factory):
-    root = synth.generate(tmp_path_factory.mktemp("synth"), seed=0, scale=0.1, image_size=32,
-                          objects=["cashew_synth", "capsules_synth"])
+    root = synth.generate(
+        tmp_path_factory.mktemp("synth"), seed=0, scale=0.1, image_size=32, objects=["cashew_synth", "capsules_synth"]
+    )
     return root
 
 
@@ -179,9 +183,35 @@ def test_pretrain_caps_batch_by_the_data_and_workers_by_the_cores(tmp_path, caps
     for i in range(6):
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(images / f"{i}.png")
     run = tmp_path / "run"
-    assert main(["pretrain", "--method", "simsiam", "--spd", "--arch", "resnet18", "--steps", "1",
-                 "--batch-size", "512", "--image-size", "32", "--workers", "4096", "--data", str(images),
-                 "--out", str(run), "--set", "hparams.blend_area=[0.04, 0.08]", "--set", "hparams.blend_aspect=[0.5, 2.0]"]) == 0  # SmoothBlend at 32 px
+    assert (
+        main(
+            [
+                "pretrain",
+                "--method",
+                "simsiam",
+                "--spd",
+                "--arch",
+                "resnet18",
+                "--steps",
+                "1",
+                "--batch-size",
+                "512",
+                "--image-size",
+                "32",
+                "--workers",
+                "4096",
+                "--data",
+                str(images),
+                "--out",
+                str(run),
+                "--set",
+                "hparams.blend_area=[0.04, 0.08]",
+                "--set",
+                "hparams.blend_aspect=[0.5, 2.0]",
+            ]
+        )
+        == 0
+    )  # SmoothBlend at 32 px
     err = capsys.readouterr().err
     assert "batch size 512 capped at 6" in err and "workers capped at" in err
     assert "pretrain simsiam+spd" in err  # the progress bar names the run
@@ -219,8 +249,15 @@ def test_tables_state_the_test_set_chance_levels_and_seed_spread():
     assert "16 normal + 50 anomalous test images" in text and "1,000 pixels" in text
     assert "image AU-PR 75.8" in text and "pixel AU-PR 2.1" in text  # 50/66 and 21/1000
     assert "One seed per cell" in text
-    seeded = metric_table([_record("pcb", "A", 0.90, 0.01), _record("pcb", "B", 0.85, 0.01),
-                           _record("cap", "A", 0.80, 0.03), _record("cap", "B", 0.79, 0.02)], "image_aupr")
+    seeded = metric_table(
+        [
+            _record("pcb", "A", 0.90, 0.01),
+            _record("pcb", "B", 0.85, 0.01),
+            _record("cap", "A", 0.80, 0.03),
+            _record("cap", "B", 0.79, 0.02),
+        ],
+        "image_aupr",
+    )
     note = seeded.notes[-1]
     assert "pcb: A leads B by 5.0, beyond their seed spread (2.0)" in note
     assert "cap: A leads B by 1.0, within their seed spread (5.0)" in note
@@ -232,5 +269,9 @@ def test_gallery_shows_best_detections_beside_worst_misses():
     labels = np.array([1, 1, 1, 1, 0, 0])
     preds = Predictions("o", "m", scores, labels, images=np.zeros((6, 8, 8, 3)))
     items = preds.gallery_items(4)
-    assert [(it.kind, it.score) for it in items] == [("highest-scoring defect", 0.9), ("highest-scoring defect", 0.8),
-                                                     ("lowest-scoring defect", 0.1), ("highest-scoring normal", 0.3)]
+    assert [(it.kind, it.score) for it in items] == [
+        ("highest-scoring defect", 0.9),
+        ("highest-scoring defect", 0.8),
+        ("lowest-scoring defect", 0.1),
+        ("highest-scoring normal", 0.3),
+    ]

@@ -16,6 +16,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from detect_fakes import as_dataset, square_images  # noqa: E402
+
 from spotdiff.cli import main  # noqa: E402
 from spotdiff.detect import PaDiM, PatchCore  # noqa: E402
 from spotdiff.detect import export as export_mod  # noqa: E402
@@ -92,8 +93,25 @@ def test_cli_export_and_predict_with_onnxruntime(exported, tmp_path, capsys):
     onnx_file = tmp_path / "pc.onnx"
     assert main(["--quiet", "export", str(mdir), "--format", "onnx", "--out", str(onnx_file)]) == 0
     assert main(["--quiet", "predict", str(mdir), str(folder), "--out", str(tmp_path / "t"), "--threshold", "1"]) == 0
-    assert main(["--quiet", "predict", str(mdir), str(folder), "--out", str(tmp_path / "o"), "--threshold", "1",
-                 "--backend", "onnxruntime", "--onnx", str(onnx_file)]) == 0
+    assert (
+        main(
+            [
+                "--quiet",
+                "predict",
+                str(mdir),
+                str(folder),
+                "--out",
+                str(tmp_path / "o"),
+                "--threshold",
+                "1",
+                "--backend",
+                "onnxruntime",
+                "--onnx",
+                str(onnx_file),
+            ]
+        )
+        == 0
+    )
     torch_rows, ort_rows = read_csv(tmp_path / "t" / "scores.csv"), read_csv(tmp_path / "o" / "scores.csv")
     assert torch_rows.keys() == ort_rows.keys() and len(torch_rows) == 4
     for path, row in torch_rows.items():
@@ -115,8 +133,22 @@ def test_onnx_file_not_matching_its_model_is_refused(exported, tmp_path, capsys)
     ]
     for onnx_file, mdir, expected in cases:
         out = tmp_path / "out"
-        assert main(["predict", str(mdir), str(images), "--out", str(out), "--backend", "onnxruntime",
-                     "--onnx", str(onnx_file)]) == 2
+        assert (
+            main(
+                [
+                    "predict",
+                    str(mdir),
+                    str(images),
+                    "--out",
+                    str(out),
+                    "--backend",
+                    "onnxruntime",
+                    "--onnx",
+                    str(onnx_file),
+                ]
+            )
+            == 2
+        )
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and expected in err, err
         assert not out.exists()

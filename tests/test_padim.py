@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from detect_fakes import as_dataset, square_images
 from sklearn.metrics import roc_auc_score
 
 from spotdiff.detect import Detector, PaDiM, PatchCore
@@ -17,8 +18,6 @@ from spotdiff.detect.padim import channel_subset
 from spotdiff.detect.store import MANIFEST_FILE, MODEL_FILE
 from spotdiff.errors import ConfigError, DataError, WeightsError
 from spotdiff.models import build_backbone, extract_features
-
-from detect_fakes import as_dataset, square_images
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +205,10 @@ def test_channel_subset_is_seeded():
     (d_a, a), (_, b), (_, c) = (channel_subset("resnet18", layers, 30, seed) for seed in (3, 3, 4))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert d_a == 30 and a.numel() == 30 and torch.all(a[1:] > a[:-1])
-    assert channel_subset("resnet18", layers, None, 0)[0] == 100 and channel_subset("resnet18", ["layer1"], 500, 0)[0] == 64
+    assert (
+        channel_subset("resnet18", layers, None, 0)[0] == 100
+        and channel_subset("resnet18", ["layer1"], 500, 0)[0] == 64
+    )
     fa, fb = (PaDiM("resnet18", d=30, seed=3).fit(as_dataset(square_images(2))) for _ in range(2))
     assert torch.equal(fa.channel_index_, a) and fa.d_ == 30
     assert torch.equal(fa.backbone_.conv1.weight, fb.backbone_.conv1.weight)
@@ -387,8 +389,11 @@ def test_padim_warns_when_covariance_rank_is_below_d(capsys):
 
 def test_padim_refuses_statistics_larger_than_memory(monkeypatch):
     monkeypatch.setattr("spotdiff.detect.memory.available_bytes", lambda: 10_000_000)
-    with pytest.raises(ConfigError, match=r"PaDiM statistics \(d=40, 16x16 positions.*need about .* MB but only "
-                                          r"10.0 MB .* smaller --d or --image-size"):
+    with pytest.raises(
+        ConfigError,
+        match=r"PaDiM statistics \(d=40, 16x16 positions.*need about .* MB but only "
+        r"10.0 MB .* smaller --d or --image-size",
+    ):
         PaDiM(arch="resnet18", d=40, batch_size=4).fit(as_dataset(square_images(3)))
 
 

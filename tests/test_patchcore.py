@@ -8,16 +8,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from detect_fakes import as_dataset, square_images
 from sklearn.metrics import roc_auc_score
 
 from spotdiff.detect import Detector, PatchCore
 from spotdiff.detect.features import patchcore_embedding
-from spotdiff.detect.patchcore import (HAVE_FAISS, greedy_coreset, nearest_neighbors, random_projection,
-                                       sharded_coreset)
+from spotdiff.detect.patchcore import HAVE_FAISS, greedy_coreset, nearest_neighbors, random_projection, sharded_coreset
 from spotdiff.errors import ConfigError, DataError
 from spotdiff.models import build_backbone, extract_features
-
-from detect_fakes import as_dataset, square_images
 
 
 @pytest.fixture(scope="module")
@@ -172,8 +170,10 @@ def _materialised_bank(model: PatchCore, images: torch.Tensor) -> torch.Tensor:
     from spotdiff.data.transforms import normalize
 
     with torch.inference_mode():
-        parts = [model._embed(normalize(images[i : i + model.forward_batch]))
-                 for i in range(0, images.shape[0], model.forward_batch)]
+        parts = [
+            model._embed(normalize(images[i : i + model.forward_batch]))
+            for i in range(0, images.shape[0], model.forward_batch)
+        ]
     return torch.cat([p.reshape(-1, p.shape[-1]) for p in parts])
 
 
@@ -181,8 +181,14 @@ def _materialised_bank(model: PatchCore, images: torch.Tensor) -> torch.Tensor:
 def test_streaming_bank_equals_materialised_bank(projection_dim, tmp_path):
     """With the approximation off, the streamed fit selects exactly the materialised greedy coreset."""
     images = square_images(7, seed=3)
-    model = PatchCore(arch="resnet18", batch_size=4, coreset_ratio=0.1, projection_dim=projection_dim,
-                      coreset_shard=None, spill_dir=tmp_path).fit(as_dataset(images))
+    model = PatchCore(
+        arch="resnet18",
+        batch_size=4,
+        coreset_ratio=0.1,
+        projection_dim=projection_dim,
+        coreset_shard=None,
+        spill_dir=tmp_path,
+    ).fit(as_dataset(images))
     full = _materialised_bank(model, images)
     keep = greedy_coreset(full, int(full.shape[0] * 0.1), projection_dim, seed=0)
     assert torch.equal(model.memory_bank_, full[keep])
@@ -194,15 +200,20 @@ def test_sharded_coreset_is_per_shard_greedy():
     assert torch.equal(sharded_coreset(z, 50, None, seed=2), greedy_coreset(z, 50, None, seed=2))
     assert torch.equal(sharded_coreset(z, 50, 1000, seed=2), greedy_coreset(z, 50, None, seed=2))
     got = sharded_coreset(z, 50, 300, seed=2)  # 4 shards of 250 rows, 13 + 13 + 12 + 12 centres
-    expected = torch.cat([greedy_coreset(z[a : a + 250], q, None, seed=2 + i) + a
-                          for i, (a, q) in enumerate(zip(range(0, 1000, 250), (13, 13, 12, 12)))])
+    expected = torch.cat(
+        [
+            greedy_coreset(z[a : a + 250], q, None, seed=2 + i) + a
+            for i, (a, q) in enumerate(zip(range(0, 1000, 250), (13, 13, 12, 12)))
+        ]
+    )
     assert torch.equal(got, expected) and got.unique().numel() == 50
 
 
 def test_sharded_fit_keeps_the_ratio_and_detects(tmp_path):
     images = square_images(8)
-    model = PatchCore(arch="resnet18", batch_size=4, coreset_ratio=0.25, coreset_shard=100,
-                      spill_dir=tmp_path).fit(as_dataset(images))
+    model = PatchCore(arch="resnet18", batch_size=4, coreset_ratio=0.25, coreset_shard=100, spill_dir=tmp_path).fit(
+        as_dataset(images)
+    )
     assert model.memory_bank_.shape == (128, 384)
     full = _materialised_bank(model, images)
     assert all(any(torch.equal(row, f) for f in full) for row in model.memory_bank_[:5])
@@ -213,8 +224,11 @@ def test_sharded_fit_keeps_the_ratio_and_detects(tmp_path):
 
 def test_refuses_a_bank_larger_than_memory(monkeypatch):
     monkeypatch.setattr("spotdiff.detect.memory.available_bytes", lambda: 50_000)
-    with pytest.raises(ConfigError, match=r"PatchCore on 256 patches x 384 channels .* need about .* but only "
-                                          r"50.0 kB .* smaller --coreset-ratio or --image-size"):
+    with pytest.raises(
+        ConfigError,
+        match=r"PatchCore on 256 patches x 384 channels .* need about .* but only "
+        r"50.0 kB .* smaller --coreset-ratio or --image-size",
+    ):
         PatchCore(arch="resnet18", batch_size=4).fit(as_dataset(square_images(4)))
     with pytest.raises(ConfigError, match=r"coreset ratio must be in \(0, 1\].*got 1.5"):
         PatchCore(arch="resnet18", coreset_ratio=1.5).check_params()
@@ -232,7 +246,6 @@ def test_model_written_before_coreset_shard_loads(fitted, tmp_path):
     store.save_model_dir(tmp_path / "old", config, tensors, backbone)
     loaded = Detector.load(tmp_path / "old")
     assert loaded.coreset_shard == 65536 and torch.equal(loaded.memory_bank_, fitted.memory_bank_)
-
 
 
 _NO_FAISS = """
@@ -266,8 +279,9 @@ def test_without_faiss_the_torch_fallback_is_silent_and_identical(fitted, tmp_pa
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": f"{root / 'src'}{os.pathsep}{root / 'tests'}", "OMP_NUM_THREADS": "1"}
     out = tmp_path / "no_faiss.npz"
-    done = subprocess.run([sys.executable, "-c", _NO_FAISS, str(out)], env=env, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", _NO_FAISS, str(out)], env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert "faiss" not in done.stderr.lower() and done.stdout == ""
     assert fitted._index is not None  # this process uses faiss

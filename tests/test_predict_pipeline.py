@@ -30,8 +30,13 @@ class MeanRunner:
 
     def __init__(self, threshold: float = 6.0) -> None:
         self.image_size_ = (SIZE, SIZE)
-        self.calibration_ = Calibration(normal_scores=[4.0, 4.5, 5.0, 5.5], image_threshold=threshold,
-                                        pixel_threshold=5.0, image_mode="manual", pixel_mode="manual").to_dict()
+        self.calibration_ = Calibration(
+            normal_scores=[4.0, 4.5, 5.0, 5.5],
+            image_threshold=threshold,
+            pixel_threshold=5.0,
+            image_mode="manual",
+            pixel_mode="manual",
+        ).to_dict()
         self.calls = 0
 
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,8 +125,13 @@ def test_cli_exit_status_1_when_some_images_error_and_2_when_none_scored(tmp_pat
 
 
 def test_normalized_score_ranks_is_half_at_threshold_and_never_saturates():
-    cal = Calibration(normal_scores=[9.0, 9.5, 10.0, 10.5, 11.0], image_threshold=11.0, pixel_threshold=1.0,
-                      image_mode="normal-fpr", pixel_mode="normal-fpr")
+    cal = Calibration(
+        normal_scores=[9.0, 9.5, 10.0, 10.5, 11.0],
+        image_threshold=11.0,
+        pixel_threshold=1.0,
+        image_mode="normal-fpr",
+        pixel_mode="normal-fpr",
+    )
     defects = np.array([12.0, 15.0, 30.0, 100.0, 1e4, 1e6])
     values = cal.normalized(defects)
     assert cal.normalized([11.0])[0] == 0.5 and cal.normalized([12.0], threshold=12.0)[0] == 0.5
@@ -131,19 +141,33 @@ def test_normalized_score_ranks_is_half_at_threshold_and_never_saturates():
     assert np.all(np.diff(normals) > 0) and normals[-1] == 0.5 and normals[0] > 0.0
     assert cal.percentile(defects).tolist() == [1.0] * 6  # the percentile saturates; it is its own column
     assert math.isnan(cal.normalized([float("nan")])[0]) and math.isnan(cal.percentile([float("nan")])[0])
-    damaged = Calibration(normal_scores=[float("nan")] * 3, image_threshold=1.0, pixel_threshold=1.0,
-                          image_mode="normal-fpr", pixel_mode="normal-fpr")
+    damaged = Calibration(
+        normal_scores=[float("nan")] * 3,
+        image_threshold=1.0,
+        pixel_threshold=1.0,
+        image_mode="normal-fpr",
+        pixel_mode="normal-fpr",
+    )
     assert np.isnan(damaged.normalized([0.0, 5.0])).all() and np.isnan(damaged.percentile([0.0, 5.0])).all()
-    single = Calibration(normal_scores=[3.0], image_threshold=3.0, pixel_threshold=1.0, image_mode="normal-fpr",
-                         pixel_mode="normal-fpr")
+    single = Calibration(
+        normal_scores=[3.0], image_threshold=3.0, pixel_threshold=1.0, image_mode="normal-fpr", pixel_mode="normal-fpr"
+    )
     assert single.spread() > 0 and 0.5 < single.normalized([3.5])[0] < single.normalized([4.0])[0] < 1.0
 
 
 def test_existing_model_calibration_loads_and_normalises(tmp_path):
     """A calibration dict as written before this change (no new keys) gives the normalised score."""
-    old = {"normal_scores": [1.0, 2.0, 3.0], "image_threshold": 3.0, "pixel_threshold": 0.5,
-           "image_mode": "normal-fpr", "pixel_mode": "normal-fpr", "target_fpr": 0.01, "pixel_quantiles": [],
-           "figures": {}, "source": {}}
+    old = {
+        "normal_scores": [1.0, 2.0, 3.0],
+        "image_threshold": 3.0,
+        "pixel_threshold": 0.5,
+        "image_mode": "normal-fpr",
+        "pixel_mode": "normal-fpr",
+        "target_fpr": 0.01,
+        "pixel_quantiles": [],
+        "figures": {},
+        "source": {},
+    }
     cal = Calibration.from_dict(json.loads(json.dumps(old)))
     assert cal.normalized([3.0])[0] == 0.5 and cal.normalized([4.0])[0] > 0.5
 
@@ -213,8 +237,7 @@ def test_writer_failure_ends_run_keeping_rows_scored_before(images, tmp_path, mo
     monkeypatch.setattr(predict, "overlay_picture", dies_on_fifth)
     monkeypatch.setattr(detect, "load_detector", lambda *a, **k: MeanRunner())
     out = tmp_path / "out"
-    assert main(["--quiet", "predict", "m", str(images), "--out", str(out), "--batch-size", "2",
-                 "--workers", "0"]) == 2
+    assert main(["--quiet", "predict", "m", str(images), "--out", str(out), "--batch-size", "2", "--workers", "0"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "writing its overlay/mask failed" in err and "MemoryError" in err
     kept = rows_of(out / PARTIAL)
@@ -265,8 +288,10 @@ def test_resume_refuses_other_thresholds(images, tmp_path):
 
 def test_threads_do_not_change_rows_or_files(images, tmp_path):
     outs = [tmp_path / f"w{w}" for w in (0, 3)]
-    rows = [predict_images(MeanRunner(), [images], o, masks=True, num_workers=w, batch_size=3)
-            for o, w in zip(outs, (0, 3), strict=True)]
+    rows = [
+        predict_images(MeanRunner(), [images], o, masks=True, num_workers=w, batch_size=3)
+        for o, w in zip(outs, (0, 3), strict=True)
+    ]
     strip = [[{k: v for k, v in r.items() if k not in ("overlay", "mask")} for r in rs] for rs in rows]
     assert strip[0] == strip[1]
     for name in ("overlays/img6.png", "masks/img6.png", "overlays/img0.png"):
@@ -323,8 +348,21 @@ def test_onnxruntime_gets_the_thread_count(tmp_path, monkeypatch):
     before = torch.get_num_threads()
     try:
         with pytest.raises(Captured):
-            main(["--threads", "1", "predict", "m", str(tmp_path), "--out", str(tmp_path / "o"),
-                  "--backend", "onnxruntime", "--onnx", "x.onnx"])
+            main(
+                [
+                    "--threads",
+                    "1",
+                    "predict",
+                    "m",
+                    str(tmp_path),
+                    "--out",
+                    str(tmp_path / "o"),
+                    "--backend",
+                    "onnxruntime",
+                    "--onnx",
+                    "x.onnx",
+                ]
+            )
         assert seen["threads"] == 1 == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)

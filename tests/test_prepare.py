@@ -65,8 +65,14 @@ def test_prepare_matches_official_layout(pcb4_tree, tmp_path, split):
 
     some = [r for r in rows[split] if r.label == "anomaly" and (split != "1cls" or r.split == "test")][:5]
     for r in some:
-        gt = (out / split / OBJECT / "ground_truth" / ("bad" if split == "1cls" else f"{r.split}/bad")
-              / PurePosixPath(r.mask).name)
+        gt = (
+            out
+            / split
+            / OBJECT
+            / "ground_truth"
+            / ("bad" if split == "1cls" else f"{r.split}/bad")
+            / PurePosixPath(r.mask).name
+        )
         mask = Image.open(gt)
         assert mask.mode == "L" and mask.format == "PNG"
         arr = np.asarray(mask)
@@ -101,10 +107,24 @@ def test_second_run_writes_nothing_and_repairs_changes(pcb4_tree, tmp_path):
 
 def test_prepare_cli(pcb4_tree, tmp_path, capsys):
     root, rows = pcb4_tree
-    csv = write_split_csv(tmp_path / "few.csv", rows["1cls"][:3] + [r for r in rows["1cls"] if r.label == "anomaly"][:2])
+    csv = write_split_csv(
+        tmp_path / "few.csv", rows["1cls"][:3] + [r for r in rows["1cls"] if r.label == "anomaly"][:2]
+    )
     out = tmp_path / "out"
-    argv = ["--quiet", "prepare", "--visa-root", str(root), "--split", "1cls", "--split-csv", str(csv),
-            "--out", str(out), "--workers", "1"]
+    argv = [
+        "--quiet",
+        "prepare",
+        "--visa-root",
+        str(root),
+        "--split",
+        "1cls",
+        "--split-csv",
+        str(csv),
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+    ]
     assert main(argv) == 0
     assert "5 images, 2 masks; 7 file(s) written, 0 already up to date" in capsys.readouterr().out
     assert len(tree(out)) == 7
@@ -112,4 +132,3 @@ def test_prepare_cli(pcb4_tree, tmp_path, capsys):
     assert "0 file(s) written, 7 already up to date" in capsys.readouterr().out
     assert main(["prepare", "--visa-root", str(root), "--split", "1cls", "--out", str(out), "--workers", "0"]) == 2
     assert "--workers must be >= 1" in capsys.readouterr().err
-

@@ -11,11 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import _toy_method
 import pytest
 import torch
 from PIL import Image
 
-import _toy_method
 from spotdiff.cli import main
 from spotdiff.errors import ConfigError, DataError, SpotdiffError
 from spotdiff.models import build_backbone
@@ -53,8 +53,17 @@ SMALL_BLEND = {"blend_area": [0.04, 0.08], "blend_aspect": [0.5, 2.0]}
 
 
 def tiny(images: Path, out: Path, **kw) -> PretrainConfig:
-    values = dict(arch="resnet18", data=str(images), out=str(out), steps=6, image_size=32,
-                  workers=0, checkpoint_every=2, log_every=1, tensorboard=False)
+    values = dict(
+        arch="resnet18",
+        data=str(images),
+        out=str(out),
+        steps=6,
+        image_size=32,
+        workers=0,
+        checkpoint_every=2,
+        log_every=1,
+        tensorboard=False,
+    )
     values.update(kw)
     return load_config(None, values)
 
@@ -83,8 +92,9 @@ def test_run_completes_with_checkpoint_log_and_backbone(toy, images, tmp_path):
     assert all(math.isfinite(float(r["loss"])) and float(r["img_per_s"]) > 0 for r in rows)
     # Warm-up over one epoch (3 steps) to the peak lr 0.05 * 4 / 256, then cosine decay.
     peak = 0.05 * 4 / 256
-    assert [float(r["lr"]) for r in rows] == pytest.approx([peak / 3, 2 * peak / 3, peak, peak,
-                                                            peak * 0.75, peak * 0.25], rel=1e-4)
+    assert [float(r["lr"]) for r in rows] == pytest.approx(
+        [peak / 3, 2 * peak / 3, peak, peak, peak * 0.75, peak * 0.25], rel=1e-4
+    )
     assert toy[0].after_steps == 6
     groups = payload["optimizer"]["param_groups"]
     assert groups[0]["lr"] == pytest.approx(peak * 0.25) and groups[1]["lr"] == pytest.approx(peak)  # fixed_lr
@@ -133,8 +143,7 @@ def test_resume_after_interruption_is_bit_identical(toy, images, tmp_path, monke
     assert_same_state(a["model"], b["model"])
     assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
     for k in a["optimizer"]["state"]:
-        assert torch.equal(a["optimizer"]["state"][k]["momentum_buffer"],
-                           b["optimizer"]["state"][k]["momentum_buffer"])
+        assert torch.equal(a["optimizer"]["state"][k]["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
     ref_rows, cut_rows = read_log(tmp_path / "ref"), read_log(tmp_path / "cut")
     assert [r["step"] for r in cut_rows] == [r["step"] for r in ref_rows]
     assert [r["loss"] for r in cut_rows] == [r["loss"] for r in ref_rows]
@@ -150,10 +159,32 @@ def test_killed_run_resumes_to_the_uninterrupted_result(sig, toy, images, tmp_pa
     """
     reference = train.run_pretrain(tiny(images, tmp_path / "ref", steps=6, hparams={"sleep": 0.25}))
     run = tmp_path / "killed"
-    cmd = [sys.executable, str(TOY_SCRIPT), "--quiet", "pretrain", "--arch", "resnet18", "--data", str(images),
-           "--out", str(run), "--steps", "6", "--image-size", "32", "--workers", "0",
-           "--checkpoint-every", "2", "--set", "log_every=1", "--set", "tensorboard=false",
-           "--set", "hparams.sleep=0.25"]
+    cmd = [
+        sys.executable,
+        str(TOY_SCRIPT),
+        "--quiet",
+        "pretrain",
+        "--arch",
+        "resnet18",
+        "--data",
+        str(images),
+        "--out",
+        str(run),
+        "--steps",
+        "6",
+        "--image-size",
+        "32",
+        "--workers",
+        "0",
+        "--checkpoint-every",
+        "2",
+        "--set",
+        "log_every=1",
+        "--set",
+        "tensorboard=false",
+        "--set",
+        "hparams.sleep=0.25",
+    ]
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
@@ -198,9 +229,32 @@ def test_config_precedence_recipe_yaml_cli(toy, images, tmp_path):
     yaml_file = tmp_path / "cfg.yaml"
     yaml_file.write_text("lr: 0.1\nbatch_size: 8\nsteps: 50\nimage_size: 32\nhparams: {sleep: 0}\n")
     run = tmp_path / "run"
-    rc = main(["--quiet", "pretrain", "--config", str(yaml_file), "--arch", "resnet18", "--data", str(images),
-               "--out", str(run), "--lr", "0.2", "--steps", "1", "--workers", "0",
-               "--set", "log_every=1", "--set", "tensorboard=false", "--set", "weight_decay=0.001"])
+    rc = main(
+        [
+            "--quiet",
+            "pretrain",
+            "--config",
+            str(yaml_file),
+            "--arch",
+            "resnet18",
+            "--data",
+            str(images),
+            "--out",
+            str(run),
+            "--lr",
+            "0.2",
+            "--steps",
+            "1",
+            "--workers",
+            "0",
+            "--set",
+            "log_every=1",
+            "--set",
+            "tensorboard=false",
+            "--set",
+            "weight_decay=0.001",
+        ]
+    )
     assert rc == 0
     payload = load_checkpoint(run / "checkpoint.pt")
     saved = payload["config"]
@@ -245,20 +299,44 @@ def test_config_errors_name_the_key_and_source(tmp_path):
     assert main(["--quiet", "pretrain", "--data", "d", "--out", str(tmp_path / "o"), "--set", "epoch=1"]) == 2
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--eta", "-0.5"], "eta: must be a finite number >= 0, got -0.5"),
-    (["--eta", "nan"], "eta: must be a finite number >= 0, got nan"),
-    (["--eta", "inf"], "eta: must be a finite number >= 0, got inf"),
-    (["--spd", "--set", "hparams.blend_area=[0.0, 0.01]"], "area=[0.0, 0.01]: need 0 < min <= max < 1"),
-    (["--spd", "--set", "hparams.blend_area=[0.005, 1.5]"], "area=[0.005, 1.5]: need 0 < min <= max < 1"),
-    (["--method", "moco", "--set", "hparams.queue_size=16"],
-     "moco: queue_size=16 is larger than the data allows: need 1 <= queue_size <= 8"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--eta", "-0.5"], "eta: must be a finite number >= 0, got -0.5"),
+        (["--eta", "nan"], "eta: must be a finite number >= 0, got nan"),
+        (["--eta", "inf"], "eta: must be a finite number >= 0, got inf"),
+        (["--spd", "--set", "hparams.blend_area=[0.0, 0.01]"], "area=[0.0, 0.01]: need 0 < min <= max < 1"),
+        (["--spd", "--set", "hparams.blend_area=[0.005, 1.5]"], "area=[0.005, 1.5]: need 0 < min <= max < 1"),
+        (
+            ["--method", "moco", "--set", "hparams.queue_size=16"],
+            "moco: queue_size=16 is larger than the data allows: need 1 <= queue_size <= 8",
+        ),
+    ],
+)
 def test_bad_spd_and_moco_values_exit_2_with_one_line(images, tmp_path, capsys, args, message):
     """12 images, batch 4: one line naming the value and the allowed range, exit 2, no run folder."""
     out = tmp_path / "run"
-    code = main(["--quiet", "pretrain", "--arch", "resnet18", "--data", str(images), "--out", str(out),
-                 "--steps", "1", "--batch-size", "4", "--image-size", "32", "--workers", "0", *args])
+    code = main(
+        [
+            "--quiet",
+            "pretrain",
+            "--arch",
+            "resnet18",
+            "--data",
+            str(images),
+            "--out",
+            str(out),
+            "--steps",
+            "1",
+            "--batch-size",
+            "4",
+            "--image-size",
+            "32",
+            "--workers",
+            "0",
+            *args,
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
     assert not out.exists()
@@ -305,7 +383,7 @@ def test_sampler_global_batch_does_not_depend_on_process_count():
     assert len(keys) == 16 and len({i for _, i in keys}) == 16
     ranks = [list(s) for s in two]
     for b in range(2):
-        assert sorted(keys[8 * b:8 * b + 8]) == sorted(ranks[0][4 * b:4 * b + 4] + ranks[1][4 * b:4 * b + 4])
+        assert sorted(keys[8 * b : 8 * b + 8]) == sorted(ranks[0][4 * b : 4 * b + 4] + ranks[1][4 * b : 4 * b + 4])
     one.set_epoch(1, start_batch=1)
     assert list(one) == keys[8:]
     other = EpochBatchSampler(22, 8, seed=3)
@@ -357,8 +435,13 @@ def test_lars_step_and_optimizer_override(toy, images, tmp_path):
 
     w = torch.nn.Parameter(torch.full((4,), 2.0))
     b = torch.nn.Parameter(torch.full((4,), 2.0))
-    opt = LARS([{"params": [w]}, {"params": [b], "lars_exclude": True, "weight_decay": 0.0}],
-               lr=1.0, momentum=0.9, weight_decay=0.5, trust_coefficient=0.01)
+    opt = LARS(
+        [{"params": [w]}, {"params": [b], "lars_exclude": True, "weight_decay": 0.0}],
+        lr=1.0,
+        momentum=0.9,
+        weight_decay=0.5,
+        trust_coefficient=0.01,
+    )
     for _ in range(2):
         w.grad, b.grad = torch.full((4,), 3.0), torch.full((4,), 3.0)
         before = w.detach().clone()
@@ -408,8 +491,9 @@ def test_real_method_with_spd_resumes_bit_identical(method, images, tmp_path, mo
 
 def test_real_supervised_method_uses_class_folders(tmp_path):
     data = _toy_method.make_images(tmp_path / "classes", n=8, classes=("good", "scratch"))
-    train.run_pretrain(tiny(data, tmp_path / "run", method="supervised", spd=True, steps=2, batch_size=4,
-                                                  hparams=SMALL_BLEND))
+    train.run_pretrain(
+        tiny(data, tmp_path / "run", method="supervised", spd=True, steps=2, batch_size=4, hparams=SMALL_BLEND)
+    )
     payload = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert payload["step"] == 2
     assert all(math.isfinite(float(r["loss"])) for r in read_log(tmp_path / "run"))

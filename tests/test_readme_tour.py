@@ -40,14 +40,28 @@ def test_tour_block_is_what_the_readme_shows():
 @pytest.mark.slow
 def test_readme_tour_runs_as_written(tmp_path):
     src = str(ROOT / "src")
-    env = {**os.environ, "SPOTDIFF_TOUR_SCALE": TOUR_SCALE,
-           "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "SPOTDIFF_TOUR_SCALE": TOUR_SCALE,
+        "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
+    }
     prelude = f'spotdiff() {{ "{sys.executable}" -m spotdiff "$@"; }}\n'
-    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", prelude + tour_script()], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", prelude + tour_script()],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for path in ("models/pcb/manifest.json", "results/pcb/metrics.json", "predictions/pcb/scores.csv",
-                 "runs/spd/backbone.safetensors", "models/pcb-spd/manifest.json"):
+    for path in (
+        "models/pcb/manifest.json",
+        "results/pcb/metrics.json",
+        "predictions/pcb/scores.csv",
+        "runs/spd/backbone.safetensors",
+        "models/pcb-spd/manifest.json",
+    ):
         assert (tmp_path / path).is_file(), path
     with open(tmp_path / "predictions/pcb/scores.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -66,12 +80,30 @@ def python_snippet(readme: Path = ROOT / "README.md") -> str:
 def test_readme_python_snippet_scores_the_test_set_and_prints_metrics(tmp_path):
     src = str(ROOT / "src")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
-    synth = subprocess.run([sys.executable, "-m", "spotdiff", "--quiet", "synth", "--out", "data/synth", "--scale",
-                            TOUR_SCALE, "--objects", "pcb_synth"], cwd=tmp_path, env=env, capture_output=True,
-                           text=True, timeout=300)
+    synth = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "spotdiff",
+            "--quiet",
+            "synth",
+            "--out",
+            "data/synth",
+            "--scale",
+            TOUR_SCALE,
+            "--objects",
+            "pcb_synth",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert synth.returncode == 0, synth.stderr[-2000:]
-    proc = subprocess.run([sys.executable, "-c", python_snippet()], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", python_snippet()], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = ast.literal_eval(proc.stdout.strip().splitlines()[-1])  # the dict of four rounded metrics
     assert set(printed) == {"image_auroc", "image_aupr", "pixel_aupr", "pixel_aupro"}

@@ -37,8 +37,11 @@ METHODS = ["random", "SimSiam", "SimSiam+SPD"]
 
 def make_records(seed: int = 0) -> list[ResultRecord]:
     rng = np.random.default_rng(seed)
-    return [ResultRecord(obj, method, "padim", {m: float(rng.uniform(0.3, 1.0)) for m in HEADLINE_METRICS})
-            for method in METHODS for obj in OBJECTS]
+    return [
+        ResultRecord(obj, method, "padim", {m: float(rng.uniform(0.3, 1.0)) for m in HEADLINE_METRICS})
+        for method in METHODS
+        for obj in OBJECTS
+    ]
 
 
 def make_predictions(seed: int = 0, n: int = 24, size: int = 32) -> list[Predictions]:
@@ -72,8 +75,9 @@ def test_metric_table_layout_and_mean_row_equals_mean_of_objects():
     assert [r.labels[0] for r in table.rows] == METHODS
     for row in table.rows:
         method = row.labels[0]
-        expected = [next(r.metrics["image_aupr"] for r in records if r.method == method and r.object == o)
-                    for o in OBJECTS]
+        expected = [
+            next(r.metrics["image_aupr"] for r in records if r.method == method and r.object == o) for o in OBJECTS
+        ]
         assert row.values[:-1] == pytest.approx(expected)
         assert row.values[-1] == pytest.approx(np.mean(expected))
 
@@ -98,9 +102,10 @@ def test_duplicate_cell_is_an_error():
 
 
 def test_paper_tables_aupr_first_and_skip_unmeasured_metrics():
-    records = [ResultRecord(r.object, r.method, r.downstream,
-                            {k: v for k, v in r.metrics.items() if k.startswith("image")})
-               for r in make_records()]
+    records = [
+        ResultRecord(r.object, r.method, r.downstream, {k: v for k, v in r.metrics.items() if k.startswith("image")})
+        for r in make_records()
+    ]
     tables = paper_tables(records)
     assert [t.metric for t in tables] == ["image_aupr", "image_auroc"]
 
@@ -184,8 +189,9 @@ def test_html_is_self_contained_and_holds_every_row_and_image(tmp_path):
     tables = [*paper_tables(records), object_backbone_table(records)]
     preds = make_predictions()
     path = tmp_path / "report.html"
-    write_html_report(path, "spotdiff test report", report_sections(tables, preds, gallery_size=4),
-                      intro="Synthetic records.")
+    write_html_report(
+        path, "spotdiff test report", report_sections(tables, preds, gallery_size=4), intro="Synthetic records."
+    )
     page = path.read_text(encoding="utf-8")
     assert page.startswith("<!DOCTYPE html>")
     for table in tables:
@@ -203,8 +209,9 @@ def test_html_is_self_contained_and_holds_every_row_and_image(tmp_path):
 
 def test_html_escapes_labels():
     records = [ResultRecord("<obj>", "a&b", "padim", {"image_aupr": 0.5})]
-    page = render_html("t", [Section("Results", [metric_table(records, "image_aupr")]),
-                             Section("Figs", [Figure("f", b"\x89PNG")])])
+    page = render_html(
+        "t", [Section("Results", [metric_table(records, "image_aupr")]), Section("Figs", [Figure("f", b"\x89PNG")])]
+    )
     assert "&lt;obj&gt;" in page and "a&amp;b" in page and "<obj>" not in page
 
 
@@ -222,20 +229,33 @@ def test_gallery_reads_images_from_paths_at_mask_size(tmp_path):
         paths.append(str(path))
     masks = np.zeros((4, 16, 16), np.float32)
     masks[2:, 4:8, 4:8] = 1
-    preds = Predictions("o", "m", np.array([0.1, 0.9, 0.2, 0.8]), np.array([0, 0, 1, 1]),
-                        ["good", "good", "dent", "dent"], rng.uniform(size=(4, 4, 4)), masks, paths=paths)
+    preds = Predictions(
+        "o",
+        "m",
+        np.array([0.1, 0.9, 0.2, 0.8]),
+        np.array([0, 0, 1, 1]),
+        ["good", "good", "dent", "dent"],
+        rng.uniform(size=(4, 4, 4)),
+        masks,
+        paths=paths,
+    )
     items = preds.gallery_items(3)
     # the best detection first, then the worst cases: lowest-scoring defect, highest-scoring normal
-    assert [(it.kind, it.score) for it in items] == [("highest-scoring defect", 0.8), ("lowest-scoring defect", 0.2),
-                                                     ("highest-scoring normal", 0.9)]
+    assert [(it.kind, it.score) for it in items] == [
+        ("highest-scoring defect", 0.8),
+        ("lowest-scoring defect", 0.2),
+        ("highest-scoring normal", 0.9),
+    ]
     assert all(it.image.shape == (16, 16, 3) and 0 <= it.image.min() and it.image.max() <= 1 for it in items)
     assert items[0].caption == "dent"
     assert Predictions("o", "m", np.zeros(2), np.array([0, 1])).gallery_items(2) == []
 
 
 def test_std_over_seeds_is_shown_as_plus_minus():
-    records = [ResultRecord("a", "m", "cls", {"image_aupr": 0.9, "image_aupr_std": 0.012}),
-               ResultRecord("b", "m", "cls", {"image_aupr": 0.8, "image_aupr_std": None})]
+    records = [
+        ResultRecord("a", "m", "cls", {"image_aupr": 0.9, "image_aupr_std": 0.012}),
+        ResultRecord("b", "m", "cls", {"image_aupr": 0.8, "image_aupr_std": None}),
+    ]
     table = metric_table(records, "image_aupr")
     assert table.formatted_rows() == [["m", "90.0 ± 1.2", "80.0", "85.0"]]
     assert "| m | 90.0 ± 1.2 | 80.0 | 85.0 |" in table.to_markdown()
@@ -275,8 +295,10 @@ def html_escape(text: str) -> str:
     return html.escape(text)
 
 
-@pytest.mark.parametrize(("label", "score", "expected"), [
-    (1, 0.9, "caught"), (1, 0.1, "missed"), (0, 0.9, "false alarm"), (0, 0.1, "passed")])
+@pytest.mark.parametrize(
+    ("label", "score", "expected"),
+    [(1, 0.9, "caught"), (1, 0.1, "missed"), (0, 0.9, "false alarm"), (0, 0.1, "passed")],
+)
 def test_gallery_decisions_read_as_an_operator_would(label, score, expected):
     from spotdiff.report.plots import gallery_decision
 

@@ -9,15 +9,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_report import make_predictions, make_records
 
 from spotdiff.report.html import report_sections, write_html_report
 from spotdiff.report.tables import object_backbone_table, paper_tables
 
-from test_report import make_predictions, make_records
-
 CHROMIUM = Path("/usr/bin/chromium")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 pytestmark = pytest.mark.browser
 

@@ -20,7 +20,14 @@ IMAGENET_TRAIN = 1_281_167
 def test_imagenet_config_loads_through_the_pretrain_config_parser():
     cfg = load_config(ROOT / "docs" / "imagenet_simsiam_spd_8gpu.yaml", {"data": "/data/imagenet/train", "out": "run"})
     cfg.validate()
-    assert (cfg.method, cfg.spd, cfg.eta, cfg.arch, cfg.amp, cfg.device) == ("simsiam", True, 0.1, "resnet50", "bf16", "cuda")
+    assert (cfg.method, cfg.spd, cfg.eta, cfg.arch, cfg.amp, cfg.device) == (
+        "simsiam",
+        True,
+        0.1,
+        "resnet50",
+        "bf16",
+        "cuda",
+    )
     assert (cfg.epochs, cfg.batch_size, cfg.image_size) == (100, 512, 224) and cfg.batch_size % 8 == 0
     resolved = cfg.with_recipe(SimSiam.default_recipe)
     assert (resolved.optimizer, resolved.lr, resolved.weight_decay) == ("sgd", 0.05, 1e-4)
@@ -39,8 +46,14 @@ def _commands(text: str) -> list[list[str]]:
 
 def test_every_command_parses_with_the_real_cli():
     commands = _commands(DOC.read_text())
-    assert {argv[argv[0] == "--quiet"] for argv in commands} >= {"pretrain", "export-backbone", "benchmark",
-                                                                 "finetune", "fit", "test"}
+    assert {argv[argv[0] == "--quiet"] for argv in commands} >= {
+        "pretrain",
+        "export-backbone",
+        "benchmark",
+        "finetune",
+        "fit",
+        "test",
+    }
     assert any("--shard" in argv for argv in commands) and any("--collect" in argv for argv in commands)
     parser = build_parser()
     for argv in commands:

@@ -37,8 +37,9 @@ KEY = "k" * 20 + "-correct-horse"
 def fit_model_dir(out: Path) -> Path:
     """A random-init ResNet-18 PaDiM on tiny grey images, calibrated on held-out ones, saved to ``out``."""
     model = PaDiM(arch="resnet18", d=20).fit(as_dataset(square_images(8, SIZE, seed=1)))
-    calibrate(model, as_dataset(square_images(6, SIZE, seed=2)), as_dataset(square_images(3, SIZE, True, seed=3)),
-              mode="f1")
+    calibrate(
+        model, as_dataset(square_images(6, SIZE, seed=2)), as_dataset(square_images(3, SIZE, True, seed=3)), mode="f1"
+    )
     model.save(out)
     return out
 
@@ -69,8 +70,9 @@ def client_for(model_dir: Path, tmp_path: Path, models=None, **config) -> TestCl
 
 
 def post(client: TestClient, data: bytes, name: str = "padim", query: str = "", **headers: str):
-    return client.post(f"/v1/models/{name}/predict{query}", content=data,
-                       headers={"Content-Type": "image/png", **headers})
+    return client.post(
+        f"/v1/models/{name}/predict{query}", content=data, headers={"Content-Type": "image/png", **headers}
+    )
 
 
 def odd_images() -> dict[str, bytes]:
@@ -81,9 +83,11 @@ def odd_images() -> dict[str, bytes]:
     wide[10:22, 30:42] = (242, 26, 26)  # a red square: a defect
     deep = (np.clip(0.45 + 0.04 * g.standard_normal((SIZE, SIZE)), 0, 1) * 65535).round().astype(np.uint16)
     out = {}
-    for name, image, fmt, extra in [("wide.png", Image.fromarray(wide), "PNG", {}),
-                                    ("deep.png", Image.fromarray(deep), "PNG", {}),
-                                    ("turned.jpg", Image.fromarray(wide), "JPEG", {"quality": 95})]:
+    for name, image, fmt, extra in [
+        ("wide.png", Image.fromarray(wide), "PNG", {}),
+        ("deep.png", Image.fromarray(deep), "PNG", {}),
+        ("turned.jpg", Image.fromarray(wide), "JPEG", {"quality": 95}),
+    ]:
         buf = io.BytesIO()
         if fmt == "JPEG":
             exif = Image.Exif()
@@ -108,8 +112,10 @@ def test_answers_overlays_and_masks_equal_predicts(model_dir, tmp_path):
     for name, data in files.items():
         (folder / name).write_bytes(data)
     out = tmp_path / "out"
-    assert main(["--quiet", "predict", str(model_dir), str(folder), "--out", str(out), "--batch-size", "1",
-                 "--masks"]) == 0
+    assert (
+        main(["--quiet", "predict", str(model_dir), str(folder), "--out", str(out), "--batch-size", "1", "--masks"])
+        == 0
+    )
     with open(out / "scores.csv", newline="") as fh:
         expected = {Path(r["path"]).name: r for r in csv.DictReader(fh)}
     assert sorted(expected) == sorted(files)
@@ -117,8 +123,9 @@ def test_answers_overlays_and_masks_equal_predicts(model_dir, tmp_path):
         for name, row in sorted(expected.items()):
             data = files[name]
             raw = post(client, data, query="?overlay=true&mask=true")
-            multipart = client.post("/v1/models/padim/predict?overlay=true&mask=true",
-                                    files={"image": (name, data, "image/png")})
+            multipart = client.post(
+                "/v1/models/padim/predict?overlay=true&mask=true", files={"image": (name, data, "image/png")}
+            )
             for r in (raw, multipart):
                 assert r.status_code == 200, r.text
                 body = r.json()
@@ -188,8 +195,18 @@ def thin_png() -> bytes:
 def test_bad_input_is_a_4xx_naming_the_problem_and_never_a_decision(model_dir, tmp_path):
     good = sample_pngs()[0]
     cases = [
-        ({"content": b"hello, not an image", "headers": {"Content-Type": "image/png"}}, 400, "bad_image", "not an image"),
-        ({"content": good[: len(good) // 2], "headers": {"Content-Type": "image/png"}}, 400, "bad_image", "cannot read"),
+        (
+            {"content": b"hello, not an image", "headers": {"Content-Type": "image/png"}},
+            400,
+            "bad_image",
+            "not an image",
+        ),
+        (
+            {"content": good[: len(good) // 2], "headers": {"Content-Type": "image/png"}},
+            400,
+            "bad_image",
+            "cannot read",
+        ),
         ({"content": b"", "headers": {"Content-Type": "image/png"}}, 400, "bad_image", "request body: empty"),
         ({"content": good, "headers": {"Content-Type": "text/plain"}}, 415, "unsupported_content_type", "text/plain"),
         ({"content": good}, 415, "unsupported_content_type", "(none)"),
@@ -214,8 +231,9 @@ def test_bad_input_is_a_4xx_naming_the_problem_and_never_a_decision(model_dir, t
             assert r.status_code == status, (url, r.text)
             assert r.json()["error"]["code"] == code and words in r.json()["error"]["message"], (url, r.text)
         assert client.get("/v1/models/padim/predict").status_code == 405
-        chunked = client.post("/v1/models/padim/predict", content=iter([b"x" * 5000, b"x" * 5000]),
-                              headers={"Content-Type": "image/png"})  # no Content-Length: counted while streaming
+        chunked = client.post(
+            "/v1/models/padim/predict", content=iter([b"x" * 5000, b"x" * 5000]), headers={"Content-Type": "image/png"}
+        )  # no Content-Length: counted while streaming
         assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "body_too_large"
         assert audit_lines(tmp_path / "audit.jsonl") == []  # nothing decided
         r = post(client, good)  # and the service keeps serving
@@ -226,8 +244,11 @@ def test_bad_input_is_a_4xx_naming_the_problem_and_never_a_decision(model_dir, t
 def test_api_keys_are_required_compared_and_never_echoed(model_dir, tmp_path, monkeypatch):
     good = sample_pngs()[0]
     with client_for(model_dir, tmp_path, api_keys=(KEY,)) as client:
-        for headers, code in [({}, "missing_api_key"), ({"Authorization": "Bearer " + KEY[:-1] + "X"}, "wrong_api_key"),
-                              ({"Authorization": "Basic " + KEY}, "missing_api_key")]:
+        for headers, code in [
+            ({}, "missing_api_key"),
+            ({"Authorization": "Bearer " + KEY[:-1] + "X"}, "wrong_api_key"),
+            ({"Authorization": "Basic " + KEY}, "missing_api_key"),
+        ]:
             r = post(client, good, **headers)
             assert r.status_code == 401 and r.json()["error"]["code"] == code
             assert r.headers["www-authenticate"] == "Bearer"
@@ -240,12 +261,20 @@ def test_api_keys_are_required_compared_and_never_echoed(model_dir, tmp_path, mo
     assert key_matches(KEY, ("a" * 16, KEY)) and not key_matches(KEY + "x", (KEY,))
     preflight = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
     with client_for(model_dir, tmp_path) as client:  # CORS off by default
-        assert "access-control-allow-origin" not in client.options("/v1/models/padim/predict", headers=preflight).headers
-        assert "access-control-allow-origin" not in client.get("/v1/models", headers={"Origin": "https://x.example"}).headers
+        assert (
+            "access-control-allow-origin" not in client.options("/v1/models/padim/predict", headers=preflight).headers
+        )
+        assert (
+            "access-control-allow-origin"
+            not in client.get("/v1/models", headers={"Origin": "https://x.example"}).headers
+        )
     with client_for(model_dir, tmp_path, cors_origins=("https://line.example",)) as client:
         allowed = client.get("/v1/models", headers={"Origin": "https://line.example"})
         assert allowed.headers["access-control-allow-origin"] == "https://line.example"
-        assert "access-control-allow-origin" not in client.get("/v1/models", headers={"Origin": "https://x.example"}).headers
+        assert (
+            "access-control-allow-origin"
+            not in client.get("/v1/models", headers={"Origin": "https://x.example"}).headers
+        )
 
     with pytest.raises(ConfigError, match="without an API key"):
         check_bind("0.0.0.0", ())
@@ -318,8 +347,12 @@ def test_a_failing_model_gives_a_5xx_never_a_decision_and_the_service_goes_on(mo
 
 def test_full_queue_503_timeout_504_and_micro_batches(model_dir, tmp_path, flaky):
     good, scorer = sample_pngs()[0], flaky[0].scorer.model
-    with client_for(model_dir, tmp_path, models=flaky, max_queue=4, max_batch=8, max_wait_ms=50,
-                    request_timeout_s=20) as client, ThreadPoolExecutor(8) as pool:
+    with (
+        client_for(
+            model_dir, tmp_path, models=flaky, max_queue=4, max_batch=8, max_wait_ms=50, request_timeout_s=20
+        ) as client,
+        ThreadPoolExecutor(8) as pool,
+    ):
         scorer.mode = "block"
         first = pool.submit(post, client, good)
         assert scorer.entered.wait(10)  # one image is being scored, the worker is busy

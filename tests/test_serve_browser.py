@@ -53,8 +53,11 @@ def test_operator_page_shows_flagged_parts_first_with_overlays(chromium, model_d
 
         run = _chromium(chromium, tmp_path, "--virtual-time-budget=4000", "--dump-dom", url + "/")
         dom = run.stdout
-        cards = re.findall(r'<div class="card (\w+)" data-decision="(\w+)"[^>]*>(.*?)</div>\s*(?=<div class="card|</main>)',
-                           dom, flags=re.DOTALL)
+        cards = re.findall(
+            r'<div class="card (\w+)" data-decision="(\w+)"[^>]*>(.*?)</div>\s*(?=<div class="card|</main>)',
+            dom,
+            flags=re.DOTALL,
+        )
         assert len(cards) == 4, f"cards: {cards}\nchromium said:\n{run.stderr[-2000:]}"
         shown = [c[1] for c in cards]
         assert shown == sorted(decisions, key=lambda d: d != "anomalous"), shown  # flagged first
@@ -65,8 +68,14 @@ def test_operator_page_shows_flagged_parts_first_with_overlays(chromium, model_d
         assert count >= 2, "the page did not refresh"  # one poll per second of (virtual) time
 
         shot = tmp_path / "page.png"
-        _chromium(chromium, tmp_path, "--virtual-time-budget=3000", f"--screenshot={shot}", "--window-size=1200,900",
-                  url + "/")
+        _chromium(
+            chromium,
+            tmp_path,
+            "--virtual-time-budget=3000",
+            f"--screenshot={shot}",
+            "--window-size=1200,900",
+            url + "/",
+        )
         pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int16)
         red = (pixels[..., 0] > 150) & (pixels[..., 1] < 80) & (pixels[..., 2] < 80)  # the flagged cards' borders
         assert red.mean() > 0.002, "no red (flagged) card visible"

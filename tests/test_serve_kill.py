@@ -38,9 +38,26 @@ def free_port() -> int:
 def start_server(model_dir: Path, audit: Path, port: int, cwd: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "SPOTDIFF_THREADS": "1"}
     env.pop("SPOTDIFF_API_KEYS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "spotdiff", "--quiet", "serve", str(model_dir), "--port", str(port),
-                             "--audit-log", str(audit), "--max-wait-ms", "2"], cwd=cwd, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "spotdiff",
+            "--quiet",
+            "serve",
+            str(model_dir),
+            "--port",
+            str(port),
+            "--audit-log",
+            str(audit),
+            "--max-wait-ms",
+            "2",
+        ],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -55,8 +72,9 @@ def start_server(model_dir: Path, audit: Path, port: int, cwd: Path) -> subproce
     pytest.fail("server not ready within 90 s")
 
 
-async def load(port: int, images: list[bytes], kill: subprocess.Popen[bytes] | None, kill_after: int,
-               limit: int) -> tuple[list[dict], int]:
+async def load(
+    port: int, images: list[bytes], kill: subprocess.Popen[bytes] | None, kill_after: int, limit: int
+) -> tuple[list[dict], int]:
     """8 clients post images until ``limit`` answers; SIGKILL ``kill`` once ``kill_after`` 200s arrived.
     Returns the JSON of every 200 received and the number of requests cut by the kill."""
     answers: list[dict] = []
@@ -68,8 +86,11 @@ async def load(port: int, images: list[bytes], kill: subprocess.Popen[bytes] | N
             data = images[sent % len(images)]
             sent += 1
             try:
-                r = await session.post(f"http://127.0.0.1:{port}/v1/models/padim/predict", content=data,
-                                       headers={"Content-Type": "image/png"})
+                r = await session.post(
+                    f"http://127.0.0.1:{port}/v1/models/padim/predict",
+                    content=data,
+                    headers={"Content-Type": "image/png"},
+                )
             except httpx.TransportError:
                 cut += 1
                 return  # the server is gone

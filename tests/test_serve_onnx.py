@@ -27,8 +27,26 @@ def test_onnxruntime_backend_scores_equal_predicts(tmp_path):
     folder.mkdir()
     for i, data in enumerate(sample_pngs()):
         (folder / f"img{i}.png").write_bytes(data)
-    assert main(["--quiet", "predict", str(model_dir), str(folder), "--out", str(tmp_path / "out"), "--backend",
-                 "onnxruntime", "--onnx", str(onnx), "--batch-size", "1", "--no-overlays"]) == 0
+    assert (
+        main(
+            [
+                "--quiet",
+                "predict",
+                str(model_dir),
+                str(folder),
+                "--out",
+                str(tmp_path / "out"),
+                "--backend",
+                "onnxruntime",
+                "--onnx",
+                str(onnx),
+                "--batch-size",
+                "1",
+                "--no-overlays",
+            ]
+        )
+        == 0
+    )
     with open(tmp_path / "out" / "scores.csv", newline="") as fh:
         expected = {Path(r["path"]).name: r for r in csv.DictReader(fh)}
     models = load_models([f"station-3={model_dir}"], backend="onnxruntime", onnx_files=[str(onnx)])

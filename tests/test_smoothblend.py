@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
@@ -17,9 +17,9 @@ from spotdiff.augment import (
     ssl_augmentation,
     weak_augmentation,
 )
+from spotdiff.augment.smoothblend import MAX_MASS_ERROR, MIN_PEAK_ALPHA, MIN_SIGMA_PX
 from spotdiff.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 from spotdiff.errors import ConfigError
-from spotdiff.augment.smoothblend import MAX_MASS_ERROR, MIN_PEAK_ALPHA, MIN_SIGMA_PX
 
 
 def _images(b: int = 6, h: int = 48, w: int = 64, seed: int = 1) -> torch.Tensor:
@@ -51,12 +51,15 @@ def test_per_sample_boxes_differ() -> None:
     assert len(set(zip(params.h.tolist(), params.w.tolist()))) > 20
 
 
-@pytest.mark.parametrize(("area", "sigma", "size"), [
-    ((0.005, 0.01), 0.08, 96),   # the defaults (the paper's 0.5-1 %)
-    ((0.005, 0.01), 0.08, 72),   # near the smallest size the defaults hold (68 px): the grid matters
-    ((0.02, 0.04), 0.12, 64),
-    ((0.01, 0.03), 0.0, 64),     # hard paste: mass == box area
-])
+@pytest.mark.parametrize(
+    ("area", "sigma", "size"),
+    [
+        ((0.005, 0.01), 0.08, 96),  # the defaults (the paper's 0.5-1 %)
+        ((0.005, 0.01), 0.08, 72),  # near the smallest size the defaults hold (68 px): the grid matters
+        ((0.02, 0.04), 0.12, 64),
+        ((0.01, 0.03), 0.0, 64),  # hard paste: mass == box area
+    ],
+)
 def test_perturbed_area_is_the_stated_range(area, sigma, size) -> None:
     """The area range is the mass of alpha (the area actually changed), measured over 600 draws."""
     lo, hi = area
@@ -92,8 +95,7 @@ def test_no_dark_halo_convex_combination() -> None:
     assert out.min() >= x.min() - 1e-6
     # the edge is soft: alpha takes intermediate values in every footprint, small at the border
     assert (((alpha > 0.05) & (alpha < 0.95)).sum(dim=(1, 2, 3)) > 0).all()
-    border = params.footprint(h, w) & ~torch.nn.functional.max_pool2d(
-        (~params.footprint(h, w)).float(), 3, 1, 1).bool()
+    border = params.footprint(h, w) & ~torch.nn.functional.max_pool2d((~params.footprint(h, w)).float(), 3, 1, 1).bool()
     edge = params.footprint(h, w) & ~border
     assert alpha[edge].max() < 0.01
 
@@ -227,9 +229,13 @@ def test_views_shapes_ranges_and_normalisation() -> None:
 
 @settings(max_examples=25, deadline=None)
 @given(
-    b=st.integers(1, 4), h=st.integers(8, 40), w=st.integers(8, 40),
-    area_lo=st.floats(0.001, 0.3), area_span=st.floats(0.0, 0.3),
-    sigma=st.sampled_from([0.0, 0.05, 0.1, 0.16]), seed=st.integers(0, 2**31 - 1),
+    b=st.integers(1, 4),
+    h=st.integers(8, 40),
+    w=st.integers(8, 40),
+    area_lo=st.floats(0.001, 0.3),
+    area_span=st.floats(0.0, 0.3),
+    sigma=st.sampled_from([0.0, 0.05, 0.1, 0.16]),
+    seed=st.integers(0, 2**31 - 1),
 )
 def test_property_footprint_and_range(b, h, w, area_lo, area_span, sigma, seed) -> None:
     largest = (1 - 6 * sigma) ** 2 if sigma else 0.99  # alpha mass of a full-image box
@@ -278,8 +284,9 @@ def test_smallest_size_is_the_stated_one(aspect, smallest) -> None:
 
 def test_sigma_is_floored_in_pixels_and_hard_paste_is_not() -> None:
     params = SmoothBlend(aspect=(0.5, 2.0)).sample(200, 64, 64, torch.Generator().manual_seed(0))
-    assert torch.allclose(params.sigma, torch.maximum(0.08 * torch.minimum(params.h, params.w).float(),
-                                                      torch.tensor(MIN_SIGMA_PX)))
+    assert torch.allclose(
+        params.sigma, torch.maximum(0.08 * torch.minimum(params.h, params.w).float(), torch.tensor(MIN_SIGMA_PX))
+    )
     hard = SmoothBlend(sigma=0.0).sample(50, 16, 16, torch.Generator().manual_seed(0))
     assert float(hard.sigma.abs().max()) == 0.0
     SmoothBlend(sigma=0.0)(torch.rand(2, 3, 16, 16))  # a hard paste has no smoothness to keep
@@ -293,9 +300,28 @@ def test_pretrain_refuses_a_view_size_where_smoothblend_cannot_hold(tmp_path, ca
     for i in range(4):
         Image.fromarray((_images(1, 40, 40, seed=i)[0].permute(1, 2, 0) * 255).byte().numpy()).save(images / f"{i}.png")
     out = tmp_path / "run"
-    code = main(["pretrain", "--method", "simsiam", "--spd", "--arch", "resnet18", "--data", str(images),
-                 "--out", str(out), "--steps", "1", "--batch-size", "4", "--image-size", "32",
-                 "--workers", "0"])
+    code = main(
+        [
+            "pretrain",
+            "--method",
+            "simsiam",
+            "--spd",
+            "--arch",
+            "resnet18",
+            "--data",
+            str(images),
+            "--out",
+            str(out),
+            "--steps",
+            "1",
+            "--batch-size",
+            "4",
+            "--image-size",
+            "32",
+            "--workers",
+            "0",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "image size 32x32: too small" in err[0]
     assert not out.exists()

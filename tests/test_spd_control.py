@@ -73,9 +73,26 @@ def test_smoothblend_and_spd_forward_never_draw_from_the_global_rng(images):
 
 
 def _first_step(images: Path, out: Path, spd: bool, eta: float) -> dict[str, torch.Tensor]:
-    cfg = load_config(None, dict(method="simsiam", spd=spd, eta=eta, arch="resnet18", data=str(images),
-                                 out=str(out), steps=1, batch_size=4, image_size=SIZE, workers=0, seed=5,
-                                 checkpoint_every=0, log_every=1, tensorboard=False, hparams=SMALL))
+    cfg = load_config(
+        None,
+        dict(
+            method="simsiam",
+            spd=spd,
+            eta=eta,
+            arch="resnet18",
+            data=str(images),
+            out=str(out),
+            steps=1,
+            batch_size=4,
+            image_size=SIZE,
+            workers=0,
+            seed=5,
+            checkpoint_every=0,
+            log_every=1,
+            tensorboard=False,
+            hparams=SMALL,
+        ),
+    )
     return load_checkpoint(run_pretrain(cfg))["model"]
 
 

@@ -19,8 +19,9 @@ import spd_effect
 
 TIMINGS = ("cpu_s", "wall_s", "pretrain_cpu_s")
 
-pytestmark = pytest.mark.skipif(not (MAGNETIC_TILE / "MT_Free").is_dir(),
-                                reason=f"magnetic-tile images not found at {MAGNETIC_TILE}")
+pytestmark = pytest.mark.skipif(
+    not (MAGNETIC_TILE / "MT_Free").is_dir(), reason=f"magnetic-tile images not found at {MAGNETIC_TILE}"
+)
 
 
 def _prereg_committed() -> bool:

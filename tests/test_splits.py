@@ -16,13 +16,33 @@ from spotdiff.errors import DataError
 # (split, label) -> number of rows, from the VisA paper / official split files.
 OFFICIAL_COUNTS = {
     "1cls": {("train", "normal"): 8659, ("test", "normal"): 962, ("test", "anomaly"): 1200},
-    "2cls_highshot": {("train", "normal"): 5773, ("train", "anomaly"): 720,
-                      ("test", "normal"): 3848, ("test", "anomaly"): 480},
-    "2cls_fewshot": {("train", "normal"): 1924, ("train", "anomaly"): 240,
-                     ("test", "normal"): 7697, ("test", "anomaly"): 960},
+    "2cls_highshot": {
+        ("train", "normal"): 5773,
+        ("train", "anomaly"): 720,
+        ("test", "normal"): 3848,
+        ("test", "anomaly"): 480,
+    },
+    "2cls_fewshot": {
+        ("train", "normal"): 1924,
+        ("train", "anomaly"): 240,
+        ("test", "normal"): 7697,
+        ("test", "anomaly"): 960,
+    },
 }
-VISA_OBJECTS = {"candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2",
-                "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum"}
+VISA_OBJECTS = {
+    "candle",
+    "capsules",
+    "cashew",
+    "chewinggum",
+    "fryum",
+    "macaroni1",
+    "macaroni2",
+    "pcb1",
+    "pcb2",
+    "pcb3",
+    "pcb4",
+    "pipe_fryum",
+}
 
 
 @pytest.mark.parametrize("split", OFFICIAL_SPLITS)
@@ -43,10 +63,12 @@ def test_official_splits_partition_the_same_images(visa_split_dir):
 
 def test_rows_keep_file_line_numbers(tmp_path):
     csv = tmp_path / "s.csv"
-    csv.write_text("object,split,label,image,mask\n"
-                   "a,train,normal,a/Data/Images/Normal/1.JPG,\n"
-                   "\n"
-                   "a,test,anomaly,a/Data/Images/Anomaly/2.JPG,a/Data/Masks/Anomaly/2.png\n")
+    csv.write_text(
+        "object,split,label,image,mask\n"
+        "a,train,normal,a/Data/Images/Normal/1.JPG,\n"
+        "\n"
+        "a,test,anomaly,a/Data/Images/Anomaly/2.JPG,a/Data/Masks/Anomaly/2.png\n"
+    )
     rows = read_split_csv(csv)
     assert [r.row for r in rows] == [2, 4]
     assert rows[1].is_anomaly and rows[1].mask == "a/Data/Masks/Anomaly/2.png"
@@ -88,12 +110,15 @@ def test_kshot_with_k_equal_pool_takes_everything():
     assert sample_kshot(labels, 2, seed=0) == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("labels, k, message", [
-    ([0] * 10 + [1] * 3, 5, "only 3 anomalous image"),
-    ([0] * 2 + [1] * 10, 5, "only 2 normal image"),
-    ([0, 1, 2], 1, "must be 0"),
-    ([0, 1], 0, "k must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "labels, k, message",
+    [
+        ([0] * 10 + [1] * 3, 5, "only 3 anomalous image"),
+        ([0] * 2 + [1] * 10, 5, "only 2 normal image"),
+        ([0, 1, 2], 1, "must be 0"),
+        ([0, 1], 0, "k must be >= 1"),
+    ],
+)
 def test_kshot_errors(labels, k, message):
     with pytest.raises(DataError, match=message):
         sample_kshot(labels, k, seed=0)

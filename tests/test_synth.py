@@ -85,15 +85,21 @@ def test_format_matches_official_visa(synth_root: Path, visa_split_dir: Path, vi
 
 def test_split_proportions(synth_root: Path) -> None:
     n_normal, n_anomalous = image_counts(SCALE)
-    expected_train = {"1cls": (round(0.9 * n_normal), 0), "2cls_highshot": (round(0.6 * n_normal), round(0.6 * n_anomalous)),
-                      "2cls_fewshot": (round(0.2 * n_normal), round(0.2 * n_anomalous))}
+    expected_train = {
+        "1cls": (round(0.9 * n_normal), 0),
+        "2cls_highshot": (round(0.6 * n_normal), round(0.6 * n_anomalous)),
+        "2cls_fewshot": (round(0.2 * n_normal), round(0.2 * n_anomalous)),
+    }
     for split in SPLITS:
         rows = _rows(synth_root, split)
         for name in OBJECTS:
             mine = [r for r in rows if r["object"] == name]
             assert len({r["image"] for r in mine}) == len(mine)  # every image exactly once
-            count = {(s, lab): sum(r["split"] == s and r["label"] == lab for r in mine)
-                     for s in ("train", "test") for lab in ("normal", "anomaly")}
+            count = {
+                (s, lab): sum(r["split"] == s and r["label"] == lab for r in mine)
+                for s in ("train", "test")
+                for lab in ("normal", "anomaly")
+            }
             assert (count["train", "normal"], count["train", "anomaly"]) == expected_train[split]
             assert count["train", "normal"] + count["test", "normal"] == n_normal
             assert count["train", "anomaly"] + count["test", "anomaly"] == n_anomalous
@@ -170,6 +176,7 @@ def test_deterministic_per_seed(synth_root: Path, tmp_path: Path) -> None:
     assert cashew and {k: v for k, v in again.items() if k.startswith("cashew_synth/")} == cashew
     for rel, digest in again.items():  # the marker's hashes are those of the files on disk
         import hashlib
+
         assert hashlib.sha256((tmp_path / "same" / rel).read_bytes()).hexdigest() == digest
     # sample i does not depend on scale, so a smaller run with another seed covers the first images
     other = _marker(generate(tmp_path / "other", seed=SEED + 1, scale=0.05, objects=["cashew_synth"]))["files"]
@@ -203,8 +210,17 @@ def test_rerun_is_noop_and_foreign_dirs_are_refused(tmp_path: Path) -> None:
     assert (generate(empty, scale=0.05, image_size=64, objects=["cashew_synth"]) / MARKER).is_file()
 
 
-@pytest.mark.parametrize("kwargs", [{"scale": 0.0}, {"scale": float("nan")}, {"seed": -1},
-                                    {"objects": ["bottle"]}, {"objects": []}, {"image_size": 8}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"scale": 0.0},
+        {"scale": float("nan")},
+        {"seed": -1},
+        {"objects": ["bottle"]},
+        {"objects": []},
+        {"image_size": 8},
+    ],
+)
 def test_invalid_arguments(tmp_path: Path, kwargs: dict) -> None:
     with pytest.raises(ConfigError):
         generate(tmp_path / "x", **kwargs)
@@ -213,8 +229,25 @@ def test_invalid_arguments(tmp_path: Path, kwargs: dict) -> None:
 
 def test_cli_writes_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
-    assert main(["--quiet", "synth", "--out", str(out), "--seed", "4", "--scale", "0.05",
-                 "--objects", "pcb_synth", "--image-size", "64"]) == 0
+    assert (
+        main(
+            [
+                "--quiet",
+                "synth",
+                "--out",
+                str(out),
+                "--seed",
+                "4",
+                "--scale",
+                "0.05",
+                "--objects",
+                "pcb_synth",
+                "--image-size",
+                "64",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.strip() == str(out)
     assert _marker(out)["seed"] == 4 and _marker(out)["image_size"] == 64
     assert load_image(next((out / "pcb_synth" / "Data" / "Images" / "Anomaly").iterdir())).size == (64, 64)
@@ -255,8 +288,14 @@ def test_identical_bytes_in_another_process(tmp_path: Path) -> None:
 
     kwargs = "seed=7, scale=0.05, image_size=64, objects=['pcb_synth']"
     here = _marker(generate(tmp_path / "here", seed=7, scale=0.05, image_size=64, objects=["pcb_synth"]))
-    env = {**os.environ, "PYTHONHASHSEED": "123", "SPOTDIFF_QUIET": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONHASHSEED": "123",
+        "SPOTDIFF_QUIET": "1",
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
     code = f"from spotdiff.data.synth import generate; generate({str(tmp_path / 'there')!r}, {kwargs})"
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
     assert _marker(tmp_path / "there")["files"] == here["files"]
@@ -264,8 +303,24 @@ def test_identical_bytes_in_another_process(tmp_path: Path) -> None:
 
 def test_benchmark_frame_and_normal_count(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--normal N and --frame WxH: N normals at W x H (masks too), deterministic, recorded in the marker."""
-    args = ["--quiet", "synth", "--out", str(tmp_path / "big"), "--seed", "2", "--scale", "0.05",
-            "--objects", "cashew_synth", "--image-size", "48", "--normal", "7", "--frame", "96x64"]
+    args = [
+        "--quiet",
+        "synth",
+        "--out",
+        str(tmp_path / "big"),
+        "--seed",
+        "2",
+        "--scale",
+        "0.05",
+        "--objects",
+        "cashew_synth",
+        "--image-size",
+        "48",
+        "--normal",
+        "7",
+        "--frame",
+        "96x64",
+    ]
     assert main(args) == 0
     root = tmp_path / "big"
     normals = sorted((root / "cashew_synth" / "Data" / "Images" / "Normal").iterdir())
@@ -279,12 +334,14 @@ def test_benchmark_frame_and_normal_count(tmp_path: Path, capsys: pytest.Capture
     marker = _marker(root)
     assert marker["normal"] == 7 and marker["frame"] == [96, 64]
     # the same call elsewhere gives the same bytes; without the options the output differs
-    again = generate(tmp_path / "again", seed=2, scale=0.05, image_size=48, objects=["cashew_synth"],
-                     normal=7, frame=(96, 64))
+    again = generate(
+        tmp_path / "again", seed=2, scale=0.05, image_size=48, objects=["cashew_synth"], normal=7, frame=(96, 64)
+    )
     assert _marker(again)["files"] == marker["files"]
     plain = generate(tmp_path / "again", seed=2, scale=0.05, image_size=48, objects=["cashew_synth"])
-    assert "normal" not in _marker(plain) and load_image(next(
-        (plain / "cashew_synth" / "Data" / "Images" / "Normal").iterdir())).size == (48, 48)
+    assert "normal" not in _marker(plain) and load_image(
+        next((plain / "cashew_synth" / "Data" / "Images" / "Normal").iterdir())
+    ).size == (48, 48)
     capsys.readouterr()
     assert main(args[:-1] + ["96by64"]) == 2
     assert "--frame must be WxH" in capsys.readouterr().err

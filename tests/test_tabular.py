@@ -23,10 +23,15 @@ def test_csv_text_quotes_cells_and_writes_none_as_empty():
 
 
 def test_markdown_table_title_alignment_bold_rows_and_notes():
-    md = markdown_table(["Method", "pcb1"], [["a", "90.0"], ["Mean", "80.0"]], [":---", "---:"],
-                        bold=[False, True], title="AU-PR", notes=["one seed"])
-    assert md == ("**AU-PR**\n\n| Method | pcb1 |\n|:---|---:|\n| a | 90.0 |\n| **Mean** | **80.0** |\n"
-                  "\n- one seed\n")
+    md = markdown_table(
+        ["Method", "pcb1"],
+        [["a", "90.0"], ["Mean", "80.0"]],
+        [":---", "---:"],
+        bold=[False, True],
+        title="AU-PR",
+        notes=["one seed"],
+    )
+    assert md == ("**AU-PR**\n\n| Method | pcb1 |\n|:---|---:|\n| a | 90.0 |\n| **Mean** | **80.0** |\n\n- one seed\n")
     assert markdown_table(["x"], [["1"]], ["---"]) == "| x |\n|---|\n| 1 |\n"
 
 

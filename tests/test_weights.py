@@ -9,20 +9,20 @@ import json
 import socket
 from pathlib import Path
 
+import _toy_method
 import pytest
 import torch
 import yaml
 from torchvision.models import resnet18
 
-import _toy_method
 from spotdiff.cli import main
 from spotdiff.data.synth import generate
 from spotdiff.detect import Detector
 from spotdiff.detect.store import CONFIG_FILE, MANIFEST_FILE
 from spotdiff.errors import ConfigError, WeightsError
 from spotdiff.files import sha256_file
-from spotdiff.progress import set_quiet
 from spotdiff.models import build_backbone, load_weights
+from spotdiff.progress import set_quiet
 
 # torchvision's exact file names (the SHA-256 prefix is part of the name), written out here on purpose
 # so that a change in how spotdiff derives the cache path is caught.
@@ -93,13 +93,29 @@ def cached(untrusted, monkeypatch) -> Path:
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     """One tiny synthetic object (32 px)."""
-    return generate(tmp_path_factory.mktemp("synth") / "visa", seed=0, scale=0.25, image_size=32,
-                    objects=["pcb_synth"])
+    return generate(tmp_path_factory.mktemp("synth") / "visa", seed=0, scale=0.25, image_size=32, objects=["pcb_synth"])
 
 
 def fit_argv(root: Path, out: Path, *extra: str) -> list[str]:
-    return ["--quiet", "fit", "--model", "padim", "--data", str(root), "--object", "pcb_synth", "--arch", "resnet18",
-            "--d", "10", "--image-size", "32", "--out", str(out), *extra]
+    return [
+        "--quiet",
+        "fit",
+        "--model",
+        "padim",
+        "--data",
+        str(root),
+        "--object",
+        "pcb_synth",
+        "--arch",
+        "resnet18",
+        "--d",
+        "10",
+        "--image-size",
+        "32",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def warnings_in(err: str) -> list[str]:
@@ -113,13 +129,18 @@ def test_names_load_the_cached_file_without_network(cached, r18_state, no_networ
     got = model.state_dict()
     assert all(torch.equal(got[k], v) for k, v in r18_state.items() if not k.startswith("fc."))
     record = load_weights("resnet18", name).record()
-    assert record == {"name": "ResNet18_Weights.IMAGENET1K_V1", "file": str(cached),
-                      "sha256": hashlib.sha256(cached.read_bytes()).hexdigest(), "verified": True}
+    assert record == {
+        "name": "ResNet18_Weights.IMAGENET1K_V1",
+        "file": str(cached),
+        "sha256": hashlib.sha256(cached.read_bytes()).hexdigest(),
+        "verified": True,
+    }
     assert no_network == []
 
 
-def test_a_cached_file_not_matching_its_name_is_never_recorded_as_torchvision(untrusted, root, tmp_path, capsys,
-                                                                            no_network):
+def test_a_cached_file_not_matching_its_name_is_never_recorded_as_torchvision(
+    untrusted, root, tmp_path, capsys, no_network
+):
     """One warning naming the file and both hashes; recorded as an unverified file; --strict-weights refuses it."""
     actual = sha256_file(untrusted)
     assert not actual.startswith("f37072fd")
@@ -138,10 +159,28 @@ def test_a_cached_file_not_matching_its_name_is_never_recorded_as_torchvision(un
 
 
 def test_unknown_names_list_the_choices(hub, capsys, tmp_path):
-    for name, arch in (("imagnet", "resnet18"), ("IMAGENET1K_V2", "resnet18"),
-                       ("ResNet50_Weights.IMAGENET1K_V2", "resnet18"), ("IMAGENET1K_V3", "resnet50")):
-        argv = ["--quiet", "fit", "--model", "padim", "--data", str(tmp_path), "--object", "x", "--arch", arch,
-                "--weights", name, "--out", str(tmp_path / "m")]
+    for name, arch in (
+        ("imagnet", "resnet18"),
+        ("IMAGENET1K_V2", "resnet18"),
+        ("ResNet50_Weights.IMAGENET1K_V2", "resnet18"),
+        ("IMAGENET1K_V3", "resnet50"),
+    ):
+        argv = [
+            "--quiet",
+            "fit",
+            "--model",
+            "padim",
+            "--data",
+            str(tmp_path),
+            "--object",
+            "x",
+            "--arch",
+            arch,
+            "--weights",
+            name,
+            "--out",
+            str(tmp_path / "m"),
+        ]
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and repr(name) in err, err
@@ -155,11 +194,17 @@ def test_fit_records_the_weights_and_test_shows_them(cached, root, tmp_path, cap
     assert main(fit_argv(root, model_dir, "--weights", "imagenet")) == 0
     assert warnings_in(capsys.readouterr().err) == []
     record = json.loads((model_dir / CONFIG_FILE).read_text())["weights"]
-    assert record == {"name": "ResNet18_Weights.IMAGENET1K_V1", "file": str(cached), "sha256": sha256_file(cached),
-                      "verified": True}
+    assert record == {
+        "name": "ResNet18_Weights.IMAGENET1K_V1",
+        "file": str(cached),
+        "sha256": sha256_file(cached),
+        "verified": True,
+    }
     results = tmp_path / "r"
-    assert main(["--quiet", "test", str(model_dir), "--data", str(root), "--object", "pcb_synth",
-                 "--out", str(results)]) == 0
+    assert (
+        main(["--quiet", "test", str(model_dir), "--data", str(root), "--object", "pcb_synth", "--out", str(results)])
+        == 0
+    )
     out = capsys.readouterr().out
     assert f"backbone weights: ResNet18_Weights.IMAGENET1K_V1 ({cached}, sha256 {record['sha256'][:12]})" in out
     assert json.loads((results / "metrics.json").read_text())["weights"] == record
@@ -188,33 +233,121 @@ def test_random_init_warning_appears_exactly_when_it_should(cached, root, tmp_pa
         assert len(found) == expected, (extra, found)
         if found:
             assert "randomly initialised" in found[0] and "--weights imagenet" in found[0]
-    base = ["--quiet", "finetune", "--task", "cls", "--protocol", "5shot", "--data", str(root), "--object",
-            "pcb_synth", "--arch", "resnet18", "--seeds", "1", "--steps", "1", "--batch-size", "2",
-            "--image-size", "32", "--workers", "0", "--device", "cpu"]
+    base = [
+        "--quiet",
+        "finetune",
+        "--task",
+        "cls",
+        "--protocol",
+        "5shot",
+        "--data",
+        str(root),
+        "--object",
+        "pcb_synth",
+        "--arch",
+        "resnet18",
+        "--seeds",
+        "1",
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--image-size",
+        "32",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+    ]
     for i, (extra, expected) in enumerate(cases.items()):
         out = tmp_path / f"ft{i}"
         assert main([*base, *extra, "--out", str(out)]) == 0
         assert len(warnings_in(capsys.readouterr().err)) == expected, extra
         results = json.loads((out / "results.json").read_text())
-        assert results["weights"]["name"] == ("random" if expected or extra[1] == "random"
-                                              else "ResNet18_Weights.IMAGENET1K_V1")
+        assert results["weights"]["name"] == (
+            "random" if expected or extra[1] == "random" else "ResNet18_Weights.IMAGENET1K_V1"
+        )
 
 
 # ----------------------------------------------------------------------------- bad cache files, no network
 def _commands(root: Path, images: Path, tmp_path: Path, arch: str) -> dict[str, list[str]]:
     bench = tmp_path / "bench.yaml"
-    bench.write_text(yaml.safe_dump({"data": {"root": str(root)}, "objects": ["pcb_synth"],
-                                     "weights": [{"name": "imagenet", "arch": arch, "file": "imagenet"}],
-                                     "downstream": [{"method": "padim"}]}))
+    bench.write_text(
+        yaml.safe_dump(
+            {
+                "data": {"root": str(root)},
+                "objects": ["pcb_synth"],
+                "weights": [{"name": "imagenet", "arch": arch, "file": "imagenet"}],
+                "downstream": [{"method": "padim"}],
+            }
+        )
+    )
     return {
-        "fit": ["fit", "--model", "padim", "--data", str(root), "--object", "pcb_synth", "--arch", arch,
-                "--weights", "imagenet", "--image-size", "32", "--out", str(tmp_path / "out")],
-        "finetune": ["finetune", "--task", "cls", "--protocol", "5shot", "--data", str(root), "--object",
-                     "pcb_synth", "--arch", arch, "--weights", "imagenet", "--seeds", "1", "--steps", "1",
-                     "--image-size", "32", "--workers", "0", "--device", "cpu", "--out", str(tmp_path / "out")],
-        "pretrain": ["pretrain", "--method", "simsiam", "--arch", arch, "--weights", "imagenet", "--data",
-                     str(images), "--steps", "1", "--batch-size", "4", "--image-size", "32", "--workers", "0",
-                     "--out", str(tmp_path / "out")],
+        "fit": [
+            "fit",
+            "--model",
+            "padim",
+            "--data",
+            str(root),
+            "--object",
+            "pcb_synth",
+            "--arch",
+            arch,
+            "--weights",
+            "imagenet",
+            "--image-size",
+            "32",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        "finetune": [
+            "finetune",
+            "--task",
+            "cls",
+            "--protocol",
+            "5shot",
+            "--data",
+            str(root),
+            "--object",
+            "pcb_synth",
+            "--arch",
+            arch,
+            "--weights",
+            "imagenet",
+            "--seeds",
+            "1",
+            "--steps",
+            "1",
+            "--image-size",
+            "32",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        "pretrain": [
+            "pretrain",
+            "--method",
+            "simsiam",
+            "--arch",
+            arch,
+            "--weights",
+            "imagenet",
+            "--data",
+            str(images),
+            "--steps",
+            "1",
+            "--batch-size",
+            "4",
+            "--image-size",
+            "32",
+            "--workers",
+            "0",
+            "--out",
+            str(tmp_path / "out"),
+        ],
         "benchmark": ["benchmark", "--config", str(bench), "--out", str(tmp_path / "out")],
     }
 
@@ -262,14 +395,49 @@ def test_pretrain_starts_from_the_named_weights(cached, r18_state, tmp_path, mon
     monkeypatch.setattr(train, "_forward_backward", spy)
     images = _toy_method.make_images(tmp_path / "images", n=8, size=32)
     run = tmp_path / "run"
-    assert main(["--quiet", "pretrain", "--method", "simsiam", "--spd", "--arch", "resnet18", "--weights", "imagenet",
-                 "--data", str(images), "--steps", "1", "--batch-size", "4", "--image-size", "32", "--workers",
-                 "0", "--lr", "0.01", "--out", str(run), "--set", "hparams.blend_area=[0.04, 0.08]", "--set", "hparams.blend_aspect=[0.5, 2.0]"]) == 0  # SmoothBlend at 32 px
+    assert (
+        main(
+            [
+                "--quiet",
+                "pretrain",
+                "--method",
+                "simsiam",
+                "--spd",
+                "--arch",
+                "resnet18",
+                "--weights",
+                "imagenet",
+                "--data",
+                str(images),
+                "--steps",
+                "1",
+                "--batch-size",
+                "4",
+                "--image-size",
+                "32",
+                "--workers",
+                "0",
+                "--lr",
+                "0.01",
+                "--out",
+                str(run),
+                "--set",
+                "hparams.blend_area=[0.04, 0.08]",
+                "--set",
+                "hparams.blend_aspect=[0.5, 2.0]",
+            ]
+        )
+        == 0
+    )  # SmoothBlend at 32 px
     first = seen[0]
     body = {k: v for k, v in r18_state.items() if not k.startswith("fc.")}
     assert first.keys() == body.keys() and all(torch.equal(first[k], v) for k, v in body.items())
     assert json.loads((run / "weights.json").read_text()) == {
-        "name": "ResNet18_Weights.IMAGENET1K_V1", "file": str(cached), "sha256": sha256_file(cached), "verified": True}
+        "name": "ResNet18_Weights.IMAGENET1K_V1",
+        "file": str(cached),
+        "sha256": sha256_file(cached),
+        "verified": True,
+    }
     assert no_network == []
 
 
@@ -282,14 +450,26 @@ def test_weights_object_of_another_architecture_is_refused(cached):
 def test_demo_adds_the_named_backbone(cached, tmp_path, no_network):
     from spotdiff.report.demo import BACKBONES, DemoSettings, run_demo
 
-    tiny = DemoSettings(scale=0.1, data_size=32, image_size=32, pretrain_size=72, pretrain_steps=1,
-                        pretrain_batch=4, padim_batch=8, gallery_size=2)
+    tiny = DemoSettings(
+        scale=0.1,
+        data_size=32,
+        image_size=32,
+        pretrain_size=72,
+        pretrain_steps=1,
+        pretrain_batch=4,
+        padim_batch=8,
+        gallery_size=2,
+    )
     result = run_demo(tiny, tmp_path / "demo", weights="imagenet")
     label = "ResNet18_Weights.IMAGENET1K_V1"
     assert list(dict.fromkeys(r.method for r in result.records)) == [*BACKBONES, label]
     results = json.loads((result.out / "results.json").read_text())
-    assert results["extra_weights"] == {"name": label, "file": str(cached), "sha256": sha256_file(cached),
-                                        "verified": True}
+    assert results["extra_weights"] == {
+        "name": label,
+        "file": str(cached),
+        "sha256": sha256_file(cached),
+        "verified": True,
+    }
     assert f"extra backbone {label}" in result.report.read_text()
     assert no_network == []
 
@@ -327,17 +507,29 @@ def test_download_goes_to_the_cache_and_checks_the_hash_prefix(hub, r18_state, t
 def test_benchmark_warns_once_per_weights_entry_without_a_file(cached, tmp_path, capsys):
     from spotdiff.report.benchmark import check_weights, parse_config
 
-    entries = [{"name": "bare", "arch": "resnet18"}, {"name": "explicit", "arch": "resnet18", "file": "random"},
-               {"name": "inet", "arch": "resnet18", "file": "imagenet"}]
-    config = parse_config({"data": {"root": "data"}, "objects": ["a", "b"], "weights": entries,
-                           "downstream": [{"method": "padim"}]}, tmp_path)
+    entries = [
+        {"name": "bare", "arch": "resnet18"},
+        {"name": "explicit", "arch": "resnet18", "file": "random"},
+        {"name": "inet", "arch": "resnet18", "file": "imagenet"},
+    ]
+    config = parse_config(
+        {"data": {"root": "data"}, "objects": ["a", "b"], "weights": entries, "downstream": [{"method": "padim"}]},
+        tmp_path,
+    )
     assert [w.file for w in config.weights] == [None, "random", "imagenet"]  # names are not made paths
     check_weights(config)
     found = warnings_in(capsys.readouterr().err)
     assert len(found) == 1 and "'bare'" in found[0] and "file: imagenet" in found[0]
     with pytest.raises(ConfigError, match="'IMAGENET1K_V2' do not exist for resnet18"):
-        parse_config({"data": {"root": "data"}, "objects": ["a"], "downstream": [{"method": "padim"}],
-                      "weights": [{"name": "x", "arch": "resnet18", "file": "IMAGENET1K_V2"}]}, tmp_path)
+        parse_config(
+            {
+                "data": {"root": "data"},
+                "objects": ["a"],
+                "downstream": [{"method": "padim"}],
+                "weights": [{"name": "x", "arch": "resnet18", "file": "IMAGENET1K_V2"}],
+            },
+            tmp_path,
+        )
 
 
 def test_benchmark_cells_record_the_resolved_torchvision_weights(cached, tmp_path, monkeypatch, capsys, no_network):
@@ -352,15 +544,27 @@ def test_benchmark_cells_record_the_resolved_torchvision_weights(cached, tmp_pat
 
     monkeypatch.setitem(DOWNSTREAM, "probe", runner)
     bench = tmp_path / "bench.yaml"
-    bench.write_text(yaml.safe_dump({"data": {"root": "data"}, "objects": ["a"], "downstream": [{"method": "probe"}],
-                                     "weights": [{"name": "inet", "arch": "resnet18", "file": "imagenet"}]}))
+    bench.write_text(
+        yaml.safe_dump(
+            {
+                "data": {"root": "data"},
+                "objects": ["a"],
+                "downstream": [{"method": "probe"}],
+                "weights": [{"name": "inet", "arch": "resnet18", "file": "imagenet"}],
+            }
+        )
+    )
     out = tmp_path / "out"
     run_benchmark(load_config(bench), out)
     assert given == ["ResNet18_Weights.IMAGENET1K_V1"]
     cell = json.loads((out / "cells" / "inet__probe__a.json").read_text())
     assert cell["fingerprint"]["weights_file"] == "ResNet18_Weights.IMAGENET1K_V1"
-    assert cell["init_weights"] == {"name": "ResNet18_Weights.IMAGENET1K_V1", "file": str(cached),
-                                    "sha256": sha256_file(cached), "verified": True}
+    assert cell["init_weights"] == {
+        "name": "ResNet18_Weights.IMAGENET1K_V1",
+        "file": str(cached),
+        "sha256": sha256_file(cached),
+        "verified": True,
+    }
     assert "inet (resnet18): ResNet18_Weights.IMAGENET1K_V1 (" in (out / "report.html").read_text()
     assert warnings_in(capsys.readouterr().err) == [] and no_network == []
 

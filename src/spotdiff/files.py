@@ -89,8 +89,9 @@ def torch_save_atomic(dest: str | os.PathLike[str], obj: Any) -> None:
             raise output_error(dest, RuntimeError(f"disk full, file size limit or I/O error; torch: {exc}")) from exc
 
 
-def save_safetensors_atomic(dest: str | os.PathLike[str], tensors: dict[str, Any],
-                            metadata: dict[str, str] | None = None) -> None:
+def save_safetensors_atomic(
+    dest: str | os.PathLike[str], tensors: dict[str, Any], metadata: dict[str, str] | None = None
+) -> None:
     """``safetensors.torch.save_file`` to ``dest`` atomically; I/O failures become `OutputError`."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
@@ -129,7 +130,7 @@ def is_temp_file_of(name: str, dest_names: Collection[str]) -> bool:
     """True when ``name`` is a leftover temporary file of `atomic_path` for one of ``dest_names``."""
     if not name.startswith(TMP_PREFIX) or TMP_MARK not in name:
         return False
-    return name[len(TMP_PREFIX):name.rindex(TMP_MARK)] in dest_names
+    return name[len(TMP_PREFIX) : name.rindex(TMP_MARK)] in dest_names
 
 
 def remove_stale_temp_files(dests: Iterable[str | os.PathLike[str]]) -> list[Path]:
@@ -147,7 +148,9 @@ def remove_stale_temp_files(dests: Iterable[str | os.PathLike[str]]) -> list[Pat
         if not folder.is_dir():
             continue
         with os.scandir(folder) as entries:
-            stale = [Path(e.path) for e in entries if is_temp_file_of(e.name, names) and e.is_file(follow_symlinks=False)]
+            stale = [
+                Path(e.path) for e in entries if is_temp_file_of(e.name, names) and e.is_file(follow_symlinks=False)
+            ]
         for path in stale:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()

@@ -114,9 +114,7 @@ def _as_binary(x: ImageArray, name: str) -> np.ndarray:
     if top not in (0, 1, 255) or (n_nonzero and np.count_nonzero(a == top) != n_nonzero):
         found = np.unique(a)  # error path only
         shown = ", ".join(f"{v:g}" for v in found[:6]) + (", ..." if found.size > 6 else "")
-        raise ValueError(
-            f"{name} must be binary: bool, or values in {{0, 1}} or in {{0, 255}}; found {shown}"
-        )
+        raise ValueError(f"{name} must be binary: bool, or values in {{0, 1}} or in {{0, 255}}; found {shown}")
     return a != 0
 
 
@@ -408,9 +406,7 @@ def _positive_pixels(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, n
     return np.concatenate(scores), np.concatenate(weights), n_regions
 
 
-def _pixel_vertices(
-    stacks: Sequence[tuple[np.ndarray, np.ndarray]], bucket_bits: int | None = None
-) -> _Vertices:
+def _pixel_vertices(stacks: Sequence[tuple[np.ndarray, np.ndarray]], bucket_bits: int | None = None) -> _Vertices:
     """Vertices (with PRO) for all pixels of (maps, masks) stacks: float32 / bool (n, H, W)."""
     parts = [_positive_pixels(maps, masks) for maps, masks in stacks]
     pos_scores = np.concatenate([p[0] for p in parts])
@@ -419,18 +415,12 @@ def _pixel_vertices(
     n_all = sum(maps.size for maps, _ in stacks)
     if pos_scores.size == 0 or pos_scores.size == n_all:
         only = "normal (mask 0)" if pos_scores.size == 0 else "anomalous (mask 1)"
-        raise ValueError(
-            f"masks: all {n_all} pixels are {only}; pixel metrics need both normal and anomalous pixels"
-        )
+        raise ValueError(f"masks: all {n_all} pixels are {only}; pixel metrics need both normal and anomalous pixels")
     thresholds, tp, weight_ge = _distinct_descending(pos_scores, pos_weights)
-    count_ge, count_gt, n_pixels = _all_pixel_counts(
-        [maps for maps, _ in stacks], thresholds, bucket_bits
-    )
+    count_ge, count_gt, n_pixels = _all_pixel_counts([maps for maps, _ in stacks], thresholds, bucket_bits)
     fp_ge = count_ge - tp
     fp_gt = count_gt - _previous(tp, 0)  # positives > u_j are those >= u_{j-1}
-    return _Vertices(
-        tp, fp_ge, fp_gt, int(tp[-1]), n_pixels - int(tp[-1]), pro=weight_ge / n_regions
-    )
+    return _Vertices(tp, fp_ge, fp_gt, int(tp[-1]), n_pixels - int(tp[-1]), pro=weight_ge / n_regions)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -570,8 +560,7 @@ def _validate(
     labels = _as_binary(image_labels, "image_labels")
     if labels.ndim != 1 or labels.shape != scores.shape:
         raise ValueError(
-            f"image_scores and image_labels must have the same 1-D shape, "
-            f"got {scores.shape} and {labels.shape}"
+            f"image_scores and image_labels must have the same 1-D shape, got {scores.shape} and {labels.shape}"
         )
     if copy:  # the caller may reuse its buffers after update()
         scores, labels = scores.copy(), labels.copy()
@@ -582,13 +571,9 @@ def _validate(
         maps_arr = _as_maps(anomaly_maps, "anomaly_maps")
         masks_arr = _as_masks(masks, "masks")
         if maps_arr.shape != masks_arr.shape:
-            raise ValueError(
-                f"anomaly_maps and masks differ in shape: {maps_arr.shape} vs {masks_arr.shape}"
-            )
+            raise ValueError(f"anomaly_maps and masks differ in shape: {maps_arr.shape} vs {masks_arr.shape}")
         if maps_arr.shape[0] != scores.size:
-            raise ValueError(
-                f"{maps_arr.shape[0]} anomaly maps for {scores.size} image scores"
-            )
+            raise ValueError(f"{maps_arr.shape[0]} anomaly maps for {scores.size} image scores")
         if copy:
             maps_arr = maps_arr.copy() if np.may_share_memory(maps_arr, _to_numpy(anomaly_maps)) else maps_arr
             masks_arr = masks_arr.copy() if np.may_share_memory(masks_arr, _to_numpy(masks)) else masks_arr
@@ -601,9 +586,7 @@ def _validate(
     return scores, labels, stack, types
 
 
-def _select(
-    stacks: Sequence[tuple[np.ndarray, np.ndarray]], keep: np.ndarray
-) -> list[tuple[np.ndarray, np.ndarray]]:
+def _select(stacks: Sequence[tuple[np.ndarray, np.ndarray]], keep: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     """The images flagged in ``keep`` (over all stacks, in order) as views: runs of
     consecutive images are sliced, nothing is copied."""
     out = []
@@ -672,7 +655,5 @@ def evaluate(
         ValueError: shape mismatch, NaN/inf scores or maps, non-binary masks or labels, or only
             one class (images, or pixels over all images).
     """
-    scores, labels, stack, types = _validate(
-        image_scores, image_labels, anomaly_maps, masks, defect_types, copy=False
-    )
+    scores, labels, stack, types = _validate(image_scores, image_labels, anomaly_maps, masks, defect_types, copy=False)
     return _compute(scores, labels, None if stack is None else [stack], types)

@@ -25,14 +25,16 @@ def is_quiet() -> bool:
 
 def progress(iterable: Iterable[T], desc: str = "", total: int | None = None, **kwargs: Any) -> Iterator[T]:
     """Wrap ``iterable`` in a tqdm bar on stderr unless quiet; extra kwargs go to tqdm."""
-    return iter(tqdm(iterable, desc=desc, total=total, disable=_QUIET, dynamic_ncols=True,
-                     leave=False, file=sys.stderr, **kwargs))
+    return iter(
+        tqdm(
+            iterable, desc=desc, total=total, disable=_QUIET, dynamic_ncols=True, leave=False, file=sys.stderr, **kwargs
+        )
+    )
 
 
 def bar(total: int | None = None, desc: str = "", **kwargs: Any) -> tqdm:
     """A manually updated tqdm bar (``.update(n)``, ``.set_postfix(...)``), off when quiet."""
-    return tqdm(total=total, desc=desc, disable=_QUIET, dynamic_ncols=True, leave=False,
-                file=sys.stderr, **kwargs)
+    return tqdm(total=total, desc=desc, disable=_QUIET, dynamic_ncols=True, leave=False, file=sys.stderr, **kwargs)
 
 
 def log(message: str) -> None:

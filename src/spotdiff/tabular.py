@@ -41,8 +41,14 @@ def csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return buf.getvalue()
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: Sequence[str],
-                   bold: Sequence[bool] = (), title: str = "", notes: Sequence[str] = ()) -> str:
+def markdown_table(
+    header: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    align: Sequence[str],
+    bold: Sequence[bool] = (),
+    title: str = "",
+    notes: Sequence[str] = (),
+) -> str:
     """A GitHub-flavoured markdown table of display strings.
 
     ``align`` holds one separator cell per column (``"---"``, ``":---"``, ``"---:"``); a row whose
@@ -63,17 +69,27 @@ def _class(name: str) -> str:
     return f' class="{name}"' if name else ""
 
 
-def html_table(header: Sequence[str], rows: Sequence[Sequence[str]], cell_classes: Sequence[Sequence[str]],
-               row_classes: Sequence[str], title: str, notes: Sequence[str] = ()) -> str:
+def html_table(
+    header: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    cell_classes: Sequence[Sequence[str]],
+    row_classes: Sequence[str],
+    title: str,
+    notes: Sequence[str] = (),
+) -> str:
     """A table of display strings as HTML (escaped) under an ``<h3>`` title, notes as captions below.
 
     ``cell_classes[i][j]`` / ``row_classes[i]`` are CSS classes of cell ``j`` / of row ``i`` (empty: none).
     """
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = [f"<tr{_class(row_class)}>"
-            + "".join(f"<td{_class(c)}>{html.escape(cell)}</td>" for cell, c in zip(cells, classes, strict=True))
-            + "</tr>"
-            for cells, classes, row_class in zip(rows, cell_classes, row_classes, strict=True)]
+    body = [
+        f"<tr{_class(row_class)}>"
+        + "".join(f"<td{_class(c)}>{html.escape(cell)}</td>" for cell, c in zip(cells, classes, strict=True))
+        + "</tr>"
+        for cells, classes, row_class in zip(rows, cell_classes, row_classes, strict=True)
+    ]
     captions = "".join(f'\n<p class="caption">{html.escape(n)}</p>' for n in notes)
-    return (f"<h3>{html.escape(title)}</h3>\n<div class=\"table-wrap\"><table>\n"
-            f"<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(body) + "\n</tbody></table></div>" + captions)
+    return (
+        f'<h3>{html.escape(title)}</h3>\n<div class="table-wrap"><table>\n'
+        f"<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(body) + "\n</tbody></table></div>" + captions
+    )

@@ -38,17 +38,26 @@ def cli_command(*args: str | os.PathLike[str]) -> list[str]:
     return [sys.executable, "-m", "spotdiff", "--quiet", *map(str, args)]
 
 
-def run_cli(*args: str | os.PathLike[str], timeout: float = 300, prefix: Sequence[str] = (),
-            preexec_fn: Callable[[], None] | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str | os.PathLike[str],
+    timeout: float = 300,
+    prefix: Sequence[str] = (),
+    preexec_fn: Callable[[], None] | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run the CLI in a fresh interpreter; ``prefix`` wraps it (e.g. ``unshare ...``)."""
-    return subprocess.run([*prefix, *cli_command(*args)], capture_output=True, text=True, timeout=timeout,
-                          env=cli_env(), preexec_fn=preexec_fn)
+    return subprocess.run(
+        [*prefix, *cli_command(*args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=cli_env(),
+        preexec_fn=preexec_fn,
+    )
 
 
 def run_python(code: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a fresh interpreter with this checkout's spotdiff."""
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
-                          env=cli_env())
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=cli_env())
 
 
 def assert_clean_error(proc: subprocess.CompletedProcess[str], *names: str | os.PathLike[str]) -> None:
@@ -145,8 +154,15 @@ def normal_row(name: str, data: bytes, split: str = "train", suffix: str = ".JPG
 
 def anomaly_row(name: str, data: bytes, mask: bytes | None = None, suffix: str = ".JPG", obj: str = OBJECT) -> Row:
     mask = png_bytes(block_mask()) if mask is None else mask
-    return Row("test", "anomaly", f"{obj}/Data/Images/Anomaly/{name}{suffix}", data,
-               f"{obj}/Data/Masks/Anomaly/{name}.png", mask, obj)
+    return Row(
+        "test",
+        "anomaly",
+        f"{obj}/Data/Images/Anomaly/{name}{suffix}",
+        data,
+        f"{obj}/Data/Masks/Anomaly/{name}.png",
+        mask,
+        obj,
+    )
 
 
 def write_tree(root: Path, rows: Sequence[Row], split: str = "1cls") -> Path:
@@ -175,21 +191,24 @@ def noise_jpeg(seed: int, size: int = 32) -> bytes:
     return _save(Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)), "JPEG", quality=90)
 
 
-def object_rows(obj: str = OBJECT, n_train: int = 4, n_good: int = 2, n_bad: int = 2, size: int = 32,
-                seed: int = 0) -> list[Row]:
+def object_rows(
+    obj: str = OBJECT, n_train: int = 4, n_good: int = 2, n_bad: int = 2, size: int = 32, seed: int = 0
+) -> list[Row]:
     """Rows of one object: random ``size`` x ``size`` JPEGs; anomalies have a square mask."""
     rows = [normal_row(f"{i:05d}", noise_jpeg(seed + i, size), obj=obj) for i in range(n_train)]
-    rows += [normal_row(f"{n_train + i:05d}", noise_jpeg(seed + n_train + i, size), split="test", obj=obj)
-             for i in range(n_good)]
+    rows += [
+        normal_row(f"{n_train + i:05d}", noise_jpeg(seed + n_train + i, size), split="test", obj=obj)
+        for i in range(n_good)
+    ]
     mask = np.zeros((size, size), np.uint8)
-    mask[size // 4: size // 2, size // 4: size // 2] = 1
-    rows += [anomaly_row(f"{i:05d}", noise_jpeg(seed + 10_000 + i, size), png_bytes(mask), obj=obj)
-             for i in range(n_bad)]
+    mask[size // 4 : size // 2, size // 4 : size // 2] = 1
+    rows += [
+        anomaly_row(f"{i:05d}", noise_jpeg(seed + 10_000 + i, size), png_bytes(mask), obj=obj) for i in range(n_bad)
+    ]
     return rows
 
 
-def simple_tree(root: Path, n_train: int = 4, n_good: int = 2, n_bad: int = 2, size: int = 32,
-                seed: int = 0) -> Path:
+def simple_tree(root: Path, n_train: int = 4, n_good: int = 2, n_bad: int = 2, size: int = 32, seed: int = 0) -> Path:
     """A valid raw VisA tree of one object (`OBJECT`), see `object_rows`."""
     return write_tree(root, object_rows(OBJECT, n_train, n_good, n_bad, size, seed))
 
@@ -226,19 +245,32 @@ def payload_pickle(marker: Path) -> bytes:
     return pickle.dumps(Payload(marker))
 
 
-def run_cli_many(argvs: Sequence[Sequence[str | os.PathLike[str]]], timeout: float = 300, prefix: Sequence[str] = (),
-                 preexec_fn: Callable[[], None] | None = None) -> tuple[list[int], str]:
+def run_cli_many(
+    argvs: Sequence[Sequence[str | os.PathLike[str]]],
+    timeout: float = 300,
+    prefix: Sequence[str] = (),
+    preexec_fn: Callable[[], None] | None = None,
+) -> tuple[list[int], str]:
     """Run several CLI commands in ONE fresh interpreter (one torch import); ``(exit codes, stderr)``.
 
     Each command goes through ``spotdiff.cli.main`` exactly as ``python -m spotdiff`` does; an
     uncaught exception ends the interpreter with its traceback on stderr.
     """
     argv_lists = [["--quiet", *map(str, a)] for a in argvs]
-    code = ("import sys\nfrom spotdiff.cli import main\n"
-            f"for argv in {argv_lists!r}:\n    print('EXIT', main(argv), flush=True)\n")
-    proc = subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
-                          env=cli_env(), preexec_fn=preexec_fn)
+    code = (
+        "import sys\nfrom spotdiff.cli import main\n"
+        f"for argv in {argv_lists!r}:\n    print('EXIT', main(argv), flush=True)\n"
+    )
+    proc = subprocess.run(
+        [*prefix, sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=cli_env(),
+        preexec_fn=preexec_fn,
+    )
     codes = [int(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("EXIT ")]
-    assert "Traceback" not in proc.stderr and len(codes) == len(argv_lists), \
+    assert "Traceback" not in proc.stderr and len(codes) == len(argv_lists), (
         f"exit {proc.returncode}, codes {codes}\nstderr:\n{proc.stderr[-4000:]}"
+    )
     return codes, proc.stderr

@@ -166,8 +166,21 @@ def test_cli_subprocess_lists_every_broken_file_without_traceback(tmp_path):
 
 # ------------------------------------------------------------------- fit / test / predict / pretrain
 FIT = ["fit", "--model", "padim", "--object", OBJECT, "--arch", "resnet18", "--image-size", "32", "--d", "16"]
-PRETRAIN = ["pretrain", "--method", "simsiam", "--arch", "resnet18", "--steps", "1", "--batch-size", "4",
-            "--image-size", "32", "--workers", "0"]
+PRETRAIN = [
+    "pretrain",
+    "--method",
+    "simsiam",
+    "--arch",
+    "resnet18",
+    "--steps",
+    "1",
+    "--batch-size",
+    "4",
+    "--image-size",
+    "32",
+    "--workers",
+    "0",
+]
 
 
 def test_unusual_images_fit_and_predict(good_tree, tmp_path, capsys):
@@ -186,8 +199,11 @@ def test_unusual_images_fit_and_predict(good_tree, tmp_path, capsys):
 def test_broken_image_stops_fit_and_test_and_is_skipped_in_predict(kind, tmp_path, capsys):
     suffix, make = BAD_IMAGES[kind]
     rows = [normal_row(f"{i:03d}", noise_jpeg(i)) for i in range(4)]
-    rows += [normal_row("broken", make(), suffix=suffix), normal_row("t0", noise_jpeg(10), split="test"),
-             anomaly_row("a0", noise_jpeg(11), png_bytes(np.ones((32, 32), np.uint8)))]
+    rows += [
+        normal_row("broken", make(), suffix=suffix),
+        normal_row("t0", noise_jpeg(10), split="test"),
+        anomaly_row("a0", noise_jpeg(11), png_bytes(np.ones((32, 32), np.uint8))),
+    ]
     root = write_tree(tmp_path / "visa", rows)
     broken = root / rows[4].image
     model = tmp_path / "model"

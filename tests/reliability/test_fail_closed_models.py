@@ -52,8 +52,10 @@ def models(images, tmp_path_factory) -> dict[str, Path]:
     """Calibrated PaDiM and PatchCore directories (resnet18, random init, 32 px)."""
     root = tmp_path_factory.mktemp("models")
     out = {}
-    for name, model in (("padim", PaDiM(arch="resnet18", d=16)),
-                        ("patchcore", PatchCore(arch="resnet18", coreset_ratio=0.5, num_neighbors=3))):
+    for name, model in (
+        ("padim", PaDiM(arch="resnet18", d=16)),
+        ("patchcore", PatchCore(arch="resnet18", coreset_ratio=0.5, num_neighbors=3)),
+    ):
         fit_folder(model, images, image_size=SIZE)
         out[name] = model.save(root / name)
     return out
@@ -78,6 +80,7 @@ def edit_config(change: Callable[[dict], object]) -> Callable[[Path], None]:
         config = json.loads((model / "config.json").read_text())
         replaced = change(config)
         (model / "config.json").write_text(json.dumps(config if replaced is None else replaced))
+
     return apply
 
 
@@ -86,6 +89,7 @@ def edit_tensor(file: str, name: str, change: Callable[[torch.Tensor], torch.Ten
         tensors = load_file(str(model / file))
         tensors[name] = change(tensors[name].clone())
         save_file(tensors, str(model / file), metadata={"format": "pt"} if file == "backbone.safetensors" else None)
+
     return apply
 
 
@@ -106,38 +110,73 @@ TAMPERED = {
     "config_is_null": ("padim", lambda m: (m / "config.json").write_text("null"), ["config.json", "JSON object"]),
     "image_size_0": ("padim", edit_config(lambda c: _set(c, ("image_size",), [0, 0])), ["'image_size'"]),
     "image_size_negative": ("padim", edit_config(lambda c: _set(c, ("image_size",), [-32, 32])), ["'image_size'"]),
-    "image_size_100000": ("padim", edit_config(lambda c: _set(c, ("image_size",), [100000, 100000])),
-                          ["'image_size'", str(MAX_IMAGE_SIDE)]),
+    "image_size_100000": (
+        "padim",
+        edit_config(lambda c: _set(c, ("image_size",), [100000, 100000])),
+        ["'image_size'", str(MAX_IMAGE_SIDE)],
+    ),
     "missing_arch": ("padim", edit_config(lambda c: c.pop("arch") and None), ["'arch'", "missing"]),
     "unknown_layer": ("padim", edit_config(lambda c: _set(c, ("layers",), ["layer9"])), ["'layers'"]),
     "seed_negative": ("padim", edit_config(lambda c: _set(c, ("seed",), -1)), ["'seed'"]),
-    "image_threshold_string": ("padim", edit_config(lambda c: _set(c, ("calibration", "image_threshold"), "high")),
-                               ["image_threshold"]),
-    "image_threshold_nan": ("padim", edit_config(lambda c: _set(c, ("calibration", "image_threshold"), math.nan)),
-                            ["image_threshold", "finite"]),
-    "pixel_threshold_inf": ("padim", edit_config(lambda c: _set(c, ("calibration", "pixel_threshold"), math.inf)),
-                            ["pixel_threshold", "finite"]),
-    "normal_scores_string": ("padim", edit_config(lambda c: _set(c, ("calibration", "normal_scores"), "many")),
-                             ["normal_scores"]),
-    "normal_scores_all_nan": ("padim", edit_config(lambda c: _set(c, ("calibration", "normal_scores"),
-                                                                  [math.nan] * 3)), ["normal_scores", "finite"]),
-    "normal_maps_nan": ("padim", edit_config(lambda c: _set(c, ("normal_maps", "score_max"), math.nan)),
-                        ["normal_maps", "'score_max'"]),
+    "image_threshold_string": (
+        "padim",
+        edit_config(lambda c: _set(c, ("calibration", "image_threshold"), "high")),
+        ["image_threshold"],
+    ),
+    "image_threshold_nan": (
+        "padim",
+        edit_config(lambda c: _set(c, ("calibration", "image_threshold"), math.nan)),
+        ["image_threshold", "finite"],
+    ),
+    "pixel_threshold_inf": (
+        "padim",
+        edit_config(lambda c: _set(c, ("calibration", "pixel_threshold"), math.inf)),
+        ["pixel_threshold", "finite"],
+    ),
+    "normal_scores_string": (
+        "padim",
+        edit_config(lambda c: _set(c, ("calibration", "normal_scores"), "many")),
+        ["normal_scores"],
+    ),
+    "normal_scores_all_nan": (
+        "padim",
+        edit_config(lambda c: _set(c, ("calibration", "normal_scores"), [math.nan] * 3)),
+        ["normal_scores", "finite"],
+    ),
+    "normal_maps_nan": (
+        "padim",
+        edit_config(lambda c: _set(c, ("normal_maps", "score_max"), math.nan)),
+        ["normal_maps", "'score_max'"],
+    ),
     "d_not_the_tensors": ("padim", edit_config(lambda c: _set(c, ("d",), 8)), ["'mean'", "shape"]),
-    "channel_index_out_of_range": ("padim", edit_tensor("model.safetensors", "channel_index",
-                                                        lambda t: t.index_fill_(0, torch.tensor([15]), 100000)),
-                                   ["'channel_index'", "[0, 447]"]),
+    "channel_index_out_of_range": (
+        "padim",
+        edit_tensor("model.safetensors", "channel_index", lambda t: t.index_fill_(0, torch.tensor([15]), 100000)),
+        ["'channel_index'", "[0, 447]"],
+    ),
     "mean_nan": ("padim", edit_tensor("model.safetensors", "mean", _nan_first), ["'mean'", "non-finite"]),
-    "inverse_cholesky_inf": ("padim", edit_tensor("model.safetensors", "inv_cholesky_packed",
-                                                  lambda t: t.fill_(math.inf)), ["'inv_cholesky_packed'"]),
-    "backbone_nan": ("padim", edit_tensor("backbone.safetensors", "conv1.weight", _nan_first),
-                     ["backbone.safetensors", "'conv1.weight'", "non-finite"]),
+    "inverse_cholesky_inf": (
+        "padim",
+        edit_tensor("model.safetensors", "inv_cholesky_packed", lambda t: t.fill_(math.inf)),
+        ["'inv_cholesky_packed'"],
+    ),
+    "backbone_nan": (
+        "padim",
+        edit_tensor("backbone.safetensors", "conv1.weight", _nan_first),
+        ["backbone.safetensors", "'conv1.weight'", "non-finite"],
+    ),
     "num_neighbors_0": ("patchcore", edit_config(lambda c: _set(c, ("num_neighbors",), 0)), ["'num_neighbors'"]),
-    "num_neighbors_above_bank": ("patchcore", edit_config(lambda c: _set(c, ("num_neighbors",), 10**6)),
-                                 ["'memory_bank'", "num_neighbors"]),
+    "num_neighbors_above_bank": (
+        "patchcore",
+        edit_config(lambda c: _set(c, ("num_neighbors",), 10**6)),
+        ["'memory_bank'", "num_neighbors"],
+    ),
     "target_dim_7": ("patchcore", edit_config(lambda c: _set(c, ("target_dim",), 7)), ["'memory_bank'", "7"]),
-    "bank_wrong_width": ("patchcore", edit_tensor("model.safetensors", "memory_bank", lambda t: t[:, :-1].contiguous()),
-                         ["'memory_bank'", "384"]),
+    "bank_wrong_width": (
+        "patchcore",
+        edit_tensor("model.safetensors", "memory_bank", lambda t: t[:, :-1].contiguous()),
+        ["'memory_bank'", "384"],
+    ),
     "bank_nan": ("patchcore", edit_tensor("model.safetensors", "memory_bank", _nan_first), ["'memory_bank'"]),
 }
 
@@ -150,8 +189,10 @@ def test_a_tampered_model_is_refused_on_load_in_one_line(case, models, images, t
     rehash(model)
     with pytest.raises(WeightsError, match=str(model).replace("\\", "\\\\")):
         load_detector(model)
-    for argv in (["predict", str(model), str(images), "--out", str(tmp_path / "pred")],
-                 ["test", str(model), "--good", str(images), "--bad", str(images), "--out", str(tmp_path / "test")]):
+    for argv in (
+        ["predict", str(model), str(images), "--out", str(tmp_path / "pred")],
+        ["test", str(model), "--good", str(images), "--bad", str(images), "--out", str(tmp_path / "test")],
+    ):
         assert main(["--quiet", *argv]) == 2, argv[0]
         one_line_error(capsys, str(model), *names)
     assert not (tmp_path / "pred").exists() and not (tmp_path / "test").exists()
@@ -160,7 +201,9 @@ def test_a_tampered_model_is_refused_on_load_in_one_line(case, models, images, t
 def test_the_untampered_models_load_and_predict(models, images, tmp_path, capsys):
     """The fixtures themselves are valid: every refusal above is the tampering's."""
     for name, model in models.items():
-        assert main(["--quiet", "predict", str(model), str(images), "--out", str(tmp_path / name), "--no-overlays"]) == 0
+        assert (
+            main(["--quiet", "predict", str(model), str(images), "--out", str(tmp_path / name), "--no-overlays"]) == 0
+        )
         rows = (tmp_path / name / "scores.csv").read_text().splitlines()
         assert len(rows) == 13 and all(",nan," not in row for row in rows)
 
@@ -175,26 +218,67 @@ def test_predict_refuses_a_non_finite_threshold(option, value, models, images, t
     assert not out.exists()
 
 
-@pytest.mark.parametrize("argv, named", [
-    (["--threshold-mode", "manual", "--threshold", "nan"], "--threshold"),
-    (["--threshold-mode", "manual", "--threshold", "inf"], "--threshold"),
-    (["--pixel-threshold", "nan"], "--pixel-threshold"),
-    (["--target-fpr", "nan"], "false-positive rate"),
-    (["--split-seed", "-1"], "--split-seed"),
-    (["--seed", str(2**70)], "--seed"),
-    (["--seed", "-3"], "--seed"),
-])
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["--threshold-mode", "manual", "--threshold", "nan"], "--threshold"),
+        (["--threshold-mode", "manual", "--threshold", "inf"], "--threshold"),
+        (["--pixel-threshold", "nan"], "--pixel-threshold"),
+        (["--target-fpr", "nan"], "false-positive rate"),
+        (["--split-seed", "-1"], "--split-seed"),
+        (["--seed", str(2**70)], "--seed"),
+        (["--seed", "-3"], "--seed"),
+    ],
+)
 def test_fit_refuses_bad_numbers_before_reading_anything(argv, named, images, tmp_path, capsys):
     out = tmp_path / "m"
-    assert main(["--quiet", "fit", "--model", "padim", "--arch", "resnet18", "--d", "8", "--image-size", "32",
-                 "--train", str(images), "--weights", "random", "--out", str(out), *argv]) == 2
+    assert (
+        main(
+            [
+                "--quiet",
+                "fit",
+                "--model",
+                "padim",
+                "--arch",
+                "resnet18",
+                "--d",
+                "8",
+                "--image-size",
+                "32",
+                "--train",
+                str(images),
+                "--weights",
+                "random",
+                "--out",
+                str(out),
+                *argv,
+            ]
+        )
+        == 2
+    )
     one_line_error(capsys, named)
     assert not out.exists()
 
 
 def test_test_refuses_a_negative_split_seed(models, images, tmp_path, capsys):
-    assert main(["--quiet", "test", str(models["padim"]), "--good", str(images), "--bad", str(images),
-                 "--split-seed", "-1", "--out", str(tmp_path / "t")]) == 2
+    assert (
+        main(
+            [
+                "--quiet",
+                "test",
+                str(models["padim"]),
+                "--good",
+                str(images),
+                "--bad",
+                str(images),
+                "--split-seed",
+                "-1",
+                "--out",
+                str(tmp_path / "t"),
+            ]
+        )
+        == 2
+    )
     one_line_error(capsys, "--split-seed")
 
 
@@ -216,8 +300,29 @@ def test_a_backbone_with_nan_weights_does_not_fit(images, tmp_path, capsys):
     state["layer1.0.conv1.weight"][0, 0, 0, 0] = math.nan
     save_file(state, str(weights))
     out = tmp_path / "m"
-    assert main(["--quiet", "fit", "--model", "padim", "--arch", "resnet18", "--d", "8", "--image-size", "32",
-                 "--train", str(images), "--weights", str(weights), "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "--quiet",
+                "fit",
+                "--model",
+                "padim",
+                "--arch",
+                "resnet18",
+                "--d",
+                "8",
+                "--image-size",
+                "32",
+                "--train",
+                str(images),
+                "--weights",
+                str(weights),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     one_line_error(capsys, str(weights), "'layer1.0.conv1.weight'", "non-finite")
     assert not out.exists()
 
@@ -249,8 +354,29 @@ def test_save_refuses_non_finite_statistics(models, tmp_path):
 def test_a_coreset_smaller_than_num_neighbors_is_refused_at_fit(ratio, images, tmp_path, capsys):
     """12 images x 16 patches: 0.0001 would keep 1 row (every score 0 +- rounding), 0.001 would keep 1 too."""
     out = tmp_path / "m"
-    assert main(["--quiet", "fit", "--model", "patchcore", "--arch", "resnet18", "--image-size", "32",
-                 "--coreset-ratio", ratio, "--train", str(images), "--weights", "random", "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "--quiet",
+                "fit",
+                "--model",
+                "patchcore",
+                "--arch",
+                "resnet18",
+                "--image-size",
+                "32",
+                "--coreset-ratio",
+                ratio,
+                "--train",
+                str(images),
+                "--weights",
+                "random",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     one_line_error(capsys, "num_neighbors = 9", "--coreset-ratio")
     assert not out.exists()
 
@@ -266,8 +392,27 @@ def test_a_refused_pickle_is_one_line_without_torchs_advice(images, tmp_path, ca
     weights = tmp_path / "evil.pth"
     marker = tmp_path / "PAYLOAD_RAN"
     weights.write_bytes(payload_pickle(marker))
-    assert main(["--quiet", "fit", "--model", "padim", "--arch", "resnet18", "--image-size", "32",
-                 "--train", str(images), "--weights", str(weights), "--out", str(tmp_path / "m")]) == 2
+    assert (
+        main(
+            [
+                "--quiet",
+                "fit",
+                "--model",
+                "padim",
+                "--arch",
+                "resnet18",
+                "--image-size",
+                "32",
+                "--train",
+                str(images),
+                "--weights",
+                str(weights),
+                "--out",
+                str(tmp_path / "m"),
+            ]
+        )
+        == 2
+    )
     err = one_line_error(capsys, str(weights), "refused", "pickled")
     assert "weights_only" not in err and not marker.exists()
     checkpoint = tmp_path / "run" / "checkpoint.pt"
@@ -286,14 +431,34 @@ def test_fit_out_over_a_model_directory_with_other_files_needs_overwrite(models,
     (out / "overlays" / "a.png").write_bytes(b"png")
     (out / "notes.txt").write_text("my notes")
     before = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    argv = ["--quiet", "fit", "--model", "padim", "--arch", "resnet18", "--d", "8", "--image-size", "32",
-            "--train", str(images), "--weights", "random", "--out", str(out)]
+    argv = [
+        "--quiet",
+        "fit",
+        "--model",
+        "padim",
+        "--arch",
+        "resnet18",
+        "--d",
+        "8",
+        "--image-size",
+        "32",
+        "--train",
+        str(images),
+        "--weights",
+        "random",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 2
     one_line_error(capsys, str(out), "notes.txt", "overlays", "scores.csv", "--overwrite")
     assert {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert main([*argv, "--overwrite"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["backbone.safetensors", "config.json", "manifest.json",
-                                                      "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "backbone.safetensors",
+        "config.json",
+        "manifest.json",
+        "model.safetensors",
+    ]
     assert load_detector(out).d_ == 8
     assert main(argv) == 0  # a directory holding only its model is replaced as before
     user = tmp_path / ".m.old-mine"  # named like an interrupted save's leftover, but not only model files
@@ -307,6 +472,7 @@ def test_fit_out_over_a_model_directory_with_other_files_needs_overwrite(models,
 # ------------------------------------------------------------------------------ decompression bombs
 def bomb_png(width: int = 30_000, height: int = 30_000) -> bytes:
     """A PNG header declaring ``width x height`` (9e8 pixels, 10x PIL's bomb limit) with no pixel data."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -320,11 +486,51 @@ def test_a_decompression_bomb_mask_is_one_line(models, images, tmp_path, capsys)
     masks.mkdir()
     Image.fromarray(np.zeros((SIZE, SIZE), np.uint8)).save(masks / "000.png")
     (masks / "001.png").write_bytes(bomb_png())
-    assert main(["--quiet", "test", str(models["padim"]), "--good", str(images), "--bad", str(bad),
-                 "--masks", str(masks), "--out", str(tmp_path / "t")]) == 2
+    assert (
+        main(
+            [
+                "--quiet",
+                "test",
+                str(models["padim"]),
+                "--good",
+                str(images),
+                "--bad",
+                str(bad),
+                "--masks",
+                str(masks),
+                "--out",
+                str(tmp_path / "t"),
+            ]
+        )
+        == 2
+    )
     one_line_error(capsys, str(masks / "001.png"))
-    assert main(["--quiet", "fit", "--model", "padim", "--arch", "resnet18", "--d", "8", "--image-size", "32",
-                 "--train", str(images), "--weights", "random", "--val-bad", str(bad), "--val-masks", str(masks),
-                 "--out", str(tmp_path / "m")]) == 2
+    assert (
+        main(
+            [
+                "--quiet",
+                "fit",
+                "--model",
+                "padim",
+                "--arch",
+                "resnet18",
+                "--d",
+                "8",
+                "--image-size",
+                "32",
+                "--train",
+                str(images),
+                "--weights",
+                "random",
+                "--val-bad",
+                str(bad),
+                "--val-masks",
+                str(masks),
+                "--out",
+                str(tmp_path / "m"),
+            ]
+        )
+        == 2
+    )
     one_line_error(capsys, str(masks / "001.png"))
     assert not (tmp_path / "t").exists() and not (tmp_path / "m").exists()

@@ -38,8 +38,10 @@ def exported(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     for i in range(8):
         (images / f"{i}.jpg").write_bytes(noise_jpeg(i, SIZE))
     out = {}
-    for name, model in (("padim", PaDiM(arch="resnet18", d=16, layers=["layer1", "layer2"])),
-                        ("patchcore", PatchCore(arch="resnet18", coreset_ratio=0.5, num_neighbors=3))):
+    for name, model in (
+        ("padim", PaDiM(arch="resnet18", d=16, layers=["layer1", "layer2"])),
+        ("patchcore", PatchCore(arch="resnet18", coreset_ratio=0.5, num_neighbors=3)),
+    ):
         fit_folder(model, images, image_size=SIZE)
         model_dir = model.save(root / name)
         out[name] = (model_dir, export_onnx(model_dir, root / f"{name}.onnx"))
@@ -97,8 +99,23 @@ def test_a_graph_that_is_not_the_models_is_refused(attack, rehash, exported, tmp
     images.mkdir()
     (images / "a.jpg").write_bytes(noise_jpeg(50, SIZE))
     out = tmp_path / "pred"
-    assert main(["--quiet", "predict", str(padim_dir), str(images), "--out", str(out), "--backend", "onnxruntime",
-                 "--onnx", str(forged)]) == 2
+    assert (
+        main(
+            [
+                "--quiet",
+                "predict",
+                str(padim_dir),
+                str(images),
+                "--out",
+                str(out),
+                "--backend",
+                "onnxruntime",
+                "--onnx",
+                str(forged),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(forged) in err and expected in err, err
     assert not out.exists()

@@ -62,9 +62,12 @@ def test_kill_9_during_prepare_then_rerun_equals_a_clean_run(tmp_path):
     prepare_visa(root, "1cls", clean)
     expected = tree_files(clean / "1cls")
     out = tmp_path / "out"
-    proc = subprocess.Popen(cli_command("prepare", "--visa-root", root, "--split", "1cls", "--out", out,
-                                        "--workers", "2"),
-                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cli_command("prepare", "--visa-root", root, "--split", "1cls", "--out", out, "--workers", "2"),
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 240
         while _count_files(out) < 60 and proc.poll() is None and time.monotonic() < deadline:
@@ -113,6 +116,7 @@ def _limit_file_size(max_bytes: int):
         # the same OSError path as ENOSPC on a full disk.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+
     return preexec
 
 
@@ -134,8 +138,7 @@ def test_disk_full_gives_a_clear_error_and_keeps_earlier_results(tmp_path):
     assert max(len(b) for b in before.values()) < 8_000
     new = _grow_sources(root, ["00001.JPG", "00003.JPG"])
     assert min(len(b) for b in new.values()) > 16_000
-    proc = run_cli("prepare", "--visa-root", root, "--split", "1cls", "--out", out,
-                   preexec_fn=_limit_file_size(16_000))
+    proc = run_cli("prepare", "--visa-root", root, "--split", "1cls", "--out", out, preexec_fn=_limit_file_size(16_000))
     assert_clean_error(proc, "File too large", "1cls.csv row")
     assert any(str(out / "1cls" / rel) in proc.stderr for rel in new)
     after = tree_files(out / "1cls")
@@ -156,8 +159,12 @@ def test_read_only_output_gives_a_clear_error_and_changes_nothing(tmp_path):
     # chmod cannot stop root (the test user here), so the output is a read-only bind mount.
     probe = tmp_path / "probe"
     probe.mkdir()
-    if shutil.which("unshare") is None or subprocess.run(
-            [*_read_only_prefix(probe), "sh", "-c", "! touch \"$0/x\"", str(probe)], capture_output=True).returncode:
+    if (
+        shutil.which("unshare") is None
+        or subprocess.run(
+            [*_read_only_prefix(probe), "sh", "-c", '! touch "$0/x"', str(probe)], capture_output=True
+        ).returncode
+    ):
         pytest.skip("cannot make a read-only bind mount here (unshare/mount not permitted)")
     root = simple_tree(tmp_path / "visa", n_train=4, n_good=1, n_bad=1)
     out = tmp_path / "out"
@@ -191,19 +198,48 @@ def test_something_in_the_way_is_a_clear_error(obstacle, tmp_path, capsys):
 def test_read_only_output_stops_predict_and_test_with_a_clear_error(tmp_path):
     probe = tmp_path / "probe"
     probe.mkdir()
-    if shutil.which("unshare") is None or subprocess.run(
-            [*_read_only_prefix(probe), "sh", "-c", "! touch \"$0/x\"", str(probe)], capture_output=True).returncode:
+    if (
+        shutil.which("unshare") is None
+        or subprocess.run(
+            [*_read_only_prefix(probe), "sh", "-c", '! touch "$0/x"', str(probe)], capture_output=True
+        ).returncode
+    ):
         pytest.skip("cannot make a read-only bind mount here (unshare/mount not permitted)")
     root = simple_tree(tmp_path / "visa", n_train=4, n_good=1, n_bad=1)
     model = tmp_path / "model"
-    assert main(["--quiet", "fit", "--model", "padim", "--data", str(root), "--object", OBJECT, "--arch", "resnet18",
-                 "--image-size", "32", "--d", "16", "--out", str(model)]) == 0
+    assert (
+        main(
+            [
+                "--quiet",
+                "fit",
+                "--model",
+                "padim",
+                "--data",
+                str(root),
+                "--object",
+                OBJECT,
+                "--arch",
+                "resnet18",
+                "--image-size",
+                "32",
+                "--d",
+                "16",
+                "--out",
+                str(model),
+            ]
+        )
+        == 0
+    )
     results = tmp_path / "results"
     results.mkdir()
     # predict into a fresh folder and test into the read-only folder itself.
-    codes, stderr = run_cli_many([["predict", model, root / OBJECT, "--out", results / "pred"],
-                                  ["test", model, "--data", root, "--object", OBJECT, "--out", results]],
-                                 prefix=_read_only_prefix(results))
+    codes, stderr = run_cli_many(
+        [
+            ["predict", model, root / OBJECT, "--out", results / "pred"],
+            ["test", model, "--data", root, "--object", OBJECT, "--out", results],
+        ],
+        prefix=_read_only_prefix(results),
+    )
     assert codes == [2, 2] and "Read-only file system" in stderr, stderr
     assert str(results / "pred") in stderr and f"{results}" in stderr
     assert list(results.iterdir()) == []
@@ -215,8 +251,11 @@ def test_atomic_writers_turn_os_errors_into_output_errors_naming_the_file(tmp_pa
 
     blocker = tmp_path / "a_file"
     blocker.write_text("in the way")
-    for write in (lambda d: write_text_atomic(d, "x"), lambda d: torch_save_atomic(d, {"a": 1}),
-                  lambda d: save_safetensors_atomic(d, {})):
+    for write in (
+        lambda d: write_text_atomic(d, "x"),
+        lambda d: torch_save_atomic(d, {"a": 1}),
+        lambda d: save_safetensors_atomic(d, {}),
+    ):
         dest = blocker / "out.bin"  # its folder is a file: ENOTDIR / EEXIST
         with pytest.raises(OutputError, match=rf"{dest}: cannot write") as info:
             write(dest)

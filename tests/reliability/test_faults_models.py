@@ -19,18 +19,18 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 from reliability_helpers import (
     OBJECT,
     cli_command,
-    run_cli_many,
     cli_env,
     noise_jpeg,
     object_rows,
+    run_cli_many,
     simple_tree,
     tree_files,
     write_tree,
 )
+from safetensors.torch import load_file
 
 from spotdiff.cli import main
 from spotdiff.detect import load_detector
@@ -42,8 +42,25 @@ from spotdiff.report.benchmark import run_benchmark
 
 
 def _fit_args(root: Path, out: Path, seed: int) -> list[str]:
-    return ["fit", "--model", "padim", "--data", str(root), "--object", OBJECT, "--arch", "resnet18",
-            "--image-size", "32", "--d", "16", "--seed", str(seed), "--out", str(out)]
+    return [
+        "fit",
+        "--model",
+        "padim",
+        "--data",
+        str(root),
+        "--object",
+        OBJECT,
+        "--arch",
+        "resnet18",
+        "--image-size",
+        "32",
+        "--d",
+        "16",
+        "--seed",
+        str(seed),
+        "--out",
+        str(out),
+    ]
 
 
 def _temp_dirs(parent: Path, name: str) -> list[str]:
@@ -57,8 +74,9 @@ def test_kill_9_while_fit_writes_leaves_the_old_model_whole(tmp_path):
     out = models / "padim"
     assert main(["--quiet", *_fit_args(root, out, seed=1)]) == 0
     old = tree_files(out)
-    proc = subprocess.Popen(cli_command(*_fit_args(root, out, seed=2)), env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cli_command(*_fit_args(root, out, seed=2)), env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
         deadline = time.monotonic() + 240
         while not _temp_dirs(models, "padim") and proc.poll() is None and time.monotonic() < deadline:
@@ -84,9 +102,31 @@ def _images(folder: Path, n: int = 8) -> Path:
 
 
 def _pretrain_args(images: Path, out: Path, steps: int) -> list[str]:
-    return ["pretrain", "--method", "simsiam", "--arch", "resnet18", "--data", str(images), "--out", str(out),
-            "--steps", str(steps), "--batch-size", "4", "--image-size", "32", "--workers", "0",
-            "--checkpoint-every", "2", "--seed", "3", "--set", "tensorboard=false"]
+    return [
+        "pretrain",
+        "--method",
+        "simsiam",
+        "--arch",
+        "resnet18",
+        "--data",
+        str(images),
+        "--out",
+        str(out),
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "4",
+        "--image-size",
+        "32",
+        "--workers",
+        "0",
+        "--checkpoint-every",
+        "2",
+        "--seed",
+        "3",
+        "--set",
+        "tensorboard=false",
+    ]
 
 
 @pytest.mark.slow
@@ -95,8 +135,12 @@ def test_kill_9_during_pretrain_then_resume_is_bit_identical(tmp_path):
     steps = 8
     assert main(["--quiet", *_pretrain_args(images, tmp_path / "ref", steps)]) == 0
     run = tmp_path / "killed"
-    proc = subprocess.Popen(cli_command(*_pretrain_args(images, run, steps)), env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cli_command(*_pretrain_args(images, run, steps)),
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 240
         while not (run / "checkpoint.pt").is_file() and proc.poll() is None and time.monotonic() < deadline:
@@ -150,10 +194,15 @@ BENCH_OBJECTS = ("o1", "o2", "o3", "o4", "o5", "o6")
 
 
 def _benchmark_config(tmp_path: Path) -> Path:
-    rows = [r for i, obj in enumerate(BENCH_OBJECTS) for r in object_rows(obj, n_train=4, n_good=2, n_bad=2, seed=100 * i)]
+    rows = [
+        r for i, obj in enumerate(BENCH_OBJECTS) for r in object_rows(obj, n_train=4, n_good=2, n_bad=2, seed=100 * i)
+    ]
     write_tree(tmp_path / "visa", rows)
     config = {
-        "data": {"root": "visa"}, "objects": list(BENCH_OBJECTS), "image_size": 32, "batch_size": 8,
+        "data": {"root": "visa"},
+        "objects": list(BENCH_OBJECTS),
+        "image_size": 32,
+        "batch_size": 8,
         "weights": [{"name": "random_r18", "arch": "resnet18"}],
         "downstream": [{"name": "padim", "method": "padim", "params": {"d": 16}}],
         "report": {"figures": False},
@@ -180,8 +229,12 @@ def test_kill_9_during_benchmark_then_rerun_resumes_to_the_same_results(tmp_path
     clean = _cells(tmp_path / "clean")
     assert len(clean) == len(BENCH_OBJECTS)
     out = tmp_path / "out"
-    proc = subprocess.Popen(cli_command("benchmark", "--config", config, "--out", out), env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cli_command("benchmark", "--config", config, "--out", out),
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 240
         while not list((out / "cells").glob("*.json")) and proc.poll() is None and time.monotonic() < deadline:
@@ -203,6 +256,7 @@ def _limit_file_size(max_bytes: int):
     def preexec() -> None:  # SIGXFSZ ignored: a write past the limit fails with EFBIG, like ENOSPC
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+
     return preexec
 
 
@@ -215,8 +269,9 @@ def test_disk_full_while_fit_and_pretrain_write_is_a_clear_error(tmp_path):
     old = tree_files(out)
     images = _images(tmp_path / "images")
     run = tmp_path / "run"
-    codes, stderr = run_cli_many([_fit_args(root, out, seed=2), _pretrain_args(images, run, steps=2)],
-                                 preexec_fn=_limit_file_size(1_000_000))
+    codes, stderr = run_cli_many(
+        [_fit_args(root, out, seed=2), _pretrain_args(images, run, steps=2)], preexec_fn=_limit_file_size(1_000_000)
+    )
     assert codes == [2, 2], stderr
     assert f"{out}: cannot write" in stderr and f"{run / 'checkpoint.pt'}: cannot write" in stderr, stderr
     assert tree_files(out) == old and load_detector(out).seed == 1

@@ -18,8 +18,8 @@ from reliability_helpers import (
     OBJECT,
     Payload,
     anomaly_row,
-    normal_row,
     noise_jpeg,
+    normal_row,
     png_bytes,
     run_python,
     simple_tree,
@@ -33,7 +33,6 @@ from spotdiff.data.io import load_image, load_mask
 from spotdiff.data.prepare import prepare_visa
 from spotdiff.errors import DataError, WeightsError
 from spotdiff.models import build_backbone, read_weights_file
-
 
 # torch warns that our payload pickles use protocol 4; the refusal is what is tested.
 pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol")
@@ -167,8 +166,20 @@ def test_csv_paths_that_escape_the_root_are_refused_everywhere(traversal_root, t
         with pytest.raises(DataError, match=rf"{kind}\.csv row 2"):
             prepare_visa(root, "1cls", out, split_csv=csv_path)
         assert not out.exists(), f"{kind}: prepare wrote output"
-        code = main(["--quiet", "prepare", "--visa-root", str(root), "--split", "1cls", "--split-csv",
-                     str(csv_path), "--out", str(out)])
+        code = main(
+            [
+                "--quiet",
+                "prepare",
+                "--visa-root",
+                str(root),
+                "--split",
+                "1cls",
+                "--split-csv",
+                str(csv_path),
+                "--out",
+                str(out),
+            ]
+        )
         err = capsys.readouterr().err
         assert code == 2 and f"{kind}.csv row 2" in err, (kind, err)
 
@@ -177,7 +188,9 @@ def test_symlinks_that_stay_inside_the_root_are_allowed(tmp_path):
     root = simple_tree(tmp_path / "root", n_train=2, n_good=1, n_bad=1)
     normal = root / OBJECT / "Data" / "Images" / "Normal"
     (normal / "alias.JPG").symlink_to(normal / "00000.JPG")
-    csv_path = write_csv(tmp_path / "ok.csv", [(OBJECT, "train", "normal", f"{OBJECT}/Data/Images/Normal/alias.JPG", "")])
+    csv_path = write_csv(
+        tmp_path / "ok.csv", [(OBJECT, "train", "normal", f"{OBJECT}/Data/Images/Normal/alias.JPG", "")]
+    )
     ds = open_dataset(root, OBJECT, subset="train", split_csv=csv_path, image_size=16)
     assert ds[0]["image"].shape == (3, 16, 16)
     prepare_visa(root, "1cls", tmp_path / "out", split_csv=csv_path)
@@ -228,12 +241,17 @@ def test_decompression_bombs_are_refused_with_bounded_memory(tmp_path):
         bombs[(w, h)].write_bytes(_png_with_declared_size(w, h))
         assert bombs[(w, h)].stat().st_size < 10_000
     root = tmp_path / "visa"
-    rows = [normal_row("00000", noise_jpeg(0)), normal_row("bomb", bombs[(20_000, 20_000)].read_bytes(), suffix=".png"),
-            anomaly_row("00001", noise_jpeg(1), mask=bombs[(10_000, 10_000)].read_bytes())]
+    rows = [
+        normal_row("00000", noise_jpeg(0)),
+        normal_row("bomb", bombs[(20_000, 20_000)].read_bytes(), suffix=".png"),
+        anomaly_row("00001", noise_jpeg(1), mask=bombs[(10_000, 10_000)].read_bytes()),
+    ]
     write_tree(root, rows)
     out = tmp_path / "out"
-    args = [str(p) for p in bombs.values()], ["--quiet", "prepare", "--visa-root", str(root), "--split", "1cls",
-                                             "--out", str(out)]
+    args = (
+        [str(p) for p in bombs.values()],
+        ["--quiet", "prepare", "--visa-root", str(root), "--split", "1cls", "--out", str(out)],
+    )
     proc = run_python(BOMB_SCRIPT.replace("ARGS", repr(args)))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])

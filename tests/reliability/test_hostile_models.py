@@ -22,7 +22,6 @@ from spotdiff.errors import WeightsError
 from spotdiff.pretrain.checkpoint import FORMAT as CKPT_FORMAT
 from spotdiff.pretrain.checkpoint import VERSION as CKPT_VERSION
 
-
 # torch warns that our payload pickles use protocol 4; the refusal is what is tested.
 pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 
@@ -36,8 +35,26 @@ def visa(tmp_path_factory) -> Path:
 def model_dir(visa, tmp_path_factory) -> Path:
     """A fitted PaDiM model directory (resnet18, 32 px)."""
     out = tmp_path_factory.mktemp("models") / "padim"
-    code = main(["--quiet", "fit", "--model", "padim", "--data", str(visa), "--object", OBJECT, "--arch", "resnet18",
-                 "--image-size", "32", "--d", "16", "--out", str(out)])
+    code = main(
+        [
+            "--quiet",
+            "fit",
+            "--model",
+            "padim",
+            "--data",
+            str(visa),
+            "--object",
+            OBJECT,
+            "--arch",
+            "resnet18",
+            "--image-size",
+            "32",
+            "--d",
+            "16",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     return out
 
@@ -73,8 +90,13 @@ def _hostile_model(kind: str, clean: Path, dest: Path, marker: Path) -> Path:
     return model
 
 
-HOSTILE_MODELS = ["pickle_as_model_rehashed", "torch_zip_as_backbone_rehashed", "tampered_not_rehashed",
-                  "code_in_config_rehashed", "manifest_is_a_pickle"]
+HOSTILE_MODELS = [
+    "pickle_as_model_rehashed",
+    "torch_zip_as_backbone_rehashed",
+    "tampered_not_rehashed",
+    "code_in_config_rehashed",
+    "manifest_is_a_pickle",
+]
 
 
 @pytest.mark.parametrize("kind", HOSTILE_MODELS)
@@ -85,8 +107,10 @@ def test_hostile_model_dirs_are_refused_by_test_and_predict(kind, model_dir, vis
         load_detector(model)
     image = tmp_path / "x.JPG"
     image.write_bytes(noise_jpeg(3))
-    for argv in (["test", str(model), "--data", str(visa), "--object", OBJECT, "--out", str(tmp_path / "test")],
-                 ["predict", str(model), str(image), "--out", str(tmp_path / "pred")]):
+    for argv in (
+        ["test", str(model), "--data", str(visa), "--object", OBJECT, "--out", str(tmp_path / "test")],
+        ["predict", str(model), str(image), "--out", str(tmp_path / "pred")],
+    ):
         assert main(["--quiet", *argv]) == 2, argv[0]
         assert str(model) in capsys.readouterr().err
     assert not marker.exists(), f"{kind}: the payload ran"
@@ -121,9 +145,29 @@ def test_pretrain_resume_and_export_refuse_a_payload_checkpoint(tmp_path, capsys
     images.mkdir()
     for i in range(4):
         (images / f"{i}.JPG").write_bytes(noise_jpeg(i))
-    code = main(["--quiet", "pretrain", "--method", "simsiam", "--arch", "resnet18", "--data", str(images),
-                 "--out", str(run), "--resume", "--steps", "1", "--batch-size", "4", "--image-size", "32",
-                 "--workers", "0"])
+    code = main(
+        [
+            "--quiet",
+            "pretrain",
+            "--method",
+            "simsiam",
+            "--arch",
+            "resnet18",
+            "--data",
+            str(images),
+            "--out",
+            str(run),
+            "--resume",
+            "--steps",
+            "1",
+            "--batch-size",
+            "4",
+            "--image-size",
+            "32",
+            "--workers",
+            "0",
+        ]
+    )
     assert code == 2 and str(ckpt) in capsys.readouterr().err
     out = tmp_path / "backbone.safetensors"
     assert main(["--quiet", "export-backbone", str(ckpt), "--out", str(out)]) == 2
@@ -136,14 +180,71 @@ def test_weights_flags_refuse_payloads(visa, tmp_path, capsys):
     weights = tmp_path / "evil.pth"
     weights.write_bytes(payload_pickle(marker))
     runs = {
-        "fit": ["fit", "--model", "padim", "--data", str(visa), "--object", OBJECT, "--arch", "resnet18",
-                "--image-size", "32", "--weights", str(weights), "--out", str(tmp_path / "fit")],
-        "finetune": ["finetune", "--task", "cls", "--protocol", "highshot", "--data", str(visa), "--object", OBJECT,
-                     "--arch", "resnet18", "--weights", str(weights), "--seeds", "1", "--steps", "1",
-                     "--image-size", "32", "--workers", "0", "--device", "cpu", "--out", str(tmp_path / "ft")],
-        "pretrain": ["pretrain", "--method", "simsiam", "--arch", "resnet18", "--data", str(visa / OBJECT),
-                     "--weights", str(weights), "--steps", "1", "--batch-size", "4", "--image-size", "32",
-                     "--workers", "0", "--out", str(tmp_path / "pt")],
+        "fit": [
+            "fit",
+            "--model",
+            "padim",
+            "--data",
+            str(visa),
+            "--object",
+            OBJECT,
+            "--arch",
+            "resnet18",
+            "--image-size",
+            "32",
+            "--weights",
+            str(weights),
+            "--out",
+            str(tmp_path / "fit"),
+        ],
+        "finetune": [
+            "finetune",
+            "--task",
+            "cls",
+            "--protocol",
+            "highshot",
+            "--data",
+            str(visa),
+            "--object",
+            OBJECT,
+            "--arch",
+            "resnet18",
+            "--weights",
+            str(weights),
+            "--seeds",
+            "1",
+            "--steps",
+            "1",
+            "--image-size",
+            "32",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "ft"),
+        ],
+        "pretrain": [
+            "pretrain",
+            "--method",
+            "simsiam",
+            "--arch",
+            "resnet18",
+            "--data",
+            str(visa / OBJECT),
+            "--weights",
+            str(weights),
+            "--steps",
+            "1",
+            "--batch-size",
+            "4",
+            "--image-size",
+            "32",
+            "--workers",
+            "0",
+            "--out",
+            str(tmp_path / "pt"),
+        ],
     }
     for name, argv in runs.items():
         assert main(["--quiet", *argv]) == 2, name

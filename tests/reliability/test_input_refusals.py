@@ -52,8 +52,9 @@ def bomb_png(path: Path, width: int = 20_000, height: int = 20_000) -> Path:
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -78,7 +79,9 @@ def model_dir(tmp_path_factory) -> Path:
     images = [{"image": np.random.default_rng(i).random((3, SIZE, SIZE), dtype=np.float32)} for i in range(4)]
     import torch
 
-    PaDiM(arch="resnet18", d=8, layers=["layer1"]).fit([{"image": torch.from_numpy(x["image"])} for x in images]).save(out)
+    PaDiM(arch="resnet18", d=8, layers=["layer1"]).fit([{"image": torch.from_numpy(x["image"])} for x in images]).save(
+        out
+    )
     return out
 
 
@@ -88,22 +91,32 @@ def _case(name: str, line: Path, tmp: Path) -> tuple[str, list[str], str]:
     crack, cut = str(line / "bad" / "crack"), str(line / "bad" / "cut")
     if name == "mask_matches_two_images":  # a flat mask folder, the same stem in two defect types
         mask_png(tmp / "flat" / "000_mask.png")
-        return "test", ["--good", good, "--bad", bad, "--masks", str(tmp / "flat")], "000_mask.png: mask matches 2 bad images"
+        return (
+            "test",
+            ["--good", good, "--bad", bad, "--masks", str(tmp / "flat")],
+            "000_mask.png: mask matches 2 bad images",
+        )
     if name == "mask_suffix_matches_two_images":  # <stem>_mask and the plain stem both name an image
         shutil.copytree(line / "bad" / "crack", tmp / "b" / "crack")
         noise_png(tmp / "b" / "crack" / "000_mask.png", 7, defect=True)
         mask_png(tmp / "m" / "crack" / "000_mask.png")
         mask_png(tmp / "m" / "crack" / "001_mask.png")
-        return "test", ["--good", good, "--bad", str(tmp / "b"), "--masks", str(tmp / "m")], \
-            "000_mask.png: mask matches 2 bad images"
+        return (
+            "test",
+            ["--good", good, "--bad", str(tmp / "b"), "--masks", str(tmp / "m")],
+            "000_mask.png: mask matches 2 bad images",
+        )
     if name == "empty_defect_type":
         shutil.copytree(line / "bad", tmp / "b")
         (tmp / "b" / "dent").mkdir()
         (tmp / "b" / "dent" / "notes.txt").write_text("to do")
         return "test", ["--good", good, "--bad", str(tmp / "b")], "dent: defect-type folder holds no images"
     if name == "mask_suffix_matches_nothing":
-        return "test", ["--good", good, "--bad", bad, "--masks", masks, "--mask-suffix", "_gt"], \
-            "--mask-suffix '_gt' matches no mask"
+        return (
+            "test",
+            ["--good", good, "--bad", bad, "--masks", masks, "--mask-suffix", "_gt"],
+            "--mask-suffix '_gt' matches no mask",
+        )
     if name == "good_and_bad_same_folder":
         return "test", ["--good", crack, "--bad", crack], "is the same file as"
     if name == "bad_inside_good":
@@ -132,7 +145,11 @@ def _case(name: str, line: Path, tmp: Path) -> tuple[str, list[str], str]:
     if name == "bomb_mask_test":
         shutil.copytree(line / "masks", tmp / "m")
         bomb_png(tmp / "m" / "cut" / "001_mask.png")
-        return "test", ["--good", good, "--bad", bad, "--masks", str(tmp / "m")], "001_mask.png: refused as a possible decompression bomb"
+        return (
+            "test",
+            ["--good", good, "--bad", bad, "--masks", str(tmp / "m")],
+            "001_mask.png: refused as a possible decompression bomb",
+        )
     if name == "bomb_mask_between_limits":  # 1x-2x PIL's limit: PIL only warns, we refuse in one line
         shutil.copytree(line / "masks", tmp / "m")
         bomb_png(tmp / "m" / "cut" / "001_mask.png", 10_000, 10_000)
@@ -140,7 +157,11 @@ def _case(name: str, line: Path, tmp: Path) -> tuple[str, list[str], str]:
     if name == "bomb_mask_fit":
         shutil.copytree(line / "masks", tmp / "m")
         bomb_png(tmp / "m" / "crack" / "000_mask.png")
-        return "fit", ["--train", train, "--val-bad", bad, "--val-masks", str(tmp / "m")], "000_mask.png: refused as a possible decompression bomb"
+        return (
+            "fit",
+            ["--train", train, "--val-bad", bad, "--val-masks", str(tmp / "m")],
+            "000_mask.png: refused as a possible decompression bomb",
+        )
     if name == "bomb_image_fit":
         shutil.copytree(line / "train", tmp / "t")
         bomb_png(tmp / "t" / "t9.png")
@@ -160,19 +181,40 @@ def _case(name: str, line: Path, tmp: Path) -> tuple[str, list[str], str]:
         return "fit", ["--train", train, "--val-good", str(tmp / "vg")], "is a hard link of"
     if name == "val_bad_equals_val_good":  # the good folder again, through a link (a folder named good is refused)
         (tmp / "vb").symlink_to(line / "good", target_is_directory=True)
-        return "fit", ["--train", train, "--val-good", good, "--val-bad", str(tmp / "vb")], \
-            "in both the normal validation set and the bad validation set"
+        return (
+            "fit",
+            ["--train", train, "--val-good", good, "--val-bad", str(tmp / "vb")],
+            "in both the normal validation set and the bad validation set",
+        )
     if name == "val_good_copies_of_train":
         shutil.copytree(line / "train", tmp / "vg")
         return "fit", ["--train", train, "--val-good", str(tmp / "vg")], "byte-identical copy"
     raise AssertionError(name)
 
 
-CASES = ["mask_matches_two_images", "mask_suffix_matches_two_images", "empty_defect_type",
-         "mask_suffix_matches_nothing", "good_and_bad_same_folder", "bad_inside_good", "good_and_bad_copies",
-         "good_and_bad_hard_links", "symlink_loop", "folder_given_twice", "good_type_inside_bad", "non_binary_mask",
-         "bomb_mask_test", "bomb_mask_between_limits", "bomb_mask_fit", "bomb_image_fit", "bomb_image_test",
-         "dangling_symlink_fit", "val_good_hard_links_of_train", "val_bad_equals_val_good", "val_good_copies_of_train"]
+CASES = [
+    "mask_matches_two_images",
+    "mask_suffix_matches_two_images",
+    "empty_defect_type",
+    "mask_suffix_matches_nothing",
+    "good_and_bad_same_folder",
+    "bad_inside_good",
+    "good_and_bad_copies",
+    "good_and_bad_hard_links",
+    "symlink_loop",
+    "folder_given_twice",
+    "good_type_inside_bad",
+    "non_binary_mask",
+    "bomb_mask_test",
+    "bomb_mask_between_limits",
+    "bomb_mask_fit",
+    "bomb_image_fit",
+    "bomb_image_test",
+    "dangling_symlink_fit",
+    "val_good_hard_links_of_train",
+    "val_bad_equals_val_good",
+    "val_good_copies_of_train",
+]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -180,8 +222,24 @@ def test_bad_folder_input_is_one_line_exit_2_nothing_written(name, line, model_d
     command, args, expected = _case(name, line, tmp_path)
     out = tmp_path / "out"
     if command == "fit":
-        argv = ["fit", "--model", "padim", "--arch", "resnet18", "--weights", "random", "--d", "8", "--layers",
-                "layer1", "--image-size", str(SIZE), *args, "--out", str(out)]
+        argv = [
+            "fit",
+            "--model",
+            "padim",
+            "--arch",
+            "resnet18",
+            "--weights",
+            "random",
+            "--d",
+            "8",
+            "--layers",
+            "layer1",
+            "--image-size",
+            str(SIZE),
+            *args,
+            "--out",
+            str(out),
+        ]
     else:
         argv = ["test", str(model_dir), *args, "--out", str(out)]
     before = sorted(p.name for p in model_dir.iterdir())
@@ -195,9 +253,35 @@ def test_bad_folder_input_is_one_line_exit_2_nothing_written(name, line, model_d
 def test_the_refusals_name_both_files_of_an_overlap(line, tmp_path, capsys):
     (tmp_path / "hl").mkdir()
     os.link(line / "good" / "g2.png", tmp_path / "hl" / "copy.png")
-    assert main(["--quiet", "fit", "--model", "padim", "--arch", "resnet18", "--weights", "random", "--d", "8",
-                 "--layers", "layer1", "--image-size", str(SIZE), "--train", str(line / "train"), "--val-good",
-                 str(line / "good"), "--val-bad", str(tmp_path / "hl"), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "--quiet",
+                "fit",
+                "--model",
+                "padim",
+                "--arch",
+                "resnet18",
+                "--weights",
+                "random",
+                "--d",
+                "8",
+                "--layers",
+                "layer1",
+                "--image-size",
+                str(SIZE),
+                "--train",
+                str(line / "train"),
+                "--val-good",
+                str(line / "good"),
+                "--val-bad",
+                str(tmp_path / "hl"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert str(tmp_path / "hl" / "copy.png") in err and str(line / "good" / "g2.png") in err
 
@@ -205,8 +289,20 @@ def test_the_refusals_name_both_files_of_an_overlap(line, tmp_path, capsys):
 def test_mask_threshold_accepts_what_the_binary_check_refuses(line, model_dir, tmp_path, capsys):
     shutil.copytree(line / "masks", tmp_path / "m")
     mask_png(tmp_path / "m" / "cut" / "001_mask.png", (255, 128))
-    args = ["test", str(model_dir), "--good", str(line / "good"), "--bad", str(line / "bad"), "--masks",
-            str(tmp_path / "m"), "--mask-threshold", "127", "--out", str(tmp_path / "r")]
+    args = [
+        "test",
+        str(model_dir),
+        "--good",
+        str(line / "good"),
+        "--bad",
+        str(line / "bad"),
+        "--masks",
+        str(tmp_path / "m"),
+        "--mask-threshold",
+        "127",
+        "--out",
+        str(tmp_path / "r"),
+    ]
     assert main(["--quiet", *args]) == 0
     assert "masks matched as <stem>_mask.* for 4 of 4 bad image(s)" in capsys.readouterr().err
 
@@ -217,8 +313,18 @@ def test_a_bomb_in_the_warning_range_is_one_line_in_a_real_interpreter(line, mod
 
     shutil.copytree(line / "masks", tmp_path / "m")
     bomb = bomb_png(tmp_path / "m" / "cut" / "001_mask.png", 10_000, 10_000)
-    proc = run_cli("test", model_dir, "--good", line / "good", "--bad", line / "bad", "--masks", tmp_path / "m",
-                   "--out", tmp_path / "r")
+    proc = run_cli(
+        "test",
+        model_dir,
+        "--good",
+        line / "good",
+        "--bad",
+        line / "bad",
+        "--masks",
+        tmp_path / "m",
+        "--out",
+        tmp_path / "r",
+    )
     assert_clean_error(proc, bomb)
     assert proc.stderr.count("\n") == 1 and "decompression bomb" in proc.stderr, proc.stderr
     assert not (tmp_path / "r").exists()

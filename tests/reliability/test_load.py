@@ -25,8 +25,29 @@ MAX_GROWTH_MB = 50
 def model_dir(tmp_path_factory) -> Path:
     root = simple_tree(tmp_path_factory.mktemp("visa"), n_train=8, n_good=1, n_bad=1, size=32)
     out = tmp_path_factory.mktemp("model") / "padim"
-    assert main(["--quiet", "fit", "--model", "padim", "--data", str(root), "--object", OBJECT, "--arch", "resnet18",
-                 "--image-size", "64", "--d", "16", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--quiet",
+                "fit",
+                "--model",
+                "padim",
+                "--data",
+                str(root),
+                "--object",
+                OBJECT,
+                "--arch",
+                "resnet18",
+                "--image-size",
+                "64",
+                "--d",
+                "16",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -50,9 +71,13 @@ def test_predict_2000_images_keeps_memory_flat_and_reports_failures(model_dir, t
     for n in (N_SMALL, N_LARGE):
         images = _image_folder(tmp_path / f"images_{n}", n, {i: k for i, k in broken.items() if i < n})
         out = tmp_path / f"pred_{n}"
-        proc = subprocess.Popen(cli_command("predict", model_dir, images, "--out", out, "--no-overlays",
-                                            "--batch-size", "32"),
-                                env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            cli_command("predict", model_dir, images, "--out", out, "--no-overlays", "--batch-size", "32"),
+            env=cli_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         runs[n] = (proc, images, out)
     peak_mb = {}
     for n, (proc, images, out) in runs.items():
@@ -72,5 +97,6 @@ def test_predict_2000_images_keeps_memory_flat_and_reports_failures(model_dir, t
         assert all(np.isfinite(float(r["score"])) for r in rows if not r["error"])
         assert f"scored {n - len(expected)} image(s), {len(expected)} failed" in stdout
     growth = peak_mb[N_LARGE] - peak_mb[N_SMALL]
-    assert growth < MAX_GROWTH_MB, f"peak RSS {peak_mb[N_SMALL]:.0f} MB at {N_SMALL} images, " \
-                                   f"{peak_mb[N_LARGE]:.0f} MB at {N_LARGE}"
+    assert growth < MAX_GROWTH_MB, (
+        f"peak RSS {peak_mb[N_SMALL]:.0f} MB at {N_SMALL} images, {peak_mb[N_LARGE]:.0f} MB at {N_LARGE}"
+    )

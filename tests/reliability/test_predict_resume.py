@@ -43,11 +43,17 @@ def test_sigkill_midway_keeps_scored_rows_and_resume_completes_identically(tmp_p
     for i in range(N_IMAGES):
         Image.fromarray(rng.integers(90, 160, (32, 32, 3), dtype=np.uint8)).save(images / f"{i:04d}.png")
     args = ("predict", model, images, "--threshold", "50", "--batch-size", "1", "--workers", "1")
-    reference = subprocess.Popen(cli_command(*args, "--out", tmp_path / "reference"), env=cli_env(),
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    reference = subprocess.Popen(
+        cli_command(*args, "--out", tmp_path / "reference"),
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     out = tmp_path / "killed"
-    victim = subprocess.Popen(cli_command(*args, "--out", out), env=cli_env(), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    victim = subprocess.Popen(
+        cli_command(*args, "--out", out), env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     partial = out / "scores.partial.csv"
     deadline = time.monotonic() + 240
     while _data_lines(partial) < 20 and victim.poll() is None and time.monotonic() < deadline:
@@ -61,8 +67,14 @@ def test_sigkill_midway_keeps_scored_rows_and_resume_completes_identically(tmp_p
     for row in before:  # every kept row names files that exist and a finite score
         assert np.isfinite(float(row["score"])) and os.path.isfile(row["overlay"])
 
-    resumed = subprocess.run(cli_command(*args, "--out", out, "--resume"), check=False, env=cli_env(), capture_output=True,
-                             text=True, timeout=600)
+    resumed = subprocess.run(
+        cli_command(*args, "--out", out, "--resume"),
+        check=False,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert reference.wait(timeout=600) == 0, reference.stderr.read()[-2000:]
     final = _rows(out / "scores.csv")

@@ -157,8 +157,9 @@ class BlendParams:
         return inside.unsqueeze(1)
 
 
-def _pair(value: float | Sequence[float], name: str, low: float, high: float,
-          open_range: bool = False) -> tuple[float, float]:
+def _pair(
+    value: float | Sequence[float], name: str, low: float, high: float, open_range: bool = False
+) -> tuple[float, float]:
     """``(min, max)`` from a number or a pair, within ``[low, high]`` (``(low, high)`` if ``open_range``)."""
     lo, hi = (float(value), float(value)) if isinstance(value, (int, float)) else tuple(map(float, value))
     inside = low < lo <= hi < high if open_range else low <= lo <= hi <= high
@@ -203,21 +204,22 @@ class SmoothBlend(nn.Module):
         self.area = _pair(area, "area", 0.0, 1.0, open_range=True)
         self.aspect = _pair(aspect, "aspect", 1e-3, 1e3)
         if not (sigma >= 0 and truncate > 0):
-            raise ConfigError(
-                f"SmoothBlend sigma={sigma!r}, truncate={truncate!r}: need sigma >= 0 and truncate > 0")
+            raise ConfigError(f"SmoothBlend sigma={sigma!r}, truncate={truncate!r}: need sigma >= 0 and truncate > 0")
         if truncate * sigma >= 0.5:
-            raise ConfigError(
-                f"SmoothBlend sigma={sigma!r}: truncate * sigma must be < 0.5 (the eroded box vanishes)")
+            raise ConfigError(f"SmoothBlend sigma={sigma!r}: truncate * sigma must be < 0.5 (the eroded box vanishes)")
         # alpha mass of a box covering a whole square image: the largest area that can be asked for
         largest = (1.0 - 2.0 * truncate * sigma) ** 2 if sigma > 0 else 1.0
         if self.area[1] > largest:
-            raise ConfigError(f"SmoothBlend area={area!r}: with sigma={sigma} the perturbed area "
-                              f"(alpha mass) can be at most {largest:.3g} of the image; need max <= {largest:.3g}")
+            raise ConfigError(
+                f"SmoothBlend area={area!r}: with sigma={sigma} the perturbed area "
+                f"(alpha mass) can be at most {largest:.3g} of the image; need max <= {largest:.3g}"
+            )
         self.sigma = float(sigma)
         self.truncate = float(truncate)
         if len(jitter) != 4 or min(jitter) < 0 or jitter[3] > 0.5:
-            raise ConfigError(f"SmoothBlend jitter={jitter!r}: need 4 values >= 0 "
-                              "(brightness, contrast, saturation, hue <= 0.5)")
+            raise ConfigError(
+                f"SmoothBlend jitter={jitter!r}: need 4 values >= 0 (brightness, contrast, saturation, hue <= 0.5)"
+            )
         self.jitter = tuple(float(j) for j in jitter)
         if (mean is None) != (std is None):
             raise ConfigError("SmoothBlend: give both mean and std, or neither")
@@ -226,8 +228,10 @@ class SmoothBlend(nn.Module):
             self.register_buffer(key, channel, persistent=False)
 
     def extra_repr(self) -> str:
-        return (f"area={self.area}, aspect={self.aspect}, sigma={self.sigma}, truncate={self.truncate}, "
-                f"jitter={self.jitter}, normalised={self.mean is not None}")
+        return (
+            f"area={self.area}, aspect={self.aspect}, sigma={self.sigma}, truncate={self.truncate}, "
+            f"jitter={self.jitter}, normalised={self.mean is not None}"
+        )
 
     # -- the smallest image
     def check_size(self, height: int, width: int) -> None:
@@ -252,11 +256,13 @@ class SmoothBlend(nn.Module):
         peak, error = self.worst_case(height, width)
         if peak >= MIN_PEAK_ALPHA and error <= MAX_MASS_ERROR:
             return ""
-        return (f"SmoothBlend image size {height}x{width}: too small for area={self.area}, aspect={self.aspect}, "
-                f"sigma={self.sigma}, min_sigma_px={self.min_sigma_px} (lowest peak alpha {peak:.2f}, "
-                f"need >= {MIN_PEAK_ALPHA}; alpha mass off by up to {error:.0%}, need <= {MAX_MASS_ERROR:.0%}); "
-                "use larger images or a narrower aspect range (defaults hold from 91 px, aspect 0.5-2 from 65 px; "
-                "SmoothBlend.smallest_size() computes it)")
+        return (
+            f"SmoothBlend image size {height}x{width}: too small for area={self.area}, aspect={self.aspect}, "
+            f"sigma={self.sigma}, min_sigma_px={self.min_sigma_px} (lowest peak alpha {peak:.2f}, "
+            f"need >= {MIN_PEAK_ALPHA}; alpha mass off by up to {error:.0%}, need <= {MAX_MASS_ERROR:.0%}); "
+            "use larger images or a narrower aspect range (defaults hold from 91 px, aspect 0.5-2 from 65 px; "
+            "SmoothBlend.smallest_size() computes it)"
+        )
 
     def worst_case(self, height: int, width: int) -> tuple[float, float]:
         """``(lowest peak alpha, largest relative alpha-mass error)`` over a grid of boxes on ``height x width``.
@@ -293,7 +299,11 @@ class SmoothBlend(nn.Module):
 
     # -- parameters
     def sample(
-        self, batch: int, height: int, width: int, generator: torch.Generator | None = None,
+        self,
+        batch: int,
+        height: int,
+        width: int,
+        generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
     ) -> BlendParams:
         """Draw parameters for ``batch`` images of ``height x width`` from ``generator``.
@@ -322,10 +332,16 @@ class SmoothBlend(nn.Module):
 
         long = torch.long
         return BlendParams(
-            h=h.to(long), w=w.to(long), src_y=src_y.to(long), src_x=src_x.to(long),
-            dst_y=dst_y.to(long), dst_x=dst_x.to(long),
+            h=h.to(long),
+            w=w.to(long),
+            src_y=src_y.to(long),
+            src_x=src_x.to(long),
+            dst_y=dst_y.to(long),
+            dst_x=dst_x.to(long),
             sigma=self._sigma_px(h, w),
-            brightness=factor(u[6], b), contrast=factor(u[7], c), saturation=factor(u[8], s),
+            brightness=factor(u[6], b),
+            contrast=factor(u[7], c),
+            saturation=factor(u[8], s),
             hue=((2.0 * u[9] - 1.0) * hj).float(),
         )
 
@@ -366,8 +382,11 @@ class SmoothBlend(nn.Module):
             ch, cw = (round_h + dh).clamp(1, height), (round_w + dw).clamp(1, width)
             err = (self.alpha_mass(ch, cw) - target).abs()
             better = err < best_err
-            best_h, best_w, best_err = (torch.where(better, ch, best_h), torch.where(better, cw, best_w),
-                                        torch.minimum(err, best_err))
+            best_h, best_w, best_err = (
+                torch.where(better, ch, best_h),
+                torch.where(better, cw, best_w),
+                torch.minimum(err, best_err),
+            )
         return best_h, best_w
 
     def _sigma_px(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -430,8 +449,10 @@ class SmoothBlend(nn.Module):
             mean, std = self.mean.to(dev, work), self.std.to(dev, work)
             patch = patch * std + mean
         region = footprint.to(work)
-        factors = [f.to(work) if strength > 0 else None for f, strength in zip(
-            (params.brightness, params.contrast, params.saturation, params.hue), self.jitter)]
+        factors = [
+            f.to(work) if strength > 0 else None
+            for f, strength in zip((params.brightness, params.contrast, params.saturation, params.hue), self.jitter)
+        ]
         patch = color_jitter_batch(patch, *factors, region=region)
         if self.mean is not None:
             patch = (patch - mean) / std

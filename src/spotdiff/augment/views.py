@@ -50,13 +50,15 @@ def weak_augmentation(
 ) -> v2.Compose:
     """The weak global augmentation of SPD: image -> ``(3, size, size)`` float32 in [0, 1]."""
     b, c, s, h = jitter
-    return v2.Compose([
-        v2.RandomResizedCrop(size, scale=tuple(crop_scale), ratio=tuple(crop_ratio), antialias=True),
-        v2.RandomHorizontalFlip(flip_p),
-        v2.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h),
-        v2.RandomApply([v2.GaussianBlur(_blur_kernel(size), sigma=tuple(blur_sigma))], p=blur_p),
-        *_to_float(),
-    ])
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(size, scale=tuple(crop_scale), ratio=tuple(crop_ratio), antialias=True),
+            v2.RandomHorizontalFlip(flip_p),
+            v2.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h),
+            v2.RandomApply([v2.GaussianBlur(_blur_kernel(size), sigma=tuple(blur_sigma))], p=blur_p),
+            *_to_float(),
+        ]
+    )
 
 
 def ssl_augmentation(
@@ -70,14 +72,16 @@ def ssl_augmentation(
 ) -> v2.Compose:
     """A strong SSL view (defaults: SimSiam / MoCo v2): image -> ``(3, size, size)`` float32 in [0, 1]."""
     b, c, s, h = jitter
-    return v2.Compose([
-        v2.RandomResizedCrop(size, scale=tuple(crop_scale), antialias=True),
-        v2.RandomApply([v2.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h)], p=jitter_p),
-        v2.RandomGrayscale(grayscale_p),
-        v2.RandomApply([v2.GaussianBlur(_blur_kernel(size), sigma=tuple(blur_sigma))], p=blur_p),
-        v2.RandomHorizontalFlip(),
-        *_to_float(),
-    ])
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(size, scale=tuple(crop_scale), antialias=True),
+            v2.RandomApply([v2.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h)], p=jitter_p),
+            v2.RandomGrayscale(grayscale_p),
+            v2.RandomApply([v2.GaussianBlur(_blur_kernel(size), sigma=tuple(blur_sigma))], p=blur_p),
+            v2.RandomHorizontalFlip(),
+            *_to_float(),
+        ]
+    )
 
 
 def supervised_augmentation(size: int) -> v2.Compose:

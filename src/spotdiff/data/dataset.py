@@ -141,8 +141,9 @@ class AnomalyDataset(Dataset):
             return None
 
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            reasons = list(progress(pool.map(reason, records), desc=f"checking {self.name or 'images'}",
-                                    total=len(records)))
+            reasons = list(
+                progress(pool.map(reason, records), desc=f"checking {self.name or 'images'}", total=len(records))
+            )
         kept = []
         for s, why in zip(records, reasons):
             if why is None:
@@ -150,8 +151,7 @@ class AnomalyDataset(Dataset):
             else:
                 self.skipped.append((str(s.image), why))
         if self.skipped:
-            log(f"{self.name or 'dataset'}: skipped {len(self.skipped)} of {len(records)} image(s) that "
-                "failed to load")
+            log(f"{self.name or 'dataset'}: skipped {len(self.skipped)} of {len(records)} image(s) that failed to load")
         return kept
 
     def __len__(self) -> int:
@@ -163,8 +163,9 @@ class AnomalyDataset(Dataset):
 
     def subset(self, indices: Sequence[int]) -> AnomalyDataset:
         """A new dataset with the items at ``indices`` (e.g. from `sample_kshot`), same settings."""
-        new = AnomalyDataset([self.records[i] for i in indices], image_size=self.image_size,
-                             class_names=self.class_names, name=self.name)
+        new = AnomalyDataset(
+            [self.records[i] for i in indices], image_size=self.image_size, class_names=self.class_names, name=self.name
+        )
         new.skipped = list(self.skipped)
         return new
 
@@ -202,6 +203,7 @@ class AnomalyDataset(Dataset):
 
     def __repr__(self) -> str:
         n_anom = sum(self.labels)
-        return (f"AnomalyDataset({self.name!r}, {len(self)} images: {len(self) - n_anom} normal, "
-                f"{n_anom} anomalous, image_size={self.image_size})")
-
+        return (
+            f"AnomalyDataset({self.name!r}, {len(self)} images: {len(self) - n_anom} normal, "
+            f"{n_anom} anomalous, image_size={self.image_size})"
+        )

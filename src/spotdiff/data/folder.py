@@ -45,8 +45,9 @@ def _image_files(folder: Path, recursive: bool) -> list[Path]:
                 st = path.stat()
                 identity = (st.st_dev, st.st_ino)
                 if identity in ancestors:
-                    raise DataError(f"{path}: symbolic link loop (it leads back to {path.resolve()}, a folder "
-                                    "that contains it)")
+                    raise DataError(
+                        f"{path}: symbolic link loop (it leads back to {path.resolve()}, a folder that contains it)"
+                    )
                 walk(path, (*ancestors, identity))
             elif is_image_file(path) and (entry.is_file() or entry.is_symlink()):
                 found.append(path)
@@ -56,8 +57,9 @@ def _image_files(folder: Path, recursive: bool) -> list[Path]:
     return sorted(found)
 
 
-def list_images(paths_or_dir: PathLike | Sequence[PathLike], recursive: bool = False,
-                allow_empty: bool = False) -> list[Path]:
+def list_images(
+    paths_or_dir: PathLike | Sequence[PathLike], recursive: bool = False, allow_empty: bool = False
+) -> list[Path]:
     """Image files named by ``paths_or_dir``: a folder, a file, or a list of either.
 
     Folders contribute their image files (by extension, hidden files ignored), sorted by path;
@@ -98,8 +100,10 @@ def check_unique(paths: Sequence[Path]) -> None:
     for path in paths:
         real = os.path.realpath(path)
         if real in seen:
-            raise DataError(f"{path}: the same file as {seen[real]} (a folder given twice, or linked twice); "
-                            "each image may be listed once")
+            raise DataError(
+                f"{path}: the same file as {seen[real]} (a folder given twice, or linked twice); "
+                "each image may be listed once"
+            )
         seen[real] = path
 
 
@@ -109,8 +113,9 @@ class ImageFolderDataset(Dataset):
     ``image_size``: int or ``(H, W)`` (bilinear resize), None for the native size.
     """
 
-    def __init__(self, paths_or_dir: PathLike | Sequence[PathLike], image_size: ImageSize = 256,
-                 recursive: bool = False) -> None:
+    def __init__(
+        self, paths_or_dir: PathLike | Sequence[PathLike], image_size: ImageSize = 256, recursive: bool = False
+    ) -> None:
         self.image_size = as_hw(image_size)
         self.paths: list[str] = [str(p) for p in list_images(paths_or_dir, recursive)]
 

@@ -52,8 +52,9 @@ def _bomb_check(name: str | os.PathLike[str], img: Image.Image, max_pixels: int 
     w, h = img.size
     if w * h > max_pixels:
         img.close()
-        raise ImageTooLarge(f"{name}: image of {w}x{h} pixels exceeds the limit of {max_pixels} "
-                            "pixels (possible decompression bomb)")
+        raise ImageTooLarge(
+            f"{name}: image of {w}x{h} pixels exceeds the limit of {max_pixels} pixels (possible decompression bomb)"
+        )
 
 
 def _open_source(source: Path | BinaryIO, name: str | os.PathLike[str], max_pixels: int) -> Image.Image:
@@ -139,8 +140,10 @@ def to_rgb(img: Image.Image, path: str | os.PathLike[str] = "image", bits: int |
         if not np.isfinite(arr).all():
             raise DataError(f"{path}: float image holds NaN or infinite values")
         if arr.size and (arr.min() < low or arr.max() > high):
-            raise DataError(f"{path}: float image values must be in [{low:g}, {high:g}] (0 black, 1 white), "
-                            f"found [{arr.min():.6g}, {arr.max():.6g}]; save it as 8- or 16-bit integers instead")
+            raise DataError(
+                f"{path}: float image values must be in [{low:g}, {high:g}] (0 black, 1 white), "
+                f"found [{arr.min():.6g}, {arr.max():.6g}]; save it as 8- or 16-bit integers instead"
+            )
         arr8 = np.clip(np.round((arr - low) / (high - low) * 255.0), 0, 255).astype(np.uint8)
         return Image.fromarray(arr8, mode="L").convert("RGB")
     if img.mode in ("P", "PA"):

@@ -15,8 +15,9 @@ from spotdiff.errors import DataError
 LAYOUTS = ("visa", "folder", "magnetic_tile")
 
 
-def detect_layout(root: str | os.PathLike[str], obj: str, split: str = "1cls",
-                  split_csv: str | os.PathLike[str] | None = None) -> tuple[str, Path]:
+def detect_layout(
+    root: str | os.PathLike[str], obj: str, split: str = "1cls", split_csv: str | os.PathLike[str] | None = None
+) -> tuple[str, Path]:
     """Which layout ``root`` holds for ``obj``: ``("visa", root)``, ``("folder", <object folder>)``
     or ``("magnetic_tile", <folder holding MT_Free>)``.
 
@@ -49,8 +50,9 @@ def detect_layout(root: str | os.PathLike[str], obj: str, split: str = "1cls",
     if splits:
         if split not in splits:
             raise DataError(f"unknown split {split!r} in {root}: available splits: {', '.join(splits)}")
-        raise DataError(f"unknown object {obj!r} in {root / split}: available objects: "
-                        f"{', '.join(folder_objects(root / split))}")
+        raise DataError(
+            f"unknown object {obj!r} in {root / split}: available objects: {', '.join(folder_objects(root / split))}"
+        )
     raise DataError(
         f"{root}: not a recognised dataset root; expected raw VisA (<root>/split_csv/*.csv and "
         "<root>/<object>/Data/Images), MVTec-AD (<root>/<category>/{train,test,ground_truth}) or "

@@ -45,7 +45,8 @@ def is_magnetic_tile_root(path: Path) -> bool:
 def defect_types(root: Path) -> list[str]:
     """Sorted defect type names, from the ``MT_<Type>`` folders other than ``MT_Free``."""
     return sorted(
-        p.name[len(FOLDER_PREFIX):] for p in root.iterdir()
+        p.name[len(FOLDER_PREFIX) :]
+        for p in root.iterdir()
         if p.is_dir() and p.name.startswith(FOLDER_PREFIX) and p.name != f"{FOLDER_PREFIX}{NORMAL_TYPE}"
     )
 
@@ -101,13 +102,17 @@ def magnetic_tile_records(root: Path, subset: str, seed: int = 0, train_fraction
     free_dir = root / f"{FOLDER_PREFIX}{NORMAL_TYPE}"
     free = _image_mask_pairs(free_dir)
     train_idx, test_idx = split_free_images(len(free), seed, train_fraction)
-    records = [ImageRecord(image=free[i][0], label=0, mask=free[i][1], mask_class=0, defect_type="good",
-                           source=str(free_dir)) for i in (train_idx if subset == "train" else test_idx)]
+    records = [
+        ImageRecord(image=free[i][0], label=0, mask=free[i][1], mask_class=0, defect_type="good", source=str(free_dir))
+        for i in (train_idx if subset == "train" else test_idx)
+    ]
     if subset == "test":
         for class_id, name in list(magnetic_tile_class_names(root).items())[1:]:
             folder = root / f"{FOLDER_PREFIX}{name}"
-            records += [ImageRecord(image=img, label=1, mask=mask, mask_class=class_id, defect_type=name,
-                                    source=str(folder)) for img, mask in _image_mask_pairs(folder)]
+            records += [
+                ImageRecord(image=img, label=1, mask=mask, mask_class=class_id, defect_type=name, source=str(folder))
+                for img, mask in _image_mask_pairs(folder)
+            ]
     return records
 
 
@@ -126,10 +131,10 @@ class MagneticTileDataset(AnomalyDataset):
         raw = load_mask(s.mask)
         w, h = img.size
         if raw.shape != (h, w):
-            raise DataError(f"mask {s.mask} is {raw.shape[1]}x{raw.shape[0]} but image {s.image} is "
-                            f"{w}x{h} (width x height)")
-        class_mask = mask_to_tensor(np.where(raw >= MASK_THRESHOLD, s.mask_class, 0).astype(np.uint8),
-                                    self.image_size)
+            raise DataError(
+                f"mask {s.mask} is {raw.shape[1]}x{raw.shape[0]} but image {s.image} is {w}x{h} (width x height)"
+            )
+        class_mask = mask_to_tensor(np.where(raw >= MASK_THRESHOLD, s.mask_class, 0).astype(np.uint8), self.image_size)
         return {
             "image": image,
             "label": s.label,
@@ -141,8 +146,9 @@ class MagneticTileDataset(AnomalyDataset):
 
     def subset(self, indices: Sequence[int]) -> MagneticTileDataset:
         """A new dataset with the items at ``indices``, same settings."""
-        new = MagneticTileDataset([self.records[i] for i in indices], image_size=self.image_size,
-                                  class_names=self.class_names, name=self.name)
+        new = MagneticTileDataset(
+            [self.records[i] for i in indices], image_size=self.image_size, class_names=self.class_names, name=self.name
+        )
         new.skipped = list(self.skipped)
         return new
 
@@ -164,5 +170,10 @@ def open_magnetic_tile(
     """
     root = Path(root)
     records = magnetic_tile_records(root, subset, seed, train_fraction)
-    return MagneticTileDataset(records, image_size=image_size, class_names=magnetic_tile_class_names(root),
-                               skip_bad=skip_bad, name=f"magnetic_tile:seed{seed}/{subset}")
+    return MagneticTileDataset(
+        records,
+        image_size=image_size,
+        class_names=magnetic_tile_class_names(root),
+        skip_bad=skip_bad,
+        name=f"magnetic_tile:seed{seed}/{subset}",
+    )

@@ -77,8 +77,9 @@ class MaskMatch:
         return f"masks matched as {' and '.join(parts) or 'nothing'} of {total} bad image(s)"
 
 
-def match_masks(bad: Sequence[TreeFile], masks: PathLike | Sequence[PathLike],
-                mask_suffix: str | None = None) -> MaskMatch:
+def match_masks(
+    bad: Sequence[TreeFile], masks: PathLike | Sequence[PathLike], mask_suffix: str | None = None
+) -> MaskMatch:
     """Masks of ``bad`` images by stem (see the module docstring), sizes checked.
 
     Raises:
@@ -94,22 +95,26 @@ def match_masks(bad: Sequence[TreeFile], masks: PathLike | Sequence[PathLike],
     # every image's best masks
     choice: dict[Path, tuple[TreeFile, str, int]] = {}
     for image in bad:
-        candidates = [(m, s, _agreement(image.chain, m.chain))
-                      for s in suffixes for m in by_stem.get(image.path.stem + s, [])]
+        candidates = [
+            (m, s, _agreement(image.chain, m.chain)) for s in suffixes for m in by_stem.get(image.path.stem + s, [])
+        ]
         if not candidates:
             continue
         top = max(c[2] for c in candidates)
         best = [c for c in candidates if c[2] == top]
         if len(best) > 1:
-            raise DataError(f"{image.path}: {len(best)} masks match it equally ({best[0][0].path}, {best[1][0].path}); "
-                            "keep one, or mirror the image folders in the mask folder (masks/<type>/<stem>.png)")
+            raise DataError(
+                f"{image.path}: {len(best)} masks match it equally ({best[0][0].path}, {best[1][0].path}); "
+                "keep one, or mirror the image folders in the mask folder (masks/<type>/<stem>.png)"
+            )
         choice[image.path] = best[0]
     if not choice:
         tried = " or ".join(f"<stem>{s}" for s in suffixes)
         example = mask_files[0].path.name
         hint = "give --mask-suffix" if mask_suffix is None else f"--mask-suffix {mask_suffix!r} matches no mask"
-        raise DataError(f"{masks_label(masks)}: no mask is named {tried} after a bad image (masks are named like "
-                        f"{example}); {hint}")
+        raise DataError(
+            f"{masks_label(masks)}: no mask is named {tried} after a bad image (masks are named like {example}); {hint}"
+        )
     # every mask's image: the best-agreeing one; a tie is refused
     claims: dict[Path, list[tuple[Path, int]]] = {}
     for image_path, (m, _, score) in choice.items():
@@ -120,19 +125,25 @@ def match_masks(bad: Sequence[TreeFile], masks: PathLike | Sequence[PathLike],
         top = max(score for _, score in images)
         winners = [p for p, score in images if score == top]
         if len(winners) > 1:
-            raise DataError(f"{mask_path}: mask matches {len(winners)} bad images ({winners[0]}, {winners[1]}); "
-                            "mirror the image folders in the mask folder (masks/<type>/<stem>.png) or rename one")
+            raise DataError(
+                f"{mask_path}: mask matches {len(winners)} bad images ({winners[0]}, {winners[1]}); "
+                "mirror the image folders in the mask folder (masks/<type>/<stem>.png) or rename one"
+            )
         matched[winners[0]] = mask_path
         counts[choice[winners[0]][1]] += 1
     orphans = [m.path for m in mask_files if m.path not in claims]
     if orphans:
-        raise DataError(f"{orphans[0]}: mask without a bad image of the same stem ({len(orphans)} such mask(s); "
-                        f"names tried: {', '.join(repr(s) for s in suffixes)} after the image stem)")
+        raise DataError(
+            f"{orphans[0]}: mask without a bad image of the same stem ({len(orphans)} such mask(s); "
+            f"names tried: {', '.join(repr(s) for s in suffixes)} after the image stem)"
+        )
     for image_path, mask_path in matched.items():
         mask_wh, image_wh = image_size(mask_path), image_size(image_path)
         if mask_wh != image_wh:
-            raise DataError(f"{mask_path}: mask is {mask_wh[0]}x{mask_wh[1]} but image {image_path} is "
-                            f"{image_wh[0]}x{image_wh[1]} (width x height)")
+            raise DataError(
+                f"{mask_path}: mask is {mask_wh[0]}x{mask_wh[1]} but image {image_path} is "
+                f"{image_wh[0]}x{image_wh[1]} (width x height)"
+            )
     return MaskMatch(matched, [b.path for b in bad if b.path not in matched], counts)
 
 
@@ -156,7 +167,9 @@ def check_binary(mask_paths: Sequence[Path], mask_threshold: float | None = None
         for path, found in zip(mask_paths, pool.map(values, mask_paths), strict=True):
             if found[found != 0].size > 1:
                 shown = ", ".join(str(int(v)) for v in found[:6]) + (", ..." if found.size > 6 else "")
-                raise DataError(f"{path}: mask is not binary ({found.size} values: {shown}); a mask holds 0 for "
-                                "normal pixels and one defect value (e.g. 255); give --mask-threshold T to count "
-                                "values > T as defect (--mask-threshold 0 for multi-class masks such as VisA's, "
-                                "whose values are defect-class ids)")
+                raise DataError(
+                    f"{path}: mask is not binary ({found.size} values: {shown}); a mask holds 0 for "
+                    "normal pixels and one defect value (e.g. 255); give --mask-threshold T to count "
+                    "values > T as defect (--mask-threshold 0 for multi-class masks such as VisA's, "
+                    "whose values are defect-class ids)"
+                )

@@ -89,14 +89,16 @@ def folder_records(object_dir: Path, subset: str) -> list[ImageRecord]:
                 mask = next((m for m in tried if m.is_file()), None)
                 if mask is None:
                     raise DataError(f"{image}: anomalous image has no mask (looked for {', '.join(map(str, tried))})")
-            records.append(ImageRecord(
-                image=image,
-                label=0 if normal else 1,
-                mask=mask,
-                mask_class=None if normal else class_ids[folder.name],
-                defect_type=NORMAL_FOLDER if normal else folder.name,
-                source=str(folder),
-            ))
+            records.append(
+                ImageRecord(
+                    image=image,
+                    label=0 if normal else 1,
+                    mask=mask,
+                    mask_class=None if normal else class_ids[folder.name],
+                    defect_type=NORMAL_FOLDER if normal else folder.name,
+                    source=str(folder),
+                )
+            )
     if not records:
         raise DataError(f"{subset_dir}: no images found")
     return records

@@ -82,18 +82,27 @@ def bad_images(bad: Images) -> list[TreeFile]:
             continue
         for entry in sorted(os.scandir(root), key=lambda e: e.name):
             if not entry.name.startswith(".") and entry.is_dir() and entry.name not in types:
-                raise DataError(f"{entry.path}: defect-type folder holds no images (each subfolder of a bad "
-                                "folder is a defect type); remove it or add its images")
+                raise DataError(
+                    f"{entry.path}: defect-type folder holds no images (each subfolder of a bad "
+                    "folder is a defect type); remove it or add its images"
+                )
     for f in found:
         if defect_type_of(f) == "good":
-            raise DataError(f"{f.path}: a bad image in a folder named 'good' (defect type 'good'); give good "
-                            "images with --good, not inside a bad folder")
+            raise DataError(
+                f"{f.path}: a bad image in a folder named 'good' (defect type 'good'); give good "
+                "images with --good, not inside a bad folder"
+            )
     return found
 
 
-def folder_records(good: Images | None, bad: Images | None = None, masks: Images | None = None,
-                   mask_suffix: str | None = None, mask_threshold: float | None = None,
-                   what: str = "test") -> FolderSet:
+def folder_records(
+    good: Images | None,
+    bad: Images | None = None,
+    masks: Images | None = None,
+    mask_suffix: str | None = None,
+    mask_threshold: float | None = None,
+    what: str = "test",
+) -> FolderSet:
     """Records of good (label 0) and bad (label 1, defect type per subfolder) images, masks matched.
 
     ``what`` names the set in errors (``test``, ``validation``). Good and bad images may not share
@@ -124,9 +133,18 @@ def folder_records(good: Images | None, bad: Images | None = None, masks: Images
         threshold = int(np.floor(mask_threshold)) if mask_threshold is not None else 0
     elif mask_suffix is not None or mask_threshold is not None:
         raise DataError("--mask-suffix and --mask-threshold need a mask folder")
-    records += [ImageRecord(f.path, 1, mask=matched.get(f.path), mask_class=1 if f.path in matched else None,
-                            mask_threshold=threshold, defect_type=defect_type_of(f), source=str(f.path.parent))
-                for f in found]
+    records += [
+        ImageRecord(
+            f.path,
+            1,
+            mask=matched.get(f.path),
+            mask_class=1 if f.path in matched else None,
+            mask_threshold=threshold,
+            defect_type=defect_type_of(f),
+            source=str(f.path.parent),
+        )
+        for f in found
+    ]
     return FolderSet(records, unmasked, note)
 
 
@@ -134,9 +152,15 @@ def _label(images: Images) -> str:
     return ", ".join(str(p) for p in _items(images))
 
 
-def open_folders(good: Images | None, bad: Images | None = None, masks: Images | None = None,
-                 image_size: ImageSize = 256, name: str = "folders", mask_suffix: str | None = None,
-                 mask_threshold: float | None = None) -> tuple[AnomalyDataset, FolderSet]:
+def open_folders(
+    good: Images | None,
+    bad: Images | None = None,
+    masks: Images | None = None,
+    image_size: ImageSize = 256,
+    name: str = "folders",
+    mask_suffix: str | None = None,
+    mask_threshold: float | None = None,
+) -> tuple[AnomalyDataset, FolderSet]:
     """An `AnomalyDataset` of plain folders and its `FolderSet` (unmasked bad images, mask note)."""
     found = folder_records(good, bad, masks, mask_suffix, mask_threshold, what=name)
     return AnomalyDataset(found.records, image_size=image_size, name=name), found
@@ -145,8 +169,9 @@ def open_folders(good: Images | None, bad: Images | None = None, masks: Images |
 # ----------------------------------------------------------------------------- overlaps by content
 
 
-def content_hashes(paths: Sequence[Path], workers: int | None = None,
-                   check_headers: bool = False) -> dict[Path, str | None]:
+def content_hashes(
+    paths: Sequence[Path], workers: int | None = None, check_headers: bool = False
+) -> dict[Path, str | None]:
     """SHA-256 of each file's bytes (None for a file that cannot be read: reading it reports it later).
 
     ``check_headers``: also read each image header (`check_image_headers`).
@@ -182,8 +207,13 @@ def _same_file(a: Path, b: Path) -> str:
     return "is a hard link of" if (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino) else "is a byte-identical copy of"
 
 
-def check_no_overlap(first: Sequence[Path], second: Sequence[Path], first_name: str, second_name: str,
-                     hashes: dict[Path, str | None] | None = None) -> None:
+def check_no_overlap(
+    first: Sequence[Path],
+    second: Sequence[Path],
+    first_name: str,
+    second_name: str,
+    hashes: dict[Path, str | None] | None = None,
+) -> None:
     """DataError naming a file of ``second`` and a file of ``first`` with the same content (the same
     file, a hard link or a byte-identical copy), with the count of such files.
 
@@ -200,15 +230,22 @@ def check_no_overlap(first: Sequence[Path], second: Sequence[Path], first_name: 
     shared = [(p, by_hash[known[p]]) for p in second if known[p] is not None and known[p] in by_hash]  # type: ignore[index]
     if shared:
         b, a = shared[0]
-        raise DataError(f"{b} {_same_file(a, b)} {a}: an image may not be in both the {first_name} set and the "
-                        f"{second_name} set ({len(shared)} such file(s))")
+        raise DataError(
+            f"{b} {_same_file(a, b)} {a}: an image may not be in both the {first_name} set and the "
+            f"{second_name} set ({len(shared)} such file(s))"
+        )
 
 
 # ----------------------------------------------------------------------------- held-out validation share
 
 
-def holdout(paths: Sequence[Path], fraction: float = VAL_FRACTION, seed: int = 0,
-            hashes: dict[Path, str | None] | None = None, where: str = "training images") -> tuple[list[int], list[int]]:
+def holdout(
+    paths: Sequence[Path],
+    fraction: float = VAL_FRACTION,
+    seed: int = 0,
+    hashes: dict[Path, str | None] | None = None,
+    where: str = "training images",
+) -> tuple[list[int], list[int]]:
     """Indices ``(fit, validation)``: a seeded random ``fraction`` (at least ``MIN_VAL_IMAGES``) held out.
 
     The draw is ``numpy.random.default_rng(seed).permutation``; byte-identical files (``hashes``)
@@ -222,8 +259,10 @@ def holdout(paths: Sequence[Path], fraction: float = VAL_FRACTION, seed: int = 0
     n = len(paths)
     n_val = max(MIN_VAL_IMAGES, round(fraction * n))
     if n - n_val < 2:
-        raise DataError(f"{where}: {n} image(s) are too few to hold out {n_val} for calibration and fit on "
-                        "the rest; add images or give --val-good")
+        raise DataError(
+            f"{where}: {n} image(s) are too few to hold out {n_val} for calibration and fit on "
+            "the rest; add images or give --val-good"
+        )
     groups: dict[object, list[int]] = {}
     for i, p in enumerate(paths):
         h = hashes.get(p) if hashes else None
@@ -236,13 +275,16 @@ def holdout(paths: Sequence[Path], fraction: float = VAL_FRACTION, seed: int = 0
         if i not in held:
             held.update(groups[key_of[i]])
     if n - len(held) < 2:
-        raise DataError(f"{where}: after holding out {len(held)} image(s) (byte-identical copies stay together), "
-                        "fewer than 2 are left to fit on; give --val-good")
+        raise DataError(
+            f"{where}: after holding out {len(held)} image(s) (byte-identical copies stay together), "
+            "fewer than 2 are left to fit on; give --val-good"
+        )
     return [i for i in range(n) if i not in held], sorted(held)
 
 
-def split_train_val(train: Images, val_good: Images | None = None, seed: int = 0,
-                    fraction: float = VAL_FRACTION) -> tuple[list[Path], list[Path], dict[str, object]]:
+def split_train_val(
+    train: Images, val_good: Images | None = None, seed: int = 0, fraction: float = VAL_FRACTION
+) -> tuple[list[Path], list[Path], dict[str, object]]:
     """Training and normal validation images, and a record of how they were chosen.
 
     With ``val_good`` the two are listed separately and may not share content; otherwise a seeded
@@ -255,6 +297,13 @@ def split_train_val(train: Images, val_good: Images | None = None, seed: int = 0
         return train_paths, val_paths, {"validation": "given", "n_val_good": len(val_paths)}
     hashes = content_hashes(train_paths)
     fit_idx, val_idx = holdout(train_paths, fraction, seed, hashes, where=_label(train))
-    return ([train_paths[i] for i in fit_idx], [train_paths[i] for i in val_idx],
-            {"validation": "held out of training folder", "val_fraction": fraction, "val_seed": seed,
-             "n_val_good": len(val_idx)})
+    return (
+        [train_paths[i] for i in fit_idx],
+        [train_paths[i] for i in val_idx],
+        {
+            "validation": "held out of training folder",
+            "val_fraction": fraction,
+            "val_seed": seed,
+            "n_val_good": len(val_idx),
+        },
+    )

@@ -60,9 +60,11 @@ class PrepareReport:
         return self.images_skipped + self.masks_skipped
 
     def summary(self) -> str:
-        return (f"{self.split}: {len(self.objects)} object(s) -> {self.out_dir}: "
-                f"{self.images_written + self.images_skipped} images, {self.masks_written + self.masks_skipped} masks; "
-                f"{self.written} file(s) written, {self.skipped} already up to date")
+        return (
+            f"{self.split}: {len(self.objects)} object(s) -> {self.out_dir}: "
+            f"{self.images_written + self.images_skipped} images, {self.masks_written + self.masks_skipped} masks; "
+            f"{self.written} file(s) written, {self.skipped} already up to date"
+        )
 
 
 @dataclass(frozen=True)
@@ -134,8 +136,10 @@ def _validate_row(row: SplitRow, visa_root: Path) -> tuple[bytes | None, str | N
         mask = load_mask(visa_root / row.mask)
         w, h = img.size
         if mask.shape != (h, w):
-            raise DataError(f"mask {visa_root / row.mask} is {mask.shape[1]}x{mask.shape[0]} but image "
-                            f"{visa_root / row.image} is {w}x{h} (width x height)")
+            raise DataError(
+                f"mask {visa_root / row.mask} is {mask.shape[1]}x{mask.shape[0]} but image "
+                f"{visa_root / row.image} is {w}x{h} (width x height)"
+            )
         return binarised_mask_png(mask), None
     except DataError as exc:
         return None, f"{row.where}: {exc}"
@@ -186,8 +190,10 @@ def prepare_visa(
         raise DataError(f"unknown split {split!r}: expected one of {', '.join(OFFICIAL_SPLITS)}")
     visa_root, out = Path(visa_root), Path(out)
     if visa_root.is_file():
-        raise DataError(f"{visa_root}: is a file, not a folder; prepare reads an extracted VisA root and never "
-                        "unpacks archives (extract it first, e.g. tar -xf)")
+        raise DataError(
+            f"{visa_root}: is a file, not a folder; prepare reads an extracted VisA root and never "
+            "unpacks archives (extract it first, e.g. tar -xf)"
+        )
     if not visa_root.is_dir():
         raise DataError(f"{visa_root}: VisA root not found")
     if out.exists() and not out.is_dir():
@@ -199,8 +205,9 @@ def prepare_visa(
     jobs = plan_jobs(rows, split, visa_root, out)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        checked = list(progress(pool.map(lambda r: _validate_row(r, visa_root), rows),
-                                desc=f"validating {split}", total=len(rows)))
+        checked = list(
+            progress(pool.map(lambda r: _validate_row(r, visa_root), rows), desc=f"validating {split}", total=len(rows))
+        )
     errors = [err for _, err in checked if err is not None]
     if errors:
         shown = "\n  ".join(errors[:MAX_ERRORS_SHOWN])
@@ -221,8 +228,11 @@ def prepare_visa(
         raise DataError(f"{out / split}: cannot remove stale temporary files ({exc})") from exc
     report = PrepareReport(split=split, out_dir=out / split, objects=objects)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = progress(pool.map(lambda j: _write(j, mask_png.get(j.row.image) if j.is_mask else None), jobs),
-                           desc=f"writing {split}", total=len(jobs))
+        results = progress(
+            pool.map(lambda j: _write(j, mask_png.get(j.row.image) if j.is_mask else None), jobs),
+            desc=f"writing {split}",
+            total=len(jobs),
+        )
         for job, wrote in zip(jobs, results):
             if job.is_mask:
                 report.masks_written += wrote

@@ -77,8 +77,10 @@ def resolve_inside(root: Path, rel: str, where: str, column: str, real_root: Pat
     real_root = real_root if real_root is not None else root.resolve()
     real = path.resolve()
     if not real.is_relative_to(real_root):
-        raise DataError(f"{where}: {column} path {rel!r} resolves to {real}, outside the dataset root {root} "
-                        "(a symlink?); paths must stay inside the dataset root")
+        raise DataError(
+            f"{where}: {column} path {rel!r} resolves to {real}, outside the dataset root {root} "
+            "(a symlink?); paths must stay inside the dataset root"
+        )
     return path
 
 

@@ -22,7 +22,8 @@ def image_to_tensor(img: Image.Image, size: int | tuple[int, int] | None = None)
     conversion to float: on a 1500 x 1000 JPEG resized to 256 px it takes 2.6 ms against 11.1 ms
     for a float resize, for at most one grey level of difference (``benchmarks/results_detect.md``).
     """
-    from torchvision.transforms.v2 import InterpolationMode, functional as F
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
 
     t = F.pil_to_tensor(img)
     if size is not None:
@@ -33,7 +34,8 @@ def image_to_tensor(img: Image.Image, size: int | tuple[int, int] | None = None)
 
 def mask_to_tensor(mask: np.ndarray, size: int | tuple[int, int] | None = None) -> torch.Tensor:
     """``(H, W)`` integer class-id mask -> ``(H', W')`` int64 tensor, nearest-neighbour resized."""
-    from torchvision.transforms.v2 import InterpolationMode, functional as F
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
 
     t = torch.from_numpy(np.ascontiguousarray(mask)).to(torch.int64)
     if size is not None:

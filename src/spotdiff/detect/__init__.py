@@ -17,8 +17,18 @@ from spotdiff.detect.patchcore import PatchCore
 
 DETECTORS: dict[str, type[Detector]] = {"padim": PaDiM, "patchcore": PatchCore}
 
-__all__ = ["DETECTORS", "Calibration", "Detector", "PaDiM", "PatchCore", "calibrate", "evaluate_detector", "fit_dataset",
-           "fit_folder", "load_detector"]
+__all__ = [
+    "DETECTORS",
+    "Calibration",
+    "Detector",
+    "PaDiM",
+    "PatchCore",
+    "calibrate",
+    "evaluate_detector",
+    "fit_dataset",
+    "fit_folder",
+    "load_detector",
+]
 
 
 def load_detector(model_dir, device="cpu") -> Detector:  # type: ignore[no-untyped-def]

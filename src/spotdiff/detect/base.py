@@ -30,10 +30,10 @@ from torch.utils.data import Dataset
 from torchvision.models import ResNet
 
 from spotdiff.data.loader import batches, decode_workers
+from spotdiff.data.transforms import normalize
 from spotdiff.detect import schema, store
 from spotdiff.detect.colour import NORMAL_SAMPLE, normal_statistics
 from spotdiff.detect.features import check_layers
-from spotdiff.data.transforms import normalize
 from spotdiff.errors import ConfigError, DataError, WeightsError
 from spotdiff.models import WeightsLike, build_backbone, check_arch, file_record, inference_backbone, load_weights
 from spotdiff.progress import progress
@@ -147,8 +147,11 @@ class Detector(ABC):
         loaded = load_weights(self.arch, weights)
         self.backbone_ = inference_backbone(make_backbone(self.arch, loaded, self.seed), self.layers_).to(self.device_)
         # a file, else the weights' name (e.g. weights re-estimated in memory by --bn-recalibrate)
-        self.backbone_source_ = (f"random init, seed {self.seed}" if loaded.is_random
-                                 else loaded.file or loaded.name or "weights given in memory")
+        self.backbone_source_ = (
+            f"random init, seed {self.seed}"
+            if loaded.is_random
+            else loaded.file or loaded.name or "weights given in memory"
+        )
         self.weights_record_: dict[str, str | None] = loaded.record()
         """Provenance of the backbone weights, ``{name, file, sha256}`` (see :func:`spotdiff.models.load_weights`)."""
         self._normal_maps: dict[str, Any] | None = None
@@ -191,9 +194,11 @@ class Detector(ABC):
     def _check_fitted(self, name: str, tensor: torch.Tensor) -> None:
         """DataError when a fitted tensor holds NaN or infinity (features that went bad): never fitted."""
         if not bool(torch.isfinite(tensor).all()):
-            raise DataError(f"{type(self).__name__}: the fitted {name} holds {int((~torch.isfinite(tensor)).sum())} "
-                            "non-finite value(s) (NaN or infinity): the backbone's features went bad on these "
-                            "images; check the weights (--weights) and the training images")
+            raise DataError(
+                f"{type(self).__name__}: the fitted {name} holds {int((~torch.isfinite(tensor)).sum())} "
+                "non-finite value(s) (NaN or infinity): the backbone's features went bad on these "
+                "images; check the weights (--weights) and the training images"
+            )
 
     @abstractmethod
     def fit(self, dataset: Dataset) -> Self:
@@ -310,8 +315,12 @@ class Detector(ABC):
             model.image_size_ = (int(config["image_size"][0]), int(config["image_size"][1]))
             model.n_train_ = int(config["n_train"])
             model.backbone_source_ = str(config["backbone_source"])
-            model.weights_record_ = dict(config.get("weights") or file_record(  # saved before records existed
-                None if model.backbone_source_.startswith("random init") else model.backbone_source_))
+            model.weights_record_ = dict(
+                config.get("weights")
+                or file_record(  # saved before records existed
+                    None if model.backbone_source_.startswith("random init") else model.backbone_source_
+                )
+            )
             model.data_source_ = dict(config.get("data_source") or {})
             model._normal_maps = dict(config["normal_maps"]) if config.get("normal_maps") else None
             model.calibration_ = config.get("calibration")

@@ -73,8 +73,9 @@ class Calibration:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "calibration",
-                  error: type[SpotdiffError] = ConfigError) -> Calibration:
+    def from_dict(
+        cls, data: dict[str, Any], where: str = "calibration", error: type[SpotdiffError] = ConfigError
+    ) -> Calibration:
         """The calibration stored in ``data``, checked (:meth:`check`); ``error`` is raised, naming ``where``."""
         if not isinstance(data, dict):
             raise error(f"{where}: must be a JSON object, got {type(data).__name__}")
@@ -90,6 +91,7 @@ class Calibration:
         Nothing non-finite may decide: a NaN threshold calls every image normal, NaN normal scores
         make every normalised score 0.
         """
+
         def bad(name: str, problem: str, value: Any) -> SpotdiffError:
             text = repr(value)
             return error(f"{where}: {name} {problem} (got {text if len(text) <= 60 else text[:57] + '...'})")
@@ -160,17 +162,21 @@ class Calibration:
             f"calibration on {f.get('n_val_good', 0)} normal + {f.get('n_val_bad', 0)} anomalous validation "
             f"image(s) ({self.source.get('validation', '?')}):",
             f"  image threshold {self.image_threshold:.6g} ({self.image_mode}"
-            + (f", target FPR {self.target_fpr:g}" if self.image_mode == "normal-fpr" else "") + "): "
+            + (f", target FPR {self.target_fpr:g}" if self.image_mode == "normal-fpr" else "")
+            + "): "
             + _figures_text(f, "image"),
             f"  pixel threshold {self.pixel_threshold:.6g} ({self.pixel_mode}"
-            + (f", target FPR {self.target_fpr:g}" if self.pixel_mode == "normal-fpr" else "") + "): "
+            + (f", target FPR {self.target_fpr:g}" if self.pixel_mode == "normal-fpr" else "")
+            + "): "
             + _figures_text(f, "pixel"),
         ]
         n = f.get("n_val_good", 0)
         if n and (n < FINE_FPR_IMAGES or 1.0 / n > self.target_fpr):
-            lines.append(f"  note: {n} normal validation images measure the false-alarm rate in steps of "
-                         f"{1.0 / n:.3g}; for {1.0 / FINE_FPR_IMAGES:g} steps give {FINE_FPR_IMAGES}+ normal images "
-                         "(--val-good DIR, or a larger --val-fraction)")
+            lines.append(
+                f"  note: {n} normal validation images measure the false-alarm rate in steps of "
+                f"{1.0 / n:.3g}; for {1.0 / FINE_FPR_IMAGES:g} steps give {FINE_FPR_IMAGES}+ normal images "
+                "(--val-good DIR, or a larger --val-fraction)"
+            )
         return "\n".join(lines)
 
 
@@ -179,8 +185,9 @@ def _figures_text(figures: dict[str, Any], level: str) -> str:
     return ", ".join(parts) or "no validation figures"
 
 
-def check_threshold_mode(mode: str, have_bad: bool, threshold: float | None, target_fpr: float,
-                         pixel_threshold: float | None = None) -> None:
+def check_threshold_mode(
+    mode: str, have_bad: bool, threshold: float | None, target_fpr: float, pixel_threshold: float | None = None
+) -> None:
     """ConfigError when ``mode`` is unknown or lacks what it needs (anomalous images, a value, a valid FPR),
     or a given threshold is not a finite number."""
     if mode not in THRESHOLD_MODES:
@@ -240,7 +247,9 @@ def rates(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str,
     return out
 
 
-def score_dataset(model: Any, dataset: Dataset, desc: str = "scoring validation images") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def score_dataset(
+    model: Any, dataset: Dataset, desc: str = "scoring validation images"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Scores ``(N,)``, maps ``(N, H, W)`` float32 and masks ``(N, H, W)`` bool of a dataset's items."""
     loader = DataLoader(dataset, batch_size=model.forward_batch, shuffle=False)
     scores, maps, masks = [], [], []
@@ -265,8 +274,10 @@ def _check_finite_scores(scores: np.ndarray, maps: np.ndarray, dataset: Dataset 
     first = int(np.flatnonzero(~ok)[0])
     paths = getattr(dataset, "paths", None)
     name = str(paths[first]) if paths is not None else f"validation image #{first}"
-    raise DataError(f"{name}: the model gives a non-finite score or map (NaN or infinity) on this {kind} "
-                    f"validation image ({int((~ok).sum())} of {ok.size} such images); refusing to calibrate on it")
+    raise DataError(
+        f"{name}: the model gives a non-finite score or map (NaN or infinity) on this {kind} "
+        f"validation image ({int((~ok).sum())} of {ok.size} such images); refusing to calibrate on it"
+    )
 
 
 def calibrate(
@@ -285,8 +296,13 @@ def calibrate(
     ``val_good`` / ``val_bad`` items are dicts with ``image`` (and ``mask`` for ``val_bad``) at the
     model's image size. ``has_masks``: ``val_bad`` carries real masks (pixel F1 is then possible).
     """
-    check_threshold_mode(mode, val_bad is not None and len(val_bad) > 0, threshold, target_fpr,  # type: ignore[arg-type]
-                         pixel_threshold)
+    check_threshold_mode(
+        mode,
+        val_bad is not None and len(val_bad) > 0,
+        threshold,
+        target_fpr,  # type: ignore[arg-type]
+        pixel_threshold,
+    )
     if len(val_good) == 0:  # type: ignore[arg-type]
         raise DataError("no normal validation images to calibrate on")
     good_scores, good_maps, _ = score_dataset(model, val_good, "scoring normal validation images")
@@ -316,7 +332,9 @@ def calibrate(
     if pixel_mode == "manual":
         pixel_t = float(pixel_threshold)  # type: ignore[arg-type]
     elif pixel_mode == "f1":
-        pixel_t = f1_threshold(np.r_[good_maps.ravel(), bad_maps.ravel()], np.r_[np.zeros(good_maps.size, bool), bad_masks.ravel()])
+        pixel_t = f1_threshold(
+            np.r_[good_maps.ravel(), bad_maps.ravel()], np.r_[np.zeros(good_maps.size, bool), bad_masks.ravel()]
+        )
     else:
         pixel_t = tail_threshold(good_maps, target_fpr)
 
@@ -330,9 +348,15 @@ def calibrate(
     figures.update({f"pixel_{k}": v for k, v in rates(pix_scores, pix_labels, pixel_t).items()})
     quantiles = np.quantile(good_maps, np.linspace(0, 1, PIXEL_QUANTILE_LEVELS)).tolist()
     cal = Calibration(
-        normal_scores=sorted(float(s) for s in good_scores), image_threshold=image_t, pixel_threshold=pixel_t,
-        image_mode=mode, pixel_mode=pixel_mode, target_fpr=float(target_fpr), pixel_quantiles=quantiles,
-        figures=figures, source=dict(source or {}),
+        normal_scores=sorted(float(s) for s in good_scores),
+        image_threshold=image_t,
+        pixel_threshold=pixel_t,
+        image_mode=mode,
+        pixel_mode=pixel_mode,
+        target_fpr=float(target_fpr),
+        pixel_quantiles=quantiles,
+        figures=figures,
+        source=dict(source or {}),
     ).check("calibration", DataError)
     model.calibration_ = cal.to_dict()
     return cal

@@ -52,9 +52,13 @@ def normal_statistics(scores: np.ndarray, maps: np.ndarray) -> dict[str, Any]:
     image-score max and mean (``scores`` (N,), ``maps`` (N, H, W) in the model's units)."""
     values = np.asarray(maps, dtype=np.float64).ravel()
     scores = np.asarray(scores, dtype=np.float64)
-    return {"images": int(scores.size), "map_median": float(np.median(values)),
-            "map_p99": float(np.quantile(values, 0.99)), "score_max": float(scores.max()),
-            "score_mean": float(scores.mean())}
+    return {
+        "images": int(scores.size),
+        "map_median": float(np.median(values)),
+        "map_p99": float(np.quantile(values, 0.99)),
+        "score_max": float(scores.max()),
+        "score_mean": float(scores.mean()),
+    }
 
 
 def scale_from_normals(stats: dict[str, Any], source: str) -> ColourScale:
@@ -122,8 +126,9 @@ def outline(mask: np.ndarray) -> np.ndarray:
     return m & ~inner
 
 
-def overlay_heatmap(image: np.ndarray, anomaly_map: np.ndarray, vmin: float, vmax: float,
-                    alpha: float = 0.5) -> np.ndarray:
+def overlay_heatmap(
+    image: np.ndarray, anomaly_map: np.ndarray, vmin: float, vmax: float, alpha: float = 0.5
+) -> np.ndarray:
     """Blend the jet colouring of ``anomaly_map`` (clipped to [vmin, vmax], resized to the image) over
     an ``(H, W, 3)`` uint8 image; returns ``(H, W, 3)`` uint8."""
     amap = resize_map(anomaly_map, image.shape[:2])
@@ -131,8 +136,9 @@ def overlay_heatmap(image: np.ndarray, anomaly_map: np.ndarray, vmin: float, vma
     return np.clip(heat.round(), 0, 255).astype(np.uint8)
 
 
-def draw_mask_contour(overlay: np.ndarray, mask: np.ndarray,
-                      colour: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
+def draw_mask_contour(
+    overlay: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int] = (255, 255, 255)
+) -> np.ndarray:
     """``overlay`` ``(H, W, 3)`` uint8 with the 1-px outline (:func:`outline`) of the binary ``mask``
     ``(H, W)`` drawn in ``colour`` (a copy)."""
     out = overlay.copy()
@@ -150,14 +156,27 @@ def overlay_layout(panel_h: int, panel_w: int) -> dict[str, tuple[int, int, int,
     size = max(11, min(18, panel_h // 20))
     head = 2 * (size + 4) + PAD
     bar_w = max(10, panel_w // 24)
-    return {"original": (head, 0, panel_h, panel_w), "heat": (head, panel_w + PAD, panel_h, panel_w),
-            "bar": (head, 2 * panel_w + 2 * PAD, panel_h, bar_w), "font": (0, 0, size, 0)}
+    return {
+        "original": (head, 0, panel_h, panel_w),
+        "heat": (head, panel_w + PAD, panel_h, panel_w),
+        "bar": (head, 2 * panel_w + 2 * PAD, panel_h, bar_w),
+        "font": (0, 0, size, 0),
+    }
 
 
-def render_overlay(image: np.ndarray, anomaly_map: np.ndarray, scale: ColourScale, score: float,
-                   threshold: float | None = None, alpha: float = 0.5,
-                   contour: np.ndarray | None = None, *, normalized: float | None = None,
-                   pixel_threshold: float | None = None, decision: str | None = None) -> np.ndarray:
+def render_overlay(
+    image: np.ndarray,
+    anomaly_map: np.ndarray,
+    scale: ColourScale,
+    score: float,
+    threshold: float | None = None,
+    alpha: float = 0.5,
+    contour: np.ndarray | None = None,
+    *,
+    normalized: float | None = None,
+    pixel_threshold: float | None = None,
+    decision: str | None = None,
+) -> np.ndarray:
     """The overlay an operator reads: the original ``image`` (H, W, 3) uint8 on the left, the same
     image with the jet-coloured ``anomaly_map`` (any size; resized bilinearly to H x W) on ``scale``
     on the right, and a colour bar with its end values, the image threshold and the pixel threshold
@@ -184,21 +203,25 @@ def render_overlay(image: np.ndarray, anomaly_map: np.ndarray, scale: ColourScal
         thresholds.append(f"pixel threshold {pixel_threshold:.4g}")
     line2 = ", ".join(thresholds) + f" | colour scale {scale.vmin:.3g} .. {scale.vmax:.3g} (map value)"
     marks = [(scale.vmax, f"{scale.vmax:.3g}"), (scale.vmin, f"{scale.vmin:.3g}")]
-    inside = [(v, f"{name} {v:.3g}") for v, name in ((threshold, "image T"), (pixel_threshold, "pixel T"))
-              if v is not None and scale.vmin < v < scale.vmax]
+    inside = [
+        (v, f"{name} {v:.3g}")
+        for v, name in ((threshold, "image T"), (pixel_threshold, "pixel T"))
+        if v is not None and scale.vmin < v < scale.vmax
+    ]
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     label_w = max(int(probe.textlength(t, font=font)) for _, t in marks + inside)
     top, bar_x, _, bar_w = box["bar"]
-    width = max(bar_x + bar_w + PAD + label_w + PAD,
-                max(int(probe.textlength(t, font=font)) for t in (line1, line2)) + 2 * PAD)
+    width = max(
+        bar_x + bar_w + PAD + label_w + PAD, max(int(probe.textlength(t, font=font)) for t in (line1, line2)) + 2 * PAD
+    )
     canvas = np.full((top + h + PAD, width, 3), 255, np.uint8)
-    canvas[top:top + h, :w] = image
+    canvas[top : top + h, :w] = image
     heat = overlay_heatmap(image, anomaly_map, scale.vmin, scale.vmax, alpha)
     if contour is not None:
         heat = draw_mask_contour(heat, contour)
-    canvas[top:top + h, w + PAD:2 * w + PAD] = heat
+    canvas[top : top + h, w + PAD : 2 * w + PAD] = heat
     ramp = jet_lut()[np.linspace(255, 0, h).round().astype(np.uint8)]  # top = vmax
-    canvas[top:top + h, bar_x:bar_x + bar_w] = ramp[:, None, :]
+    canvas[top : top + h, bar_x : bar_x + bar_w] = ramp[:, None, :]
     span = max(scale.vmax - scale.vmin, 1e-12)
 
     def row(value: float) -> int:
@@ -206,7 +229,7 @@ def render_overlay(image: np.ndarray, anomaly_map: np.ndarray, scale: ColourScal
 
     for value, _ in inside:
         y = row(value)
-        canvas[max(top, y - 1):y + 1, bar_x - 2:bar_x + bar_w + 2] = 0
+        canvas[max(top, y - 1) : y + 1, bar_x - 2 : bar_x + bar_w + 2] = 0
     pil = Image.fromarray(canvas)
     draw = ImageDraw.Draw(pil)
     draw.text((PAD, 2), line1, fill="black", font=font)

@@ -56,8 +56,12 @@ class CoresetStats:
 
 
 def greedy_k_center(
-    z: torch.Tensor, n_select: int, first: int, candidates: int = 1024,
-    screen_dtype: torch.dtype = torch.float64, stats: CoresetStats | None = None,
+    z: torch.Tensor,
+    n_select: int,
+    first: int,
+    candidates: int = 1024,
+    screen_dtype: torch.dtype = torch.float64,
+    stats: CoresetStats | None = None,
 ) -> torch.Tensor:
     """Row indices ``(n_select,)`` int64 chosen by greedy k-center on ``z`` ``(M, dim)`` from row ``first``.
 
@@ -75,7 +79,9 @@ def greedy_k_center(
     if not 0 <= first < m:
         raise ConfigError(f"first centre {first} is not a row of the {m} patches")
     if screen_dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        raise ConfigError("a float32 screen needs full float32 products (torch.set_float32_matmul_precision('highest'))")
+        raise ConfigError(
+            "a float32 screen needs full float32 products (torch.set_float32_matmul_precision('highest'))"
+        )
     screen = _Screen(z, screen_dtype)
     exact = _ExactDistances(z)
     stats = stats if stats is not None else CoresetStats()
@@ -163,8 +169,14 @@ class _ExactDistances:
         return int(ties[np.argmin(rows[ties])])
 
 
-def _decide(rows: np.ndarray, dist: np.ndarray, bound: np.ndarray, exact: _ExactDistances,
-            selected: list[int], stats: CoresetStats) -> int:
+def _decide(
+    rows: np.ndarray,
+    dist: np.ndarray,
+    bound: np.ndarray,
+    exact: _ExactDistances,
+    selected: list[int],
+    stats: CoresetStats,
+) -> int:
     """Position (in ``rows``) of the farthest row, given ``dist`` within ``bound`` of the exact values.
 
     The caller has checked that every row outside ``rows`` is provably nearer than the best's
@@ -182,8 +194,9 @@ def _decide(rows: np.ndarray, dist: np.ndarray, bound: np.ndarray, exact: _Exact
     return choice
 
 
-def _choose_round(screen: _Screen, exact: _ExactDistances, selected: list[int], n_select: int,
-                  n_candidates: int, stats: CoresetStats) -> None:
+def _choose_round(
+    screen: _Screen, exact: _ExactDistances, selected: list[int], n_select: int, n_candidates: int, stats: CoresetStats
+) -> None:
     """Append to ``selected`` the centres provably chosen among the ``n_candidates`` rows of
     largest upper bound (possibly none)."""
     stats.rounds += 1

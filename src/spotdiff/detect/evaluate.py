@@ -65,13 +65,15 @@ def evaluate_detector(
                 f"{model.image_size_}; open the test set with image_size={model.image_size_}"
             )
         for i, score in enumerate(scores.tolist()):
-            records.append({
-                "path": str(batch["path"][i]),
-                "label": int(batch["label"][i]),
-                "defect_type": str(batch["defect_type"][i]),
-                "score": float(score),
-                "decision": "",
-            })
+            records.append(
+                {
+                    "path": str(batch["path"][i]),
+                    "label": int(batch["label"][i]),
+                    "defect_type": str(batch["defect_type"][i]),
+                    "score": float(score),
+                    "decision": "",
+                }
+            )
         if all_maps is None or all_masks is None:  # preallocated: no concatenation copy at the end
             all_maps = np.empty((n, *batch_maps.shape[-2:]), dtype=np.float32)
             all_masks = np.empty((n, *batch_maps.shape[-2:]), dtype=np.uint8)
@@ -103,12 +105,15 @@ def _check_finite(records: list[dict[str, Any]], maps: np.ndarray) -> None:
     finite = np.isfinite([r["score"] for r in records]) & np.isfinite(maps.reshape(n, -1)).all(axis=1)
     if not finite.all():  # metrics on NaN would be a traceback or, worse, a number
         first = int(np.flatnonzero(~finite)[0])
-        raise DataError(f"{records[first]['path']}: the model gives a non-finite score or map (NaN or infinity) "
-                        f"on this test image ({int((~finite).sum())} of {n} such images); no metrics written")
+        raise DataError(
+            f"{records[first]['path']}: the model gives a non-finite score or map (NaN or infinity) "
+            f"on this test image ({int((~finite).sum())} of {n} such images); no metrics written"
+        )
 
 
-def decision_metrics(records: list[dict[str, Any]], maps: np.ndarray, masks: np.ndarray, image_threshold: float,
-                     pixel_threshold: float) -> dict[str, Any]:
+def decision_metrics(
+    records: list[dict[str, Any]], maps: np.ndarray, masks: np.ndarray, image_threshold: float, pixel_threshold: float
+) -> dict[str, Any]:
     """What the model's own thresholds decide on a labelled test set; sets ``decision`` in each record.
 
     An image is anomalous when its score is > ``image_threshold``; a pixel is a defect pixel when its map
@@ -172,14 +177,20 @@ def decisions_text(decisions: dict[str, Any]) -> str:
     good, bad = c["false_positive"] + c["true_negative"], c["true_positive"] + c["false_negative"]
     lines = [
         f"decisions at the model's image threshold {decisions['image_threshold']:.6g}:",
-        (f"  false alarms {c['false_positive']} of {good} good image(s) ({_percent(decisions['false_alarm_rate'])}); "
-        f"recall {c['true_positive']} of {bad} bad image(s) ({_percent(decisions['recall'])}); "
-        f"precision {_percent(decisions['precision'])}"),
+        (
+            f"  false alarms {c['false_positive']} of {good} good image(s) ({_percent(decisions['false_alarm_rate'])}); "
+            f"recall {c['true_positive']} of {bad} bad image(s) ({_percent(decisions['recall'])}); "
+            f"precision {_percent(decisions['precision'])}"
+        ),
     ]
-    lines += [f"  {name}: {e['detected']} of {e['images']} detected ({_percent(e['recall'])})"
-              for name, e in decisions["per_defect_type"].items()]
-    lines.append(f"at the pixel threshold {decisions['pixel_threshold']:.6g}: pixel FPR {_percent(px['fpr'])} "
-                 f"(good images {_percent(px['fpr_good_images'])}), pixel recall {_percent(px['recall'])}")
+    lines += [
+        f"  {name}: {e['detected']} of {e['images']} detected ({_percent(e['recall'])})"
+        for name, e in decisions["per_defect_type"].items()
+    ]
+    lines.append(
+        f"at the pixel threshold {decisions['pixel_threshold']:.6g}: pixel FPR {_percent(px['fpr'])} "
+        f"(good images {_percent(px['fpr_good_images'])}), pixel recall {_percent(px['recall'])}"
+    )
     return "\n".join(lines)
 
 
@@ -188,10 +199,15 @@ def count_test_set(per_type: dict[str, Any], records: list[dict[str, Any]], mask
     pixel counts (all, anomalous). The positive fraction is the chance level of an AU-PR."""
     labels = np.array([r["label"] for r in records])
     types = [r["defect_type"] for r in records]
-    return {"normal": int((labels == 0).sum()), "anomalous": int((labels == 1).sum()),
-            "pixels": int(masks.size), "anomalous_pixels": int(np.count_nonzero(masks)),
-            "per_defect_type": {t: sum(1 for x, y in zip(types, labels, strict=True) if x == t and y == 1)
-                                for t in per_type}}
+    return {
+        "normal": int((labels == 0).sum()),
+        "anomalous": int((labels == 1).sum()),
+        "pixels": int(masks.size),
+        "anomalous_pixels": int(np.count_nonzero(masks)),
+        "per_defect_type": {
+            t: sum(1 for x, y in zip(types, labels, strict=True) if x == t and y == 1) for t in per_type
+        },
+    }
 
 
 def write_test_results(
@@ -206,7 +222,9 @@ def write_test_results(
     out.mkdir(parents=True, exist_ok=True)
     written = {"metrics": out / "metrics.json", "scores": out / "scores.csv"}
     write_json_atomic(written["metrics"], metrics)
-    write_text_atomic(written["scores"], csv_text(SCORE_COLUMNS, [[r.get(k, "") for k in SCORE_COLUMNS] for r in records]))
+    write_text_atomic(
+        written["scores"], csv_text(SCORE_COLUMNS, [[r.get(k, "") for k in SCORE_COLUMNS] for r in records])
+    )
     if maps is not None:
         written["maps"] = out / "maps.npz"
         with atomic_path(written["maps"]) as tmp, open(tmp, "wb") as fh:

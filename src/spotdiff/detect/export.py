@@ -57,7 +57,9 @@ _GRAPH_CONFIG_KEYS = ("model", "arch", "layers", "image_size", "d", "epsilon", "
 
 
 def _missing_deploy() -> ConfigError:
-    return ConfigError('ONNX export and --backend onnxruntime need onnx and onnxruntime: pip install "spotdiff[deploy]"')
+    return ConfigError(
+        'ONNX export and --backend onnxruntime need onnx and onnxruntime: pip install "spotdiff[deploy]"'
+    )
 
 
 def model_fingerprint(model_dir: str | os.PathLike[str]) -> str:
@@ -88,8 +90,9 @@ def graph_digest(path: str | os.PathLike[str]) -> str:
         raise WeightsError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from exc
     del proto.metadata_props[:]
     digest = hashlib.sha256(proto.SerializeToString(deterministic=True))
-    locations = sorted({entry.value for tensor in proto.graph.initializer for entry in tensor.external_data
-                        if entry.key == "location"})
+    locations = sorted(
+        {entry.value for tensor in proto.graph.initializer for entry in tensor.external_data if entry.key == "location"}
+    )
     for location in locations:
         data = path.parent / location
         if Path(location).is_absolute() or ".." in Path(location).parts or not data.is_file():
@@ -141,7 +144,9 @@ class _Graph(nn.Module):
         self.grid: tuple[int, int] = (int(grid[0]), int(grid[1]))
         h, w = self.image_size_
         self.register_buffer("map_rows", _axis_operator(self.grid[0], h, GAUSSIAN_SIGMA).to(torch.float32))
-        self.register_buffer("map_cols_t", _axis_operator(self.grid[1], w, GAUSSIAN_SIGMA).to(torch.float32).T.contiguous())
+        self.register_buffer(
+            "map_cols_t", _axis_operator(self.grid[1], w, GAUSSIAN_SIGMA).to(torch.float32).T.contiguous()
+        )
 
 
 class PaDiMGraph(_Graph):
@@ -274,8 +279,10 @@ def export_onnx(
     out = Path(out)
     for target in (out, out.parent / f"{out.name}.data"):
         if target.resolve().is_relative_to(Path(model_dir).resolve()):
-            raise ConfigError(f"{target}: inside the model directory {model_dir}; refusing to write there "
-                              "(it could replace the model's own files): choose --out outside it")
+            raise ConfigError(
+                f"{target}: inside the model directory {model_dir}; refusing to write there "
+                "(it could replace the model's own files): choose --out outside it"
+            )
     model = Detector.load(model_dir)
     graph = detector_graph(model)
     if external_data is None:
@@ -290,14 +297,25 @@ def export_onnx(
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                graph, (example,), input_names=["images"], output_names=["scores", "maps"], opset_version=OPSET,
-                dynamic_shapes=({0: batch},), dynamo=True, external_data=external_data, verbose=False,
+                graph,
+                (example,),
+                input_names=["images"],
+                output_names=["scores", "maps"],
+                opset_version=OPSET,
+                dynamic_shapes=({0: batch},),
+                dynamo=True,
+                external_data=external_data,
+                verbose=False,
             )
         tmp_onnx = work / out.name
         program.save(str(tmp_onnx), external_data=external_data)
         proto = onnx.load(str(tmp_onnx), load_external_data=False)
-        metadata = {FINGERPRINT_KEY: model_fingerprint(model_dir), CONTENT_KEY: graph_digest(tmp_onnx),
-                    "spotdiff.model": model.model_type, "spotdiff.image_size": json.dumps(list(model.image_size_))}
+        metadata = {
+            FINGERPRINT_KEY: model_fingerprint(model_dir),
+            CONTENT_KEY: graph_digest(tmp_onnx),
+            "spotdiff.model": model.model_type,
+            "spotdiff.image_size": json.dumps(list(model.image_size_)),
+        }
         for key, value in metadata.items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
@@ -329,8 +347,13 @@ class OnnxDetector:
     naming the file. The torch detector is loaded for the probe and then released.
     """
 
-    def __init__(self, model_dir: str | os.PathLike[str], onnx_path: str | os.PathLike[str],
-                 batch_size: int = CPU_FORWARD_IMAGES, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: str | os.PathLike[str],
+        onnx_path: str | os.PathLike[str],
+        batch_size: int = CPU_FORWARD_IMAGES,
+        threads: int | None = None,
+    ) -> None:
         try:
             import onnx
             import onnxruntime as ort
@@ -345,11 +368,15 @@ class OnnxDetector:
         except Exception as exc:  # noqa: BLE001 - any parse failure means "not an ONNX model"
             raise WeightsError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from exc
         if meta.get(FINGERPRINT_KEY) != model_fingerprint(model_dir):
-            raise WeightsError(f"{path}: was not exported from the model in {model_dir} (fingerprint differs); "
-                               f"re-run `spotdiff export {model_dir} --format onnx`")
+            raise WeightsError(
+                f"{path}: was not exported from the model in {model_dir} (fingerprint differs); "
+                f"re-run `spotdiff export {model_dir} --format onnx`"
+            )
         if meta.get(CONTENT_KEY) != graph_digest(path):
-            raise WeightsError(f"{path}: its graph or tensors changed after export (content SHA-256 differs from "
-                               f"the one recorded); re-run `spotdiff export {model_dir} --format onnx`")
+            raise WeightsError(
+                f"{path}: its graph or tensors changed after export (content SHA-256 differs from "
+                f"the one recorded); re-run `spotdiff export {model_dir} --format onnx`"
+            )
         options = ort.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads
@@ -375,10 +402,12 @@ class OnnxDetector:
         for name, got, want in (("scores", got_scores, want_scores), ("maps", got_maps, want_maps)):
             scale = float(want.abs().max()) or 1.0
             if got.shape != want.shape or not bool(((got - want).abs() <= PROBE_RTOL * scale).all()):
-                raise WeightsError(f"{self.path}: does not compute what the model in {model_dir} computes (its "
-                                   f"{name} on {PROBE_IMAGES} probe images differ by more than {PROBE_RTOL:g} "
-                                   "relative): not this model's graph or tensors; re-run "
-                                   f"`spotdiff export {model_dir} --format onnx`")
+                raise WeightsError(
+                    f"{self.path}: does not compute what the model in {model_dir} computes (its "
+                    f"{name} on {PROBE_IMAGES} probe images differ by more than {PROBE_RTOL:g} "
+                    "relative): not this model's graph or tensors; re-run "
+                    f"`spotdiff export {model_dir} --format onnx`"
+                )
 
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Image scores ``(B,)`` and maps ``(B, H, W)`` float32 CPU tensors, like ``Detector.predict``."""

@@ -121,9 +121,7 @@ def _separable(maps: torch.Tensor, size: tuple[int, int], sigma: float) -> torch
     return rows @ maps @ cols.T
 
 
-def upsample_and_smooth(
-    grid_maps: torch.Tensor, size: tuple[int, int], sigma: float = GAUSSIAN_SIGMA
-) -> torch.Tensor:
+def upsample_and_smooth(grid_maps: torch.Tensor, size: tuple[int, int], sigma: float = GAUSSIAN_SIGMA) -> torch.Tensor:
     """``(B, h, w)`` patch scores -> ``(B, H, W)`` anomaly maps: bilinear upsampling, then Gaussian ``sigma``.
 
     Both steps are linear and separable, so they run as two small matrix products per map,
@@ -144,4 +142,3 @@ def check_layers(layers: Sequence[str]) -> list[str]:
     if sorted(layers, key=order.index) != layers or len(set(layers)) != len(layers):
         raise ConfigError(f"layers must be distinct and ordered shallow to deep, got {layers}")
     return layers
-

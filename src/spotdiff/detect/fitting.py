@@ -53,11 +53,26 @@ def fit_folder(
     """Fit ``model`` on a folder (or folders, or a list of image files) of good images and calibrate
     it; the Python twin of ``spotdiff fit --train``. See `fit_dataset` for the other arguments."""
     paths = list_images(train, recursive=True)
-    dataset = AnomalyDataset([ImageRecord(p, 0, source=str(p.parent)) for p in paths], image_size=image_size,
-                             name="train")
-    return fit_dataset(model, dataset, val_good, val_bad, val_masks, threshold_mode, target_fpr, threshold,
-                       pixel_threshold, val_seed, val_fraction, mask_suffix, mask_threshold, calibrate,
-                       held_from="training folder")
+    dataset = AnomalyDataset(
+        [ImageRecord(p, 0, source=str(p.parent)) for p in paths], image_size=image_size, name="train"
+    )
+    return fit_dataset(
+        model,
+        dataset,
+        val_good,
+        val_bad,
+        val_masks,
+        threshold_mode,
+        target_fpr,
+        threshold,
+        pixel_threshold,
+        val_seed,
+        val_fraction,
+        mask_suffix,
+        mask_threshold,
+        calibrate,
+        held_from="training folder",
+    )
 
 
 def fit_dataset(
@@ -100,12 +115,22 @@ def fit_dataset(
     """
     train_paths = [Path(p) for p in train.paths]
     if not calibrate:
-        given = [name for name, value in (("--val-good", val_good), ("--val-bad", val_bad), ("--val-masks", val_masks),
-                                           ("--threshold", threshold), ("--pixel-threshold", pixel_threshold))
-                 if value is not None]
+        given = [
+            name
+            for name, value in (
+                ("--val-good", val_good),
+                ("--val-bad", val_bad),
+                ("--val-masks", val_masks),
+                ("--threshold", threshold),
+                ("--pixel-threshold", pixel_threshold),
+            )
+            if value is not None
+        ]
         if given or threshold_mode != "normal-fpr":
-            raise ConfigError(f"--no-calibration fits without thresholds; it cannot be combined with "
-                              f"{', '.join(given) or '--threshold-mode'}")
+            raise ConfigError(
+                f"--no-calibration fits without thresholds; it cannot be combined with "
+                f"{', '.join(given) or '--threshold-mode'}"
+            )
         check_image_headers(train_paths)
         model.fit(train)
         return model, None, []
@@ -116,15 +141,18 @@ def fit_dataset(
         val_paths = list_images(val_good, recursive=True)
         hashes.update(content_hashes(val_paths, check_headers=True))
         check_no_overlap(train_paths, val_paths, "training", "normal validation", hashes)
-        good_set = AnomalyDataset([ImageRecord(p, 0) for p in val_paths], image_size=train.image_size,
-                                  name="val good")
+        good_set = AnomalyDataset([ImageRecord(p, 0) for p in val_paths], image_size=train.image_size, name="val good")
         source: dict[str, Any] = {"validation": "given", "n_val_good": len(val_paths)}
     else:
         fit_idx, val_idx = holdout(train_paths, val_fraction, val_seed, hashes, where=train.name or "training images")
         fit_set, good_set = train.subset(fit_idx), train.subset(val_idx)
         val_paths = [train_paths[i] for i in val_idx]
-        source = {"validation": f"held out of {held_from}", "val_fraction": val_fraction, "val_seed": val_seed,
-                  "n_val_good": len(val_idx)}
+        source = {
+            "validation": f"held out of {held_from}",
+            "val_fraction": val_fraction,
+            "val_seed": val_seed,
+            "n_val_good": len(val_idx),
+        }
     bad: FolderSet | None = None
     if val_bad is not None:
         bad = folder_records(None, val_bad, val_masks, mask_suffix, mask_threshold, what="validation")
@@ -138,6 +166,15 @@ def fit_dataset(
         raise ConfigError("--val-masks needs --val-bad (the bad validation images the masks belong to)")
     model.fit(fit_set)
     bad_set = AnomalyDataset(bad.records, image_size=model.image_size_, name="val bad") if bad else None
-    cal = calibrate_model(model, good_set, bad_set, threshold_mode, target_fpr, threshold, pixel_threshold, source,
-                          has_masks=bad is not None and len(bad.unmasked) < len(bad.records))
+    cal = calibrate_model(
+        model,
+        good_set,
+        bad_set,
+        threshold_mode,
+        target_fpr,
+        threshold,
+        pixel_threshold,
+        source,
+        has_masks=bad is not None and len(bad.unmasked) < len(bad.records),
+    )
     return model, cal, bad.unmasked if bad else []

@@ -116,8 +116,12 @@ class GaussianAccumulator:
         start, stop, offset = cls.row_blocks(dim)[-1]
         width = offset + (stop - start) * (dim - start)
         chunk = max(1, _CHUNK_BYTES // (8 * dim * dim))
-        return (positions * width * itemsize + positions * dim * (8 + itemsize)
-                + stage * positions * dim * itemsize + 4 * chunk * dim * dim * 8)
+        return (
+            positions * width * itemsize
+            + positions * dim * (8 + itemsize)
+            + stage * positions * dim * itemsize
+            + 4 * chunk * dim * dim * 8
+        )
 
     def _spans(self, chunk: int | None = None) -> list[tuple[int, int]]:
         step = chunk or self.chunk

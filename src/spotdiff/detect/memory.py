@@ -35,5 +35,7 @@ def check_memory_fits(need: int, what: str, remedy: str) -> None:
     """Raise :class:`ConfigError` in one line when ``need`` bytes exceed :func:`available_bytes`."""
     free = available_bytes()
     if need > free:
-        raise ConfigError(f"{what} need about {format_bytes(need)} but only {format_bytes(free)} of memory is "
-                          f"available; reduce it with {remedy}")
+        raise ConfigError(
+            f"{what} need about {format_bytes(need)} but only {format_bytes(free)} of memory is "
+            f"available; reduce it with {remedy}"
+        )

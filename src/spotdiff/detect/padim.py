@@ -35,6 +35,8 @@ UNPACKED_FACTOR_BYTES = 1 << 30
 """``predict`` keeps an unpacked ``(P, d, d)`` copy of ``L^-1`` when it is at most this large
 (resnet18, d = 100, 256 px: 164 MB), which makes the Mahalanobis step about 3x faster; larger
 factors (resnet50, d = 550: 5 GB) are unpacked a few positions at a time instead."""
+
+
 def channel_subset(arch: str, layers: Sequence[str], d: int | None, seed: int) -> tuple[int, torch.Tensor]:
     """``(d_, index)``: ``d`` (None: ``DEFAULT_DIMS[arch]``) capped at the channel count of ``layers``, and
     the sorted random subset of that many concatenated channels drawn from ``seed``."""
@@ -139,13 +141,18 @@ class PaDiM(Detector):
     def _check_training_size(self, n_images: int, positions: int) -> None:
         """Refuse statistics that would not fit in memory; warn when ``N - 1 < d``."""
         grid = f"{self._grid[0]}x{self._grid[1]}"
-        check_memory_fits(GaussianAccumulator.nbytes(positions, self.d_),
-                   f"PaDiM statistics (d={self.d_}, {grid} positions, {positions} x d(d+1)/2 float32)",
-                   "a smaller --d or --image-size")
+        check_memory_fits(
+            GaussianAccumulator.nbytes(positions, self.d_),
+            f"PaDiM statistics (d={self.d_}, {grid} positions, {positions} x d(d+1)/2 float32)",
+            "a smaller --d or --image-size",
+        )
         if 2 <= n_images <= self.d_:
-            print(f"warning: PaDiM: {n_images} training images give a sample covariance of rank at most "
+            print(
+                f"warning: PaDiM: {n_images} training images give a sample covariance of rank at most "
                 f"{n_images - 1} < d = {self.d_}; it is invertible only through the regulariser "
-                f"epsilon * I = {self.epsilon:g} * I. Use at least {self.d_ + 1} images or a smaller --d.", file=sys.stderr)
+                f"epsilon * I = {self.epsilon:g} * I. Use at least {self.d_ + 1} images or a smaller --d.",
+                file=sys.stderr,
+            )
 
     def _predict_normalized(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.mean_ is not None and self.inv_chol_packed_ is not None and self.image_size_ is not None
@@ -172,8 +179,12 @@ class PaDiM(Detector):
     @classmethod
     def _from_config(cls, config: dict[str, Any], device: str | torch.device) -> Self:
         return cls(
-            arch=config["arch"], layers=config["layers"], d=int(config["d"]), epsilon=float(config["epsilon"]),
-            seed=int(config["seed"]), device=device,
+            arch=config["arch"],
+            layers=config["layers"],
+            d=int(config["d"]),
+            epsilon=float(config["epsilon"]),
+            seed=int(config["seed"]),
+            device=device,
         )
 
     def _set_state(self, tensors: dict[str, torch.Tensor]) -> None:

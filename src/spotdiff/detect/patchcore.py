@@ -118,8 +118,9 @@ def sharded_coreset(z: torch.Tensor, n_select: int, shard: int | None, seed: int
     quota = [n_select * (b - a) // m for a, b in zip(bounds, bounds[1:])]
     for i in range(n_select - sum(quota)):
         quota[i] += 1
-    parts = [greedy_coreset(z[a:b], q, None, seed + i) + a
-             for i, (a, b, q) in enumerate(zip(bounds, bounds[1:], quota)) if q]
+    parts = [
+        greedy_coreset(z[a:b], q, None, seed + i) + a for i, (a, b, q) in enumerate(zip(bounds, bounds[1:], quota)) if q
+    ]
     return torch.cat(parts)
 
 
@@ -196,22 +197,31 @@ class PatchCore(Detector):
     def check_params(self) -> Self:
         super().check_params()
         if not 0.0 < self.coreset_ratio <= 1.0:
-            raise ConfigError(f"coreset ratio must be in (0, 1] (the fraction of training patches kept), "
-                              f"got {self.coreset_ratio}")
-        if isinstance(self.num_neighbors, bool) or not isinstance(self.num_neighbors, int) \
-                or self.num_neighbors < MIN_NEIGHBORS:
-            raise ConfigError(f"num_neighbors must be an integer >= {MIN_NEIGHBORS} (with one neighbour the "
-                              f"score's weight, paper eq. 7, is 0 for every image), got {self.num_neighbors}")
+            raise ConfigError(
+                f"coreset ratio must be in (0, 1] (the fraction of training patches kept), got {self.coreset_ratio}"
+            )
+        if (
+            isinstance(self.num_neighbors, bool)
+            or not isinstance(self.num_neighbors, int)
+            or self.num_neighbors < MIN_NEIGHBORS
+        ):
+            raise ConfigError(
+                f"num_neighbors must be an integer >= {MIN_NEIGHBORS} (with one neighbour the "
+                f"score's weight, paper eq. 7, is 0 for every image), got {self.num_neighbors}"
+            )
         channels = sum(layer_channels(self.arch, self.layers))
         if self.target_dim is not None and not 1 <= self.target_dim <= channels:
-            raise ConfigError(f"target_dim must be in [1, {channels}] (the channels of {list(self.layers)}), "
-                              f"got {self.target_dim}")
+            raise ConfigError(
+                f"target_dim must be in [1, {channels}] (the channels of {list(self.layers)}), got {self.target_dim}"
+            )
         if self.nn_backend not in ("auto", "faiss", "torch"):
             raise ConfigError(f"nn_backend must be auto, faiss or torch, got {self.nn_backend!r}")
         if self.nn_backend == "faiss" and not HAVE_FAISS:
             raise ConfigError("nn_backend 'faiss' requested but faiss is not installed")
         if self.coreset_shard is not None and self.coreset_shard < 1:
-            raise ConfigError(f"coreset_shard must be >= 1 patch (or None for the exact greedy), got {self.coreset_shard}")
+            raise ConfigError(
+                f"coreset_shard must be >= 1 patch (or None for the exact greedy), got {self.coreset_shard}"
+            )
         if self.projection_dim is not None and self.projection_dim < 1:
             raise ConfigError(f"projection_dim must be >= 1 (or None), got {self.projection_dim}")
         return self
@@ -281,10 +291,12 @@ class PatchCore(Detector):
         score of eq. 7 needs that many bank rows; a 1-row bank scores every image 0)."""
         n_keep = max(1, int(patches * self.coreset_ratio))
         if n_keep < self.num_neighbors:
-            raise ConfigError(f"coreset ratio {self.coreset_ratio:g} keeps {n_keep} of {patches} training patches, "
-                              f"fewer than num_neighbors = {self.num_neighbors}, the bank rows the score needs: "
-                              f"raise --coreset-ratio to at least {self.num_neighbors / patches:.2g} or give more "
-                              "training images")
+            raise ConfigError(
+                f"coreset ratio {self.coreset_ratio:g} keeps {n_keep} of {patches} training patches, "
+                f"fewer than num_neighbors = {self.num_neighbors}, the bank rows the score needs: "
+                f"raise --coreset-ratio to at least {self.num_neighbors / patches:.2g} or give more "
+                "training images"
+            )
         return n_keep
 
     def _check_memory(self, patches: int, channels: int, width: int) -> None:
@@ -294,13 +306,19 @@ class PatchCore(Detector):
         # float32 projections, the greedy's float64 centred copy of one shard with its per-row vectors
         # (detect/coreset.py), the bank and faiss's copy of it
         need = 4 * (patches * width + 2 * kept * channels) + 8 * searched * (width + 6)
-        check_memory_fits(need, f"PatchCore on {patches} patches x {channels} channels (projections {patches} x {width} "
-                         f"float32, bank {kept} x {channels})", "a smaller --coreset-ratio or --image-size")
+        check_memory_fits(
+            need,
+            f"PatchCore on {patches} patches x {channels} channels (projections {patches} x {width} "
+            f"float32, bank {kept} x {channels})",
+            "a smaller --coreset-ratio or --image-size",
+        )
         spill_free = _free_disk(self.spill_dir)
         if width < channels and 4 * patches * channels > spill_free:
-            raise ConfigError(f"PatchCore streams {format_bytes(4 * patches * channels)} of patch features to a "
-                              f"temporary file but only {format_bytes(spill_free)} is free in "
-                              f"{self.spill_dir or tempfile.gettempdir()}; set TMPDIR or reduce --image-size")
+            raise ConfigError(
+                f"PatchCore streams {format_bytes(4 * patches * channels)} of patch features to a "
+                f"temporary file but only {format_bytes(spill_free)} is free in "
+                f"{self.spill_dir or tempfile.gettempdir()}; set TMPDIR or reduce --image-size"
+            )
 
     def _set_bank(self, bank: torch.Tensor) -> None:
         self.memory_bank_ = bank
@@ -352,9 +370,14 @@ class PatchCore(Detector):
     @classmethod
     def _from_config(cls, config: dict[str, Any], device: str | torch.device) -> Self:
         return cls(
-            arch=config["arch"], layers=config["layers"], coreset_ratio=float(config["coreset_ratio"]),
-            projection_dim=config["projection_dim"], num_neighbors=int(config["num_neighbors"]),
-            target_dim=config["target_dim"], seed=int(config["seed"]), device=device,
+            arch=config["arch"],
+            layers=config["layers"],
+            coreset_ratio=float(config["coreset_ratio"]),
+            projection_dim=config["projection_dim"],
+            num_neighbors=int(config["num_neighbors"]),
+            target_dim=config["target_dim"],
+            seed=int(config["seed"]),
+            device=device,
             coreset_shard=config.get("coreset_shard", DEFAULT_CORESET_SHARD),
         )
 

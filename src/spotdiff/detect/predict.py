@@ -48,8 +48,14 @@ PIPELINE_DEPTH = 2
 PNG_COMPRESS_LEVEL = 1
 """zlib level of overlay and mask PNGs: lossless either way; level 1 encodes several times faster than
 Pillow's default 6 for files about 10-30 % larger (our choice, for predict's throughput)."""
-__all__ = ["PREDICT_COLUMNS", "collect_images", "draw_mask_contour", "overlay_heatmap", "predict_images",
-           "write_result"]
+__all__ = [
+    "PREDICT_COLUMNS",
+    "collect_images",
+    "draw_mask_contour",
+    "overlay_heatmap",
+    "predict_images",
+    "write_result",
+]
 
 
 def collect_images(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
@@ -111,13 +117,19 @@ def _save_png(array: np.ndarray, dest: Path) -> None:
 def write_result(result: ScoredImage, name: str, outputs: _Outputs) -> dict[str, Any]:
     """Write the mask (at the original image's size) and the overlay of one scored image; return its
     ``scores.csv`` row. Runs in a writer thread."""
-    row: dict[str, Any] = {"path": str(result.path), "score": "" if result.score is None else result.score,
-                           "normalized_score": "" if result.normalized_score is None else result.normalized_score,
-                           "normal_percentile": "" if result.normal_percentile is None else result.normal_percentile,
-                           "decision": result.decision, "anomalous": "", "overlay": "", "mask": "",
-                           "threshold": "" if outputs.threshold is None else outputs.threshold,
-                           "pixel_threshold": "" if outputs.pixel_threshold is None else outputs.pixel_threshold,
-                           "error": result.error}
+    row: dict[str, Any] = {
+        "path": str(result.path),
+        "score": "" if result.score is None else result.score,
+        "normalized_score": "" if result.normalized_score is None else result.normalized_score,
+        "normal_percentile": "" if result.normal_percentile is None else result.normal_percentile,
+        "decision": result.decision,
+        "anomalous": "",
+        "overlay": "",
+        "mask": "",
+        "threshold": "" if outputs.threshold is None else outputs.threshold,
+        "pixel_threshold": "" if outputs.pixel_threshold is None else outputs.pixel_threshold,
+        "error": result.error,
+    }
     if result.decision == ERROR or result.score is None:
         return row
     if outputs.threshold is not None:
@@ -192,8 +204,13 @@ def predict_images(
     paths = collect_images(inputs)
     out = Path(out_dir)
     names = dict(zip(map(str, paths), output_names(paths), strict=True))
-    outputs = _Outputs(out / "overlays" if overlays else None, out / "masks" if masks else None,
-                       colour_scale(model, scorer.threshold), scorer.threshold, scorer.pixel_threshold)
+    outputs = _Outputs(
+        out / "overlays" if overlays else None,
+        out / "masks" if masks else None,
+        colour_scale(model, scorer.threshold),
+        scorer.threshold,
+        scorer.pixel_threshold,
+    )
     targets = [d / n for d in (outputs.overlay_dir, outputs.mask_dir) if d is not None for n in names.values()]
     targets += _earlier_png_targets(out / "overlays", out / "masks")
     scores_file = ScoresFile(out, resume=resume)
@@ -224,8 +241,16 @@ def _earlier_png_targets(*folders: Path) -> list[Path]:
     return found
 
 
-def _run_pipeline(scorer: ImageScorer, todo: Sequence[Path], names: dict[str, str], outputs: _Outputs,
-                  scores_file: Any, step: int, num_workers: int | None, writers: int) -> None:
+def _run_pipeline(
+    scorer: ImageScorer,
+    todo: Sequence[Path],
+    names: dict[str, str],
+    outputs: _Outputs,
+    scores_file: Any,
+    step: int,
+    num_workers: int | None,
+    writers: int,
+) -> None:
     """Model batches in this thread; each batch's writes go to the writer pool, and its rows are
     appended in order once its writes are done. On any exception the rows of the writes that
     completed are appended before it propagates (a writer's unexpected exception becomes
@@ -241,8 +266,7 @@ def _run_pipeline(scorer: ImageScorer, todo: Sequence[Path], names: dict[str, st
                 except SpotdiffError:
                     raise
                 except Exception as exc:  # a writer that died: end the run, naming the image
-                    raise OutputError(f"{path}: writing its overlay/mask failed ({type(exc).__name__}: {exc})") \
-                        from exc
+                    raise OutputError(f"{path}: writing its overlay/mask failed ({type(exc).__name__}: {exc})") from exc
         finally:
             if rows:
                 scores_file.append(rows)
@@ -254,10 +278,13 @@ def _run_pipeline(scorer: ImageScorer, todo: Sequence[Path], names: dict[str, st
             if outputs.overlay_dir is not None and outputs.scale is None:
                 good = [(r.score, r.anomaly_map) for r in results if r.anomaly_map is not None]
                 if good:  # a model directory without normal statistics: fixed from this first batch
-                    outputs.scale = scale_from_normals(normal_statistics(
-                        np.array([s for s, _ in good]), np.stack([m for _, m in good])), "first batch")
-                    log(f"warning: {len(good)} image(s) of the first batch fix the overlays' colour scale; "
-                        "re-fit the model (or give --threshold) for a scale fixed by the model")
+                    outputs.scale = scale_from_normals(
+                        normal_statistics(np.array([s for s, _ in good]), np.stack([m for _, m in good])), "first batch"
+                    )
+                    log(
+                        f"warning: {len(good)} image(s) of the first batch fix the overlays' colour scale; "
+                        "re-fit the model (or give --threshold) for a scale fixed by the model"
+                    )
             if writers == 0:
                 pending.append([(r.path, _completed(write_result, r, names[str(r.path)], outputs)) for r in results])
             else:

@@ -29,11 +29,31 @@ from spotdiff.errors import ConfigError, OutputError
 from spotdiff.files import output_error, remove_stale_temp_files, write_text_atomic
 from spotdiff.progress import log
 
-PREDICT_COLUMNS = ("path", "score", "normalized_score", "normal_percentile", "decision", "anomalous", "threshold",
-                   "pixel_threshold", "overlay", "mask", "error")
+PREDICT_COLUMNS = (
+    "path",
+    "score",
+    "normalized_score",
+    "normal_percentile",
+    "decision",
+    "anomalous",
+    "threshold",
+    "pixel_threshold",
+    "overlay",
+    "mask",
+    "error",
+)
 """Columns of ``scores.csv`` written by ``predict``."""
-OLD_PREDICT_COLUMNS = ("path", "score", "normalized_score", "decision", "anomalous", "threshold", "overlay", "mask",
-                       "error")
+OLD_PREDICT_COLUMNS = (
+    "path",
+    "score",
+    "normalized_score",
+    "decision",
+    "anomalous",
+    "threshold",
+    "overlay",
+    "mask",
+    "error",
+)
 """The header of ``scores.csv`` before ``normal_percentile`` (spotdiff <= 0.x): still recognised as ours."""
 SCORES = "scores.csv"
 PARTIAL = "scores.partial.csv"
@@ -47,20 +67,25 @@ def _is_model_dir(folder: Path) -> bool:
     return all((folder / name).is_file() for name in MODEL_MARKERS)
 
 
-def check_output_location(out: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[str]] = (),
-                          option: str = "--out") -> None:
+def check_output_location(
+    out: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[str]] = (), option: str = "--out"
+) -> None:
     """ConfigError when ``out`` (a folder or a file) is inside a model directory (or is one), or
     inside one of the input folders ``inputs`` (or is one). Paths are compared resolved (symlinks followed)."""
     target = Path(out).resolve()
     for folder in (target, *target.parents):
         if _is_model_dir(folder):
-            raise ConfigError(f"{option} {out} is inside the model directory {folder}: its files would mix with "
-                              "the model's (or overwrite them); choose a path outside it")
+            raise ConfigError(
+                f"{option} {out} is inside the model directory {folder}: its files would mix with "
+                "the model's (or overwrite them); choose a path outside it"
+            )
     for item in inputs:
         source = Path(item).resolve()
         if source.is_dir() and (target == source or source in target.parents):
-            raise ConfigError(f"{option} {out} is inside the input folder {item}: a later run would score its own "
-                              "overlays; choose an output folder outside the inputs")
+            raise ConfigError(
+                f"{option} {out} is inside the input folder {item}: a later run would score its own "
+                "overlays; choose an output folder outside the inputs"
+            )
 
 
 def _header(path: Path) -> tuple[str, ...] | None:
@@ -87,7 +112,9 @@ def _read_rows(path: Path) -> list[dict[str, str]]:
 
 def _csv_line(row: dict[str, Any]) -> str:
     buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerow(["" if row.get(k) is None else row.get(k, "") for k in PREDICT_COLUMNS])
+    csv.writer(buf, lineterminator="\n").writerow(
+        ["" if row.get(k) is None else row.get(k, "") for k in PREDICT_COLUMNS]
+    )
     return buf.getvalue()
 
 
@@ -106,15 +133,18 @@ class ScoresFile:
         self.final = self.out / SCORES
         self._fh: io.TextIOWrapper | None = None
 
-    def start(self, threshold: float | None, pixel_threshold: float | None,
-              outputs: Iterable[Path] = ()) -> dict[str, dict[str, str]]:
+    def start(
+        self, threshold: float | None, pixel_threshold: float | None, outputs: Iterable[Path] = ()
+    ) -> dict[str, dict[str, str]]:
         """Prepare the folder: refuse files not ours, move earlier runs' files aside (or, with
         ``resume``, keep their scored rows), remove leftover temporary files of ``outputs`` (and of the
         scores files). Returns the kept rows by path (empty without ``resume``)."""
         for path in (self.final, self.partial, self.out / PREVIOUS, self.out / PREVIOUS_PARTIAL):
             if path.exists() and not _ours(path):
-                raise OutputError(f"{path}: exists and was not written by spotdiff predict; "
-                                  "choose another --out (nothing was changed)")
+                raise OutputError(
+                    f"{path}: exists and was not written by spotdiff predict; "
+                    "choose another --out (nothing was changed)"
+                )
         self.out.mkdir(parents=True, exist_ok=True)
         removed = remove_stale_temp_files([self.final, self.partial, *outputs])
         if removed:
@@ -143,19 +173,23 @@ class ScoresFile:
         return kept
 
     @staticmethod
-    def _check_same_run(rows: Iterable[dict[str, str]], source: Path, threshold: float | None,
-                        pixel_threshold: float | None) -> None:
+    def _check_same_run(
+        rows: Iterable[dict[str, str]], source: Path, threshold: float | None, pixel_threshold: float | None
+    ) -> None:
         for row in rows:
             for key, value in (("threshold", threshold), ("pixel_threshold", pixel_threshold)):
                 if key not in row:
                     continue
                 had = row[key]
-                same = (had == "" and value is None) or (had != "" and value is not None
-                                                         and abs(float(had) - value) <= 1e-9 * max(1.0, abs(value)))
+                same = (had == "" and value is None) or (
+                    had != "" and value is not None and abs(float(had) - value) <= 1e-9 * max(1.0, abs(value))
+                )
                 if not same:
-                    raise ConfigError(f"{source}: was written with {key} {had or 'none'}, this run has "
-                                      f"{value if value is not None else 'none'}; resume with the same model and "
-                                      "thresholds, or run without --resume")
+                    raise ConfigError(
+                        f"{source}: was written with {key} {had or 'none'}, this run has "
+                        f"{value if value is not None else 'none'}; resume with the same model and "
+                        "thresholds, or run without --resume"
+                    )
 
     def append(self, rows: Sequence[dict[str, Any]]) -> None:
         """Append ``rows`` and make them durable (flush + fsync) before returning."""

@@ -90,8 +90,13 @@ class _Keys:
 
     def number(self, key: str, low: float, high: float, low_open: bool = False) -> float:
         value = self.require(key)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
-                or not (low < value if low_open else low <= value) or value > high:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or not (low < value if low_open else low <= value)
+            or value > high
+        ):
             raise self.fail(key, f"must be a finite number in {'(' if low_open else '['}{low:g}, {high:g}]")
         return float(value)
 
@@ -119,13 +124,20 @@ def check_model_config(config: Any, where: str) -> None:
         raise keys.fail("arch", f"must be one of {sorted(ARCHITECTURES)}")
     layers = config["layers"]
     order = list(LAYER_STRIDES)
-    if not isinstance(layers, list) or not layers or not all(isinstance(x, str) and x in order for x in layers) \
-            or sorted(set(layers), key=order.index) != layers:
+    if (
+        not isinstance(layers, list)
+        or not layers
+        or not all(isinstance(x, str) and x in order for x in layers)
+        or sorted(set(layers), key=order.index) != layers
+    ):
         raise keys.fail("layers", f"must be a non-empty list of distinct stages from {order}, shallow to deep")
     keys.integer("seed", 0, SEED_MAX)
     size = config["image_size"]
-    if not isinstance(size, list) or len(size) != 2 or any(isinstance(v, bool) or not isinstance(v, int)
-                                                            or not 1 <= v <= MAX_IMAGE_SIDE for v in size):
+    if (
+        not isinstance(size, list)
+        or len(size) != 2
+        or any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_IMAGE_SIDE for v in size)
+    ):
         raise keys.fail("image_size", f"must be [height, width], integers in [1, {MAX_IMAGE_SIDE}]")
     keys.integer("n_train", 1)
     if not isinstance(config["backbone_source"], str):
@@ -158,8 +170,9 @@ def check_model_config(config: Any, where: str) -> None:
 
 def _tensor_problem(name: str, tensor: torch.Tensor, shape: tuple[int, ...] | None, where: str) -> None:
     if shape is not None and tuple(tensor.shape) != shape:
-        raise WeightsError(f"{where}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape} "
-                           "from config.json")
+        raise WeightsError(
+            f"{where}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape} from config.json"
+        )
     check_finite_tensor(tensor, name, where)
 
 
@@ -170,8 +183,9 @@ def check_finite_tensor(tensor: torch.Tensor, name: str, where: str) -> None:
         raise WeightsError(f"{where}: tensor {name!r} holds {bad} non-finite value(s) (NaN or infinity)")
 
 
-def check_model_tensors(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
-                        backbone: Mapping[str, torch.Tensor], model_dir: str) -> None:
+def check_model_tensors(
+    config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], backbone: Mapping[str, torch.Tensor], model_dir: str
+) -> None:
     """Shapes and finiteness of the fitted tensors and feature network against a checked ``config``.
 
     PaDiM: ``mean`` ``(P, d)`` with ``P`` the ``layers[0]`` grid of ``image_size``, packed ``L^-1``
@@ -194,19 +208,26 @@ def check_model_tensors(config: Mapping[str, Any], tensors: Mapping[str, torch.T
         _tensor_problem("inv_cholesky_packed", tensors["inv_cholesky_packed"], (h * w, d * (d + 1) // 2), where)
         index = tensors["channel_index"]
         if index.is_floating_point() or index.dtype == torch.bool or tuple(index.shape) != (d,):
-            raise WeightsError(f"{where}: tensor 'channel_index' must be {d} integers, got {index.dtype} "
-                               f"{tuple(index.shape)}")
+            raise WeightsError(
+                f"{where}: tensor 'channel_index' must be {d} integers, got {index.dtype} {tuple(index.shape)}"
+            )
         if d and (int(index.min()) < 0 or int(index.max()) >= channels or not bool((index[1:] > index[:-1]).all())):
-            raise WeightsError(f"{where}: tensor 'channel_index' must hold distinct sorted channels in "
-                               f"[0, {channels - 1}] (the channels of {config['layers']} of {config['arch']})")
+            raise WeightsError(
+                f"{where}: tensor 'channel_index' must hold distinct sorted channels in "
+                f"[0, {channels - 1}] (the channels of {config['layers']} of {config['arch']})"
+            )
     else:
         bank = tensors["memory_bank"]
         width = config.get("target_dim") or channels
         if bank.ndim != 2 or bank.shape[1] != width or not bank.is_floating_point():
-            raise WeightsError(f"{where}: tensor 'memory_bank' has shape {tuple(bank.shape)}, expected (rows, "
-                               f"{width}): the feature width of {config['layers']}"
-                               + (f" pooled to target_dim {width}" if config.get("target_dim") else ""))
+            raise WeightsError(
+                f"{where}: tensor 'memory_bank' has shape {tuple(bank.shape)}, expected (rows, "
+                f"{width}): the feature width of {config['layers']}"
+                + (f" pooled to target_dim {width}" if config.get("target_dim") else "")
+            )
         if bank.shape[0] < int(config["num_neighbors"]):
-            raise WeightsError(f"{where}: tensor 'memory_bank' has {bank.shape[0]} row(s), fewer than "
-                               f"num_neighbors = {config['num_neighbors']}")
+            raise WeightsError(
+                f"{where}: tensor 'memory_bank' has {bank.shape[0]} row(s), fewer than "
+                f"num_neighbors = {config['num_neighbors']}"
+            )
         check_finite_tensor(bank, "memory_bank", where)

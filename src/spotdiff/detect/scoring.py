@@ -97,8 +97,13 @@ class ImageScorer:
         keep_display: decode the original image at :func:`display_size` too (for overlays).
     """
 
-    def __init__(self, model: Any, threshold: float | None = None, pixel_threshold: float | None = None,
-                 keep_display: bool = False) -> None:
+    def __init__(
+        self,
+        model: Any,
+        threshold: float | None = None,
+        pixel_threshold: float | None = None,
+        keep_display: bool = False,
+    ) -> None:
         from spotdiff.detect.calibration import model_calibration
 
         if getattr(model, "image_size_", None) is None:
@@ -106,10 +111,16 @@ class ImageScorer:
         self.model = model
         self.calibration = model_calibration(model)
         cal = self.calibration
-        self.threshold = finite_threshold(threshold, "--threshold") if threshold is not None else (
-            finite_threshold(cal.image_threshold, "calibration image_threshold") if cal else None)
-        self.pixel_threshold = finite_threshold(pixel_threshold, "--pixel-threshold") if pixel_threshold is not None \
+        self.threshold = (
+            finite_threshold(threshold, "--threshold")
+            if threshold is not None
+            else (finite_threshold(cal.image_threshold, "calibration image_threshold") if cal else None)
+        )
+        self.pixel_threshold = (
+            finite_threshold(pixel_threshold, "--pixel-threshold")
+            if pixel_threshold is not None
             else (finite_threshold(cal.pixel_threshold, "calibration pixel_threshold") if cal else None)
+        )
         self.image_size: tuple[int, int] = (int(model.image_size_[0]), int(model.image_size_[1]))
         self.keep_display = keep_display
 
@@ -162,9 +173,14 @@ class ImageScorer:
 
         if not math.isfinite(score) or not np.isfinite(amap).all():
             bad = "score" if not math.isfinite(score) else "anomaly map"
-            return ScoredImage(item.path, None, ERROR, original_size=item.original_size,
-                               error=f"{item.path}: the model gave a non-finite {bad} (score {score}); "
-                                     "not scored (check the model: spotdiff test)")
+            return ScoredImage(
+                item.path,
+                None,
+                ERROR,
+                original_size=item.original_size,
+                error=f"{item.path}: the model gave a non-finite {bad} (score {score}); "
+                "not scored (check the model: spotdiff test)",
+            )
         decision = decide([score], self.threshold)[0]
         normalized = percentile = None
         if self.calibration is not None:
@@ -173,11 +189,20 @@ class ImageScorer:
             # a calibration that cannot normalise (non-finite normal scores): empty, never a guess
             normalized = normalized if math.isfinite(normalized) else None
             percentile = percentile if math.isfinite(percentile) else None
-        return ScoredImage(item.path, score, decision, normalized, percentile, np.asarray(amap, np.float32),
-                           item.display, item.original_size)
+        return ScoredImage(
+            item.path,
+            score,
+            decision,
+            normalized,
+            percentile,
+            np.asarray(amap, np.float32),
+            item.display,
+            item.original_size,
+        )
 
-    def scored_batches(self, paths: Iterable[str | os.PathLike[str]], batch_size: int | None = None,
-                       workers: int | None = None) -> Iterator[list[ScoredImage]]:
+    def scored_batches(
+        self, paths: Iterable[str | os.PathLike[str]], batch_size: int | None = None, workers: int | None = None
+    ) -> Iterator[list[ScoredImage]]:
         """:meth:`score_batch` over ``paths`` in batches of ``batch_size`` (default: the model's
         ``forward_batch``), in input order, decoded ahead by ``workers`` threads (None:
         :func:`spotdiff.data.loader.decode_workers`). At most ``workers + 2 * batch_size`` decoded
@@ -190,8 +215,9 @@ class ImageScorer:
             yield self.score_batch(chunk)
 
 
-def binary_mask(result: ScoredImage, pixel_threshold: float | None,
-                size: tuple[int, int] | None = None) -> np.ndarray | None:
+def binary_mask(
+    result: ScoredImage, pixel_threshold: float | None, size: tuple[int, int] | None = None
+) -> np.ndarray | None:
     """The defect mask of ``result``: its map, bilinearly resized to ``size`` ``(H, W)`` (default: the
     original image's), ``> pixel_threshold``. Rule: an image judged ``normal`` has no defect pixels
     (its mask is empty, however many pixels pass the pixel threshold, which flags about
@@ -207,8 +233,9 @@ def binary_mask(result: ScoredImage, pixel_threshold: float | None,
     return resize_map(result.anomaly_map, size) > pixel_threshold
 
 
-def overlay_picture(result: ScoredImage, scale: Any, threshold: float | None,
-                    pixel_threshold: float | None) -> np.ndarray | None:
+def overlay_picture(
+    result: ScoredImage, scale: Any, threshold: float | None, pixel_threshold: float | None
+) -> np.ndarray | None:
     """The overlay of ``result`` that ``predict`` writes (:func:`~spotdiff.detect.colour.render_overlay`):
     the original (``result.display``) beside its heat map on ``scale`` (a
     :class:`~spotdiff.detect.colour.ColourScale`), with the score, normalised score, decision, both
@@ -219,6 +246,14 @@ def overlay_picture(result: ScoredImage, scale: Any, threshold: float | None,
     if result.decision == ERROR or result.score is None or result.display is None or result.anomaly_map is None:
         return None
     contour = binary_mask(result, pixel_threshold, result.display.shape[:2])
-    return render_overlay(result.display, result.anomaly_map, scale, result.score, threshold, contour=contour,
-                          normalized=result.normalized_score, pixel_threshold=pixel_threshold,
-                          decision=result.decision)
+    return render_overlay(
+        result.display,
+        result.anomaly_map,
+        scale,
+        result.score,
+        threshold,
+        contour=contour,
+        normalized=result.normalized_score,
+        pixel_threshold=pixel_threshold,
+        decision=result.decision,
+    )

@@ -69,8 +69,11 @@ def _remove_stale_siblings(out: Path) -> None:
     ours = {*MODEL_FILES, MANIFEST_FILE}
     for prefix in (f".{out.name}.tmp-", f".{out.name}.old-"):
         for stale in out.parent.glob(f"{glob.escape(prefix)}*"):
-            if stale.is_dir() and not stale.is_symlink() and all(
-                    p.name in ours and p.is_file() and not p.is_symlink() for p in stale.iterdir()):
+            if (
+                stale.is_dir()
+                and not stale.is_symlink()
+                and all(p.name in ours and p.is_file() and not p.is_symlink() for p in stale.iterdir())
+            ):
                 shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -98,9 +101,11 @@ def save_model_dir(
         others = sorted(p.name for p in out.iterdir() if p.name not in (*MODEL_FILES, MANIFEST_FILE))
         if others and not overwrite:
             shown = ", ".join(others[:5]) + (f" (+{len(others) - 5} more)" if len(others) > 5 else "")
-            raise ConfigError(f"{out}: model directory also holds files that are not part of the model ({shown}); "
-                              "refusing to replace it: choose another --out, move them away, or give --overwrite "
-                              "to replace the directory and delete them")
+            raise ConfigError(
+                f"{out}: model directory also holds files that are not part of the model ({shown}); "
+                "refusing to replace it: choose another --out, move them away, or give --overwrite "
+                "to replace the directory and delete them"
+            )
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_siblings(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

@@ -63,8 +63,7 @@ def list_objects(root: str | os.PathLike[str], protocol: Protocol) -> list[str]:
                 raise DataError(f"{split_csv}: no 'object' column")
             objects = sorted({row["object"] for row in reader if row.get("object")})
     elif root.is_dir():
-        objects = sorted(p.name for p in root.iterdir()
-                         if p.is_dir() and not p.name.startswith((".", "split_csv")))
+        objects = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "split_csv")))
     else:
         raise DataError(f"{root}: dataset root not found")
     if not objects:
@@ -96,9 +95,7 @@ def _where(root: Path, obj: str, protocol: Protocol, subset: str) -> str:
     return f"object {obj!r}, split {protocol.split} ({source}), subset {subset!r}"
 
 
-def open_protocol(
-    root: str | os.PathLike[str], obj: str, protocol: Protocol, image_size: int = 256
-) -> ProtocolData:
+def open_protocol(root: str | os.PathLike[str], obj: str, protocol: Protocol, image_size: int = 256) -> ProtocolData:
     """Open and check the train pool and test set of ``obj`` under ``protocol``.
 
     Raises:

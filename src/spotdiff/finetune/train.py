@@ -196,11 +196,13 @@ def load_tensors(
 
 def make_augmentation(size: int) -> v2.Transform:
     """Per-image training augmentation, applied identically to a ``tv_tensors.Image`` and its ``Mask``."""
-    return v2.Compose([
-        v2.RandomResizedCrop(size, scale=CROP_SCALE, ratio=CROP_RATIO, antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.RandomVerticalFlip(),
-    ])
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(size, scale=CROP_SCALE, ratio=CROP_RATIO, antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(),
+        ]
+    )
 
 
 def augment_batch(
@@ -273,7 +275,7 @@ def predict(
     model.to(device).eval()
     scores, maps = [], []
     for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size].to(device).float().div_(255)
+        batch = images[start : start + batch_size].to(device).float().div_(255)
         s, m = model.predict(normalize(batch))
         scores.append(s.float().cpu())
         if m is not None:
@@ -293,8 +295,7 @@ def evaluate_model(
     labels = test.labels.numpy()
     try:
         if task == "seg":
-            return evaluate(scores, labels, anomaly_maps=maps, masks=test.masks.numpy(),
-                            defect_types=test.defect_types)
+            return evaluate(scores, labels, anomaly_maps=maps, masks=test.masks.numpy(), defect_types=test.defect_types)
         return evaluate(scores, labels, defect_types=test.defect_types)
     except ValueError as exc:  # e.g. every mask of a defect type vanished when resized
         raise DataError(f"cannot evaluate the test set at {test.images.shape[-1]} px: {exc}") from exc
@@ -326,7 +327,12 @@ def _jsonable(obj: Any) -> Any:
 
 
 def run_seed(
-    config: FinetuneConfig, object_name: str, train: TensorData, test: TensorData, seed: int, device: torch.device,
+    config: FinetuneConfig,
+    object_name: str,
+    train: TensorData,
+    test: TensorData,
+    seed: int,
+    device: torch.device,
     weights: LoadedWeights | None = None,
 ) -> dict:
     """Train on ``train`` and evaluate on ``test`` with one seed; returns the per-seed record
@@ -337,8 +343,18 @@ def run_seed(
     weights = load_weights(config.arch, config.weights if weights is None else weights)
     model = build_model(config.task, config.arch, weights)
     start = time.perf_counter()
-    losses = train_model(model, train, steps, config.batch_size, config.lr, seed, config.head_lr_mult,
-                         config.balanced, device, desc=f"{object_name} seed {seed}")
+    losses = train_model(
+        model,
+        train,
+        steps,
+        config.batch_size,
+        config.lr,
+        seed,
+        config.head_lr_mult,
+        config.balanced,
+        device,
+        desc=f"{object_name} seed {seed}",
+    )
     train_s = time.perf_counter() - start
     metrics = evaluate_model(model, test, config.task, 2 * config.batch_size, device)
     return {
@@ -392,25 +408,34 @@ def run_finetune(config: FinetuneConfig) -> dict[str, Any]:
         train: TensorData | None = None
         for seed in seeds:
             if train is None or protocol.k is not None:  # high-shot: the same images every seed
-                train = load_tensors(data.train_pool, data.train_indices(seed), config.workers,
-                                     desc=f"{data.object}: train images")
+                train = load_tensors(
+                    data.train_pool, data.train_indices(seed), config.workers, desc=f"{data.object}: train images"
+                )
             record = run_seed(config, data.object, train, test, seed, device, weights)
             write_json_atomic(out / data.object / f"seed{seed}.json", _jsonable(record))
             records.append(record)
         per_seed[data.object] = records
         agg = aggregate([r["metrics"] for r in records])
         aggregates[data.object] = agg
-        write_json_atomic(out / data.object / "aggregate.json",
-                          _jsonable({"object": data.object, "seeds": seeds, "metrics": agg}))
+        write_json_atomic(
+            out / data.object / "aggregate.json", _jsonable({"object": data.object, "seeds": seeds, "metrics": agg})
+        )
         write_text_atomic(out / data.object / "aggregate.csv", aggregate_csv(agg))
 
     metrics = TABLE_METRICS[config.task]
     rows = table_rows({obj: [r["metrics"] for r in recs] for obj, recs in per_seed.items()}, metrics)
-    title = (f"2-class {config.task} {config.protocol}, {config.arch}, {describe_weights(weights.record(), short=True)}, "
-             f"mean ± std over {len(seeds)} seed(s) (%)")
+    title = (
+        f"2-class {config.task} {config.protocol}, {config.arch}, {describe_weights(weights.record(), short=True)}, "
+        f"mean ± std over {len(seeds)} seed(s) (%)"
+    )
     write_text_atomic(out / "table.csv", table_csv(rows, metrics))
     write_text_atomic(out / "table.md", table_markdown(rows, metrics, title))
-    results = {"config": asdict(config), "weights": weights.record(), "seeds": seeds, "aggregate": aggregates,
-               "table": rows}
+    results = {
+        "config": asdict(config),
+        "weights": weights.record(),
+        "seeds": seeds,
+        "aggregate": aggregates,
+        "table": rows,
+    }
     write_json_atomic(out / "results.json", _jsonable(results))
     return {**results, "per_seed": per_seed}

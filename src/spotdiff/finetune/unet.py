@@ -68,9 +68,7 @@ class UNet(nn.Module):
         c1, c2, c3, c4 = layer_channels(arch, ("layer1", "layer2", "layer3", "layer4"))
         skips = (c3, c2, c1, STEM_CHANNELS, 0)
         in_channels = (c4,) + DECODER_CHANNELS[:-1]
-        self.decoder = nn.ModuleList(
-            DecoderBlock(i, s, o) for i, s, o in zip(in_channels, skips, DECODER_CHANNELS)
-        )
+        self.decoder = nn.ModuleList(DecoderBlock(i, s, o) for i, s, o in zip(in_channels, skips, DECODER_CHANNELS))
         self.head = nn.Conv2d(DECODER_CHANNELS[-1], 1, 3, padding=1)
         nn.init.constant_(self.head.bias, -math.log((1 - PRIOR_PROBABILITY) / PRIOR_PROBABILITY))
 

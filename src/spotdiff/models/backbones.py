@@ -111,8 +111,10 @@ def load_failure(exc: BaseException) -> str:
     if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in text:
         found = re.search(r"(?:unsupported|Unsupported global:)\s+(GLOBAL\s+[\w.]+)", text)
         what = f" ({found.group(1)})" if found else ""
-        return (f"refused: it holds pickled Python objects{what}, not only tensors; unpickling them could run "
-                "code, so it is not read")
+        return (
+            f"refused: it holds pickled Python objects{what}, not only tensors; unpickling them could run "
+            "code, so it is not read"
+        )
     first = next((line.strip() for line in text.splitlines() if line.strip()), "")
     return f"{type(exc).__name__}: {first[:200]}"
 
@@ -145,9 +147,12 @@ def check_state_shapes(
     unexpected = sorted(k for k in body if k not in own)
     bad = [k for k, v in body.items() if k in own and tuple(v.shape) != tuple(own[k])]
     if (missing or unexpected or bad) and (other := architecture_of(body)) is not None:
-        raise WeightsError(f"{source} are {other} weights, they do not fit {target}: "
-                           f"choose architecture {other}, or weights made for {target}")
+        raise WeightsError(
+            f"{source} are {other} weights, they do not fit {target}: "
+            f"choose architecture {other}, or weights made for {target}"
+        )
     if missing or unexpected:
+
         def show(keys: list[str]) -> str:
             return ", ".join(keys[:8]) + (f" … (+{len(keys) - 8} more)" if len(keys) > 8 else "")
 
@@ -163,9 +168,7 @@ def check_state_shapes(
     return body
 
 
-def load_backbone_weights(
-    model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "weights"
-) -> None:
+def load_backbone_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "weights") -> None:
     """Load ``state`` into a torchvision ResNet, strictly except for the ``fc`` head (see :func:`check_state_shapes`)."""
     own = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIXES)}
     target = next((arch for arch in ARCHITECTURES if _body_shapes(arch) == own), type(model).__name__)
@@ -270,18 +273,21 @@ def fetch_torchvision_weights(weights: tvm.WeightsEnum) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise WeightsError(f"{weights} not cached and the cache folder {path.parent} cannot be created "
-                           f"({exc.strerror or exc}); {hint}") from exc
+        raise WeightsError(
+            f"{weights} not cached and the cache folder {path.parent} cannot be created ({exc.strerror or exc}); {hint}"
+        ) from exc
     prefix = torch.hub.HASH_REGEX.search(path.name)
     try:
-        torch.hub.download_url_to_file(weights.url, str(path), prefix.group(1) if prefix else None,
-                                       progress=not is_quiet())
+        torch.hub.download_url_to_file(
+            weights.url, str(path), prefix.group(1) if prefix else None, progress=not is_quiet()
+        )
     except (OSError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", None) or exc
         raise WeightsError(f"{weights} not cached and cannot be downloaded ({reason}); {hint}") from exc
     except RuntimeError as exc:  # torch.hub: "invalid hash value ..."; the partial download is removed
-        raise WeightsError(f"{weights.url}: download does not match the SHA-256 prefix of its name "
-                           f"({exc}); {hint}") from exc
+        raise WeightsError(
+            f"{weights.url}: download does not match the SHA-256 prefix of its name ({exc}); {hint}"
+        ) from exc
     return path
 
 
@@ -344,12 +350,13 @@ def verify_cached(name: str, path: Path, sha256: str, strict: bool = False) -> t
     expected = name_hash(path)
     if expected and sha256.startswith(expected):
         return name, True
-    problem = (f"{path}: SHA-256 {sha256[:max(len(expected), 8)]}... does not start with {expected or '(none)'}, "
-               f"the hash in its name: it is not {name} as torchvision published it")
+    problem = (
+        f"{path}: SHA-256 {sha256[: max(len(expected), 8)]}... does not start with {expected or '(none)'}, "
+        f"the hash in its name: it is not {name} as torchvision published it"
+    )
     if strict:
         raise WeightsError(f"{problem}; refused (--strict-weights); delete it to download it again")
-    print(f"warning: {problem}; used and recorded as an unverified file (--strict-weights refuses it)",
-          file=sys.stderr)
+    print(f"warning: {problem}; used and recorded as an unverified file (--strict-weights refuses it)", file=sys.stderr)
     return "file", False
 
 
@@ -390,23 +397,27 @@ def load_weights(arch: str, weights: WeightsLike = None, strict: bool = False) -
     except WeightsError as exc:
         if name == "file":
             raise
-        raise WeightsError(f"{exc}; this cached copy of {name} is damaged: delete it to download it again, "
-                           f"or put a fresh copy of {tvm.get_weight(name).url} there") from exc
+        raise WeightsError(
+            f"{exc}; this cached copy of {name} is damaged: delete it to download it again, "
+            f"or put a fresh copy of {tvm.get_weight(name).url} there"
+        ) from exc
     body = check_state_shapes(_body_shapes(arch), state, str(path), arch)
     for key, tensor in body.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise WeightsError(f"{path}: tensor {key!r} holds {int((~torch.isfinite(tensor)).sum())} non-finite "
-                               "value(s) (NaN or infinity); such weights would score every image NaN")
+            raise WeightsError(
+                f"{path}: tensor {key!r} holds {int((~torch.isfinite(tensor)).sum())} non-finite "
+                "value(s) (NaN or infinity); such weights would score every image NaN"
+            )
     digest = sha256_file(path)
     name, verified = verify_cached(name, path, digest, strict)
     return LoadedWeights(arch, name, str(path.resolve()), digest, state, verified)
 
 
-def random_init_warning(fix: str = "pass --weights imagenet for torchvision's ImageNet weights "
-                                   "(--weights random hides this warning)") -> None:
+def random_init_warning(
+    fix: str = "pass --weights imagenet for torchvision's ImageNet weights (--weights random hides this warning)",
+) -> None:
     """Print the one-line warning that a backbone is randomly initialised, and how to avoid it."""
-    print(f"warning: the backbone is randomly initialised: its features are not pre-trained; {fix}",
-          file=sys.stderr)
+    print(f"warning: the backbone is randomly initialised: its features are not pre-trained; {fix}", file=sys.stderr)
 
 
 def build_backbone(arch: str, weights: WeightsLike = None) -> tvm.ResNet:
@@ -424,9 +435,7 @@ def build_backbone(arch: str, weights: WeightsLike = None) -> tvm.ResNet:
     return model
 
 
-def extract_features(
-    model: tvm.ResNet, images: torch.Tensor, layers: Sequence[str]
-) -> dict[str, torch.Tensor]:
+def extract_features(model: tvm.ResNet, images: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
     """Run the ResNet stem and stages up to the deepest of ``layers``.
 
     Args:

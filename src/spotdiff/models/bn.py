@@ -37,8 +37,7 @@ on it except through the per-batch variance's batch-size correction)."""
 
 def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     """Every BatchNorm layer of ``model`` that tracks running statistics."""
-    return [m for m in model.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
 @torch.no_grad()
@@ -74,8 +73,9 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
     return count
 
 
-def recalibrate_batchnorm_folder(model: nn.Module, folder: str | os.PathLike[str], image_size: int,
-                                 batch_size: int = BN_BATCH) -> dict[str, Any]:
+def recalibrate_batchnorm_folder(
+    model: nn.Module, folder: str | os.PathLike[str], image_size: int, batch_size: int = BN_BATCH
+) -> dict[str, Any]:
     """:func:`recalibrate_batchnorm` on every image of ``folder`` (recursively) at ``image_size`` px.
 
     Every image is decoded and checked BEFORE the model is touched: a folder without images, or
@@ -96,13 +96,13 @@ def recalibrate_batchnorm_folder(model: nn.Module, folder: str | os.PathLike[str
         except (OSError, ValueError, SyntaxError) as exc:
             raise DataError(f"{paths[i]}: cannot read image for BN re-estimation ({exc})") from exc
     stacked = torch.stack(images)
-    count = recalibrate_batchnorm(model, (normalize(stacked[i:i + batch_size])
-                                          for i in range(0, len(stacked), batch_size)))
+    count = recalibrate_batchnorm(
+        model, (normalize(stacked[i : i + batch_size]) for i in range(0, len(stacked), batch_size))
+    )
     digest = hashlib.sha256()
     for path in sorted(paths):
         digest.update(f"{path.name}\0{path.stat().st_size}\n".encode())
-    return {"folder": str(folder), "images": count, "image_size": int(image_size),
-            "files_sha256": digest.hexdigest()}
+    return {"folder": str(folder), "images": count, "image_size": int(image_size), "files_sha256": digest.hexdigest()}
 
 
 def metadata_entries(record: dict[str, Any]) -> dict[str, str]:
@@ -110,8 +110,9 @@ def metadata_entries(record: dict[str, Any]) -> dict[str, str]:
     return {"bn_recalibrated": "true", **{f"bn_{key}": str(value) for key, value in record.items()}}
 
 
-def recalibrated_weights(weights: LoadedWeights, folder: str | os.PathLike[str], image_size: int,
-                         seed: int = 0) -> LoadedWeights:
+def recalibrated_weights(
+    weights: LoadedWeights, folder: str | os.PathLike[str], image_size: int, seed: int = 0
+) -> LoadedWeights:
     """``weights`` (random init drawn from ``seed``, as the detectors draw it) with BN re-estimated on ``folder``.
 
     The result is a :class:`LoadedWeights` holding the new state; its ``name`` records the
@@ -121,7 +122,14 @@ def recalibrated_weights(weights: LoadedWeights, folder: str | os.PathLike[str],
         torch.manual_seed(seed)
         net = build_backbone(weights.arch, weights)
     record = recalibrate_batchnorm_folder(net, folder, image_size)
-    name = (f"{weights.name} + BN re-estimated on {record['images']} images of {record['folder']} "
-            f"at {record['image_size']} px")
-    return LoadedWeights(weights.arch, name=name, file=weights.file, sha256=weights.sha256,
-                         state={k: v.detach().clone() for k, v in net.state_dict().items()})
+    name = (
+        f"{weights.name} + BN re-estimated on {record['images']} images of {record['folder']} "
+        f"at {record['image_size']} px"
+    )
+    return LoadedWeights(
+        weights.arch,
+        name=name,
+        file=weights.file,
+        sha256=weights.sha256,
+        state={k: v.detach().clone() for k, v in net.state_dict().items()},
+    )

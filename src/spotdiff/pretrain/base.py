@@ -182,9 +182,16 @@ class PretrainMethod(nn.Module):
         self.eta = float(eta)
         self.recipe = replace(self.default_recipe)
         self.smoothblend = (
-            SmoothBlend(area=blend_area, aspect=blend_aspect, sigma=blend_sigma, jitter=blend_jitter,
-                        mean=IMAGENET_MEAN, std=IMAGENET_STD)
-            if self.spd else None
+            SmoothBlend(
+                area=blend_area,
+                aspect=blend_aspect,
+                sigma=blend_sigma,
+                jitter=blend_jitter,
+                mean=IMAGENET_MEAN,
+                std=IMAGENET_STD,
+            )
+            if self.spd
+            else None
         )
 
     # -- to implement
@@ -259,14 +266,16 @@ class PretrainMethod(nn.Module):
             buckets.setdefault((fixed, no_decay), []).append(p)
         groups = []
         for (fixed, no_decay), params in sorted(buckets.items()):
-            groups.append({
-                "name": ("fixed_lr" if fixed else "main") + ("_no_decay" if no_decay else ""),
-                "params": params,
-                "lr": lr,
-                "weight_decay": 0.0 if no_decay else self.recipe.weight_decay,
-                "fixed_lr": fixed,
-                "lars_exclude": no_decay,
-            })
+            groups.append(
+                {
+                    "name": ("fixed_lr" if fixed else "main") + ("_no_decay" if no_decay else ""),
+                    "params": params,
+                    "lr": lr,
+                    "weight_decay": 0.0 if no_decay else self.recipe.weight_decay,
+                    "fixed_lr": fixed,
+                    "lars_exclude": no_decay,
+                }
+            )
         return groups
 
     def check_image_size(self, image_size: int) -> None:

@@ -96,6 +96,7 @@ class PretrainConfig:
             if isinstance(value, float) and not math.isfinite(value):
                 allowed = " >= 0" if name in non_negative else ""
                 raise ConfigError(f"{name}: must be a finite number{allowed}, got {value}")
+
         def choose(key: str, options: tuple[str, ...]) -> None:
             if getattr(self, key) not in options:
                 raise ConfigError(f"{key}: {getattr(self, key)!r} is not one of {', '.join(options)}")
@@ -291,7 +292,5 @@ def config_differences(saved: dict[str, Any], current: PretrainConfig) -> list[s
     """``key: saved -> current`` for every key (except RESUMABLE_CHANGES) that differs."""
     now = current.to_dict()
     return [
-        f"{k}: {saved.get(k)!r} -> {now[k]!r}"
-        for k in now
-        if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]
+        f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]
     ]

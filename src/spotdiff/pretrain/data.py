@@ -152,5 +152,5 @@ class EpochBatchSampler(Sampler[tuple[int, int]]):
         order = torch.randperm(self.num_samples, generator=g).tolist()
         for b in range(self.start_batch, self.batches_per_epoch):
             first = b * self.global_batch + self.rank * self.local_batch
-            for index in order[first:first + self.local_batch]:
+            for index in order[first : first + self.local_batch]:
                 yield self.epoch, index

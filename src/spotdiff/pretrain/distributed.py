@@ -72,8 +72,9 @@ def init_distributed(device: str = "auto") -> DistContext:
         backend = "nccl" if use_cuda else "gloo"
         kwargs = {"device_id": dev} if use_cuda else {}
         dist.init_process_group(backend=backend, init_method="env://", **kwargs)
-    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=dev,
-                       launched=launched and dist.is_initialized())
+    return DistContext(
+        rank=rank, world_size=world_size, local_rank=local_rank, device=dev, launched=launched and dist.is_initialized()
+    )
 
 
 def cleanup_distributed() -> None:

@@ -25,8 +25,9 @@ from spotdiff.pretrain.checkpoint import load_checkpoint
 BACKBONE_FORMAT = "spotdiff.backbone"
 
 
-def write_backbone(state: Mapping[str, torch.Tensor], arch: str, out: str | os.PathLike[str],
-                   metadata: Mapping[str, Any]) -> Path:
+def write_backbone(
+    state: Mapping[str, torch.Tensor], arch: str, out: str | os.PathLike[str], metadata: Mapping[str, Any]
+) -> Path:
     """Check ``state`` fits a torchvision ``arch`` (fc excepted) and write it as safetensors atomically."""
     body = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("fc.")}
     load_backbone_weights(build_backbone(arch), body, source="backbone state")
@@ -37,8 +38,13 @@ def write_backbone(state: Mapping[str, torch.Tensor], arch: str, out: str | os.P
     return out
 
 
-def export_backbone(ckpt: str | os.PathLike[str], out: str | os.PathLike[str], arch: str | None = None,
-                    bn_recalibrate: str | os.PathLike[str] | None = None, bn_image_size: int = 256) -> Path:
+def export_backbone(
+    ckpt: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    arch: str | None = None,
+    bn_recalibrate: str | os.PathLike[str] | None = None,
+    bn_image_size: int = 256,
+) -> Path:
     """Write the backbone of pre-training checkpoint ``ckpt`` to ``out`` (``.safetensors``).
 
     Args:
@@ -64,8 +70,9 @@ def export_backbone(ckpt: str | os.PathLike[str], out: str | os.PathLike[str], a
     state = payload["backbone"]
     if bn_recalibrate is not None:
         net = build_backbone(arch)
-        load_backbone_weights(net, {k.removeprefix("module."): v for k, v in state.items()
-                                    if not k.startswith("fc.")}, source=str(ckpt))
+        load_backbone_weights(
+            net, {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("fc.")}, source=str(ckpt)
+        )
         metadata |= metadata_entries(recalibrate_batchnorm_folder(net, bn_recalibrate, bn_image_size))
         state = net.state_dict()
     try:

@@ -12,9 +12,7 @@ from spotdiff.pretrain.simclr import SimCLR
 from spotdiff.pretrain.simsiam import SimSiam
 from spotdiff.pretrain.supervised import Supervised
 
-METHOD_CLASSES: dict[str, type[PretrainMethod]] = {
-    cls.name: cls for cls in (SimSiam, MoCo, SimCLR, Supervised)
-}
+METHOD_CLASSES: dict[str, type[PretrainMethod]] = {cls.name: cls for cls in (SimSiam, MoCo, SimCLR, Supervised)}
 METHODS: tuple[str, ...] = tuple(METHOD_CLASSES)
 
 

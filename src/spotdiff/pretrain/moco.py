@@ -45,22 +45,38 @@ class MoCo(PretrainMethod):
 
     name = "moco"
     base_view_names = ("view1", "view2")
-    default_recipe = Recipe(optimizer="sgd", base_lr=0.03, weight_decay=1e-4, momentum=0.9,
-                            batch_size=256, epochs=200, warmup_epochs=0)
-    hparam_defaults: dict[str, Any] = {"dim": 128, "hidden_dim": None, "queue_size": 65536,
-                                       "key_momentum": 0.999, "temperature": 0.2, "shuffle_groups": 4}
+    default_recipe = Recipe(
+        optimizer="sgd", base_lr=0.03, weight_decay=1e-4, momentum=0.9, batch_size=256, epochs=200, warmup_epochs=0
+    )
+    hparam_defaults: dict[str, Any] = {
+        "dim": 128,
+        "hidden_dim": None,
+        "queue_size": 65536,
+        "key_momentum": 0.999,
+        "temperature": 0.2,
+        "shuffle_groups": 4,
+    }
     sync_batchnorm = False
 
     def __init__(
-        self, backbone: ResNet, dim: int = 128, hidden_dim: int | None = None, queue_size: int = 65536,
-        key_momentum: float = 0.999, temperature: float = 0.2, shuffle_groups: int = 4, **kwargs: Any,
+        self,
+        backbone: ResNet,
+        dim: int = 128,
+        hidden_dim: int | None = None,
+        queue_size: int = 65536,
+        key_momentum: float = 0.999,
+        temperature: float = 0.2,
+        shuffle_groups: int = 4,
+        **kwargs: Any,
     ) -> None:
         super().__init__(backbone, **kwargs)
         if not (isinstance(queue_size, int) and queue_size >= 1):
             raise ConfigError(f"moco: queue_size={queue_size!r}: need an integer >= 1")
         if not (isinstance(shuffle_groups, int) and shuffle_groups >= 2):
-            raise ConfigError(f"moco: shuffle_groups={shuffle_groups!r}: need an integer >= 2 "
-                              "(sub-batches with their own BN statistics on one process)")
+            raise ConfigError(
+                f"moco: shuffle_groups={shuffle_groups!r}: need an integer >= 2 "
+                "(sub-batches with their own BN statistics on one process)"
+            )
         self.shuffle_groups = shuffle_groups
         self.head = mlp_head(self.feature_dim, hidden_dim or self.feature_dim, dim)
         self.key_backbone = copy.deepcopy(self.backbone)
@@ -89,12 +105,14 @@ class MoCo(PretrainMethod):
         if self.queue.shape[0] > largest:
             raise ConfigError(
                 f"moco: queue_size={self.queue.shape[0]} is larger than the data allows: need 1 <= "
-                f"queue_size <= {largest} (images per epoch {images_per_epoch} - batch {batch_size})")
+                f"queue_size <= {largest} (images per epoch {images_per_epoch} - batch {batch_size})"
+            )
         local = batch_size // world_size
         if world_size == 1 and local < 2 * self.shuffle_groups:
             raise ConfigError(
                 f"moco: batch {local} is too small for shuffle_groups={self.shuffle_groups}: need "
-                f"batch >= {2 * self.shuffle_groups} (2 images per BN sub-batch); lower hparams.shuffle_groups")
+                f"batch >= {2 * self.shuffle_groups} (2 images per BN sub-batch); lower hparams.shuffle_groups"
+            )
 
     def _encode_queries(self, images: torch.Tensor) -> torch.Tensor:
         """``q`` of ``(B, ...)`` view-1 images; on one process in ``shuffle_groups`` BN sub-batches."""
@@ -105,6 +123,7 @@ class MoCo(PretrainMethod):
     @torch.no_grad()
     def _keys(self, images: torch.Tensor) -> torch.Tensor:
         """``k`` of ``(B, ...)`` view-2 images, in their order, encoded in shuffled BN sub-batches."""
+
         def encode(x: torch.Tensor) -> torch.Tensor:
             return F.normalize(self.key_head(self.key_backbone(x)), dim=1)
 

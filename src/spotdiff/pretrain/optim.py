@@ -26,10 +26,17 @@ class LARS(Optimizer):
         v = momentum * v + d ;   w = w - lr * v
     """
 
-    def __init__(self, params: Iterable[Any], lr: float, momentum: float = 0.9,
-                 weight_decay: float = 0.0, trust_coefficient: float = 0.001):
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                        trust_coefficient=trust_coefficient, lars_exclude=False)
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        trust_coefficient: float = 0.001,
+    ):
+        defaults = dict(
+            lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, lars_exclude=False
+        )
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -45,9 +52,11 @@ class LARS(Optimizer):
                 d = p.grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else p.grad.clone()
                 if not group["lars_exclude"]:
                     w_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
-                    trust = torch.where((w_norm > 0) & (d_norm > 0),
-                                        group["trust_coefficient"] * w_norm / d_norm,
-                                        torch.ones_like(w_norm))
+                    trust = torch.where(
+                        (w_norm > 0) & (d_norm > 0),
+                        group["trust_coefficient"] * w_norm / d_norm,
+                        torch.ones_like(w_norm),
+                    )
                     d.mul_(trust)
                 state = self.state[p]
                 if "momentum_buffer" not in state:

@@ -17,7 +17,9 @@ from spotdiff.pretrain.base import PretrainMethod, Recipe, gather_with_grad, wor
 def simclr_head(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
     """``in -> hidden (BN, ReLU) -> out``: the paper's nonlinear projection head (BN as in its code)."""
     return nn.Sequential(
-        nn.Linear(in_dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+        nn.Linear(in_dim, hidden, bias=False),
+        nn.BatchNorm1d(hidden),
+        nn.ReLU(inplace=True),
         nn.Linear(hidden, out_dim),
     )
 
@@ -49,13 +51,18 @@ class SimCLR(PretrainMethod):
 
     name = "simclr"
     base_view_names = ("view1", "view2")
-    default_recipe = Recipe(optimizer="lars", base_lr=0.3, weight_decay=1e-6, momentum=0.9,
-                            batch_size=4096, epochs=100, warmup_epochs=10)
+    default_recipe = Recipe(
+        optimizer="lars", base_lr=0.3, weight_decay=1e-6, momentum=0.9, batch_size=4096, epochs=100, warmup_epochs=10
+    )
     hparam_defaults: dict[str, Any] = {"dim": 128, "hidden_dim": None, "temperature": 0.1}
     exclude_norm_and_bias_from_wd = True
 
     def __init__(
-        self, backbone: ResNet, dim: int = 128, hidden_dim: int | None = None, temperature: float = 0.1,
+        self,
+        backbone: ResNet,
+        dim: int = 128,
+        hidden_dim: int | None = None,
+        temperature: float = 0.1,
         **kwargs: Any,
     ) -> None:
         super().__init__(backbone, **kwargs)

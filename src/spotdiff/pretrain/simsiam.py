@@ -17,16 +17,23 @@ from spotdiff.pretrain.base import PretrainMethod, Recipe
 def simsiam_projector(in_dim: int, dim: int) -> nn.Sequential:
     """3-layer MLP with BN on every layer, last BN without affine (the paper's projector)."""
     return nn.Sequential(
-        nn.Linear(in_dim, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(inplace=True),
-        nn.Linear(dim, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(inplace=True),
-        nn.Linear(dim, dim, bias=False), nn.BatchNorm1d(dim, affine=False),
+        nn.Linear(in_dim, dim, bias=False),
+        nn.BatchNorm1d(dim),
+        nn.ReLU(inplace=True),
+        nn.Linear(dim, dim, bias=False),
+        nn.BatchNorm1d(dim),
+        nn.ReLU(inplace=True),
+        nn.Linear(dim, dim, bias=False),
+        nn.BatchNorm1d(dim, affine=False),
     )
 
 
 def simsiam_predictor(dim: int, pred_dim: int) -> nn.Sequential:
     """2-layer bottleneck MLP ``dim -> pred_dim -> dim`` (BN + ReLU in the hidden layer)."""
     return nn.Sequential(
-        nn.Linear(dim, pred_dim, bias=False), nn.BatchNorm1d(pred_dim), nn.ReLU(inplace=True),
+        nn.Linear(dim, pred_dim, bias=False),
+        nn.BatchNorm1d(pred_dim),
+        nn.ReLU(inplace=True),
         nn.Linear(pred_dim, dim),
     )
 
@@ -36,8 +43,9 @@ class SimSiam(PretrainMethod):
 
     name = "simsiam"
     base_view_names = ("view1", "view2")
-    default_recipe = Recipe(optimizer="sgd", base_lr=0.05, weight_decay=1e-4, momentum=0.9,
-                            batch_size=512, epochs=100, warmup_epochs=0)
+    default_recipe = Recipe(
+        optimizer="sgd", base_lr=0.05, weight_decay=1e-4, momentum=0.9, batch_size=512, epochs=100, warmup_epochs=0
+    )
     hparam_defaults: dict[str, Any] = {"proj_dim": 2048, "pred_dim": 512}
     fixed_lr_prefixes = ("predictor.",)
     zero_init_residual = True  # the reference builds its encoder with zero_init_residual=True
@@ -63,6 +71,7 @@ class SimSiam(PretrainMethod):
         # One forward per view, as in the paper (BN statistics per view).
         z1, z2 = self._project(views["view1"]), self._project(views["view2"])
         p1, p2 = self.predictor(z1), self.predictor(z2)
-        loss = -0.5 * (F.cosine_similarity(p1, z2.detach(), dim=1).mean()
-                       + F.cosine_similarity(p2, z1.detach(), dim=1).mean())
+        loss = -0.5 * (
+            F.cosine_similarity(p1, z2.detach(), dim=1).mean() + F.cosine_similarity(p2, z1.detach(), dim=1).mean()
+        )
         return loss, F.normalize(z1, dim=1)

@@ -25,8 +25,9 @@ class Supervised(PretrainMethod):
 
     name = "supervised"
     base_view_names = ("image",)
-    default_recipe = Recipe(optimizer="sgd", base_lr=0.1, weight_decay=1e-4, momentum=0.9,
-                            batch_size=256, epochs=90, warmup_epochs=0)
+    default_recipe = Recipe(
+        optimizer="sgd", base_lr=0.1, weight_decay=1e-4, momentum=0.9, batch_size=256, epochs=90, warmup_epochs=0
+    )
 
     def __init__(self, backbone: ResNet, num_classes: int | None = None, **kwargs: Any) -> None:
         super().__init__(backbone, **kwargs)
@@ -39,9 +40,7 @@ class Supervised(PretrainMethod):
     def base_views(self, image_size: int) -> dict[str, ViewFn]:
         return {"image": supervised_augmentation(image_size)}
 
-    def base_loss(
-        self, views: Mapping[str, torch.Tensor], labels: torch.Tensor | None
-    ) -> tuple[torch.Tensor, None]:
+    def base_loss(self, views: Mapping[str, torch.Tensor], labels: torch.Tensor | None) -> tuple[torch.Tensor, None]:
         if labels is None:
             raise ValueError("supervised: class labels are required")
         logits = self.classifier(self.backbone(views["image"]))

@@ -40,8 +40,6 @@ from torch.utils.data import DataLoader
 from spotdiff.errors import ConfigError, DataError, SpotdiffError
 from spotdiff.files import atomic_path, write_json_atomic, write_text_atomic
 from spotdiff.models import LoadedWeights, load_weights
-from spotdiff.progress import bar, log, set_quiet
-from spotdiff.threads import cpu_cores
 from spotdiff.pretrain.checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
@@ -61,6 +59,8 @@ from spotdiff.pretrain.distributed import DistContext, all_reduce_mean, barrier,
 from spotdiff.pretrain.export import write_backbone
 from spotdiff.pretrain.methods import build_method
 from spotdiff.pretrain.optim import build_optimizer, lr_factor, remember_peak_lr, set_lr
+from spotdiff.progress import bar, log, set_quiet
+from spotdiff.threads import cpu_cores
 
 LOG_NAME = "log.csv"
 LOG_COLUMNS = ("step", "epoch", "lr", "loss", "loss_base", "loss_spd", "img_per_s")
@@ -96,8 +96,11 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext) -> Path:
         _resume(run, resume)
         del resume
     on_gpu = ctx.device.type == "cuda"
-    model = DistributedDataParallel(run.method, device_ids=[ctx.device.index] if on_gpu else None) \
-        if ctx.distributed else run.method
+    model = (
+        DistributedDataParallel(run.method, device_ids=[ctx.device.index] if on_gpu else None)
+        if ctx.distributed
+        else run.method
+    )
     loader = _data_loader(run)
     if ctx.is_main:
         _write_run_record(run)
@@ -155,8 +158,23 @@ def _set_up(cfg: PretrainConfig, ctx: DistContext, ckpt_path: Path, resume: dict
     on_gpu = ctx.device.type == "cuda"
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if on_gpu else None
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype is torch.float16)
-    return _Run(cfg, ctx, ckpt_path, paths, labels, class_names, init, method, optimizer, scaler, amp_dtype,
-                sampler, total_steps, warmup_steps, peak_lr)
+    return _Run(
+        cfg,
+        ctx,
+        ckpt_path,
+        paths,
+        labels,
+        class_names,
+        init,
+        method,
+        optimizer,
+        scaler,
+        amp_dtype,
+        sampler,
+        total_steps,
+        warmup_steps,
+        peak_lr,
+    )
 
 
 def _find_images(cfg: PretrainConfig, ctx: DistContext) -> tuple[list[Path], list[int], list[str]]:
@@ -176,9 +194,15 @@ def _build_method(cfg: PretrainConfig, class_names: list[str], init: LoadedWeigh
     """The method (backbone and heads), initialised from ``init`` and ``cfg.seed``."""
     torch.manual_seed(cfg.seed)  # model initialisation
     try:
-        return build_method(cfg.method, arch=cfg.arch, spd=cfg.spd, eta=cfg.eta,
-                            num_classes=len(class_names) if cfg.method == "supervised" else None,
-                            weights=init, **cfg.hparams)
+        return build_method(
+            cfg.method,
+            arch=cfg.arch,
+            spd=cfg.spd,
+            eta=cfg.eta,
+            num_classes=len(class_names) if cfg.method == "supervised" else None,
+            weights=init,
+            **cfg.hparams,
+        )
     except TypeError as exc:
         raise ConfigError(f"hparams {cfg.hparams}: not accepted by {cfg.method} ({exc})") from exc
 
@@ -191,24 +215,33 @@ def _resolve_config(cfg: PretrainConfig, method: nn.Module, n_images: int, ctx: 
     cfg = cfg.with_recipe(method.recipe)
     fitting = n_images - n_images % ctx.world_size  # the largest batch the data allows
     if n_images < cfg.batch_size and fitting >= ctx.world_size:
-        log(f"note: batch size {cfg.batch_size} capped at {fitting}, the number of images in {cfg.data} "
-            "(the peak lr scales with it)")
+        log(
+            f"note: batch size {cfg.batch_size} capped at {fitting}, the number of images in {cfg.data} "
+            "(the peak lr scales with it)"
+        )
         cfg = dataclasses.replace(cfg, batch_size=fitting)
     if n_images < cfg.batch_size:
-        raise DataError(f"{cfg.data}: {n_images} images, fewer than one batch of {cfg.batch_size} "
-                        "(lower --batch-size)")
+        raise DataError(f"{cfg.data}: {n_images} images, fewer than one batch of {cfg.batch_size} (lower --batch-size)")
     cores = cpu_cores()
     if cfg.workers > cores:
         log(f"note: {cfg.workers} data-loading workers capped at {cores}, the number of CPU cores")
         cfg = dataclasses.replace(cfg, workers=cores)
     method.recipe = dataclasses.replace(
-        method.recipe, optimizer=cfg.optimizer, base_lr=cfg.lr, weight_decay=cfg.weight_decay,
-        momentum=cfg.momentum, batch_size=cfg.batch_size, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs)
+        method.recipe,
+        optimizer=cfg.optimizer,
+        base_lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        momentum=cfg.momentum,
+        batch_size=cfg.batch_size,
+        epochs=cfg.epochs,
+        warmup_epochs=cfg.warmup_epochs,
+    )
     return cfg
 
 
-def _schedule(cfg: PretrainConfig, ctx: DistContext, n_images: int,
-              method: nn.Module) -> tuple[EpochBatchSampler, int, int]:
+def _schedule(
+    cfg: PretrainConfig, ctx: DistContext, n_images: int, method: nn.Module
+) -> tuple[EpochBatchSampler, int, int]:
     """This process's batch sampler, the total number of steps and the warm-up steps."""
     if cfg.batch_size % ctx.world_size:
         raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by {ctx.world_size} processes")
@@ -246,9 +279,15 @@ def _data_loader(run: _Run) -> DataLoader:
     """Batches of augmented views for this process, in the sampler's (seed, epoch) order."""
     cfg = run.cfg
     dataset = PretrainImages(run.paths, run.labels, run.method.view_transform(cfg.image_size), cfg.seed)
-    return DataLoader(dataset, batch_size=run.sampler.local_batch, sampler=run.sampler, num_workers=cfg.workers,
-                      pin_memory=run.ctx.device.type == "cuda", drop_last=True,
-                      persistent_workers=cfg.workers > 0)
+    return DataLoader(
+        dataset,
+        batch_size=run.sampler.local_batch,
+        sampler=run.sampler,
+        num_workers=cfg.workers,
+        pin_memory=run.ctx.device.type == "cuda",
+        drop_last=True,
+        persistent_workers=cfg.workers > 0,
+    )
 
 
 def _write_run_record(run: _Run) -> None:
@@ -257,11 +296,13 @@ def _write_run_record(run: _Run) -> None:
     run.run_dir.mkdir(parents=True, exist_ok=True)
     _write_config(run.run_dir / CONFIG_NAME, cfg)
     write_json_atomic(run.run_dir / WEIGHTS_NAME, run.init.record())
-    log(f"pretrain {cfg.method}{'+spd' if cfg.spd else ''} {cfg.arch}: {len(run.paths)} images"
+    log(
+        f"pretrain {cfg.method}{'+spd' if cfg.spd else ''} {cfg.arch}: {len(run.paths)} images"
         f"{f' in {len(run.class_names)} classes' if run.class_names else ''}, batch {cfg.batch_size} on "
         f"{ctx.world_size} process(es) ({ctx.device.type}"
         f"{', ' + torch.distributed.get_backend() if ctx.distributed else ''}), {run.total_steps} steps "
-        f"({run.steps_per_epoch}/epoch, warm-up {run.warmup_steps}), peak lr {run.peak_lr:g}")
+        f"({run.steps_per_epoch}/epoch, warm-up {run.warmup_steps}), peak lr {run.peak_lr:g}"
+    )
 
 
 def _train(run: _Run, model: nn.Module, loader: DataLoader) -> int:
@@ -278,8 +319,9 @@ def _train(run: _Run, model: nn.Module, loader: DataLoader) -> int:
     return step
 
 
-def _train_one_epoch(run: _Run, model: nn.Module, loader: DataLoader, step: int, tracker: _Tracker,
-                     sigterm: _SigtermFlag) -> int:
+def _train_one_epoch(
+    run: _Run, model: nn.Module, loader: DataLoader, step: int, tracker: _Tracker, sigterm: _SigtermFlag
+) -> int:
     """The rest of the epoch that ``step`` falls in (or up to the last step); return the step reached.
 
     Checkpoints every ``checkpoint_every`` steps; on SIGTERM checkpoints and raises SpotdiffError.
@@ -297,15 +339,18 @@ def _train_one_epoch(run: _Run, model: nn.Module, loader: DataLoader, step: int,
             tracker.window.start += time.perf_counter() - started  # img/s counts training only
         if stop and step < run.total_steps:  # SIGTERM reached some process: save and stop, all together
             _checkpoint(run, step)
-            raise SpotdiffError(f"stopped by SIGTERM after step {step}/{run.total_steps}; checkpoint saved "
-                                f"to {run.ckpt_path}; continue with --resume")
+            raise SpotdiffError(
+                f"stopped by SIGTERM after step {step}/{run.total_steps}; checkpoint saved "
+                f"to {run.ckpt_path}; continue with --resume"
+            )
         if step >= run.total_steps:
             break
     return step
 
 
-def _one_step(run: _Run, model: nn.Module, views: dict[str, torch.Tensor], labels: torch.Tensor, step: int,
-              sigterm: _SigtermFlag) -> list[float]:
+def _one_step(
+    run: _Run, model: nn.Module, views: dict[str, torch.Tensor], labels: torch.Tensor, step: int, sigterm: _SigtermFlag
+) -> list[float]:
     """Seed step ``step`` (0-based), move the batch to the device and train on it.
 
     Returns ``[loss, loss_base, loss_spd, stop]``; raises SpotdiffError when the loss is not finite.
@@ -316,26 +361,45 @@ def _one_step(run: _Run, model: nn.Module, views: dict[str, torch.Tensor], label
     channels_last = cfg.channels_last and device.type == "cuda"
     views = {k: _to_device(v, device, channels_last) for k, v in views.items()}
     labels = labels.to(device, non_blocking=True)
-    stats = train_step(model, run.method, run.optimizer, run.scaler, views, labels, generator,
-                       run.amp_dtype, ctx, float(sigterm.is_set()))
+    stats = train_step(
+        model,
+        run.method,
+        run.optimizer,
+        run.scaler,
+        views,
+        labels,
+        generator,
+        run.amp_dtype,
+        ctx,
+        float(sigterm.is_set()),
+    )
     if not all(math.isfinite(v) for v in stats):
         raise SpotdiffError(
             f"loss became {stats[0]} at step {step + 1} (epoch {step // run.steps_per_epoch}); stopped before "
             f"updating the weights. The last good checkpoint is kept: "
             f"{run.ckpt_path if run.ckpt_path.is_file() else 'none written yet'}. "
-            "Try a lower --lr or --amp bf16/none.")
+            "Try a lower --lr or --amp bf16/none."
+        )
     return stats
 
 
 def _checkpoint(run: _Run, step: int) -> None:
     """Rank 0 saves everything needed to resume after ``step``; all processes wait for it."""
     if run.ctx.is_main:
-        save_checkpoint(run.ckpt_path, {
-            "step": step, "epoch": step // run.steps_per_epoch, "world_size": run.ctx.world_size,
-            "config": run.cfg.to_dict(), "model": run.method.state_dict(),
-            "backbone": run.method.backbone.state_dict(), "optimizer": run.optimizer.state_dict(),
-            "scaler": run.scaler.state_dict(), "rng": rng_state(),
-        })
+        save_checkpoint(
+            run.ckpt_path,
+            {
+                "step": step,
+                "epoch": step // run.steps_per_epoch,
+                "world_size": run.ctx.world_size,
+                "config": run.cfg.to_dict(),
+                "model": run.method.state_dict(),
+                "backbone": run.method.backbone.state_dict(),
+                "optimizer": run.optimizer.state_dict(),
+                "scaler": run.scaler.state_dict(),
+                "rng": rng_state(),
+            },
+        )
     barrier(run.ctx)
 
 
@@ -345,17 +409,35 @@ def _finish(run: _Run, step: int) -> None:
         _checkpoint(run, step)
     if run.ctx.is_main:
         cfg = run.cfg
-        write_backbone(run.method.backbone.state_dict(), cfg.arch, run.run_dir / BACKBONE_NAME,
-                       {"method": cfg.method, "spd": cfg.spd, "eta": cfg.eta, "step": step,
-                        "init_weights": run.init.name, "init_sha256": run.init.sha256})
+        write_backbone(
+            run.method.backbone.state_dict(),
+            cfg.arch,
+            run.run_dir / BACKBONE_NAME,
+            {
+                "method": cfg.method,
+                "spd": cfg.spd,
+                "eta": cfg.eta,
+                "step": step,
+                "init_weights": run.init.name,
+                "init_sha256": run.init.sha256,
+            },
+        )
         log(f"pretrain done: {run.ckpt_path}, backbone {run.run_dir / BACKBONE_NAME}")
     barrier(run.ctx)
 
 
-def train_step(model: nn.Module, method: nn.Module, optimizer: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler, views: dict[str, torch.Tensor], labels: torch.Tensor,
-               generator: torch.Generator, amp_dtype: torch.dtype | None, ctx: DistContext,
-               stop: float = 0.0) -> list[float]:
+def train_step(
+    model: nn.Module,
+    method: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    views: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    generator: torch.Generator,
+    amp_dtype: torch.dtype | None,
+    ctx: DistContext,
+    stop: float = 0.0,
+) -> list[float]:
     """One optimizer step of the loop on a batch already on the device.
 
     ``model`` is ``method`` or its DDP wrapper. Returns ``[loss, loss_base, loss_spd, stop]``
@@ -371,9 +453,16 @@ def train_step(model: nn.Module, method: nn.Module, optimizer: torch.optim.Optim
     return stats
 
 
-def _forward_backward(model: nn.Module, views: dict[str, torch.Tensor], labels: torch.Tensor,
-                      generator: torch.Generator, amp_dtype: torch.dtype | None,
-                      scaler: torch.amp.GradScaler, stop: float, ctx: DistContext) -> list[float]:
+def _forward_backward(
+    model: nn.Module,
+    views: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    generator: torch.Generator,
+    amp_dtype: torch.dtype | None,
+    scaler: torch.amp.GradScaler,
+    stop: float,
+    ctx: DistContext,
+) -> list[float]:
     """Losses of one batch, back-propagated.
 
     Returns ``[loss, loss_base, loss_spd, stop]`` averaged over processes (one all-reduce); ``stop``
@@ -465,8 +554,15 @@ class _Window:
     def row(self, step: int, epoch: int, lr: float) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         loss, loss_base, loss_spd = (s / self.steps for s in self.sums)
-        row = {"step": step, "epoch": epoch, "lr": lr, "loss": loss, "loss_base": loss_base,
-               "loss_spd": loss_spd, "img_per_s": self.images / elapsed}
+        row = {
+            "step": step,
+            "epoch": epoch,
+            "lr": lr,
+            "loss": loss,
+            "loss_base": loss_base,
+            "loss_spd": loss_spd,
+            "img_per_s": self.images / elapsed,
+        }
         self.reset()
         return row
 
@@ -530,4 +626,3 @@ class _RunLogger:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
-

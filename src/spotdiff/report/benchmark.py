@@ -154,11 +154,18 @@ class Cell:
 
     def fingerprint(self, config: BenchmarkConfig) -> dict[str, Any]:
         """What the cell's numbers depend on; a stored cell with another fingerprint is stale."""
-        return {"weights": self.weights.name, "arch": self.weights.arch,
-                "weights_file": None if self.weights_file is None else str(self.weights_file),
-                "downstream": self.downstream.name, "method": self.downstream.method,
-                "params": _jsonable(self.downstream.params), "object": self.object,
-                "data_root": str(config.data_root), "image_size": config.image_size, "seed": config.seed}
+        return {
+            "weights": self.weights.name,
+            "arch": self.weights.arch,
+            "weights_file": None if self.weights_file is None else str(self.weights_file),
+            "downstream": self.downstream.name,
+            "method": self.downstream.method,
+            "params": _jsonable(self.downstream.params),
+            "object": self.object,
+            "data_root": str(config.data_root),
+            "image_size": config.image_size,
+            "seed": config.seed,
+        }
 
 
 @dataclass
@@ -184,8 +191,9 @@ def _jsonable(value: Any) -> Any:
 
 def _check_name(kind: str, name: Any, source: str) -> str:
     if not isinstance(name, str) or not _NAME.match(name):
-        raise ConfigError(f"{source}: {kind} name {name!r} must be letters, digits, '.', '+', '-' or "
-                          "single '_' (no '__', no '/')")
+        raise ConfigError(
+            f"{source}: {kind} name {name!r} must be letters, digits, '.', '+', '-' or single '_' (no '__', no '/')"
+        )
     return name
 
 
@@ -205,8 +213,18 @@ def _mapping(value: Any, what: str, source: str) -> dict[str, Any]:
 def parse_config(data: Mapping[str, Any], base_dir: Path, source: str = "config") -> BenchmarkConfig:
     """Validate a config mapping (see module docstring); relative paths resolve against ``base_dir``."""
     data = _mapping(data, "the config", source)
-    known = {"data", "objects", "weights", "downstream", "image_size", "seed", "device", "batch_size",
-             "report", "title"}
+    known = {
+        "data",
+        "objects",
+        "weights",
+        "downstream",
+        "image_size",
+        "seed",
+        "device",
+        "batch_size",
+        "report",
+        "title",
+    }
     if unknown := sorted(set(data) - known):
         raise ConfigError(f"{source}: unknown key(s) {unknown}; expected some of {sorted(known)}")
 
@@ -233,8 +251,9 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: str = "config"
         name = _check_name("weights", entry.get("name"), f"{source}: weights[{i}]")
         arch = entry.get("arch", "resnet18")
         if arch not in ARCHITECTURES:
-            raise ConfigError(f"{source}: weights {name!r}: unknown arch {arch!r}; "
-                              f"choose one of {sorted(ARCHITECTURES)}")
+            raise ConfigError(
+                f"{source}: weights {name!r}: unknown arch {arch!r}; choose one of {sorted(ARCHITECTURES)}"
+            )
         if entry.get("file") is not None and entry.get("pretrain") is not None:
             raise ConfigError(f"{source}: weights {name!r}: give either file or pretrain, not both")
         file = entry.get("file")
@@ -258,8 +277,9 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: str = "config"
             raise ConfigError(f"{source}: downstream[{i}]: unknown key(s) {unknown}")
         method = entry.get("method")
         if method not in DOWNSTREAM:
-            raise ConfigError(f"{source}: downstream[{i}]: unknown method {method!r}; "
-                              f"choose one of {sorted(DOWNSTREAM)}")
+            raise ConfigError(
+                f"{source}: downstream[{i}]: unknown method {method!r}; choose one of {sorted(DOWNSTREAM)}"
+            )
         name = _check_name("downstream", entry.get("name", method), f"{source}: downstream[{i}]")
         only = entry.get("weights")
         if only is not None:
@@ -283,10 +303,17 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: str = "config"
         raise ConfigError(f"{source}: device must be cpu or cuda, got {device!r}")
     report = _mapping(data.get("report"), "report", source)
     return BenchmarkConfig(
-        data_root=path(root, "data.root"), objects=tuple(objects), weights=tuple(weights),
-        downstream=tuple(downstream), image_size=integer("image_size", 256, 8), seed=integer("seed", 0, 0),
-        device=str(device), batch_size=integer("batch_size", 32, 1), figures=bool(report.get("figures", True)),
-        title=str(data.get("title", "spotdiff benchmark")))
+        data_root=path(root, "data.root"),
+        objects=tuple(objects),
+        weights=tuple(weights),
+        downstream=tuple(downstream),
+        image_size=integer("image_size", 256, 8),
+        seed=integer("seed", 0, 0),
+        device=str(device),
+        batch_size=integer("batch_size", 32, 1),
+        figures=bool(report.get("figures", True)),
+        title=str(data.get("title", "spotdiff benchmark")),
+    )
 
 
 def load_config(path: str | os.PathLike[str], device: str | None = None) -> BenchmarkConfig:
@@ -316,16 +343,23 @@ def _run_detector_cell(kind: str, cell: Cell, config: BenchmarkConfig) -> CellOu
     params = dict(cell.downstream.params)
     split = params.pop("split", "1cls")
     try:
-        detector = DETECTORS[kind](arch=cell.weights.arch, weights=cell.weights_file, seed=config.seed,
-                                   batch_size=config.batch_size, device=config.device, **params)
+        detector = DETECTORS[kind](
+            arch=cell.weights.arch,
+            weights=cell.weights_file,
+            seed=config.seed,
+            batch_size=config.batch_size,
+            device=config.device,
+            **params,
+        )
     except TypeError as exc:
         raise ConfigError(f"downstream {cell.downstream.name!r}: bad params {params} ({exc})") from exc
     train = open_dataset(config.data_root, cell.object, split=split, subset="train", image_size=config.image_size)
     test = open_dataset(config.data_root, cell.object, split=split, subset="test", image_size=config.image_size)
     detector.fit(train)
     metrics, per_image, _, _ = evaluate_detector(detector, test, config.batch_size)
-    return CellOutput(metrics, [r["score"] for r in per_image], [r["label"] for r in per_image],
-                      [r["defect_type"] for r in per_image])
+    return CellOutput(
+        metrics, [r["score"] for r in per_image], [r["label"] for r in per_image], [r["defect_type"] for r in per_image]
+    )
 
 
 def run_padim_cell(cell: Cell, config: BenchmarkConfig, work_dir: Path) -> CellOutput:
@@ -345,9 +379,17 @@ def _run_finetune_cell(task: str, cell: Cell, config: BenchmarkConfig, work_dir:
 
     params = dict(cell.downstream.params)
     try:
-        ft = FinetuneConfig(task=task, data=config.data_root, out=work_dir, object=cell.object,
-                            weights=cell.weights_file, arch=cell.weights.arch, image_size=config.image_size,
-                            device=config.device, **params)
+        ft = FinetuneConfig(
+            task=task,
+            data=config.data_root,
+            out=work_dir,
+            object=cell.object,
+            weights=cell.weights_file,
+            arch=cell.weights.arch,
+            image_size=config.image_size,
+            device=config.device,
+            **params,
+        )
     except TypeError as exc:
         raise ConfigError(f"downstream {cell.downstream.name!r}: bad params {params} ({exc})") from exc
     summary = run_finetune(ft)["aggregate"][cell.object]
@@ -399,12 +441,16 @@ def check_device(device: str) -> None:
     import torch
 
     if not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r}: no CUDA device is available here "
-                          "(torch.cuda.is_available() is False); use --device cpu")
+        raise ConfigError(
+            f"device {device!r}: no CUDA device is available here "
+            "(torch.cuda.is_available() is False); use --device cpu"
+        )
     index = torch.device(device).index
     if index is not None and index >= torch.cuda.device_count():
-        raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                          f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+        raise ConfigError(
+            f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+            f"cuda:0..cuda:{torch.cuda.device_count() - 1}"
+        )
 
 
 def config_hash(config: BenchmarkConfig) -> str:
@@ -430,16 +476,21 @@ def bind_out(config: BenchmarkConfig, out: Path) -> None:
     data = config_dict(config)
     data.pop("device")
     path = out / RECORD_NAME
-    create_text_exclusive(path, json.dumps({"config_hash": digest, "config": data,
-                                            "spotdiff_version": __version__}, indent=2, sort_keys=True) + "\n")
+    create_text_exclusive(
+        path,
+        json.dumps({"config_hash": digest, "config": data, "spotdiff_version": __version__}, indent=2, sort_keys=True)
+        + "\n",
+    )
     stored = _read_json(path)
     if stored.get("config_hash") != digest:
         old = stored.get("config") if isinstance(stored.get("config"), dict) else {}
         keys = sorted(k for k in set(old) | set(data) if old.get(k) != data.get(k))
-        raise ConfigError(f"{out}: holds a benchmark of another configuration (config hash "
-                          f"{str(stored.get('config_hash'))[:12]} in {path}, this one {digest[:12]}; they differ in "
-                          f"{keys}); use another --out, or delete {path} when no process is using {out} "
-                          "(finished cells are kept where their fingerprint still matches)")
+        raise ConfigError(
+            f"{out}: holds a benchmark of another configuration (config hash "
+            f"{str(stored.get('config_hash'))[:12]} in {path}, this one {digest[:12]}; they differ in "
+            f"{keys}); use another --out, or delete {path} when no process is using {out} "
+            "(finished cells are kept where their fingerprint still matches)"
+        )
 
 
 def bind_shards(out: Path, shard: tuple[int, int]) -> None:
@@ -449,8 +500,10 @@ def bind_shards(out: Path, shard: tuple[int, int]) -> None:
     create_text_exclusive(path, json.dumps({"count": count}) + "\n")
     stored = _read_json(path).get("count")
     if stored != count:
-        raise ConfigError(f"--shard {index}/{count}: {out} is split into {stored} shards ({path}); use --shard "
-                          f"I/{stored}, or delete {path} when no process is using {out}")
+        raise ConfigError(
+            f"--shard {index}/{count}: {out} is split into {stored} shards ({path}); use --shard "
+            f"I/{stored}, or delete {path} when no process is using {out}"
+        )
 
 
 def _process_start(pid: int) -> str | None:
@@ -503,8 +556,12 @@ class Claims:
         self.folder = folder
         self.lease = float(lease)
         self.heartbeat = min(30.0, self.lease / 10)
-        self.me = {"host": socket.gethostname(), "pidns": _pid_namespace(), "pid": os.getpid(),
-                   "start": _process_start(os.getpid())}
+        self.me = {
+            "host": socket.gethostname(),
+            "pidns": _pid_namespace(),
+            "pid": os.getpid(),
+            "start": _process_start(os.getpid()),
+        }
         self.held: dict[str, tuple[Path, str]] = {}
         self._seen: dict[Path, tuple[int, str, float]] = {}
         self._lock = threading.Lock()
@@ -566,8 +623,7 @@ class Claims:
             gen = last + 1
         token = uuid.uuid4().hex
         path = self.folder / f"{key}.{gen}.claim"
-        record = {**self.me, "token": token, "key": key,
-                  "since": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())}
+        record = {**self.me, "token": token, "key": key, "since": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())}
         if not create_text_exclusive(path, json.dumps(record, sort_keys=True) + "\n"):
             return self.describe(self._read(path))
         for _, old in gens:  # the stale predecessors (their owners see that they lost)
@@ -616,8 +672,9 @@ class Claims:
                     pass  # released meanwhile, or taken over
 
 
-def _work_through(claims: Claims, units: Sequence[tuple[str, Callable[[], bool], Callable[[], bool]]],
-                  what: str, poll: float) -> list[str]:
+def _work_through(
+    claims: Claims, units: Sequence[tuple[str, Callable[[], bool], Callable[[], bool]]], what: str, poll: float
+) -> list[str]:
     """Run every ``(key, is_done, run)`` unit not yet done, each under its claim; wait for units that
     other processes hold (taking over stale claims). ``run`` returns False when its result was
     discarded (the claim was taken over meanwhile). Returns the keys run (and kept) here."""
@@ -658,8 +715,10 @@ def check_weights(config: BenchmarkConfig) -> None:
         if isinstance(spec.file, Path) and not spec.file.is_file():
             raise ConfigError(f"weights {spec.name!r}: file not found: {spec.file}")
         if spec.file is None:
-            random_init_warning(f"weights {spec.name!r} has no file; set file: imagenet for torchvision's "
-                                "ImageNet weights (file: random hides this warning)")
+            random_init_warning(
+                f"weights {spec.name!r} has no file; set file: imagenet for torchvision's "
+                "ImageNet weights (file: random hides this warning)"
+            )
             continue
         try:
             load_weights(spec.arch, spec.file)
@@ -684,8 +743,9 @@ def weights_files(config: BenchmarkConfig, out: Path) -> dict[str, Path | str | 
     return files
 
 
-def prepare_weights(config: BenchmarkConfig, out: Path, claims: Claims,
-                    poll: float = POLL_SECONDS) -> dict[str, Path | str | None]:
+def prepare_weights(
+    config: BenchmarkConfig, out: Path, claims: Claims, poll: float = POLL_SECONDS
+) -> dict[str, Path | str | None]:
     """Backbone file of every weights entry; runs (or resumes) the ``pretrain`` blocks first.
 
     A backbone already exported to ``<out>/weights/<name>.safetensors`` is reused when the block
@@ -705,8 +765,10 @@ def prepare_weights(config: BenchmarkConfig, out: Path, claims: Claims,
             if not (dest.is_file() and record.is_file()):
                 return False
             if _read_json(record) != block:
-                raise ConfigError(f"{dest}: pre-trained with another pretrain block; use another --out "
-                                  f"or delete {dest.name} and {record.name} to re-train")
+                raise ConfigError(
+                    f"{dest}: pre-trained with another pretrain block; use another --out "
+                    f"or delete {dest.name} and {record.name} to re-train"
+                )
             return True
 
         def run(spec: WeightsSpec = spec, dest: Path = dest, record: Path = record, block: dict = block) -> bool:
@@ -743,10 +805,13 @@ def pretrain_and_export(spec: WeightsSpec, config: BenchmarkConfig, run_dir: Pat
 
 def grid(config: BenchmarkConfig, weights_files: Mapping[str, Path | str | None]) -> list[Cell]:
     """Every cell, ordered weights, then downstream, then object."""
-    return [Cell(w, d, obj, weights_files.get(w.name, w.file))
-            for w in config.weights for d in config.downstream
-            if d.weights is None or w.name in d.weights
-            for obj in config.objects]
+    return [
+        Cell(w, d, obj, weights_files.get(w.name, w.file))
+        for w in config.weights
+        for d in config.downstream
+        if d.weights is None or w.name in d.weights
+        for obj in config.objects
+    ]
 
 
 def shard_cells(cells: Sequence[Cell], shard: tuple[int, int] | None) -> list[Cell]:
@@ -776,8 +841,9 @@ def read_cell(path: Path, cell: Cell, config: BenchmarkConfig) -> dict[str, Any]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{path}: unreadable cell result ({exc}); delete it to re-run the cell") from exc
     if stored != _jsonable(cell.fingerprint(config)):
-        raise ConfigError(f"{path}: measured with another configuration; use another --out "
-                          "or delete the file to re-run the cell")
+        raise ConfigError(
+            f"{path}: measured with another configuration; use another --out or delete the file to re-run the cell"
+        )
     return data
 
 
@@ -793,18 +859,24 @@ def run_cell(cell: Cell, config: BenchmarkConfig, out: Path, claims: Claims | No
     start = time.perf_counter()
     output = runner(cell, config, out / WORK_DIR / cell.key)
     data = {
-        "key": cell.key, "weights": cell.weights.name, "downstream": cell.downstream.name,
-        "object": cell.object, "metrics": _jsonable(output.metrics),
+        "key": cell.key,
+        "weights": cell.weights.name,
+        "downstream": cell.downstream.name,
+        "object": cell.object,
+        "metrics": _jsonable(output.metrics),
         "seconds": round(time.perf_counter() - start, 3),
         "scores": None if output.scores is None else [float(s) for s in output.scores],
         "labels": None if output.labels is None else [int(v) for v in output.labels],
         "defect_types": None if output.defect_types is None else [str(t) for t in output.defect_types],
         "init_weights": weights_record(cell.weights.arch, cell.weights_file),
-        "fingerprint": cell.fingerprint(config), "spotdiff_version": __version__,
+        "fingerprint": cell.fingerprint(config),
+        "spotdiff_version": __version__,
     }
     if claims is not None and not claims.owns(cell.key):
-        log(f"{cell.key}: another process took this cell over while it ran (no heartbeat seen for "
-            f"{claims.lease:g} s); this result is discarded")
+        log(
+            f"{cell.key}: another process took this cell over while it ran (no heartbeat seen for "
+            f"{claims.lease:g} s); this result is discarded"
+        )
         return None
     write_json_atomic(cell_path(out, cell), data)
     return data
@@ -823,8 +895,12 @@ class BenchmarkResult:
     missing: int = 0
 
 
-def run_benchmark(config: BenchmarkConfig, out: str | os.PathLike[str], shard: tuple[int, int] | None = None,
-                  lease: float = LEASE_SECONDS) -> BenchmarkResult:
+def run_benchmark(
+    config: BenchmarkConfig,
+    out: str | os.PathLike[str],
+    shard: tuple[int, int] | None = None,
+    lease: float = LEASE_SECONDS,
+) -> BenchmarkResult:
     """Run (or resume) the grid, or shard ``(I, N)`` of it, then write the tables when the grid is complete.
 
     Several processes may share ``out`` (one per GPU, the tasks of a cluster job array): each cell
@@ -846,8 +922,10 @@ def run_benchmark(config: BenchmarkConfig, out: str | os.PathLike[str], shard: t
         if shard is not None:
             holder = claims.claim(f"_shard-{shard[0]}-of-{shard[1]}")
             if holder is not None:
-                raise ConfigError(f"--shard {shard[0]}/{shard[1]} is already being run by {holder} "
-                                  f"(claim in {out / CLAIM_DIR}); give each process its own shard")
+                raise ConfigError(
+                    f"--shard {shard[0]}/{shard[1]} is already being run by {holder} "
+                    f"(claim in {out / CLAIM_DIR}); give each process its own shard"
+                )
         cells = grid(config, prepare_weights(config, out, claims, poll))
         mine = shard_cells(cells, shard)
         done_before = [c.key for c in mine if read_cell(cell_path(out, c), c, config) is not None]
@@ -855,6 +933,7 @@ def run_benchmark(config: BenchmarkConfig, out: str | os.PathLike[str], shard: t
             log(f"skipped {len(done_before)} cell(s) already measured in {out / CELL_DIR}")
         progress_bar = bar(total=len(mine), initial=len(done_before), desc="benchmark", unit="cell")
         try:
+
             def unit(cell: Cell) -> tuple[str, Callable[[], bool], Callable[[], bool]]:
                 def run() -> bool:
                     progress_bar.set_postfix_str(cell.key)
@@ -867,6 +946,7 @@ def run_benchmark(config: BenchmarkConfig, out: str | os.PathLike[str], shard: t
                     log(f"{cell.key}: {_headline(data['metrics'])} ({data['seconds']:.1f} s)")
                     progress_bar.update(1)
                     return True
+
                 return cell.key, cell_path(out, cell).is_file, run
 
             ran = _work_through(claims, [unit(c) for c in mine], "cell(s)", poll)
@@ -875,8 +955,10 @@ def run_benchmark(config: BenchmarkConfig, out: str | os.PathLike[str], shard: t
         skipped = [c.key for c in mine if c.key not in ran]
         missing = sum(not cell_path(out, c).is_file() for c in cells)
         if missing:
-            log(f"{missing} cell(s) of other shards are not done yet; the process that finishes the last "
-                "one writes the tables (or run `spotdiff benchmark --collect` when all are done)")
+            log(
+                f"{missing} cell(s) of other shards are not done yet; the process that finishes the last "
+                "one writes the tables (or run `spotdiff benchmark --collect` when all are done)"
+            )
             return BenchmarkResult([], ran, skipped, [], out, missing)
         holder = claims.claim("_tables")
         if holder is not None:
@@ -919,8 +1001,6 @@ def cell_records(cells: Sequence[Mapping[str, Any]]) -> list[ResultRecord]:
 
 def write_results(config: BenchmarkConfig, cells: Sequence[Mapping[str, Any]], out: Path) -> list[Table]:
     """results.csv, results.json, tables.md and report.html from the stored cells; returns the tables."""
-    from spotdiff.report.html import report_sections, write_html_report  # matplotlib: only when writing
-    from spotdiff.report.plots import Predictions
 
     records = cell_records(cells)
     weights_order = [w.name for w in config.weights]
@@ -930,24 +1010,42 @@ def write_results(config: BenchmarkConfig, cells: Sequence[Mapping[str, Any]], o
     for ds in config.downstream:
         mine = [r for r in records if r.downstream == ds.name]
         methods = [w for w in weights_order if any(r.method == w for r in mine)]
-        tables += paper_tables(mine, objects=list(config.objects), methods=methods, title_prefix=f"{ds.name}: ",
-                               notes=notes)
+        tables += paper_tables(
+            mine, objects=list(config.objects), methods=methods, title_prefix=f"{ds.name}: ", notes=notes
+        )
     seconds = [c.get("seconds") for c in cells]
     write_text_atomic(out / "results.csv", records_csv(records, extra={"seconds": seconds}))
-    write_json_atomic(out / "results.json", {
-        "title": config.title, "objects": list(config.objects), "metrics": list(HEADLINE_METRICS),
-        "cells": [{k: c[k] for k in ("weights", "downstream", "object", "metrics", "seconds")} for c in cells],
-        "tables": [t.to_json() for t in tables]})
-    write_text_atomic(out / "tables.md", f"# {config.title}\n\nValues are percentages with one decimal.\n\n"
-                      + tables_markdown(tables))
+    write_json_atomic(
+        out / "results.json",
+        {
+            "title": config.title,
+            "objects": list(config.objects),
+            "metrics": list(HEADLINE_METRICS),
+            "cells": [{k: c[k] for k in ("weights", "downstream", "object", "metrics", "seconds")} for c in cells],
+            "tables": [t.to_json() for t in tables],
+        },
+    )
+    write_text_atomic(
+        out / "tables.md", f"# {config.title}\n\nValues are percentages with one decimal.\n\n" + tables_markdown(tables)
+    )
     predictions = []
     if config.figures:
-        predictions = [Predictions(f"{c['downstream']}: {c['object']}", c["weights"], np.asarray(c["scores"]),
-                                   np.asarray(c["labels"]), c.get("defect_types"))
-                       for c in cells if c.get("scores") is not None and c.get("labels") is not None]
-    intro = (f"{len(cells)} cells: {len(config.weights)} weights x {len(config.downstream)} downstream methods x "
-             f"{len(config.objects)} objects. Data: {config.data_root}. Rows: pre-trained weights; "
-             "columns: objects and their mean (given only when every object was measured).")
+        predictions = [
+            Predictions(
+                f"{c['downstream']}: {c['object']}",
+                c["weights"],
+                np.asarray(c["scores"]),
+                np.asarray(c["labels"]),
+                c.get("defect_types"),
+            )
+            for c in cells
+            if c.get("scores") is not None and c.get("labels") is not None
+        ]
+    intro = (
+        f"{len(cells)} cells: {len(config.weights)} weights x {len(config.downstream)} downstream methods x "
+        f"{len(config.objects)} objects. Data: {config.data_root}. Rows: pre-trained weights; "
+        "columns: objects and their mean (given only when every object was measured)."
+    )
     provenance = [f"{w.name} ({w.arch}): {describe_weights(used[w.name])}" for w in config.weights if w.name in used]
     sections = [*report_sections(tables, predictions), Section("Backbone weights", provenance)]
     write_html_report(out / "report.html", config.title, sections, intro=intro)

@@ -94,8 +94,18 @@ class DemoSettings:
     def preset(cls, quick: bool = False, seed: int = 0) -> DemoSettings:
         """The default demo (minutes on a 2-core CPU) or the ``--quick`` smoke run (< 2 minutes)."""
         if quick:
-            return cls(scale=0.2, data_size=64, image_size=64, pretrain_size=72, pretrain_steps=4,
-                       pretrain_batch=8, padim_batch=16, seed=seed, gallery_size=4, quick=True)
+            return cls(
+                scale=0.2,
+                data_size=64,
+                image_size=64,
+                pretrain_size=72,
+                pretrain_steps=4,
+                pretrain_batch=8,
+                padim_batch=16,
+                seed=seed,
+                gallery_size=4,
+                quick=True,
+            )
         return cls(seed=seed)
 
 
@@ -184,19 +194,33 @@ def pretrain_backbone(images: Path, out: Path, settings: DemoSettings, spd: bool
     run_dir = out / "pretrain" / stem
     shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted earlier attempt
     config = PretrainConfig(
-        method="simsiam", spd=spd, arch=settings.arch, data=str(images), out=str(run_dir),
-        steps=settings.pretrain_steps, batch_size=settings.pretrain_batch, lr=settings.pretrain_lr,
+        method="simsiam",
+        spd=spd,
+        arch=settings.arch,
+        data=str(images),
+        out=str(run_dir),
+        steps=settings.pretrain_steps,
+        batch_size=settings.pretrain_batch,
+        lr=settings.pretrain_lr,
         image_size=settings.pretrain_size,
-        workers=0, amp="none", device="cpu", channels_last=False, seed=settings.seed,
-        checkpoint_every=0, log_every=max(1, settings.pretrain_steps // 10), resume=False,
-        hparams={"blend_aspect": list(settings.blend_aspect)} if spd else {})
+        workers=0,
+        amp="none",
+        device="cpu",
+        channels_last=False,
+        seed=settings.seed,
+        checkpoint_every=0,
+        log_every=max(1, settings.pretrain_steps // 10),
+        resume=False,
+        hparams={"blend_aspect": list(settings.blend_aspect)} if spd else {},
+    )
     checkpoint = run_pretrain(config)
     export_backbone(checkpoint, weights, arch=settings.arch)
     return weights
 
 
-def evaluate_object(data_root: Path, obj: str, label: str, weights: WeightsLike,
-                    settings: DemoSettings) -> tuple[dict[str, Any], Predictions]:
+def evaluate_object(
+    data_root: Path, obj: str, label: str, weights: WeightsLike, settings: DemoSettings
+) -> tuple[dict[str, Any], Predictions]:
     """Step 4 for one (object, backbone): fit PaDiM on normal training images, evaluate on the test set."""
     from spotdiff.data import open_dataset
     from spotdiff.detect import PaDiM
@@ -205,16 +229,25 @@ def evaluate_object(data_root: Path, obj: str, label: str, weights: WeightsLike,
 
     train = open_dataset(data_root, obj, split="1cls", subset="train", image_size=settings.image_size)
     test = open_dataset(data_root, obj, split="1cls", subset="test", image_size=settings.image_size)
-    detector = PaDiM(arch=settings.arch, weights=weights, layers=settings.layers, seed=settings.seed,
-                     batch_size=settings.padim_batch).fit(train)
+    detector = PaDiM(
+        arch=settings.arch, weights=weights, layers=settings.layers, seed=settings.seed, batch_size=settings.padim_batch
+    ).fit(train)
     metrics, per_image, maps, masks = evaluate_detector(detector, test, settings.padim_batch)
     labels = np.array([r["label"] for r in per_image])
     normals = normal_statistics(np.array([r["score"] for r in per_image])[labels == 0], maps[labels == 0])
     scale = scale_from_normals(normals, "test-set normal images")
     predictions = Predictions(
-        obj, label, np.array([r["score"] for r in per_image]), np.array([r["label"] for r in per_image]),
-        [r["defect_type"] for r in per_image], maps, masks, paths=[r["path"] for r in per_image],
-        map_range=(scale.vmin, scale.vmax), threshold=float(normals["score_max"]))
+        obj,
+        label,
+        np.array([r["score"] for r in per_image]),
+        np.array([r["label"] for r in per_image]),
+        [r["defect_type"] for r in per_image],
+        maps,
+        masks,
+        paths=[r["path"] for r in per_image],
+        map_range=(scale.vmin, scale.vmax),
+        threshold=float(normals["score_max"]),
+    )
     return metrics, predictions
 
 
@@ -247,14 +280,17 @@ def smoke_note(settings: DemoSettings, records: list[ResultRecord]) -> str:
     if sets:
         normal, anomalous = min(int(t["normal"]) for t in sets), min(int(t["anomalous"]) for t in sets)
         size = f" as few as {normal} normal and {anomalous} anomalous test images per object,"
-    return ("SMOKE TEST (demo --quick): these numbers only show that every stage ran. They come from"
-            f"{size} tiny images and a few pre-training steps, so AU-ROC below 50 or AU-PR below "
-            "chance is expected and means nothing; run `spotdiff demo` (without --quick) for figures "
-            "worth reading.")
+    return (
+        "SMOKE TEST (demo --quick): these numbers only show that every stage ran. They come from"
+        f"{size} tiny images and a few pre-training steps, so AU-ROC below 50 or AU-PR below "
+        "chance is expected and means nothing; run `spotdiff demo` (without --quick) for figures "
+        "worth reading."
+    )
 
 
-def run_demo(settings: DemoSettings, out: str | os.PathLike[str] = "spotdiff-demo",
-             weights: WeightsLike = None) -> DemoResult:
+def run_demo(
+    settings: DemoSettings, out: str | os.PathLike[str] = "spotdiff-demo", weights: WeightsLike = None
+) -> DemoResult:
     """Run the whole demo into ``out``; returns the headline table and paths (see module docstring).
 
     ``weights``: an extra backbone for PaDiM (anything :func:`spotdiff.models.load_weights` takes,
@@ -287,8 +323,10 @@ def run_demo(settings: DemoSettings, out: str | os.PathLike[str] = "spotdiff-dem
     if extra is not None:
         used[backbones[-1]] = extra
     for i, (label, (stem, spd)) in enumerate(PRETRAINED.items(), start=1):
-        log(f"demo [3/5] pre-training {label} ({i}/{len(PRETRAINED)}): {settings.pretrain_steps} steps "
-            f"of {settings.pretrain_batch} images at {settings.pretrain_size} px")
+        log(
+            f"demo [3/5] pre-training {label} ({i}/{len(PRETRAINED)}): {settings.pretrain_steps} steps "
+            f"of {settings.pretrain_batch} images at {settings.pretrain_size} px"
+        )
         reused = (out / "weights" / f"{stem}.safetensors").is_file()
         used[label] = pretrain_backbone(images, out, settings, spd, stem)
         t = lap(f"pretrain {label}" + (" (reused)" if reused else ""), t)
@@ -306,27 +344,44 @@ def run_demo(settings: DemoSettings, out: str | os.PathLike[str] = "spotdiff-dem
     log("demo [5/5] writing the report")
     table = object_backbone_table(records, backbones=backbones, title="PaDiM on the synthetic dataset (%)")
     tables = [table, *paper_tables(records, methods=backbones, title_prefix="PaDiM: ")]
-    settings_text = (f"{settings.arch}; pre-training: {settings.pretrain_steps} steps of {settings.pretrain_batch} "
-                     f"images at {settings.pretrain_size} px, lr {settings.pretrain_lr:g} per 256 images; "
-                     f"PaDiM at {settings.image_size} px "
-                     f"(layers {', '.join(settings.layers)}); synthetic data: scale {settings.scale}, "
-                     f"{settings.data_size} px; seed {settings.seed}")
+    settings_text = (
+        f"{settings.arch}; pre-training: {settings.pretrain_steps} steps of {settings.pretrain_batch} "
+        f"images at {settings.pretrain_size} px, lr {settings.pretrain_lr:g} per 256 images; "
+        f"PaDiM at {settings.image_size} px "
+        f"(layers {', '.join(settings.layers)}); synthetic data: scale {settings.scale}, "
+        f"{settings.data_size} px; seed {settings.seed}"
+    )
     if extra is not None:
         settings_text += f"; extra backbone {backbones[-1]}: {describe_weights(extra.record())}"
     timing = ", ".join(f"{name} {sec:.0f} s" for name, sec in stages.items())
     report = out / "report.html"
     smoke = smoke_note(settings, records)
     intro = INTRO.format(settings=settings_text, timing=timing)
-    write_html_report(report, "spotdiff demo", report_sections(tables, predictions, settings.gallery_size),
-                      intro=f"{smoke}\n\n{intro}" if smoke else intro)
+    write_html_report(
+        report,
+        "spotdiff demo",
+        report_sections(tables, predictions, settings.gallery_size),
+        intro=f"{smoke}\n\n{intro}" if smoke else intro,
+    )
     lap("report", t)
     seconds = round(time.perf_counter() - start, 1)
-    write_json_atomic(out / "results.json", {"settings": asdict(settings), "seconds": seconds,
-                                             "extra_weights": None if extra is None else extra.record(),
-                                             "stage_seconds": stages, "records": [r.to_dict() for r in records]})
+    write_json_atomic(
+        out / "results.json",
+        {
+            "settings": asdict(settings),
+            "seconds": seconds,
+            "extra_weights": None if extra is None else extra.record(),
+            "stage_seconds": stages,
+            "records": [r.to_dict() for r in records],
+        },
+    )
     write_text_atomic(out / "results.csv", records_csv(records))
-    write_text_atomic(out / "tables.md", "# spotdiff demo\n\n" + (f"**{smoke}**\n\n" if smoke else "")
-                      + "Values are percentages with one decimal.\n\n" + tables_markdown(tables))
-    log(f"demo: done in {seconds:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in stages.items())}); "
-        f"report: {report}")
+    write_text_atomic(
+        out / "tables.md",
+        "# spotdiff demo\n\n"
+        + (f"**{smoke}**\n\n" if smoke else "")
+        + "Values are percentages with one decimal.\n\n"
+        + tables_markdown(tables),
+    )
+    log(f"demo: done in {seconds:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in stages.items())}); report: {report}")
     return DemoResult(table, records, report, out, seconds, smoke)

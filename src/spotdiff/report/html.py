@@ -97,21 +97,31 @@ def _best_by_column(table: Table) -> set[tuple[int, int]]:
 def table_html(table: Table) -> str:
     """One table as HTML (values as percentages with one decimal; column best in bold)."""
     best = _best_by_column(table)
-    classes = [[""] * len(row.labels) + [f"num{' best' if (i, j) in best else ''}" for j in range(len(row.values))]
-               for i, row in enumerate(table.rows)]
-    return html_table(table.header, table.formatted_rows(), classes, ["mean" if r.is_mean else "" for r in table.rows],
-                      table.title, table.notes)
+    classes = [
+        [""] * len(row.labels) + [f"num{' best' if (i, j) in best else ''}" for j in range(len(row.values))]
+        for i, row in enumerate(table.rows)
+    ]
+    return html_table(
+        table.header,
+        table.formatted_rows(),
+        classes,
+        ["mean" if r.is_mean else "" for r in table.rows],
+        table.title,
+        table.notes,
+    )
 
 
 def figure_html(fig: Figure) -> str:
     caption = f"<figcaption>{html.escape(fig.caption)}</figcaption>" if fig.caption else ""
-    return (f"<figure><h3>{html.escape(fig.title)}</h3>"
-            f"<img alt=\"{html.escape(fig.title, quote=True)}\" src=\"{data_uri(fig.png)}\">{caption}</figure>")
+    return (
+        f"<figure><h3>{html.escape(fig.title)}</h3>"
+        f'<img alt="{html.escape(fig.title, quote=True)}" src="{data_uri(fig.png)}">{caption}</figure>'
+    )
 
 
 def render_html(title: str, sections: Sequence[Section], intro: str = "") -> str:
     """The whole report page as a string."""
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     nav = "".join(f'<a href="#{_anchor(s.title)}">{html.escape(s.title)}</a>' for s in sections)
     parts = [
         "<!DOCTYPE html>",
@@ -144,14 +154,14 @@ def render_html(title: str, sections: Sequence[Section], intro: str = "") -> str
     return "\n".join(parts)
 
 
-def write_html_report(path: str | os.PathLike[str], title: str, sections: Sequence[Section],
-                      intro: str = "") -> None:
+def write_html_report(path: str | os.PathLike[str], title: str, sections: Sequence[Section], intro: str = "") -> None:
     """Render and write the report atomically to ``path``."""
     write_text_atomic(path, render_html(title, sections, intro))
 
 
-def report_sections(tables: Sequence[Table], predictions: Sequence[Predictions] = (),
-                    gallery_size: int = 8) -> list[Section]:
+def report_sections(
+    tables: Sequence[Table], predictions: Sequence[Predictions] = (), gallery_size: int = 8
+) -> list[Section]:
     """The standard report: result tables, then (from ``predictions``) per-object PR/ROC curves,
     the per-defect-type breakdown and the gallery of best and worst cases, one figure per object
     (gallery: per object and method)."""
@@ -161,23 +171,36 @@ def report_sections(tables: Sequence[Table], predictions: Sequence[Predictions] 
         by_object.setdefault(p.object, []).append(p)
     if not by_object:
         return sections
-    curves = [Figure(obj, curves_figure([p.score_set() for p in preds], title=obj),
-                     "Image-level curves; the legend gives the area under each curve in %.")
-              for obj, preds in by_object.items()]
+    curves = [
+        Figure(
+            obj,
+            curves_figure([p.score_set() for p in preds], title=obj),
+            "Image-level curves; the legend gives the area under each curve in %.",
+        )
+        for obj, preds in by_object.items()
+    ]
     sections.append(Section("PR and ROC curves", curves))
     breakdown = []
     for obj, preds in by_object.items():
-        per_method = {p.method: per_defect_type_auroc(p.scores, p.labels, p.defect_types)
-                      for p in preds if p.defect_types is not None}
+        per_method = {
+            p.method: per_defect_type_auroc(p.scores, p.labels, p.defect_types)
+            for p in preds
+            if p.defect_types is not None
+        }
         counts: dict[str, int] = {}
         for p in preds[:1]:
             for t, label in zip(p.defect_types or [], p.labels, strict=False):
                 counts[t] = counts.get(t, 0) + int(label == 1)
         if any(per_method.values()):
-            breakdown.append(Figure(obj, defect_breakdown_figure(per_method, title=obj, counts=counts or None),
-                                    "Image AU-ROC of each defect type against all normal test images; n = "
-                                    f"anomalous test images of the type; grey: fewer than {FEW_IMAGES} images, "
-                                    "too few for the value to mean much."))
+            breakdown.append(
+                Figure(
+                    obj,
+                    defect_breakdown_figure(per_method, title=obj, counts=counts or None),
+                    "Image AU-ROC of each defect type against all normal test images; n = "
+                    f"anomalous test images of the type; grey: fewer than {FEW_IMAGES} images, "
+                    "too few for the value to mean much.",
+                )
+            )
     if breakdown:
         sections.append(Section("Per-defect-type breakdown", breakdown))
     gallery: list[Table | Figure | str] = []
@@ -185,17 +208,26 @@ def report_sections(tables: Sequence[Table], predictions: Sequence[Predictions] 
         for p in preds:
             items = p.gallery_items(gallery_size)
             if items:
-                gallery.append(Figure(f"{obj} / {p.method}", gallery_figure(
-                    items, columns=max(1, -(-gallery_size // 2)), map_range=p.map_range, threshold=p.threshold)))
+                gallery.append(
+                    Figure(
+                        f"{obj} / {p.method}",
+                        gallery_figure(
+                            items, columns=max(1, -(-gallery_size // 2)), map_range=p.map_range, threshold=p.threshold
+                        ),
+                    )
+                )
     if gallery:
-        gallery.insert(0, "Top row: the highest-scoring defects (anomalous images with the highest scores). "
-                          "Bottom row: the worst cases, the lowest-scoring defects (the likeliest misses) "
-                          "alternating with the highest-scoring normal images (the likeliest false alarms). "
-                          "Each tile says what it is, its score and the decision at the threshold: a defect "
-                          "is 'caught' or 'missed', a normal image a 'false alarm' or 'passed'; the threshold "
-                          "is a score above every normal test image (the zero-false-alarm threshold). Heat "
-                          "map: anomaly map (jet) on the model's one colour scale (colour bar), fixed from its "
-                          "scores on the normal test images: from their median map value to twice the way up "
-                          "to their highest image score; green outline: ground-truth defect mask.")
+        gallery.insert(
+            0,
+            "Top row: the highest-scoring defects (anomalous images with the highest scores). "
+            "Bottom row: the worst cases, the lowest-scoring defects (the likeliest misses) "
+            "alternating with the highest-scoring normal images (the likeliest false alarms). "
+            "Each tile says what it is, its score and the decision at the threshold: a defect "
+            "is 'caught' or 'missed', a normal image a 'false alarm' or 'passed'; the threshold "
+            "is a score above every normal test image (the zero-false-alarm threshold). Heat "
+            "map: anomaly map (jet) on the model's one colour scale (colour bar), fixed from its "
+            "scores on the normal test images: from their median map value to twice the way up "
+            "to their highest image score; green outline: ground-truth defect mask.",
+        )
         sections.append(Section("Gallery", gallery))
     return sections

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from PIL import Image
 
 from spotdiff.metrics import evaluate, pr_curve, roc_curve
-from matplotlib.figure import Figure
 
 DPI = 100
 FEW_IMAGES = 5
@@ -109,11 +109,17 @@ class Predictions:
             for i in picks:
                 kind = gallery_kind(row, int(self.labels[i]))
                 caption = self.defect_types[i] if self.defect_types is not None else ""
-                items.append(GalleryItem(
-                    image=self.image(i),
-                    anomaly_map=None if self.anomaly_maps is None else self.anomaly_maps[i],
-                    mask=None if self.masks is None else self.masks[i],
-                    score=float(self.scores[i]), label=int(self.labels[i]), caption=caption, kind=kind))
+                items.append(
+                    GalleryItem(
+                        image=self.image(i),
+                        anomaly_map=None if self.anomaly_maps is None else self.anomaly_maps[i],
+                        mask=None if self.masks is None else self.masks[i],
+                        score=float(self.scores[i]),
+                        label=int(self.labels[i]),
+                        caption=caption,
+                        kind=kind,
+                    )
+                )
         return items
 
 
@@ -141,8 +147,9 @@ def gallery_decision(label: int, score: float, threshold: float | None) -> str:
     return "false alarm" if flagged else "passed"
 
 
-def per_defect_type_auroc(scores: Sequence[float], labels: Sequence[int],
-                          defect_types: Sequence[str]) -> dict[str, float]:
+def per_defect_type_auroc(
+    scores: Sequence[float], labels: Sequence[int], defect_types: Sequence[str]
+) -> dict[str, float]:
     """Image AU-ROC of each defect type against all normal images (fractions), from
     :func:`spotdiff.metrics.evaluate` (``per_defect_type``). Empty without both classes."""
     labels = np.asarray(labels).astype(int)
@@ -185,8 +192,9 @@ def curves_figure(score_sets: Sequence[ScoreSet], title: str = "") -> bytes:
         ax_pr.plot(recall, precision, label=f"{s.method} ({100 * curve_area(recall, precision):.1f})")
         ax_roc.plot(fpr, tpr, label=f"{s.method} ({100 * curve_area(fpr, tpr):.1f})")
     ax_pr.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title="PR (AU-PR %)")
-    ax_roc.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.02),
-               title="ROC (AU-ROC %)")
+    ax_roc.set(
+        xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.02), title="ROC (AU-ROC %)"
+    )
     ax_roc.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
     for ax in (ax_pr, ax_roc):
         ax.grid(alpha=0.3)
@@ -231,8 +239,13 @@ def _resize_map(amap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.asarray(img.resize((shape[1], shape[0]), Image.BILINEAR), dtype=np.float32)
 
 
-def gallery_figure(items: Sequence[GalleryItem], columns: int = 4, title: str = "",
-                   map_range: tuple[float, float] | None = None, threshold: float | None = None) -> bytes:
+def gallery_figure(
+    items: Sequence[GalleryItem],
+    columns: int = 4,
+    title: str = "",
+    map_range: tuple[float, float] | None = None,
+    threshold: float | None = None,
+) -> bytes:
     """A grid of test images with heat-map overlay (jet, alpha 0.45) and ground-truth contour (lime).
 
     The heat maps share one colour range, shown by a colour bar: ``map_range`` (the model's fixed
@@ -267,7 +280,7 @@ def gallery_figure(items: Sequence[GalleryItem], columns: int = 4, title: str = 
             lines.append(textwrap.shorten(it.caption, 30, placeholder="..."))  # one line, never overlaps
         ax.set_title("\n".join(lines), fontsize=8)
         ax.set_axis_off()
-    for ax in axes[len(items):]:
+    for ax in axes[len(items) :]:
         ax.set_axis_off()
     if maps and map_range is not None:
         from matplotlib.cm import ScalarMappable
@@ -282,7 +295,9 @@ def gallery_figure(items: Sequence[GalleryItem], columns: int = 4, title: str = 
 
 
 def defect_breakdown_figure(
-    breakdown: Mapping[str, Mapping[str, float | None]], metric_label: str = "image AU-ROC", title: str = "",
+    breakdown: Mapping[str, Mapping[str, float | None]],
+    metric_label: str = "image AU-ROC",
+    title: str = "",
     counts: Mapping[str, int] | None = None,
 ) -> bytes:
     """Grouped horizontal bars of ``breakdown[method][defect_type]`` (fractions, shown in %); PNG bytes.

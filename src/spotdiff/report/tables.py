@@ -59,14 +59,17 @@ class ResultRecord:
     metrics: Mapping[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"object": self.object, "method": self.method, "downstream": self.downstream,
-                "metrics": dict(self.metrics)}
+        return {
+            "object": self.object,
+            "method": self.method,
+            "downstream": self.downstream,
+            "metrics": dict(self.metrics),
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ResultRecord:
         try:
-            return cls(str(data["object"]), str(data["method"]), str(data.get("downstream", "")),
-                       dict(data["metrics"]))
+            return cls(str(data["object"]), str(data["method"]), str(data.get("downstream", "")), dict(data["metrics"]))
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"result record lacks object/method/metrics: {data!r}") from exc
 
@@ -115,8 +118,9 @@ class Table:
     def to_markdown(self) -> str:
         """A GitHub-flavoured markdown table preceded by its title; mean rows in bold."""
         align = [":---"] * len(self.label_columns) + ["---:"] * len(self.columns)
-        return markdown_table(self.header, self.formatted_rows(), align, [r.is_mean for r in self.rows],
-                              self.title, self.notes)
+        return markdown_table(
+            self.header, self.formatted_rows(), align, [r.is_mean for r in self.rows], self.title, self.notes
+        )
 
     def to_csv(self) -> str:
         """CSV with the header row; values are fractions with 6 decimals (empty when missing)."""
@@ -124,12 +128,23 @@ class Table:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict; values are fractions (null when missing)."""
-        return {"title": self.title, "metric": self.metric, "label_columns": list(self.label_columns),
-                "columns": list(self.columns),
-                "rows": [{"labels": list(r.labels), "values": list(r.values), "is_mean": r.is_mean,
-                          **({"stds": list(r.stds)} if r.stds else {}), **({"note": r.note} if r.note else {})}
-                         for r in self.rows],
-                "notes": list(self.notes)}
+        return {
+            "title": self.title,
+            "metric": self.metric,
+            "label_columns": list(self.label_columns),
+            "columns": list(self.columns),
+            "rows": [
+                {
+                    "labels": list(r.labels),
+                    "values": list(r.values),
+                    "is_mean": r.is_mean,
+                    **({"stds": list(r.stds)} if r.stds else {}),
+                    **({"note": r.note} if r.note else {}),
+                }
+                for r in self.rows
+            ],
+            "notes": list(self.notes),
+        }
 
 
 def _as_float(value: Any) -> float | None:
@@ -180,15 +195,20 @@ def metric_table(
     index = _index(records)
     objects = list(objects) if objects is not None else _unique(r.object for r in records)
     methods = list(methods) if methods is not None else _unique(r.method for r in records)
-    table = Table(title or METRIC_LABELS.get(metric, metric), ("Method",), (*objects, MEAN_LABEL),
-                  metric=metric)
+    table = Table(title or METRIC_LABELS.get(metric, metric), ("Method",), (*objects, MEAN_LABEL), metric=metric)
     for method in methods:
         cells = [index.get((method, obj)) for obj in objects]
         values = [rec.value(metric) if rec else None for rec in cells]
         stds = [rec.value(f"{metric}{STD_SUFFIX}") if rec else None for rec in cells]
         has_std = any(sd is not None for sd in stds)
-        table.rows.append(Row((method,), (*values, mean_or_none(values)), stds=(*stds, None) if has_std else None,
-                              note=(notes or {}).get(method, "")))
+        table.rows.append(
+            Row(
+                (method,),
+                (*values, mean_or_none(values)),
+                stds=(*stds, None) if has_std else None,
+                note=(notes or {}).get(method, ""),
+            )
+        )
     table.notes = anchor_notes(records, objects, table)
     return table
 
@@ -231,8 +251,9 @@ def object_backbone_table(
             rec = index.get((bb, obj))
             table.rows.append(Row((obj, bb), tuple(rec.value(m) if rec else None for m in metrics)))
     for bb in backbones:
-        means = tuple(mean_or_none(index[(bb, o)].value(m) if (bb, o) in index else None for o in objects)
-                      for m in metrics)
+        means = tuple(
+            mean_or_none(index[(bb, o)].value(m) if (bb, o) in index else None for o in objects) for m in metrics
+        )
         table.rows.append(Row((MEAN_LABEL, bb), means, is_mean=True))
     table.notes = anchor_notes(records, objects, table)
     return table
@@ -258,19 +279,25 @@ def seed_spread_note(table: Table) -> str | None:
     if len({r.labels[-1] for r in rows}) < 2:
         return None
     if not any(r.stds for r in rows):
-        return ("One seed per cell: there is no seed spread to judge the differences between rows by; "
-                "differences of a few points may be noise.")
+        return (
+            "One seed per cell: there is no seed spread to judge the differences between rows by; "
+            "differences of a few points may be noise."
+        )
     parts = []
     for j, column in enumerate(table.columns):
-        ranked = sorted((r for r in rows if r.values[j] is not None and r.stds and r.stds[j] is not None),
-                        key=lambda r: -r.values[j])  # type: ignore[operator]
+        ranked = sorted(
+            (r for r in rows if r.values[j] is not None and r.stds and r.stds[j] is not None),
+            key=lambda r: -r.values[j],
+        )  # type: ignore[operator]
         if len(ranked) < 2:
             continue
         (a, b), gap = ranked[:2], ranked[0].values[j] - ranked[1].values[j]  # type: ignore[operator]
         spread = a.stds[j] + b.stds[j]  # type: ignore[index,operator]
         verdict = "beyond" if gap > spread else "within"
-        parts.append(f"{column}: {' / '.join(a.labels)} leads {' / '.join(b.labels)} by {100 * gap:.1f}, "
-                     f"{verdict} their seed spread ({100 * spread:.1f})")
+        parts.append(
+            f"{column}: {' / '.join(a.labels)} leads {' / '.join(b.labels)} by {100 * gap:.1f}, "
+            f"{verdict} their seed spread ({100 * spread:.1f})"
+        )
     return ("Top two rows, gap against the sum of their std over seeds: " + "; ".join(parts) + ".") if parts else None
 
 
@@ -279,8 +306,14 @@ def anchor_notes(records: Sequence[ResultRecord], objects: Sequence[str], table:
     then the :func:`seed_spread_note`."""
     notes = []
     for obj in objects:
-        test_set = next((r.metrics["test_set"] for r in records
-                         if r.object == obj and isinstance(r.metrics.get("test_set"), Mapping)), None)
+        test_set = next(
+            (
+                r.metrics["test_set"]
+                for r in records
+                if r.object == obj and isinstance(r.metrics.get("test_set"), Mapping)
+            ),
+            None,
+        )
         if test_set is not None:
             notes.append(describe_test_set(obj, test_set))
     spread = seed_spread_note(table)
@@ -306,11 +339,24 @@ def tables_markdown(tables: Sequence[Table]) -> str:
     return text
 
 
-def records_csv(records: Sequence[ResultRecord], metrics: Sequence[str] = HEADLINE_METRICS,
-                extra: Mapping[str, Sequence[Any]] | None = None) -> str:
+def records_csv(
+    records: Sequence[ResultRecord],
+    metrics: Sequence[str] = HEADLINE_METRICS,
+    extra: Mapping[str, Sequence[Any]] | None = None,
+) -> str:
     """The flat results table: one line per record, metric values as fractions; ``extra`` adds
     columns (name -> one value per record, None for empty)."""
     extra = dict(extra or {})
-    return csv_text(["object", "method", "downstream", *metrics, *extra],
-                    [[rec.object, rec.method, rec.downstream, *(format_fraction(rec.value(m)) for m in metrics),
-                      *(col[i] for col in extra.values())] for i, rec in enumerate(records)])
+    return csv_text(
+        ["object", "method", "downstream", *metrics, *extra],
+        [
+            [
+                rec.object,
+                rec.method,
+                rec.downstream,
+                *(format_fraction(rec.value(m)) for m in metrics),
+                *(col[i] for col in extra.values()),
+            ]
+            for i, rec in enumerate(records)
+        ],
+    )

@@ -95,8 +95,9 @@ class ModelInfo(BaseModel):
     provenance: dict[str, Any]
 
 
-ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (400, 401, 404, 408, 413, 415, 422,
-                                                                              500, 503, 504)}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    s: {"model": ErrorBody} for s in (400, 401, 404, 408, 413, 415, 422, 500, 503, 504)
+}
 
 
 # ----------------------------------------------------------------------------- state
@@ -128,14 +129,24 @@ class Service:
         self.decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="spotdiff-decode")
         self.score_pool = ThreadPoolExecutor(1, thread_name_prefix="spotdiff-score")
         self.recent: dict[str, collections.OrderedDict[str, Recent]] = {
-            "flagged": collections.OrderedDict(), "normal": collections.OrderedDict()}
+            "flagged": collections.OrderedDict(),
+            "normal": collections.OrderedDict(),
+        }
 
     async def start(self) -> None:
         c = self.config
         for name, model in self.models.items():
-            self.batchers[name] = MicroBatcher(model, self.score_pool, self.audit, self.metrics, c.max_batch,
-                                               c.max_wait_ms / 1000.0, c.max_queue, self.remember,
-                                               arriving=functools.partial(self.arriving.__getitem__, name))
+            self.batchers[name] = MicroBatcher(
+                model,
+                self.score_pool,
+                self.audit,
+                self.metrics,
+                c.max_batch,
+                c.max_wait_ms / 1000.0,
+                c.max_queue,
+                self.remember,
+                arriving=functools.partial(self.arriving.__getitem__, name),
+            )
             self.batchers[name].start()
 
     async def stop(self) -> None:
@@ -222,15 +233,24 @@ def create_app(models: Sequence[ServedModel], audit: AuditLog, config: ServeConf
         finally:
             await service.stop()
 
-    app = FastAPI(title="spotdiff inspection service", version=__version__, lifespan=lifespan,
-                  docs_url=None, redoc_url=None,
-                  description="Anomaly decisions for single images from calibrated spotdiff models (docs/serve.md).")
+    app = FastAPI(
+        title="spotdiff inspection service",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        description="Anomaly decisions for single images from calibrated spotdiff models (docs/serve.md).",
+    )
     app.state.service = service
     if config.cors_origins:
         from starlette.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     app.add_middleware(LimitsMiddleware, service=service)
 
     @app.exception_handler(ApiError)
@@ -247,8 +267,10 @@ def create_app(models: Sequence[ServedModel], audit: AuditLog, config: ServeConf
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')} (got {e.get('input')!r})"
-                 for e in exc.errors()]
+        parts = [
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')} (got {e.get('input')!r})"
+            for e in exc.errors()
+        ]
         return error_response(422, "malformed_request", "; ".join(parts) or "malformed request")
 
     def authorize(request: Request) -> None:
@@ -257,8 +279,9 @@ def create_app(models: Sequence[ServedModel], audit: AuditLog, config: ServeConf
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         challenge = {"WWW-Authenticate": "Bearer"}
         if scheme.lower() != "bearer" or not given:
-            raise ApiError(401, "missing_api_key", "this service needs an API key: send 'Authorization: Bearer KEY'",
-                           challenge)
+            raise ApiError(
+                401, "missing_api_key", "this service needs an API key: send 'Authorization: Bearer KEY'", challenge
+            )
         if not key_matches(given.strip(), config.api_keys):
             raise ApiError(401, "wrong_api_key", "the API key is not accepted", challenge)
 
@@ -289,26 +312,51 @@ def create_app(models: Sequence[ServedModel], audit: AuditLog, config: ServeConf
         return {"models": [ModelInfo(**m.describe()) for m in service.models.values()]}
 
     @app.post(
-        "/v1/models/{name}/predict", summary="score one image and decide", response_model=Prediction,
-        response_model_exclude_none=True, responses=ERRORS,
-        openapi_extra={"requestBody": {"required": True, "content": {
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-            "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
-                "image": {"type": "string", "format": "binary"}}}}}}},
+        "/v1/models/{name}/predict",
+        summary="score one image and decide",
+        response_model=Prediction,
+        response_model_exclude_none=True,
+        responses=ERRORS,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "image/*": {"schema": {"type": "string", "format": "binary"}},
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["image"],
+                            "properties": {"image": {"type": "string", "format": "binary"}},
+                        }
+                    },
+                },
+            }
+        },
     )
-    async def predict(request: Request, name: str,
-                      overlay: bool = Query(False, description="add the heat-map overlay (PNG, base64)"),
-                      mask: bool = Query(False, description="add the binary defect mask (PNG, base64)")) -> JSONResponse:
+    async def predict(
+        request: Request,
+        name: str,
+        overlay: bool = Query(False, description="add the heat-map overlay (PNG, base64)"),
+        mask: bool = Query(False, description="add the binary defect mask (PNG, base64)"),
+    ) -> JSONResponse:
         authorize(request)
         model = model_named(name)
         unknown = sorted(set(request.query_params) - PREDICT_QUERY)
         if unknown:
-            raise ApiError(400, "unknown_query_parameter",
-                           f"unknown query parameter(s) {unknown}; accepted: {sorted(PREDICT_QUERY)}")
+            raise ApiError(
+                400,
+                "unknown_query_parameter",
+                f"unknown query parameter(s) {unknown}; accepted: {sorted(PREDICT_QUERY)}",
+            )
         if service.admitted[name] >= config.max_queue:
-            raise ApiError(503, "overloaded", f"model {name!r} has {service.admitted[name]} request(s) in progress "
-                           f"(limit {config.max_queue}); retry later", {"Retry-After": str(config.retry_after_s)})
+            raise ApiError(
+                503,
+                "overloaded",
+                f"model {name!r} has {service.admitted[name]} request(s) in progress "
+                f"(limit {config.max_queue}); retry later",
+                {"Retry-After": str(config.retry_after_s)},
+            )
         service.admitted[name] += 1
         try:
             return await _predict(request, model, overlay, mask)
@@ -321,7 +369,8 @@ def create_app(models: Sequence[ServedModel], audit: AuditLog, config: ServeConf
         try:
             body = await read_image_body(request, config)
             item, sha = await asyncio.get_running_loop().run_in_executor(
-                service.decode_pool, prepare_request, model, body, config.max_pixels)
+                service.decode_pool, prepare_request, model, body, config.max_pixels
+            )
         except ImageTooLarge as exc:
             raise ApiError(413, "image_too_large", str(exc)) from None
         except DataError as exc:
@@ -332,15 +381,19 @@ def create_app(models: Sequence[ServedModel], audit: AuditLog, config: ServeConf
         try:
             future = service.batchers[name].submit(job)
         except QueueFull as exc:
-            raise ApiError(503, "overloaded", f"{exc}; retry later",
-                           {"Retry-After": str(config.retry_after_s)}) from None
+            raise ApiError(
+                503, "overloaded", f"{exc}; retry later", {"Retry-After": str(config.retry_after_s)}
+            ) from None
         try:
             outcome = await asyncio.wait_for(future, config.request_timeout_s)
         except TimeoutError:
             raise ApiError(504, "timeout", f"no score within {config.request_timeout_s:g} s") from None
         except OSError as exc:
-            raise ApiError(500, "audit_log_failed", f"the decision could not be written to the audit log "
-                                                    f"({exc.strerror or exc}); not answered") from None
+            raise ApiError(
+                500,
+                "audit_log_failed",
+                f"the decision could not be written to the audit log ({exc.strerror or exc}); not answered",
+            ) from None
         except Exception as exc:  # noqa: BLE001 - a failure of the scoring thread is the service's
             raise ApiError(500, "scoring_failed", f"{type(exc).__name__}: {exc}") from None
         if outcome.scored.decision == ERROR:
@@ -352,13 +405,25 @@ def create_app(models: Sequence[ServedModel], audit: AuditLog, config: ServeConf
         authorize(request)
         flagged = list(reversed(service.recent["flagged"].values()))
         normal = list(reversed(service.recent["normal"].values()))
-        items = [{**r.record, "normal_percentile": r.scored.normal_percentile, "flagged": r.flagged,
-                  "overlay_url": f"/v1/decisions/{r.record['request_id']}/overlay.png"
-                  if r.scored.decision != ERROR else None} for r in [*flagged, *normal][:limit]]
+        items = [
+            {
+                **r.record,
+                "normal_percentile": r.scored.normal_percentile,
+                "flagged": r.flagged,
+                "overlay_url": f"/v1/decisions/{r.record['request_id']}/overlay.png"
+                if r.scored.decision != ERROR
+                else None,
+            }
+            for r in [*flagged, *normal][:limit]
+        ]
         return {"flagged": len(flagged), "shown": len(items), "decisions": items}
 
-    @app.get("/v1/decisions/{request_id}/overlay.png", summary="overlay of a recent decision", response_class=Response,
-             responses=ERRORS)
+    @app.get(
+        "/v1/decisions/{request_id}/overlay.png",
+        summary="overlay of a recent decision",
+        response_class=Response,
+        responses=ERRORS,
+    )
     async def decision_overlay(request: Request, request_id: str) -> Response:
         authorize(request)
         recent = service.find_recent(request_id)
@@ -366,7 +431,8 @@ def create_app(models: Sequence[ServedModel], audit: AuditLog, config: ServeConf
             raise ApiError(404, "unknown_decision", f"no recent decision {request_id!r} with an overlay")
         if recent.png is None:
             recent.png = await asyncio.get_running_loop().run_in_executor(
-                service.decode_pool, overlay_png, recent.model, recent.scored)
+                service.decode_pool, overlay_png, recent.model, recent.scored
+            )
         return Response(recent.png, media_type="image/png")
 
     @app.get("/", response_class=HTMLResponse, summary="the operator's page", include_in_schema=True)
@@ -383,8 +449,9 @@ async def read_image_body(request: Request, config: ServeConfig) -> bytes:
         if ctype.startswith("image/") or ctype in RAW_TYPES:
             return await asyncio.wait_for(request.body(), config.read_timeout_s)
         if ctype == "multipart/form-data":
-            form = await asyncio.wait_for(request.form(max_files=1, max_fields=8, max_part_size=config.max_body_bytes),
-                                          config.read_timeout_s)
+            form = await asyncio.wait_for(
+                request.form(max_files=1, max_fields=8, max_part_size=config.max_body_bytes), config.read_timeout_s
+            )
             upload = form.get("image")
             if upload is None or isinstance(upload, str):
                 raise ApiError(400, "missing_image_field", "the multipart body needs a file field named 'image'")
@@ -393,9 +460,12 @@ async def read_image_body(request: Request, config: ServeConfig) -> bytes:
         raise ApiError(408, "body_timeout", f"the body did not arrive within {config.read_timeout_s:g} s") from None
     except StarletteHTTPException as exc:  # malformed multipart
         raise ApiError(400, "malformed_multipart", str(exc.detail)) from None
-    raise ApiError(415, "unsupported_content_type",
-                   f"content type {ctype or '(none)'!r} is not accepted; send the image as image/*, "
-                   "application/octet-stream or multipart/form-data (field 'image')")
+    raise ApiError(
+        415,
+        "unsupported_content_type",
+        f"content type {ctype or '(none)'!r} is not accepted; send the image as image/*, "
+        "application/octet-stream or multipart/form-data (field 'image')",
+    )
 
 
 def answer(model: ServedModel, job: Job, outcome: Outcome) -> dict[str, Any]:
@@ -403,11 +473,17 @@ def answer(model: ServedModel, job: Job, outcome: Outcome) -> dict[str, Any]:
     scored = outcome.scored
     assert scored.decision != ERROR and scored.score is not None
     body: dict[str, Any] = {
-        "request_id": job.request_id, "model": model.name, "score": scored.score,
-        "normalized_score": scored.normalized_score, "normal_percentile": scored.normal_percentile,
+        "request_id": job.request_id,
+        "model": model.name,
+        "score": scored.score,
+        "normalized_score": scored.normalized_score,
+        "normal_percentile": scored.normal_percentile,
         "decision": scored.decision,
-        "anomalous": scored.decision == "anomalous", "thresholds": model.thresholds,
-        "model_fingerprint": model.fingerprint, "provenance": model.provenance, "image_sha256": job.sha256,
+        "anomalous": scored.decision == "anomalous",
+        "thresholds": model.thresholds,
+        "model_fingerprint": model.fingerprint,
+        "provenance": model.provenance,
+        "image_sha256": job.sha256,
     }
     if outcome.overlay is not None:
         body["overlay_png"] = base64.b64encode(outcome.overlay).decode("ascii")

@@ -40,8 +40,7 @@ class AuditLog:
         self._lock = threading.Lock()
         if self._ends_mid_line():
             # a damaged audit trail is said even under --quiet (like the images skipped by --skip-bad)
-            print(f"warning: {self.path} ends in a cut line (a power loss?); new lines start after it",
-                  file=sys.stderr)
+            print(f"warning: {self.path} ends in a cut line (a power loss?); new lines start after it", file=sys.stderr)
             self._write(b"\n")
         self.lines_written = 0
 

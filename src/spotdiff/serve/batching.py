@@ -58,10 +58,18 @@ class Outcome:
 class MicroBatcher:
     """Queue and worker of one model (see module docstring)."""
 
-    def __init__(self, model: ServedModel, executor: Executor, audit: AuditLog, metrics: Metrics,
-                 max_batch: int, max_wait_s: float, max_queue: int,
-                 on_outcome: Callable[[ServedModel, Job, Outcome], None] | None = None,
-                 arriving: Callable[[], int] | None = None) -> None:
+    def __init__(
+        self,
+        model: ServedModel,
+        executor: Executor,
+        audit: AuditLog,
+        metrics: Metrics,
+        max_batch: int,
+        max_wait_s: float,
+        max_queue: int,
+        on_outcome: Callable[[ServedModel, Job, Outcome], None] | None = None,
+        arriving: Callable[[], int] | None = None,
+    ) -> None:
         self.model = model
         self.executor = executor
         self.audit = audit
@@ -161,11 +169,17 @@ class MicroBatcher:
         outcomes = []
         for job, result in zip(batch, scored, strict=True):
             ok = result.decision != ERROR
-            record = {"time": utc_now(), "request_id": job.request_id, "model": model.name,
-                      "image_sha256": job.sha256, "model_fingerprint": model.fingerprint,
-                      "score": result.score if ok else None,
-                      "normalized_score": result.normalized_score if ok else None, "decision": result.decision,
-                      "threshold": model.scorer.threshold}
+            record = {
+                "time": utc_now(),
+                "request_id": job.request_id,
+                "model": model.name,
+                "image_sha256": job.sha256,
+                "model_fingerprint": model.fingerprint,
+                "score": result.score if ok else None,
+                "normalized_score": result.normalized_score if ok else None,
+                "decision": result.decision,
+                "threshold": model.scorer.threshold,
+            }
             if not ok:
                 record["error"] = result.error
             outcome = Outcome(result, record)

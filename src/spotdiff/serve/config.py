@@ -50,8 +50,15 @@ class ServeConfig:
     cors_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_queue", "max_body_bytes", "max_pixels", "decode_threads", "recent",
-                     "retry_after_s"):
+        for name in (
+            "max_batch",
+            "max_queue",
+            "max_body_bytes",
+            "max_pixels",
+            "decode_threads",
+            "recent",
+            "retry_after_s",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("request_timeout_s", "read_timeout_s"):
@@ -61,7 +68,9 @@ class ServeConfig:
             raise ConfigError(f"max-wait-ms must be in [0, 10000], got {self.max_wait_ms}")
 
 
-def read_api_keys(key_file: str | os.PathLike[str] | None = None, environ: dict[str, str] | None = None) -> tuple[str, ...]:
+def read_api_keys(
+    key_file: str | os.PathLike[str] | None = None, environ: dict[str, str] | None = None
+) -> tuple[str, ...]:
     """Keys from ``key_file`` (one per line; blank lines and ``#`` comments skipped) and from
     ``$SPOTDIFF_API_KEYS`` (comma-separated). Each must be at least ``MIN_KEY_LENGTH`` characters.
 
@@ -84,8 +93,10 @@ def read_api_keys(key_file: str | os.PathLike[str] | None = None, environ: dict[
     for where, found in sources:
         for i, key in enumerate(found, 1):
             if len(key) < MIN_KEY_LENGTH or any(c.isspace() for c in key):
-                raise ConfigError(f"{where}: key {i} is shorter than {MIN_KEY_LENGTH} characters or holds "
-                                  "white space; use e.g. `python -c \"import secrets; print(secrets.token_urlsafe(32))\"`")
+                raise ConfigError(
+                    f"{where}: key {i} is shorter than {MIN_KEY_LENGTH} characters or holds "
+                    'white space; use e.g. `python -c "import secrets; print(secrets.token_urlsafe(32))"`'
+                )
         keys += found
     if key_file is not None and not keys:
         raise ConfigError(f"--api-key-file {key_file}: holds no key")
@@ -105,8 +116,10 @@ def is_loopback(host: str) -> bool:
 def check_bind(host: str, api_keys: Sequence[str]) -> None:
     """Refuse a bind beyond loopback without an API key (ConfigError)."""
     if not is_loopback(host) and not api_keys:
-        raise ConfigError(f"refusing to serve on {host} without an API key: give --api-key-file FILE or set "
-                          f"${API_KEY_ENV} (only loopback binds may run without one)")
+        raise ConfigError(
+            f"refusing to serve on {host} without an API key: give --api-key-file FILE or set "
+            f"${API_KEY_ENV} (only loopback binds may run without one)"
+        )
 
 
 def key_matches(given: str, keys: Sequence[str]) -> bool:

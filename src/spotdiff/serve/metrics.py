@@ -20,8 +20,10 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 def _labels(pairs: tuple[tuple[str, str], ...]) -> str:
     if not pairs:
         return ""
-    escaped = (f'{k}="{v.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34)).replace(chr(10), " ")}"'
-               for k, v in pairs)
+    escaped = (
+        f'{k}="{v.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34)).replace(chr(10), " ")}"'
+        for k, v in pairs
+    )
     return "{" + ",".join(escaped) + "}"
 
 
@@ -76,20 +78,28 @@ class Metrics:
     def render(self) -> str:
         """The exposition text."""
         with self._lock:
-            lines = ["# HELP spotdiff_requests_total HTTP requests answered, by route and status.",
-                     "# TYPE spotdiff_requests_total counter"]
+            lines = [
+                "# HELP spotdiff_requests_total HTTP requests answered, by route and status.",
+                "# TYPE spotdiff_requests_total counter",
+            ]
             lines += [f"spotdiff_requests_total{_labels(k)} {v}" for k, v in sorted(self._requests.items())]
-            lines += ["# HELP spotdiff_decisions_total Images decided, by model and outcome.",
-                      "# TYPE spotdiff_decisions_total counter"]
+            lines += [
+                "# HELP spotdiff_decisions_total Images decided, by model and outcome.",
+                "# TYPE spotdiff_decisions_total counter",
+            ]
             lines += [f"spotdiff_decisions_total{_labels(k)} {v}" for k, v in sorted(self._decisions.items())]
-            lines += ["# HELP spotdiff_request_duration_seconds Request latency.",
-                      "# TYPE spotdiff_request_duration_seconds histogram"]
+            lines += [
+                "# HELP spotdiff_request_duration_seconds Request latency.",
+                "# TYPE spotdiff_request_duration_seconds histogram",
+            ]
             for k, h in sorted(self._latency.items()):
                 lines += h.lines("spotdiff_request_duration_seconds", k)
             lines += ["# HELP spotdiff_batch_size Images per model batch.", "# TYPE spotdiff_batch_size histogram"]
             for k, h in sorted(self._batches.items()):
                 lines += h.lines("spotdiff_batch_size", k)
-        lines += ["# HELP spotdiff_queue_depth Images waiting or being scored, by model.",
-                  "# TYPE spotdiff_queue_depth gauge"]
+        lines += [
+            "# HELP spotdiff_queue_depth Images waiting or being scored, by model.",
+            "# TYPE spotdiff_queue_depth gauge",
+        ]
         lines += [f"spotdiff_queue_depth{_labels((('model', m),))} {n}" for m, n in sorted(self._queue_depth().items())]
         return "\n".join(lines) + "\n"

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 REFRESH_MS = 1000
 
-OPERATOR_PAGE = """<!DOCTYPE html>
+OPERATOR_PAGE = (
+    """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>spotdiff inspection</title>
@@ -94,6 +95,9 @@ async function refresh() {
   }
 }
 refresh();
-setInterval(refresh, """ + str(REFRESH_MS) + """);
+setInterval(refresh, """
+    + str(REFRESH_MS)
+    + """);
 </script></body></html>
 """
+)

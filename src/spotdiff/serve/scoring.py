@@ -44,8 +44,7 @@ from spotdiff.errors import ConfigError, DataError, WeightsError
 BACKENDS = ("torch", "onnxruntime")
 BODY = "request body"
 """How error messages name the image of a request."""
-__all__ = ["BACKENDS", "ServedModel", "load_served_model", "mask_png", "overlay_png",
-           "prepare_request", "score_alone"]
+__all__ = ["BACKENDS", "ServedModel", "load_served_model", "mask_png", "overlay_png", "prepare_request", "score_alone"]
 
 
 @dataclass
@@ -86,10 +85,15 @@ class ServedModel:
 
     def describe(self) -> dict[str, Any]:
         """The JSON of ``GET /v1/models``."""
-        return {"name": self.name, "backend": self.backend, "image_size": list(self.image_size),
-                "thresholds": self.thresholds, "threshold_modes": {"image": self.calibration.image_mode,
-                                                                  "pixel": self.calibration.pixel_mode},
-                "model_fingerprint": self.fingerprint, "provenance": self.provenance}
+        return {
+            "name": self.name,
+            "backend": self.backend,
+            "image_size": list(self.image_size),
+            "thresholds": self.thresholds,
+            "threshold_modes": {"image": self.calibration.image_mode, "pixel": self.calibration.pixel_mode},
+            "model_fingerprint": self.fingerprint,
+            "provenance": self.provenance,
+        }
 
 
 def _provenance(model_dir: Path) -> dict[str, Any]:
@@ -97,14 +101,24 @@ def _provenance(model_dir: Path) -> dict[str, Any]:
         config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise WeightsError(f"{model_dir}: cannot read config.json ({exc})") from exc
-    return {"model": config.get("model"), "arch": config.get("arch"), "layers": config.get("layers"),
-            "n_train": config.get("n_train"), "backbone_source": config.get("backbone_source"),
-            "weights": config.get("weights"), "data_source": config.get("data_source") or {}}
+    return {
+        "model": config.get("model"),
+        "arch": config.get("arch"),
+        "layers": config.get("layers"),
+        "n_train": config.get("n_train"),
+        "backbone_source": config.get("backbone_source"),
+        "weights": config.get("weights"),
+        "data_source": config.get("data_source") or {},
+    }
 
 
-def load_served_model(name: str, model_dir: str | os.PathLike[str], backend: str = "torch",
-                      onnx_file: str | os.PathLike[str] | None = None,
-                      device: str | torch.device = "cpu") -> ServedModel:
+def load_served_model(
+    name: str,
+    model_dir: str | os.PathLike[str],
+    backend: str = "torch",
+    onnx_file: str | os.PathLike[str] | None = None,
+    device: str | torch.device = "cpu",
+) -> ServedModel:
     """Load and validate one model directory (hashes verified); ``onnx_file`` for ``backend="onnxruntime"``
     (CPU), ``device`` for the torch backend.
 
@@ -129,12 +143,20 @@ def load_served_model(name: str, model_dir: str | os.PathLike[str], backend: str
         detector = Detector.load(root, device=device)
     scorer = ImageScorer(detector, keep_display=True)
     if scorer.calibration is None or scorer.threshold is None:
-        raise ConfigError(f"{root}: the model has no calibrated thresholds, so the service could not decide; "
-                          "re-fit it with --train DIR or --val-good DIR")
+        raise ConfigError(
+            f"{root}: the model has no calibrated thresholds, so the service could not decide; "
+            "re-fit it with --train DIR or --val-good DIR"
+        )
     scale = colour_scale(detector, scorer.threshold)
     assert scale is not None
-    return ServedModel(name=name, scorer=scorer, fingerprint=model_fingerprint(root), provenance=_provenance(root),
-                       backend=backend, scale=scale)
+    return ServedModel(
+        name=name,
+        scorer=scorer,
+        fingerprint=model_fingerprint(root),
+        provenance=_provenance(root),
+        backend=backend,
+        scale=scale,
+    )
 
 
 def prepare_request(model: ServedModel, data: bytes, max_pixels: int) -> tuple[DecodedImage, str]:
@@ -150,8 +172,10 @@ def prepare_request(model: ServedModel, data: bytes, max_pixels: int) -> tuple[D
         image = load_image_bytes(data, BODY, max_pixels)
         h, w = display_size((image.height, image.width), model.image_size)
         if h * w > max_pixels:
-            raise ImageTooLarge(f"{BODY}: image of {image.width}x{image.height} pixels would be shown at {w}x{h} "
-                                f"beside its heat map, beyond the limit of {max_pixels} pixels (extreme aspect ratio)")
+            raise ImageTooLarge(
+                f"{BODY}: image of {image.width}x{image.height} pixels would be shown at {w}x{h} "
+                f"beside its heat map, beyond the limit of {max_pixels} pixels (extreme aspect ratio)"
+            )
         item = model.scorer.decode_image(image, BODY)
     except DataError:
         raise
@@ -166,8 +190,13 @@ def score_alone(model: ServedModel, item: DecodedImage) -> ScoredImage:
     try:
         return model.scorer.score_batch([item])[0]
     except Exception as exc:  # noqa: BLE001
-        return ScoredImage(item.path, None, ERROR, original_size=item.original_size,
-                           error=f"{item.path}: the model raised {type(exc).__name__}: {exc}")
+        return ScoredImage(
+            item.path,
+            None,
+            ERROR,
+            original_size=item.original_size,
+            error=f"{item.path}: the model raised {type(exc).__name__}: {exc}",
+        )
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:

@@ -29,19 +29,25 @@ def parse_model_spec(spec: str) -> tuple[str, Path]:
     if not sep:
         name, path = Path(spec.rstrip("/")).name, spec
     if not NAME_PATTERN.match(name):
-        raise ConfigError(f"model name {name!r} (from {spec!r}): use letters, digits, '_', '.', '-' "
-                          "(at most 64), or give NAME=DIR")
+        raise ConfigError(
+            f"model name {name!r} (from {spec!r}): use letters, digits, '_', '.', '-' (at most 64), or give NAME=DIR"
+        )
     return name, Path(path)
 
 
-def load_models(specs: Sequence[str], backend: str = "torch", onnx_files: Sequence[str] | None = None,
-                device: str | torch.device = "cpu") -> list[ServedModel]:
+def load_models(
+    specs: Sequence[str],
+    backend: str = "torch",
+    onnx_files: Sequence[str] | None = None,
+    device: str | torch.device = "cpu",
+) -> list[ServedModel]:
     """Load every model of ``specs`` (see :func:`parse_model_spec`); ``onnx_files`` one per spec, in order,
     for ``backend="onnxruntime"``. Each model scores one blank image first: a model that fails or
     returns a non-finite score is refused here, not at the first part."""
     if onnx_files and len(onnx_files) != len(specs):
-        raise ConfigError(f"--onnx needs one file per model directory: {len(onnx_files)} file(s) for "
-                          f"{len(specs)} model(s)")
+        raise ConfigError(
+            f"--onnx needs one file per model directory: {len(onnx_files)} file(s) for {len(specs)} model(s)"
+        )
     models, seen = [], set()
     for i, spec in enumerate(specs):
         name, path = parse_model_spec(spec)
@@ -59,9 +65,16 @@ def load_models(specs: Sequence[str], backend: str = "torch", onnx_files: Sequen
     return models
 
 
-def serve(specs: Sequence[str], host: str = "127.0.0.1", port: int = 8000, backend: str = "torch",
-          onnx_files: Sequence[str] | None = None, audit_log: str | os.PathLike[str] = "audit.jsonl",
-          config: ServeConfig | None = None, device: str = "auto") -> None:
+def serve(
+    specs: Sequence[str],
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    backend: str = "torch",
+    onnx_files: Sequence[str] | None = None,
+    audit_log: str | os.PathLike[str] = "audit.jsonl",
+    config: ServeConfig | None = None,
+    device: str = "auto",
+) -> None:
     """Validate everything, then serve until interrupted (blocks)."""
     import uvicorn
 
@@ -76,7 +89,10 @@ def serve(specs: Sequence[str], host: str = "127.0.0.1", port: int = 8000, backe
     models = load_models(specs, backend, onnx_files, resolve_device(device) if backend == "torch" else "cpu")
     audit = AuditLog(audit_log)
     app = create_app(models, audit, config)
-    log(f"serving {', '.join(m.name for m in models)} ({backend}) on http://{host}:{port}; "
-        f"audit log {Path(audit_log).resolve()}; API key {'required' if config.api_keys else 'not required (loopback)'}")
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_keep_alive=5,
-                server_header=False)
+    log(
+        f"serving {', '.join(m.name for m in models)} ({backend}) on http://{host}:{port}; "
+        f"audit log {Path(audit_log).resolve()}; API key {'required' if config.api_keys else 'not required (loopback)'}"
+    )
+    uvicorn.run(
+        app, host=host, port=port, log_level="warning", access_log=False, timeout_keep_alive=5, server_header=False
+    )

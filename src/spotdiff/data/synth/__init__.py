@@ -11,5 +11,16 @@ types and pixel-exact class-id masks. See docs/synth.md.
 from ._base import RenderedSample, SynthObject, render_sample
 from .dataset import MARKER, OBJECTS, SPLITS, SYNTH_VERSION, VISA_FRAME, generate, image_counts, split_assignment
 
-__all__ = ["MARKER", "OBJECTS", "SPLITS", "SYNTH_VERSION", "VISA_FRAME", "RenderedSample", "SynthObject", "generate",
-           "image_counts", "render_sample", "split_assignment"]
+__all__ = [
+    "MARKER",
+    "OBJECTS",
+    "SPLITS",
+    "SYNTH_VERSION",
+    "VISA_FRAME",
+    "RenderedSample",
+    "SynthObject",
+    "generate",
+    "image_counts",
+    "render_sample",
+    "split_assignment",
+]

@@ -97,8 +97,9 @@ def defect_plan(obj: SynthObject, rng: np.random.Generator, index: int) -> list[
     return ids
 
 
-def render_sample(obj: SynthObject, seed: int, index: int, anomalous: bool, size: int,
-                  with_defects: bool = True) -> RenderedSample:
+def render_sample(
+    obj: SynthObject, seed: int, index: int, anomalous: bool, size: int, with_defects: bool = True
+) -> RenderedSample:
     """Render normal or anomalous sample ``index`` of ``obj``; deterministic in all arguments.
 
     ``with_defects=False`` renders an anomalous sample's scene without its defects (same pose,

@@ -55,7 +55,7 @@ def texture(name: str, rng: np.random.Generator, size: int, zoom: float = 1.0) -
     h, w = base.shape
     y0 = int(rng.integers(0, h - src_side + 1))
     x0 = int(rng.integers(0, w - src_side + 1))
-    crop = base[y0:y0 + src_side, x0:x0 + src_side]
+    crop = base[y0 : y0 + src_side, x0 : x0 + src_side]
     crop = np.rot90(crop, int(rng.integers(0, 4)))
     if rng.random() < 0.5:
         crop = crop[:, ::-1]
@@ -104,8 +104,9 @@ def bbox(alpha: np.ndarray) -> tuple[slice, slice] | None:
     return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
 
 
-def paint(image: np.ndarray, alpha: np.ndarray, color: Color | np.ndarray,
-          light: np.ndarray | None = None) -> np.ndarray:
+def paint(
+    image: np.ndarray, alpha: np.ndarray, color: Color | np.ndarray, light: np.ndarray | None = None
+) -> np.ndarray:
     """Alpha-blend ``color`` (an RGB triple or an (H, W, 3) image), optionally multiplied by a
     per-pixel intensity ``light`` (H, W), over ``image``. Returns a new array; only the bounding
     box of ``alpha`` is computed."""
@@ -143,8 +144,9 @@ def rotate(points: np.ndarray, angle: float) -> np.ndarray:
     return points @ np.array([[c, s], [-s, c]], dtype=np.float64)
 
 
-def random_walk(rng: np.random.Generator, start: Point, heading: float, steps: int, step: float,
-                wiggle: float) -> list[Point]:
+def random_walk(
+    rng: np.random.Generator, start: Point, heading: float, steps: int, step: float, wiggle: float
+) -> list[Point]:
     """A jagged polyline (crack, scratch): ``steps`` segments of length ``step`` pixels, the heading
     changing by a Gaussian of std ``wiggle`` radians at each vertex."""
     turns = np.cumsum(rng.normal(0.0, wiggle, steps)) + heading
@@ -166,7 +168,7 @@ def sensor_noise(rng: np.random.Generator, height: int, width: int) -> np.ndarra
     side = max(512, 2 * max(height, width))
     bank = _noise_bank(side)
     y0, x0 = rng.integers(0, side - height + 1), rng.integers(0, side - width + 1)
-    crop = bank[y0:y0 + height, x0:x0 + width][:, :, rng.permutation(3)]
+    crop = bank[y0 : y0 + height, x0 : x0 + width][:, :, rng.permutation(3)]
     return crop[::-1] if rng.random() < 0.5 else crop
 
 

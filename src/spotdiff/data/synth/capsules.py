@@ -17,9 +17,9 @@ from . import _draw as d
 from ._base import Scene, SynthObject
 
 TRAY = (0.80, 0.82, 0.84)
-BODY = (0.80, 0.16, 0.12)   # coloured half
-CAP = (0.93, 0.88, 0.74)    # cream half
-GRID = (2, 3)               # rows, columns of capsules
+BODY = (0.80, 0.16, 0.12)  # coloured half
+CAP = (0.93, 0.88, 0.74)  # cream half
+GRID = (2, 3)  # rows, columns of capsules
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ class CapsuleScene(Scene):
         light = 0.55 + 0.45 * height + 0.02 * grain
         color = np.where((s < 0)[..., None], np.asarray(BODY, np.float32), np.asarray(CAP, np.float32))
         body = color * light[..., None]
-        highlight = 0.45 * np.exp(-(((t / radius) + 0.4) / 0.15) ** 2) * (np.abs(s) < cap.half_len + 0.5 * cap.radius)
+        highlight = 0.45 * np.exp(-((((t / radius) + 0.4) / 0.15) ** 2)) * (np.abs(s) < cap.half_len + 0.5 * cap.radius)
         body = body + highlight[..., None]
         seam = np.clip(1.0 - np.abs(s) / 0.8, 0.0, 1.0) * 0.35
         body = body * (1.0 - seam)[..., None]
@@ -118,10 +118,17 @@ class CapsulesSynth(SynthObject):
                 cy = (row + 0.5) * cell_h + rng.uniform(-slack, slack)
                 # red end left, turned by up to +-20 degrees
                 angle = rng.uniform(-np.pi / 9, np.pi / 9)
-                capsules.append(Capsule(float(cx), float(cy), float(angle), float(half_len),
-                                        float(radius * rng.uniform(0.96, 1.04))))
-        return CapsuleScene(size=size, capsules=tuple(capsules), tray_seed=int(rng.integers(2**31)),
-                            blur_sigma=float(rng.uniform(0.25, 0.7)))
+                capsules.append(
+                    Capsule(
+                        float(cx), float(cy), float(angle), float(half_len), float(radius * rng.uniform(0.96, 1.04))
+                    )
+                )
+        return CapsuleScene(
+            size=size,
+            capsules=tuple(capsules),
+            tray_seed=int(rng.integers(2**31)),
+            blur_sigma=float(rng.uniform(0.25, 0.7)),
+        )
 
     def defect(self, scene: Scene, image: np.ndarray, defect_id: int, rng: np.random.Generator) -> np.ndarray:
         assert isinstance(scene, CapsuleScene)
@@ -139,21 +146,39 @@ class CapsulesSynth(SynthObject):
                 bx, by = np.array([cap.x, cap.y]) + axis * along + across * side
                 new = replace(cap, bite=(float(bx), float(by), float(cap.radius * rng.uniform(0.6, 1.0))))
             else:
-                new = replace(cap, swell=float(rng.uniform(1.2, 1.35)), half_len=cap.half_len * float(rng.uniform(0.8, 0.9)))
-            changed = replace(scene, capsules=scene.capsules[:k] + (new,) + scene.capsules[k + 1:])
+                new = replace(
+                    cap, swell=float(rng.uniform(1.2, 1.35)), half_len=cap.half_len * float(rng.uniform(0.8, 0.9))
+                )
+            changed = replace(scene, capsules=scene.capsules[:k] + (new,) + scene.capsules[k + 1 :])
             clean, altered = scene.image(), changed.image()
             return np.where(np.abs(altered - clean).max(axis=2, keepdims=True) > 0, altered, image)
         inside = np.clip(-cap.sdf(x, y) / 2.0, 0.0, 1.0)  # 1 at least 2 px inside the outline
-        start = np.array([cap.x, cap.y]) + axis * rng.uniform(-1, 1) * cap.half_len + across * rng.uniform(-0.6, 0.6) * cap.radius
+        start = (
+            np.array([cap.x, cap.y])
+            + axis * rng.uniform(-1, 1) * cap.half_len
+            + across * rng.uniform(-0.6, 0.6) * cap.radius
+        )
         if name in ("Crack", "Scratch"):
             if name == "Crack":  # dark jagged line across the capsule
-                pts = d.random_walk(rng, tuple(start - across * cap.radius), np.arctan2(across[1], across[0]) + rng.normal(0, 0.3),
-                                    int(rng.integers(4, 8)), cap.radius * 0.35, 0.6)
+                pts = d.random_walk(
+                    rng,
+                    tuple(start - across * cap.radius),
+                    np.arctan2(across[1], across[0]) + rng.normal(0, 0.3),
+                    int(rng.integers(4, 8)),
+                    cap.radius * 0.35,
+                    0.6,
+                )
                 width, color = rng.uniform(2.0, 3.0), (0.12, 0.06, 0.05)
             else:  # light thin scratch, mostly along the axis
-                pts = d.random_walk(rng, tuple(start), cap.angle + rng.normal(0, 0.5), int(rng.integers(3, 6)), cap.radius * 0.4, 0.15)
+                pts = d.random_walk(
+                    rng, tuple(start), cap.angle + rng.normal(0, 0.5), int(rng.integers(3, 6)), cap.radius * 0.4, 0.15
+                )
                 width, color = rng.uniform(1.3, 2.0), (0.98, 0.97, 0.95)
-            alpha = d.pil_mask(s, lambda dr, kk: dr.line(d.scaled(pts, kk), fill=255, width=max(1, round(width * kk)), joint="curve"), 4)
+            alpha = d.pil_mask(
+                s,
+                lambda dr, kk: dr.line(d.scaled(pts, kk), fill=255, width=max(1, round(width * kk)), joint="curve"),
+                4,
+            )
             return d.paint(image, alpha * inside * 0.9, color)
         if name == "Colour Spot":
             cx, cy = start
@@ -164,7 +189,11 @@ class CapsulesSynth(SynthObject):
             return d.paint(image, alpha.astype(np.float32) * 0.85, color)
         # Leak: a translucent puddle of capsule fill on the tray beside the capsule
         side = rng.choice([-1, 1])
-        cx, cy = np.array([cap.x, cap.y]) + across * side * cap.radius * rng.uniform(1.3, 1.8) + axis * rng.uniform(-1, 1) * cap.half_len
+        cx, cy = (
+            np.array([cap.x, cap.y])
+            + across * side * cap.radius * rng.uniform(1.3, 1.8)
+            + axis * rng.uniform(-1, 1) * cap.half_len
+        )
         radius = cap.radius * rng.uniform(1.0, 1.6)
         blob = np.hypot(x - cx, y - cy) / radius + 0.3 * d.smooth_noise(rng, s, 16)
         alpha = np.clip((1.0 - blob) * 4.0, 0, 1)

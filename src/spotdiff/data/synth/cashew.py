@@ -24,14 +24,14 @@ class CashewScene(Scene):
     size: int
     center: tuple[float, float]
     angle: float
-    arc_radius: float          # pixels
-    half_span: float           # radians, half the angular extent of the crescent
-    width: float               # pixels, half-thickness in the middle
+    arc_radius: float  # pixels
+    half_span: float  # radians, half the angular extent of the crescent
+    width: float  # pixels, half-thickness in the middle
     tint: float
     surface_seed: int
     blur_sigma: float
-    cuts: tuple[tuple[float, float, float], ...] = ()            # discs (x, y, r) broken off
-    gaps: tuple[tuple[float, float, float, float], ...] = ()     # cracks: point, direction, width
+    cuts: tuple[tuple[float, float, float], ...] = ()  # discs (x, y, r) broken off
+    gaps: tuple[tuple[float, float, float, float], ...] = ()  # cracks: point, direction, width
 
     def geometry(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Signed distance to the kernel outline (pixels), position along it t in [0, 1], and the
@@ -45,7 +45,10 @@ class CashewScene(Scene):
         reach = self.width * 1.12 + 4.0
         half_x = self.arc_radius * np.sin(self.half_span) + reach
         top, bottom = self.arc_radius * (np.cos(self.half_span) - 0.75) - reach, self.arc_radius * 0.25 + reach
-        corners = d.rotate(np.array([[-half_x, top], [half_x, top], [half_x, bottom], [-half_x, bottom]]), self.angle) + self.center
+        corners = (
+            d.rotate(np.array([[-half_x, top], [half_x, top], [half_x, bottom], [-half_x, bottom]]), self.angle)
+            + self.center
+        )
         (x0, y0), (x1, y1) = np.floor(corners.min(axis=0)), np.ceil(corners.max(axis=0)) + 1
         win = (slice(int(max(0, y0)), int(min(size, y1))), slice(int(max(0, x0)), int(min(size, x1))))
         x, y = (g[win] for g in d.pixel_grid(size))
@@ -118,8 +121,14 @@ class CashewScene(Scene):
 
 class CashewSynth(SynthObject):
     name = "cashew_synth"
-    defect_names = ("Burnt", "Corner or Edge Breakage", "Different Colour Spot", "Middle Breakage",
-                    "Small Holes", "Small Scratches")
+    defect_names = (
+        "Burnt",
+        "Corner or Edge Breakage",
+        "Different Colour Spot",
+        "Middle Breakage",
+        "Small Holes",
+        "Small Scratches",
+    )
 
     def scene(self, rng: np.random.Generator, size: int) -> CashewScene:
         return CashewScene(
@@ -176,7 +185,11 @@ class CashewSynth(SynthObject):
         out = image
         for _ in range(int(rng.integers(1, 4))):
             pts = d.random_walk(rng, (cx, cy), rng.uniform(0, 2 * np.pi), int(rng.integers(3, 6)), s * 0.025, 0.3)
-            alpha = d.pil_mask(s, lambda dr, k, p=pts: dr.line(d.scaled(p, k), fill=255, width=max(1, round(1.8 * k)), joint="curve"), 4)
+            alpha = d.pil_mask(
+                s,
+                lambda dr, k, p=pts: dr.line(d.scaled(p, k), fill=255, width=max(1, round(1.8 * k)), joint="curve"),
+                4,
+            )
             out = d.paint(out, (alpha * inside * 0.8).astype(np.float32), (0.45, 0.33, 0.2))
             cx, cy = scene.point_inside(rng, s * 0.02)
         return out

@@ -66,8 +66,11 @@ def split_assignment(seed: int, name: str, split: str, label: str, n: int) -> np
     1cls: 90 % of the normals train, all anomalies test; 2cls_highshot: 60 % of each label train;
     2cls_fewshot: 20 % of each label train. The choice is a seeded random permutation.
     """
-    fraction = {"1cls": {"normal": 0.9, "anomaly": 0.0}, "2cls_highshot": {"normal": 0.6, "anomaly": 0.6},
-                "2cls_fewshot": {"normal": 0.2, "anomaly": 0.2}}[split][label]
+    fraction = {
+        "1cls": {"normal": 0.9, "anomaly": 0.0},
+        "2cls_highshot": {"normal": 0.6, "anomaly": 0.6},
+        "2cls_fewshot": {"normal": 0.2, "anomaly": 0.2},
+    }[split][label]
     n_train = 0 if fraction == 0.0 else _n_train(n, fraction)
     rng = np.random.default_rng([seed, SPLITS.index(split), int(label == "anomaly"), *name.encode()])
     train = np.zeros(n, dtype=bool)
@@ -75,10 +78,22 @@ def split_assignment(seed: int, name: str, split: str, label: str, n: int) -> np
     return train
 
 
-def _params(seed: int, scale: float, image_size: int, objects: Sequence[str], normal: int | None = None,
-            frame: tuple[int, int] | None = None) -> dict:
-    params = {"generator": "spotdiff.data.synth", "version": SYNTH_VERSION, "seed": seed, "scale": scale,
-              "image_size": image_size, "objects": list(objects)}
+def _params(
+    seed: int,
+    scale: float,
+    image_size: int,
+    objects: Sequence[str],
+    normal: int | None = None,
+    frame: tuple[int, int] | None = None,
+) -> dict:
+    params = {
+        "generator": "spotdiff.data.synth",
+        "version": SYNTH_VERSION,
+        "seed": seed,
+        "scale": scale,
+        "image_size": image_size,
+        "objects": list(objects),
+    }
     # recorded only when set, so outputs written before these options existed stay recognised
     if normal is not None:
         params["normal"] = normal
@@ -88,8 +103,9 @@ def _params(seed: int, scale: float, image_size: int, objects: Sequence[str], no
 
 
 def _check_extras(normal: int | None, frame: tuple[int, int] | None) -> None:
-    if normal is not None and (not isinstance(normal, int) or isinstance(normal, bool)
-                               or not MIN_PER_CLASS <= normal <= MAX_NORMAL):
+    if normal is not None and (
+        not isinstance(normal, int) or isinstance(normal, bool) or not MIN_PER_CLASS <= normal <= MAX_NORMAL
+    ):
         raise ConfigError(f"synth: normal must be an integer in [{MIN_PER_CLASS}, {MAX_NORMAL}], got {normal!r}")
     if frame is not None and (len(frame) != 2 or not all(isinstance(v, int) and 32 <= v <= 4096 for v in frame)):
         raise ConfigError(f"synth: frame must be (width, height) with integers in [32, 4096], got {frame!r}")
@@ -98,12 +114,14 @@ def _check_extras(normal: int | None, frame: tuple[int, int] | None) -> None:
 def _to_frame(sample: RenderedSample, frame: tuple[int, int], rng: np.random.Generator) -> RenderedSample:
     """Upscale a square sample to ``frame`` = (width, height): image bicubic plus ``FRAME_NOISE``
     sensor noise at full resolution, mask nearest-neighbour (so it still marks exactly the defect)."""
-    image = np.asarray(Image.fromarray(sample.image, mode="RGB").resize(frame, Image.Resampling.BICUBIC),
-                       dtype=np.float32)
+    image = np.asarray(
+        Image.fromarray(sample.image, mode="RGB").resize(frame, Image.Resampling.BICUBIC), dtype=np.float32
+    )
     image += rng.standard_normal(image.shape, dtype=np.float32) * FRAME_NOISE
     mask = np.asarray(Image.fromarray(sample.mask, mode="L").resize(frame, Image.Resampling.NEAREST))
-    return RenderedSample(image=np.clip(image.round(), 0, 255).astype(np.uint8), mask=mask,
-                          defect_ids=sample.defect_ids)
+    return RenderedSample(
+        image=np.clip(image.round(), 0, 255).astype(np.uint8), mask=mask, defect_ids=sample.defect_ids
+    )
 
 
 def _check_args(seed: int, scale: float, image_size: int, objects: Sequence[str] | None) -> list[str]:
@@ -139,8 +157,10 @@ def _read_marker(out: Path) -> dict | None:
         if not isinstance(params.get("files", {}), dict):
             raise ValueError("malformed file list")
     except (OSError, ValueError) as exc:
-        raise DataError(f"{out}: refusing to write into a non-empty directory that is not a spotdiff synth "
-                        f"output ({marker.name} missing or invalid: {exc})") from exc
+        raise DataError(
+            f"{out}: refusing to write into a non-empty directory that is not a spotdiff synth "
+            f"output ({marker.name} missing or invalid: {exc})"
+        ) from exc
     return params
 
 
@@ -153,9 +173,16 @@ def _encode(image: np.ndarray, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def _write_object(stage: Path, obj: SynthObject, seed: int, scale: float, size: int,
-                  files: dict[str, str], normal: int | None = None,
-                  frame: tuple[int, int] | None = None) -> dict[str, list[dict]]:
+def _write_object(
+    stage: Path,
+    obj: SynthObject,
+    seed: int,
+    scale: float,
+    size: int,
+    files: dict[str, str],
+    normal: int | None = None,
+    frame: tuple[int, int] | None = None,
+) -> dict[str, list[dict]]:
     """Render one object into ``stage``; return its rows per label, and record file hashes in ``files``."""
     n_normal, n_anomalous = image_counts(scale)
     n_normal = n_normal if normal is None else normal
@@ -201,14 +228,21 @@ def _split_rows(seed: int, split: str, name: str, rows: dict[str, list[dict]]) -
         for item, is_train in zip(items, train):
             part = "train" if is_train else "test"
             parts.setdefault((part, label), []).append(
-                {"object": name, "split": part, "label": label, "image": item["image"], "mask": item["mask"]})
+                {"object": name, "split": part, "label": label, "image": item["image"], "mask": item["mask"]}
+            )
     order = [("train", "normal"), ("train", "anomaly"), ("test", "normal"), ("test", "anomaly")]
     return [row for key in order for row in parts.get(key, [])]
 
 
-def generate(out_dir: str | os.PathLike[str], seed: int = 0, scale: float = 1.0, image_size: int = 256,
-             objects: Sequence[str] | None = None, normal: int | None = None,
-             frame: tuple[int, int] | None = None) -> Path:
+def generate(
+    out_dir: str | os.PathLike[str],
+    seed: int = 0,
+    scale: float = 1.0,
+    image_size: int = 256,
+    objects: Sequence[str] | None = None,
+    normal: int | None = None,
+    frame: tuple[int, int] | None = None,
+) -> Path:
     """Write the synthetic VisA-format dataset to ``out_dir`` and return its path.
 
     Layout (paths relative to ``out_dir``), as in the raw VisA download:
@@ -235,8 +269,11 @@ def generate(out_dir: str | os.PathLike[str], seed: int = 0, scale: float = 1.0,
     params = _params(int(seed), float(scale), image_size, names, normal, frame)
     previous = _read_marker(out)
     keys = {*params, "normal", "frame"}
-    if previous is not None and {k: previous.get(k) for k in keys} == {k: params.get(k) for k in keys} and all(
-            (out / rel).is_file() for rel in previous.get("files", {})):
+    if (
+        previous is not None
+        and {k: previous.get(k) for k in keys} == {k: params.get(k) for k in keys}
+        and all((out / rel).is_file() for rel in previous.get("files", {}))
+    ):
         log(f"synth: {out} already holds this dataset (seed={seed}, scale={scale}); nothing to do")
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -263,8 +300,10 @@ def generate(out_dir: str | os.PathLike[str], seed: int = 0, scale: float = 1.0,
         raise
     n_normal, n_anomalous = image_counts(scale)
     n_normal = n_normal if normal is None else normal
-    log(f"synth: wrote {len(names) * (n_normal + n_anomalous)} images ({len(names)} objects x "
-        f"{n_normal} normal + {n_anomalous} anomalous) to {out}")
+    log(
+        f"synth: wrote {len(names) * (n_normal + n_anomalous)} images ({len(names)} objects x "
+        f"{n_normal} normal + {n_anomalous} anomalous) to {out}"
+    )
     return out
 
 

@@ -45,8 +45,14 @@ class Rect:
 
     def corners(self) -> np.ndarray:
         hw, hh = self.w / 2, self.h / 2
-        return np.array([[self.u - hw, self.v - hh], [self.u + hw, self.v - hh],
-                         [self.u + hw, self.v + hh], [self.u - hw, self.v + hh]])
+        return np.array(
+            [
+                [self.u - hw, self.v - hh],
+                [self.u + hw, self.v - hh],
+                [self.u + hw, self.v + hh],
+                [self.u - hw, self.v + hh],
+            ]
+        )
 
 
 @dataclass(frozen=True)
@@ -77,14 +83,14 @@ class Design:
 
     chips: dict[str, Rect]
     pins: tuple[Pin, ...]
-    passives: dict[str, Rect]          # SMD parts: body rectangle (pads are at its ends)
+    passives: dict[str, Rect]  # SMD parts: body rectangle (pads are at its ends)
     passive_is_resistor: dict[str, bool]
-    pads: tuple[Rect, ...]              # exposed solder pads (under passives and free ones)
-    traces: tuple[np.ndarray, ...]      # (N, 2) polylines
+    pads: tuple[Rect, ...]  # exposed solder pads (under passives and free ones)
+    traces: tuple[np.ndarray, ...]  # (N, 2) polylines
     vias: tuple[tuple[float, float], ...]
     header: tuple[tuple[float, float], ...]
     holes: tuple[tuple[float, float], ...]
-    cap: tuple[float, float, float]     # electrolytic capacitor centre u, v and radius
+    cap: tuple[float, float, float]  # electrolytic capacitor centre u, v and radius
 
 
 def _chip_pins(name: str, chip: Rect, per_side: int, sides: str) -> list[Pin]:
@@ -107,22 +113,37 @@ def _chip_pins(name: str, chip: Rect, per_side: int, sides: str) -> list[Pin]:
 def design() -> Design:
     """The fixed board layout (drawn once from a constant seed; it does not depend on ``seed``)."""
     rng = np.random.default_rng(2022)
-    chips = {"U1": Rect(0.34, 0.34, 0.20, 0.20), "U2": Rect(0.74, 0.19, 0.20, 0.085),
-             "U3": Rect(0.74, 0.46, 0.20, 0.085)}
-    pins = (_chip_pins("U1", chips["U1"], 6, "tblr") + _chip_pins("U2", chips["U2"], 5, "tb")
-            + _chip_pins("U3", chips["U3"], 5, "tb"))
-    passives = {"R1": Rect(0.10, 0.22, 0.055, 0.028), "R2": Rect(0.10, 0.32, 0.055, 0.028),
-                "C1": Rect(0.10, 0.42, 0.055, 0.028), "R3": Rect(0.56, 0.60, 0.028, 0.055),
-                "C2": Rect(0.93, 0.32, 0.028, 0.055), "R4": Rect(0.34, 0.60, 0.055, 0.028)}
+    chips = {
+        "U1": Rect(0.34, 0.34, 0.20, 0.20),
+        "U2": Rect(0.74, 0.19, 0.20, 0.085),
+        "U3": Rect(0.74, 0.46, 0.20, 0.085),
+    }
+    pins = (
+        _chip_pins("U1", chips["U1"], 6, "tblr")
+        + _chip_pins("U2", chips["U2"], 5, "tb")
+        + _chip_pins("U3", chips["U3"], 5, "tb")
+    )
+    passives = {
+        "R1": Rect(0.10, 0.22, 0.055, 0.028),
+        "R2": Rect(0.10, 0.32, 0.055, 0.028),
+        "C1": Rect(0.10, 0.42, 0.055, 0.028),
+        "R3": Rect(0.56, 0.60, 0.028, 0.055),
+        "C2": Rect(0.93, 0.32, 0.028, 0.055),
+        "R4": Rect(0.34, 0.60, 0.055, 0.028),
+    }
     is_resistor = {k: k.startswith("R") for k in passives}
     pads: list[Rect] = []
     for body in passives.values():
         if body.w > body.h:
-            pads += [Rect(body.u - body.w / 2, body.v, 0.022, body.h * 1.15),
-                     Rect(body.u + body.w / 2, body.v, 0.022, body.h * 1.15)]
+            pads += [
+                Rect(body.u - body.w / 2, body.v, 0.022, body.h * 1.15),
+                Rect(body.u + body.w / 2, body.v, 0.022, body.h * 1.15),
+            ]
         else:
-            pads += [Rect(body.u, body.v - body.h / 2, body.w * 1.15, 0.022),
-                     Rect(body.u, body.v + body.h / 2, body.w * 1.15, 0.022)]
+            pads += [
+                Rect(body.u, body.v - body.h / 2, body.w * 1.15, 0.022),
+                Rect(body.u, body.v + body.h / 2, body.w * 1.15, 0.022),
+            ]
     # Traces: from a pin tip straight out, then a 45-degree jog, then straight on, ending in a via.
     traces: list[np.ndarray] = []
     vias: list[tuple[float, float]] = []
@@ -136,8 +157,12 @@ def design() -> Design:
         p2 = p1 + (out + side) * rng.uniform(0.01, 0.04)
         p3 = p2 + out * rng.uniform(0.02, 0.07)
         line = np.stack([start, p1, p2, p3])
-        if (line[:, 0].min() < 0.04 or line[:, 0].max() > 0.96 or line[:, 1].min() < 0.04
-                or line[:, 1].max() > BOARD_H - 0.04):
+        if (
+            line[:, 0].min() < 0.04
+            or line[:, 0].max() > 0.96
+            or line[:, 1].min() < 0.04
+            or line[:, 1].max() > BOARD_H - 0.04
+        ):
             continue
         traces.append(line)
         vias.append((float(p3[0]), float(p3[1])))
@@ -147,8 +172,18 @@ def design() -> Design:
         traces.append(np.array([[0.04, v], [0.22 + 0.02 * k, v], [0.26 + 0.02 * k, v + 0.05], [0.48, v + 0.05]]))
     header = tuple((0.62 + 0.055 * k, 0.64) for k in range(6))
     holes = ((0.035, 0.035), (0.965, 0.035), (0.035, BOARD_H - 0.035), (0.965, BOARD_H - 0.035))
-    return Design(chips, tuple(pins), passives, is_resistor, tuple(pads), tuple(traces), tuple(vias),
-                  header, holes, (0.12, 0.58, 0.055))
+    return Design(
+        chips,
+        tuple(pins),
+        passives,
+        is_resistor,
+        tuple(pads),
+        tuple(traces),
+        tuple(vias),
+        header,
+        holes,
+        (0.12, 0.58, 0.055),
+    )
 
 
 @dataclass(frozen=True)
@@ -160,7 +195,7 @@ class PcbScene(Scene):
     fixture_seed: int
     blur_sigma: float
     board_tint: float
-    missing: frozenset[str] = field(default_factory=frozenset)   # omitted components
+    missing: frozenset[str] = field(default_factory=frozenset)  # omitted components
 
     def to_image(self, pts: np.ndarray) -> np.ndarray:
         """Board coordinates (N, 2) -> image pixel coordinates (N, 2)."""
@@ -184,8 +219,14 @@ class PcbScene(Scene):
         bu, bv = 0.5 * k + ART_MARGIN, BOARD_H / 2 * k + ART_MARGIN
         cx, cy = self.center
         coeffs = (c, s, bu - (c * cx + s * cy), -s, c, bv - (-s * cx + c * cy))
-        channels = [np.asarray(Image.fromarray(np.ascontiguousarray(art[..., i]), mode="F").transform(
-            (self.size, self.size), Image.AFFINE, coeffs, resample=Image.BILINEAR)) for i in range(4)]
+        channels = [
+            np.asarray(
+                Image.fromarray(np.ascontiguousarray(art[..., i]), mode="F").transform(
+                    (self.size, self.size), Image.AFFINE, coeffs, resample=Image.BILINEAR
+                )
+            )
+            for i in range(4)
+        ]
         return np.stack(channels, axis=2).astype(np.float32)
 
     def board_mask(self) -> np.ndarray:
@@ -244,7 +285,9 @@ def board_art(k: int, missing: frozenset[str] = frozenset()) -> np.ndarray:
         else:
             dr.ellipse(box, fill=255)
 
-    board = mask(lambda dr: dr.rectangle([ART_MARGIN, ART_MARGIN, ART_MARGIN + k - 1, ART_MARGIN + BOARD_H * k - 1], fill=255))
+    board = mask(
+        lambda dr: dr.rectangle([ART_MARGIN, ART_MARGIN, ART_MARGIN + k - 1, ART_MARGIN + BOARD_H * k - 1], fill=255)
+    )
     img = np.zeros((height, width, 3), np.float32)
     img = d.paint(img, board, SOLDER_MASK, 1.0 + 0.05 * grain)
 
@@ -253,6 +296,7 @@ def board_art(k: int, missing: frozenset[str] = frozenset()) -> np.ndarray:
             dr.line(pts(line), fill=255, width=max(1, round(TRACE_W * k)), joint="curve")
         for u, v in dz.vias:
             circle(dr, u, v, 0.012)
+
     img = d.paint(img, mask(traces), TRACE, 1.0 + 0.04 * grain)
 
     def silk(dr):
@@ -267,6 +311,7 @@ def board_art(k: int, missing: frozenset[str] = frozenset()) -> np.ndarray:
         circle(dr, u, v, r + 0.012, outline=True)
         for j in range(3):  # a "label" of small blocks
             dr.polygon(pts(Rect(0.46 + 0.03 * j, 0.685, 0.02, 0.018).corners()), fill=255)
+
     img = d.paint(img, 0.9 * mask(silk), SILK)
 
     def metal(dr):
@@ -278,6 +323,7 @@ def board_art(k: int, missing: frozenset[str] = frozenset()) -> np.ndarray:
             dr.polygon(pts(Rect(u, v, 0.04, 0.04).corners()), fill=255)
         for u, v in dz.holes:
             circle(dr, u, v, 0.028)
+
     img = d.paint(img, mask(metal), GOLD, 1.0 + 0.05 * grain)
 
     def drill(dr):
@@ -285,19 +331,26 @@ def board_art(k: int, missing: frozenset[str] = frozenset()) -> np.ndarray:
             circle(dr, u, v, 0.011)
         for u, v in dz.holes:
             circle(dr, u, v, 0.017)
+
     img = d.paint(img, mask(drill), (0.04, 0.04, 0.04))
 
     def pins(dr):
         for pin in dz.pins:
             if pin.name.split(".")[0] not in missing:
                 dr.polygon(pts(pin.polygon()), fill=255)
+
     img = d.paint(img, mask(pins), TIN, 1.0 + 0.06 * grain)
 
     chips = [(name, rect) for name, rect in dz.chips.items() if name not in missing]
-    img = d.paint(img, mask(lambda dr: [dr.polygon(pts(r.corners()), fill=255) for _, r in chips]), CHIP, 1.0 + 0.12 * grain)
+    img = d.paint(
+        img, mask(lambda dr: [dr.polygon(pts(r.corners()), fill=255) for _, r in chips]), CHIP, 1.0 + 0.12 * grain
+    )
     # pin-1 markers on the chips
-    img = d.paint(img, 0.5 * mask(lambda dr: [circle(dr, r.u - r.w * 0.32, r.v - r.h * 0.25, 0.009) for _, r in chips]),
-                  (0.45, 0.45, 0.45))
+    img = d.paint(
+        img,
+        0.5 * mask(lambda dr: [circle(dr, r.u - r.w * 0.32, r.v - r.h * 0.25, 0.009) for _, r in chips]),
+        (0.45, 0.45, 0.45),
+    )
 
     present = [(name, body) for name, body in dz.passives.items() if name not in missing]
 
@@ -306,6 +359,7 @@ def board_art(k: int, missing: frozenset[str] = frozenset()) -> np.ndarray:
             for name, body in present:
                 if dz.passive_is_resistor[name] == resistors:
                     dr.polygon(pts(body.corners()), fill=255)
+
         return draw
 
     def end_caps(dr):  # tinned ends of the SMD parts
@@ -316,6 +370,7 @@ def board_art(k: int, missing: frozenset[str] = frozenset()) -> np.ndarray:
                 caps = [Rect(b.u, b.v - b.h * 0.4, b.w, b.h * 0.2), Rect(b.u, b.v + b.h * 0.4, b.w, b.h * 0.2)]
             for c in caps:
                 dr.polygon(pts(c.corners()), fill=255)
+
     img = d.paint(img, mask(smd(True)), (0.12, 0.12, 0.12), 1.0 + 0.1 * grain)
     img = d.paint(img, mask(smd(False)), (0.72, 0.60, 0.42), 1.0 + 0.05 * grain)
     img = d.paint(img, mask(end_caps), TIN)
@@ -361,7 +416,9 @@ class PcbSynth(SynthObject):
             # the pin is removed, exposing its solder pad; a bent pin is redrawn rotated about its base
             pin = dz.pins[int(rng.integers(len(dz.pins)))]
             light = scene.board_tint * (1.0 + 0.05 * rng.standard_normal())
-            out = d.paint(image, d.blur(_polygon_mask(scene, pin.polygon()), 0.4), GOLD, np.full((s, s), light, np.float32))
+            out = d.paint(
+                image, d.blur(_polygon_mask(scene, pin.polygon()), 0.4), GOLD, np.full((s, s), light, np.float32)
+            )
             if name == "Bent Pin":
                 bend = float(rng.choice([-1, 1]) * rng.uniform(0.5, 0.9))
                 out = d.paint(out, d.blur(_polygon_mask(scene, pin.polygon(bend)), 0.4), TIN)
@@ -371,10 +428,13 @@ class PcbSynth(SynthObject):
         cx, cy = scene.to_image(np.array([[u, v]]))[0]
         x, y = d.pixel_grid(s)
         if name == "Scratch":
-            pts = d.random_walk(rng, (cx, cy), rng.uniform(0, 2 * np.pi), int(rng.integers(5, 10)),
-                                s * rng.uniform(0.03, 0.06), 0.3)
+            pts = d.random_walk(
+                rng, (cx, cy), rng.uniform(0, 2 * np.pi), int(rng.integers(5, 10)), s * rng.uniform(0.03, 0.06), 0.3
+            )
             width = rng.uniform(1.5, 3.0)
-            alpha = d.pil_mask(s, lambda dr, k: dr.line(d.scaled(pts, k), fill=255, width=max(1, round(width * k)), joint="curve"), 4)
+            alpha = d.pil_mask(
+                s, lambda dr, k: dr.line(d.scaled(pts, k), fill=255, width=max(1, round(width * k)), joint="curve"), 4
+            )
             color = COPPER if rng.random() < 0.7 else (0.85, 0.85, 0.8)
             return d.paint(image, d.blur(alpha, 0.3) * scene.board_mask(), color)
         if name == "Burnt":

@@ -1,0 +1,24 @@
+"""The static checks CI runs with the tests: ruff's lint and format check (config in pyproject.toml)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKED = ["src", "tests", "benchmarks"]
+
+
+def _ruff() -> list[str]:
+    if shutil.which("ruff") is None:
+        pytest.skip("ruff is not installed (pip install -e '.[test]')")
+    return ["ruff"]
+
+
+@pytest.mark.parametrize("command", [["check"], ["format", "--check"]], ids=["lint", "format"])
+def test_ruff(command: list[str]) -> None:
+    done = subprocess.run([*_ruff(), *command, *CHECKED], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, f"ruff {' '.join(command)} found problems:\n{done.stdout}{done.stderr}"

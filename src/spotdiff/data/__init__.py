@@ -3,7 +3,7 @@
 from spotdiff.data.dataset import AnomalyDataset, ImageRecord
 from spotdiff.data.folder import ImageFolderDataset, list_images
 from spotdiff.data.layout import detect_layout, open_dataset
-from spotdiff.data.magtile import MagneticTileDataset, open_magnetic_tile
+from spotdiff.data.magtile import open_magnetic_tile
 from spotdiff.data.splits import OFFICIAL_SPLITS, SplitRow, read_split_csv, sample_kshot
 from spotdiff.data.visa import load_id2class
 
@@ -12,7 +12,6 @@ __all__ = [
     "AnomalyDataset",
     "ImageFolderDataset",
     "ImageRecord",
-    "MagneticTileDataset",
     "SplitRow",
     "detect_layout",
     "list_images",

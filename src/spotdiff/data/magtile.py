@@ -18,17 +18,12 @@ even when its mask is empty (4 ``Uneven`` images): its pixels then count as norm
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import torch
 
 from spotdiff.data.dataset import AnomalyDataset, ImageRecord, ImageSize
-from spotdiff.data.io import load_image, load_mask
 from spotdiff.data.splits import SUBSETS
-from spotdiff.data.transforms import image_to_tensor, mask_to_tensor
 from spotdiff.errors import ConfigError, DataError
 
 OBJECT = "magnetic_tile"
@@ -103,54 +98,33 @@ def magnetic_tile_records(root: Path, subset: str, seed: int = 0, train_fraction
     free = _image_mask_pairs(free_dir)
     train_idx, test_idx = split_free_images(len(free), seed, train_fraction)
     records = [
-        ImageRecord(image=free[i][0], label=0, mask=free[i][1], mask_class=0, defect_type="good", source=str(free_dir))
+        ImageRecord(
+            image=free[i][0],
+            label=0,
+            mask=free[i][1],
+            mask_class=0,
+            defect_type="good",
+            source=str(free_dir),
+            mask_threshold=MASK_THRESHOLD - 1,
+        )
         for i in (train_idx if subset == "train" else test_idx)
     ]
     if subset == "test":
         for class_id, name in list(magnetic_tile_class_names(root).items())[1:]:
             folder = root / f"{FOLDER_PREFIX}{name}"
             records += [
-                ImageRecord(image=img, label=1, mask=mask, mask_class=class_id, defect_type=name, source=str(folder))
+                ImageRecord(
+                    image=img,
+                    label=1,
+                    mask=mask,
+                    mask_class=class_id,
+                    defect_type=name,
+                    source=str(folder),
+                    mask_threshold=MASK_THRESHOLD - 1,  # pixel > 127 <=> pixel >= 128
+                )
                 for img, mask in _image_mask_pairs(folder)
             ]
     return records
-
-
-class MagneticTileDataset(AnomalyDataset):
-    """`AnomalyDataset` whose masks are binarised at `MASK_THRESHOLD` (anti-aliased 8-bit masks).
-
-    Items are the `AnomalyDataset` dicts; ``defect_type`` is the type name (``"Blowhole"``, ...)
-    or ``"good"``.
-    """
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        s = self.records[index]
-        img = load_image(s.image)
-        image = image_to_tensor(img, self.image_size)
-        assert s.mask is not None and s.mask_class is not None  # every record of this layout has both
-        raw = load_mask(s.mask)
-        w, h = img.size
-        if raw.shape != (h, w):
-            raise DataError(
-                f"mask {s.mask} is {raw.shape[1]}x{raw.shape[0]} but image {s.image} is {w}x{h} (width x height)"
-            )
-        class_mask = mask_to_tensor(np.where(raw >= MASK_THRESHOLD, s.mask_class, 0).astype(np.uint8), self.image_size)
-        return {
-            "image": image,
-            "label": s.label,
-            "mask": (class_mask > 0).to(torch.float32),
-            "class_mask": class_mask,
-            "defect_type": s.defect_type or "good",
-            "path": str(s.image),
-        }
-
-    def subset(self, indices: Sequence[int]) -> MagneticTileDataset:
-        """A new dataset with the items at ``indices``, same settings."""
-        new = MagneticTileDataset(
-            [self.records[i] for i in indices], image_size=self.image_size, class_names=self.class_names, name=self.name
-        )
-        new.skipped = list(self.skipped)
-        return new
 
 
 def open_magnetic_tile(
@@ -160,7 +134,7 @@ def open_magnetic_tile(
     seed: int = 0,
     train_fraction: float = 0.8,
     skip_bad: bool = False,
-) -> MagneticTileDataset:
+) -> AnomalyDataset:
     """Open the seeded train or test subset of a magnetic-tile root (the folder holding ``MT_Free``).
 
     ``open_dataset(root, "magnetic_tile", subset=..., seed=...)`` calls this when it finds the layout.
@@ -170,7 +144,7 @@ def open_magnetic_tile(
     """
     root = Path(root)
     records = magnetic_tile_records(root, subset, seed, train_fraction)
-    return MagneticTileDataset(
+    return AnomalyDataset(
         records,
         image_size=image_size,
         class_names=magnetic_tile_class_names(root),

@@ -21,9 +21,10 @@ from spotdiff.finetune.train import (
     batch_indices,
     make_augmentation,
     training_steps,
-    warmup_cosine,
+    warmup_steps,
 )
 from spotdiff.models import build_backbone
+from spotdiff.schedules import warmup_cosine
 
 
 def obvious_defects(n: int, size: int, seed: int) -> TensorData:
@@ -110,7 +111,7 @@ def test_param_groups_give_new_layers_the_larger_rate():
 
 def test_warmup_then_cosine_to_zero():
     total = 100
-    factors = [warmup_cosine(s, total) for s in range(total)]
+    factors = [warmup_cosine(s, total, warmup_steps(total)) for s in range(total)]
     assert factors[0] == pytest.approx(1 / 5) and factors[4] == pytest.approx(1.0)  # 5 % warm-up
     assert all(a >= b for a, b in zip(factors[4:], factors[5:]))  # then non-increasing
     assert factors[-1] < 1e-3

@@ -23,7 +23,7 @@ from spotdiff.pretrain import methods, train
 from spotdiff.pretrain.checkpoint import load_checkpoint
 from spotdiff.pretrain.config import PretrainConfig, load_config
 from spotdiff.pretrain.data import EpochBatchSampler, PretrainImages, find_images
-from spotdiff.pretrain.optim import lr_factor
+from spotdiff.schedules import warmup_cosine
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY_SCRIPT = ROOT / "tests" / "_toy_method.py"
@@ -107,11 +107,11 @@ def test_run_completes_with_checkpoint_log_and_backbone(toy, images, tmp_path):
 
 
 def test_lr_schedule_warmup_then_cosine():
-    assert lr_factor(0, 10, 2) == pytest.approx(0.5)
-    assert lr_factor(1, 10, 2) == pytest.approx(1.0)
-    assert lr_factor(2, 10, 2) == pytest.approx(1.0)
-    assert lr_factor(6, 10, 2) == pytest.approx(0.5)
-    assert lr_factor(0, 4, 0) == pytest.approx(1.0)
+    assert warmup_cosine(0, 10, 2) == pytest.approx(0.5)
+    assert warmup_cosine(1, 10, 2) == pytest.approx(1.0)
+    assert warmup_cosine(2, 10, 2) == pytest.approx(1.0)
+    assert warmup_cosine(6, 10, 2) == pytest.approx(0.5)
+    assert warmup_cosine(0, 4, 0) == pytest.approx(1.0)
 
 
 def test_resume_after_interruption_is_bit_identical(toy, images, tmp_path, monkeypatch):

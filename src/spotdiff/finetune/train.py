@@ -47,6 +47,7 @@ from spotdiff.finetune.unet import UNet
 from spotdiff.metrics import evaluate
 from spotdiff.models import LoadedWeights, WeightsLike, build_backbone, check_arch, describe_weights, load_weights
 from spotdiff.progress import bar, log
+from spotdiff.schedules import warmup_cosine
 
 TASKS = ("cls", "seg")
 DEFAULT_STEPS = {"highshot": 1000, "10shot": 300, "5shot": 300}
@@ -120,13 +121,9 @@ def _param_groups(model: BinaryClassifier | UNet, lr: float, head_lr_mult: float
     return [{"params": encoder, "lr": lr}, {"params": new, "lr": lr * head_lr_mult}]
 
 
-def warmup_cosine(step: int, total: int, warmup_fraction: float = WARMUP_FRACTION) -> float:
-    """Learning-rate factor at ``step`` (0-based) of ``total``: linear warm-up, then cosine to 0."""
-    warmup = max(1, round(warmup_fraction * total))
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+def warmup_steps(total_steps: int) -> int:
+    """Warm-up length of fine-tuning: `WARMUP_FRACTION` of the steps, at least 1."""
+    return max(1, round(WARMUP_FRACTION * total_steps))
 
 
 def batch_indices(
@@ -245,7 +242,7 @@ def train_model(
     device = torch.device(device)
     model.to(device).train()
     optimizer = torch.optim.AdamW(_param_groups(model, lr, head_lr_mult), weight_decay=WEIGHT_DECAY)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, warmup_steps(steps)))
     transform = make_augmentation(data.images.shape[-1])
     torch.manual_seed(seed)
     losses: list[float] = []

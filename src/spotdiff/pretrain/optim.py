@@ -6,7 +6,6 @@ lr constant (SimSiam's predictor) and ``lars_exclude: True`` skips LARS's trust-
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -76,19 +75,6 @@ def build_optimizer(method: Any, lr: float) -> Optimizer:
     if recipe.optimizer == "lars":
         return LARS(groups, lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     raise ConfigError(f"optimizer: {recipe.optimizer!r} is not one of sgd, lars")
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
-    """Multiplier of the peak lr at ``step`` (0-based): linear warm-up, then cosine to 0.
-
-    Warm-up: ``(step + 1) / warmup_steps`` for ``step < warmup_steps``; then
-    ``0.5 * (1 + cos(pi * t))`` with ``t = (step - warmup_steps) / (total_steps - warmup_steps)``.
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    decay_steps = max(1, total_steps - warmup_steps)
-    t = min(1.0, (step - warmup_steps) / decay_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 def set_lr(optimizer: Optimizer, factor: float) -> float:

@@ -58,8 +58,9 @@ from spotdiff.pretrain.data import (
 from spotdiff.pretrain.distributed import DistContext, all_reduce_mean, barrier, cleanup_distributed, init_distributed
 from spotdiff.pretrain.export import write_backbone
 from spotdiff.pretrain.methods import build_method
-from spotdiff.pretrain.optim import build_optimizer, lr_factor, remember_peak_lr, set_lr
+from spotdiff.pretrain.optim import build_optimizer, remember_peak_lr, set_lr
 from spotdiff.progress import bar, log, set_quiet
+from spotdiff.schedules import warmup_cosine
 from spotdiff.threads import cpu_cores
 
 LOG_NAME = "log.csv"
@@ -329,7 +330,7 @@ def _train_one_epoch(
     epoch, start_batch = divmod(step, run.steps_per_epoch)
     run.sampler.set_epoch(epoch, start_batch)
     for views, labels in _reraise_data_errors(loader):
-        lr = set_lr(run.optimizer, lr_factor(step, run.total_steps, run.warmup_steps))
+        lr = set_lr(run.optimizer, warmup_cosine(step, run.total_steps, run.warmup_steps))
         *stats, stop = _one_step(run, model, views, labels, step, sigterm)
         step += 1
         tracker.add(step, epoch, lr, stats)

@@ -58,7 +58,7 @@ class Recipe:
     momentum: float
     batch_size: int
     epochs: int
-    warmup_epochs: int
+    warmup_epochs: float  # the config accepts fractional epochs (warm-up steps are rounded)
 
 
 def spd_loss(z: torch.Tensor, z_pos: torch.Tensor, z_neg: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 from scipy import ndimage
@@ -175,6 +175,10 @@ class _Vertices:
     pro: np.ndarray | None = None
 
 
+@overload
+def _distinct_descending(values: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+@overload
+def _distinct_descending(values: np.ndarray, weights: None = None) -> tuple[np.ndarray, np.ndarray, None]: ...
 def _distinct_descending(
     values: np.ndarray, weights: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from PIL import Image
@@ -223,6 +224,8 @@ class SmoothBlend(nn.Module):
         self.jitter = tuple(float(j) for j in jitter)
         if (mean is None) != (std is None):
             raise ConfigError("SmoothBlend: give both mean and std, or neither")
+        self.mean: torch.Tensor | None  # (1, 3, 1, 1) buffers, or None for images in [0, 1]
+        self.std: torch.Tensor | None
         for key, value in (("mean", mean), ("std", std)):
             channel = None if value is None else torch.tensor(value, dtype=torch.float32).view(1, 3, 1, 1)
             self.register_buffer(key, channel, persistent=False)
@@ -408,7 +411,9 @@ class SmoothBlend(nn.Module):
         return total(h) * total(w)
 
     # -- application
-    def apply(
+    # nn.Module.apply(fn) is shadowed: SmoothBlend's public blending call predates this check; a parent's
+    # .apply(fn) must not recurse into a SmoothBlend (see the report of issue 24).
+    def apply(  # type: ignore[override]
         self, images: torch.Tensor, params: BlendParams, with_alpha: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Blend ``images`` (B, 3, H, W) with ``params``; returns ``(blended, alpha (B, 1, H, W) or None)``."""
@@ -445,17 +450,18 @@ class SmoothBlend(nn.Module):
 
         work = torch.float32 if images.dtype in (torch.float16, torch.bfloat16) else images.dtype
         patch, x_win = patch.to(work), x_win.to(work)
-        if self.mean is not None:
-            mean, std = self.mean.to(dev, work), self.std.to(dev, work)
-            patch = patch * std + mean
+        norm = None if self.mean is None or self.std is None else (self.mean.to(dev, work), self.std.to(dev, work))
+        if norm is not None:
+            patch = patch * norm[1] + norm[0]
         region = footprint.to(work)
         factors = [
             f.to(work) if strength > 0 else None
             for f, strength in zip((params.brightness, params.contrast, params.saturation, params.hue), self.jitter)
         ]
-        patch = color_jitter_batch(patch, *factors, region=region)
-        if self.mean is not None:
-            patch = (patch - mean) / std
+        brightness, contrast, saturation, hue = factors
+        patch = color_jitter_batch(patch, brightness, contrast, saturation, hue, region=region)
+        if norm is not None:
+            patch = (patch - norm[0]) / norm[1]
 
         alpha = self._alpha(py, px, params).to(work) * region
         blended = (x_win + alpha * (patch - x_win)).to(images.dtype)
@@ -506,7 +512,10 @@ class SmoothBlend(nn.Module):
         params = self.sample(images.shape[0], images.shape[2], images.shape[3], generator, images.device)
         with torch.no_grad():
             out, alpha = self.apply(images, params, with_alpha=return_mask)
-        return (out, alpha) if return_mask else out
+        if not return_mask:
+            return out
+        assert alpha is not None  # apply(with_alpha=True) always returns it
+        return out, alpha
 
 
 class SmoothBlendTransform:
@@ -516,8 +525,8 @@ class SmoothBlendTransform:
     tensor). Keyword arguments are those of :class:`SmoothBlend`.
     """
 
-    def __init__(self, **kwargs: object) -> None:
-        self.blend = SmoothBlend(**kwargs)  # type: ignore[arg-type]
+    def __init__(self, **kwargs: Any) -> None:  # SmoothBlend's keyword arguments, checked there
+        self.blend = SmoothBlend(**kwargs)
 
     def __call__(self, image: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
         if isinstance(image, Image.Image):

@@ -62,7 +62,7 @@ def as_hw(size: ImageSize) -> tuple[int, int] | None:
     hw = tuple(int(s) for s in size)
     if len(hw) != 2 or min(hw) < 1:
         raise ConfigError(f"image_size must be an int or (H, W) of positive ints, got {size!r}")
-    return hw  # type: ignore[return-value]
+    return hw[0], hw[1]
 
 
 def check_record(record: ImageRecord) -> None:

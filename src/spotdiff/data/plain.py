@@ -227,7 +227,7 @@ def check_no_overlap(
         h = known[p]
         if h is not None:
             by_hash.setdefault(h, p)
-    shared = [(p, by_hash[known[p]]) for p in second if known[p] is not None and known[p] in by_hash]  # type: ignore[index]
+    shared = [(p, by_hash[h]) for p in second if (h := known[p]) is not None and h in by_hash]
     if shared:
         b, a = shared[0]
         raise DataError(

@@ -18,11 +18,9 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
-from torch.utils.data import Dataset
-
-from spotdiff.data import open_dataset, sample_kshot
+from spotdiff.data import AnomalyDataset, open_dataset, sample_kshot
 from spotdiff.errors import ConfigError, DataError
 from spotdiff.tabular import csv_text, format_percent, markdown_table
 
@@ -77,8 +75,8 @@ class ProtocolData:
 
     object: str
     protocol: Protocol
-    train_pool: Dataset
-    test: Dataset
+    train_pool: AnomalyDataset
+    test: AnomalyDataset
 
     def train_indices(self, seed: int) -> list[int]:
         """Indices into ``train_pool`` used for training with ``seed``: all of them for
@@ -127,7 +125,7 @@ def open_protocol(root: str | os.PathLike[str], obj: str, protocol: Protocol, im
 # ----------------------------------------------------------------------------- mean ± std over seeds
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: object) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -217,8 +215,9 @@ def table_rows(per_object: Mapping[str, Sequence[Mapping[str, Any]]], metrics: S
             seed_row: dict[str, float] = {}
             for m in metrics:
                 vals = [seeds[i].get(m) for seeds in per_object.values()]
-                if all(_is_number(v) for v in vals):
-                    seed_row[m] = math.fsum(vals) / len(vals)
+                numbers = [v for v in vals if _is_number(v)]
+                if len(numbers) == len(vals):
+                    seed_row[m] = math.fsum(numbers) / len(numbers)
             per_seed_mean.append(seed_row)
         rows["mean"] = aggregate(per_seed_mean)
     return rows

@@ -70,6 +70,7 @@ class UNet(nn.Module):
         in_channels = (c4,) + DECODER_CHANNELS[:-1]
         self.decoder = nn.ModuleList(DecoderBlock(i, s, o) for i, s, o in zip(in_channels, skips, DECODER_CHANNELS))
         self.head = nn.Conv2d(DECODER_CHANNELS[-1], 1, 3, padding=1)
+        assert self.head.bias is not None  # Conv2d(bias=True)
         nn.init.constant_(self.head.bias, -math.log((1 - PRIOR_PROBABILITY) / PRIOR_PROBABILITY))
 
     def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

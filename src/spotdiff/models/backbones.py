@@ -84,6 +84,7 @@ def read_weights_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found")
+    state: object  # what the file holds, checked below
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -364,9 +365,9 @@ def weights_record(arch: str, weights: WeightsLike, strict: bool = False) -> dic
     """The provenance record ``{name, file, sha256}`` of ``weights`` without reading its tensors."""
     if isinstance(weights, LoadedWeights):
         return weights.record()
-    if is_random(weights):
+    if weights is None or is_random(weights):
         return LoadedWeights(arch, RANDOM).record()
-    name, path = weights_file(arch, weights)  # type: ignore[arg-type]
+    name, path = weights_file(arch, weights)
     digest = sha256_file(path)
     name, verified = verify_cached(name, path, digest, strict)
     return LoadedWeights(arch, name, str(path.resolve()), digest, verified=verified).record()
@@ -389,9 +390,9 @@ def load_weights(arch: str, weights: WeightsLike = None, strict: bool = False) -
         if weights.arch != arch:
             raise WeightsError(f"weights {weights.name} were loaded for {weights.arch}, not {arch}")
         return weights
-    if is_random(weights):
+    if weights is None or is_random(weights):
         return LoadedWeights(arch, RANDOM)
-    name, path = weights_file(arch, weights)  # type: ignore[arg-type]
+    name, path = weights_file(arch, weights)
     try:
         state = read_weights_file(path)
     except WeightsError as exc:
@@ -476,9 +477,9 @@ def inference_backbone(model: tvm.ResNet, layers: Sequence[str]) -> tvm.ResNet:
     for stage in order[: deepest + 1]:
         for block in getattr(fused, stage):
             for index in (1, 2, 3):
-                conv, bn = getattr(block, f"conv{index}", None), getattr(block, f"bn{index}", None)
-                if conv is not None:
-                    setattr(block, f"conv{index}", fuse_conv_bn_eval(conv, bn))
+                conv = getattr(block, f"conv{index}", None)
+                if conv is not None:  # every convN of a block has its bnN
+                    setattr(block, f"conv{index}", fuse_conv_bn_eval(conv, getattr(block, f"bn{index}")))
                     setattr(block, f"bn{index}", nn.Identity())
             if block.downsample is not None:
                 block.downsample = fuse_conv_bn_eval(block.downsample[0], block.downsample[1])

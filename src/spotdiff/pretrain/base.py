@@ -58,7 +58,7 @@ class Recipe:
     momentum: float
     batch_size: int
     epochs: int
-    warmup_epochs: int
+    warmup_epochs: float  # the config accepts fractional epochs (warm-up steps are rounded)
 
 
 def spd_loss(z: torch.Tensor, z_pos: torch.Tensor, z_neg: torch.Tensor) -> torch.Tensor:
@@ -81,7 +81,7 @@ class _GatherWithGrad(torch.autograd.Function):
     """All-gather along dim 0 whose backward returns this rank's slice of the summed gradients."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
         rank, world = world_info()
         parts = [torch.empty_like(x) for _ in range(world)]
         dist.all_gather(parts, x.contiguous())
@@ -89,7 +89,7 @@ class _GatherWithGrad(torch.autograd.Function):
         return torch.cat(parts, dim=0)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce works in place
         dist.all_reduce(grad)  # every rank's loss depends on every rank's rows
         return grad[ctx.rows[0] : ctx.rows[1]]
@@ -213,6 +213,8 @@ class PretrainMethod(nn.Module):
         self, z_anchor: torch.Tensor | None, positive: torch.Tensor, negative: torch.Tensor
     ) -> torch.Tensor:
         """SPD loss from the anchor projection and the positive / blended negative images."""
+        if z_anchor is None:
+            raise ValueError(f"{self.name}: base_loss gave no anchor projection, which SPD needs")
         z = self.embed(torch.cat([positive, negative], dim=0))
         z_pos, z_neg = z.chunk(2, dim=0)
         return spd_loss(z_anchor, z_pos, z_neg)
@@ -251,6 +253,7 @@ class PretrainMethod(nn.Module):
         loss_base, z_anchor = self.base_loss(views, labels)
         if not self.spd:
             return {"loss": loss_base, "loss_base": loss_base, "loss_spd": loss_base.new_zeros(())}
+        assert self.smoothblend is not None  # built whenever self.spd
         negative = self.smoothblend(views["spd_neg"], generator=generator)
         loss_spd = self.spd_objective(z_anchor, views["spd_pos"], negative)
         return {"loss": loss_base + self.eta * loss_spd, "loss_base": loss_base, "loss_spd": loss_spd}

@@ -58,8 +58,8 @@ def find_images(root: str | os.PathLike[str]) -> tuple[list[Path], list[int], li
         raise DataError(f"{root}: image folder not found")
     entries = [e for e in sorted(root.iterdir()) if not e.name.startswith(".")]
     if not any(e.is_file() and is_image_file(e) for e in entries):
-        per_class = {e.name: _images_or_none(e) for e in entries if e.is_dir()}  # follows links
-        per_class = {name: paths for name, paths in per_class.items() if paths}
+        found = {e.name: _images_or_none(e) for e in entries if e.is_dir()}  # follows links
+        per_class = {name: paths for name, paths in found.items() if paths}
         if len(per_class) >= 2:
             names = sorted(per_class)
             paths = [p for name in names for p in per_class[name]]

@@ -70,8 +70,7 @@ def init_distributed(device: str = "auto") -> DistContext:
     launched = "TORCHELASTIC_RUN_ID" in os.environ  # set by torchrun
     if (world_size > 1 or launched) and not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
-        kwargs = {"device_id": dev} if use_cuda else {}
-        dist.init_process_group(backend=backend, init_method="env://", **kwargs)
+        dist.init_process_group(backend=backend, init_method="env://", device_id=dev if use_cuda else None)
     return DistContext(
         rank=rank, world_size=world_size, local_rank=local_rank, device=dev, launched=launched and dist.is_initialized()
     )

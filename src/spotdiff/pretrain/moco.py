@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -48,7 +48,7 @@ class MoCo(PretrainMethod):
     default_recipe = Recipe(
         optimizer="sgd", base_lr=0.03, weight_decay=1e-4, momentum=0.9, batch_size=256, epochs=200, warmup_epochs=0
     )
-    hparam_defaults: dict[str, Any] = {
+    hparam_defaults: ClassVar[dict[str, Any]] = {
         "dim": 128,
         "hidden_dim": None,
         "queue_size": 65536,
@@ -85,6 +85,8 @@ class MoCo(PretrainMethod):
             p.requires_grad_(False)
         self.key_momentum = float(key_momentum)
         self.temperature = float(temperature)
+        self.queue: torch.Tensor  # (queue_size, dim) unit-norm keys, a buffer
+        self.queue_ptr: torch.Tensor  # () long, the next slot to overwrite, a buffer
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +54,7 @@ class SimCLR(PretrainMethod):
     default_recipe = Recipe(
         optimizer="lars", base_lr=0.3, weight_decay=1e-6, momentum=0.9, batch_size=4096, epochs=100, warmup_epochs=10
     )
-    hparam_defaults: dict[str, Any] = {"dim": 128, "hidden_dim": None, "temperature": 0.1}
+    hparam_defaults: ClassVar[dict[str, Any]] = {"dim": 128, "hidden_dim": None, "temperature": 0.1}
     exclude_norm_and_bias_from_wd = True
 
     def __init__(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,7 @@ class SimSiam(PretrainMethod):
     default_recipe = Recipe(
         optimizer="sgd", base_lr=0.05, weight_decay=1e-4, momentum=0.9, batch_size=512, epochs=100, warmup_epochs=0
     )
-    hparam_defaults: dict[str, Any] = {"proj_dim": 2048, "pred_dim": 512}
+    hparam_defaults: ClassVar[dict[str, Any]] = {"proj_dim": 2048, "pred_dim": 512}
     fixed_lr_prefixes = ("predictor.",)
     zero_init_residual = True  # the reference builds its encoder with zero_init_residual=True
 

@@ -49,6 +49,7 @@ class Supervised(PretrainMethod):
     def spd_objective(
         self, z_anchor: torch.Tensor | None, positive: torch.Tensor, negative: torch.Tensor
     ) -> torch.Tensor:
+        assert self.blend_head is not None  # built whenever self.spd
         logits = self.blend_head(self.backbone(torch.cat([positive, negative], dim=0))).squeeze(1)
         target = torch.cat([torch.zeros(positive.shape[0]), torch.ones(negative.shape[0])]).to(logits)
         return F.binary_cross_entropy_with_logits(logits, target)

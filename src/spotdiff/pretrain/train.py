@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader
 from spotdiff.errors import ConfigError, DataError, SpotdiffError
 from spotdiff.files import atomic_path, write_json_atomic, write_text_atomic
 from spotdiff.models import LoadedWeights, load_weights
+from spotdiff.pretrain.base import PretrainMethod
 from spotdiff.pretrain.checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
@@ -121,7 +122,7 @@ class _Run:
     labels: list[int]
     class_names: list[str]
     init: LoadedWeights  # the initial backbone weights
-    method: nn.Module
+    method: PretrainMethod
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     amp_dtype: torch.dtype | None
@@ -191,7 +192,7 @@ def _find_images(cfg: PretrainConfig, ctx: DistContext) -> tuple[list[Path], lis
     return paths, labels, class_names
 
 
-def _build_method(cfg: PretrainConfig, class_names: list[str], init: LoadedWeights) -> nn.Module:
+def _build_method(cfg: PretrainConfig, class_names: list[str], init: LoadedWeights) -> PretrainMethod:
     """The method (backbone and heads), initialised from ``init`` and ``cfg.seed``."""
     torch.manual_seed(cfg.seed)  # model initialisation
     try:
@@ -208,7 +209,7 @@ def _build_method(cfg: PretrainConfig, class_names: list[str], init: LoadedWeigh
         raise ConfigError(f"hparams {cfg.hparams}: not accepted by {cfg.method} ({exc})") from exc
 
 
-def _resolve_config(cfg: PretrainConfig, method: nn.Module, n_images: int, ctx: DistContext) -> PretrainConfig:
+def _resolve_config(cfg: PretrainConfig, method: PretrainMethod, n_images: int, ctx: DistContext) -> PretrainConfig:
     """``cfg`` with the method's recipe filled in, batch size and workers capped by the data and cores.
 
     Also hands the resolved values back to ``method.recipe`` (the optimizer and param groups read them).
@@ -241,7 +242,7 @@ def _resolve_config(cfg: PretrainConfig, method: nn.Module, n_images: int, ctx: 
 
 
 def _schedule(
-    cfg: PretrainConfig, ctx: DistContext, n_images: int, method: nn.Module
+    cfg: PretrainConfig, ctx: DistContext, n_images: int, method: PretrainMethod
 ) -> tuple[EpochBatchSampler, int, int]:
     """This process's batch sampler, the total number of steps and the warm-up steps."""
     if cfg.batch_size % ctx.world_size:
@@ -254,11 +255,12 @@ def _schedule(
     return sampler, total_steps, warmup_steps
 
 
-def _place(method: nn.Module, cfg: PretrainConfig, ctx: DistContext) -> nn.Module:
+def _place(method: PretrainMethod, cfg: PretrainConfig, ctx: DistContext) -> PretrainMethod:
     """``method`` on the device (SyncBatchNorm under DDP on GPUs, channels-last if asked)."""
     on_gpu = ctx.device.type == "cuda"
     if ctx.distributed and on_gpu and method.sync_batchnorm:  # MoCo shuffles its BN batches instead
-        method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
+        # converts the BN children in place and returns ``method`` itself (the method is not a BN layer)
+        nn.SyncBatchNorm.convert_sync_batchnorm(method)
     method.to(ctx.device)
     if on_gpu and cfg.channels_last:
         method.to(memory_format=torch.channels_last)
@@ -429,7 +431,7 @@ def _finish(run: _Run, step: int) -> None:
 
 def train_step(
     model: nn.Module,
-    method: nn.Module,
+    method: PretrainMethod,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     views: dict[str, torch.Tensor],

@@ -87,7 +87,8 @@ def _best_by_column(table: Table) -> set[tuple[int, int]]:
     if len(data_rows) < 2 or len(table.label_columns) != 1:
         return best  # only for "methods as rows" tables
     for j in range(len(table.columns)):
-        values = [(table.rows[i].values[j], i) for i in data_rows if table.rows[i].values[j] is not None]
+        column = [(table.rows[i].values[j], i) for i in data_rows]
+        values = [(v, i) for v, i in column if v is not None]
         if values:
             top = max(v for v, _ in values)
             best.update((i, j) for v, i in values if round(100 * v, 1) == round(100 * top, 1))

@@ -21,6 +21,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from numpy.typing import ArrayLike
 from PIL import Image
 
 from spotdiff.metrics import evaluate, pr_curve, roc_curve
@@ -90,7 +91,7 @@ class Predictions:
         img = load_image(self.paths[i])
         ref = self.masks if self.masks is not None else self.anomaly_maps
         if ref is not None:
-            img = img.resize((ref.shape[-1], ref.shape[-2]), Image.BILINEAR)
+            img = img.resize((ref.shape[-1], ref.shape[-2]), Image.Resampling.BILINEAR)
         return np.asarray(img, dtype=np.float32) / 255.0
 
     def score_set(self) -> ScoreSet:
@@ -107,11 +108,13 @@ class Predictions:
         items = []
         for row, picks in (("best", best), ("worst", worst)):
             for i in picks:
+                image = self.image(i)
+                assert image is not None  # images or paths, checked above
                 kind = gallery_kind(row, int(self.labels[i]))
                 caption = self.defect_types[i] if self.defect_types is not None else ""
                 items.append(
                     GalleryItem(
-                        image=self.image(i),
+                        image=image,
                         anomaly_map=None if self.anomaly_maps is None else self.anomaly_maps[i],
                         mask=None if self.masks is None else self.masks[i],
                         score=float(self.scores[i]),
@@ -147,15 +150,13 @@ def gallery_decision(label: int, score: float, threshold: float | None) -> str:
     return "false alarm" if flagged else "passed"
 
 
-def per_defect_type_auroc(
-    scores: Sequence[float], labels: Sequence[int], defect_types: Sequence[str]
-) -> dict[str, float]:
+def per_defect_type_auroc(scores: ArrayLike, labels: ArrayLike, defect_types: Sequence[str]) -> dict[str, float]:
     """Image AU-ROC of each defect type against all normal images (fractions), from
     :func:`spotdiff.metrics.evaluate` (``per_defect_type``). Empty without both classes."""
-    labels = np.asarray(labels).astype(int)
-    if not _has_both_classes(labels):
+    label_arr = np.asarray(labels).astype(int)
+    if not _has_both_classes(label_arr):
         return {}
-    result = evaluate(np.asarray(scores, dtype=np.float64), labels, defect_types=list(defect_types))
+    result = evaluate(np.asarray(scores, dtype=np.float64), label_arr, defect_types=list(defect_types))
     return {name: float(entry["image_auroc"]) for name, entry in result["per_defect_type"].items()}
 
 
@@ -204,17 +205,17 @@ def curves_figure(score_sets: Sequence[ScoreSet], title: str = "") -> bytes:
     return _png(fig)
 
 
-def select_gallery(scores: Sequence[float], labels: Sequence[int], n: int) -> list[int]:
+def select_gallery(scores: ArrayLike, labels: ArrayLike, n: int) -> list[int]:
     """Indices of ``n`` test images, worst cases first.
 
     Anomalous images sorted by ascending score (missed defects) are interleaved with normal images
     sorted by descending score (false alarms): anomalous first, then normal, and so on. When one
     class runs out the other fills the rest.
     """
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(labels).astype(int)
-    anomalous = [int(i) for i in np.flatnonzero(labels == 1)[np.argsort(scores[labels == 1], kind="stable")]]
-    normal = [int(i) for i in np.flatnonzero(labels == 0)[np.argsort(-scores[labels == 0], kind="stable")]]
+    score_arr = np.asarray(scores, dtype=np.float64)
+    label_arr = np.asarray(labels).astype(int)
+    anomalous = [int(i) for i in np.flatnonzero(label_arr == 1)[np.argsort(score_arr[label_arr == 1], kind="stable")]]
+    normal = [int(i) for i in np.flatnonzero(label_arr == 0)[np.argsort(-score_arr[label_arr == 0], kind="stable")]]
     out: list[int] = []
     while len(out) < n and (anomalous or normal):
         for pool in (anomalous, normal):
@@ -223,12 +224,11 @@ def select_gallery(scores: Sequence[float], labels: Sequence[int], n: int) -> li
     return out
 
 
-def select_best(scores: Sequence[float], labels: Sequence[int], n: int) -> list[int]:
+def select_best(scores: ArrayLike, labels: ArrayLike, n: int) -> list[int]:
     """Indices of the ``n`` best detections: anomalous images by descending score."""
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(labels).astype(int)
-    anomalous = np.flatnonzero(labels == 1)
-    return [int(i) for i in anomalous[np.argsort(-scores[anomalous], kind="stable")][:n]]
+    score_arr = np.asarray(scores, dtype=np.float64)
+    anomalous = np.flatnonzero(np.asarray(labels).astype(int) == 1)
+    return [int(i) for i in anomalous[np.argsort(-score_arr[anomalous], kind="stable")][:n]]
 
 
 def _resize_map(amap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -236,7 +236,7 @@ def _resize_map(amap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     if amap.shape == shape:
         return amap
     img = Image.fromarray(np.ascontiguousarray(amap, dtype=np.float32))  # mode "F"
-    return np.asarray(img.resize((shape[1], shape[0]), Image.BILINEAR), dtype=np.float32)
+    return np.asarray(img.resize((shape[1], shape[0]), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
 def gallery_figure(

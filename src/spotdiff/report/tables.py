@@ -159,10 +159,11 @@ def _as_float(value: Any) -> float | None:
 
 def mean_or_none(values: Iterable[float | None]) -> float | None:
     """Arithmetic mean, or None when any value is missing or there are none."""
-    values = list(values)
-    if not values or any(v is None for v in values):
+    items = list(values)
+    present = [v for v in items if v is not None]
+    if not items or len(present) != len(items):
         return None
-    return sum(values) / len(values)  # type: ignore[arg-type]
+    return sum(present) / len(present)
 
 
 def _unique(items: Iterable[str]) -> list[str]:
@@ -285,14 +286,16 @@ def seed_spread_note(table: Table) -> str | None:
         )
     parts = []
     for j, column in enumerate(table.columns):
-        ranked = sorted(
-            (r for r in rows if r.values[j] is not None and r.stds and r.stds[j] is not None),
-            key=lambda r: -r.values[j],
-        )  # type: ignore[operator]
+        scored: list[tuple[float, float, Row]] = []  # (value, std over seeds, row) of rows with both
+        for r in rows:
+            value, std = r.values[j], (r.stds[j] if r.stds else None)
+            if value is not None and std is not None:
+                scored.append((value, std, r))
+        ranked = sorted(scored, key=lambda t: -t[0])
         if len(ranked) < 2:
             continue
-        (a, b), gap = ranked[:2], ranked[0].values[j] - ranked[1].values[j]  # type: ignore[operator]
-        spread = a.stds[j] + b.stds[j]  # type: ignore[index,operator]
+        (value_a, std_a, a), (value_b, std_b, b) = ranked[:2]
+        gap, spread = value_a - value_b, std_a + std_b
         verdict = "beyond" if gap > spread else "within"
         parts.append(
             f"{column}: {' / '.join(a.labels)} leads {' / '.join(b.labels)} by {100 * gap:.1f}, "

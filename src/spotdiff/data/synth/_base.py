@@ -125,7 +125,7 @@ def render_sample(
                 if box is not None:
                     candidate_captured = camera.capture(candidate[box], box)
                     changed[box] &= np.any(candidate_captured != captured[box], axis=2)
-                count = np.count_nonzero(changed)
+                count = int(np.count_nonzero(changed))
                 if count > best_count:
                     best, best_count = (candidate, candidate_captured, box, changed), count
                 if count >= min_pixels:

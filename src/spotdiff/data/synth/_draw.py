@@ -39,7 +39,7 @@ def _base_texture(name: str, size: int) -> np.ndarray:
         raw = raw.mean(axis=2)
     if min(raw.shape) < size:
         side = int(np.ceil(size / min(raw.shape) * max(raw.shape)))
-        raw = np.asarray(Image.fromarray(raw, mode="F").resize((side, side), Image.BICUBIC))
+        raw = np.asarray(Image.fromarray(raw, mode="F").resize((side, side), Image.Resampling.BICUBIC))
     out = (raw - raw.mean()) / (raw.std() + 1e-6)
     out.setflags(write=False)
     return out
@@ -60,14 +60,16 @@ def texture(name: str, rng: np.random.Generator, size: int, zoom: float = 1.0) -
     if rng.random() < 0.5:
         crop = crop[:, ::-1]
     if src_side != size:
-        crop = np.asarray(Image.fromarray(np.ascontiguousarray(crop), mode="F").resize((size, size), Image.BILINEAR))
+        crop = np.asarray(
+            Image.fromarray(np.ascontiguousarray(crop), mode="F").resize((size, size), Image.Resampling.BILINEAR)
+        )
     return np.ascontiguousarray(crop, dtype=np.float32)
 
 
 def smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
     """Smooth random field (bicubic upsampling of a cells x cells Gaussian grid), unit std, float32."""
     grid = rng.standard_normal((cells, cells)).astype(np.float32)
-    field = np.asarray(Image.fromarray(grid, mode="F").resize((size, size), Image.BICUBIC))
+    field = np.asarray(Image.fromarray(grid, mode="F").resize((size, size), Image.Resampling.BICUBIC))
     return (field / (field.std() + 1e-6)).astype(np.float32)
 
 
@@ -86,7 +88,7 @@ def pil_mask(size: int, draw_fn, supersample: int = 1) -> np.ndarray:
     canvas = Image.new("L", (side, side), 0)
     draw_fn(ImageDraw.Draw(canvas), float(supersample))
     if supersample > 1:
-        canvas = canvas.resize((size, size), Image.BOX)
+        canvas = canvas.resize((size, size), Image.Resampling.BOX)
     return np.asarray(canvas, dtype=np.float32) / 255.0
 
 
@@ -151,7 +153,7 @@ def random_walk(
     changing by a Gaussian of std ``wiggle`` radians at each vertex."""
     turns = np.cumsum(rng.normal(0.0, wiggle, steps)) + heading
     pts = np.cumsum(np.stack([np.cos(turns), np.sin(turns)], axis=1) * step, axis=0) + np.asarray(start)
-    return [tuple(map(float, start))] + [tuple(map(float, p)) for p in pts]
+    return [(float(start[0]), float(start[1]))] + [(float(x), float(y)) for x, y in pts]
 
 
 @lru_cache(maxsize=2)

@@ -169,8 +169,8 @@ class CashewSynth(SynthObject):
             if name == "Burnt":
                 color = d.shade((0.32, 0.18, 0.08), 1.0 + 0.3 * d.texture("gravel", rng, s))
                 return d.paint(image, alpha * 0.9, color)
-            color = [(0.25, 0.16, 0.10), (0.45, 0.42, 0.25), (0.55, 0.25, 0.15)][int(rng.integers(3))]
-            return d.paint(image, alpha * 0.85, color)
+            tint = [(0.25, 0.16, 0.10), (0.45, 0.42, 0.25), (0.55, 0.25, 0.15)][int(rng.integers(3))]
+            return d.paint(image, alpha * 0.85, tint)
         if name == "Small Holes":
             out = image
             for _ in range(int(rng.integers(1, 4))):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 import numpy as np
+from numpy.typing import ArrayLike
 from PIL import Image, ImageDraw
 
 from . import _draw as d
@@ -222,7 +223,7 @@ class PcbScene(Scene):
         channels = [
             np.asarray(
                 Image.fromarray(np.ascontiguousarray(art[..., i]), mode="F").transform(
-                    (self.size, self.size), Image.AFFINE, coeffs, resample=Image.BILINEAR
+                    (self.size, self.size), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR
                 )
             )
             for i in range(4)
@@ -269,7 +270,7 @@ def board_art(k: int, missing: frozenset[str] = frozenset()) -> np.ndarray:
     rng = np.random.default_rng(7)
     grain = d.texture("gravel", rng, max(width, height))[:height, :width]
 
-    def pts(board_pts: np.ndarray) -> list[tuple[float, float]]:
+    def pts(board_pts: ArrayLike) -> list[tuple[float, float]]:
         return [(float(u * k + ART_MARGIN), float(v * k + ART_MARGIN)) for u, v in np.asarray(board_pts)]
 
     def mask(draw_fn) -> np.ndarray:
@@ -345,12 +346,13 @@ def board_art(k: int, missing: frozenset[str] = frozenset()) -> np.ndarray:
     img = d.paint(
         img, mask(lambda dr: [dr.polygon(pts(r.corners()), fill=255) for _, r in chips]), CHIP, 1.0 + 0.12 * grain
     )
+
     # pin-1 markers on the chips
-    img = d.paint(
-        img,
-        0.5 * mask(lambda dr: [circle(dr, r.u - r.w * 0.32, r.v - r.h * 0.25, 0.009) for _, r in chips]),
-        (0.45, 0.45, 0.45),
-    )
+    def pin_markers(dr: ImageDraw.ImageDraw) -> None:
+        for _, r in chips:
+            circle(dr, r.u - r.w * 0.32, r.v - r.h * 0.25, 0.009)
+
+    img = d.paint(img, 0.5 * mask(pin_markers), (0.45, 0.45, 0.45))
 
     present = [(name, body) for name, body in dz.passives.items() if name not in missing]
 

@@ -54,6 +54,9 @@ class DetectorHead(nn.Module):
         device: where the head's own buffers live (the fitted tensors' device).
     """
 
+    map_rows: torch.Tensor  # (H, h) float32: upsampling then blur along rows
+    map_cols: torch.Tensor  # (W, w) float32: the same along columns
+
     def __init__(
         self,
         backbone: ResNet,

@@ -30,6 +30,9 @@ class PaDiMHead(DetectorHead):
         Others: see :class:`~spotdiff.detect.head.DetectorHead`. The tensors are held, not copied.
     """
 
+    mean: torch.Tensor
+    inv_chol: torch.Tensor
+
     def __init__(
         self,
         backbone: ResNet,

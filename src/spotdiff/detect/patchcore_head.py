@@ -36,6 +36,10 @@ class PatchCoreHead(DetectorHead):
         Others: see :class:`~spotdiff.detect.head.DetectorHead`.
     """
 
+    bank: torch.Tensor
+    bank_aug: torch.Tensor  # traceable only
+    channel_pool: torch.Tensor  # traceable with target_dim only
+
     def __init__(
         self,
         backbone: ResNet,
@@ -49,9 +53,11 @@ class PatchCoreHead(DetectorHead):
         search: Search | None = None,
     ) -> None:
         super().__init__(backbone, layers, image_size, traceable, bank.device)
-        if not traceable and search is None:
+        if traceable:
+            search = self._matrix_search
+        elif search is None:
             raise ValueError("the eager PatchCore head needs a nearest-neighbour search")
-        self.search = self._matrix_search if traceable else search
+        self.search: Search = search
         self.register_buffer("bank", bank)
         self.num_neighbors = min(int(num_neighbors), bank.shape[0])
         self.target_dim = target_dim if target_dim is not None and target_dim != channels else None

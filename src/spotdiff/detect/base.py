@@ -34,6 +34,7 @@ from spotdiff.data.transforms import normalize
 from spotdiff.detect import schema, store
 from spotdiff.detect.colour import NORMAL_SAMPLE, normal_statistics
 from spotdiff.detect.features import check_layers
+from spotdiff.detect.head import DetectorHead
 from spotdiff.errors import ConfigError, DataError, WeightsError
 from spotdiff.models import WeightsLike, build_backbone, check_arch, file_record, inference_backbone, load_weights
 from spotdiff.progress import progress
@@ -212,8 +213,14 @@ class Detector(ABC):
         return normalize(images)
 
     @abstractmethod
+    def head(self, traceable: bool = False) -> DetectorHead:
+        """The fitted head as an ``nn.Module`` (normalised images -> scores, maps; :mod:`spotdiff.detect.head`):
+        eager on the model's own tensors (``predict``), or ``traceable``, a CPU copy for graph capture
+        (``export``) that leaves the model as it was."""
+
     def _predict_normalized(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores ``(B,)`` and maps ``(B, H, W)`` of ImageNet-normalised images at ``image_size``."""
+        """Scores ``(B,)`` and maps ``(B, H, W)`` of ImageNet-normalised images at ``image_size``: the eager head."""
+        return self.head()(images)
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

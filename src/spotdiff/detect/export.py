@@ -2,10 +2,10 @@
 
 The exported graph maps ``images`` ``(B, 3, H, W)`` float32 in [0, 1] at the model's image size
 (``B`` dynamic) to ``scores`` ``(B,)`` and ``maps`` ``(B, H, W)``, doing everything
-``Detector.predict`` does after resizing: ImageNet normalisation, the BN-folded backbone, feature
-assembly, the Mahalanobis (PaDiM) or nearest-neighbour (PatchCore) distance, upsampling and
-Gaussian smoothing (the same separable matrices as :func:`spotdiff.detect.features.upsample_and_smooth`)
-and the image score. It reads the fitted tensors of the detector; nothing is re-estimated.
+``Detector.predict`` does after resizing: ImageNet normalisation, then the detector's own fitted
+head (:meth:`Detector.head`, the module ``predict`` runs, built ``traceable``: see
+:mod:`spotdiff.detect.head`). Nothing is re-implemented or re-estimated here; this module holds
+only graph capture, external data, the fingerprint and digest, and the onnxruntime runner.
 
 The file records, in its metadata, a fingerprint of the model directory it came from (the
 SHA-256 of its fitted tensors and feature network, and the config fields the graph depends on)
@@ -29,20 +29,18 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spotdiff.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from spotdiff.data.transforms import normalize
 from spotdiff.detect import store
 from spotdiff.detect.base import CPU_FORWARD_IMAGES, Detector
-from spotdiff.detect.features import GAUSSIAN_SIGMA, _axis_operator
+from spotdiff.detect.head import DetectorHead
 from spotdiff.errors import ConfigError, WeightsError
 from spotdiff.files import atomic_path, output_error
-from spotdiff.models import layer_channels
 
 OPSET = 18
 PROTOBUF_LIMIT = 2**31 - 1
@@ -104,153 +102,23 @@ def graph_digest(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-class _Graph(nn.Module):
-    """Shared part of the exported graphs: normalisation, backbone, map smoothing."""
+class ImageGraph(nn.Module):
+    """What is exported: images ``(B, 3, H, W)`` in [0, 1] -> ImageNet normalisation -> a traceable head."""
 
-    def __init__(self, model: Detector) -> None:
+    def __init__(self, head: DetectorHead) -> None:
         super().__init__()
-        assert model.image_size_ is not None
-        self.backbone = model.backbone_
-        self.layers = list(model.layers_)
-        self.image_size_ = model.image_size_
-        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
-
-    def _features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """As :func:`spotdiff.models.extract_features`, but with the stem batched (same arithmetic per image)."""
-        m = self.backbone
-        x = (images - self.pixel_mean) / self.pixel_std
-        x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
-        out = {}
-        for name in ("layer1", "layer2", "layer3", "layer4"):
-            if len(out) == len(self.layers):
-                break
-            x = getattr(m, name)(x)
-            if name in self.layers:
-                out[name] = x
-        return out
-
-    def _maps(self, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, h, w)`` patch scores -> image scores (map maximum) and smoothed maps, as ``upsample_and_smooth``."""
-        rows = self.map_rows  # type: ignore[has-type]
-        cols = self.map_cols_t  # type: ignore[has-type]
-        maps = torch.matmul(torch.matmul(rows, grid), cols)
-        return maps.flatten(1).amax(dim=1), maps
-
-    def _set_map_operators(self) -> None:
-        """Find the feature grid ``(h, w)`` of ``layers[0]`` (one forward pass) and store the map operators."""
-        with torch.no_grad():
-            grid = tuple(self._features(torch.zeros(1, 3, *self.image_size_))[self.layers[0]].shape[-2:])
-        self.grid: tuple[int, int] = (int(grid[0]), int(grid[1]))
-        h, w = self.image_size_
-        self.register_buffer("map_rows", _axis_operator(self.grid[0], h, GAUSSIAN_SIGMA).to(torch.float32))
-        self.register_buffer(
-            "map_cols_t", _axis_operator(self.grid[1], w, GAUSSIAN_SIGMA).to(torch.float32).T.contiguous()
-        )
-
-
-class PaDiMGraph(_Graph):
-    """PaDiM: selected channels, nearest upsampling, ``||L^-1 (x - mu)||`` per position."""
-
-    def __init__(self, model: Any) -> None:
-        super().__init__(model)
-        assert model.mean_ is not None and model.inv_chol_ is not None
-        index = model.channel_index_.cpu()
-        self.parts: list[tuple[str, str]] = []
-        offset = 0
-        for i, (name, channels) in enumerate(zip(self.layers, layer_channels(model.arch, self.layers), strict=True)):
-            inside = index[(index >= offset) & (index < offset + channels)] - offset
-            offset += channels
-            if inside.numel():
-                self.register_buffer(f"index_{i}", inside.clone())
-                self.parts.append((name, f"index_{i}"))
-        self.register_buffer("mean", model.mean_.detach().cpu().float().clone())
-        self.register_buffer("inv_chol", model.inv_chol_.detach().cpu().float())  # shared with the model: no copy
-        self._set_map_operators()
-        if self.grid[0] * self.grid[1] != self.mean.shape[0]:
-            raise WeightsError(f"PaDiM grid {self.grid} does not match its {self.mean.shape[0]} fitted positions")
+        self.head = head
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = self._features(images)
-        parts = []
-        for name, buffer in self.parts:
-            part = feats[name].index_select(1, getattr(self, buffer))
-            if part.shape[-2:] != feats[self.layers[0]].shape[-2:]:
-                part = F.interpolate(part, size=self.grid, mode="nearest")
-            parts.append(part)
-        emb = torch.cat(parts, dim=1).flatten(2).permute(2, 0, 1)  # (P, B, d)
-        # rows L^-1 (x - mu); onnxruntime folds the constant transpose once, at session start
-        z = torch.matmul(emb - self.mean[:, None, :], self.inv_chol.transpose(1, 2))  # (P, B, d)
-        dist = torch.sqrt((z * z).sum(dim=-1)).transpose(0, 1)  # (B, P)
-        return self._maps(dist.reshape(-1, self.grid[0], self.grid[1]))
-
-
-class PatchCoreGraph(_Graph):
-    """PatchCore: locally averaged patches, nearest bank element, paper eq. 7 image score."""
-
-    def __init__(self, model: Any) -> None:
-        super().__init__(model)
-        assert model.memory_bank_ is not None
-        bank = model.memory_bank_.detach().cpu().float().contiguous()
-        self.register_buffer("bank", bank)
-        # [-2 b^T; ||b||^2] (C + 1, M): [q, 1] @ it = ||b||^2 - 2 q.b in one matrix product
-        self.register_buffer("bank_aug", torch.cat([-2.0 * bank.T, (bank * bank).sum(dim=1)[None]]).contiguous())
-        self.num_neighbors = min(int(model.num_neighbors), bank.shape[0])
-        total = sum(layer_channels(model.arch, self.layers))
-        self.target_dim = model.target_dim
-        if self.target_dim is not None and self.target_dim != total:
-            # adaptive average pooling over channels is linear: the matrix of its effect on unit vectors
-            eye = torch.eye(total, dtype=torch.float64)[:, None, :]
-            self.register_buffer("channel_pool", F.adaptive_avg_pool1d(eye, self.target_dim)[:, 0].float())
-        else:
-            self.target_dim = None
-        self._set_map_operators()
-
-    def _partial_sq(self, rows: torch.Tensor) -> torch.Tensor:
-        """``(N, C)`` -> ``(N, M)``: ``||b||^2 - 2 q.b`` for every row ``q`` and bank element ``b``."""
-        return torch.matmul(torch.cat([rows, torch.ones_like(rows[:, :1])], dim=1), self.bank_aug)
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = self._features(images)
-        parts = []
-        for name in self.layers:
-            part = F.avg_pool2d(feats[name], kernel_size=3, stride=1, padding=1, count_include_pad=False)
-            if part.shape[-2:] != feats[self.layers[0]].shape[-2:]:
-                part = F.interpolate(part, size=self.grid, mode="bilinear", align_corners=False)
-            parts.append(part)
-        patches = torch.cat(parts, dim=1).flatten(2).transpose(1, 2)  # (B, P, C)
-        if self.target_dim is not None:
-            patches = torch.matmul(patches, self.channel_pool)
-        # ||q - b||^2 = ||q||^2 + (||b||^2 - 2 q.b): the row constant ||q||^2 is added after the minimum,
-        # so the (B P, M) distance table is written by one matrix product and read by one arg-min
-        b, p, c = patches.shape
-        partial = self._partial_sq(patches.reshape(b * p, c))  # (B P, M)
-        nearest = partial.argmin(dim=1, keepdim=True)
-        partial_min = partial.gather(1, nearest).reshape(b, p)
-        nearest = nearest.reshape(b, p)
-        patch_scores = torch.sqrt(torch.clamp(partial_min + (patches * patches).sum(-1), min=0.0))
-        best = patch_scores.argmax(dim=1, keepdim=True)  # (B, 1)
-        s_star = patch_scores.gather(1, best)[:, 0]
-        m_test = patches.gather(1, best[:, :, None].expand(-1, 1, patches.shape[-1]))  # (B, 1, C)
-        m_star = self.bank.index_select(0, nearest.gather(1, best)[:, 0])  # (B, C)
-        star_partial = self._partial_sq(m_star)  # ||m* - b||^2 - ||m*||^2: the same order over b
-        support = torch.topk(star_partial, self.num_neighbors, dim=1, largest=False).indices  # (B, b)
-        neighbours = self.bank.index_select(0, support.reshape(-1)).reshape(support.shape[0], support.shape[1], -1)
-        d_support = torch.sqrt(((neighbours - m_test) ** 2).sum(-1))  # (B, b)
-        scores = (1.0 - torch.exp(s_star - torch.logsumexp(d_support, dim=1))) * s_star
-        _, maps = self._maps(patch_scores.reshape(-1, self.grid[0], self.grid[1]))
-        return scores, maps
+        return self.head(normalize(images))
 
 
 def detector_graph(model: Detector) -> nn.Module:
-    """The exportable ``nn.Module`` of a fitted PaDiM or PatchCore (on CPU, eval mode)."""
-    from spotdiff.detect import PaDiM, PatchCore
-
+    """The exportable ``nn.Module`` of a fitted detector: its traceable head (a CPU copy; ``model`` and
+    its backbone are left on their device, in their mode), eval mode, no gradients."""
     if model.image_size_ is None:
         raise ConfigError(f"{type(model).__name__} is not fitted; nothing to export")
-    model.backbone_ = model.backbone_.cpu()
-    graph = {PaDiM: PaDiMGraph, PatchCore: PatchCoreGraph}[type(model)](model)
-    return graph.eval().requires_grad_(False)
+    return ImageGraph(model.head(traceable=True)).eval().requires_grad_(False)
 
 
 def graph_bytes(graph: nn.Module) -> int:

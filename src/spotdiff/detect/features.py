@@ -19,6 +19,35 @@ GAUSSIAN_SIGMA = 4.0
 """Standard deviation (in input pixels) of the Gaussian that smooths every anomaly map."""
 
 
+def padim_channel_groups(
+    arch: str, layers: Sequence[str], channel_index: torch.Tensor
+) -> list[tuple[str, torch.Tensor]]:
+    """``[(layer, channels)]``: the channels of ``channel_index`` (numbered through the concatenation of
+    ``layers``) that each layer holds, as int64 indices into that layer; layers holding none are left out."""
+    groups = []
+    offset = 0
+    for name, channels in zip(layers, layer_channels(arch, layers), strict=True):
+        inside = channel_index[(channel_index >= offset) & (channel_index < offset + channels)] - offset
+        offset += channels
+        if inside.numel():
+            groups.append((name, inside))
+    return groups
+
+
+def assemble_padim(
+    feats: dict[str, torch.Tensor], groups: Sequence[tuple[str, torch.Tensor]], size: tuple[int, int] | torch.Size
+) -> torch.Tensor:
+    """``(B, d, h, w)``: the channels ``groups`` (:func:`padim_channel_groups`) of ``feats``, each layer's
+    part upsampled to ``size`` by nearest-neighbour interpolation, concatenated."""
+    parts = []
+    for name, inside in groups:
+        part = feats[name].index_select(1, inside.to(feats[name].device))
+        if part.shape[-2:] != size:
+            part = F.interpolate(part, size=size, mode="nearest")
+        parts.append(part)
+    return torch.cat(parts, dim=1)
+
+
 def padim_embedding(
     backbone: ResNet, images: torch.Tensor, layers: Sequence[str], channel_index: torch.Tensor, arch: str
 ) -> torch.Tensor:
@@ -35,19 +64,25 @@ def padim_embedding(
         ``(B, d, h, w)`` float32, ``d = len(channel_index)``, ``(h, w)`` the grid of ``layers[0]``.
     """
     feats = extract_features(backbone, images, layers)
+    return assemble_padim(feats, padim_channel_groups(arch, layers, channel_index), feats[layers[0]].shape[-2:])
+
+
+def assemble_patchcore(feats: dict[str, torch.Tensor], layers: Sequence[str]) -> torch.Tensor:
+    """``(B, C, h, w)``: each of ``layers`` 3x3 average-pooled (stride 1, zero padding not counted),
+    bilinearly upsampled to the grid of ``layers[0]``, concatenated along channels."""
     size = feats[layers[0]].shape[-2:]
     parts = []
-    offset = 0
-    for name, channels in zip(layers, layer_channels(arch, layers), strict=True):
-        inside = channel_index[(channel_index >= offset) & (channel_index < offset + channels)] - offset
-        offset += channels
-        if inside.numel() == 0:
-            continue
-        part = feats[name].index_select(1, inside.to(feats[name].device))
+    for name in layers:
+        part = F.avg_pool2d(feats[name], kernel_size=3, stride=1, padding=1, count_include_pad=False)
         if part.shape[-2:] != size:
-            part = F.interpolate(part, size=size, mode="nearest")
+            part = F.interpolate(part, size=size, mode="bilinear", align_corners=False)
         parts.append(part)
     return torch.cat(parts, dim=1)
+
+
+def pool_channels(patches: torch.Tensor, target_dim: int) -> torch.Tensor:
+    """``(N, C) -> (N, target_dim)``: 1-D adaptive average pooling of each row (PatchCore's reduction)."""
+    return F.adaptive_avg_pool1d(patches[:, None], target_dim)[:, 0]
 
 
 def patchcore_embedding(
@@ -57,26 +92,18 @@ def patchcore_embedding(
 
     Each layer is 3x3 average-pooled (stride 1, padding 1, zero padding not counted) so a patch
     feature summarises its neighbourhood; deeper layers are bilinearly upsampled to the first
-    layer's grid and all are concatenated along channels. With ``target_dim`` the concatenated
-    vector of every patch is reduced to ``target_dim`` values by 1-D adaptive average pooling over
-    channels (as in the PatchCore reference code); None keeps all channels.
+    layer's grid and all are concatenated along channels (:func:`assemble_patchcore`). With
+    ``target_dim`` the concatenated vector of every patch is reduced to ``target_dim`` values by
+    1-D adaptive average pooling over channels (:func:`pool_channels`, as in the PatchCore
+    reference code); None keeps all channels.
 
     Returns:
         ``(B, C, h, w)`` float32.
     """
-    feats = extract_features(backbone, images, layers)
-    size = feats[layers[0]].shape[-2:]
-    parts = []
-    for name in layers:
-        part = F.avg_pool2d(feats[name], kernel_size=3, stride=1, padding=1, count_include_pad=False)
-        if part.shape[-2:] != size:
-            part = F.interpolate(part, size=size, mode="bilinear", align_corners=False)
-        parts.append(part)
-    emb = torch.cat(parts, dim=1)
+    emb = assemble_patchcore(extract_features(backbone, images, layers), layers)
     if target_dim is not None and target_dim != emb.shape[1]:
         b, c, h, w = emb.shape
-        flat = emb.permute(0, 2, 3, 1).reshape(b * h * w, 1, c)
-        flat = F.adaptive_avg_pool1d(flat, target_dim)
+        flat = pool_channels(emb.permute(0, 2, 3, 1).reshape(b * h * w, c), target_dim)
         emb = flat.reshape(b, h, w, target_dim).permute(0, 3, 1, 2)
     return emb
 

@@ -9,11 +9,14 @@ batched matrix product over all positions. ``L^-1`` is kept packed (its lower tr
 ``torch.tril_indices`` order) in memory as on disk, and unpacked a few positions at a time.
 
 Anomaly map: Mahalanobis distance on the ``layers[0]`` grid, bilinearly upsampled to the image
-size, smoothed with a Gaussian of sigma 4 px. Image score: maximum of the map.
+size, smoothed with a Gaussian of sigma 4 px. Image score: maximum of the map. Both are computed by
+the fitted head, :class:`spotdiff.detect.padim_head.PaDiMHead` (:meth:`PaDiM.head`), which
+``predict`` and ``export`` run.
 """
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Sequence
 from typing import Any, Self
@@ -22,9 +25,10 @@ import torch
 from torch.utils.data import Dataset
 
 from spotdiff.detect.base import Detector
-from spotdiff.detect.features import padim_embedding, upsample_and_smooth
-from spotdiff.detect.gaussian import GaussianAccumulator, mahalanobis, unpack_lower
+from spotdiff.detect.features import padim_embedding
+from spotdiff.detect.gaussian import GaussianAccumulator, unpack_lower
 from spotdiff.detect.memory import check_memory_fits
+from spotdiff.detect.padim_head import PaDiMHead
 from spotdiff.errors import ConfigError, DataError, WeightsError
 from spotdiff.models import WeightsLike, layer_channels
 
@@ -99,6 +103,7 @@ class PaDiM(Detector):
         """``(P, d (d + 1) / 2)`` float32 lower triangle of ``L^-1`` (``torch.tril_indices`` order);
         see :attr:`inv_chol_` for the square form."""
         self._unpacked: tuple[torch.Tensor, torch.Tensor] | None = None  # (packed, its unpacked copy)
+        self._head: PaDiMHead | None = None  # the eager head, kept while its factor is current
         self._grid: tuple[int, int] = (0, 0)  # (h, w) of the last embedding
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -154,19 +159,46 @@ class PaDiM(Detector):
                 file=sys.stderr,
             )
 
-    def _predict_normalized(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.mean_ is not None and self.inv_chol_packed_ is not None and self.image_size_ is not None
-        emb = self._embed(images)
-        if emb.shape[1] != self.mean_.shape[0]:
-            raise DataError(f"feature grid {self._grid} does not match the fitted model")
+    def head(self, traceable: bool = False) -> PaDiMHead:
+        """The fitted head (:class:`~spotdiff.detect.padim_head.PaDiMHead`).
+
+        Eager (``predict``): the model's own tensors on ``device_``, with ``L^-1`` unpacked once and
+        kept when at most ``UNPACKED_FACTOR_BYTES``, else packed (unpacked a few positions at a time).
+        ``traceable`` (``export``): a CPU float32 copy of the backbone and tensors, ``L^-1`` square;
+        the model is not changed.
+        """
+        if self.mean_ is None or self.inv_chol_packed_ is None or self.image_size_ is None:
+            raise ConfigError("PaDiM is not fitted; call fit() or load() first")
+        if traceable:
+            square = unpack_lower(self.inv_chol_packed_.detach().to("cpu", torch.float32), self.d_)
+            return PaDiMHead(
+                copy.deepcopy(self.backbone_).cpu(),
+                self.arch,
+                self.layers_,
+                self.image_size_,
+                self.channel_index_.cpu().clone(),
+                self.mean_.detach().to("cpu", torch.float32, copy=True),
+                square,
+                traceable=True,
+            ).eval()
         factor = self.inv_chol_packed_
         if self.mean_.shape[0] * self.d_**2 * 4 <= UNPACKED_FACTOR_BYTES:
             if self._unpacked is None or self._unpacked[0] is not factor:
                 self._unpacked = (factor, unpack_lower(factor, self.d_))
             factor = self._unpacked[1]
-        dists = mahalanobis(emb, self.mean_, factor).reshape(-1, *self._grid)
-        maps = upsample_and_smooth(dists, self.image_size_)
-        return maps.flatten(1).amax(dim=1), maps
+        head = self._head
+        if (
+            head is None
+            or head.inv_chol is not factor
+            or head.mean is not self.mean_
+            or head.backbone is not self.backbone_
+        ):
+            head = PaDiMHead(
+                self.backbone_, self.arch, self.layers_, self.image_size_, self.channel_index_, self.mean_, factor
+            )
+            self._head = head
+        self._grid = head.grid
+        return head
 
     def _config(self) -> dict[str, Any]:
         return {"d": self.d_, "epsilon": float(self.epsilon)}

@@ -10,6 +10,9 @@
   shards of the training patches (:func:`sharded_coreset`).
 * Pixel map: Euclidean distance of each test patch to its nearest bank element, bilinearly
   upsampled to the image size and smoothed with a Gaussian of sigma 4 px.
+* The pixel map and image score are computed by the fitted head,
+  :class:`spotdiff.detect.patchcore_head.PatchCoreHead` (:meth:`PatchCore.head`), which ``predict``
+  and ``export`` run.
 * Image score (paper, eq. 7): let ``s*`` be the largest patch distance, ``m_test*`` that patch,
   ``m*`` its nearest bank element and ``N_b(m*)`` the ``b`` nearest bank elements of ``m*``
   (``m*`` included). Score ``= w * s*`` with
@@ -18,6 +21,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import tempfile
@@ -30,8 +34,9 @@ from torch.utils.data import Dataset
 
 from spotdiff.detect.base import Detector
 from spotdiff.detect.coreset import greedy_k_center
-from spotdiff.detect.features import patchcore_embedding, upsample_and_smooth
+from spotdiff.detect.features import patchcore_embedding
 from spotdiff.detect.memory import check_memory_fits, format_bytes
+from spotdiff.detect.patchcore_head import PatchCoreHead
 from spotdiff.detect.schema import MIN_NEIGHBORS
 from spotdiff.errors import ConfigError, WeightsError
 from spotdiff.models import WeightsLike, layer_channels
@@ -231,6 +236,7 @@ class PatchCore(Detector):
         self.memory_bank_: torch.Tensor | None = None
         """``(n_keep, C)`` float32 coreset of the training patch features."""
         self._index: Any | None = None
+        self._head: PatchCoreHead | None = None  # the eager head of the current bank
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, h, w, C)`` patch features of normalised images."""
@@ -323,36 +329,52 @@ class PatchCore(Detector):
     def _set_bank(self, bank: torch.Tensor) -> None:
         self.memory_bank_ = bank
         self._index = None
+        self._head = None
         if self.nn_backend in ("auto", "faiss") and HAVE_FAISS:
             self._index = faiss.IndexFlatL2(bank.shape[1])
             self._index.add(np.ascontiguousarray(bank.cpu().numpy(), dtype=np.float32))
 
-    def _predict_normalized(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.memory_bank_ is not None and self.image_size_ is not None
-        emb = self._embed(images)
-        b, h, w, c = emb.shape
-        patches = emb.reshape(-1, c)
-        dist, nn_idx = nearest_neighbors(patches, self.memory_bank_, 1, self._index)
-        patch_scores = dist[:, 0].reshape(b, h * w).to(self.device_)
-        scores = self._reweighted_scores(patches.reshape(b, h * w, c), patch_scores, nn_idx[:, 0].reshape(b, h * w))
-        maps = upsample_and_smooth(patch_scores.reshape(b, h, w), self.image_size_)
-        return scores, maps
+    def head(self, traceable: bool = False) -> PatchCoreHead:
+        """The fitted head (:class:`~spotdiff.detect.patchcore_head.PatchCoreHead`).
+
+        Eager (``predict``): the model's backbone and bank, searched by :func:`nearest_neighbors` (faiss
+        when the model has an index). ``traceable`` (``export``): a CPU float32 copy of the backbone and
+        bank with the matrix-product search; the model is not changed.
+        """
+        if self.memory_bank_ is None or self.image_size_ is None:
+            raise ConfigError("PatchCore is not fitted; call fit() or load() first")
+        channels = sum(layer_channels(self.arch, self.layers_))
+        if traceable:
+            return PatchCoreHead(
+                copy.deepcopy(self.backbone_).cpu(),
+                self.layers_,
+                self.image_size_,
+                self.memory_bank_.detach().to("cpu", torch.float32, copy=True).contiguous(),
+                self.num_neighbors,
+                self.target_dim,
+                channels,
+                traceable=True,
+            ).eval()
+        if self._head is None or self._head.backbone is not self.backbone_:
+            bank, index = self.memory_bank_, self._index
+            self._head = PatchCoreHead(
+                self.backbone_,
+                self.layers_,
+                self.image_size_,
+                bank,
+                self.num_neighbors,
+                self.target_dim,
+                channels,
+                search=lambda queries, k: nearest_neighbors(queries, bank, k, index),
+            )
+        return self._head
 
     def _reweighted_scores(
         self, patches: torch.Tensor, patch_scores: torch.Tensor, nn_idx: torch.Tensor
     ) -> torch.Tensor:
-        """Paper eq. 7 (see module docstring); ``patches (B, P, C)``, ``patch_scores (B, P)`` -> ``(B,)``."""
-        assert self.memory_bank_ is not None
-        bank = self.memory_bank_
-        best = patch_scores.argmax(dim=1)
-        rows = torch.arange(patches.shape[0])
-        s_star = patch_scores[rows, best]  # (B,)
-        m_test = patches[rows, best]  # (B, C)
-        m_star = bank[nn_idx[rows, best].to(bank.device)]  # (B, C)
-        _, support = nearest_neighbors(m_star, bank, self.num_neighbors, self._index)  # (B, b)
-        d_support = torch.linalg.vector_norm(bank[support.to(bank.device)] - m_test[:, None], dim=-1)  # (B, b)
-        weight = 1.0 - torch.exp(s_star - torch.logsumexp(d_support, dim=1))
-        return weight * s_star
+        """Paper eq. 7 (see module docstring) as the eager head computes it; ``patches (B, P, C)``,
+        ``patch_scores (B, P)``, ``nn_idx (B, P)`` -> ``(B,)``."""
+        return self.head().reweighted_scores(patches, patch_scores, nn_idx)
 
     def _config(self) -> dict[str, Any]:
         return {

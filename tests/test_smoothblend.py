@@ -31,7 +31,7 @@ def test_changes_only_inside_footprint_and_alpha_bounded() -> None:
     blend = SmoothBlend(area=(0.02, 0.05))
     x = _images()
     params = blend.sample(6, 48, 64, torch.Generator().manual_seed(3))
-    out, alpha = blend.apply(x, params)
+    out, alpha = blend.blend(x, params)
     footprint = params.footprint(48, 64)
     assert torch.equal(out[~footprint.expand_as(out)], x[~footprint.expand_as(x)])
     assert not (alpha[~footprint] != 0).any()
@@ -65,7 +65,7 @@ def test_perturbed_area_is_the_stated_range(area, sigma, size) -> None:
     lo, hi = area
     blend = SmoothBlend(area=area, sigma=sigma)
     params = blend.sample(600, size, size, torch.Generator().manual_seed(7))
-    _, alpha = blend.apply(torch.rand(600, 3, size, size, generator=torch.Generator().manual_seed(8)), params)
+    _, alpha = blend.blend(torch.rand(600, 3, size, size, generator=torch.Generator().manual_seed(8)), params)
     mass = alpha.sum(dim=(1, 2, 3)).double() / (size * size)
     assert lo <= mass.mean() <= hi
     assert abs(mass.mean() / ((lo + hi) / 2) - 1) < 0.04  # uniform in the range: mean at its middle
@@ -80,7 +80,7 @@ def test_no_dark_halo_convex_combination() -> None:
     blend = SmoothBlend(area=(0.005, 0.01), sigma=0.15, jitter=(0.0, 0.0, 0.0, 0.0))
     x = 0.3 + 0.4 * _images(4, 64, 64)  # away from 0 so a halo towards black would show
     params = blend.sample(4, 64, 64, torch.Generator().manual_seed(5))
-    out, alpha = blend.apply(x, params)
+    out, alpha = blend.blend(x, params)
     # Without jitter, u at each footprint pixel is the source pixel it was copied from.
     _, _, h, w = x.shape
     ys = torch.arange(h).view(1, -1, 1)
@@ -115,9 +115,9 @@ def test_batched_equals_per_sample() -> None:
     blend = SmoothBlend(area=(0.01, 0.08))
     x = _images(5, 40, 56)
     params = blend.sample(5, 40, 56, torch.Generator().manual_seed(11))
-    out, alpha = blend.apply(x, params)
+    out, alpha = blend.blend(x, params)
     for i in range(5):
-        one, one_alpha = blend.apply(x[i : i + 1], params[i : i + 1])
+        one, one_alpha = blend.blend(x[i : i + 1], params[i : i + 1])
         assert torch.allclose(out[i : i + 1], one, atol=1e-6)
         assert torch.allclose(alpha[i : i + 1], one_alpha, atol=1e-7)
 
@@ -127,8 +127,8 @@ def test_normalised_input_matches_unit_range() -> None:
     normed = SmoothBlend(mean=IMAGENET_MEAN, std=IMAGENET_STD)
     x = _images()
     params = plain.sample(6, 48, 64, torch.Generator().manual_seed(2))
-    out, _ = plain.apply(x, params)
-    out_n, _ = normed.apply(normalize(x), params)
+    out, _ = plain.blend(x, params)
+    out_n, _ = normed.blend(normalize(x), params)
     assert torch.allclose(out_n, normalize(out), atol=1e-5)
     fp = params.footprint(48, 64).expand_as(x)
     assert torch.equal(out_n[~fp], normalize(x)[~fp])
@@ -138,8 +138,8 @@ def test_channels_last_input_gives_same_values_and_layout() -> None:
     blend = SmoothBlend(area=(0.02, 0.05))
     x = _images(3, 32, 32)
     params = blend.sample(3, 32, 32, torch.Generator().manual_seed(9))
-    out, _ = blend.apply(x, params)
-    out_cl, _ = blend.apply(x.contiguous(memory_format=torch.channels_last), params)
+    out, _ = blend.blend(x, params)
+    out_cl, _ = blend.blend(x.contiguous(memory_format=torch.channels_last), params)
     assert out_cl.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(out, out_cl)
 
@@ -148,7 +148,7 @@ def test_hard_paste_with_sigma_zero_copies_the_patch() -> None:
     blend = SmoothBlend(area=(0.05, 0.05), aspect=(1.0, 1.0), sigma=0.0, jitter=(0, 0, 0, 0))
     x = _images(2, 40, 40)
     params = blend.sample(2, 40, 40, torch.Generator().manual_seed(0))
-    out, alpha = blend.apply(x, params)
+    out, alpha = blend.blend(x, params)
     for i in range(2):
         h, w = int(params.h[i]), int(params.w[i])
         dy, dx, sy, sx = (int(v[i]) for v in (params.dst_y, params.dst_x, params.src_y, params.src_x))
@@ -243,7 +243,7 @@ def test_property_footprint_and_range(b, h, w, area_lo, area_span, sigma, seed) 
     blend = SmoothBlend(area=(lo, min(largest, lo + area_span)), sigma=sigma)
     x = _images(b, h, w, seed=seed % 1000)
     params = blend.sample(b, h, w, torch.Generator().manual_seed(seed))
-    out, alpha = blend.apply(x, params)
+    out, alpha = blend.blend(x, params)
     fp = params.footprint(h, w)
     assert (params.h >= 1).all() and (params.h <= h).all() and (params.w >= 1).all() and (params.w <= w).all()
     assert torch.equal(out[~fp.expand_as(out)], x[~fp.expand_as(x)])
@@ -264,7 +264,7 @@ def test_stated_area_and_smoothness_hold_from_the_stated_smallest_size(aspect, s
         blend.check_size(size, size)
         params = blend.sample(400, size, size, torch.Generator().manual_seed(size))
         assert float(params.sigma.min()) >= MIN_SIGMA_PX
-        _, alpha = blend.apply(torch.rand(400, 3, size, size, generator=torch.Generator().manual_seed(1)), params)
+        _, alpha = blend.blend(torch.rand(400, 3, size, size, generator=torch.Generator().manual_seed(1)), params)
         assert float(alpha.amax(dim=(1, 2, 3)).min()) >= MIN_PEAK_ALPHA
         u = torch.rand(10, 400, generator=torch.Generator().manual_seed(size), dtype=torch.float64)
         target = (blend.area[0] + (blend.area[1] - blend.area[0]) * u[0]) * size * size
@@ -325,3 +325,13 @@ def test_pretrain_refuses_a_view_size_where_smoothblend_cannot_hold(tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "image size 32x32: too small" in err[0]
     assert not out.exists()
+
+
+def test_module_apply_reaches_every_layer_of_a_method_holding_a_smoothblend():
+    """SmoothBlend's blending call is `blend`, so a parent's nn.Module.apply(fn) still works."""
+    from spotdiff.pretrain.methods import build_method
+
+    method = build_method("simclr", arch="resnet18", spd=True)
+    seen: list[str] = []
+    method.apply(lambda m: seen.append(type(m).__name__))
+    assert "SmoothBlend" in seen and "Conv2d" in seen

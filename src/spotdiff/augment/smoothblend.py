@@ -410,10 +410,8 @@ class SmoothBlend(nn.Module):
 
         return total(h) * total(w)
 
-    # -- application
-    # nn.Module.apply(fn) is shadowed: SmoothBlend's public blending call predates this check; a parent's
-    # .apply(fn) must not recurse into a SmoothBlend (see the report of issue 24).
-    def apply(  # type: ignore[override]
+    # -- application (named `blend`, not `apply`: that would shadow nn.Module.apply(fn) of every parent)
+    def blend(
         self, images: torch.Tensor, params: BlendParams, with_alpha: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Blend ``images`` (B, 3, H, W) with ``params``; returns ``(blended, alpha (B, 1, H, W) or None)``."""
@@ -511,7 +509,7 @@ class SmoothBlend(nn.Module):
         self.check_size(images.shape[2], images.shape[3])
         params = self.sample(images.shape[0], images.shape[2], images.shape[3], generator, images.device)
         with torch.no_grad():
-            out, alpha = self.apply(images, params, with_alpha=return_mask)
+            out, alpha = self.blend(images, params, with_alpha=return_mask)
         if not return_mask:
             return out
         assert alpha is not None  # apply(with_alpha=True) always returns it

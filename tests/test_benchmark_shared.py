@@ -16,19 +16,11 @@ import torch
 import yaml
 from _fake_bench import fake_metrics, slow_runner
 
+from spotdiff.bench.cells import DOWNSTREAM
+from spotdiff.bench.claims import CLAIM_DIR, Claims, parse_shard
+from spotdiff.bench.config import load_config
+from spotdiff.bench.grid import grid, run_benchmark, run_cell, shard_cells, weights_files
 from spotdiff.cli import main
-from spotdiff.report.benchmark import (
-    CLAIM_DIR,
-    DOWNSTREAM,
-    Claims,
-    grid,
-    load_config,
-    parse_shard,
-    run_benchmark,
-    run_cell,
-    shard_cells,
-    weights_files,
-)
 
 HERE = Path(__file__).resolve().parent
 CONFIG = {

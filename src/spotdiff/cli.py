@@ -952,7 +952,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from spotdiff.report.demo import DemoSettings, run_demo
+    from spotdiff.bench.demo import DemoSettings, run_demo
 
     result = run_demo(DemoSettings.preset(quick=args.quick, seed=args.seed), args.out, weights=args.weights)
     print(result.table.to_markdown())
@@ -986,7 +986,9 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_benchmark(args: argparse.Namespace) -> int:
-    from spotdiff.report.benchmark import LEASE_SECONDS, collect_benchmark, load_config, parse_shard, run_benchmark
+    from spotdiff.bench.claims import LEASE_SECONDS, parse_shard
+    from spotdiff.bench.config import load_config
+    from spotdiff.bench.grid import collect_benchmark, run_benchmark
     from spotdiff.report.tables import tables_markdown
 
     shard = parse_shard(args.shard)

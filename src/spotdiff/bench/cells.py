@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from spotdiff.bench.schema import BenchmarkConfig, Cell, CellOutput, Runner
+from spotdiff.configs import build
 from spotdiff.errors import ConfigError
 
 
@@ -59,20 +60,19 @@ def _run_finetune_cell(task: str, cell: Cell, config: BenchmarkConfig, work_dir:
     from spotdiff.finetune import FinetuneConfig, run_finetune
 
     params = dict(cell.downstream.params)
-    try:
-        ft = FinetuneConfig(
-            task=task,
-            data=config.data_root,
-            out=work_dir,
-            object=cell.object,
-            weights=cell.weights_file,
-            arch=cell.weights.arch,
-            image_size=config.image_size,
-            device=config.device,
-            **params,
-        )
-    except TypeError as exc:
-        raise ConfigError(f"downstream {cell.downstream.name!r}: bad params {params} ({exc})") from exc
+    fixed = {
+        "task": task,
+        "data": config.data_root,
+        "out": work_dir,
+        "object": cell.object,
+        "weights": cell.weights_file,
+        "arch": cell.weights.arch,
+        "image_size": config.image_size,
+        "device": config.device,
+    }
+    if taken := sorted(set(params) & set(fixed)):
+        raise ConfigError(f"downstream {cell.downstream.name!r}: params may not set {taken} (the grid sets them)")
+    ft = build(FinetuneConfig, {**fixed, **params}, f"downstream {cell.downstream.name!r}: params")
     summary = run_finetune(ft)["aggregate"][cell.object]
     metrics: dict[str, Any] = {}
     for name, stat in summary.items():

@@ -1,11 +1,12 @@
-"""The benchmark's YAML config: :func:`load_config` reads and validates it into a :class:`BenchmarkConfig`.
+"""The benchmark's YAML config: :func:`load_config` reads and checks it into a :class:`BenchmarkConfig`.
 
 Config (YAML; relative paths are relative to the config file)::
 
+    data: {root: /data/VisA}          # raw VisA root (or MVTec-style / prepared folder)
     objects: [candle, capsules]
     image_size: 256
     seed: 0
-    device: cuda                      # cpu | cuda
+    device: auto                      # auto (cuda when available) | cpu | cuda | cuda:N
     weights:
       - {name: random_r18, arch: resnet18}                       # no file: random init (warns; file: random does not)
       - {name: imagenet_r18, arch: resnet18, file: imagenet}     # torchvision's ImageNet weights (or IMAGENET1K_V1, ...)
@@ -16,24 +17,43 @@ Config (YAML; relative paths are relative to the config file)::
     downstream:
       - {name: padim, method: padim, params: {layers: [layer1, layer2, layer3]}}
       - {name: patchcore, method: patchcore, weights: [wrn50_simsiam]}  # only these weights
+      - {name: cls-5shot, method: cls, params: {protocol: 5shot}}
+    report: {figures: true}
+
+Types, unknown keys, ranges and the device come from :mod:`spotdiff.configs` (the one mechanism of
+every command, with the rules on the fields of :mod:`spotdiff.bench.schema`); this module adds what
+is the benchmark's own: names, paths against the config's folder, and how the entries refer to each other.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from spotdiff.bench.cells import DOWNSTREAM
 from spotdiff.bench.schema import BenchmarkConfig, DownstreamSpec, WeightsSpec
+from spotdiff.configs import build, read_mapping, refuse_unknown
+from spotdiff.devices import check_device_name
 from spotdiff.errors import ConfigError, WeightsError
-from spotdiff.models import ARCHITECTURES, is_weights_name
+from spotdiff.models import is_weights_name
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+-]*(_[A-Za-z0-9.+-]+)*$")  # no "__", filename-safe
+YAML_KEYS = (
+    "data",
+    "objects",
+    "weights",
+    "downstream",
+    "image_size",
+    "seed",
+    "device",
+    "batch_size",
+    "report",
+    "title",
+)
 
 
 def _check_name(kind: str, name: Any, source: str) -> str:
@@ -57,30 +77,52 @@ def _mapping(value: Any, what: str, source: str) -> dict[str, Any]:
     return dict(value)
 
 
+def _path(value: Any, what: str, base_dir: Path, source: str) -> Path:
+    if not isinstance(value, str | os.PathLike) or not str(value):
+        raise ConfigError(f"{source}: {what} must be a path, got {value!r}")
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base_dir / p)
+
+
+def _weights(entry: Any, i: int, base_dir: Path, source: str) -> WeightsSpec:
+    """One ``weights`` entry: a file (path or weights name) or a pretrain block."""
+    where = f"{source}: weights[{i}]"
+    entry = _mapping(entry, f"weights[{i}]", source)
+    name = _check_name("weights", entry.get("name"), where)
+    spec = build(WeightsSpec, entry, where)
+    if spec.file is not None and spec.pretrain is not None:
+        raise ConfigError(f"{source}: weights {name!r}: give either file or pretrain, not both")
+    file = spec.file
+    try:
+        named = isinstance(file, str) and is_weights_name(spec.arch, file)
+    except WeightsError as exc:
+        raise ConfigError(f"{source}: weights {name!r}: {exc}") from exc
+    file = file if named or file is None else _path(file, f"weights {name!r} file", base_dir, source)
+    pretrain = dict(spec.pretrain) if spec.pretrain else None
+    if pretrain is not None and pretrain.get("data") is not None:
+        pretrain["data"] = str(_path(pretrain["data"], f"weights {name!r} pretrain data", base_dir, source))
+    return dataclasses.replace(spec, file=file, pretrain=pretrain)
+
+
+def _downstream(entry: Any, i: int, weights: list[str], source: str) -> DownstreamSpec:
+    """One ``downstream`` entry: a method of :data:`DOWNSTREAM` (its name by default), its params, its weights."""
+    where = f"{source}: downstream[{i}]"
+    entry = _mapping(entry, f"downstream[{i}]", source)
+    method = entry.get("method")
+    if method not in DOWNSTREAM:
+        raise ConfigError(f"{where}: unknown method {method!r}; choose one of {sorted(DOWNSTREAM)}")
+    entry.setdefault("name", method)
+    name = _check_name("downstream", entry["name"], where)
+    spec = build(DownstreamSpec, {**entry, "params": entry.get("params") or {}}, where)
+    if spec.weights is not None and not set(spec.weights) <= set(weights):
+        raise ConfigError(f"{source}: downstream {name!r}: weights must list names among {sorted(weights)}")
+    return spec
+
+
 def parse_config(data: Mapping[str, Any], base_dir: Path, source: str = "config") -> BenchmarkConfig:
-    """Validate a config mapping (see module docstring); relative paths resolve against ``base_dir``."""
+    """Check a config mapping (see module docstring); relative paths resolve against ``base_dir``."""
     data = _mapping(data, "the config", source)
-    known = {
-        "data",
-        "objects",
-        "weights",
-        "downstream",
-        "image_size",
-        "seed",
-        "device",
-        "batch_size",
-        "report",
-        "title",
-    }
-    if unknown := sorted(set(data) - known):
-        raise ConfigError(f"{source}: unknown key(s) {unknown}; expected some of {sorted(known)}")
-
-    def path(value: Any, what: str) -> Path:
-        if not isinstance(value, str | os.PathLike) or not str(value):
-            raise ConfigError(f"{source}: {what} must be a path, got {value!r}")
-        p = Path(value).expanduser()
-        return p if p.is_absolute() else (base_dir / p)
-
+    refuse_unknown(data, YAML_KEYS, source)
     root = _mapping(data.get("data"), "data", source).get("root")
     if root is None:
         raise ConfigError(f"{source}: data.root (the dataset root) is required")
@@ -89,92 +131,26 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: str = "config"
         raise ConfigError(f"{source}: objects must be a non-empty list of object names")
     for obj in objects:
         _check_name("object", obj, source)
-
-    weights = []
-    for i, entry in enumerate(data.get("weights") or []):
-        entry = _mapping(entry, f"weights[{i}]", source)
-        if unknown := sorted(set(entry) - {"name", "arch", "file", "pretrain"}):
-            raise ConfigError(f"{source}: weights[{i}]: unknown key(s) {unknown}")
-        name = _check_name("weights", entry.get("name"), f"{source}: weights[{i}]")
-        arch = entry.get("arch", "resnet18")
-        if arch not in ARCHITECTURES:
-            raise ConfigError(
-                f"{source}: weights {name!r}: unknown arch {arch!r}; choose one of {sorted(ARCHITECTURES)}"
-            )
-        if entry.get("file") is not None and entry.get("pretrain") is not None:
-            raise ConfigError(f"{source}: weights {name!r}: give either file or pretrain, not both")
-        file = entry.get("file")
-        try:
-            named = isinstance(file, str) and is_weights_name(str(arch), file)
-        except WeightsError as exc:
-            raise ConfigError(f"{source}: weights {name!r}: {exc}") from exc
-        file = file if named or file is None else path(file, f"weights {name!r} file")
-        pretrain = _mapping(entry.get("pretrain"), f"weights {name!r} pretrain", source) or None
-        if pretrain is not None and pretrain.get("data") is not None:
-            pretrain["data"] = str(path(pretrain["data"], f"weights {name!r} pretrain data"))
-        weights.append(WeightsSpec(name, str(arch), file, pretrain))
+    weights = [_weights(entry, i, base_dir, source) for i, entry in enumerate(data.get("weights") or [])]
     if not weights:
         raise ConfigError(f"{source}: weights must list at least one backbone")
     _check_unique("weights", [w.name for w in weights], source)
-
-    downstream = []
-    for i, entry in enumerate(data.get("downstream") or []):
-        entry = _mapping(entry, f"downstream[{i}]", source)
-        if unknown := sorted(set(entry) - {"name", "method", "params", "weights"}):
-            raise ConfigError(f"{source}: downstream[{i}]: unknown key(s) {unknown}")
-        method = entry.get("method")
-        if method not in DOWNSTREAM:
-            raise ConfigError(
-                f"{source}: downstream[{i}]: unknown method {method!r}; choose one of {sorted(DOWNSTREAM)}"
-            )
-        name = _check_name("downstream", entry.get("name", method), f"{source}: downstream[{i}]")
-        only = entry.get("weights")
-        if only is not None:
-            names = {w.name for w in weights}
-            if not isinstance(only, list) or not set(only) <= names:
-                raise ConfigError(f"{source}: downstream {name!r}: weights must list names among {sorted(names)}")
-            only = tuple(only)
-        downstream.append(DownstreamSpec(name, method, _mapping(entry.get("params"), "params", source), only))
+    names = [w.name for w in weights]
+    downstream = [_downstream(entry, i, names, source) for i, entry in enumerate(data.get("downstream") or [])]
     if not downstream:
         raise ConfigError(f"{source}: downstream must list at least one method")
     _check_unique("downstream", [d.name for d in downstream], source)
-
-    def integer(key: str, default: int, minimum: int) -> int:
-        value = data.get(key, default)
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise ConfigError(f"{source}: {key} must be an integer >= {minimum}, got {value!r}")
-        return value
-
-    device = data.get("device", "cpu")
-    if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
-        raise ConfigError(f"{source}: device must be cpu or cuda, got {device!r}")
     report = _mapping(data.get("report"), "report", source)
-    return BenchmarkConfig(
-        data_root=path(root, "data.root"),
-        objects=tuple(objects),
-        weights=tuple(weights),
-        downstream=tuple(downstream),
-        image_size=integer("image_size", 256, 8),
-        seed=integer("seed", 0, 0),
-        device=str(device),
-        batch_size=integer("batch_size", 32, 1),
-        figures=bool(report.get("figures", True)),
-        title=str(data.get("title", "spotdiff benchmark")),
-    )
+    refuse_unknown(report, ("figures",), f"{source}: report")
+    scalars = {k: data[k] for k in ("image_size", "seed", "device", "batch_size", "title") if k in data}
+    fields = {"data_root": _path(root, "data.root", base_dir, source), "objects": objects, **scalars}
+    return build(BenchmarkConfig, {**fields, "weights": weights, "downstream": downstream, **report}, source)
 
 
 def load_config(path: str | os.PathLike[str], device: str | None = None) -> BenchmarkConfig:
-    """Read and validate a benchmark YAML file; ConfigError names the file. ``device`` overrides its ``device``."""
+    """Read and check a benchmark YAML file; ConfigError names the file. ``device`` overrides its ``device``."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: benchmark config not found") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    data = read_mapping(path, "benchmark config")
     if device is not None:
-        if device not in ("cpu", "cuda") and not re.fullmatch(r"cuda:\d+", device):
-            raise ConfigError(f"--device {device!r}: choose cpu, cuda or cuda:N")
-        if isinstance(data, Mapping):
-            data = {**data, "device": device}
+        data["device"] = check_device_name(device, "--device")
     return parse_config(data, path.resolve().parent, source=str(path))

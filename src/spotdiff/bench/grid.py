@@ -42,6 +42,8 @@ from spotdiff.bench.claims import (
 )
 from spotdiff.bench.results import headline, write_results
 from spotdiff.bench.schema import BenchmarkConfig, Cell, WeightsSpec, jsonable
+from spotdiff.configs import build
+from spotdiff.devices import resolve_device
 from spotdiff.errors import ConfigError, SpotdiffError, WeightsError
 from spotdiff.files import write_json_atomic
 from spotdiff.models import is_random, load_weights, random_init_warning, torchvision_weights, weights_record
@@ -51,25 +53,6 @@ from spotdiff.report.tables import Table
 CELL_DIR = "cells"
 WEIGHTS_DIR = "weights"
 WORK_DIR = "work"
-
-
-def check_device(device: str) -> None:
-    """ConfigError when ``device`` asks for a GPU this machine does not have."""
-    if not device.startswith("cuda"):
-        return
-    import torch
-
-    if not torch.cuda.is_available():
-        raise ConfigError(
-            f"device {device!r}: no CUDA device is available here "
-            "(torch.cuda.is_available() is False); use --device cpu"
-        )
-    index = torch.device(device).index
-    if index is not None and index >= torch.cuda.device_count():
-        raise ConfigError(
-            f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-            f"cuda:0..cuda:{torch.cuda.device_count() - 1}"
-        )
 
 
 def check_weights(config: BenchmarkConfig) -> None:
@@ -161,10 +144,7 @@ def pretrain_and_export(spec: WeightsSpec, config: BenchmarkConfig, run_dir: Pat
     block.setdefault("device", config.device)
     block["out"] = str(run_dir)
     block["resume"] = True
-    try:
-        pcfg = PretrainConfig(**block)
-    except TypeError as exc:
-        raise ConfigError(f"weights {spec.name!r}: bad pretrain block ({exc})") from exc
+    pcfg = build(PretrainConfig, block, f"weights {spec.name!r}: pretrain")
     log(f"weights {spec.name}: pre-training ({pcfg.method}{' + SPD' if pcfg.spd else ''}, {pcfg.arch})")
     export_backbone(run_pretrain(pcfg), dest, arch=spec.arch)
 
@@ -278,7 +258,7 @@ def run_benchmark(
     out = Path(out)
     claims = Claims(out / CLAIM_DIR, lease)
     poll = min(POLL_SECONDS, claims.heartbeat)
-    check_device(config.device)
+    resolve_device(config.device)  # the one device rule: refuses a GPU this machine does not have
     check_weights(config)
     out.mkdir(parents=True, exist_ok=True)
     bind_out(config, out)

@@ -10,6 +10,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spotdiff.configs import rule
+from spotdiff.devices import check_device_name
+from spotdiff.errors import ConfigError
+from spotdiff.models import ARCHITECTURES
+
+
+def _check_arch(arch: str, what: str) -> str:
+    if arch not in ARCHITECTURES:
+        raise ConfigError(
+            f"{what.removesuffix(': arch')}: unknown arch {arch!r}; choose one of {sorted(ARCHITECTURES)}"
+        )
+    return arch
+
 
 @dataclass(frozen=True)
 class WeightsSpec:
@@ -19,7 +32,7 @@ class WeightsSpec:
     ``<out>/weights/<name>.safetensors``."""
 
     name: str
-    arch: str
+    arch: str = field(default="resnet18", metadata=rule(check=_check_arch))
     file: Path | str | None = None
     pretrain: Mapping[str, Any] | None = None
 
@@ -43,10 +56,10 @@ class BenchmarkConfig:
     objects: tuple[str, ...]
     weights: tuple[WeightsSpec, ...]
     downstream: tuple[DownstreamSpec, ...]
-    image_size: int = 256
-    seed: int = 0
-    device: str = "cpu"
-    batch_size: int = 32
+    image_size: int = field(default=256, metadata=rule(minimum=8))
+    seed: int = field(default=0, metadata=rule(minimum=0))
+    device: str = field(default="auto", metadata=rule(check=check_device_name))  # devices.resolve_device's names
+    batch_size: int = field(default=32, metadata=rule(minimum=1))
     figures: bool = True
     title: str = "spotdiff benchmark"
 

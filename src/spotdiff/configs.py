@@ -186,7 +186,7 @@ def build(cls: type[T], data: Any, source: str, from_text: bool = False) -> T:
     try:
         obj = cls(**values)
     except TypeError as exc:  # a required key missing
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in values and _required(f)]
+        missing = [f.name for f in dataclasses.fields(typing.cast(Any, cls)) if f.name not in values and _required(f)]
         raise ConfigError(f"{source}: missing key(s) {', '.join(missing) or '?'} ({exc})") from exc
     check_fields(obj, source)
     return obj

@@ -142,8 +142,8 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: str = "config"
     _check_unique("downstream", [d.name for d in downstream], source)
     report = _mapping(data.get("report"), "report", source)
     refuse_unknown(report, ("figures",), f"{source}: report")
-    scalars = {k: data[k] for k in ("image_size", "seed", "device", "batch_size", "title") if k in data}
-    fields = {"data_root": _path(root, "data.root", base_dir, source), "objects": objects, **scalars}
+    scalars: dict[str, Any] = {k: data[k] for k in ("image_size", "seed", "device", "batch_size", "title") if k in data}
+    fields: dict[str, Any] = {"data_root": _path(root, "data.root", base_dir, source), "objects": objects, **scalars}
     return build(BenchmarkConfig, {**fields, "weights": weights, "downstream": downstream, **report}, source)
 
 

@@ -974,7 +974,7 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="benchmark YAML file")
     p.add_argument("--out", default="spotdiff-benchmark", help="output folder (default: ./spotdiff-benchmark)")
     p.add_argument("--shard", metavar="I/N", help="run only shard I of N (every N-th cell, from cell I)")
-    p.add_argument("--device", help="cpu, cuda or cuda:N for this process (default: the config's device)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N for this process (default: the config's device, auto)")
     p.add_argument(
         "--lease",
         type=float,

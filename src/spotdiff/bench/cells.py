@@ -13,6 +13,7 @@ from typing import Any
 
 from spotdiff.bench.schema import BenchmarkConfig, Cell, CellOutput, Runner
 from spotdiff.configs import build
+from spotdiff.devices import resolve_device
 from spotdiff.errors import ConfigError
 
 
@@ -30,7 +31,7 @@ def _run_detector_cell(kind: str, cell: Cell, config: BenchmarkConfig) -> CellOu
             weights=cell.weights_file,
             seed=config.seed,
             batch_size=config.batch_size,
-            device=config.device,
+            device=str(resolve_device(config.device)),  # detectors take a torch device name, not auto
             **params,
         )
     except TypeError as exc:

@@ -14,7 +14,8 @@ import time
 
 import numpy as np
 
-from spotdiff.report.benchmark import DOWNSTREAM, CellOutput
+from spotdiff.bench.cells import DOWNSTREAM
+from spotdiff.bench.schema import CellOutput
 
 METRICS = ("image_aupr", "image_auroc", "pixel_aupr", "pixel_auroc", "pixel_aupro")
 

@@ -12,17 +12,13 @@ import pytest
 import yaml
 from _fake_bench import fake_metrics
 
+from spotdiff.bench.cells import DOWNSTREAM
+from spotdiff.bench.config import load_config, parse_config
+from spotdiff.bench.grid import grid, run_benchmark
+from spotdiff.bench.schema import CellOutput
 from spotdiff.cli import main
 from spotdiff.errors import ConfigError
 from spotdiff.progress import set_quiet
-from spotdiff.report.benchmark import (
-    DOWNSTREAM,
-    CellOutput,
-    grid,
-    load_config,
-    parse_config,
-    run_benchmark,
-)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -296,7 +292,7 @@ def test_real_runners_on_synthetic_data(tmp_path):
 
 
 def test_pretrain_blocks_run_once_and_changed_blocks_are_refused(fake, monkeypatch, tmp_path):
-    from spotdiff.report import benchmark
+    from spotdiff.bench import grid as benchmark
 
     trained = []
 

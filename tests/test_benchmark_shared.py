@@ -16,19 +16,11 @@ import torch
 import yaml
 from _fake_bench import fake_metrics, slow_runner
 
+from spotdiff.bench.cells import DOWNSTREAM
+from spotdiff.bench.claims import CLAIM_DIR, Claims, parse_shard
+from spotdiff.bench.config import load_config
+from spotdiff.bench.grid import grid, run_benchmark, run_cell, shard_cells, weights_files
 from spotdiff.cli import main
-from spotdiff.report.benchmark import (
-    CLAIM_DIR,
-    DOWNSTREAM,
-    Claims,
-    grid,
-    load_config,
-    parse_shard,
-    run_benchmark,
-    run_cell,
-    shard_cells,
-    weights_files,
-)
 
 HERE = Path(__file__).resolve().parent
 CONFIG = {
@@ -145,7 +137,7 @@ def test_claim_of_a_dead_process_on_this_machine_is_taken_over_at_once(tmp_path)
         (["--shard", "1/0"], "--shard 1/0: I must be in 1..N"),
         (["--shard", "one/two"], "expected I/N"),
         (["--shard", "1/3"], "is split into 2 shards"),
-        (["--device", "tpu"], "--device 'tpu': choose cpu, cuda or cuda:N"),
+        (["--device", "tpu"], "--device 'tpu': choose auto, cpu, cuda or cuda:N"),
         (["--lease", "0"], "--lease must be > 0"),
     ],
 )
@@ -189,7 +181,15 @@ def test_cuda_without_a_gpu_is_refused_before_anything_is_written(config_file, t
     out = tmp_path / "out"
     assert main(["--quiet", "benchmark", "--config", str(config_file), "--out", str(out), "--device", "cuda"]) == 2
     err = capsys.readouterr().err
-    assert "no CUDA device is available" in err and err.count("\n") == 1 and not out.exists()
+    assert "device 'cuda' requested but CUDA is not available" in err and err.count("\n") == 1 and not out.exists()
+
+
+def test_device_auto_is_accepted_like_every_other_command(config_file, fake_log, tmp_path):
+    """One device rule (devices.py): --device auto, and the config's default, run where the other commands run."""
+    assert load_config(config_file).device == "auto"
+    out = tmp_path / "out"
+    assert main(["--quiet", "benchmark", "--config", str(config_file), "--out", str(out), "--device", "auto"]) == 0
+    assert _cell_files(out) == sorted(KEYS)
 
 
 def test_collect_writes_the_tables_of_the_cells_done_so_far(config_file, tmp_path, capsys):

@@ -8,10 +8,10 @@ import re
 
 import pytest
 
+from spotdiff.bench.demo import BACKBONES, MARKER, DemoSettings, _prepare_out
 from spotdiff.cli import main
 from spotdiff.errors import DataError
 from spotdiff.models import build_backbone
-from spotdiff.report.demo import BACKBONES, MARKER, DemoSettings, _prepare_out
 from spotdiff.report.tables import HEADLINE_METRICS, format_percent
 
 
@@ -92,7 +92,7 @@ def test_presets():
 
 
 def test_only_the_quick_demo_carries_the_smoke_note():
-    from spotdiff.report.demo import smoke_note
+    from spotdiff.bench.demo import smoke_note
     from spotdiff.report.tables import ResultRecord
 
     records = [ResultRecord("o", "m", "padim", {"test_set": {"normal": 3, "anomalous": 10}})]

@@ -21,8 +21,23 @@ def test_auto_is_cuda_when_available_else_cpu(monkeypatch):
     with pytest.raises(ConfigError, match="bad device 'gpu'"):
         resolve_device("gpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert resolve_device("auto") == torch.device("cuda")
     assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(
+        ConfigError, match=r"'cuda:2' requested but this machine has 2 CUDA device\(s\), cuda:0..cuda:1"
+    ):
+        resolve_device("cuda:2")
+
+
+def test_device_names_are_checked_when_a_config_is_read():
+    from spotdiff.devices import check_device_name
+
+    for name in ("auto", "cpu", "cuda", "cuda:3"):
+        assert check_device_name(name) == name
+    for bad in ("tpu", "cuda:", "CUDA", 0, None):
+        with pytest.raises(ConfigError, match=r"^x.yaml: device .*: choose auto, cpu, cuda or cuda:N$"):
+            check_device_name(bad, "x.yaml: device")
 
 
 def test_every_command_defaults_to_auto():

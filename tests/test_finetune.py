@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -120,9 +121,9 @@ def test_warmup_then_cosine_to_zero():
 def test_training_steps_rule():
     cfg = FinetuneConfig(task="cls", protocol="10shot", data=".", out=".", batch_size=16)
     assert training_steps(cfg, 20) == 300
-    cfg.epochs = 3
+    cfg = dataclasses.replace(cfg, epochs=3)  # the config is frozen (spotdiff.configs): checked once, then read
     assert training_steps(cfg, 20) == 3 * 2
-    cfg.epochs, cfg.steps = None, 7
+    cfg = dataclasses.replace(cfg, epochs=None, steps=7)
     assert training_steps(cfg, 20) == 7
 
 

@@ -6,11 +6,11 @@ import re
 import shlex
 from pathlib import Path
 
+from spotdiff.bench.claims import parse_shard
+from spotdiff.bench.config import load_config as load_benchmark_config
 from spotdiff.cli import build_parser
 from spotdiff.pretrain.config import load_config
 from spotdiff.pretrain.simsiam import SimSiam
-from spotdiff.report.benchmark import load_config as load_benchmark_config
-from spotdiff.report.benchmark import parse_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "reproduce.md"

@@ -448,7 +448,7 @@ def test_weights_object_of_another_architecture_is_refused(cached):
 
 @pytest.mark.slow  # the whole demo pipeline at 32 px: about 25 s on the loaded 2-core machine
 def test_demo_adds_the_named_backbone(cached, tmp_path, no_network):
-    from spotdiff.report.demo import BACKBONES, DemoSettings, run_demo
+    from spotdiff.bench.demo import BACKBONES, DemoSettings, run_demo
 
     tiny = DemoSettings(
         scale=0.1,
@@ -505,7 +505,8 @@ def test_download_goes_to_the_cache_and_checks_the_hash_prefix(hub, r18_state, t
 
 
 def test_benchmark_warns_once_per_weights_entry_without_a_file(cached, tmp_path, capsys):
-    from spotdiff.report.benchmark import check_weights, parse_config
+    from spotdiff.bench.config import parse_config
+    from spotdiff.bench.grid import check_weights
 
     entries = [
         {"name": "bare", "arch": "resnet18"},
@@ -533,7 +534,10 @@ def test_benchmark_warns_once_per_weights_entry_without_a_file(cached, tmp_path,
 
 
 def test_benchmark_cells_record_the_resolved_torchvision_weights(cached, tmp_path, monkeypatch, capsys, no_network):
-    from spotdiff.report.benchmark import DOWNSTREAM, CellOutput, load_config, run_benchmark
+    from spotdiff.bench.cells import DOWNSTREAM
+    from spotdiff.bench.config import load_config
+    from spotdiff.bench.grid import run_benchmark
+    from spotdiff.bench.schema import CellOutput
 
     given = []
 

@@ -952,7 +952,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from spotdiff.report.demo import DemoSettings, run_demo
+    from spotdiff.bench.demo import DemoSettings, run_demo
 
     result = run_demo(DemoSettings.preset(quick=args.quick, seed=args.seed), args.out, weights=args.weights)
     print(result.table.to_markdown())
@@ -974,7 +974,7 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="benchmark YAML file")
     p.add_argument("--out", default="spotdiff-benchmark", help="output folder (default: ./spotdiff-benchmark)")
     p.add_argument("--shard", metavar="I/N", help="run only shard I of N (every N-th cell, from cell I)")
-    p.add_argument("--device", help="cpu, cuda or cuda:N for this process (default: the config's device)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N for this process (default: the config's device, auto)")
     p.add_argument(
         "--lease",
         type=float,
@@ -986,7 +986,9 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_benchmark(args: argparse.Namespace) -> int:
-    from spotdiff.report.benchmark import LEASE_SECONDS, collect_benchmark, load_config, parse_shard, run_benchmark
+    from spotdiff.bench.claims import LEASE_SECONDS, parse_shard
+    from spotdiff.bench.config import load_config
+    from spotdiff.bench.grid import collect_benchmark, run_benchmark
     from spotdiff.report.tables import tables_markdown
 
     shard = parse_shard(args.shard)

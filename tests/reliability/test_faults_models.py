@@ -32,13 +32,13 @@ from reliability_helpers import (
 )
 from safetensors.torch import load_file
 
+from spotdiff.bench.config import load_config as load_benchmark_config
+from spotdiff.bench.grid import run_benchmark
 from spotdiff.cli import main
 from spotdiff.detect import load_detector
 from spotdiff.models import build_backbone
 from spotdiff.pretrain import train
 from spotdiff.pretrain.checkpoint import load_checkpoint
-from spotdiff.report.benchmark import load_config as load_benchmark_config
-from spotdiff.report.benchmark import run_benchmark
 
 
 def _fit_args(root: Path, out: Path, seed: int) -> list[str]:

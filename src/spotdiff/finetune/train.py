@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from spotdiff.configs import check_fields, rule
 from spotdiff.data.transforms import normalize
-from spotdiff.devices import resolve_device
+from spotdiff.devices import check_device_name, resolve_device
 from spotdiff.errors import ConfigError, DataError
 from spotdiff.files import write_json_atomic, write_text_atomic
 from spotdiff.finetune.classifier import BinaryClassifier
@@ -57,49 +58,52 @@ CROP_SCALE = (0.8, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 
 
-@dataclass
-class FinetuneConfig:
-    """Everything one ``spotdiff finetune`` run needs (see docs/finetune.md)."""
+def _check_protocol(name: str, what: str) -> str:
+    try:
+        get_protocol(name)
+    except ConfigError as exc:
+        raise ConfigError(f"{what}: {exc}") from None
+    return name
 
-    task: str  # "cls" (binary classifier) or "seg" (U-Net)
-    protocol: str  # "highshot", "10shot" or "5shot"
+
+def _check_arch(arch: str, what: str) -> str:
+    try:
+        check_arch(arch)
+    except ConfigError as exc:
+        raise ConfigError(f"{what}: {exc}") from None
+    return arch
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything one ``spotdiff finetune`` run needs (see docs/finetune.md); built and checked by
+    :func:`spotdiff.configs.build` (or checked by :meth:`validate` when constructed directly)."""
+
+    task: str = field(metadata=rule(choices=TASKS))  # "cls" (binary classifier) or "seg" (U-Net)
+    protocol: str = field(metadata=rule(check=_check_protocol))  # "highshot", "10shot" or "5shot"
     data: Path  # dataset root
     out: Path  # output folder
     object: str = "all"  # an object name, or "all" for every object under ``data``
     weights: str | Path | None = None  # "imagenet", a torchvision weights name, a file; None / "random" = random init
-    arch: str = "resnet50"
-    seeds: int = 5  # runs seeds 0 .. seeds-1
-    epochs: int | None = None
-    steps: int | None = None
-    batch_size: int = 16
-    lr: float = 1e-4  # encoder learning rate
-    head_lr_mult: float = 10.0  # new layers train at head_lr_mult * lr
-    image_size: int = 256
+    arch: str = field(default="resnet50", metadata=rule(check=_check_arch))
+    seeds: int = field(default=5, metadata=rule(minimum=1))  # runs seeds 0 .. seeds-1
+    epochs: int | None = field(default=None, metadata=rule(minimum=1))
+    steps: int | None = field(default=None, metadata=rule(minimum=1))
+    batch_size: int = field(default=16, metadata=rule(minimum=1))
+    lr: float = field(default=1e-4, metadata=rule(finite=True, above=0))  # encoder learning rate
+    head_lr_mult: float = field(default=10.0, metadata=rule(finite=True, above=0))  # new layers: head_lr_mult * lr
+    image_size: int = field(default=256, metadata=rule(minimum=1))
     balanced: bool = True  # class-balanced batches (see module docstring)
-    device: str = "auto"  # "auto" = cuda when available
-    workers: int = 0  # image-decoding worker processes
+    device: str = field(default="auto", metadata=rule(check=check_device_name))  # "auto" = cuda when available
+    workers: int = field(default=0, metadata=rule(minimum=0))  # image-decoding worker processes
 
     def validate(self) -> None:
         """ConfigError for any out-of-range option (checked before anything runs)."""
-        if self.task not in TASKS:
-            raise ConfigError(f"unknown task {self.task!r}; choose one of {list(TASKS)}")
-        get_protocol(self.protocol)
-        check_arch(self.arch)
-        for name in ("seeds", "batch_size", "image_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_fields(self, "finetune")
         if self.batch_size < 2 and self.balanced:
-            raise ConfigError("batch_size must be >= 2 for class-balanced batches")
-        for name in ("epochs", "steps"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"{name} must be >= 1, got {value}")
+            raise ConfigError("finetune: batch_size must be >= 2 for class-balanced batches")
         if self.epochs is not None and self.steps is not None:
-            raise ConfigError("give either steps or epochs, not both")
-        if not (self.lr > 0 and self.head_lr_mult > 0):
-            raise ConfigError(f"lr and head_lr_mult must be > 0, got {self.lr} and {self.head_lr_mult}")
-        if self.workers < 0:
-            raise ConfigError(f"workers must be >= 0, got {self.workers}")
+            raise ConfigError("finetune: give either steps or epochs, not both")
 
 
 def build_model(task: str, arch: str, weights: WeightsLike = None) -> BinaryClassifier | UNet:

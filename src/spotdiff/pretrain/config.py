@@ -8,17 +8,15 @@ value when the run starts (:meth:`PretrainConfig.with_recipe`).
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
 import os
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
 
+from spotdiff import configs
+from spotdiff.configs import check_fields, rule
+from spotdiff.devices import check_device_name
 from spotdiff.errors import ConfigError
 from spotdiff.models import ARCHITECTURES
 from spotdiff.pretrain.methods import METHODS
@@ -26,7 +24,6 @@ from spotdiff.pretrain.methods import METHODS
 ARCHS: tuple[str, ...] = tuple(ARCHITECTURES)
 AMP_MODES = ("bf16", "fp16", "none")
 OPTIMIZERS = ("sgd", "lars")
-DEVICES = ("auto", "cpu", "cuda")
 # Fields taken from the method's recipe when left at None.
 RECIPE_KEYS = ("optimizer", "lr", "weight_decay", "momentum", "batch_size", "epochs", "warmup_epochs")
 # Fields that may change between a run and its resumption (they do not change the numbers).
@@ -60,28 +57,28 @@ class PretrainConfig:
         hparams: method hyper-parameters passed to ``build_method`` (e.g. ``{"dim": 2048}``).
     """
 
-    method: str = "simsiam"
+    method: str = field(default="simsiam", metadata=rule(choices=METHODS))
     spd: bool = False
-    eta: float = 0.1
-    arch: str = "resnet50"
+    eta: float = field(default=0.1, metadata=rule(finite=True, minimum=0))
+    arch: str = field(default="resnet50", metadata=rule(choices=ARCHS))
     data: str = ""
     out: str = ""
-    epochs: int | None = None
-    steps: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    weight_decay: float | None = None
-    momentum: float | None = None
-    optimizer: str | None = None
-    warmup_epochs: float | None = None
-    image_size: int = 224
-    workers: int = 4
-    amp: str = "bf16"
-    device: str = "auto"
+    epochs: int | None = field(default=None, metadata=rule(above=0))
+    steps: int | None = field(default=None, metadata=rule(above=0))
+    batch_size: int | None = field(default=None, metadata=rule(above=0))
+    lr: float | None = field(default=None, metadata=rule(finite=True, minimum=0))
+    weight_decay: float | None = field(default=None, metadata=rule(finite=True, minimum=0))
+    momentum: float | None = field(default=None, metadata=rule(finite=True, minimum=0))
+    optimizer: str | None = field(default=None, metadata=rule(choices=OPTIMIZERS))
+    warmup_epochs: float | None = field(default=None, metadata=rule(finite=True, minimum=0))
+    image_size: int = field(default=224, metadata=rule(above=0))
+    workers: int = field(default=4, metadata=rule(minimum=0))
+    amp: str = field(default="bf16", metadata=rule(choices=AMP_MODES))
+    device: str = field(default="auto", metadata=rule(check=check_device_name))
     channels_last: bool = True
     seed: int = 0
-    checkpoint_every: int = 1000
-    log_every: int = 10
+    checkpoint_every: int = field(default=1000, metadata=rule(minimum=0))
+    log_every: int = field(default=10, metadata=rule(above=0))
     resume: bool = False
     weights: str | None = None
     skip_bad: bool = False
@@ -89,42 +86,12 @@ class PretrainConfig:
     hparams: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
-        """Raise ConfigError for a value of the wrong type or out of range."""
-        non_negative = ("lr", "weight_decay", "momentum", "warmup_epochs", "eta")
-        for name in _FIELDS:
-            value = coerce_value(name, getattr(self, name), "config")
-            if isinstance(value, float) and not math.isfinite(value):
-                allowed = " >= 0" if name in non_negative else ""
-                raise ConfigError(f"{name}: must be a finite number{allowed}, got {value}")
-
-        def choose(key: str, options: tuple[str, ...]) -> None:
-            if getattr(self, key) not in options:
-                raise ConfigError(f"{key}: {getattr(self, key)!r} is not one of {', '.join(options)}")
-
-        choose("method", METHODS)
-        choose("arch", ARCHS)
-        choose("amp", AMP_MODES)
-        choose("device", DEVICES)
-        if self.optimizer is not None:
-            choose("optimizer", OPTIMIZERS)
+        """Raise ConfigError for a value of the wrong type or out of range (:func:`spotdiff.configs.check_fields`)."""
+        check_fields(self, "config")
         if not self.data:
-            raise ConfigError("data: no image folder given (--data DIR)")
+            raise ConfigError("config: data: no image folder given (--data DIR)")
         if not self.out:
-            raise ConfigError("out: no run directory given (--out RUN_DIR)")
-        positive = ("epochs", "steps", "batch_size", "image_size")
-        for key in positive:
-            value = getattr(self, key)
-            if value is not None and value <= 0:
-                raise ConfigError(f"{key}: must be positive, got {value}")
-        for key in non_negative:
-            value = getattr(self, key)
-            if value is not None and value < 0:
-                raise ConfigError(f"{key}: must be a finite number >= 0, got {value}")
-        for key in ("workers", "checkpoint_every"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
-        if self.log_every <= 0:
-            raise ConfigError(f"log_every: must be positive, got {self.log_every}")
+            raise ConfigError("config: out: no run directory given (--out RUN_DIR)")
 
     def with_recipe(self, recipe: Any) -> PretrainConfig:
         """A copy with every None recipe key filled from ``recipe`` (a ``Recipe``)."""
@@ -147,88 +114,14 @@ class PretrainConfig:
         return dataclasses.asdict(self)
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(PretrainConfig)}
-_TYPES = typing.get_type_hints(PretrainConfig)
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0"}
-
-
-def _base_types(tp: Any) -> tuple[tuple[type, ...], bool]:
-    """(accepted builtin types, None allowed) of a field annotation."""
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        base = tuple(a for a in args if a is not type(None))
-        return tuple(typing.get_origin(a) or a for a in base), type(None) in args
-    return (typing.get_origin(tp) or tp,), False
-
-
-def _suggest(key: str) -> str:
-    close = difflib.get_close_matches(key, list(_FIELDS), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def coerce_value(key: str, value: Any, source: str, from_text: bool = False) -> Any:
-    """Check (and, for command-line text, convert) ``value`` for config key ``key``.
-
-    Args:
-        source: where the value came from, for error messages (a file name or ``--set``).
-        from_text: ``value`` is a command-line string to be parsed into the field's type.
-    """
-    if key not in _FIELDS:
-        raise ConfigError(f"{source}: unknown key {key!r}{_suggest(key)}; known keys: {', '.join(_FIELDS)}")
-    accepted, optional = _base_types(_TYPES[key])
-    if from_text and isinstance(value, str):
-        text = value.strip()
-        if optional and text.lower() in ("none", "null", "~", ""):
-            return None
-        try:
-            if bool in accepted:
-                if text.lower() not in _TRUE | _FALSE:
-                    raise ValueError(text)
-                return text.lower() in _TRUE
-            if int in accepted:
-                return int(text)
-            if float in accepted:
-                return float(text)
-            if dict in accepted:
-                value = yaml.safe_load(text)
-            else:
-                return text
-        except (ValueError, yaml.YAMLError) as exc:
-            raise ConfigError(f"{source}: {key}={value!r} is not a valid {_type_name(accepted)}") from exc
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{source}: {key} may not be empty (expected {_type_name(accepted)})")
-    if isinstance(value, bool) and bool not in accepted:
-        raise ConfigError(f"{source}: {key}={value!r} is not a valid {_type_name(accepted)}")
-    if float in accepted and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, accepted):
-        raise ConfigError(f"{source}: {key}={value!r} is not a valid {_type_name(accepted)}")
-    if isinstance(value, dict) and not all(isinstance(k, str) for k in value):
-        raise ConfigError(f"{source}: {key} must map names to values")
-    return value
-
-
-def _type_name(accepted: tuple[type, ...]) -> str:
-    return " or ".join(t.__name__ for t in accepted)
+    """Check (and, for command-line text, convert) ``value`` for config key ``key`` (:func:`spotdiff.configs.coerce_value`)."""
+    return configs.coerce_value(PretrainConfig, key, value, source, from_text)
 
 
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a YAML mapping of config keys; ConfigError naming the file on any problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
-    return data
+    return configs.read_mapping(path, "config file")
 
 
 def _merge(values: dict[str, Any], updates: dict[str, Any], source: str = "--set") -> None:

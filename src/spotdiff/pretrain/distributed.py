@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from spotdiff.devices import resolve_device
 from spotdiff.errors import ConfigError
 
 
@@ -52,19 +53,22 @@ def init_distributed(device: str = "auto") -> DistContext:
     """Create the process group when launched by torchrun, and pick this process's device.
 
     Args:
-        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        device: a name :func:`spotdiff.devices.resolve_device` takes: ``auto`` (CUDA when available),
+            ``cpu``, ``cuda`` (under torchrun, the GPU of ``LOCAL_RANK``) or ``cuda:N`` (one process only).
     """
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: 'cuda' requested but no CUDA device is available")
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    chosen = resolve_device(device)
+    use_cuda = chosen.type == "cuda"
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
     if use_cuda:
-        if local_rank >= torch.cuda.device_count():
+        if chosen.index is not None and (world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ):
+            raise ConfigError(f"device {device!r}: under torchrun use cuda (each process takes its LOCAL_RANK's GPU)")
+        index = local_rank if chosen.index is None else chosen.index
+        if index >= torch.cuda.device_count():
             raise ConfigError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA device(s)")
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(index)
+        dev = torch.device("cuda", index)
     else:
         dev = torch.device("cpu")
     launched = "TORCHELASTIC_RUN_ID" in os.environ  # set by torchrun

@@ -16,7 +16,7 @@ from typing import Any
 
 from spotdiff import __version__
 from spotdiff.errors import SpotdiffError
-from spotdiff.progress import set_quiet
+from spotdiff.progress import install_stderr_handler, set_quiet
 from spotdiff.threads import apply_threads
 
 Runner = Callable[[argparse.Namespace], int | None]
@@ -1058,7 +1058,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``spotdiff`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    set_quiet(args.quiet)
+    set_quiet(args.quiet)  # progress bars off, and the handler below drops info lines (warnings stay)
+    install_stderr_handler()
     run: Runner = args.run
     try:
         apply_threads(args.threads)

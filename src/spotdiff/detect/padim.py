@@ -14,7 +14,7 @@ size, smoothed with a Gaussian of sigma 4 px. Image score: maximum of the map.
 
 from __future__ import annotations
 
-import sys
+import logging
 from collections.abc import Sequence
 from typing import Any, Self
 
@@ -27,6 +27,8 @@ from spotdiff.detect.gaussian import GaussianAccumulator, mahalanobis, unpack_lo
 from spotdiff.detect.memory import check_memory_fits
 from spotdiff.errors import ConfigError, DataError, WeightsError
 from spotdiff.models import WeightsLike, layer_channels
+
+log = logging.getLogger(__name__)
 
 DEFAULT_DIMS = {"resnet18": 100, "resnet50": 550, "wide_resnet50_2": 550}
 """Random channel subset size per backbone, as in the PaDiM paper."""
@@ -147,11 +149,10 @@ class PaDiM(Detector):
             "a smaller --d or --image-size",
         )
         if 2 <= n_images <= self.d_:
-            print(
+            log.warning(
                 f"warning: PaDiM: {n_images} training images give a sample covariance of rank at most "
                 f"{n_images - 1} < d = {self.d_}; it is invertible only through the regulariser "
-                f"epsilon * I = {self.epsilon:g} * I. Use at least {self.d_ + 1} images or a smaller --d.",
-                file=sys.stderr,
+                f"epsilon * I = {self.epsilon:g} * I. Use at least {self.d_ + 1} images or a smaller --d."
             )
 
     def _predict_normalized(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

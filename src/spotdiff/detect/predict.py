@@ -6,6 +6,7 @@ Evaluation on labelled test sets is in :mod:`spotdiff.detect.evaluate`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections import deque
 from collections.abc import Sequence
@@ -41,7 +42,9 @@ from spotdiff.files import (
     TMP_PREFIX,
     atomic_path,
 )
-from spotdiff.progress import log, progress
+from spotdiff.progress import progress
+
+log = logging.getLogger(__name__)
 
 PIPELINE_DEPTH = 2
 """Batches whose overlays and masks may be waiting for the writer threads (bounds predict's memory)."""
@@ -281,7 +284,7 @@ def _run_pipeline(
                     outputs.scale = scale_from_normals(
                         normal_statistics(np.array([s for s, _ in good]), np.stack([m for _, m in good])), "first batch"
                     )
-                    log(
+                    log.info(
                         f"warning: {len(good)} image(s) of the first batch fix the overlays' colour scale; "
                         "re-fit the model (or give --threshold) for a scale fixed by the model"
                     )

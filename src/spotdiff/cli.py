@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from spotdiff import __version__
+from spotdiff.detect import DETECTOR_NAMES
 from spotdiff.errors import SpotdiffError
 from spotdiff.progress import install_stderr_handler, set_quiet
 from spotdiff.threads import apply_threads
@@ -40,6 +41,68 @@ WEIGHTS_HELP = (
     "imagenet (torchvision's ImageNet weights of --arch, from its cache or downloaded once), "
     "a torchvision weights name (IMAGENET1K_V1, IMAGENET1K_V2), random, or a .safetensors/.pth file"
 )
+DEVICE_HELP = "auto (cuda if available), cpu, cuda, cuda:1, ..."
+IO_THREADS_HELP = (
+    "threads that read and decode images (in predict, as many more write the outputs) beside the model; "
+    "not worker processes (--workers of pretrain/finetune) nor intra-op threads (--threads)"
+)
+
+
+# Shared parent parsers: each option is defined once; a fresh parser per command, so that one command's
+# defaults never leak into another's (argparse shares a parent's action objects).
+def _device_parent(note: str = "") -> argparse.ArgumentParser:
+    """``--device`` (default auto, resolved by ``spotdiff.devices.resolve_device``)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP + (f" {note}" if note else ""))
+    return p
+
+
+def _batch_size_parent(default: int | None, help: str) -> argparse.ArgumentParser:
+    """``--batch-size`` (images per forward pass, or per optimizer step in training)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--batch-size", type=int, default=default, metavar="N", help=help)
+    return p
+
+
+def _workers_parent(default: int | None, help: str) -> argparse.ArgumentParser:
+    """``--workers``: data-loading worker *processes* (torch's DataLoader ``num_workers``), one meaning
+    everywhere; decoding threads are ``--io-threads`` and intra-op threads the global ``--threads``."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--workers", type=int, default=default, metavar="N", help=f"data-loading worker processes {help}")
+    return p
+
+
+def _io_threads_parent(default_help: str) -> argparse.ArgumentParser:
+    """``--io-threads`` (decoding threads), and ``--workers`` as its deprecated spelling for one release
+    (unambiguous: these commands have no worker processes)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--io-threads", type=int, default=None, metavar="N", help=f"{IO_THREADS_HELP} ({default_help})")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        dest="deprecated_workers",
+        metavar="N",
+        help="deprecated spelling of --io-threads (removed in the next release; --workers means worker processes)",
+    )
+    return p
+
+
+def _apply_deprecated_workers(args: argparse.Namespace) -> None:
+    """``--workers`` of fit/test/predict/prepare: say it is deprecated and use it as ``--io-threads``."""
+    value = getattr(args, "deprecated_workers", None)
+    if value is None:
+        return
+    if args.io_threads is not None:
+        from spotdiff.errors import ConfigError
+
+        raise ConfigError("give --io-threads only (--workers is its deprecated spelling)")
+    print(
+        f"spotdiff {args.command}: warning: --workers is deprecated here and will be removed in the next "
+        "release; use --io-threads (decoding threads; --workers means data-loading worker processes)",
+        file=sys.stderr,
+    )
+    args.io_threads = value
 
 
 # ----------------------------------------------------------------------------- synth
@@ -112,16 +175,21 @@ def _run_synth(args: argparse.Namespace) -> int:
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "prepare",
+        parents=[_io_threads_parent("default: min(8, CPU count)")],
         help="copy VisA into the official MVTec-style layout",
         description="Write <out>/<split>/<object>/{train,test}/{good,bad} and ground_truth/ exactly as the "
         "official VisA prepare_data.py does. Every row is validated before anything is written; files "
         "already up to date are skipped.",
     )
     p.add_argument("--visa-root", required=True, help="raw VisA root (<root>/<object>/Data/...)")
-    p.add_argument("--split", required=True, choices=["1cls", "2cls_fewshot", "2cls_highshot"])
+    p.add_argument(
+        "--split",
+        required=True,
+        choices=["1cls", "2cls_fewshot", "2cls_highshot"],
+        help="official VisA split to lay out",
+    )
     p.add_argument("--split-csv", help="split CSV to use (default: <visa-root>/split_csv/<split>.csv)")
     p.add_argument("--out", required=True, help="output folder; files go to <out>/<split>/")
-    p.add_argument("--workers", type=int, default=None, help="threads (default: min(8, CPU count))")
     p.set_defaults(run=_run_prepare)
 
 
@@ -129,9 +197,9 @@ def _run_prepare(args: argparse.Namespace) -> int:
     from spotdiff.data.prepare import prepare_visa
     from spotdiff.errors import ConfigError
 
-    if args.workers is not None and args.workers < 1:
-        raise ConfigError("--workers must be >= 1")
-    report = prepare_visa(args.visa_root, args.split, args.out, split_csv=args.split_csv, workers=args.workers)
+    if args.io_threads is not None and args.io_threads < 1:
+        raise ConfigError("--io-threads must be >= 1")
+    report = prepare_visa(args.visa_root, args.split, args.out, split_csv=args.split_csv, workers=args.io_threads)
     print(report.summary())
     return 0
 
@@ -140,6 +208,12 @@ def _run_prepare(args: argparse.Namespace) -> int:
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "pretrain",
+        parents=[
+            _batch_size_parent(
+                None, "global batch size over all processes (capped at the number of images, with a note)"
+            ),
+            _workers_parent(None, "per training process (default 4, capped at the CPU cores)"),
+        ],
         help="pre-train a backbone (SimSiam, MoCo v2, SimCLR, supervised), optionally with SPD",
         description="Pre-train a ResNet backbone on a folder of images. Values come from the method's "
         "recipe, then --config FILE.yaml, then these flags and --set (highest). Multi-GPU / multi-node: "
@@ -155,16 +229,8 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, help="training length in epochs (default: the recipe's)")
     length.add_argument("--steps", type=int, help="training length in optimizer steps")
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        help="global batch size over all processes (capped at the number of images, with a note)",
-    )
     p.add_argument("--lr", type=float, help="learning rate per 256 images (scaled by batch-size/256)")
     p.add_argument("--image-size", type=int, help="training view side in pixels (default 224)")
-    p.add_argument(
-        "--workers", type=int, help="data-loading processes per training process (default 4, capped at the CPU cores)"
-    )
     p.add_argument("--amp", choices=("bf16", "fp16", "none"), help="mixed precision on GPU (default bf16)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="checkpoint every N steps (0: end only)")
@@ -262,13 +328,18 @@ FOLDERS: dict[str, Any] = {"nargs": "+", "action": "extend", "metavar": "DIR"}  
 def _add_fit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "fit",
+        parents=[
+            _device_parent(),
+            _batch_size_parent(None, "images per forward pass: default 32 (padim) / 8 (patchcore), at most 4 on CPU"),
+            _io_threads_parent("default: one per spare core, at most 4; 0 = none"),
+        ],
         help="fit a 1-class detector (PaDiM, PatchCore) on normal images",
         description="Fit on plain folders of good images (--train) or on a dataset's training split "
         "(--data, --object), holding out a seeded share of the training images (or "
         "taking --val-good) to calibrate thresholds and the colour scale on normal "
         "images the model was not fitted on (see docs/deploy.md).",
     )
-    p.add_argument("--model", choices=["padim", "patchcore"], required=True)
+    p.add_argument("--model", choices=DETECTOR_NAMES, required=True, help="detector to fit")
     p.add_argument(
         "--train",
         default=None,
@@ -320,12 +391,6 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
         help="PatchCore: most patches per greedy coreset run, above it the coreset is approximated "
         "by shards (default 65536; 0 = exact greedy on all patches)",
     )
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help="images per forward pass: default 32 (padim) / 8 (patchcore), at most 4 on CPU",
-    )
     p.add_argument("--seed", type=int, default=0, help="seed of random init, channel subset and coreset")
     p.add_argument(
         "--split-seed",
@@ -334,13 +399,6 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
         help="seed of the held-out validation share, and the train/test split seed of a dataset "
         "without an official split (magnetic tile); recorded in the model, and `spotdiff test` "
         "uses it (default 0)",
-    )
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="image-decoding threads (default: one per spare core, at most 4; 0 = none)",
     )
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (reported) instead of failing")
     p.add_argument("--out", required=True, help="model directory to write")
@@ -429,7 +487,7 @@ def _run_fit(args: argparse.Namespace) -> int:
     common = {
         "seed": args.seed,
         "device": resolve_device(args.device),
-        "num_workers": args.workers,
+        "num_workers": args.io_threads,
         "weights": args.weights,
     }
     if args.arch:
@@ -530,6 +588,11 @@ def _report_unmasked(unmasked: list, masks: Sequence[str] | None) -> None:
 def _add_test(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "test",
+        parents=[
+            _device_parent(),
+            _batch_size_parent(None, "images per forward pass (default: the fitted detector's, at most 4 on CPU)"),
+            _io_threads_parent("default: one per spare core, at most 4; 0 = none"),
+        ],
         help="evaluate a fitted 1-class detector on a test split or on plain folders",
         description="Score a labelled test set (plain folders, or a dataset's test split: "
         "MVTec-AD and VisA are read as they are) and report AU-ROC/AU-PR and what the "
@@ -554,14 +617,6 @@ def _add_test(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--object", default=None, help="object (category) name")
     p.add_argument("--split", default="1cls", help="VisA split CSV name (default 1cls)")
     p.add_argument("--split-csv", default=None, help="explicit split CSV")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="image-decoding threads (default: one per spare core, at most 4; 0 = none)",
-    )
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of failing")
     p.add_argument(
         "--split-seed",
@@ -635,7 +690,7 @@ def _run_test(args: argparse.Namespace) -> int:
             seed=split_seed,
         )
         _print_skipped(test.skipped)
-    metrics, records, maps, _ = evaluate_detector(model, test, batch_size=args.batch_size, num_workers=args.workers)
+    metrics, records, maps, _ = evaluate_detector(model, test, batch_size=args.batch_size, num_workers=args.io_threads)
     return _write_test(args, model, metrics, records, maps)
 
 
@@ -660,7 +715,15 @@ def _write_test(args: argparse.Namespace, model, metrics: dict, records: list, m
 
 # ----------------------------------------------------------------------------- predict
 def _add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="score new images with a fitted detector; write scores CSV and heat maps")
+    p = sub.add_parser(
+        "predict",
+        help="score new images with a fitted detector; write scores CSV and heat maps",
+        parents=[
+            _device_parent(),
+            _batch_size_parent(None, "images per forward pass (default: the fitted detector's, at most 4 on CPU)"),
+            _io_threads_parent("default: one per spare core, at most 4"),
+        ],
+    )
     p.add_argument("model_dir", help="model directory written by `spotdiff fit`")
     p.add_argument("images", nargs="+", help="image files and/or directories (searched recursively)")
     p.add_argument(
@@ -682,8 +745,6 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         help="defect pixels have map value > T (default: the model's calibrated pixel threshold)",
     )
     p.add_argument("--masks", action="store_true", help="also write binary defect masks (masks/<stem>.png)")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument(
         "--backend",
         choices=["torch", "onnxruntime"],
@@ -698,12 +759,6 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "--resume",
         action="store_true",
         help="keep the images already scored in --out (scores.partial.csv of an interrupted run) and score the rest",
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="decoding threads and as many writing threads (default: one per spare core, at most 4)",
     )
     p.set_defaults(run=_run_predict)
 
@@ -737,7 +792,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         overlays=not args.no_overlays,
         masks=args.masks,
         pixel_threshold=args.pixel_threshold,
-        num_workers=args.workers,
+        num_workers=args.io_threads,
         resume=args.resume,
     )
     failed = [r for r in records if r["error"]]
@@ -781,6 +836,7 @@ def _run_export(args: argparse.Namespace) -> int:
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
+        parents=[_device_parent("(torch backend)")],
         help="serve fitted detectors over HTTP (micro-batched, audited, authenticated)",
         description="An inspection service: POST an image to /v1/models/NAME/predict, get the "
         "calibrated decision; every answer is appended to the audit log first. "
@@ -797,7 +853,6 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--backend", choices=["torch", "onnxruntime"], default="torch", help="torch (default) or onnxruntime"
     )
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ... (torch backend)")
     p.add_argument(
         "--onnx",
         action="append",
@@ -867,13 +922,23 @@ def _run_serve(args: argparse.Namespace) -> int:
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "finetune",
+        parents=[
+            _device_parent(),
+            _batch_size_parent(16, "images per optimizer step (default 16)"),
+            _workers_parent(4, "(default 4)"),
+        ],
         help="2-class fine-tuning: classifier or U-Net, high-shot or k-shot",
         description="Fine-tune a binary classifier (cls) or a U-Net (seg) on normal and anomalous "
         "images, for several seeds; write per-seed metrics, mean ± std and a table. "
         "See docs/finetune.md.",
     )
     p.add_argument("--task", required=True, choices=["cls", "seg"], help="cls: image classifier; seg: U-Net")
-    p.add_argument("--protocol", required=True, choices=["highshot", "10shot", "5shot"])
+    p.add_argument(
+        "--protocol",
+        required=True,
+        choices=["highshot", "10shot", "5shot"],
+        help="highshot: the 2cls_highshot train subset; 10shot/5shot: k images of each class from 2cls_fewshot",
+    )
     p.add_argument("--data", required=True, metavar="ROOT", help="dataset root (VisA layout with split_csv/)")
     p.add_argument("--object", default="all", metavar="NAME", help="object name, or 'all' (default)")
     p.add_argument(
@@ -889,11 +954,8 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     length.add_argument(
         "--steps", type=int, default=None, help="optimisation steps (default 1000 high-shot, 300 k-shot)"
     )
-    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-4, help="encoder learning rate; new layers use 10x (default 1e-4)")
     p.add_argument("--image-size", type=int, default=256, help="square input size in pixels (default 256)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--workers", type=int, default=4, help="image-decoding worker processes (default 4)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.set_defaults(run=_run_finetune)
 
@@ -1062,6 +1124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     install_stderr_handler()
     run: Runner = args.run
     try:
+        _apply_deprecated_workers(args)
         apply_threads(args.threads)
         return int(run(args) or 0)
     except SpotdiffError as exc:

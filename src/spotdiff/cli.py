@@ -630,66 +630,32 @@ def _add_test(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_test(args: argparse.Namespace) -> int:
-    from spotdiff.data import open_dataset
-    from spotdiff.data.plain import open_folders
     from spotdiff.detect import load_detector
-    from spotdiff.detect.evaluate import evaluate_detector
+    from spotdiff.detect.evaluate import evaluate_detector, open_test_set
     from spotdiff.devices import resolve_device
-    from spotdiff.errors import ConfigError
 
     _check_numbers(args)
     model = load_detector(args.model_dir, device=resolve_device(args.device))
-    height, width = model.image_size_
-    size = height if height == width else (height, width)
-    if args.good is not None or args.bad is not None:
-        if args.good is None or args.bad is None:
-            raise ConfigError("plain-folder test needs both --good DIR and --bad DIR")
-        test, found = open_folders(
-            args.good,
-            args.bad,
-            args.masks,
-            image_size=size,
-            name="test",
-            mask_suffix=args.mask_suffix,
-            mask_threshold=args.mask_threshold,
-        )
+    test, found = open_test_set(
+        model,
+        args.model_dir,
+        good=args.good,
+        bad=args.bad,
+        masks=args.masks,
+        mask_suffix=args.mask_suffix,
+        mask_threshold=args.mask_threshold,
+        data=args.data,
+        object=args.object,
+        split=args.split,
+        split_csv=args.split_csv,
+        skip_bad=args.skip_bad,
+        split_seed=args.split_seed,
+    )
+    if found is not None:
         if found.mask_note:
             print(found.mask_note, file=sys.stderr)
         _report_unmasked(found.unmasked, args.masks)
-    else:
-        if args.data is None or args.object is None:
-            raise ConfigError("give --good DIR --bad DIR (plain folders) or --data ROOT with --object NAME")
-        if args.masks is not None or args.mask_suffix is not None or args.mask_threshold is not None:
-            raise ConfigError(
-                "--masks, --mask-suffix and --mask-threshold are for plain folders (--good/--bad); "
-                "a dataset's masks are read from its own layout"
-            )
-        fitted_on = model.data_source_.get("object")
-        if fitted_on and fitted_on != args.object:
-            print(
-                f"warning: {args.model_dir} was fitted on object {fitted_on!r}, not {args.object!r}; "
-                "its scores on another object are rarely meaningful",
-                file=sys.stderr,
-            )
-        recorded = model.data_source_.get("split_seed", 0)
-        split_seed = recorded if args.split_seed is None else args.split_seed
-        if split_seed != recorded:
-            print(
-                f"warning: --split-seed {split_seed} differs from the seed the model was fitted with ({recorded}); "
-                "for a dataset without an official split, test images may then overlap the training images",
-                file=sys.stderr,
-            )
-        test = open_dataset(
-            args.data,
-            args.object,
-            split=args.split,
-            subset="test",
-            image_size=size,
-            split_csv=args.split_csv,
-            skip_bad=args.skip_bad,
-            seed=split_seed,
-        )
-        _print_skipped(test.skipped)
+    _print_skipped(test.skipped)
     metrics, records, maps, _ = evaluate_detector(model, test, batch_size=args.batch_size, num_workers=args.io_threads)
     return _write_test(args, model, metrics, records, maps)
 

@@ -57,3 +57,18 @@ def test_opens_plain_folders_at_the_model_size(tmp_path):
     assert found is not None and len(test) == 3
     assert tuple(test[0]["image"].shape) == (3, 32, 48)
     assert sorted(int(test[i]["label"]) for i in range(3)) == [0, 0, 1]
+
+
+@pytest.mark.parametrize(
+    ("backend", "onnx", "message"),
+    [
+        ("onnxruntime", None, "--backend onnxruntime needs --onnx FILE"),
+        ("torch", "m.onnx", "--onnx is only used with --backend onnxruntime"),
+        ("tensorrt", None, "expected torch or onnxruntime"),
+    ],
+)
+def test_load_predictor_refuses_mismatched_backend_options(tmp_path, backend, onnx, message):
+    from spotdiff.detect.predict import load_predictor
+
+    with pytest.raises(ConfigError, match=message):
+        load_predictor(tmp_path / "no-model", backend, onnx)

@@ -732,23 +732,11 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 def _run_predict(args: argparse.Namespace) -> int:
     """Exit status 0: every image scored; 1: the run completed but some images are error rows
     (unreadable, or a non-finite score); 2: nothing scored, or the run stopped (bad input, a failed write)."""
-    from spotdiff.detect import load_detector
-    from spotdiff.detect.predict import predict_images
-    from spotdiff.devices import resolve_device
-    from spotdiff.errors import ConfigError, DataError
-    from spotdiff.threads import session_threads
+    from spotdiff.detect.predict import load_predictor, predict_images
+    from spotdiff.errors import DataError
 
     _check_numbers(args)
-    if args.backend == "onnxruntime":
-        from spotdiff.detect.export import OnnxDetector
-
-        if args.onnx is None:
-            raise ConfigError("--backend onnxruntime needs --onnx FILE (written by `spotdiff export`)")
-        model = OnnxDetector(args.model_dir, args.onnx, threads=session_threads())
-    elif args.onnx is not None:
-        raise ConfigError("--onnx is only used with --backend onnxruntime")
-    else:
-        model = load_detector(args.model_dir, device=resolve_device(args.device))
+    model = load_predictor(args.model_dir, args.backend, args.onnx, args.device)
     records = predict_images(
         model,
         args.images,

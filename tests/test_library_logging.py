@@ -10,8 +10,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import pytest
-
 from spotdiff.models import random_init_warning
 from spotdiff.progress import StderrLineHandler, install_stderr_handler, set_quiet
 
@@ -76,9 +74,3 @@ def test_no_print_in_the_library():
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print"
     ]
     assert offenders == [], offenders
-
-
-@pytest.fixture(autouse=True)
-def _restore_quiet():
-    yield
-    set_quiet(False)

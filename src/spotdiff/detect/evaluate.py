@@ -262,6 +262,8 @@ def open_test_set(
     mask options with a dataset. Logs a warning when ``object`` is not the one the model was fitted
     on, or when ``split_seed`` (default: the model's recorded seed) differs from the recorded one (a
     dataset without an official split may then overlap the training images)."""
+    if model.image_size_ is None:
+        raise ConfigError(f"{model_dir}: the detector is not fitted (no input size)")
     height, width = model.image_size_
     size = height if height == width else (height, width)
     if good is not None or bad is not None:

@@ -28,6 +28,17 @@ def _session_quiet() -> bool:
 _QUIET_AT_START = _session_quiet()  # $SPOTDIFF_QUIET as the test session found it
 
 
+def _install_cli_log_handler() -> None:
+    """Library messages reach stderr as under the CLI (tests call library functions directly and
+    read their lines with capsys; pytest's own root handlers would otherwise keep them off stderr)."""
+    from spotdiff.progress import install_stderr_handler
+
+    install_stderr_handler()
+
+
+_install_cli_log_handler()
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_torch():
     """Seed torch, keep one intra-op thread per xdist worker (2-core CI machine), and start every

@@ -176,5 +176,5 @@ def test_fit_coreset_options(tmp_path, capsys):
     assert main([*common, "--coreset-ratio", "1.5", "--out", str(tmp_path / "bad")]) == 2
     assert "coreset ratio must be in (0, 1]" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     for shard, recorded in (("0", None),):
-        assert main([*common, "--coreset-shard", shard, "--workers", "2", "--out", str(tmp_path / shard)]) == 0
+        assert main([*common, "--coreset-shard", shard, "--io-threads", "2", "--out", str(tmp_path / shard)]) == 0
         assert json.loads((tmp_path / shard / "config.json").read_text())["coreset_shard"] == recorded

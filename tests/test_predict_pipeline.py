@@ -237,7 +237,9 @@ def test_writer_failure_ends_run_keeping_rows_scored_before(images, tmp_path, mo
     monkeypatch.setattr(predict, "overlay_picture", dies_on_fifth)
     monkeypatch.setattr(detect, "load_detector", lambda *a, **k: MeanRunner())
     out = tmp_path / "out"
-    assert main(["--quiet", "predict", "m", str(images), "--out", str(out), "--batch-size", "2", "--workers", "0"]) == 2
+    assert (
+        main(["--quiet", "predict", "m", str(images), "--out", str(out), "--batch-size", "2", "--io-threads", "0"]) == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "writing its overlay/mask failed" in err and "MemoryError" in err
     kept = rows_of(out / PARTIAL)
@@ -266,7 +268,9 @@ def test_decoding_worker_that_dies_ends_the_run_with_exit_2_keeping_rows(images,
     monkeypatch.setattr(io, "load_image", dies_on_img4)
     monkeypatch.setattr(detect, "load_detector", lambda *a, **k: MeanRunner())
     out = tmp_path / "out"
-    assert main(["--quiet", "predict", "m", str(images), "--out", str(out), "--batch-size", "2", "--workers", "2"]) == 2
+    assert (
+        main(["--quiet", "predict", "m", str(images), "--out", str(out), "--batch-size", "2", "--io-threads", "2"]) == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "img4.png: decoding failed (MemoryError" in err
     names = [r["path"].rsplit("/", 1)[1] for r in rows_of(out / PARTIAL)]

@@ -15,8 +15,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from spotdiff import __version__
+from spotdiff.detect import DETECTOR_NAMES
 from spotdiff.errors import SpotdiffError
-from spotdiff.progress import set_quiet
+from spotdiff.progress import install_stderr_handler, set_quiet
 from spotdiff.threads import apply_threads
 
 Runner = Callable[[argparse.Namespace], int | None]
@@ -40,6 +41,68 @@ WEIGHTS_HELP = (
     "imagenet (torchvision's ImageNet weights of --arch, from its cache or downloaded once), "
     "a torchvision weights name (IMAGENET1K_V1, IMAGENET1K_V2), random, or a .safetensors/.pth file"
 )
+DEVICE_HELP = "auto (cuda if available), cpu, cuda, cuda:1, ..."
+IO_THREADS_HELP = (
+    "threads that read and decode images (in predict, as many more write the outputs) beside the model; "
+    "not worker processes (--workers of pretrain/finetune) nor intra-op threads (--threads)"
+)
+
+
+# Shared parent parsers: each option is defined once; a fresh parser per command, so that one command's
+# defaults never leak into another's (argparse shares a parent's action objects).
+def _device_parent(note: str = "") -> argparse.ArgumentParser:
+    """``--device`` (default auto, resolved by ``spotdiff.devices.resolve_device``)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP + (f" {note}" if note else ""))
+    return p
+
+
+def _batch_size_parent(default: int | None, help: str) -> argparse.ArgumentParser:
+    """``--batch-size`` (images per forward pass, or per optimizer step in training)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--batch-size", type=int, default=default, metavar="N", help=help)
+    return p
+
+
+def _workers_parent(default: int | None, help: str) -> argparse.ArgumentParser:
+    """``--workers``: data-loading worker *processes* (torch's DataLoader ``num_workers``), one meaning
+    everywhere; decoding threads are ``--io-threads`` and intra-op threads the global ``--threads``."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--workers", type=int, default=default, metavar="N", help=f"data-loading worker processes {help}")
+    return p
+
+
+def _io_threads_parent(default_help: str) -> argparse.ArgumentParser:
+    """``--io-threads`` (decoding threads), and ``--workers`` as its deprecated spelling for one release
+    (unambiguous: these commands have no worker processes)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--io-threads", type=int, default=None, metavar="N", help=f"{IO_THREADS_HELP} ({default_help})")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        dest="deprecated_workers",
+        metavar="N",
+        help="deprecated spelling of --io-threads (removed in the next release; --workers means worker processes)",
+    )
+    return p
+
+
+def _apply_deprecated_workers(args: argparse.Namespace) -> None:
+    """``--workers`` of fit/test/predict/prepare: say it is deprecated and use it as ``--io-threads``."""
+    value = getattr(args, "deprecated_workers", None)
+    if value is None:
+        return
+    if args.io_threads is not None:
+        from spotdiff.errors import ConfigError
+
+        raise ConfigError("give --io-threads only (--workers is its deprecated spelling)")
+    print(
+        f"spotdiff {args.command}: warning: --workers is deprecated here and will be removed in the next "
+        "release; use --io-threads (decoding threads; --workers means data-loading worker processes)",
+        file=sys.stderr,
+    )
+    args.io_threads = value
 
 
 # ----------------------------------------------------------------------------- synth
@@ -112,16 +175,21 @@ def _run_synth(args: argparse.Namespace) -> int:
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "prepare",
+        parents=[_io_threads_parent("default: min(8, CPU count)")],
         help="copy VisA into the official MVTec-style layout",
         description="Write <out>/<split>/<object>/{train,test}/{good,bad} and ground_truth/ exactly as the "
         "official VisA prepare_data.py does. Every row is validated before anything is written; files "
         "already up to date are skipped.",
     )
     p.add_argument("--visa-root", required=True, help="raw VisA root (<root>/<object>/Data/...)")
-    p.add_argument("--split", required=True, choices=["1cls", "2cls_fewshot", "2cls_highshot"])
+    p.add_argument(
+        "--split",
+        required=True,
+        choices=["1cls", "2cls_fewshot", "2cls_highshot"],
+        help="official VisA split to lay out",
+    )
     p.add_argument("--split-csv", help="split CSV to use (default: <visa-root>/split_csv/<split>.csv)")
     p.add_argument("--out", required=True, help="output folder; files go to <out>/<split>/")
-    p.add_argument("--workers", type=int, default=None, help="threads (default: min(8, CPU count))")
     p.set_defaults(run=_run_prepare)
 
 
@@ -129,9 +197,9 @@ def _run_prepare(args: argparse.Namespace) -> int:
     from spotdiff.data.prepare import prepare_visa
     from spotdiff.errors import ConfigError
 
-    if args.workers is not None and args.workers < 1:
-        raise ConfigError("--workers must be >= 1")
-    report = prepare_visa(args.visa_root, args.split, args.out, split_csv=args.split_csv, workers=args.workers)
+    if args.io_threads is not None and args.io_threads < 1:
+        raise ConfigError("--io-threads must be >= 1")
+    report = prepare_visa(args.visa_root, args.split, args.out, split_csv=args.split_csv, workers=args.io_threads)
     print(report.summary())
     return 0
 
@@ -140,6 +208,12 @@ def _run_prepare(args: argparse.Namespace) -> int:
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "pretrain",
+        parents=[
+            _batch_size_parent(
+                None, "global batch size over all processes (capped at the number of images, with a note)"
+            ),
+            _workers_parent(None, "per training process (default 4, capped at the CPU cores)"),
+        ],
         help="pre-train a backbone (SimSiam, MoCo v2, SimCLR, supervised), optionally with SPD",
         description="Pre-train a ResNet backbone on a folder of images. Values come from the method's "
         "recipe, then --config FILE.yaml, then these flags and --set (highest). Multi-GPU / multi-node: "
@@ -155,16 +229,8 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, help="training length in epochs (default: the recipe's)")
     length.add_argument("--steps", type=int, help="training length in optimizer steps")
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        help="global batch size over all processes (capped at the number of images, with a note)",
-    )
     p.add_argument("--lr", type=float, help="learning rate per 256 images (scaled by batch-size/256)")
     p.add_argument("--image-size", type=int, help="training view side in pixels (default 224)")
-    p.add_argument(
-        "--workers", type=int, help="data-loading processes per training process (default 4, capped at the CPU cores)"
-    )
     p.add_argument("--amp", choices=("bf16", "fp16", "none"), help="mixed precision on GPU (default bf16)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="checkpoint every N steps (0: end only)")
@@ -262,13 +328,18 @@ FOLDERS: dict[str, Any] = {"nargs": "+", "action": "extend", "metavar": "DIR"}  
 def _add_fit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "fit",
+        parents=[
+            _device_parent(),
+            _batch_size_parent(None, "images per forward pass: default 32 (padim) / 8 (patchcore), at most 4 on CPU"),
+            _io_threads_parent("default: one per spare core, at most 4; 0 = none"),
+        ],
         help="fit a 1-class detector (PaDiM, PatchCore) on normal images",
         description="Fit on plain folders of good images (--train) or on a dataset's training split "
         "(--data, --object), holding out a seeded share of the training images (or "
         "taking --val-good) to calibrate thresholds and the colour scale on normal "
         "images the model was not fitted on (see docs/deploy.md).",
     )
-    p.add_argument("--model", choices=["padim", "patchcore"], required=True)
+    p.add_argument("--model", choices=DETECTOR_NAMES, required=True, help="detector to fit")
     p.add_argument(
         "--train",
         default=None,
@@ -320,12 +391,6 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
         help="PatchCore: most patches per greedy coreset run, above it the coreset is approximated "
         "by shards (default 65536; 0 = exact greedy on all patches)",
     )
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help="images per forward pass: default 32 (padim) / 8 (patchcore), at most 4 on CPU",
-    )
     p.add_argument("--seed", type=int, default=0, help="seed of random init, channel subset and coreset")
     p.add_argument(
         "--split-seed",
@@ -334,13 +399,6 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
         help="seed of the held-out validation share, and the train/test split seed of a dataset "
         "without an official split (magnetic tile); recorded in the model, and `spotdiff test` "
         "uses it (default 0)",
-    )
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="image-decoding threads (default: one per spare core, at most 4; 0 = none)",
     )
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (reported) instead of failing")
     p.add_argument("--out", required=True, help="model directory to write")
@@ -429,7 +487,7 @@ def _run_fit(args: argparse.Namespace) -> int:
     common = {
         "seed": args.seed,
         "device": resolve_device(args.device),
-        "num_workers": args.workers,
+        "num_workers": args.io_threads,
         "weights": args.weights,
     }
     if args.arch:
@@ -530,6 +588,11 @@ def _report_unmasked(unmasked: list, masks: Sequence[str] | None) -> None:
 def _add_test(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "test",
+        parents=[
+            _device_parent(),
+            _batch_size_parent(None, "images per forward pass (default: the fitted detector's, at most 4 on CPU)"),
+            _io_threads_parent("default: one per spare core, at most 4; 0 = none"),
+        ],
         help="evaluate a fitted 1-class detector on a test split or on plain folders",
         description="Score a labelled test set (plain folders, or a dataset's test split: "
         "MVTec-AD and VisA are read as they are) and report AU-ROC/AU-PR and what the "
@@ -554,14 +617,6 @@ def _add_test(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--object", default=None, help="object (category) name")
     p.add_argument("--split", default="1cls", help="VisA split CSV name (default 1cls)")
     p.add_argument("--split-csv", default=None, help="explicit split CSV")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="image-decoding threads (default: one per spare core, at most 4; 0 = none)",
-    )
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of failing")
     p.add_argument(
         "--split-seed",
@@ -575,67 +630,33 @@ def _add_test(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_test(args: argparse.Namespace) -> int:
-    from spotdiff.data import open_dataset
-    from spotdiff.data.plain import open_folders
     from spotdiff.detect import load_detector
-    from spotdiff.detect.evaluate import evaluate_detector
+    from spotdiff.detect.evaluate import evaluate_detector, open_test_set
     from spotdiff.devices import resolve_device
-    from spotdiff.errors import ConfigError
 
     _check_numbers(args)
     model = load_detector(args.model_dir, device=resolve_device(args.device))
-    height, width = model.image_size_
-    size = height if height == width else (height, width)
-    if args.good is not None or args.bad is not None:
-        if args.good is None or args.bad is None:
-            raise ConfigError("plain-folder test needs both --good DIR and --bad DIR")
-        test, found = open_folders(
-            args.good,
-            args.bad,
-            args.masks,
-            image_size=size,
-            name="test",
-            mask_suffix=args.mask_suffix,
-            mask_threshold=args.mask_threshold,
-        )
+    test, found = open_test_set(
+        model,
+        args.model_dir,
+        good=args.good,
+        bad=args.bad,
+        masks=args.masks,
+        mask_suffix=args.mask_suffix,
+        mask_threshold=args.mask_threshold,
+        data=args.data,
+        object=args.object,
+        split=args.split,
+        split_csv=args.split_csv,
+        skip_bad=args.skip_bad,
+        split_seed=args.split_seed,
+    )
+    if found is not None:
         if found.mask_note:
             print(found.mask_note, file=sys.stderr)
         _report_unmasked(found.unmasked, args.masks)
-    else:
-        if args.data is None or args.object is None:
-            raise ConfigError("give --good DIR --bad DIR (plain folders) or --data ROOT with --object NAME")
-        if args.masks is not None or args.mask_suffix is not None or args.mask_threshold is not None:
-            raise ConfigError(
-                "--masks, --mask-suffix and --mask-threshold are for plain folders (--good/--bad); "
-                "a dataset's masks are read from its own layout"
-            )
-        fitted_on = model.data_source_.get("object")
-        if fitted_on and fitted_on != args.object:
-            print(
-                f"warning: {args.model_dir} was fitted on object {fitted_on!r}, not {args.object!r}; "
-                "its scores on another object are rarely meaningful",
-                file=sys.stderr,
-            )
-        recorded = model.data_source_.get("split_seed", 0)
-        split_seed = recorded if args.split_seed is None else args.split_seed
-        if split_seed != recorded:
-            print(
-                f"warning: --split-seed {split_seed} differs from the seed the model was fitted with ({recorded}); "
-                "for a dataset without an official split, test images may then overlap the training images",
-                file=sys.stderr,
-            )
-        test = open_dataset(
-            args.data,
-            args.object,
-            split=args.split,
-            subset="test",
-            image_size=size,
-            split_csv=args.split_csv,
-            skip_bad=args.skip_bad,
-            seed=split_seed,
-        )
-        _print_skipped(test.skipped)
-    metrics, records, maps, _ = evaluate_detector(model, test, batch_size=args.batch_size, num_workers=args.workers)
+    _print_skipped(test.skipped)
+    metrics, records, maps, _ = evaluate_detector(model, test, batch_size=args.batch_size, num_workers=args.io_threads)
     return _write_test(args, model, metrics, records, maps)
 
 
@@ -660,7 +681,15 @@ def _write_test(args: argparse.Namespace, model, metrics: dict, records: list, m
 
 # ----------------------------------------------------------------------------- predict
 def _add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="score new images with a fitted detector; write scores CSV and heat maps")
+    p = sub.add_parser(
+        "predict",
+        help="score new images with a fitted detector; write scores CSV and heat maps",
+        parents=[
+            _device_parent(),
+            _batch_size_parent(None, "images per forward pass (default: the fitted detector's, at most 4 on CPU)"),
+            _io_threads_parent("default: one per spare core, at most 4"),
+        ],
+    )
     p.add_argument("model_dir", help="model directory written by `spotdiff fit`")
     p.add_argument("images", nargs="+", help="image files and/or directories (searched recursively)")
     p.add_argument(
@@ -682,8 +711,6 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         help="defect pixels have map value > T (default: the model's calibrated pixel threshold)",
     )
     p.add_argument("--masks", action="store_true", help="also write binary defect masks (masks/<stem>.png)")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument(
         "--backend",
         choices=["torch", "onnxruntime"],
@@ -699,35 +726,17 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="keep the images already scored in --out (scores.partial.csv of an interrupted run) and score the rest",
     )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="decoding threads and as many writing threads (default: one per spare core, at most 4)",
-    )
     p.set_defaults(run=_run_predict)
 
 
 def _run_predict(args: argparse.Namespace) -> int:
     """Exit status 0: every image scored; 1: the run completed but some images are error rows
     (unreadable, or a non-finite score); 2: nothing scored, or the run stopped (bad input, a failed write)."""
-    from spotdiff.detect import load_detector
-    from spotdiff.detect.predict import predict_images
-    from spotdiff.devices import resolve_device
-    from spotdiff.errors import ConfigError, DataError
-    from spotdiff.threads import session_threads
+    from spotdiff.detect.predict import load_predictor, predict_images
+    from spotdiff.errors import DataError
 
     _check_numbers(args)
-    if args.backend == "onnxruntime":
-        from spotdiff.detect.export import OnnxDetector
-
-        if args.onnx is None:
-            raise ConfigError("--backend onnxruntime needs --onnx FILE (written by `spotdiff export`)")
-        model = OnnxDetector(args.model_dir, args.onnx, threads=session_threads())
-    elif args.onnx is not None:
-        raise ConfigError("--onnx is only used with --backend onnxruntime")
-    else:
-        model = load_detector(args.model_dir, device=resolve_device(args.device))
+    model = load_predictor(args.model_dir, args.backend, args.onnx, args.device)
     records = predict_images(
         model,
         args.images,
@@ -737,7 +746,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         overlays=not args.no_overlays,
         masks=args.masks,
         pixel_threshold=args.pixel_threshold,
-        num_workers=args.workers,
+        num_workers=args.io_threads,
         resume=args.resume,
     )
     failed = [r for r in records if r["error"]]
@@ -781,6 +790,7 @@ def _run_export(args: argparse.Namespace) -> int:
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
+        parents=[_device_parent("(torch backend)")],
         help="serve fitted detectors over HTTP (micro-batched, audited, authenticated)",
         description="An inspection service: POST an image to /v1/models/NAME/predict, get the "
         "calibrated decision; every answer is appended to the audit log first. "
@@ -797,7 +807,6 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--backend", choices=["torch", "onnxruntime"], default="torch", help="torch (default) or onnxruntime"
     )
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ... (torch backend)")
     p.add_argument(
         "--onnx",
         action="append",
@@ -867,13 +876,23 @@ def _run_serve(args: argparse.Namespace) -> int:
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "finetune",
+        parents=[
+            _device_parent(),
+            _batch_size_parent(16, "images per optimizer step (default 16)"),
+            _workers_parent(4, "(default 4)"),
+        ],
         help="2-class fine-tuning: classifier or U-Net, high-shot or k-shot",
         description="Fine-tune a binary classifier (cls) or a U-Net (seg) on normal and anomalous "
         "images, for several seeds; write per-seed metrics, mean ± std and a table. "
         "See docs/finetune.md.",
     )
     p.add_argument("--task", required=True, choices=["cls", "seg"], help="cls: image classifier; seg: U-Net")
-    p.add_argument("--protocol", required=True, choices=["highshot", "10shot", "5shot"])
+    p.add_argument(
+        "--protocol",
+        required=True,
+        choices=["highshot", "10shot", "5shot"],
+        help="highshot: the 2cls_highshot train subset; 10shot/5shot: k images of each class from 2cls_fewshot",
+    )
     p.add_argument("--data", required=True, metavar="ROOT", help="dataset root (VisA layout with split_csv/)")
     p.add_argument("--object", default="all", metavar="NAME", help="object name, or 'all' (default)")
     p.add_argument(
@@ -889,11 +908,8 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     length.add_argument(
         "--steps", type=int, default=None, help="optimisation steps (default 1000 high-shot, 300 k-shot)"
     )
-    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-4, help="encoder learning rate; new layers use 10x (default 1e-4)")
     p.add_argument("--image-size", type=int, default=256, help="square input size in pixels (default 256)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--workers", type=int, default=4, help="image-decoding worker processes (default 4)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.set_defaults(run=_run_finetune)
 
@@ -1060,9 +1076,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``spotdiff`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    set_quiet(args.quiet)
+    set_quiet(args.quiet)  # progress bars off, and the handler below drops info lines (warnings stay)
+    install_stderr_handler()
     run: Runner = args.run
     try:
+        _apply_deprecated_workers(args)
         apply_threads(args.threads)
         return int(run(args) or 0)
     except SpotdiffError as exc:

@@ -1,7 +1,9 @@
-"""One progress-bar helper for every long loop, silenced globally by ``--quiet``."""
+"""One progress-bar helper for every long loop, silenced globally by ``--quiet``, and the one
+logging handler the CLI installs on the ``spotdiff`` logger (one line per message on stderr)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Iterable, Iterator
@@ -38,6 +40,32 @@ def bar(total: int | None = None, desc: str = "", **kwargs: Any) -> tqdm:
 
 
 def log(message: str) -> None:
-    """Print a status line to stderr unless quiet."""
-    if not _QUIET:
-        print(message, file=sys.stderr, flush=True)
+    """A status line (``logging.INFO`` on the ``spotdiff`` logger). Kept for ``report/benchmark.py`` and
+    ``report/demo.py`` only; new code uses ``logging.getLogger(__name__).info``."""
+    logging.getLogger("spotdiff").info(message)
+
+
+class StderrLineHandler(logging.Handler):
+    """Writes each record's message as one line to the ``sys.stderr`` of the moment (so pytest's
+    capture and redirections see it); below ``WARNING`` nothing is written while quiet."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno < logging.WARNING and _QUIET:
+            return
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+            sys.stderr.flush()
+        except Exception:  # logging's contract: a failed emit never raises
+            self.handleError(record)
+
+
+def install_stderr_handler() -> logging.Logger:
+    """Give the ``spotdiff`` logger its one stderr handler (idempotent) at level ``INFO``.
+
+    Called by the CLI; a library user who does not call it gets Python's default (warnings on stderr
+    through ``logging.lastResort``, info lines nowhere) and may configure logging as usual."""
+    logger = logging.getLogger("spotdiff")
+    if not any(isinstance(h, StderrLineHandler) for h in logger.handlers):
+        logger.addHandler(StderrLineHandler())
+    logger.setLevel(logging.INFO)
+    return logger

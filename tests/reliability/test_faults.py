@@ -63,7 +63,7 @@ def test_kill_9_during_prepare_then_rerun_equals_a_clean_run(tmp_path):
     expected = tree_files(clean / "1cls")
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        cli_command("prepare", "--visa-root", root, "--split", "1cls", "--out", out, "--workers", "2"),
+        cli_command("prepare", "--visa-root", root, "--split", "1cls", "--out", out, "--io-threads", "2"),
         env=cli_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -42,7 +42,7 @@ def test_sigkill_midway_keeps_scored_rows_and_resume_completes_identically(tmp_p
     images.mkdir()
     for i in range(N_IMAGES):
         Image.fromarray(rng.integers(90, 160, (32, 32, 3), dtype=np.uint8)).save(images / f"{i:04d}.png")
-    args = ("predict", model, images, "--threshold", "50", "--batch-size", "1", "--workers", "1")
+    args = ("predict", model, images, "--threshold", "50", "--batch-size", "1", "--io-threads", "1")
     reference = subprocess.Popen(
         cli_command(*args, "--out", tmp_path / "reference"),
         env=cli_env(),

@@ -7,6 +7,7 @@ are decoded in ``__getitem__`` (or once each at construction with ``skip_bad=Tru
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,9 @@ from torch.utils.data import Dataset
 from spotdiff.data.io import load_image, load_mask
 from spotdiff.data.transforms import image_to_tensor, mask_to_tensor
 from spotdiff.errors import ConfigError, DataError
-from spotdiff.progress import log, progress
+from spotdiff.progress import progress
+
+log = logging.getLogger(__name__)
 
 ImageSize = int | tuple[int, int] | None
 
@@ -151,7 +154,9 @@ class AnomalyDataset(Dataset):
             else:
                 self.skipped.append((str(s.image), why))
         if self.skipped:
-            log(f"{self.name or 'dataset'}: skipped {len(self.skipped)} of {len(records)} image(s) that failed to load")
+            log.info(
+                f"{self.name or 'dataset'}: skipped {len(self.skipped)} of {len(records)} image(s) that failed to load"
+            )
         return kept
 
     def __len__(self) -> int:

@@ -6,19 +6,44 @@
 >>> model.save("models/padim"); Detector.load("models/padim")  # doctest: +SKIP
 >>> model, cal, _ = fit_folder(PaDiM(), "good/", image_size=256)  # plain folder + thresholds  # doctest: +SKIP
 >>> model, cal, _ = fit_dataset(PaDiM(), train_dataset)  # a dataset split + thresholds  # doctest: +SKIP
+
+The names below are imported on first use (PEP 562), so ``DETECTOR_NAMES`` (the keys of ``DETECTORS``,
+e.g. the CLI's ``--model`` choices) costs no torch import: ``spotdiff --help`` stays fast.
 """
 
-from spotdiff.detect.base import Detector
-from spotdiff.detect.calibration import Calibration, calibrate
-from spotdiff.detect.evaluate import evaluate_detector
-from spotdiff.detect.fitting import fit_dataset, fit_folder
-from spotdiff.detect.padim import PaDiM
-from spotdiff.detect.patchcore import PatchCore
+from __future__ import annotations
 
-DETECTORS: dict[str, type[Detector]] = {"padim": PaDiM, "patchcore": PatchCore}
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from spotdiff.detect.base import Detector
+    from spotdiff.detect.calibration import Calibration, calibrate
+    from spotdiff.detect.evaluate import evaluate_detector
+    from spotdiff.detect.fitting import fit_dataset, fit_folder
+    from spotdiff.detect.padim import PaDiM
+    from spotdiff.detect.patchcore import PatchCore
+
+    DETECTORS: dict[str, type[Detector]]
+
+# model_type -> "module:class"; DETECTORS maps the same names to the classes (a test keeps them equal)
+_DETECTOR_CLASSES = {"padim": "spotdiff.detect.padim:PaDiM", "patchcore": "spotdiff.detect.patchcore:PatchCore"}
+DETECTOR_NAMES: tuple[str, ...] = tuple(_DETECTOR_CLASSES)
+
+_LAZY = {
+    "Detector": "spotdiff.detect.base",
+    "Calibration": "spotdiff.detect.calibration",
+    "calibrate": "spotdiff.detect.calibration",
+    "evaluate_detector": "spotdiff.detect.evaluate",
+    "fit_dataset": "spotdiff.detect.fitting",
+    "fit_folder": "spotdiff.detect.fitting",
+    "PaDiM": "spotdiff.detect.padim",
+    "PatchCore": "spotdiff.detect.patchcore",
+}
 
 __all__ = [
     "DETECTORS",
+    "DETECTOR_NAMES",
     "Calibration",
     "Detector",
     "PaDiM",
@@ -31,6 +56,23 @@ __all__ = [
 ]
 
 
+def __getattr__(name: str) -> Any:
+    if name == "DETECTORS":
+        classes = {}
+        for kind, target in _DETECTOR_CLASSES.items():
+            module, cls = target.split(":")
+            classes[kind] = getattr(importlib.import_module(module), cls)
+        globals()["DETECTORS"] = classes
+        return classes
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def load_detector(model_dir, device="cpu") -> Detector:  # type: ignore[no-untyped-def]
     """Load whichever detector a model directory holds (hashes verified)."""
+    from spotdiff.detect.base import Detector
+
     return Detector.load(model_dir, device=device)

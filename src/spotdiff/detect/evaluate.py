@@ -6,6 +6,7 @@ Streams in batches: memory holds one batch of images plus the maps needed by pix
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -13,13 +14,18 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from spotdiff.data import open_dataset
+from spotdiff.data.dataset import AnomalyDataset
 from spotdiff.data.loader import batches, decode_workers
+from spotdiff.data.plain import FolderSet, Images, open_folders
 from spotdiff.detect.base import Detector
 from spotdiff.detect.calibration import model_calibration
-from spotdiff.errors import DataError
+from spotdiff.errors import ConfigError, DataError
 from spotdiff.files import atomic_path, write_json_atomic, write_text_atomic
 from spotdiff.progress import progress
 from spotdiff.tabular import csv_text
+
+log = logging.getLogger(__name__)
 
 SCORE_COLUMNS = ("path", "label", "defect_type", "score", "decision")
 
@@ -230,3 +236,64 @@ def write_test_results(
         with atomic_path(written["maps"]) as tmp, open(tmp, "wb") as fh:
             np.savez_compressed(fh, maps=maps.astype(np.float16), paths=np.array([r["path"] for r in records]))
     return written
+
+
+def open_test_set(
+    model: Detector,
+    model_dir: str | os.PathLike[str],
+    *,
+    good: Images | None = None,
+    bad: Images | None = None,
+    masks: Images | None = None,
+    mask_suffix: str | None = None,
+    mask_threshold: float | None = None,
+    data: str | os.PathLike[str] | None = None,
+    object: str | None = None,
+    split: str = "1cls",
+    split_csv: str | os.PathLike[str] | None = None,
+    skip_bad: bool = False,
+    split_seed: int | None = None,
+) -> tuple[AnomalyDataset, FolderSet | None]:
+    """The test images of ``model`` (loaded from ``model_dir``, named in messages): plain folders (``good`` and ``bad``, optional ``masks``) or a
+    dataset's test split (``data``, ``object``), at the model's input size.
+
+    Returns the dataset and, for plain folders, the ``FolderSet`` (unmasked bad images, mask note;
+    ``None`` for a dataset). Refuses (``ConfigError``) half a plain-folder pair, neither source, and
+    mask options with a dataset. Logs a warning when ``object`` is not the one the model was fitted
+    on, or when ``split_seed`` (default: the model's recorded seed) differs from the recorded one (a
+    dataset without an official split may then overlap the training images)."""
+    if model.image_size_ is None:
+        raise ConfigError(f"{model_dir}: the detector is not fitted (no input size)")
+    height, width = model.image_size_
+    size = height if height == width else (height, width)
+    if good is not None or bad is not None:
+        if good is None or bad is None:
+            raise ConfigError("plain-folder test needs both --good DIR and --bad DIR")
+        return open_folders(
+            good, bad, masks, image_size=size, name="test", mask_suffix=mask_suffix, mask_threshold=mask_threshold
+        )
+    if data is None or object is None:
+        raise ConfigError("give --good DIR --bad DIR (plain folders) or --data ROOT with --object NAME")
+    if masks is not None or mask_suffix is not None or mask_threshold is not None:
+        raise ConfigError(
+            "--masks, --mask-suffix and --mask-threshold are for plain folders (--good/--bad); "
+            "a dataset's masks are read from its own layout"
+        )
+    source = model.data_source_ or {}
+    fitted_on = source.get("object")
+    if fitted_on and fitted_on != object:
+        log.warning(
+            f"warning: {model_dir} was fitted on object {fitted_on!r}, not {object!r}; "
+            "its scores on another object are rarely meaningful"
+        )
+    recorded = source.get("split_seed", 0)
+    seed = recorded if split_seed is None else split_seed
+    if seed != recorded:
+        log.warning(
+            f"warning: --split-seed {seed} differs from the seed the model was fitted with ({recorded}); "
+            "for a dataset without an official split, test images may then overlap the training images"
+        )
+    test = open_dataset(
+        data, object, split=split, subset="test", image_size=size, split_csv=split_csv, skip_bad=skip_bad, seed=seed
+    )
+    return test, None

@@ -17,7 +17,7 @@ the fitted head, :class:`spotdiff.detect.padim_head.PaDiMHead` (:meth:`PaDiM.hea
 from __future__ import annotations
 
 import copy
-import sys
+import logging
 from collections.abc import Sequence
 from typing import Any, Self
 
@@ -31,6 +31,8 @@ from spotdiff.detect.memory import check_memory_fits
 from spotdiff.detect.padim_head import PaDiMHead
 from spotdiff.errors import ConfigError, DataError, WeightsError
 from spotdiff.models import WeightsLike, layer_channels
+
+log = logging.getLogger(__name__)
 
 DEFAULT_DIMS = {"resnet18": 100, "resnet50": 550, "wide_resnet50_2": 550}
 """Random channel subset size per backbone, as in the PaDiM paper."""
@@ -152,11 +154,10 @@ class PaDiM(Detector):
             "a smaller --d or --image-size",
         )
         if 2 <= n_images <= self.d_:
-            print(
+            log.warning(
                 f"warning: PaDiM: {n_images} training images give a sample covariance of rank at most "
                 f"{n_images - 1} < d = {self.d_}; it is invertible only through the regulariser "
-                f"epsilon * I = {self.epsilon:g} * I. Use at least {self.d_ + 1} images or a smaller --d.",
-                file=sys.stderr,
+                f"epsilon * I = {self.epsilon:g} * I. Use at least {self.d_ + 1} images or a smaller --d."
             )
 
     def head(self, traceable: bool = False) -> PaDiMHead:

@@ -6,6 +6,7 @@ Evaluation on labelled test sets is in :mod:`spotdiff.detect.evaluate`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections import deque
 from collections.abc import Sequence
@@ -41,7 +42,9 @@ from spotdiff.files import (
     TMP_PREFIX,
     atomic_path,
 )
-from spotdiff.progress import log, progress
+from spotdiff.progress import progress
+
+log = logging.getLogger(__name__)
 
 PIPELINE_DEPTH = 2
 """Batches whose overlays and masks may be waiting for the writer threads (bounds predict's memory)."""
@@ -281,7 +284,7 @@ def _run_pipeline(
                     outputs.scale = scale_from_normals(
                         normal_statistics(np.array([s for s, _ in good]), np.stack([m for _, m in good])), "first batch"
                     )
-                    log(
+                    log.info(
                         f"warning: {len(good)} image(s) of the first batch fix the overlays' colour scale; "
                         "re-fit the model (or give --threshold) for a scale fixed by the model"
                     )
@@ -312,3 +315,30 @@ def _completed(fn: Any, *args: Any) -> Future[dict[str, Any]]:
     except Exception as exc:  # noqa: BLE001 - re-raised by drain() like a pool's
         future.set_exception(exc)
     return future
+
+
+def load_predictor(
+    model_dir: str | os.PathLike[str],
+    backend: str = "torch",
+    onnx: str | os.PathLike[str] | None = None,
+    device: str = "auto",
+) -> Any:
+    """The detector ``predict_images`` runs: the torch model of ``model_dir`` on ``device`` (``backend``
+    "torch"), or its ONNX graph ``onnx`` (written by ``spotdiff export``) under onnxruntime on the CPU
+    (``backend`` "onnxruntime"). Refuses (``ConfigError``) an unknown backend, onnxruntime without
+    ``onnx``, and ``onnx`` with the torch backend."""
+    if backend == "onnxruntime":
+        if onnx is None:
+            raise ConfigError("--backend onnxruntime needs --onnx FILE (written by `spotdiff export`)")
+        from spotdiff.detect.export import OnnxDetector
+        from spotdiff.threads import session_threads
+
+        return OnnxDetector(model_dir, onnx, threads=session_threads())
+    if backend != "torch":
+        raise ConfigError(f"--backend {backend!r}: expected torch or onnxruntime")
+    if onnx is not None:
+        raise ConfigError("--onnx is only used with --backend onnxruntime")
+    from spotdiff import detect  # the package's load_detector (one loader; tests substitute it there)
+    from spotdiff.devices import resolve_device
+
+    return detect.load_detector(model_dir, device=resolve_device(device))

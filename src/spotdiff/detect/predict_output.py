@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -27,7 +28,9 @@ from typing import Any
 
 from spotdiff.errors import ConfigError, OutputError
 from spotdiff.files import output_error, remove_stale_temp_files, write_text_atomic
-from spotdiff.progress import log
+
+log = logging.getLogger(__name__)
+
 
 PREDICT_COLUMNS = (
     "path",
@@ -148,20 +151,20 @@ class ScoresFile:
         self.out.mkdir(parents=True, exist_ok=True)
         removed = remove_stale_temp_files([self.final, self.partial, *outputs])
         if removed:
-            log(f"removed {len(removed)} temporary file(s) left by an interrupted run")
+            log.info(f"removed {len(removed)} temporary file(s) left by an interrupted run")
         kept: dict[str, dict[str, str]] = {}
         if self.resume:
             source = self.partial if self.partial.exists() else self.final if self.final.exists() else None
             if source is not None:
                 kept = {r["path"]: r for r in _read_rows(source) if r.get("decision") != "error" and not r.get("error")}
                 self._check_same_run(kept.values(), source, threshold, pixel_threshold)
-                log(f"resuming: {len(kept)} image(s) already scored in {source.name}")
+                log.info(f"resuming: {len(kept)} image(s) already scored in {source.name}")
         else:
             for path, aside in ((self.final, PREVIOUS), (self.partial, PREVIOUS_PARTIAL)):
                 if path.exists():
                     os.replace(path, self.out / aside)
                     hint = " (it had not completed: --resume would have continued it)" if path == self.partial else ""
-                    log(f"moved the earlier run's {path.name} to {aside}{hint}")
+                    log.info(f"moved the earlier run's {path.name} to {aside}{hint}")
         text = "".join(_csv_line(r) for r in kept.values())
         write_text_atomic(self.partial, ",".join(PREDICT_COLUMNS) + "\n" + text)
         if self.final.exists():  # resumed from a complete file: it is rewritten at the end

@@ -14,6 +14,7 @@ to the input size), horizontal and vertical flips, applied identically to image 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -47,8 +48,10 @@ from spotdiff.finetune.protocols import (
 from spotdiff.finetune.unet import UNet
 from spotdiff.metrics import evaluate
 from spotdiff.models import LoadedWeights, WeightsLike, build_backbone, check_arch, describe_weights, load_weights
-from spotdiff.progress import bar, log
+from spotdiff.progress import bar
 from spotdiff.schedules import warmup_cosine
+
+log = logging.getLogger(__name__)
 
 TASKS = ("cls", "seg")
 DEFAULT_STEPS = {"highshot": 1000, "10shot": 300, "5shot": 300}
@@ -403,7 +406,7 @@ def run_finetune(config: FinetuneConfig) -> dict[str, Any]:
     per_seed: dict[str, list[dict]] = {}
     aggregates: dict[str, dict] = {}
     for data in opened:
-        log(f"finetune {config.task} {config.protocol}: {data.object} ({len(seeds)} seed(s))")
+        log.info(f"finetune {config.task} {config.protocol}: {data.object} ({len(seeds)} seed(s))")
         test = load_tensors(data.test, None, config.workers, desc=f"{data.object}: test images")
         records = []
         train: TensorData | None = None

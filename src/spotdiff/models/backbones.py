@@ -22,10 +22,10 @@ from __future__ import annotations
 import copy
 import functools
 import http.client
+import logging
 import os
 import pickle
 import re
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +40,8 @@ from torchvision import models as tvm
 from spotdiff.errors import ConfigError, WeightsError
 from spotdiff.files import sha256_file
 from spotdiff.progress import is_quiet
+
+log = logging.getLogger(__name__)
 
 ARCHITECTURES: dict[str, Callable[..., tvm.ResNet]] = {
     "resnet18": tvm.resnet18,
@@ -357,7 +359,7 @@ def verify_cached(name: str, path: Path, sha256: str, strict: bool = False) -> t
     )
     if strict:
         raise WeightsError(f"{problem}; refused (--strict-weights); delete it to download it again")
-    print(f"warning: {problem}; used and recorded as an unverified file (--strict-weights refuses it)", file=sys.stderr)
+    log.warning(f"warning: {problem}; used and recorded as an unverified file (--strict-weights refuses it)")
     return "file", False
 
 
@@ -417,8 +419,8 @@ def load_weights(arch: str, weights: WeightsLike = None, strict: bool = False) -
 def random_init_warning(
     fix: str = "pass --weights imagenet for torchvision's ImageNet weights (--weights random hides this warning)",
 ) -> None:
-    """Print the one-line warning that a backbone is randomly initialised, and how to avoid it."""
-    print(f"warning: the backbone is randomly initialised: its features are not pre-trained; {fix}", file=sys.stderr)
+    """Log the one-line warning that a backbone is randomly initialised, and how to avoid it."""
+    log.warning(f"warning: the backbone is randomly initialised: its features are not pre-trained; {fix}")
 
 
 def build_backbone(arch: str, weights: WeightsLike = None) -> tvm.ResNet:

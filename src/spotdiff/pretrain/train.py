@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import logging
 import math
 import signal
-import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -60,9 +60,11 @@ from spotdiff.pretrain.distributed import DistContext, all_reduce_mean, barrier,
 from spotdiff.pretrain.export import write_backbone
 from spotdiff.pretrain.methods import build_method
 from spotdiff.pretrain.optim import build_optimizer, remember_peak_lr, set_lr
-from spotdiff.progress import bar, log, set_quiet
+from spotdiff.progress import bar, set_quiet
 from spotdiff.schedules import warmup_cosine
 from spotdiff.threads import cpu_cores
+
+log = logging.getLogger(__name__)
 
 LOG_NAME = "log.csv"
 LOG_COLUMNS = ("step", "epoch", "lr", "loss", "loss_base", "loss_spd", "img_per_s")
@@ -186,7 +188,7 @@ def _find_images(cfg: PretrainConfig, ctx: DistContext) -> tuple[list[Path], lis
         paths, labels, dropped = drop_unreadable(paths, labels)
         if ctx.is_main:  # printed even with --quiet: the run used fewer images than asked for
             for reason in dropped:
-                print(f"skipped {reason}", file=sys.stderr)
+                log.warning(f"skipped {reason}")
     if cfg.method == "supervised" and not class_names:
         raise DataError(f"{cfg.data}: supervised pre-training needs class subfolders (DIR/<class>/*.png)")
     return paths, labels, class_names
@@ -217,7 +219,7 @@ def _resolve_config(cfg: PretrainConfig, method: PretrainMethod, n_images: int, 
     cfg = cfg.with_recipe(method.recipe)
     fitting = n_images - n_images % ctx.world_size  # the largest batch the data allows
     if n_images < cfg.batch_size and fitting >= ctx.world_size:
-        log(
+        log.info(
             f"note: batch size {cfg.batch_size} capped at {fitting}, the number of images in {cfg.data} "
             "(the peak lr scales with it)"
         )
@@ -226,7 +228,7 @@ def _resolve_config(cfg: PretrainConfig, method: PretrainMethod, n_images: int, 
         raise DataError(f"{cfg.data}: {n_images} images, fewer than one batch of {cfg.batch_size} (lower --batch-size)")
     cores = cpu_cores()
     if cfg.workers > cores:
-        log(f"note: {cfg.workers} data-loading workers capped at {cores}, the number of CPU cores")
+        log.info(f"note: {cfg.workers} data-loading workers capped at {cores}, the number of CPU cores")
         cfg = dataclasses.replace(cfg, workers=cores)
     method.recipe = dataclasses.replace(
         method.recipe,
@@ -275,7 +277,7 @@ def _resume(run: _Run, state: dict[str, Any]) -> None:
         run.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
     run.start_step = int(state["step"])
-    log(f"resuming {run.ckpt_path} at step {run.start_step}/{run.total_steps}")
+    log.info(f"resuming {run.ckpt_path} at step {run.start_step}/{run.total_steps}")
 
 
 def _data_loader(run: _Run) -> DataLoader:
@@ -299,7 +301,7 @@ def _write_run_record(run: _Run) -> None:
     run.run_dir.mkdir(parents=True, exist_ok=True)
     _write_config(run.run_dir / CONFIG_NAME, cfg)
     write_json_atomic(run.run_dir / WEIGHTS_NAME, run.init.record())
-    log(
+    log.info(
         f"pretrain {cfg.method}{'+spd' if cfg.spd else ''} {cfg.arch}: {len(run.paths)} images"
         f"{f' in {len(run.class_names)} classes' if run.class_names else ''}, batch {cfg.batch_size} on "
         f"{ctx.world_size} process(es) ({ctx.device.type}"
@@ -425,7 +427,7 @@ def _finish(run: _Run, step: int) -> None:
                 "init_sha256": run.init.sha256,
             },
         )
-        log(f"pretrain done: {run.ckpt_path}, backbone {run.run_dir / BACKBONE_NAME}")
+        log.info(f"pretrain done: {run.ckpt_path}, backbone {run.run_dir / BACKBONE_NAME}")
     barrier(run.ctx)
 
 
@@ -509,7 +511,7 @@ def _checkpoint_to_resume(cfg: PretrainConfig, ckpt_path: Path) -> dict[str, Any
     """The checkpoint to resume from, None to start fresh; refuses to overwrite a run silently."""
     if not ckpt_path.is_file():
         if cfg.resume:
-            log(f"no checkpoint at {ckpt_path}; starting from step 0")
+            log.info(f"no checkpoint at {ckpt_path}; starting from step 0")
         return None
     if not cfg.resume:
         raise ConfigError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
@@ -614,7 +616,7 @@ class _RunLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                log("TensorBoard not installed; logging to CSV only")
+                log.info("TensorBoard not installed; logging to CSV only")
             else:
                 self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step or None)
 

@@ -10,8 +10,8 @@ written afterwards stay whole (the cut line is reported once and left as it is).
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from spotdiff.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def utc_now() -> str:
@@ -40,7 +42,7 @@ class AuditLog:
         self._lock = threading.Lock()
         if self._ends_mid_line():
             # a damaged audit trail is said even under --quiet (like the images skipped by --skip-bad)
-            print(f"warning: {self.path} ends in a cut line (a power loss?); new lines start after it", file=sys.stderr)
+            log.warning(f"warning: {self.path} ends in a cut line (a power loss?); new lines start after it")
             self._write(b"\n")
         self.lines_written = 0
 

@@ -6,6 +6,7 @@ bind address without a key, the audit log) fails before the socket is opened: on
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -15,10 +16,11 @@ import torch
 
 from spotdiff.detect.scoring import ERROR
 from spotdiff.errors import ConfigError
-from spotdiff.progress import log
 from spotdiff.serve.audit import AuditLog
 from spotdiff.serve.config import ServeConfig, check_bind
 from spotdiff.serve.scoring import ServedModel, load_served_model, score_alone
+
+log = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -89,7 +91,7 @@ def serve(
     models = load_models(specs, backend, onnx_files, resolve_device(device) if backend == "torch" else "cpu")
     audit = AuditLog(audit_log)
     app = create_app(models, audit, config)
-    log(
+    log.info(
         f"serving {', '.join(m.name for m in models)} ({backend}) on http://{host}:{port}; "
         f"audit log {Path(audit_log).resolve()}; API key {'required' if config.api_keys else 'not required (loopback)'}"
     )

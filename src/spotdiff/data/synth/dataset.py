@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import shutil
@@ -17,13 +18,15 @@ from PIL import Image
 
 from spotdiff.errors import ConfigError, DataError
 from spotdiff.files import default_mode, write_json_atomic
-from spotdiff.progress import log, progress
+from spotdiff.progress import progress
 from spotdiff.tabular import csv_text
 
 from ._base import RenderedSample, SynthObject, render_sample
 from .capsules import CapsulesSynth
 from .cashew import CashewSynth
 from .pcb import PcbSynth
+
+log = logging.getLogger(__name__)
 
 # Bump whenever the generator's output changes for the same arguments.
 SYNTH_VERSION = 1
@@ -274,7 +277,7 @@ def generate(
         and {k: previous.get(k) for k in keys} == {k: params.get(k) for k in keys}
         and all((out / rel).is_file() for rel in previous.get("files", {}))
     ):
-        log(f"synth: {out} already holds this dataset (seed={seed}, scale={scale}); nothing to do")
+        log.info(f"synth: {out} already holds this dataset (seed={seed}, scale={scale}); nothing to do")
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -300,7 +303,7 @@ def generate(
         raise
     n_normal, n_anomalous = image_counts(scale)
     n_normal = n_normal if normal is None else normal
-    log(
+    log.info(
         f"synth: wrote {len(names) * (n_normal + n_anomalous)} images ({len(names)} objects x "
         f"{n_normal} normal + {n_anomalous} anomalous) to {out}"
     )

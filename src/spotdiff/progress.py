@@ -39,12 +39,6 @@ def bar(total: int | None = None, desc: str = "", **kwargs: Any) -> tqdm:
     return tqdm(total=total, desc=desc, disable=_QUIET, dynamic_ncols=True, leave=False, file=sys.stderr, **kwargs)
 
 
-def log(message: str) -> None:
-    """A status line (``logging.INFO`` on the ``spotdiff`` logger). Kept for ``report/benchmark.py`` and
-    ``report/demo.py`` only; new code uses ``logging.getLogger(__name__).info``."""
-    logging.getLogger("spotdiff").info(message)
-
-
 class StderrLineHandler(logging.Handler):
     """Writes each record's message as one line to the ``sys.stderr`` of the moment (so pytest's
     capture and redirections see it); below ``WARNING`` nothing is written while quiet."""

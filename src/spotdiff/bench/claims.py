@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import socket
@@ -24,7 +25,8 @@ from spotdiff import __version__
 from spotdiff.bench.schema import BenchmarkConfig, config_dict
 from spotdiff.errors import ConfigError
 from spotdiff.files import create_text_exclusive
-from spotdiff.progress import log
+
+log = logging.getLogger(__name__)
 
 CLAIM_DIR = "claims"
 RECORD_NAME = "benchmark.json"  # the config hash every process sharing the folder must match
@@ -225,7 +227,7 @@ class Claims:
         for _, old in gens:  # the stale predecessors (their owners see that they lost)
             old.unlink(missing_ok=True)
         if gens:
-            log(f"{key}: took over the stale claim of {self.describe(self._read(gens[-1][1]) or holder)}")
+            log.info(f"{key}: took over the stale claim of {self.describe(self._read(gens[-1][1]) or holder)}")
         with self._lock:
             self.held[key] = (path, token)
         self._start_heartbeat()
@@ -295,7 +297,7 @@ def work_through(
         if todo:
             if not waited:
                 first = next(b for b in blocked if b[0] == todo[0][0])
-                log(f"waiting for {len(todo)} {what} run by other processes (e.g. {first[0]}: {first[3]})")
+                log.info(f"waiting for {len(todo)} {what} run by other processes (e.g. {first[0]}: {first[3]})")
             waited = True
             time.sleep(poll)
     return ran

@@ -22,6 +22,7 @@ settings start the work folder afresh (only folders the demo wrote are removed).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -34,7 +35,6 @@ import numpy as np
 from spotdiff.errors import ConfigError, DataError
 from spotdiff.files import write_json_atomic, write_text_atomic
 from spotdiff.models import LoadedWeights, WeightsLike, describe_weights, is_random, load_weights
-from spotdiff.progress import log
 from spotdiff.report.html import report_sections, write_html_report
 from spotdiff.report.plots import Predictions
 from spotdiff.report.tables import (
@@ -45,6 +45,8 @@ from spotdiff.report.tables import (
     records_csv,
     tables_markdown,
 )
+
+log = logging.getLogger(__name__)
 
 MARKER = "demo.json"
 OWNED = ("data", "pretrain", "pretrain-images", "weights")  # folders the demo may remove
@@ -133,7 +135,7 @@ def _prepare_out(out: Path, settings: DemoSettings) -> None:
         except (OSError, ValueError):
             previous = None
         if previous != wanted:
-            log(f"demo: {out} holds a run with other settings; starting afresh")
+            log.info(f"demo: {out} holds a run with other settings; starting afresh")
             for name in OWNED:
                 shutil.rmtree(out / name, ignore_errors=True)
     elif out.is_dir() and any(out.iterdir()):
@@ -185,7 +187,7 @@ def pretrain_backbone(images: Path, out: Path, settings: DemoSettings, spd: bool
     ``.safetensors`` file (reused when already exported)."""
     weights = out / "weights" / f"{stem}.safetensors"
     if weights.is_file():
-        log(f"demo: reusing {weights}")
+        log.info(f"demo: reusing {weights}")
         return weights
     from spotdiff.pretrain.config import PretrainConfig
     from spotdiff.pretrain.export import export_backbone
@@ -311,11 +313,11 @@ def run_demo(
         return now
 
     t = start
-    log("demo [1/5] synthesizing the dataset")
+    log.info("demo [1/5] synthesizing the dataset")
     data_root = synthesize(out, settings)
     objects = objects_of(data_root)
-    log(f"demo: objects {', '.join(objects)}")
-    log("demo [2/5] collecting the normal training images for pre-training")
+    log.info(f"demo: objects {', '.join(objects)}")
+    log.info("demo [2/5] collecting the normal training images for pre-training")
     images = pretrain_images(data_root, objects, out / "pretrain-images", settings.data_size)
     t = lap("data", t)
 
@@ -323,7 +325,7 @@ def run_demo(
     if extra is not None:
         used[backbones[-1]] = extra
     for i, (label, (stem, spd)) in enumerate(PRETRAINED.items(), start=1):
-        log(
+        log.info(
             f"demo [3/5] pre-training {label} ({i}/{len(PRETRAINED)}): {settings.pretrain_steps} steps "
             f"of {settings.pretrain_batch} images at {settings.pretrain_size} px"
         )
@@ -335,13 +337,13 @@ def run_demo(
     predictions: list[Predictions] = []
     n = len(objects) * len(backbones)
     for k, (obj, label) in enumerate(((o, b) for o in objects for b in backbones), start=1):
-        log(f"demo [4/5] PaDiM {k}/{n}: {obj}, {label} backbone")
+        log.info(f"demo [4/5] PaDiM {k}/{n}: {obj}, {label} backbone")
         metrics, preds = evaluate_object(data_root, obj, label, used[label], settings)
         records.append(ResultRecord(obj, label, "padim", metrics))
         predictions.append(preds)
     t = lap("PaDiM fit + test", t)
 
-    log("demo [5/5] writing the report")
+    log.info("demo [5/5] writing the report")
     table = object_backbone_table(records, backbones=backbones, title="PaDiM on the synthetic dataset (%)")
     tables = [table, *paper_tables(records, methods=backbones, title_prefix="PaDiM: ")]
     settings_text = (
@@ -383,5 +385,7 @@ def run_demo(
         + "Values are percentages with one decimal.\n\n"
         + tables_markdown(tables),
     )
-    log(f"demo: done in {seconds:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in stages.items())}); report: {report}")
+    log.info(
+        f"demo: done in {seconds:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in stages.items())}); report: {report}"
+    )
     return DemoResult(table, records, report, out, seconds, smoke)

@@ -20,6 +20,7 @@ config is :mod:`spotdiff.bench.config`, the runners :mod:`spotdiff.bench.cells`,
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -47,8 +48,10 @@ from spotdiff.devices import resolve_device
 from spotdiff.errors import ConfigError, SpotdiffError, WeightsError
 from spotdiff.files import write_json_atomic
 from spotdiff.models import is_random, load_weights, random_init_warning, torchvision_weights, weights_record
-from spotdiff.progress import bar, log
+from spotdiff.progress import bar
 from spotdiff.report.tables import Table
+
+log = logging.getLogger(__name__)
 
 CELL_DIR = "cells"
 WEIGHTS_DIR = "weights"
@@ -126,7 +129,7 @@ def prepare_weights(
             return True
 
         if done():
-            log(f"weights {spec.name}: already pre-trained ({dest})")
+            log.info(f"weights {spec.name}: already pre-trained ({dest})")
         units.append((f"_weights-{spec.name}", done, run))
     work_through(claims, units, "pre-training block(s)", poll)
     return files
@@ -145,7 +148,7 @@ def pretrain_and_export(spec: WeightsSpec, config: BenchmarkConfig, run_dir: Pat
     block["out"] = str(run_dir)
     block["resume"] = True
     pcfg = build(PretrainConfig, block, f"weights {spec.name!r}: pretrain")
-    log(f"weights {spec.name}: pre-training ({pcfg.method}{' + SPD' if pcfg.spd else ''}, {pcfg.arch})")
+    log.info(f"weights {spec.name}: pre-training ({pcfg.method}{' + SPD' if pcfg.spd else ''}, {pcfg.arch})")
     export_backbone(run_pretrain(pcfg), dest, arch=spec.arch)
 
 
@@ -219,7 +222,7 @@ def run_cell(cell: Cell, config: BenchmarkConfig, out: Path, claims: Claims | No
         "spotdiff_version": __version__,
     }
     if claims is not None and not claims.owns(cell.key):
-        log(
+        log.info(
             f"{cell.key}: another process took this cell over while it ran (no heartbeat seen for "
             f"{claims.lease:g} s); this result is discarded"
         )
@@ -276,7 +279,7 @@ def run_benchmark(
         mine = shard_cells(cells, shard)
         done_before = [c.key for c in mine if read_cell(cell_path(out, c), c, config) is not None]
         if done_before:
-            log(f"skipped {len(done_before)} cell(s) already measured in {out / CELL_DIR}")
+            log.info(f"skipped {len(done_before)} cell(s) already measured in {out / CELL_DIR}")
         progress_bar = bar(total=len(mine), initial=len(done_before), desc="benchmark", unit="cell")
         try:
 
@@ -289,7 +292,7 @@ def run_benchmark(
                         raise type(exc)(f"cell {cell.key}: {exc}") from exc
                     if data is None:
                         return False
-                    log(f"{cell.key}: {headline(data['metrics'])} ({data['seconds']:.1f} s)")
+                    log.info(f"{cell.key}: {headline(data['metrics'])} ({data['seconds']:.1f} s)")
                     progress_bar.update(1)
                     return True
 
@@ -301,14 +304,14 @@ def run_benchmark(
         skipped = [c.key for c in mine if c.key not in ran]
         missing = sum(not cell_path(out, c).is_file() for c in cells)
         if missing:
-            log(
+            log.info(
                 f"{missing} cell(s) of other shards are not done yet; the process that finishes the last "
                 "one writes the tables (or run `spotdiff benchmark --collect` when all are done)"
             )
             return BenchmarkResult([], ran, skipped, [], out, missing)
         holder = claims.claim("_tables")
         if holder is not None:
-            log(f"every cell is done; the tables are being written by {holder}")
+            log.info(f"every cell is done; the tables are being written by {holder}")
             return BenchmarkResult([], ran, skipped, [], out, 0)
         done = [read_cell(cell_path(out, c), c, config) for c in cells]
         tables = write_results(config, done, out)

@@ -155,7 +155,11 @@ def _run_synth(args: argparse.Namespace) -> int:
     frame = None
     if args.frame is not None:
         try:
-            frame = VISA_FRAME if args.frame == "visa" else tuple(int(v) for v in args.frame.lower().split("x"))
+            if args.frame == "visa":
+                frame = VISA_FRAME
+            else:
+                width, height = (int(v) for v in args.frame.lower().split("x"))  # ValueError unless 2
+                frame = (width, height)
         except ValueError:
             raise ConfigError(f"--frame must be WxH (e.g. 1500x1000) or 'visa', got {args.frame!r}") from None
     out = generate(
@@ -484,7 +488,7 @@ def _run_fit(args: argparse.Namespace) -> int:
     _check_numbers(args)
     if args.weights is None:
         random_init_warning()
-    common = {
+    common: dict[str, Any] = {
         "seed": args.seed,
         "device": resolve_device(args.device),
         "num_workers": args.io_threads,
@@ -496,17 +500,19 @@ def _run_fit(args: argparse.Namespace) -> int:
         common["layers"] = args.layers
     if args.batch_size:
         common["batch_size"] = args.batch_size
+    model: PaDiM | PatchCore
     if args.model == "padim":
         model = PaDiM(d=args.d, **common)
     else:
-        shard = {} if args.coreset_shard is None else {"coreset_shard": args.coreset_shard or None}
+        shard: dict[str, Any] = {} if args.coreset_shard is None else {"coreset_shard": args.coreset_shard or None}
         model = PatchCore(coreset_ratio=args.coreset_ratio, **shard, **common)
     model.check_params()  # bad settings and weights fail before anything is read or written
-    model.set_params(weights=load_weights(model.arch, model.weights, strict=args.strict_weights))
+    weights = load_weights(model.arch, model.weights, strict=args.strict_weights)
     if args.bn_recalibrate is not None:
         from spotdiff.models.bn import recalibrated_weights
 
-        model.set_params(weights=recalibrated_weights(model.weights, args.bn_recalibrate, args.image_size, args.seed))
+        weights = recalibrated_weights(weights, args.bn_recalibrate, args.image_size, args.seed)
+    model.set_params(weights=weights)
     options = {
         "val_good": args.val_good,
         "val_bad": args.val_bad,
@@ -660,7 +666,7 @@ def _run_test(args: argparse.Namespace) -> int:
     return _write_test(args, model, metrics, records, maps)
 
 
-def _write_test(args: argparse.Namespace, model, metrics: dict, records: list, maps) -> int:  # type: ignore[no-untyped-def]
+def _write_test(args: argparse.Namespace, model: Any, metrics: dict[str, Any], records: list[Any], maps: Any) -> int:
     import json
 
     from spotdiff.detect.evaluate import decisions_text, write_test_results

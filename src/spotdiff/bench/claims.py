@@ -81,7 +81,8 @@ def bind_out(config: BenchmarkConfig, out: Path) -> None:
     )
     stored = read_json_object(path)
     if stored.get("config_hash") != digest:
-        old = stored.get("config") if isinstance(stored.get("config"), dict) else {}
+        stored_config = stored.get("config")
+        old = stored_config if isinstance(stored_config, dict) else {}
         keys = sorted(k for k in set(old) | set(data) if old.get(k) != data.get(k))
         raise ConfigError(
             f"{out}: holds a benchmark of another configuration (config hash "

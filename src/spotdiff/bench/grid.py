@@ -78,6 +78,11 @@ def check_weights(config: BenchmarkConfig) -> None:
             raise WeightsError(f"weights {spec.name!r}: {exc}") from exc
 
 
+def pretrained_file(out: Path, name: str) -> Path:
+    """Where the backbone of weights entry ``name`` with a ``pretrain`` block is exported."""
+    return out / WEIGHTS_DIR / f"{name}.safetensors"
+
+
 def weights_files(config: BenchmarkConfig, out: Path) -> dict[str, Path | str | None]:
     """Backbone of every weights entry: None for random init; a torchvision name resolved
     (``imagenet`` -> ``ResNet18_Weights.IMAGENET1K_V1``, so cells fingerprint the weights torchvision
@@ -85,7 +90,7 @@ def weights_files(config: BenchmarkConfig, out: Path) -> dict[str, Path | str | 
     files: dict[str, Path | str | None] = {}
     for spec in config.weights:
         if spec.pretrain is not None:
-            files[spec.name] = out / WEIGHTS_DIR / f"{spec.name}.safetensors"
+            files[spec.name] = pretrained_file(out, spec.name)
         elif is_random(spec.file):
             files[spec.name] = None
         elif isinstance(spec.file, str):
@@ -109,7 +114,7 @@ def prepare_weights(
     for spec in config.weights:
         if spec.pretrain is None:  # checked by check_weights
             continue
-        dest = files[spec.name]
+        dest = pretrained_file(out, spec.name)
         record = dest.with_suffix(".json")
         block = {"arch": spec.arch, "pretrain": jsonable(spec.pretrain), "seed": config.seed}
 
@@ -313,7 +318,12 @@ def run_benchmark(
         if holder is not None:
             log.info(f"every cell is done; the tables are being written by {holder}")
             return BenchmarkResult([], ran, skipped, [], out, 0)
-        done = [read_cell(cell_path(out, c), c, config) for c in cells]
+        done = []
+        for c in cells:
+            data = read_cell(cell_path(out, c), c, config)
+            if data is None:  # every cell was measured above (missing == 0)
+                raise ConfigError(f"{cell_path(out, c)}: the result vanished while the tables were being written")
+            done.append(data)
         tables = write_results(config, done, out)
         return BenchmarkResult(done, ran, skipped, tables, out, 0)
     finally:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from torch.utils.data import default_collate
 
@@ -73,7 +73,18 @@ def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield chunk
 
 
-def batches(dataset: Sequence[Any], batch_size: int, workers: int) -> Iterator[Any]:
+class ItemDataset(Protocol):
+    """A map-style dataset with a length: ``len(d)`` and ``d[i]`` for ``i`` in ``range(len(d))``.
+
+    Every spotdiff dataset is one, and so is any torch ``Dataset`` with ``__len__`` (``Subset`` too).
+    """
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int, /) -> Any: ...
+
+
+def batches(dataset: ItemDataset, batch_size: int, workers: int) -> Iterator[Any]:
     """``dataset[0], dataset[1], ...`` in order, collated by ``torch.utils.data.default_collate`` into
     batches of ``batch_size`` (the last may be smaller), items decoded by ``workers`` threads."""
     items = ordered_map(dataset.__getitem__, range(len(dataset)), workers, ahead=2 * batch_size)

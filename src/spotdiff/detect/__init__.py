@@ -14,9 +14,12 @@ e.g. the CLI's ``--model`` choices) costs no torch import: ``spotdiff --help`` s
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import torch
+
     from spotdiff.detect.base import Detector
     from spotdiff.detect.calibration import Calibration, calibrate
     from spotdiff.detect.evaluate import evaluate_detector
@@ -71,7 +74,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def load_detector(model_dir, device="cpu") -> Detector:  # type: ignore[no-untyped-def]
+def load_detector(model_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> Detector:
     """Load whichever detector a model directory holds (hashes verified)."""
     from spotdiff.detect.base import Detector
 

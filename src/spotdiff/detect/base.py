@@ -21,15 +21,14 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Self, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 from torchvision.models import ResNet
 
-from spotdiff.data.loader import batches, decode_workers
+from spotdiff.data.loader import ItemDataset, batches, decode_workers
 from spotdiff.data.transforms import normalize
 from spotdiff.detect import schema, store
 from spotdiff.detect.colour import NORMAL_SAMPLE, normal_statistics
@@ -172,12 +171,12 @@ class Detector(ABC):
         return self.batch_size if torch.device(self.device).type != "cpu" else min(self.batch_size, CPU_FORWARD_IMAGES)
 
     # ----------------------------------------------------------------------------- fitting
-    def _training_batches(self, dataset: Dataset, desc: str) -> Iterator[torch.Tensor]:
+    def _training_batches(self, dataset: ItemDataset, desc: str) -> Iterator[torch.Tensor]:
         """Normalised batches of ``forward_batch`` images on ``device_``; sets ``image_size_`` and ``n_train_``."""
-        n = len(dataset)  # type: ignore[arg-type]
+        n = len(dataset)
         if n == 0:
             raise DataError("the training set is empty: no normal images to fit on")
-        loader = batches(dataset, self.forward_batch, self.num_workers_)  # type: ignore[arg-type]
+        loader = batches(dataset, self.forward_batch, self.num_workers_)
         self.n_train_ = 0
         self._normal_maps, self._normal_sample = None, []
         keep = set(np.linspace(0, n - 1, min(n, NORMAL_SAMPLE)).round().astype(int).tolist())
@@ -202,7 +201,7 @@ class Detector(ABC):
             )
 
     @abstractmethod
-    def fit(self, dataset: Dataset) -> Self:
+    def fit(self, dataset: ItemDataset) -> Self:
         """Fit on normal images; returns self (folders or path lists: :func:`spotdiff.detect.fit_folder`)."""
 
     # ----------------------------------------------------------------------------- inference
@@ -336,4 +335,4 @@ class Detector(ABC):
             if isinstance(exc, WeightsError):
                 raise
             raise WeightsError(f"{model_dir}: inconsistent model files ({type(exc).__name__}: {exc})") from exc
-        return model
+        return cast(Self, model)  # target is cls or a subclass of it (checked above)

@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
+from spotdiff.data.loader import ItemDataset, batches
 from spotdiff.errors import ConfigError, DataError, SpotdiffError
 from spotdiff.progress import progress
 
@@ -248,12 +248,12 @@ def rates(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str,
 
 
 def score_dataset(
-    model: Any, dataset: Dataset, desc: str = "scoring validation images"
+    model: Any, dataset: ItemDataset, desc: str = "scoring validation images"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Scores ``(N,)``, maps ``(N, H, W)`` float32 and masks ``(N, H, W)`` bool of a dataset's items."""
-    loader = DataLoader(dataset, batch_size=model.forward_batch, shuffle=False)
+    n_batches = -(-len(dataset) // model.forward_batch)
     scores, maps, masks = [], [], []
-    for batch in progress(loader, desc=desc, total=len(loader), unit="batch"):
+    for batch in progress(batches(dataset, model.forward_batch, 0), desc=desc, total=n_batches, unit="batch"):
         images = batch["image"] if isinstance(batch, dict) else batch
         s, m = model.predict(images)
         scores.append(s.numpy())
@@ -263,7 +263,7 @@ def score_dataset(
     return np.concatenate(scores), np.concatenate(maps), np.concatenate(masks)
 
 
-def _check_finite_scores(scores: np.ndarray, maps: np.ndarray, dataset: Dataset | None, kind: str) -> None:
+def _check_finite_scores(scores: np.ndarray, maps: np.ndarray, dataset: ItemDataset | None, kind: str) -> None:
     """DataError naming the first validation image whose score or map is NaN or infinite: a
     threshold must never rest on a number that went bad (e.g. a backbone with NaN weights)."""
     if scores.size == 0:
@@ -282,8 +282,8 @@ def _check_finite_scores(scores: np.ndarray, maps: np.ndarray, dataset: Dataset 
 
 def calibrate(
     model: Any,
-    val_good: Dataset,
-    val_bad: Dataset | None = None,
+    val_good: ItemDataset,
+    val_bad: ItemDataset | None = None,
     mode: str = "normal-fpr",
     target_fpr: float = DEFAULT_FPR,
     threshold: float | None = None,
@@ -300,24 +300,24 @@ def calibrate(
         mode,
         val_bad is not None and len(val_bad) > 0,
         threshold,
-        target_fpr,  # type: ignore[arg-type]
+        target_fpr,
         pixel_threshold,
     )
-    if len(val_good) == 0:  # type: ignore[arg-type]
+    if len(val_good) == 0:
         raise DataError("no normal validation images to calibrate on")
     good_scores, good_maps, _ = score_dataset(model, val_good, "scoring normal validation images")
     bad_scores = np.zeros(0)
     bad_maps = np.zeros((0, *good_maps.shape[1:]), np.float32)
     bad_masks = np.zeros(bad_maps.shape, bool)
-    if val_bad is not None and len(val_bad):  # type: ignore[arg-type]
+    if val_bad is not None and len(val_bad):
         bad_scores, bad_maps, bad_masks = score_dataset(model, val_bad, "scoring anomalous validation images")
     _check_finite_scores(good_scores, good_maps, val_good, "normal")
     _check_finite_scores(bad_scores, bad_maps, val_bad, "anomalous")
     scores = np.concatenate([good_scores, bad_scores])
     labels = np.r_[np.zeros(good_scores.size, bool), np.ones(bad_scores.size, bool)]
 
-    if mode == "manual":
-        image_t = float(threshold)  # type: ignore[arg-type]
+    if mode == "manual" and threshold is not None:  # check_threshold_mode: manual has a value
+        image_t = float(threshold)
     elif mode == "f1":
         image_t = f1_threshold(scores, labels)
     else:
@@ -329,8 +329,8 @@ def calibrate(
         pixel_mode = "normal-fpr"  # no masks: no pixel F1
     if pixel_mode == "manual" and pixel_threshold is None:
         pixel_mode = "normal-fpr"
-    if pixel_mode == "manual":
-        pixel_t = float(pixel_threshold)  # type: ignore[arg-type]
+    if pixel_mode == "manual" and pixel_threshold is not None:
+        pixel_t = float(pixel_threshold)
     elif pixel_mode == "f1":
         pixel_t = f1_threshold(
             np.r_[good_maps.ravel(), bad_maps.ravel()], np.r_[np.zeros(good_maps.size, bool), bad_masks.ravel()]

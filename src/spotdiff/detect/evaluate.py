@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch.utils.data import Dataset
 
 from spotdiff.data import open_dataset
 from spotdiff.data.dataset import AnomalyDataset
-from spotdiff.data.loader import batches, decode_workers
+from spotdiff.data.loader import ItemDataset, batches, decode_workers
 from spotdiff.data.plain import FolderSet, Images, open_folders
 from spotdiff.detect.base import Detector
 from spotdiff.detect.calibration import model_calibration
@@ -31,7 +30,7 @@ SCORE_COLUMNS = ("path", "label", "defect_type", "score", "decision")
 
 
 def evaluate_detector(
-    model: Detector, dataset: Dataset, batch_size: int | None = None, num_workers: int | None = None
+    model: Detector, dataset: ItemDataset, batch_size: int | None = None, num_workers: int | None = None
 ) -> tuple[dict[str, Any], list[dict[str, Any]], np.ndarray, np.ndarray]:
     """Score a labelled test set and compute :func:`spotdiff.metrics.evaluate` on it.
 
@@ -54,11 +53,11 @@ def evaluate_detector(
     """
     from spotdiff.metrics import evaluate
 
-    if len(dataset) == 0:  # type: ignore[arg-type]
+    if len(dataset) == 0:
         raise DataError("the test set is empty")
-    n = len(dataset)  # type: ignore[arg-type]
+    n = len(dataset)
     size = batch_size or model.forward_batch
-    loader = batches(dataset, size, decode_workers(num_workers))  # type: ignore[arg-type]
+    loader = batches(dataset, size, decode_workers(num_workers))
     records: list[dict[str, Any]] = []
     all_maps: np.ndarray | None = None
     all_masks: np.ndarray | None = None

@@ -175,6 +175,8 @@ def export_onnx(
                 external_data=external_data,
                 verbose=False,
             )
+        if program is None:  # dynamo=True always returns one; None only from the legacy exporter
+            raise WeightsError(f"{out}: torch.onnx.export returned no program")
         tmp_onnx = work / out.name
         program.save(str(tmp_onnx), external_data=external_data)
         proto = onnx.load(str(tmp_onnx), load_external_data=False)

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from typing import Any, Self
 
 import torch
-from torch.utils.data import Dataset
 
+from spotdiff.data.loader import ItemDataset
 from spotdiff.detect.base import Detector
 from spotdiff.detect.features import padim_embedding
 from spotdiff.detect.gaussian import GaussianAccumulator, unpack_lower
@@ -121,7 +121,7 @@ class PaDiM(Detector):
         return None if self.inv_chol_packed_ is None else unpack_lower(self.inv_chol_packed_, self.d_)
 
     @torch.inference_mode()
-    def fit(self, dataset: Dataset) -> Self:
+    def fit(self, dataset: ItemDataset) -> Self:
         """Estimate the per-position Gaussians from normal images (streaming float32 sums, float64 factorisation).
 
         Before the sums are allocated their size is checked against the available memory
@@ -129,7 +129,7 @@ class PaDiM(Detector):
         """
         self._start_fit()
         acc: GaussianAccumulator | None = None
-        n_images = len(dataset)  # type: ignore[arg-type]
+        n_images = len(dataset)
         for images in self._training_batches(dataset, desc="PaDiM features"):
             emb = self._embed(images)
             if acc is None:

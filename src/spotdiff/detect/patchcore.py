@@ -30,8 +30,8 @@ from typing import Any, Self
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
+from spotdiff.data.loader import ItemDataset
 from spotdiff.detect.base import Detector
 from spotdiff.detect.coreset import greedy_k_center
 from spotdiff.detect.features import patchcore_embedding
@@ -53,7 +53,7 @@ try:  # faiss is optional (extra `faiss`); without it nn_backend="auto" uses the
 
     HAVE_FAISS = True
 except ImportError:  # tested in a subprocess (tests/test_patchcore.py)
-    faiss = None
+    faiss = None  # type: ignore[assignment]  # the optional module is absent
     HAVE_FAISS = False
 
 
@@ -243,7 +243,7 @@ class PatchCore(Detector):
         return patchcore_embedding(self.backbone_, images, self.layers_, self.target_dim).permute(0, 2, 3, 1)
 
     @torch.inference_mode()
-    def fit(self, dataset: Dataset) -> Self:
+    def fit(self, dataset: ItemDataset) -> Self:
         """Select the memory bank from the patches of normal images without holding them all.
 
         One pass over the images keeps the projected patches (``M x projection_dim`` float32) and
@@ -255,7 +255,7 @@ class PatchCore(Detector):
         projections are allocated.
         """
         self._start_fit()
-        n_images = len(dataset)  # type: ignore[arg-type]
+        n_images = len(dataset)
         z: torch.Tensor | None = None
         matrix: torch.Tensor | None = None
         row = 0
@@ -266,8 +266,8 @@ class PatchCore(Detector):
                 if z is None:
                     channels = patches.shape[1]
                     total = n_images * patches.shape[0] // images.shape[0]
-                    projected = self.projection_dim is not None and self.projection_dim < channels
-                    width = self.projection_dim if projected else channels
+                    width = channels if self.projection_dim is None else min(self.projection_dim, channels)
+                    projected = width < channels
                     self._bank_rows(total)  # refused before the long feature pass
                     self._check_memory(total, channels, width)
                     matrix = projection_matrix(channels, width, self.seed) if projected else None
@@ -433,7 +433,7 @@ def _read_rows(spill: Any, rows: torch.Tensor, channels: int) -> torch.Tensor:
     return out
 
 
-def _free_disk(directory: str | None) -> int:
+def _free_disk(directory: str | os.PathLike[str] | None) -> int:
     try:
         stat = os.statvfs(directory or tempfile.gettempdir())
     except (OSError, AttributeError):  # pragma: no cover - non-POSIX

@@ -196,7 +196,7 @@ def check_model_tensors(
     for name, tensor in backbone.items():
         check_finite_tensor(tensor, name, f"{model_dir}/{BACKBONE_FILE}")
     where = f"{model_dir}/{MODEL_FILE}"
-    h, w = feature_grid(tuple(config["image_size"]), config["layers"][0])  # type: ignore[arg-type]
+    h, w = feature_grid(tuple(config["image_size"]), config["layers"][0])
     channels = sum(layer_channels(config["arch"], config["layers"]))
     expected = {"padim": ("mean", "inv_cholesky_packed", "channel_index"), "patchcore": ("memory_bank",)}
     names = expected[config["model"]]

@@ -153,13 +153,13 @@ class ImageScorer:
 
     def score_batch(self, items: Sequence[DecodedImage]) -> list[ScoredImage]:
         """Run the model once on the decodable ``items`` and decide each; order kept, one result per item."""
-        good = [i for i, item in enumerate(items) if not item.error]
+        good = [i for i, item in enumerate(items) if not item.error and item.tensor is not None]
         results: list[ScoredImage | None] = [None] * len(items)
         for i, item in enumerate(items):
-            if item.error:
-                results[i] = ScoredImage(item.path, None, ERROR, error=item.error)
+            if item.error or item.tensor is None:
+                results[i] = ScoredImage(item.path, None, ERROR, error=item.error or "not decoded")
         if good:
-            scores, maps = self.model.predict(torch.stack([items[i].tensor for i in good]))  # type: ignore[misc]
+            scores, maps = self.model.predict(torch.stack([t for i in good if (t := items[i].tensor) is not None]))
             score_values = scores.detach().cpu().numpy().astype(np.float64)
             map_values = maps.detach().cpu().numpy()
             for j, i in enumerate(good):

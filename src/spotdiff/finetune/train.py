@@ -17,10 +17,10 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence, Sized
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -187,7 +187,7 @@ def load_tensors(
     subset = Subset(dataset, list(indices)) if indices is not None else dataset
     loader = DataLoader(subset, batch_size=16, num_workers=workers, shuffle=False)
     images, masks, labels, types, paths = [], [], [], [], []
-    with bar(total=len(subset), desc=desc or "loading images") as pbar:
+    with bar(total=len(cast(Sized, subset)), desc=desc or "loading images") as pbar:  # ours have a length
         for item in loader:
             images.append((item["image"] * 255).round().clamp(0, 255).to(torch.uint8))
             masks.append((item["mask"] > 0.5).to(torch.uint8))

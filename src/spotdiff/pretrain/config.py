@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
@@ -20,6 +20,11 @@ from spotdiff.devices import check_device_name
 from spotdiff.errors import ConfigError
 from spotdiff.models import ARCHITECTURES
 from spotdiff.pretrain.methods import METHODS
+
+if TYPE_CHECKING:
+    from spotdiff.pretrain.base import Recipe
+
+T = TypeVar("T")
 
 ARCHS: tuple[str, ...] = tuple(ARCHITECTURES)
 AMP_MODES = ("bf16", "fp16", "none")
@@ -93,25 +98,42 @@ class PretrainConfig:
         if not self.out:
             raise ConfigError("config: out: no run directory given (--out RUN_DIR)")
 
-    def with_recipe(self, recipe: Any) -> PretrainConfig:
+    def with_recipe(self, recipe: Recipe) -> PretrainConfig:
         """A copy with every None recipe key filled from ``recipe`` (a ``Recipe``)."""
-        filled = {
-            "optimizer": recipe.optimizer,
-            "lr": recipe.base_lr,
-            "weight_decay": recipe.weight_decay,
-            "momentum": recipe.momentum,
-            "batch_size": recipe.batch_size,
-            "epochs": recipe.epochs,
-            "warmup_epochs": recipe.warmup_epochs,
-        }
-        updates = {k: v for k, v in filled.items() if getattr(self, k) is None}
-        cfg = dataclasses.replace(self, **updates)
+        run = self.run_recipe(recipe)
+        cfg = dataclasses.replace(
+            self,
+            optimizer=run.optimizer,
+            lr=run.base_lr,
+            weight_decay=run.weight_decay,
+            momentum=run.momentum,
+            batch_size=run.batch_size,
+            epochs=run.epochs,
+            warmup_epochs=run.warmup_epochs,
+        )
         cfg.validate()
         return cfg
+
+    def run_recipe(self, default: Recipe) -> Recipe:
+        """The recipe this config runs: each recipe key set here wins over ``default``'s."""
+        return dataclasses.replace(
+            default,
+            optimizer=_pick(self.optimizer, default.optimizer),
+            base_lr=_pick(self.lr, default.base_lr),
+            weight_decay=_pick(self.weight_decay, default.weight_decay),
+            momentum=_pick(self.momentum, default.momentum),
+            batch_size=_pick(self.batch_size, default.batch_size),
+            epochs=_pick(self.epochs, default.epochs),
+            warmup_epochs=_pick(self.warmup_epochs, default.warmup_epochs),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of builtins (YAML/JSON/checkpoint-safe)."""
         return dataclasses.asdict(self)
+
+
+def _pick(value: T | None, default: T) -> T:
+    return default if value is None else value
 
 
 def coerce_value(key: str, value: Any, source: str, from_text: bool = False) -> Any:

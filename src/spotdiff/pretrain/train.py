@@ -156,7 +156,7 @@ def _set_up(cfg: PretrainConfig, ctx: DistContext, ckpt_path: Path, resume: dict
             raise ConfigError(f"{ckpt_path}: cannot resume with a different config: " + "; ".join(changed))
     sampler, total_steps, warmup_steps = _schedule(cfg, ctx, len(paths), method)
     method = _place(method, cfg, ctx)
-    peak_lr = cfg.lr * cfg.batch_size / 256
+    peak_lr = method.recipe.base_lr * method.recipe.batch_size / 256
     optimizer = build_optimizer(method, peak_lr)
     remember_peak_lr(optimizer)
     on_gpu = ctx.device.type == "cuda"
@@ -217,29 +217,24 @@ def _resolve_config(cfg: PretrainConfig, method: PretrainMethod, n_images: int, 
     Also hands the resolved values back to ``method.recipe`` (the optimizer and param groups read them).
     """
     cfg = cfg.with_recipe(method.recipe)
+    recipe = cfg.run_recipe(method.recipe)
     fitting = n_images - n_images % ctx.world_size  # the largest batch the data allows
-    if n_images < cfg.batch_size and fitting >= ctx.world_size:
+    if n_images < recipe.batch_size and fitting >= ctx.world_size:
         log.info(
-            f"note: batch size {cfg.batch_size} capped at {fitting}, the number of images in {cfg.data} "
+            f"note: batch size {recipe.batch_size} capped at {fitting}, the number of images in {cfg.data} "
             "(the peak lr scales with it)"
         )
         cfg = dataclasses.replace(cfg, batch_size=fitting)
-    if n_images < cfg.batch_size:
-        raise DataError(f"{cfg.data}: {n_images} images, fewer than one batch of {cfg.batch_size} (lower --batch-size)")
+        recipe = dataclasses.replace(recipe, batch_size=fitting)
+    if n_images < recipe.batch_size:
+        raise DataError(
+            f"{cfg.data}: {n_images} images, fewer than one batch of {recipe.batch_size} (lower --batch-size)"
+        )
     cores = cpu_cores()
     if cfg.workers > cores:
         log.info(f"note: {cfg.workers} data-loading workers capped at {cores}, the number of CPU cores")
         cfg = dataclasses.replace(cfg, workers=cores)
-    method.recipe = dataclasses.replace(
-        method.recipe,
-        optimizer=cfg.optimizer,
-        base_lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        momentum=cfg.momentum,
-        batch_size=cfg.batch_size,
-        epochs=cfg.epochs,
-        warmup_epochs=cfg.warmup_epochs,
-    )
+    method.recipe = recipe
     return cfg
 
 
@@ -247,13 +242,14 @@ def _schedule(
     cfg: PretrainConfig, ctx: DistContext, n_images: int, method: PretrainMethod
 ) -> tuple[EpochBatchSampler, int, int]:
     """This process's batch sampler, the total number of steps and the warm-up steps."""
-    if cfg.batch_size % ctx.world_size:
-        raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by {ctx.world_size} processes")
-    sampler = EpochBatchSampler(n_images, cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size)
+    recipe = method.recipe  # resolved by _resolve_config
+    if recipe.batch_size % ctx.world_size:
+        raise ConfigError(f"batch_size {recipe.batch_size} is not divisible by {ctx.world_size} processes")
+    sampler = EpochBatchSampler(n_images, recipe.batch_size, cfg.seed, ctx.rank, ctx.world_size)
     steps_per_epoch = sampler.batches_per_epoch
-    method.check_batches(steps_per_epoch * cfg.batch_size, cfg.batch_size, ctx.world_size)
-    total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
-    warmup_steps = min(total_steps, round(cfg.warmup_epochs * steps_per_epoch))
+    method.check_batches(steps_per_epoch * recipe.batch_size, recipe.batch_size, ctx.world_size)
+    total_steps = cfg.steps if cfg.steps is not None else recipe.epochs * steps_per_epoch
+    warmup_steps = min(total_steps, round(recipe.warmup_epochs * steps_per_epoch))
     return sampler, total_steps, warmup_steps
 
 
@@ -577,7 +573,7 @@ class _Tracker:
 
     def __init__(self, run: _Run) -> None:
         cfg = run.cfg
-        self.total_steps, self.log_every, self.batch_size = run.total_steps, cfg.log_every, cfg.batch_size
+        self.total_steps, self.log_every, self.batch_size = run.total_steps, cfg.log_every, run.method.recipe.batch_size
         self.logger = _RunLogger(run.run_dir, run.start_step, cfg.tensorboard) if run.ctx.is_main else None
         run_name = f"pretrain {cfg.method}{'+spd' if cfg.spd else ''}"  # names the run: simsiam vs simsiam+spd
         self.progress = bar(total=run.total_steps, desc=run_name, initial=run.start_step, unit="step")

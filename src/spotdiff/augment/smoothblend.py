@@ -49,7 +49,7 @@ _GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 MIN_SIGMA_PX = 0.5
 """Floor of the Gaussian std, in pixels (ours): below half a pixel the whole soft edge
 (``2 * truncate * sigma`` = 3 px at the floor) collapses into one or two pixels and the paste is
-hard in effect (issue 22 measured sigma ~ 0.29 px at 32 px)."""
+hard in effect (at 32 px the area rule alone gives sigma ~ 0.29 px)."""
 MIN_PEAK_ALPHA = 0.9
 """Smallest accepted peak of ``alpha`` (the patch must really be pasted somewhere)."""
 MAX_MASS_ERROR = 0.25

@@ -65,8 +65,8 @@ class DemoSettings:
         image_size: side of the images for PaDiM (training and test), pixels.
         pretrain_size: side of the pre-training views, pixels.
         pretrain_steps / pretrain_batch: optimizer steps and images per step of each pre-training.
-        pretrain_lr: pre-training lr per 256 images: 0.05, SimSiam's recipe (Chen & He 2021). (It was
-            0.5, chosen by looking at test results; issue 22 removed that choice.) At this lr a few
+        pretrain_lr: pre-training lr per 256 images: 0.05, SimSiam's recipe (Chen & He 2021). (An earlier
+            0.5 had been chosen by looking at test results.) At this lr a few
             dozen steps move the weights little: the demo shows the pipeline, not SPD's effect.
         blend_aspect: SmoothBlend's aspect range for the SPD arm: 0.5-2 (ours), with which the blend
             keeps its stated area and smoothness from 65 px (the library's 0.3-3.3 needs 91 px).

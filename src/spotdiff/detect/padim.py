@@ -39,7 +39,7 @@ DEFAULT_DIMS = {"resnet18": 100, "resnet50": 550, "wide_resnet50_2": 550}
 
 UNPACKED_FACTOR_BYTES = 1 << 30
 """``predict`` keeps an unpacked ``(P, d, d)`` copy of ``L^-1`` when it is at most this large
-(resnet18, d = 100, 256 px: 164 MB), which makes the Mahalanobis step about 3x faster; larger
+(resnet18, d = 100, 256 px: 164 MB), which makes the Mahalanobis step faster (benchmarks/RESULTS.md); larger
 factors (resnet50, d = 550: 5 GB) are unpacked a few positions at a time instead."""
 
 

@@ -95,8 +95,9 @@ def peer(args: argparse.Namespace) -> None:
             import openvino  # noqa: F401
 
             out["openvino"] = str(engine.export(model, ExportType.OPENVINO, export_root=str(work / "export")))
-        except ImportError:
+        except Exception as exc:  # noqa: BLE001 - openvino missing or its export failing: that arm is skipped
             out["openvino"] = None
+            out["openvino_error"] = f"{type(exc).__name__}: {exc}"[:300]
         print(json.dumps(out))
         return
     start = time.perf_counter()
@@ -184,24 +185,22 @@ def prepare(work: Path, train: list[Path], onnx: bool) -> None:
 
 
 def spawn(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run ``cmd`` to the end; wall s, peak RSS bytes (``wait4``'s ru_maxrss) and its last stdout line as JSON."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        text, errors = out.read(), err.read()
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd[:4])} ... exited {proc.returncode}:\n{errors[-3000:]}")
+    """Run ``cmd`` under ``/usr/bin/time``: wall s, CPU s, peak RSS bytes and its last JSON stdout line.
+
+    Through ``/usr/bin/time`` (a small process), because Linux keeps a process's RSS high-water
+    mark across fork and exec: a child forked from this driver would report the driver's RSS."""
+    with tempfile.NamedTemporaryFile("r") as stats:
+        timed = ["/usr/bin/time", "-f", "%e %U %S %M", "-o", stats.name, *cmd]
+        done = subprocess.run(timed, capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd[:4])} ... exited {done.returncode}:\n{done.stderr[-3000:]}")
+        wall, user, system, maxrss_kb = stats.read().split()[-4:]
     result: dict[str, Any] = {
-        "wall_s": wall,
-        "peak_rss": usage.ru_maxrss * 1024,
-        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "wall_s": float(wall),
+        "cpu_s": float(user) + float(system),
+        "peak_rss": int(maxrss_kb) * 1024,
     }
-    lines = [line for line in text.splitlines() if line.startswith("{")]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if lines:
         result.update(json.loads(lines[-1]))
     return result

@@ -288,6 +288,8 @@ def main() -> None:
             "anomalib Engine.predict, visualizer": lambda f, o: peer_cmd + ["--peer", "engine_vis", "--folder", str(f)],
             "anomalib TorchInferencer": lambda f, o: peer_cmd + ["--peer", "torch_inferencer", "--folder", str(f)],
         }
+        if export.get("openvino_error"):
+            print(f"# anomalib OpenVINO export failed, arm skipped: {export['openvino_error']}", flush=True)
         if export.get("openvino"):
             arms["anomalib OpenVINOInferencer"] = lambda f, o: (
                 peer_cmd + ["--peer", "openvino_inferencer", "--folder", str(f)]

@@ -1,9 +1,10 @@
 """The intra-op thread count of CPU work (set by the CLI, not on import).
 
 torch's default is one thread per core, onnxruntime's one per physical core. On a machine that other
-jobs keep busy, those threads spin and wait for each other and a run gets slower, not faster; with
-more threads than the cores this process may run on (``taskset``, a container's CPU set) it gets
-slower too (measured in ``benchmarks/RESULTS.md``, "Threads that help"). spotdiff therefore uses the
+jobs keep busy, those threads spin and wait for each other and a run gets slower, not faster
+(``benchmarks/RESULTS.md``, "Threads that help": 2 threads against 1 on 2 cores at load 6-11, fit
+3.9x and predict 7.6x slower); more threads than the cores this process may run on (``taskset``, a
+container's CPU set) can only time-slice. spotdiff therefore uses the
 cores of its CPU set that are idle when the command starts (:func:`rule_threads`): the 1-min load
 average is spread over the machine's cores, its share of this process's cores is taken as busy, and
 the rest (rounded, at least 1) get a thread each. Order of precedence (first that is set wins):

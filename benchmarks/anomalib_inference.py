@@ -251,7 +251,7 @@ def main() -> None:
             shutil.copyfile(p, tiles / f"{i:04d}_{p.parent.parent.name}.jpg")
         sets = {
             "magnetic tile": tiles,
-            "1500x1000 JPEG": synthetic(Path(tempfile.mkdtemp(prefix="visa-")) / "visa", args.visa, (1000, 1500), 1),
+            "1500x1000 JPEG": synthetic(work / "visa", args.visa, (1000, 1500), 1),
         }
         prepare(work, train, onnx=True)
         export = json.loads(

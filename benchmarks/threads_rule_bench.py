@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -70,7 +71,7 @@ def child(threads: int, images: int, work: Path, export: bool) -> None:
         model.predict(data[i : i + 8])
     out["predict"] = time.perf_counter() - start
     if export:
-        target = Path(tempfile.mkdtemp(prefix="threads_bench-")) / "model.onnx"
+        target = work / f"export-{os.getpid()}.onnx"
         start = time.perf_counter()
         export_onnx(work / "model", target)
         out["export"] = time.perf_counter() - start
@@ -114,35 +115,40 @@ def main() -> None:
     prepare(work, args.images)
     print("| cores | busy loops | load avg | phase | 1 thread s | 2 threads s | 2 / 1 |")
     print("|---:|---:|---:|---|---:|---:|---:|")
-    for ncores in (int(c) for c in args.cores.split(",")):
-        cores = "0" if ncores == 1 else f"0-{ncores - 1}"
-        for nload in (int(x) for x in args.loads.split(",")):
-            loops = [
-                subprocess.Popen(["taskset", "-c", str(i % ncpu), sys.executable, "-c", "while True: pass"])
-                for i in range(nload)
-            ]
-            try:
-                time.sleep(1.0 if nload else 0.0)
-                best: dict[int, dict[str, float]] = {1: {}, 2: {}}
-                loads = []
-                for _ in range(args.rounds):
-                    for threads in (1, 2):
-                        loads.append(os.getloadavg()[0])
-                        got = run_child(threads, cores, args.images, work, args.export)
-                        for k, v in got.items():
-                            best[threads][k] = min(best[threads].get(k, float("inf")), v)
-            finally:
-                for p in loops:
-                    p.kill()
-                    p.wait()
-            load = f"{min(loads):.1f}-{max(loads):.1f}"
-            for phase in PHASES:
-                if phase not in best[1]:
-                    continue
-                one, two = best[1][phase], best[2][phase]
-                print(
-                    f"| {ncores} | {nload} | {load} | {phase} | {one:.2f} | {two:.2f} | {two / one:.2f} |", flush=True
-                )
+    try:
+        for ncores in (int(c) for c in args.cores.split(",")):
+            cores = "0" if ncores == 1 else f"0-{ncores - 1}"
+            for nload in (int(x) for x in args.loads.split(",")):
+                loops = [
+                    subprocess.Popen(["taskset", "-c", str(i % ncpu), sys.executable, "-c", "while True: pass"])
+                    for i in range(nload)
+                ]
+                try:
+                    time.sleep(1.0 if nload else 0.0)
+                    best: dict[int, dict[str, float]] = {1: {}, 2: {}}
+                    loads = []
+                    for _ in range(args.rounds):
+                        for threads in (1, 2):
+                            loads.append(os.getloadavg()[0])
+                            got = run_child(threads, cores, args.images, work, args.export)
+                            for k, v in got.items():
+                                best[threads][k] = min(best[threads].get(k, float("inf")), v)
+                finally:
+                    for p in loops:
+                        p.kill()
+                        p.wait()
+                load = f"{min(loads):.1f}-{max(loads):.1f}"
+                for phase in PHASES:
+                    if phase not in best[1]:
+                        continue
+                    one, two = best[1][phase], best[2][phase]
+                    print(
+                        f"| {ncores} | {nload} | {load} | {phase} | {one:.2f} | {two:.2f} | {two / one:.2f} |",
+                        flush=True,
+                    )
+
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

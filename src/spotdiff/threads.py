@@ -1,10 +1,13 @@
 """The intra-op thread count of CPU work (set by the CLI, not on import).
 
-torch's default is one thread per core. On a machine that other jobs keep busy, those threads
-spin and wait for each other and a run gets slower, not faster (measured in
-``benchmarks/RESULTS.md``, "Intra-op threads"). spotdiff therefore uses the cores that are idle
-when the command starts: ``cores - round(load average over 1 min)``, at least 1 and at most the
-core count. Order of precedence (first that is set wins):
+torch's default is one thread per core, onnxruntime's one per physical core. On a machine that other
+jobs keep busy, those threads spin and wait for each other and a run gets slower, not faster
+(``benchmarks/RESULTS.md``, "Threads that help": 2 threads against 1 on 2 cores at load 6-11, fit
+3.9x and predict 7.6x slower); more threads than the cores this process may run on (``taskset``, a
+container's CPU set) can only time-slice. spotdiff therefore uses the
+cores of its CPU set that are idle when the command starts (:func:`rule_threads`): the 1-min load
+average is spread over the machine's cores, its share of this process's cores is taken as busy, and
+the rest (rounded, at least 1) get a thread each. Order of precedence (first that is set wins):
 
 1. ``--threads N`` (global CLI flag);
 2. ``SPOTDIFF_THREADS=N`` in the environment;
@@ -18,6 +21,7 @@ two are never both set to use all cores in one process.
 
 from __future__ import annotations
 
+import math
 import os
 
 from spotdiff.errors import ConfigError
@@ -30,14 +34,25 @@ def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def rule_threads(cores: int, machine_cores: int, load: float) -> int:
+    """The thread rule: threads for a process that may run on ``cores`` of the machine's
+    ``machine_cores``, at 1-min load average ``load`` (runnable tasks over the whole machine).
+
+    ``load * cores / machine_cores`` of this process's cores count as busy; each remaining core
+    (rounded half up) gets one thread; at least 1, at most ``cores``.
+    """
+    cores = max(1, cores)
+    busy_here = max(0.0, load) * cores / max(cores, machine_cores)
+    return max(1, min(cores, cores - math.floor(busy_here + 0.5)))
+
+
 def idle_cores() -> int:
-    """Cores not busy right now: ``cores - round(1-min load average)``, clamped to [1, cores]."""
-    cores = cpu_cores()
+    """:func:`rule_threads` for this process now (its CPU set, the machine's cores, the load average)."""
     try:
         load = os.getloadavg()[0]
     except OSError:  # not available on this platform
         load = 0.0
-    return max(1, min(cores, cores - round(load)))
+    return rule_threads(cpu_cores(), os.cpu_count() or 1, load)
 
 
 def _parse(value: str | int, source: str) -> int:

@@ -128,6 +128,7 @@ def load_served_model(
     """
     from spotdiff.detect import Detector
     from spotdiff.detect.export import OnnxDetector, model_fingerprint
+    from spotdiff.threads import session_threads
 
     root = Path(model_dir)
     if backend not in BACKENDS:
@@ -136,7 +137,7 @@ def load_served_model(
     if backend == "onnxruntime":
         if onnx_file is None:
             raise ConfigError(f"{root}: --backend onnxruntime needs an ONNX file (written by `spotdiff export`)")
-        detector = OnnxDetector(root, onnx_file)
+        detector = OnnxDetector(root, onnx_file, threads=session_threads())
     else:
         if onnx_file is not None:
             raise ConfigError("--onnx is only used with --backend onnxruntime")

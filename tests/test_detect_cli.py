@@ -178,3 +178,41 @@ def test_fit_coreset_options(tmp_path, capsys):
     for shard, recorded in (("0", None),):
         assert main([*common, "--coreset-shard", shard, "--io-threads", "2", "--out", str(tmp_path / shard)]) == 0
         assert json.loads((tmp_path / shard / "config.json").read_text())["coreset_shard"] == recorded
+
+
+@pytest.fixture(scope="module")
+def two_objects(tmp_path_factory):
+    root = synth.generate(
+        tmp_path_factory.mktemp("synth"), seed=0, scale=0.1, image_size=32, objects=["cashew_synth", "capsules_synth"]
+    )
+    return root
+
+
+FIT = ["fit", "--model", "padim", "--arch", "resnet18", "--d", "16", "--image-size", "32"]
+
+
+def test_test_warns_when_the_object_differs_from_the_fitted_one(two_objects, tmp_path, capsys):
+    model = tmp_path / "m"
+    assert main(["--quiet", *FIT, "--data", str(two_objects), "--object", "cashew_synth", "--out", str(model)]) == 0
+    argv = ["--quiet", "test", str(model), "--data", str(two_objects)]
+    assert main([*argv, "--object", "capsules_synth", "--out", str(tmp_path / "r1")]) == 0
+    assert "fitted on object 'cashew_synth', not 'capsules_synth'" in capsys.readouterr().err
+    assert main([*argv, "--object", "cashew_synth", "--out", str(tmp_path / "r2")]) == 0
+    assert "fitted on object" not in capsys.readouterr().err
+    test_set = json.loads((tmp_path / "r2" / "metrics.json").read_text())["test_set"]
+    assert test_set["normal"] > 0 and test_set["anomalous"] > 0 and test_set["pixels"] > test_set["anomalous_pixels"]
+
+
+def test_fit_skip_bad_names_each_skipped_file_once(two_objects, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(two_objects, root)
+    bad = sorted((root / "cashew_synth" / "Data" / "Images" / "Normal").iterdir())[0]
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
+    argv = [*FIT, "--data", str(root), "--object", "cashew_synth", "--out", str(tmp_path / "m"), "--skip-bad"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert err.count(bad.name) == 1 and "skipped 1 of" in err
+    assert main(["--quiet", *argv]) == 0
+    assert capsys.readouterr().err.count(bad.name) == 1  # still named, once, with --quiet

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import _toy_method
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -499,3 +500,45 @@ def test_real_supervised_method_uses_class_folders(tmp_path):
     assert all(math.isfinite(float(r["loss"])) for r in read_log(tmp_path / "run"))
     assert payload["model"]["classifier.weight"].shape == (2, 512)  # one output per class folder
     build_backbone("resnet18", weights=tmp_path / "run" / "backbone.safetensors")
+
+
+def test_pretrain_caps_batch_by_the_data_and_workers_by_the_cores(tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    run = tmp_path / "run"
+    assert (
+        main(
+            [
+                "pretrain",
+                "--method",
+                "simsiam",
+                "--spd",
+                "--arch",
+                "resnet18",
+                "--steps",
+                "1",
+                "--batch-size",
+                "512",
+                "--image-size",
+                "32",
+                "--workers",
+                "4096",
+                "--data",
+                str(images),
+                "--out",
+                str(run),
+                "--set",
+                "hparams.blend_area=[0.04, 0.08]",
+                "--set",
+                "hparams.blend_aspect=[0.5, 2.0]",
+            ]
+        )
+        == 0
+    )  # SmoothBlend at 32 px
+    err = capsys.readouterr().err
+    assert "batch size 512 capped at 6" in err and "workers capped at" in err
+    assert "pretrain simsiam+spd" in err  # the progress bar names the run
+    assert (run / "backbone.safetensors").is_file()

@@ -327,3 +327,46 @@ def test_curve_legend_area_equals_scikit_learns_auc():
     fpr, tpr, _ = roc_curve(labels, scores)
     assert curve_area(recall, precision) == pytest.approx(auc(recall, precision), abs=1e-12)
     assert curve_area(fpr, tpr) == pytest.approx(auc(fpr, tpr), abs=1e-12)
+
+
+def _record(obj, method, aupr, std=None, test_set=True):
+    metrics = {"image_aupr": aupr, "image_auroc": aupr}
+    if std is not None:
+        metrics["image_aupr_std"] = std
+    if test_set:
+        metrics["test_set"] = {"normal": 16, "anomalous": 50, "pixels": 1000, "anomalous_pixels": 21}
+    return ResultRecord(obj, method, "padim", metrics)
+
+
+def test_tables_state_the_test_set_chance_levels_and_seed_spread():
+    table = object_backbone_table([_record("pcb", "A", 0.9), _record("pcb", "B", 0.8)])
+    text = table.to_markdown()
+    assert "16 normal + 50 anomalous test images" in text and "1,000 pixels" in text
+    assert "image AU-PR 75.8" in text and "pixel AU-PR 2.1" in text  # 50/66 and 21/1000
+    assert "One seed per cell" in text
+    seeded = metric_table(
+        [
+            _record("pcb", "A", 0.90, 0.01),
+            _record("pcb", "B", 0.85, 0.01),
+            _record("cap", "A", 0.80, 0.03),
+            _record("cap", "B", 0.79, 0.02),
+        ],
+        "image_aupr",
+    )
+    note = seeded.notes[-1]
+    assert "pcb: A leads B by 5.0, beyond their seed spread (2.0)" in note
+    assert "cap: A leads B by 1.0, within their seed spread (5.0)" in note
+    assert seeded.to_json()["notes"] == seeded.notes
+
+
+def test_gallery_shows_best_detections_beside_worst_misses():
+    scores = np.array([0.1, 0.9, 0.2, 0.8, 0.3, 0.05])
+    labels = np.array([1, 1, 1, 1, 0, 0])
+    preds = Predictions("o", "m", scores, labels, images=np.zeros((6, 8, 8, 3)))
+    items = preds.gallery_items(4)
+    assert [(it.kind, it.score) for it in items] == [
+        ("highest-scoring defect", 0.9),
+        ("highest-scoring defect", 0.8),
+        ("lowest-scoring defect", 0.1),
+        ("highest-scoring normal", 0.3),
+    ]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from spotdiff import threads
-from spotdiff.threads import rule_threads
+from spotdiff.cli import main
+from spotdiff.threads import ENV_VAR, choose_threads, idle_cores, rule_threads
 
 
 @pytest.mark.parametrize(
@@ -56,3 +57,19 @@ def test_session_threads_follow_torch(monkeypatch):
         assert threads.apply_threads(2) == 2 and threads.session_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_thread_count_precedence(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.getloadavg", lambda: (50.0, 0.0, 0.0))
+    assert idle_cores() == 1 and choose_threads() == (1, "idle cores")
+    monkeypatch.setattr("os.getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert idle_cores() >= 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert choose_threads() == (None, "OMP_NUM_THREADS")
+    monkeypatch.setenv(ENV_VAR, "2")
+    assert choose_threads() == (2, ENV_VAR)
+    assert choose_threads(5) == (5, "--threads")
+    monkeypatch.setenv(ENV_VAR, "zero")
+    assert main(["--quiet", "synth", "--out", "unused"]) == 2  # a bad value is an expected error

@@ -246,7 +246,8 @@ def fit_ratio(args: argparse.Namespace) -> dict[str, Any]:
     train = open_magnetic_tile(args.real_root, "train", image_size=256, seed=0).subset(range(args.images))
     _, forward = features(args.real_root, args.images)
     out: dict[str, Any] = {"images": args.images, "forward_cpu_s": forward * args.images}
-    for name, greedy in (("new", pc.greedy_coreset), ("previous", previous_coreset), ("new again", pc.greedy_coreset)):
+    arms = {"new": pc.greedy_coreset, "previous": previous_coreset, "new again": pc.greedy_coreset}
+    for name, greedy in ((n, arms[n]) for n in args.fit_arms.split(",")):
         original = pc.greedy_coreset
         pc.greedy_coreset = greedy
         try:
@@ -310,6 +311,11 @@ def main() -> None:
     parser.add_argument("--auroc-images", type=int, default=100)
     parser.add_argument("--auroc-test", type=int, default=80)
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--fit-arms",
+        default="new,previous,new again",
+        help="--part fit: the selections to fit with, in order (comma-separated: new, previous, new again)",
+    )
     parser.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--memory-rows", type=int, default=VISA_ROWS, help=argparse.SUPPRESS)
     parser.add_argument("--shard-file", help=argparse.SUPPRESS)

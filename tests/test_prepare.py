@@ -122,7 +122,7 @@ def test_prepare_cli(pcb4_tree, tmp_path, capsys):
         str(csv),
         "--out",
         str(out),
-        "--workers",
+        "--io-threads",
         "1",
     ]
     assert main(argv) == 0
@@ -130,5 +130,5 @@ def test_prepare_cli(pcb4_tree, tmp_path, capsys):
     assert len(tree(out)) == 7
     assert main(argv) == 0
     assert "0 file(s) written, 7 already up to date" in capsys.readouterr().out
-    assert main(["prepare", "--visa-root", str(root), "--split", "1cls", "--out", str(out), "--workers", "0"]) == 2
-    assert "--workers must be >= 1" in capsys.readouterr().err
+    assert main(["prepare", "--visa-root", str(root), "--split", "1cls", "--out", str(out), "--io-threads", "0"]) == 2
+    assert "--io-threads must be >= 1" in capsys.readouterr().err

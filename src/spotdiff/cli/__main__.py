@@ -1,0 +1,5 @@
+import sys
+
+from spotdiff.cli import main
+
+sys.exit(main())

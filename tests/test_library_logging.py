@@ -64,7 +64,7 @@ def test_library_info_lines_reach_the_cli_user_unless_quiet(tmp_path):
 
 
 def test_no_print_in_the_library():
-    """Library modules log; only the CLI (and the two report modules being moved to bench/) print."""
+    """Library modules log; only the CLI print."""
     offenders = [
         f"{path.relative_to(SRC).as_posix()}:{node.lineno}"
         for path in sorted(SRC.rglob("*.py"))

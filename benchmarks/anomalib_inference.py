@@ -137,21 +137,10 @@ def peer(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------- spotdiff side (driver)
 def synthetic(folder: Path, n: int, size: tuple[int, int], seed: int) -> Path:
-    """``n`` textured JPEGs of ``size`` (H, W) with one bright blob each (as ``predict_bench.py``)."""
-    import numpy as np
-    from PIL import Image
+    """``n`` textured JPEGs of ``size`` (H, W) with bright blobs: ``predict_bench.py``'s images."""
+    from predict_bench import synthetic as predict_bench_images  # benchmarks/ is on sys.path as a script
 
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True)
-    h, w = size
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = (120 + 30 * np.sin(xx / 23.0) * np.cos(yy / 31.0))[..., None]
-    for i in range(n):
-        img = base + rng.normal(0, 12, (h, w, 3))
-        cy, cx = rng.integers(50, h - 50), rng.integers(50, w - 50)
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 < 400] = 230
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"{i:04d}.jpg", quality=90)
-    return folder
+    return predict_bench_images(folder, n, size, "jpg", seed)
 
 
 def prepare(work: Path, train: list[Path], onnx: bool) -> None:

@@ -58,3 +58,16 @@ def test_cuda_without_cuda_is_one_line_exit_2(tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "device 'cuda' requested but CUDA is not available" in err
+
+
+def test_detectors_take_auto_from_the_library_like_every_command(monkeypatch):
+    from spotdiff.detect import PaDiM
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    images = [{"image": torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(i))} for i in range(4)]
+    model = PaDiM(arch="resnet18", d=8, device="auto").fit(images)
+    assert model.device_ == torch.device("cpu") and model.forward_batch == min(model.batch_size, 4)
+    scores, maps = model.predict(torch.stack([x["image"] for x in images]))
+    assert torch.isfinite(scores).all() and maps.shape[-2:] == (32, 32)
+    with pytest.raises(ConfigError, match="bad device 'tpu'"):
+        PaDiM(arch="resnet18", d=8, device="tpu").fit(images)

@@ -34,6 +34,7 @@ from spotdiff.detect import schema, store
 from spotdiff.detect.colour import NORMAL_SAMPLE, normal_statistics
 from spotdiff.detect.features import check_layers
 from spotdiff.detect.head import DetectorHead
+from spotdiff.devices import resolve_device
 from spotdiff.errors import ConfigError, DataError, WeightsError
 from spotdiff.models import WeightsLike, build_backbone, check_arch, file_record, inference_backbone, load_weights
 from spotdiff.progress import progress
@@ -142,7 +143,7 @@ class Detector(ABC):
 
     def _build_backbone(self, weights: WeightsLike) -> None:
         """Set ``backbone_`` (inference form on ``device_``), ``backbone_source_`` and ``weights_record_``."""
-        self.device_ = torch.device(self.device)
+        self.device_ = resolve_device(str(self.device))  # `auto` too, like every command
         self.layers_ = check_layers(self.layers)
         loaded = load_weights(self.arch, weights)
         self.backbone_ = inference_backbone(make_backbone(self.arch, loaded, self.seed), self.layers_).to(self.device_)
@@ -168,7 +169,8 @@ class Detector(ABC):
     @property
     def forward_batch(self) -> int:
         """Images per backbone forward pass: ``batch_size``, capped at ``CPU_FORWARD_IMAGES`` on CPU."""
-        return self.batch_size if torch.device(self.device).type != "cpu" else min(self.batch_size, CPU_FORWARD_IMAGES)
+        on_cpu = resolve_device(str(self.device)).type == "cpu"
+        return min(self.batch_size, CPU_FORWARD_IMAGES) if on_cpu else self.batch_size
 
     # ----------------------------------------------------------------------------- fitting
     def _training_batches(self, dataset: ItemDataset, desc: str) -> Iterator[torch.Tensor]:

@@ -41,6 +41,7 @@ from spotdiff.detect.base import CPU_FORWARD_IMAGES, Detector
 from spotdiff.detect.head import DetectorHead
 from spotdiff.errors import ConfigError, WeightsError
 from spotdiff.files import atomic_path, output_error
+from spotdiff.threads import session_threads
 
 OPSET = 18
 PROTOBUF_LIMIT = 2**31 - 1
@@ -214,7 +215,8 @@ class OnnxDetector:
     ``image_size``, ``calibration`` and the fingerprint come from ``model_dir``; the ONNX file must
     have been exported from that model directory, unchanged since (fingerprint, content digest and
     a probe run against the torch detector; see the module docstring), else :class:`WeightsError`
-    naming the file. The torch detector is loaded for the probe and then released.
+    naming the file. The torch detector is loaded for the probe and then released. ``threads``:
+    onnxruntime's intra-op threads (None: the count the thread rule gave torch, ``session_threads``).
     """
 
     def __init__(
@@ -248,8 +250,7 @@ class OnnxDetector:
                 f"the one recorded); re-run `spotdiff export {model_dir} --format onnx`"
             )
         options = ort.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = threads
+        options.intra_op_num_threads = session_threads() if threads is None else threads
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types

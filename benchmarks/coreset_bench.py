@@ -337,9 +337,9 @@ def main() -> None:
     if args.part in ("auroc", "fit"):
         out[args.part] = auroc(args) if args.part == "auroc" else fit_ratio(args)
         out["load_end"] = os.getloadavg()
-        print(report_auroc(out) if args.part == "auroc" else report_fit(out))
-        if args.json:
+        if args.json:  # before the report, so a report error loses no measurement
             args.json.write_text(json.dumps(out, indent=1))
+        print(report_auroc(out) if args.part == "auroc" else report_fit(out))
         return
     z, forward_per_image = features(args.real_root, args.images)
     out["forward_cpu_s_per_image"] = forward_per_image
@@ -436,6 +436,7 @@ def report_fit(out: dict[str, Any]) -> str:
     lines += [
         f"| {name} | {f[name]['fit_cpu_s']:.1f} | {f[name]['fit_over_forward']:.2f} | {f[name]['bank_rows']:,} |"
         for name in ("new", "previous", "new again")
+        if name in f  # --fit-arms
     ]
     return "\n".join(lines)
 

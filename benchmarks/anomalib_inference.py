@@ -238,10 +238,7 @@ def main() -> None:
         tiles.mkdir()
         for i, p in enumerate(pool[: args.tiles]):
             shutil.copyfile(p, tiles / f"{i:04d}_{p.parent.parent.name}.jpg")
-        sets = {
-            "magnetic tile": tiles,
-            "1500x1000 JPEG": synthetic(work / "visa", args.visa, (1000, 1500), 1),
-        }
+        sets = {"magnetic tile": tiles, "1500x1000 JPEG": synthetic(work / "visa", args.visa, (1000, 1500), 1)}
         prepare(work, train, onnx=True)
         export = json.loads(
             subprocess.run(

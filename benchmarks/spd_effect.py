@@ -313,12 +313,7 @@ def detector_metrics(kind: str, weights: Path, design: Design, seed: int, data: 
 
 def segmentation_metrics(weights: Path, design: Design, seed: int, data: SeedData) -> dict[str, float]:
     """2-class k-shot segmentation: a U-Net fine-tuned from ``weights`` (the finetune package's recipe)."""
-    from spotdiff.finetune.train import (
-        TensorData,
-        build_model,
-        evaluate_model,
-        train_model,
-    )
+    from spotdiff.finetune.train import TensorData, build_model, evaluate_model, train_model
     from spotdiff.models import load_weights
 
     def tensors(items: list[dict[str, Any]]) -> TensorData:

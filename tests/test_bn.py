@@ -15,11 +15,7 @@ from torch import nn
 from spotdiff.cli import main
 from spotdiff.errors import DataError
 from spotdiff.models import build_backbone, load_weights
-from spotdiff.models.bn import (
-    recalibrate_batchnorm,
-    recalibrate_batchnorm_folder,
-    recalibrated_weights,
-)
+from spotdiff.models.bn import recalibrate_batchnorm, recalibrate_batchnorm_folder, recalibrated_weights
 from spotdiff.pretrain import train
 from spotdiff.pretrain.config import load_config
 

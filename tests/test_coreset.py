@@ -42,13 +42,7 @@ def gaussian(m: int, dim: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     ("m", "dim", "n_select", "candidates"),
-    [
-        (1, 3, 1, 1024),
-        (50, 2, 50, 1024),
-        (700, 8, 70, 1024),
-        (2000, 128, 200, 64),
-        (3000, 16, 300, 1),
-    ],
+    [(1, 3, 1, 1024), (50, 2, 50, 1024), (700, 8, 70, 1024), (2000, 128, 200, 64), (3000, 16, 300, 1)],
 )
 @pytest.mark.parametrize("screen_dtype", [torch.float64, torch.float32])
 def test_random_rows_equal_plain_loop(m, dim, n_select, candidates, screen_dtype):
@@ -109,11 +103,7 @@ def _magnetic_tile_images(n: int) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     ("source", "n_images", "projection_dim", "ratio"),
-    [
-        ("magnetic_tile", 12, 128, 0.1),
-        ("magnetic_tile", 4, None, 0.25),
-        ("synthetic", 8, 128, 0.1),
-    ],
+    [("magnetic_tile", 12, 128, 0.1), ("magnetic_tile", 4, None, 0.25), ("synthetic", 8, 128, 0.1)],
 )
 def test_patch_features_equal_plain_loop(source, n_images, projection_dim, ratio):
     """PatchCore's coreset on real patch features (projected as in fit, or not) is the plain loop's."""

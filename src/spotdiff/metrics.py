@@ -43,13 +43,7 @@ from typing import Any, overload
 import numpy as np
 from scipy import ndimage
 
-__all__ = [
-    "Evaluator",
-    "evaluate",
-    "pr_curve",
-    "roc_curve",
-    "PRO_FPR_LIMIT",
-]
+__all__ = ["Evaluator", "evaluate", "pr_curve", "roc_curve", "PRO_FPR_LIMIT"]
 
 PRO_FPR_LIMIT = 0.3
 """Upper FPR limit of the AU-PRO integral (MVTec AD / VisA convention)."""
@@ -466,11 +460,7 @@ def pr_curve(scores: ImageArray, labels: ImageArray) -> tuple[np.ndarray, np.nda
     fps, tps, thresholds = _binary_curve(scores, labels)
     precision = tps / (tps + fps)
     recall = tps / tps[-1]
-    return (
-        np.append(precision[::-1], 1.0),
-        np.append(recall[::-1], 0.0),
-        thresholds[::-1],
-    )
+    return (np.append(precision[::-1], 1.0), np.append(recall[::-1], 0.0), thresholds[::-1])
 
 
 def roc_curve(scores: ImageArray, labels: ImageArray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -31,6 +31,9 @@ from spotdiff.detect.evaluate import evaluate_detector
 from spotdiff.detect.schema import MAX_IMAGE_SIDE
 from spotdiff.errors import ConfigError, DataError, WeightsError
 
+TINY_FIT = ["--quiet", "fit", "--model", "padim", "--arch", "resnet18", "--d", "8", "--image-size", "32"]
+"""`spotdiff fit` of a tiny PaDiM (add the images, weights and --out)."""
+
 SIZE = 32
 pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 
@@ -232,30 +235,7 @@ def test_predict_refuses_a_non_finite_threshold(option, value, models, images, t
 )
 def test_fit_refuses_bad_numbers_before_reading_anything(argv, named, images, tmp_path, capsys):
     out = tmp_path / "m"
-    assert (
-        main(
-            [
-                "--quiet",
-                "fit",
-                "--model",
-                "padim",
-                "--arch",
-                "resnet18",
-                "--d",
-                "8",
-                "--image-size",
-                "32",
-                "--train",
-                str(images),
-                "--weights",
-                "random",
-                "--out",
-                str(out),
-                *argv,
-            ]
-        )
-        == 2
-    )
+    assert main([*TINY_FIT, "--train", str(images), "--weights", "random", "--out", str(out), *argv]) == 2
     one_line_error(capsys, named)
     assert not out.exists()
 
@@ -300,29 +280,7 @@ def test_a_backbone_with_nan_weights_does_not_fit(images, tmp_path, capsys):
     state["layer1.0.conv1.weight"][0, 0, 0, 0] = math.nan
     save_file(state, str(weights))
     out = tmp_path / "m"
-    assert (
-        main(
-            [
-                "--quiet",
-                "fit",
-                "--model",
-                "padim",
-                "--arch",
-                "resnet18",
-                "--d",
-                "8",
-                "--image-size",
-                "32",
-                "--train",
-                str(images),
-                "--weights",
-                str(weights),
-                "--out",
-                str(out),
-            ]
-        )
-        == 2
-    )
+    assert main([*TINY_FIT, "--train", str(images), "--weights", str(weights), "--out", str(out)]) == 2
     one_line_error(capsys, str(weights), "'layer1.0.conv1.weight'", "non-finite")
     assert not out.exists()
 
@@ -431,24 +389,7 @@ def test_fit_out_over_a_model_directory_with_other_files_needs_overwrite(models,
     (out / "overlays" / "a.png").write_bytes(b"png")
     (out / "notes.txt").write_text("my notes")
     before = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    argv = [
-        "--quiet",
-        "fit",
-        "--model",
-        "padim",
-        "--arch",
-        "resnet18",
-        "--d",
-        "8",
-        "--image-size",
-        "32",
-        "--train",
-        str(images),
-        "--weights",
-        "random",
-        "--out",
-        str(out),
-    ]
+    argv = [*TINY_FIT, "--train", str(images), "--weights", "random", "--out", str(out)]
     assert main(argv) == 2
     one_line_error(capsys, str(out), "notes.txt", "overlays", "scores.csv", "--overwrite")
     assert {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
@@ -508,16 +449,7 @@ def test_a_decompression_bomb_mask_is_one_line(models, images, tmp_path, capsys)
     assert (
         main(
             [
-                "--quiet",
-                "fit",
-                "--model",
-                "padim",
-                "--arch",
-                "resnet18",
-                "--d",
-                "8",
-                "--image-size",
-                "32",
+                *TINY_FIT,
                 "--train",
                 str(images),
                 "--weights",

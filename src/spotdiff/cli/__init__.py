@@ -68,8 +68,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (used by ``main`` and by the docs)."""
     parser = argparse.ArgumentParser(
-        prog="spotdiff",
-        description="Industrial anomaly detection with SPot-the-Difference pre-training.",
+        prog="spotdiff", description="Industrial anomaly detection with SPot-the-Difference pre-training."
     )
     parser.add_argument("--version", action="version", version=f"spotdiff {__version__}")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or status lines")

@@ -89,11 +89,7 @@ def visa_class_names(root: Path, obj: str, id2class: str | os.PathLike[str] | No
 
 
 def visa_records(
-    root: Path,
-    obj: str,
-    split: str = "1cls",
-    subset: str = "train",
-    split_csv: str | os.PathLike[str] | None = None,
+    root: Path, obj: str, split: str = "1cls", subset: str = "train", split_csv: str | os.PathLike[str] | None = None
 ) -> list[ImageRecord]:
     """The rows of ``obj`` / ``subset`` in a split CSV as `ImageRecord`s (CSV order).
 

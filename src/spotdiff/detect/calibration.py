@@ -296,13 +296,7 @@ def calibrate(
     ``val_good`` / ``val_bad`` items are dicts with ``image`` (and ``mask`` for ``val_bad``) at the
     model's image size. ``has_masks``: ``val_bad`` carries real masks (pixel F1 is then possible).
     """
-    check_threshold_mode(
-        mode,
-        val_bad is not None and len(val_bad) > 0,
-        threshold,
-        target_fpr,
-        pixel_threshold,
-    )
+    check_threshold_mode(mode, val_bad is not None and len(val_bad) > 0, threshold, target_fpr, pixel_threshold)
     if len(val_good) == 0:
         raise DataError("no normal validation images to calibrate on")
     good_scores, good_maps, _ = score_dataset(model, val_good, "scoring normal validation images")

@@ -29,19 +29,9 @@ from spotdiff.detect.colour import (
     scale_from_normals,
 )
 from spotdiff.detect.predict_output import PREDICT_COLUMNS
-from spotdiff.detect.scoring import (
-    ERROR,
-    ImageScorer,
-    ScoredImage,
-    binary_mask,
-    overlay_picture,
-)
+from spotdiff.detect.scoring import ERROR, ImageScorer, ScoredImage, binary_mask, overlay_picture
 from spotdiff.errors import ConfigError, DataError, OutputError, SpotdiffError
-from spotdiff.files import (
-    TMP_MARK,
-    TMP_PREFIX,
-    atomic_path,
-)
+from spotdiff.files import TMP_MARK, TMP_PREFIX, atomic_path
 from spotdiff.progress import progress
 
 log = logging.getLogger(__name__)

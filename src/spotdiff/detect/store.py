@@ -33,12 +33,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from spotdiff.detect.schema import (
-    BACKBONE_FILE,
-    CONFIG_FILE,
-    MODEL_FILE,
-    check_model_config,
-)
+from spotdiff.detect.schema import BACKBONE_FILE, CONFIG_FILE, MODEL_FILE, check_model_config
 from spotdiff.errors import ConfigError, WeightsError
 from spotdiff.files import default_mode, output_error, sha256_file
 

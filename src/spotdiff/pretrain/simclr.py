@@ -17,10 +17,7 @@ from spotdiff.pretrain.base import PretrainMethod, Recipe, gather_with_grad, wor
 def simclr_head(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
     """``in -> hidden (BN, ReLU) -> out``: the paper's nonlinear projection head (BN as in its code)."""
     return nn.Sequential(
-        nn.Linear(in_dim, hidden, bias=False),
-        nn.BatchNorm1d(hidden),
-        nn.ReLU(inplace=True),
-        nn.Linear(hidden, out_dim),
+        nn.Linear(in_dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim)
     )
 
 
@@ -58,12 +55,7 @@ class SimCLR(PretrainMethod):
     exclude_norm_and_bias_from_wd = True
 
     def __init__(
-        self,
-        backbone: ResNet,
-        dim: int = 128,
-        hidden_dim: int | None = None,
-        temperature: float = 0.1,
-        **kwargs: Any,
+        self, backbone: ResNet, dim: int = 128, hidden_dim: int | None = None, temperature: float = 0.1, **kwargs: Any
     ) -> None:
         super().__init__(backbone, **kwargs)
         self.head = simclr_head(self.feature_dim, hidden_dim or self.feature_dim, dim)

@@ -31,10 +31,7 @@ def simsiam_projector(in_dim: int, dim: int) -> nn.Sequential:
 def simsiam_predictor(dim: int, pred_dim: int) -> nn.Sequential:
     """2-layer bottleneck MLP ``dim -> pred_dim -> dim`` (BN + ReLU in the hidden layer)."""
     return nn.Sequential(
-        nn.Linear(dim, pred_dim, bias=False),
-        nn.BatchNorm1d(pred_dim),
-        nn.ReLU(inplace=True),
-        nn.Linear(pred_dim, dim),
+        nn.Linear(dim, pred_dim, bias=False), nn.BatchNorm1d(pred_dim), nn.ReLU(inplace=True), nn.Linear(pred_dim, dim)
     )
 
 

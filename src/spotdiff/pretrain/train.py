@@ -41,21 +41,9 @@ from spotdiff.errors import ConfigError, DataError, SpotdiffError
 from spotdiff.files import atomic_path, write_json_atomic, write_text_atomic
 from spotdiff.models import LoadedWeights, load_weights
 from spotdiff.pretrain.base import PretrainMethod
-from spotdiff.pretrain.checkpoint import (
-    CHECKPOINT_NAME,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from spotdiff.pretrain.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from spotdiff.pretrain.config import PretrainConfig, config_differences
-from spotdiff.pretrain.data import (
-    EpochBatchSampler,
-    PretrainImages,
-    drop_unreadable,
-    find_images,
-    mix_seed,
-)
+from spotdiff.pretrain.data import EpochBatchSampler, PretrainImages, drop_unreadable, find_images, mix_seed
 from spotdiff.pretrain.distributed import DistContext, all_reduce_mean, barrier, cleanup_distributed, init_distributed
 from spotdiff.pretrain.export import write_backbone
 from spotdiff.pretrain.methods import build_method

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from spotdiff.detect import PaDiM, PatchCore
-from spotdiff.detect.export import OnnxDetector, export_onnx
+from spotdiff.detect.export import export_onnx
+from spotdiff.detect.onnx_runtime import OnnxDetector
 
 
 def synthetic(n: int, size: int, seed: int) -> torch.Tensor:

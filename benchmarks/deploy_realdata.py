@@ -100,7 +100,7 @@ def in_process_rate(model_dir: Path, images: list[Path], threads: int, onnx: Pat
     torch.set_num_threads(threads)
     model = load_detector(model_dir)
     if onnx is not None:
-        from spotdiff.detect.export import OnnxDetector
+        from spotdiff.detect.onnx_runtime import OnnxDetector
 
         model = OnnxDetector(model_dir, onnx, threads=threads)
     size = model.image_size_

@@ -122,7 +122,8 @@ def main() -> None:
         model.save(work / "model")
         runners: dict[str, object] = {"torch": model}
         if "onnxruntime" in args.backends:
-            from spotdiff.detect.export import OnnxDetector, export_onnx
+            from spotdiff.detect.export import export_onnx
+            from spotdiff.detect.onnx_runtime import OnnxDetector
 
             export_onnx(work / "model", work / "model.onnx")
             runners["onnxruntime"] = OnnxDetector(work / "model", work / "model.onnx", threads=args.threads)

@@ -56,7 +56,8 @@ def child(threads: int, images: int, work: Path, export: bool) -> None:
 
     torch.set_num_threads(threads)
     from spotdiff.detect import PaDiM, load_detector
-    from spotdiff.detect.export import OnnxDetector, export_onnx
+    from spotdiff.detect.export import export_onnx
+    from spotdiff.detect.onnx_runtime import OnnxDetector
     from spotdiff.progress import set_quiet
 
     set_quiet(True)

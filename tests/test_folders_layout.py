@@ -16,8 +16,8 @@ from detect_fakes import square_images
 from PIL import Image
 
 from spotdiff.cli import main
-from spotdiff.data.folder import list_images
 from spotdiff.data.io import load_image
+from spotdiff.data.listing import list_images
 from spotdiff.data.plain import folder_records, holdout, open_folders
 from spotdiff.detect.evaluate import decision_metrics, decisions_text
 from spotdiff.errors import DataError

@@ -20,7 +20,8 @@ from detect_fakes import as_dataset, square_images  # noqa: E402
 from spotdiff.cli import main  # noqa: E402
 from spotdiff.detect import PaDiM, PatchCore  # noqa: E402
 from spotdiff.detect import export as export_mod  # noqa: E402
-from spotdiff.detect.export import OnnxDetector, export_onnx  # noqa: E402
+from spotdiff.detect.export import export_onnx  # noqa: E402
+from spotdiff.detect.onnx_runtime import OnnxDetector  # noqa: E402
 from spotdiff.errors import WeightsError  # noqa: E402
 
 MAGNETIC_TILE = Path(__file__).resolve().parents[1].parent / "shared" / "realdata" / "magnetic_tile"
@@ -29,9 +30,10 @@ SIZE = 48
 pytestmark = pytest.mark.slow
 
 
-def max_relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Largest ``|a - b| / |b|`` over all elements (maps and scores are positive)."""
-    return float(((a - b).abs() / b.abs().clamp_min(1e-12)).max())
+def max_relative(a: torch.Tensor | np.ndarray, b: torch.Tensor) -> float:
+    """Largest ``|a - b| / |b|`` over all elements (maps and scores are positive); ``a`` may be the
+    onnxruntime runner's numpy array."""
+    return float(((torch.as_tensor(a) - b).abs() / b.abs().clamp_min(1e-12)).max())
 
 
 def make_models(tmp, train, target_dim=None):

@@ -337,7 +337,8 @@ def test_binary_mask_rule():
 
 
 def test_onnxruntime_gets_the_thread_count(tmp_path, monkeypatch):
-    from spotdiff.detect import export
+    """--threads reaches the onnxruntime session; torch's own count is left alone (that run needs no torch)."""
+    from spotdiff.detect import onnx_runtime
 
     seen = {}
 
@@ -348,8 +349,9 @@ def test_onnxruntime_gets_the_thread_count(tmp_path, monkeypatch):
         seen["threads"] = threads
         raise Captured
 
-    monkeypatch.setattr(export, "OnnxDetector", fake)
+    monkeypatch.setattr(onnx_runtime, "OnnxDetector", fake)
     before = torch.get_num_threads()
+    torch.set_num_threads(2)
     try:
         with pytest.raises(Captured):
             main(
@@ -367,7 +369,7 @@ def test_onnxruntime_gets_the_thread_count(tmp_path, monkeypatch):
                     "x.onnx",
                 ]
             )
-        assert seen["threads"] == 1 == torch.get_num_threads()
+        assert seen["threads"] == 1 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
 

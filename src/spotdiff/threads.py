@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 from spotdiff.errors import ConfigError
 
@@ -76,19 +77,37 @@ def choose_threads(flag: int | None = None) -> tuple[int | None, str]:
     return idle_cores(), "idle cores"
 
 
-def apply_threads(flag: int | None = None) -> int:
-    """Set torch's intra-op thread count by :func:`choose_threads`; returns the count in effect."""
-    import torch
+_applied: int | None = None
+"""The count :func:`apply_threads` chose in this process (None before it ran)."""
 
+
+def apply_threads(flag: int | None = None, torch: bool = True) -> int:
+    """Choose the intra-op thread count by :func:`choose_threads` and return it; with ``torch``, set
+    torch's count to it (when ``OMP_NUM_THREADS`` rules, torch's own count is kept and returned).
+    ``torch=False`` leaves torch unimported: a torch-free command (``predict --backend onnxruntime``)
+    only needs the count for its onnxruntime session (:func:`session_threads`)."""
+    global _applied
     n, _ = choose_threads(flag)
-    if n is not None and n != torch.get_num_threads():
-        torch.set_num_threads(n)
-    return torch.get_num_threads()
+    if torch:
+        import torch as torch_module
+
+        if n is not None and n != torch_module.get_num_threads():
+            torch_module.set_num_threads(n)
+        n = torch_module.get_num_threads()
+    elif n is None:  # OMP_NUM_THREADS rules: the count torch would take from it
+        n = _parse(os.environ["OMP_NUM_THREADS"], "OMP_NUM_THREADS")
+    _applied = n
+    return n
 
 
 def session_threads() -> int:
-    """Intra-op threads for an onnxruntime session: the count :func:`apply_threads` gave torch (which
-    honours ``OMP_NUM_THREADS`` when that rules), so both back ends run on the same cores."""
-    import torch
-
-    return max(1, torch.get_num_threads())
+    """Intra-op threads for an onnxruntime session, so that both back ends run on the same cores: the
+    count :func:`apply_threads` chose; before it ran, torch's count if torch is imported, else the
+    count :func:`apply_threads` would choose (torch is not imported here)."""
+    if _applied is not None:
+        return _applied
+    torch_module = sys.modules.get("torch")
+    if torch_module is not None:
+        return max(1, int(torch_module.get_num_threads()))
+    n, _ = choose_threads()
+    return n if n is not None else _parse(os.environ["OMP_NUM_THREADS"], "OMP_NUM_THREADS")

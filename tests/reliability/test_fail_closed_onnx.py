@@ -22,7 +22,8 @@ from reliability_helpers import noise_jpeg
 
 from spotdiff.cli import main
 from spotdiff.detect import PaDiM, PatchCore, fit_folder
-from spotdiff.detect.export import CONTENT_KEY, OnnxDetector, export_onnx, graph_digest
+from spotdiff.detect.export import export_onnx
+from spotdiff.detect.onnx_runtime import CONTENT_KEY, OnnxDetector, graph_digest
 from spotdiff.errors import WeightsError
 
 pytestmark = pytest.mark.slow

@@ -101,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run: Runner = args.run
     try:
         apply_deprecated_workers(args)
-        apply_threads(args.threads)
+        # a torch-free command (predict --backend onnxruntime) only needs the count, not torch
+        apply_threads(args.threads, torch=getattr(args, "backend", "torch") != "onnxruntime")
         return int(run(args) or 0)
     except SpotdiffError as exc:
         print(f"spotdiff {args.command}: error: {exc}", file=sys.stderr)

@@ -1,17 +1,42 @@
-"""Datasets (raw VisA read in place, MVTec-AD, prepared VisA, plain folders), split CSVs, k-shot, prepare."""
+"""Datasets (raw VisA read in place, MVTec-AD, prepared VisA, plain folders), split CSVs, k-shot, prepare.
 
-from spotdiff.data.dataset import AnomalyDataset, ImageRecord
-from spotdiff.data.folder import ImageFolderDataset, list_images
-from spotdiff.data.layout import detect_layout, open_dataset
-from spotdiff.data.magtile import open_magnetic_tile
-from spotdiff.data.splits import OFFICIAL_SPLITS, SplitRow, read_split_csv, sample_kshot
-from spotdiff.data.visa import load_id2class
+The names below are imported on first use (PEP 562), so that the torch-free modules of this package
+(``io``, ``listing``, ``loader``) can be used without importing torch (``predict --backend onnxruntime``).
+"""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from spotdiff.data.dataset import AnomalyDataset, ImageRecord
+    from spotdiff.data.folder import ImageFolderDataset
+    from spotdiff.data.layout import detect_layout, open_dataset
+    from spotdiff.data.listing import list_images
+    from spotdiff.data.magtile import open_magnetic_tile
+    from spotdiff.data.splits import OFFICIAL_SPLITS, SplitRow, read_split_csv, sample_kshot
+    from spotdiff.data.visa import load_id2class
+
+_LAZY = {
+    "OFFICIAL_SPLITS": "spotdiff.data.splits",
+    "AnomalyDataset": "spotdiff.data.dataset",
+    "ImageFolderDataset": "spotdiff.data.folder",
+    "ImageRecord": "spotdiff.data.dataset",
+    "SplitRow": "spotdiff.data.splits",
+    "detect_layout": "spotdiff.data.layout",
+    "list_images": "spotdiff.data.listing",
+    "load_id2class": "spotdiff.data.visa",
+    "open_dataset": "spotdiff.data.layout",
+    "open_magnetic_tile": "spotdiff.data.magtile",
+    "read_split_csv": "spotdiff.data.splits",
+    "sample_kshot": "spotdiff.data.splits",
+}
 __all__ = [
-    "OFFICIAL_SPLITS",
     "AnomalyDataset",
     "ImageFolderDataset",
     "ImageRecord",
+    "OFFICIAL_SPLITS",
     "SplitRow",
     "detect_layout",
     "list_images",
@@ -21,3 +46,11 @@ __all__ = [
     "read_split_csv",
     "sample_kshot",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

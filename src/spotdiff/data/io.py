@@ -210,3 +210,14 @@ def load_mask(path: str | os.PathLike[str]) -> np.ndarray:
     else:
         arr = np.asarray(img.convert("RGB"))[..., 0]
     return np.array(arr, dtype=np.uint8, copy=True)  # writable, contiguous
+
+
+def image_to_array(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """RGB PIL image -> ``(3, H, W)`` float32 in [0, 1], resized to ``size`` ``(H, W)`` by Pillow's
+    antialiased bilinear filter on the 8-bit image: the torch-free twin of
+    :func:`spotdiff.data.transforms.image_to_tensor` (torchvision's antialiased resize follows Pillow's;
+    the two differ by at most one grey level, ``benchmarks/RESULTS.md``)."""
+    h, w = size
+    if (img.height, img.width) != (h, w):
+        img = img.resize((w, h), Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)

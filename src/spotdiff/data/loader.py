@@ -14,8 +14,6 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
-from torch.utils.data import default_collate
-
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -87,5 +85,7 @@ class ItemDataset(Protocol):
 def batches(dataset: ItemDataset, batch_size: int, workers: int) -> Iterator[Any]:
     """``dataset[0], dataset[1], ...`` in order, collated by ``torch.utils.data.default_collate`` into
     batches of ``batch_size`` (the last may be smaller), items decoded by ``workers`` threads."""
+    from torch.utils.data import default_collate  # here, so that the rest of this module needs no torch
+
     items = ordered_map(dataset.__getitem__, range(len(dataset)), workers, ahead=2 * batch_size)
     return (default_collate(batch) for batch in chunked(items, batch_size))

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from spotdiff.data.folder import list_images
 from spotdiff.data.io import image_size, load_mask
+from spotdiff.data.listing import list_images
 from spotdiff.errors import DataError
 
 PathLike = str | os.PathLike[str]

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from spotdiff.data.dataset import AnomalyDataset, ImageRecord, ImageSize, default_workers
-from spotdiff.data.folder import check_unique, list_images
 from spotdiff.data.io import image_size
+from spotdiff.data.listing import check_unique, list_images
 from spotdiff.data.masks import TreeFile, check_binary, match_masks, tree_files
 from spotdiff.errors import DataError
 from spotdiff.files import sha256_file

@@ -34,6 +34,7 @@ from spotdiff.detect import schema, store
 from spotdiff.detect.colour import NORMAL_SAMPLE, normal_statistics
 from spotdiff.detect.features import check_layers
 from spotdiff.detect.head import DetectorHead
+from spotdiff.detect.probe import probe_images, probe_record
 from spotdiff.devices import resolve_device
 from spotdiff.errors import ConfigError, DataError, WeightsError
 from spotdiff.models import WeightsLike, build_backbone, check_arch, file_record, inference_backbone, load_weights
@@ -294,7 +295,20 @@ class Detector(ABC):
             schema.check_model_tensors(config, state, backbone, "fitted model")
         except WeightsError as exc:
             raise DataError(f"{out_dir}: not written: {exc}") from exc
-        return store.save_model_dir(out_dir, config, state, backbone, overwrite=overwrite)
+        return store.save_model_dir(out_dir, config, state, backbone, overwrite=overwrite, probe=self._probe_record())
+
+    @torch.inference_mode()
+    def _probe_record(self) -> dict[str, Any]:
+        """Scores and maps on the probe images (:mod:`spotdiff.detect.probe`), stored with the model so
+        that an ONNX export is checked against it without torch. On a CPU model, ``predict``; elsewhere a
+        CPU copy of the head (what the exported graph runs; no TF32 or other device arithmetic)."""
+        assert self.image_size_ is not None
+        images = torch.from_numpy(probe_images(self.image_size_))
+        if self.device_.type == "cpu":
+            scores, maps = self.predict(images)
+        else:
+            scores, maps = self.head(traceable=True)(normalize(images))
+        return probe_record(scores.numpy(), maps.numpy())
 
     @classmethod
     def _from_config(cls, config: dict[str, Any], device: str | torch.device) -> Self:

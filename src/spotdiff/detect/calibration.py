@@ -23,12 +23,11 @@ Everything is stored as ``calibration`` in the model's ``config.json`` (see :cla
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from spotdiff.data.loader import ItemDataset, batches
 from spotdiff.errors import ConfigError, DataError, SpotdiffError
@@ -362,7 +361,7 @@ def model_calibration(model: Any) -> Calibration | None:
     return Calibration.from_dict(data) if data else None
 
 
-def decide(scores: torch.Tensor | np.ndarray | Sequence[float], threshold: float | None) -> list[str]:
+def decide(scores: Iterable[Any], threshold: float | None) -> list[str]:
     """``"anomalous"`` (score > threshold) / ``"normal"`` per score; ``"no threshold"`` when ``threshold``
     is None; ``"error"`` for a non-finite score (never ``"normal"``: NaN > T is false)."""
     values = [float(s) for s in scores]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from spotdiff.data.dataset import AnomalyDataset, ImageRecord
-from spotdiff.data.folder import list_images
+from spotdiff.data.listing import list_images
 from spotdiff.data.plain import (
     VAL_FRACTION,
     FolderSet,

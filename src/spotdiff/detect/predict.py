@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from spotdiff.data.folder import list_images
+from spotdiff.data.listing import list_images
 from spotdiff.data.loader import decode_workers
 from spotdiff.detect.colour import (
     ColourScale,
@@ -320,7 +320,7 @@ def load_predictor(
     if backend == "onnxruntime":
         if onnx is None:
             raise ConfigError("--backend onnxruntime needs --onnx FILE (written by `spotdiff export`)")
-        from spotdiff.detect.export import OnnxDetector
+        from spotdiff.detect.onnx_runtime import OnnxDetector
         from spotdiff.threads import session_threads
 
         return OnnxDetector(model_dir, onnx, threads=session_threads())

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from spotdiff.errors import ConfigError, WeightsError
-from spotdiff.models import ARCHITECTURES, layer_channels
+from spotdiff.models.arch import ARCHITECTURE_NAMES, LAYER_STRIDES, layer_channels
+
+if TYPE_CHECKING:
+    import torch
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
@@ -29,7 +30,6 @@ size would need terabytes of statistics, so anything larger is a damaged or host
 SEED_MAX = 2**32 - 1
 """Largest seed: numpy's legacy ``RandomState`` takes seeds in ``[0, 2**32 - 1]``, the range every
 random generator spotdiff seeds accepts."""
-LAYER_STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
 MIN_NEIGHBORS = 2
 """Smallest PatchCore ``num_neighbors``: with one neighbour the weight of eq. 7 is
 ``1 - exp(s*) / exp(s*) = 0``, so every image would score 0 up to rounding."""
@@ -120,8 +120,8 @@ def check_model_config(config: Any, where: str) -> None:
     model = config["model"]
     if model not in _MODEL_KEYS:
         raise keys.fail("model", f"must be one of {sorted(_MODEL_KEYS)}")
-    if config["arch"] not in ARCHITECTURES:
-        raise keys.fail("arch", f"must be one of {sorted(ARCHITECTURES)}")
+    if config["arch"] not in ARCHITECTURE_NAMES:
+        raise keys.fail("arch", f"must be one of {sorted(ARCHITECTURE_NAMES)}")
     layers = config["layers"]
     order = list(LAYER_STRIDES)
     if (
@@ -178,6 +178,8 @@ def _tensor_problem(name: str, tensor: torch.Tensor, shape: tuple[int, ...] | No
 
 def check_finite_tensor(tensor: torch.Tensor, name: str, where: str) -> None:
     """:class:`WeightsError` naming the tensor when a floating-point ``tensor`` holds NaN or infinity."""
+    import torch  # here: the config checks of this module need no torch
+
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
         raise WeightsError(f"{where}: tensor {name!r} holds {bad} non-finite value(s) (NaN or infinity)")
@@ -193,6 +195,8 @@ def check_model_tensors(
     channels of ``layers``. PatchCore: ``memory_bank`` ``(n, C)`` with ``C`` the feature width
     (``target_dim`` or the channels of ``layers``) and ``num_neighbors <= n``.
     """
+    import torch
+
     for name, tensor in backbone.items():
         check_finite_tensor(tensor, name, f"{model_dir}/{BACKBONE_FILE}")
     where = f"{model_dir}/{MODEL_FILE}"

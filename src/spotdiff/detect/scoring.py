@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from spotdiff.errors import ConfigError, DataError
 
@@ -36,12 +35,13 @@ ERROR = "error"
 
 @dataclass
 class DecodedImage:
-    """One input after decoding: ``tensor`` ``(3, h, w)`` float32 in [0, 1] at the model's size;
+    """One input after decoding: ``tensor`` ``(3, h, w)`` float32 in [0, 1] at the model's size (a torch
+    tensor, or a numpy array for a model that ``takes_arrays``, such as the torch-free ONNX runner);
     ``display`` ``(H', W', 3)`` uint8, the original at :func:`display_size` (None unless asked for);
     ``original_size`` ``(H, W)`` of the file. ``error`` is set (and the rest None) for a bad file."""
 
     path: Path
-    tensor: torch.Tensor | None = None
+    tensor: Any = None
     display: np.ndarray | None = None
     original_size: tuple[int, int] | None = None
     error: str = ""
@@ -123,6 +123,7 @@ class ImageScorer:
         )
         self.image_size: tuple[int, int] = (int(model.image_size_[0]), int(model.image_size_[1]))
         self.keep_display = keep_display
+        self.takes_arrays = bool(getattr(model, "takes_arrays", False))
 
     def decode(self, path: str | os.PathLike[str]) -> DecodedImage:
         """Read ``path`` (any mode; see :func:`spotdiff.data.io.load_image`), resize it to the model's
@@ -141,15 +142,22 @@ class ImageScorer:
         """:meth:`decode` of an already opened 8-bit RGB PIL image (e.g. an upload); ``path`` names it."""
         from PIL import Image
 
-        from spotdiff.data.transforms import image_to_tensor
-
         original = (image.height, image.width)
         display = None
         if self.keep_display:
             dh, dw = display_size(original, self.image_size)
             shown = image if (dh, dw) == original else image.resize((dw, dh), Image.Resampling.BILINEAR)
             display = np.asarray(shown, dtype=np.uint8)
-        return DecodedImage(Path(path), image_to_tensor(image, self.image_size), display, original)
+        model_input: Any
+        if self.takes_arrays:
+            from spotdiff.data.io import image_to_array
+
+            model_input = image_to_array(image, self.image_size)
+        else:
+            from spotdiff.data.transforms import image_to_tensor
+
+            model_input = image_to_tensor(image, self.image_size)
+        return DecodedImage(Path(path), model_input, display, original)
 
     def score_batch(self, items: Sequence[DecodedImage]) -> list[ScoredImage]:
         """Run the model once on the decodable ``items`` and decide each; order kept, one result per item."""
@@ -159,9 +167,16 @@ class ImageScorer:
             if item.error or item.tensor is None:
                 results[i] = ScoredImage(item.path, None, ERROR, error=item.error or "not decoded")
         if good:
-            scores, maps = self.model.predict(torch.stack([t for i in good if (t := items[i].tensor) is not None]))
-            score_values = scores.detach().cpu().numpy().astype(np.float64)
-            map_values = maps.detach().cpu().numpy()
+            inputs = [items[i].tensor for i in good]
+            if self.takes_arrays:
+                scores, maps = self.model.predict(np.stack(inputs))
+            else:
+                import torch
+
+                score_tensor, map_tensor = self.model.predict(torch.stack(inputs))
+                scores, maps = score_tensor.detach().cpu().numpy(), map_tensor.detach().cpu().numpy()
+            score_values = np.asarray(scores, np.float64)
+            map_values = np.asarray(maps)
             for j, i in enumerate(good):
                 results[i] = self._decide(items[i], float(score_values[j]), map_values[j])
         return [r for r in results if r is not None]

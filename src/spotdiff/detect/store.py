@@ -8,6 +8,9 @@ Layout of a model directory (format version 2)::
     backbone.safetensors  the feature network's state_dict (the backbone with BatchNorm folded into
                           the convolutions, stages after the deepest used layer dropped), so the
                           directory is self-contained
+    probe.safetensors     optional: the fitted model's scores and maps on seeded probe images
+                          (:mod:`spotdiff.detect.probe`), against which an ONNX export is checked
+                          without torch
     manifest.json         {"format": ..., "format_version": 2, "files": {name: sha256}}
 
 Version 1 (spotdiff before 2026-11-25 11:00 UTC) stored the unfolded, full backbone; such
@@ -27,20 +30,25 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from spotdiff.detect.schema import BACKBONE_FILE, CONFIG_FILE, MODEL_FILE, check_model_config
 from spotdiff.errors import ConfigError, WeightsError
 from spotdiff.files import default_mode, output_error, sha256_file
 
+if TYPE_CHECKING:  # torch is imported where tensors are read or written: the checks of a directory need none
+    import torch
+
 FORMAT = "spotdiff-detector"
 FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 MODEL_FILES = (CONFIG_FILE, MODEL_FILE, BACKBONE_FILE)
+PROBE_FILE = "probe.safetensors"
+OPTIONAL_FILES = (PROBE_FILE,)
+"""Files a model directory may hold besides ``MODEL_FILES`` (listed in the manifest when present)."""
 
 
 def _fsync(path: Path) -> None:
@@ -78,6 +86,7 @@ def save_model_dir(
     tensors: dict[str, torch.Tensor],
     backbone_state: dict[str, torch.Tensor],
     overwrite: bool = False,
+    probe: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """Write a model directory atomically and return its path.
 
@@ -85,15 +94,19 @@ def save_model_dir(
     directory is then renamed onto ``out_dir``. An existing ``out_dir`` is replaced only when it
     is empty or is itself a model directory (has a manifest) holding nothing but the files of its
     manifest; a model directory that also holds other files (results, overlays, notes) is
-    replaced, those files with it, only with ``overwrite``; anything else is refused.
+    replaced, those files with it, only with ``overwrite``; anything else is refused. ``probe``
+    (float32 arrays, :func:`spotdiff.detect.probe.probe_record`) is written as ``PROBE_FILE``.
     """
+    from safetensors.numpy import save_file as save_arrays
+    from safetensors.torch import save_file
+
     out = Path(out_dir)
     if out.exists():
         if not out.is_dir():
             raise ConfigError(f"{out}: exists and is not a directory")
         if any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
             raise ConfigError(f"{out}: exists and is not a spotdiff model directory; refusing to overwrite it")
-        others = sorted(p.name for p in out.iterdir() if p.name not in (*MODEL_FILES, MANIFEST_FILE))
+        others = sorted(p.name for p in out.iterdir() if p.name not in (*MODEL_FILES, *OPTIONAL_FILES, MANIFEST_FILE))
         if others and not overwrite:
             shown = ", ".join(others[:5]) + (f" (+{len(others) - 5} more)" if len(others) > 5 else "")
             raise ConfigError(
@@ -109,17 +122,21 @@ def save_model_dir(
         save_file(_contiguous(backbone_state), str(tmp / BACKBONE_FILE), metadata={"format": "pt"})
         full_config = {"format": FORMAT, "format_version": FORMAT_VERSION, **config}
         (tmp / CONFIG_FILE).write_text(json.dumps(full_config, indent=2, sort_keys=True) + "\n")
-        for name in MODEL_FILES:
+        names: tuple[str, ...] = MODEL_FILES
+        if probe is not None:
+            save_arrays({k: np.ascontiguousarray(v, np.float32) for k, v in probe.items()}, str(tmp / PROBE_FILE))
+            names = (*MODEL_FILES, PROBE_FILE)
+        for name in names:
             _fsync(tmp / name)
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "files": {name: sha256_file(tmp / name) for name in MODEL_FILES},
+            "files": {name: sha256_file(tmp / name) for name in names},
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         _fsync(tmp / MANIFEST_FILE)
         os.chmod(tmp, default_mode(directory=True))
-        for name in (*MODEL_FILES, MANIFEST_FILE):
+        for name in (*names, MANIFEST_FILE):
             os.chmod(tmp / name, default_mode())
         old = None
         if out.exists():
@@ -138,14 +155,14 @@ def save_model_dir(
     return out
 
 
-def load_model_dir(
-    model_dir: str | os.PathLike[str],
-) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Verify and read a model directory: ``(config, tensors, backbone_state)``.
+def read_model_config(model_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], list[str]]:
+    """Verify a model directory without reading its tensors (and without torch): the manifest, every
+    file's SHA-256, and ``config.json``'s format and contents (:func:`check_model_config`).
+    Returns ``(config, files)``: the checked config and the file names the manifest lists.
 
     Raises:
         WeightsError: missing directory or file, unknown format or version, hash mismatch
-            (tampered or truncated file), unreadable safetensors; the message names the file.
+            (tampered or truncated file), an invalid config; the message names the file.
     """
     root = Path(model_dir)
     manifest_path = root / MANIFEST_FILE
@@ -165,9 +182,9 @@ def load_model_dir(
             f"{manifest_path}: format version {version!r} is not supported (this spotdiff reads {FORMAT_VERSION})"
         )
     files = manifest.get("files")
-    if not isinstance(files, dict) or set(files) != set(MODEL_FILES):
-        raise WeightsError(f"{manifest_path}: manifest must list exactly {list(MODEL_FILES)}")
-    for name in MODEL_FILES:
+    if not isinstance(files, dict) or not set(MODEL_FILES) <= set(files) <= {*MODEL_FILES, *OPTIONAL_FILES}:
+        raise WeightsError(f"{manifest_path}: manifest must list {list(MODEL_FILES)} (and optionally {PROBE_FILE})")
+    for name in files:
         path = root / name
         if not path.is_file():
             raise WeightsError(f"{path}: file missing from model directory")
@@ -182,6 +199,21 @@ def load_model_dir(
     if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
         raise WeightsError(f"{root / CONFIG_FILE}: format or version does not match the manifest")
     check_model_config(config, str(root / CONFIG_FILE))  # keys, types and ranges before any tensor is read
+    return config, sorted(files)
+
+
+def load_model_dir(
+    model_dir: str | os.PathLike[str],
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Verify (:func:`read_model_config`) and read a model directory: ``(config, tensors, backbone_state)``.
+
+    Raises:
+        WeightsError: as :func:`read_model_config`, or unreadable safetensors; the message names the file.
+    """
+    from safetensors.torch import load_file
+
+    root = Path(model_dir)
+    config, _ = read_model_config(root)
     try:
         tensors = load_file(str(root / MODEL_FILE), device="cpu")
         backbone = load_file(str(root / BACKBONE_FILE), device="cpu")

@@ -37,44 +37,20 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision import models as tvm
 
-from spotdiff.errors import ConfigError, WeightsError
+from spotdiff.errors import WeightsError
 from spotdiff.files import sha256_file
+from spotdiff.models.arch import ARCHITECTURE_NAMES, check_arch
 from spotdiff.progress import is_quiet
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURES: dict[str, Callable[..., tvm.ResNet]] = {
-    "resnet18": tvm.resnet18,
-    "resnet50": tvm.resnet50,
-    "wide_resnet50_2": tvm.wide_resnet50_2,
-}
+ARCHITECTURES: dict[str, Callable[..., tvm.ResNet]] = {name: getattr(tvm, name) for name in ARCHITECTURE_NAMES}
 
-_LAYER_CHANNELS = {
-    "resnet18": {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512},
-    "resnet50": {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048},
-    "wide_resnet50_2": {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048},
-}
-LAYER_STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
 HEAD_PREFIXES = ("fc.",)
 RANDOM = "random"
 IMAGENET = "imagenet"
 # A torchvision weights name, bare (IMAGENET1K_V1) or with its enum class (ResNet50_Weights.IMAGENET1K_V2).
 _ENUM_NAME = re.compile(r"^(?:(\w+_Weights)\.)?([A-Z][A-Z0-9_]*)$")
-
-
-def check_arch(arch: str) -> None:
-    """ConfigError unless ``arch`` is one of :data:`ARCHITECTURES` (the one check for every caller)."""
-    if arch not in ARCHITECTURES:
-        raise ConfigError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
-
-
-def layer_channels(arch: str, layers: Sequence[str]) -> list[int]:
-    """Channel count of each named residual stage (``layer1`` .. ``layer4``) of ``arch``."""
-    check_arch(arch)
-    try:
-        return [_LAYER_CHANNELS[arch][name] for name in layers]
-    except KeyError as exc:
-        raise WeightsError(f"unknown layer {exc.args[0]!r}; choose from layer1..layer4") from exc
 
 
 def read_weights_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from spotdiff.data.dataset import AnomalyDataset, ImageRecord
-from spotdiff.data.folder import list_images
+from spotdiff.data.listing import list_images
 from spotdiff.data.transforms import normalize
 from spotdiff.errors import DataError
 from spotdiff.models.backbones import LoadedWeights, build_backbone

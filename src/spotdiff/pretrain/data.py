@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from spotdiff.data.folder import list_images
 from spotdiff.data.io import is_image_file, load_image
+from spotdiff.data.listing import list_images
 from spotdiff.errors import DataError
 
 ViewTransform = Callable[[Any], dict[str, torch.Tensor]]

@@ -127,7 +127,7 @@ def load_served_model(
             calibration (a service must decide; fit with ``--val-good`` or ``--train``).
     """
     from spotdiff.detect import Detector
-    from spotdiff.detect.export import OnnxDetector, model_fingerprint
+    from spotdiff.detect.onnx_runtime import OnnxDetector, model_fingerprint
     from spotdiff.threads import session_threads
 
     root = Path(model_dir)

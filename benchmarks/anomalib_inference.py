@@ -9,16 +9,25 @@ each library, one fresh process per arm, interleaved (arm A, B, C ... then the r
 * anomalib (``--anomalib-python``, an environment with anomalib 2.x beside the same torch; this
   file's ``--peer`` mode imports only torch, safetensors and anomalib): ``Engine.predict`` (its docs'
   recommended inference path) with its visualizer off and on, ``TorchInferencer`` (its deployment
-  inferencer for a ``.pt`` export, called per image) and, when ``openvino`` is installed there,
-  ``OpenVINOInferencer`` on its OpenVINO export.
+  inferencer for a ``.pt`` export, called per image) and ``OpenVINOInferencer`` (called per image)
+  on its OpenVINO export, the deployment path anomalib's docs recommend, twice: at OpenVINO's default
+  inference precision (bf16 on a CPU with AVX512_BF16 or AMX, else f32) and forced to f32, spotdiff's
+  precision.
+
+The OpenVINO arms need anomalib's ``openvino`` extra in the anomalib environment
+(``pip install "anomalib[openvino]==2.7.0"``: openvino, onnx, onnxscript, nncf). anomalib 2.7's
+``Engine.export(..., ExportType.OPENVINO)`` goes through ``torch.onnx.export(dynamo=True)``, which
+imports ``onnxscript``; without it the export fails with ``ModuleNotFoundError: ONNX export requires
+the optional `onnxscript` dependency`` and the driver prints that and skips the arms.
 
 Images/s is the command's whole wall time (interpreter start, imports, model load, every image),
 as a production line would see a batch job; the arm's own loop time is given too where the arm
 reports it. Peak memory: the RSS high-water mark of the arm's process (``os.wait4``). Same
 computation: spotdiff's scores against anomalib's ``PadimModel`` (a) on identical input tensors
-and (b) each on its own decoding / resizing of the files.
+and (b) each on its own decoding / resizing of the files, and against each OpenVINO arm's scores.
 
     PYTHONPATH=src python benchmarks/anomalib_inference.py --anomalib-python /work/anovenv/bin/python
+    PYTHONPATH=src python benchmarks/anomalib_inference.py --arms OpenVINO --visa 0 --rounds 1  # a subset
 """
 
 from __future__ import annotations
@@ -119,15 +128,19 @@ def peer(args: argparse.Namespace) -> None:
         for p in paths:
             inferencer.predict(p)
             n += 1
-    elif args.peer == "openvino_inferencer":
+    elif args.peer in ("openvino_inferencer", "openvino_inferencer_f32"):
         from anomalib.deploy import OpenVINOInferencer
 
-        inferencer = OpenVINOInferencer(path=work / "export" / "weights" / "openvino" / "model.xml", device="CPU")
+        config = {"INFERENCE_PRECISION_HINT": "f32"} if args.peer.endswith("_f32") else None
+        xml = work / "export" / "weights" / "openvino" / "model.xml"
+        inferencer = OpenVINOInferencer(path=xml, device="CPU", config=config)
+        out["precision"] = inferencer.model.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         loop = time.perf_counter()
-        n = 0
+        n, scores = 0, []
         for p in paths:
-            inferencer.predict(p)
+            scores.append(float(inferencer.predict(p).pred_score.flatten()[0]))  # raw: post-processor not fitted
             n += 1
+        out["scores"] = scores
     else:
         raise SystemExit(f"unknown peer arm {args.peer}")
     end = time.perf_counter()
@@ -238,7 +251,9 @@ def main() -> None:
         tiles.mkdir()
         for i, p in enumerate(pool[: args.tiles]):
             shutil.copyfile(p, tiles / f"{i:04d}_{p.parent.parent.name}.jpg")
-        sets = {"magnetic tile": tiles, "1500x1000 JPEG": synthetic(work / "visa", args.visa, (1000, 1500), 1)}
+        sets = {"magnetic tile": tiles}
+        if args.visa > 0:
+            sets["1500x1000 JPEG"] = synthetic(work / "visa", args.visa, (1000, 1500), 1)
         prepare(work, train, onnx=True)
         export = json.loads(
             subprocess.run(
@@ -277,8 +292,11 @@ def main() -> None:
         if export.get("openvino_error"):
             print(f"# anomalib OpenVINO export failed, arm skipped: {export['openvino_error']}", flush=True)
         if export.get("openvino"):
-            arms["anomalib OpenVINOInferencer"] = lambda f, o: (
+            arms["anomalib OpenVINOInferencer, OpenVINO's default precision"] = lambda f, o: (
                 peer_cmd + ["--peer", "openvino_inferencer", "--folder", str(f)]
+            )
+            arms["anomalib OpenVINOInferencer, f32"] = lambda f, o: (
+                peer_cmd + ["--peer", "openvino_inferencer_f32", "--folder", str(f)]
             )
         if args.arms != "all":
             arms = {k: v for k, v in arms.items() if any(a.strip() in k for a in args.arms.split(","))}
@@ -305,6 +323,15 @@ def main() -> None:
             f"library's own decoding and resizing (correlation {corr(own):.4f})",
             flush=True,
         )
+        for arm in [a for a in arms if "OpenVINO" in a]:  # its scores on the tiles, untimed
+            ov = spawn(arms[arm](tiles, str(work / "out")), env)
+            got = torch.tensor(ov["scores"])
+            print(
+                f"# same computation, {arm} (inference precision {ov['precision']}): max relative score "
+                f"difference {rel(got):.2e} against spotdiff (correlation {corr(got):.6f}), "
+                f"{float(((got - own).abs() / own.abs()).max()):.2e} against anomalib's PadimModel in torch",
+                flush=True,
+            )
         results: dict[tuple[str, str], list[dict[str, Any]]] = {}
         loads: dict[str, list[float]] = {}
         for name, folder in sets.items():

@@ -9,16 +9,27 @@ each library, one fresh process per arm, interleaved (arm A, B, C ... then the r
 * anomalib (``--anomalib-python``, an environment with anomalib 2.x beside the same torch; this
   file's ``--peer`` mode imports only torch, safetensors and anomalib): ``Engine.predict`` (its docs'
   recommended inference path) with its visualizer off and on, ``TorchInferencer`` (its deployment
-  inferencer for a ``.pt`` export, called per image) and, when ``openvino`` is installed there,
-  ``OpenVINOInferencer`` on its OpenVINO export.
+  inferencer for a ``.pt`` export, called per image) and ``OpenVINOInferencer`` (called per image)
+  on its OpenVINO export, the deployment path anomalib's docs recommend, twice: at OpenVINO's default
+  inference precision (bf16 on a CPU with AVX512_BF16 or AMX, else f32) and forced to f32, spotdiff's
+  precision.
+
+The OpenVINO arms need anomalib's ``openvino`` extra in the anomalib environment
+(``pip install "anomalib[openvino]==2.7.0"``: openvino, onnx, onnxscript, nncf). anomalib 2.7's
+``Engine.export(..., ExportType.OPENVINO)`` goes through ``torch.onnx.export(dynamo=True)``, which
+imports ``onnxscript``; without it the export fails with ``ModuleNotFoundError: ONNX export requires
+the optional `onnxscript` dependency`` and the driver prints that and skips the arms.
 
 Images/s is the command's whole wall time (interpreter start, imports, model load, every image),
 as a production line would see a batch job; the arm's own loop time is given too where the arm
 reports it. Peak memory: the RSS high-water mark of the arm's process (``os.wait4``). Same
 computation: spotdiff's scores against anomalib's ``PadimModel`` (a) on identical input tensors
-and (b) each on its own decoding / resizing of the files.
+and (b) each on its own decoding / resizing of the files, (c) against anomalib's whole exported
+module in torch (its pre-processor resizes with ``antialias=False``, spotdiff with antialias), and each
+OpenVINO arm's scores against spotdiff's and against (c), which isolates the conversion's own error.
 
     PYTHONPATH=src python benchmarks/anomalib_inference.py --anomalib-python /work/anovenv/bin/python
+    PYTHONPATH=src python benchmarks/anomalib_inference.py --arms OpenVINO --visa 0 --rounds 1  # a subset
 """
 
 from __future__ import annotations
@@ -73,15 +84,19 @@ def peer(args: argparse.Namespace) -> None:
         from safetensors.torch import load_file
         from torchvision.transforms.v2 import functional as F
 
-        model = peer_model(work, False).model
+        module = peer_model(work, False)
+        model = module.model
         with torch.no_grad():
             x = load_file(str(work / "tensors.safetensors"))["images"]
             out["same_tensors"] = model(F.normalize(x, MEAN, STD)).pred_score.flatten().tolist()
-            own = []
+            own, pipeline = [], []
             for p in paths:
-                img = F.resize(read_image(p, as_tensor=True), [SIZE, SIZE], antialias=True)
-                own.append(float(model(F.normalize(img[None], MEAN, STD)).pred_score.flatten()[0]))
-            out["own_decoding"] = own
+                img = read_image(p, as_tensor=True)
+                resized = F.resize(img, [SIZE, SIZE], antialias=True)
+                own.append(float(model(F.normalize(resized[None], MEAN, STD)).pred_score.flatten()[0]))
+                # the whole module as exported: its pre-processor (Resize without antialias, Normalize) included
+                pipeline.append(float(module(img[None]).pred_score.flatten()[0]))
+            out["own_decoding"], out["module"] = own, pipeline
         print(json.dumps(out))
         return
     if args.peer == "export":
@@ -119,15 +134,19 @@ def peer(args: argparse.Namespace) -> None:
         for p in paths:
             inferencer.predict(p)
             n += 1
-    elif args.peer == "openvino_inferencer":
+    elif args.peer in ("openvino_inferencer", "openvino_inferencer_f32"):
         from anomalib.deploy import OpenVINOInferencer
 
-        inferencer = OpenVINOInferencer(path=work / "export" / "weights" / "openvino" / "model.xml", device="CPU")
+        config = {"INFERENCE_PRECISION_HINT": "f32"} if args.peer.endswith("_f32") else None
+        xml = work / "export" / "weights" / "openvino" / "model.xml"
+        inferencer = OpenVINOInferencer(path=xml, device="CPU", config=config)
+        out["precision"] = inferencer.model.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         loop = time.perf_counter()
-        n = 0
+        n, scores = 0, []
         for p in paths:
-            inferencer.predict(p)
+            scores.append(float(inferencer.predict(p).pred_score.flatten()[0]))  # raw: post-processor not fitted
             n += 1
+        out["scores"] = scores
     else:
         raise SystemExit(f"unknown peer arm {args.peer}")
     end = time.perf_counter()
@@ -173,14 +192,14 @@ def prepare(work: Path, train: list[Path], onnx: bool) -> None:
     )
 
 
-def spawn(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run ``cmd`` under ``/usr/bin/time``: wall s, CPU s, peak RSS bytes and its last JSON stdout line.
+def spawn(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> dict[str, Any]:
+    """Run ``cmd`` (in ``cwd``) under ``/usr/bin/time``: wall s, CPU s, peak RSS bytes and its last JSON line.
 
     Through ``/usr/bin/time`` (a small process), because Linux keeps a process's RSS high-water
     mark across fork and exec: a child forked from this driver would report the driver's RSS."""
     with tempfile.NamedTemporaryFile("r") as stats:
         timed = ["/usr/bin/time", "-f", "%e %U %S %M", "-o", stats.name, *cmd]
-        done = subprocess.run(timed, capture_output=True, text=True, env=env)
+        done = subprocess.run(timed, capture_output=True, text=True, env=env, cwd=cwd)
         if done.returncode != 0:
             raise SystemExit(f"{' '.join(cmd[:4])} ... exited {done.returncode}:\n{done.stderr[-3000:]}")
         wall, user, system, maxrss_kb = stats.read().split()[-4:]
@@ -238,7 +257,9 @@ def main() -> None:
         tiles.mkdir()
         for i, p in enumerate(pool[: args.tiles]):
             shutil.copyfile(p, tiles / f"{i:04d}_{p.parent.parent.name}.jpg")
-        sets = {"magnetic tile": tiles, "1500x1000 JPEG": synthetic(work / "visa", args.visa, (1000, 1500), 1)}
+        sets = {"magnetic tile": tiles}
+        if args.visa > 0:
+            sets["1500x1000 JPEG"] = synthetic(work / "visa", args.visa, (1000, 1500), 1)
         prepare(work, train, onnx=True)
         export = json.loads(
             subprocess.run(
@@ -277,8 +298,11 @@ def main() -> None:
         if export.get("openvino_error"):
             print(f"# anomalib OpenVINO export failed, arm skipped: {export['openvino_error']}", flush=True)
         if export.get("openvino"):
-            arms["anomalib OpenVINOInferencer"] = lambda f, o: (
+            arms["anomalib OpenVINOInferencer, OpenVINO's default precision"] = lambda f, o: (
                 peer_cmd + ["--peer", "openvino_inferencer", "--folder", str(f)]
+            )
+            arms["anomalib OpenVINOInferencer, f32"] = lambda f, o: (
+                peer_cmd + ["--peer", "openvino_inferencer_f32", "--folder", str(f)]
             )
         if args.arms != "all":
             arms = {k: v for k, v in arms.items() if any(a.strip() in k for a in args.arms.split(","))}
@@ -297,14 +321,27 @@ def main() -> None:
         theirs = spawn(peer_cmd + ["--peer", "scores", "--folder", str(tiles)], env)
         same = torch.tensor(theirs["same_tensors"])
         own = torch.tensor(theirs["own_decoding"])
+        module = torch.tensor(theirs["module"])
         rel = lambda a: float(((a - ours).abs() / ours.abs()).max())  # noqa: E731
         corr = lambda a: float(torch.corrcoef(torch.stack([a, ours]))[0, 1])  # noqa: E731
         print(
             f"# same computation, {len(paths)} magnetic-tile images: max relative score difference "
             f"{rel(same):.2e} on identical tensors (correlation {corr(same):.6f}); {rel(own):.2e} with each "
-            f"library's own decoding and resizing (correlation {corr(own):.4f})",
+            f"library's own decoding and resizing (correlation {corr(own):.4f}); {rel(module):.2e} against "
+            f"anomalib's whole module (its pre-processor resizes without antialias; correlation {corr(module):.4f})",
             flush=True,
         )
+        # anomalib's OpenVINOInferencer caches compiled models in ./openvino_cache: the anomalib arms run in
+        # ``work`` (removed at the end), and this untimed run fills the cache as a deployment's first run would
+        for arm in [a for a in arms if "OpenVINO" in a]:  # its scores on the tiles
+            ov = spawn(arms[arm](tiles, str(work / "out")), env, cwd=work)
+            got = torch.tensor(ov["scores"])
+            print(
+                f"# same computation, {arm} (inference precision {ov['precision']}): max relative score "
+                f"difference {rel(got):.2e} against spotdiff (correlation {corr(got):.6f}), "
+                f"{float(((got - module).abs() / module.abs()).max()):.2e} against the same anomalib module in torch",
+                flush=True,
+            )
         results: dict[tuple[str, str], list[dict[str, Any]]] = {}
         loads: dict[str, list[float]] = {}
         for name, folder in sets.items():
@@ -315,7 +352,7 @@ def main() -> None:
                     loads.setdefault(name, []).append(os.getloadavg()[0])
                     out = work / "out"
                     shutil.rmtree(out, ignore_errors=True)
-                    res = spawn(arms[arm](folder, str(out)), env)
+                    res = spawn(arms[arm](folder, str(out)), env, cwd=work if arm.startswith("anomalib") else None)
                     res["ips"] = n / res["wall_s"]
                     results.setdefault((name, arm), []).append(res)
                     print(

@@ -399,6 +399,7 @@ def test_fit_out_over_a_model_directory_with_other_files_needs_overwrite(models,
         "config.json",
         "manifest.json",
         "model.safetensors",
+        "probe.safetensors",
     ]
     assert load_detector(out).d_ == 8
     assert main(argv) == 0  # a directory holding only its model is replaced as before

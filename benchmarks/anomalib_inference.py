@@ -35,6 +35,7 @@ OpenVINO arm's scores against spotdiff's and against (c), which isolates the con
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import shutil
@@ -340,6 +341,23 @@ def main() -> None:
                 f"# same computation, {arm} (inference precision {ov['precision']}): max relative score "
                 f"difference {rel(got):.2e} against spotdiff (correlation {corr(got):.6f}), "
                 f"{float(((got - module).abs() / module.abs()).max()):.2e} against the same anomalib module in torch",
+                flush=True,
+            )
+        # spotdiff's two back ends on the same files: the onnxruntime command never imports torch and decodes
+        # and resizes with Pillow, the torch command with torchvision (at most one grey level apart)
+        cli = {}
+        for backend in ("torch", "onnxruntime"):
+            arm = f"spotdiff {backend}, no overlays"
+            if arm in arms:
+                out = work / f"check-{backend}"
+                spawn(arms[arm](tiles, str(out)), env)
+                with open(out / "scores.csv", newline="") as fh:
+                    cli[backend] = torch.tensor([float(r["score"]) for r in csv.DictReader(fh)])
+        if len(cli) == 2:
+            diff = float(((cli["onnxruntime"] - cli["torch"]).abs() / cli["torch"].abs()).max())
+            print(
+                f"# spotdiff predict, onnxruntime (torch-free, Pillow resize) against torch (torchvision resize), "
+                f"{len(paths)} magnetic-tile images: max relative score difference {diff:.2e}",
                 flush=True,
             )
         results: dict[tuple[str, str], list[dict[str, Any]]] = {}

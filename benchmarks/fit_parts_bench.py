@@ -1,9 +1,9 @@
 """Two parts of a 1-class fit on VisA-size input, each against its predecessor in the same process.
 
 * **Resize**: a 1500 x 1000 JPEG decoded by Pillow, then resized to 256 px by
-  ``spotdiff.data.transforms.image_to_tensor`` (uint8 antialiased resize, then float) against
-  the float resize it replaced (convert to float, then resize); also the decode alone, and the
-  largest difference in grey levels.
+  ``spotdiff.data.transforms.image_to_tensor`` (Pillow's uint8 antialiased resize, then float; the
+  one decoder since 2026-12-03) against torchvision's uint8 resize it replaced and the float resize
+  before that; also the decode alone, and the largest differences in grey levels.
 * **Staging**: the CPU time per image of PaDiM's covariance update (``GaussianAccumulator``) at
   d = 550 with 8, 16 (the default) and 32 images staged per fold, on 1024 positions, scaled to the
   4096 of a 256-px ResNet-50 grid (the cost is linear in positions).
@@ -58,13 +58,19 @@ def resize_part(jpeg: Path, repeats: int) -> list[str]:
         t = F.to_dtype(F.pil_to_tensor(img), torch.float32, scale=True)
         return F.resize(t, [256, 256], interpolation=InterpolationMode.BILINEAR, antialias=True)
 
-    times = {"decode": [], "float": [], "uint8": []}
-    for _ in range(repeats):  # alternated, so drifting load hits both alike
+    def torchvision_uint8() -> torch.Tensor:
+        t = F.resize(F.pil_to_tensor(img), [256, 256], interpolation=InterpolationMode.BILINEAR, antialias=True)
+        return F.to_dtype(t, torch.float32, scale=True)
+
+    times: dict[str, list[float]] = {"decode": [], "float": [], "tv_uint8": [], "uint8": []}
+    for _ in range(repeats):  # alternated, so drifting load hits all alike
         times["decode"].append(best_ms(decode, 1))
         times["float"].append(best_ms(float_resize, 1))
+        times["tv_uint8"].append(best_ms(torchvision_uint8, 1))
         times["uint8"].append(best_ms(lambda: image_to_tensor(img, 256), 1))
     best = {k: min(v) for k, v in times.items()}
     diff = float((image_to_tensor(img, 256) - float_resize()).abs().max()) * 255
+    diff_tv = float((image_to_tensor(img, 256) - torchvision_uint8()).abs().max()) * 255
     return [
         f"### Resize of one {img.size[0]} x {img.size[1]} JPEG to 256 px (`{jpeg.name}`), one thread, "
         f"best of {repeats}",
@@ -73,12 +79,14 @@ def resize_part(jpeg: Path, repeats: int) -> list[str]:
         "|---|---:|",
         f"| Pillow decode | {best['decode']:.1f} |",
         f"| float resize (before) | {best['float']:.1f} |",
-        f"| uint8 resize, then float (`image_to_tensor`) | {best['uint8']:.1f} |",
-        f"| ratio uint8 / float | {best['uint8'] / best['float']:.2f} |",
+        f"| torchvision uint8 resize, then float (before 2026-12-03) | {best['tv_uint8']:.1f} |",
+        f"| Pillow uint8 resize, then float (`image_to_tensor`) | {best['uint8']:.1f} |",
+        f"| ratio Pillow / torchvision uint8 | {best['uint8'] / best['tv_uint8']:.2f} |",
+        f"| ratio Pillow uint8 / float | {best['uint8'] / best['float']:.2f} |",
         f"| decode + resize, ratio after / before | "
         f"{(best['decode'] + best['uint8']) / (best['decode'] + best['float']):.2f} |",
         "",
-        f"Largest difference: {diff:.2f} grey levels.",
+        f"Largest difference: {diff:.2f} grey levels from the float resize, {diff_tv:.2f} from torchvision's uint8.",
         "",
     ]
 
@@ -147,6 +155,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--jpeg", type=Path, default=None)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--resize-only", action="store_true", help="only the resize part")
     p.add_argument("--d", type=int, default=550)
     p.add_argument("--positions", type=int, default=16)
     args = p.parse_args()
@@ -166,8 +175,11 @@ def main() -> None:
     print(
         "\n".join(
             resize_part(jpeg, args.repeats)
-            + staging_part(args.d)
-            + factorisation_part(args.d, args.positions, args.repeats)
+            + (
+                []
+                if args.resize_only
+                else staging_part(args.d) + factorisation_part(args.d, args.positions, args.repeats)
+            )
         )
     )
 

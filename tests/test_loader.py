@@ -90,7 +90,7 @@ def test_fit_test_predict_identical_with_decoding_threads(large_jpegs, tmp_path)
 
 
 def test_image_to_tensor_resizes_whole_grey_levels_close_to_a_float_resize():
-    """The uint8 resize (torchvision's fast path) differs from a float resize by at most one grey level."""
+    """The uint8 resize (Pillow's, the one decoder) differs from a float resize by at most one grey level."""
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 

@@ -212,12 +212,20 @@ def load_mask(path: str | os.PathLike[str]) -> np.ndarray:
     return np.array(arr, dtype=np.uint8, copy=True)  # writable, contiguous
 
 
-def image_to_array(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    """RGB PIL image -> ``(3, H, W)`` float32 in [0, 1], resized to ``size`` ``(H, W)`` by Pillow's
-    antialiased bilinear filter on the 8-bit image: the torch-free twin of
-    :func:`spotdiff.data.transforms.image_to_tensor` (torchvision's antialiased resize follows Pillow's;
-    the two differ by at most one grey level, ``benchmarks/RESULTS.md``)."""
-    h, w = size
-    if (img.height, img.width) != (h, w):
-        img = img.resize((w, h), Image.Resampling.BILINEAR)
-    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)
+def image_to_array(img: Image.Image, size: tuple[int, int] | None = None) -> np.ndarray:
+    """RGB PIL image -> ``(3, H, W)`` float32 in [0, 1], resized to ``size`` ``(H, W)`` (None: kept)
+    by Pillow's antialiased bilinear filter on the 8-bit image, then scaled by 1/255 (whole grey levels).
+
+    The one image-to-model-input conversion of spotdiff (:func:`spotdiff.data.transforms.image_to_tensor`
+    wraps it), torch-free so that ``predict --backend onnxruntime`` decodes exactly as ``fit`` did.
+    Our choice over torchvision's uint8 resize (which follows Pillow's algorithm but rounds
+    differently, up to one grey level): one implementation for both back ends.
+    """
+    if size is not None and (img.height, img.width) != tuple(size):
+        img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    pixels = np.asarray(img, dtype=np.uint8)
+    if pixels.ndim == 2:  # a single-band image
+        pixels = pixels[..., None]
+    out = np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32)
+    out *= np.float32(1.0 / 255.0)  # as torchvision.transforms.v2.functional.to_dtype(scale=True)
+    return out

@@ -15,21 +15,17 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def image_to_tensor(img: Image.Image, size: int | tuple[int, int] | None = None) -> torch.Tensor:
-    """RGB PIL image -> ``(3, H, W)`` float32 in [0, 1], bilinearly resized (antialiased) to ``size``.
+    """RGB PIL image -> ``(3, H, W)`` float32 in [0, 1], bilinearly resized (antialiased) to ``size``
+    (an int for a square, or ``(H, W)``; None keeps the original size).
 
-    ``size`` is an int (square) or ``(H, W)``; None keeps the original size. The resize runs on
-    the uint8 image (torchvision's fast path) and rounds to whole grey levels before the
-    conversion to float: on a 1500 x 1000 JPEG resized to 256 px it takes 2.6 ms against 11.1 ms
-    for a float resize, for at most one grey level of difference (``benchmarks/results_detect.md``).
+    :func:`spotdiff.data.io.image_to_array` as a tensor: Pillow's resize on the 8-bit image, so
+    every path (fit, test, predict with torch, the torch-free onnxruntime predict, serve) decodes
+    identically; values are whole grey levels, within one of a float resize (tested).
     """
-    from torchvision.transforms.v2 import InterpolationMode
-    from torchvision.transforms.v2 import functional as F
+    from spotdiff.data.io import image_to_array
 
-    t = F.pil_to_tensor(img)
-    if size is not None:
-        hw = (size, size) if isinstance(size, int) else tuple(size)
-        t = F.resize(t, list(hw), interpolation=InterpolationMode.BILINEAR, antialias=True)
-    return F.to_dtype(t, torch.float32, scale=True)
+    hw = None if size is None else ((size, size) if isinstance(size, int) else (int(size[0]), int(size[1])))
+    return torch.from_numpy(image_to_array(img, hw))
 
 
 def mask_to_tensor(mask: np.ndarray, size: int | tuple[int, int] | None = None) -> torch.Tensor:

@@ -91,7 +91,9 @@ def test_predict_with_onnxruntime_runs_without_torch(exported, tmp_path):
     assert torch_rows.keys() == ort_rows.keys()
     for path, row in torch_rows.items():
         assert float(ort_rows[path]["score"]) == pytest.approx(float(row["score"]), rel=1e-4)
-        assert ort_rows[path]["decision"] == row["decision"]
+        threshold = float(row["threshold"])  # calibrated on these images: one may score at the threshold itself
+        if abs(float(row["score"]) - threshold) > 1e-4 * threshold:
+            assert ort_rows[path]["decision"] == row["decision"]
 
 
 @pytest.mark.slow

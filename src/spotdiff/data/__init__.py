@@ -6,8 +6,9 @@ The names below are imported on first use (PEP 562), so that the torch-free modu
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from spotdiff.lazy import lazy_names
 
 if TYPE_CHECKING:
     from spotdiff.data.dataset import AnomalyDataset, ImageRecord
@@ -48,9 +49,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _LAZY, globals())

@@ -17,6 +17,8 @@ import importlib
 import os
 from typing import TYPE_CHECKING, Any
 
+from spotdiff.lazy import lazy_names
+
 if TYPE_CHECKING:
     import torch
 
@@ -59,6 +61,9 @@ __all__ = [
 ]
 
 
+_lazy = lazy_names(__name__, _LAZY, globals())
+
+
 def __getattr__(name: str) -> Any:
     if name == "DETECTORS":
         classes = {}
@@ -67,11 +72,7 @@ def __getattr__(name: str) -> Any:
             classes[kind] = getattr(importlib.import_module(module), cls)
         globals()["DETECTORS"] = classes
         return classes
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return _lazy(name)
 
 
 def load_detector(model_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> Detector:

@@ -6,8 +6,9 @@ facts) needs no torch, so a model directory can be validated without importing i
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from spotdiff.lazy import lazy_names
 
 if TYPE_CHECKING:
     from spotdiff.models.arch import check_arch, layer_channels
@@ -72,9 +73,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _LAZY, globals())

@@ -1,6 +1,6 @@
 """Ordered parallel decoding: items of a dataset (or any function over a list) computed by threads.
 
-Pillow's JPEG/PNG decoders and torch's resize release the GIL, so threads decode and resize images
+Pillow's JPEG/PNG decoders and its resize release the GIL, so threads decode and resize images
 on several cores while the main thread runs the model, without copying the dataset into worker
 processes. Results come back in input order and equal the serial ones (each item is computed by
 the same function, independently).

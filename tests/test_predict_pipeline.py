@@ -302,6 +302,21 @@ def test_threads_do_not_change_rows_or_files(images, tmp_path):
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes()
 
 
+def test_a_strip_too_thin_for_an_overlay_is_an_error_row_not_a_huge_picture(tmp_path):
+    """A 1 x 400000 px strip would be shown at 16 x 6400000 px (both sides at least the model's): with
+    overlays it is an error row naming the limit; without overlays it is scored."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(np.full((1, 400_000, 3), 90, np.uint8)).save(folder / "strip.png")
+    write_image(folder / "ok.png", 0.3, size=(30, 60))
+    rows = {r["path"].rsplit("/", 1)[1]: r for r in predict_images(MeanRunner(), [folder], tmp_path / "o")}
+    assert rows["strip.png"]["decision"] == "error" and "extreme aspect ratio" in rows["strip.png"]["error"]
+    assert "--no-overlays" in rows["strip.png"]["error"] and rows["ok.png"]["decision"] != "error"
+    assert not list((tmp_path / "o" / "overlays").glob("strip*"))
+    rows = predict_images(MeanRunner(), [folder], tmp_path / "p", overlays=False)
+    assert all(r["decision"] != "error" for r in rows)
+
+
 def test_masks_at_original_size_overlay_shows_original_at_model_size_or_more(tmp_path):
     folder = tmp_path / "in"
     write_image(folder / "wide.png", 0.3, size=(30, 60), square=True)

@@ -139,13 +139,26 @@ class ImageScorer:
             raise DataError(f"{path}: decoding failed ({type(exc).__name__}: {exc}); the run stops") from exc
 
     def decode_image(self, image: Any, path: str | os.PathLike[str] = "<image>") -> DecodedImage:
-        """:meth:`decode` of an already opened 8-bit RGB PIL image (e.g. an upload); ``path`` names it."""
+        """:meth:`decode` of an already opened 8-bit RGB PIL image (e.g. an upload); ``path`` names it.
+
+        Raises:
+            ImageTooLarge: with ``keep_display``, an aspect ratio so extreme that the overlay's
+                original (at :func:`display_size`) would exceed ``MAX_IMAGE_PIXELS`` (an error row in predict).
+        """
         from PIL import Image
+
+        from spotdiff.data.io import MAX_IMAGE_PIXELS, ImageTooLarge
 
         original = (image.height, image.width)
         display = None
         if self.keep_display:
             dh, dw = display_size(original, self.image_size)
+            if dh * dw > MAX_IMAGE_PIXELS:  # a thin strip enlarged to the model's size on both sides
+                raise ImageTooLarge(
+                    f"{path}: image of {image.width}x{image.height} pixels would be shown at {dw}x{dh} in its "
+                    f"overlay, beyond the limit of {MAX_IMAGE_PIXELS} pixels (extreme aspect ratio); "
+                    "score it without overlays (--no-overlays)"
+                )
             shown = image if (dh, dw) == original else image.resize((dw, dh), Image.Resampling.BILINEAR)
             display = np.asarray(shown, dtype=np.uint8)
         model_input: Any

@@ -35,13 +35,13 @@ ERROR = "error"
 
 @dataclass
 class DecodedImage:
-    """One input after decoding: ``tensor`` ``(3, h, w)`` float32 in [0, 1] at the model's size (a torch
-    tensor, or a numpy array for a model that ``takes_arrays``, such as the torch-free ONNX runner);
+    """One input after decoding: ``pixels`` ``(3, h, w)`` float32 array in [0, 1] at the model's size
+    (:func:`spotdiff.data.io.image_to_array`, the decoder of every path);
     ``display`` ``(H', W', 3)`` uint8, the original at :func:`display_size` (None unless asked for);
     ``original_size`` ``(H, W)`` of the file. ``error`` is set (and the rest None) for a bad file."""
 
     path: Path
-    tensor: Any = None
+    pixels: np.ndarray | None = None
     display: np.ndarray | None = None
     original_size: tuple[int, int] | None = None
     error: str = ""
@@ -147,7 +147,7 @@ class ImageScorer:
         """
         from PIL import Image
 
-        from spotdiff.data.io import MAX_IMAGE_PIXELS, ImageTooLarge
+        from spotdiff.data.io import MAX_IMAGE_PIXELS, ImageTooLarge, image_to_array
 
         original = (image.height, image.width)
         display = None
@@ -161,32 +161,23 @@ class ImageScorer:
                 )
             shown = image if (dh, dw) == original else image.resize((dw, dh), Image.Resampling.BILINEAR)
             display = np.asarray(shown, dtype=np.uint8)
-        model_input: Any
-        if self.takes_arrays:
-            from spotdiff.data.io import image_to_array
-
-            model_input = image_to_array(image, self.image_size)
-        else:
-            from spotdiff.data.transforms import image_to_tensor
-
-            model_input = image_to_tensor(image, self.image_size)
-        return DecodedImage(Path(path), model_input, display, original)
+        return DecodedImage(Path(path), image_to_array(image, self.image_size), display, original)
 
     def score_batch(self, items: Sequence[DecodedImage]) -> list[ScoredImage]:
         """Run the model once on the decodable ``items`` and decide each; order kept, one result per item."""
-        good = [i for i, item in enumerate(items) if not item.error and item.tensor is not None]
+        good = [i for i, item in enumerate(items) if not item.error and item.pixels is not None]
         results: list[ScoredImage | None] = [None] * len(items)
         for i, item in enumerate(items):
-            if item.error or item.tensor is None:
+            if item.error or item.pixels is None:
                 results[i] = ScoredImage(item.path, None, ERROR, error=item.error or "not decoded")
         if good:
-            inputs = [items[i].tensor for i in good]
-            if self.takes_arrays:
-                scores, maps = self.model.predict(np.stack(inputs))
+            batch = np.stack([p for i in good if (p := items[i].pixels) is not None])
+            if self.takes_arrays:  # the torch-free ONNX runner
+                scores, maps = self.model.predict(batch)
             else:
                 import torch
 
-                score_tensor, map_tensor = self.model.predict(torch.stack(inputs))
+                score_tensor, map_tensor = self.model.predict(torch.from_numpy(batch))
                 scores, maps = score_tensor.detach().cpu().numpy(), map_tensor.detach().cpu().numpy()
             score_values = np.asarray(scores, np.float64)
             map_values = np.asarray(maps)

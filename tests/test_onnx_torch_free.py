@@ -116,7 +116,7 @@ def test_the_probe_record_binds_the_graph_to_the_model(exported, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_model_dir_without_probe_record_is_checked_with_torch(exported, tmp_path):
+def test_a_model_dir_without_probe_record_is_checked_with_torch(exported, tmp_path, caplog):
     """A directory saved before probe records existed: same acceptance, through the torch detector."""
     import shutil
 
@@ -127,7 +127,9 @@ def test_a_model_dir_without_probe_record_is_checked_with_torch(exported, tmp_pa
     manifest = json.loads((old / store.MANIFEST_FILE).read_text())
     del manifest["files"][store.PROBE_FILE]
     (old / store.MANIFEST_FILE).write_text(json.dumps(manifest))
-    OnnxDetector(old, graph)
+    with caplog.at_level("INFO", logger="spotdiff"):
+        OnnxDetector(old, graph)
+    assert "imports torch" in caplog.text and store.PROBE_FILE in caplog.text
     # a changed probe record is refused by the manifest's hash
     tampered = tmp_path / "tampered"
     shutil.copytree(model_dir, tampered)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ import numpy as np
 from spotdiff.detect import store
 from spotdiff.detect.probe import probe_images, probe_mismatch, probe_record
 from spotdiff.errors import ConfigError, DataError, WeightsError
+
+log = logging.getLogger(__name__)
 
 FINGERPRINT_KEY = "spotdiff.model_fingerprint"
 CONTENT_KEY = "spotdiff.graph_sha256"
@@ -153,6 +156,11 @@ class OnnxDetector:
             except Exception as exc:  # a manifest re-written to match a broken file
                 raise WeightsError(f"{model_dir / store.PROBE_FILE}: unreadable ({type(exc).__name__})") from exc
         else:  # saved before probe records existed: ask the torch detector
+            log.info(
+                f"{model_dir}: no {store.PROBE_FILE} (saved before probe records existed); checking the "
+                "graph against the torch detector, which imports torch. Re-fit, or load and save the model "
+                "to a new directory, to check it without torch"
+            )
             import torch
 
             from spotdiff.detect.base import Detector

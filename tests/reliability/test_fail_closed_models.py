@@ -382,6 +382,26 @@ def test_a_refused_pickle_is_one_line_without_torchs_advice(images, tmp_path, ca
 
 
 # ------------------------------------------------------------------------------ fit --out
+def test_a_probe_file_the_manifest_does_not_list_is_not_replaced_silently(models, tmp_path):
+    """``probe.safetensors`` is the model's own only when its manifest lists it; otherwise it is a file
+    spotdiff did not write, and saving over the directory needs ``overwrite``."""
+    import json
+
+    from spotdiff.detect import load_detector, store
+
+    out = Path(shutil.copytree(models["padim"], tmp_path / "m"))
+    manifest = json.loads((out / store.MANIFEST_FILE).read_text())
+    assert store.PROBE_FILE in manifest["files"]
+    model = load_detector(out)
+    model.save(out)  # listed: the directory holds only its model and is replaced
+    del manifest["files"][store.PROBE_FILE]
+    (out / store.MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=store.PROBE_FILE):
+        model.save(out)
+    model.save(out, overwrite=True)
+    assert store.PROBE_FILE in json.loads((out / store.MANIFEST_FILE).read_text())["files"]
+
+
 def test_fit_out_over_a_model_directory_with_other_files_needs_overwrite(models, images, tmp_path, capsys):
     out = Path(shutil.copytree(models["padim"], tmp_path / "m"))
     (out / "scores.csv").write_text("path,score\n")

@@ -80,6 +80,16 @@ def _remove_stale_siblings(out: Path) -> None:
                 shutil.rmtree(stale, ignore_errors=True)
 
 
+def _listed_files(model_dir: Path) -> set[str]:
+    """The file names an existing model directory's manifest lists (empty when it cannot be read), so that
+    an optional file is replaced only when the model wrote it."""
+    try:
+        files = json.loads((model_dir / MANIFEST_FILE).read_text()).get("files", {})
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return set(files) if isinstance(files, dict) else set()
+
+
 def save_model_dir(
     out_dir: str | os.PathLike[str],
     config: dict[str, Any],
@@ -106,7 +116,8 @@ def save_model_dir(
             raise ConfigError(f"{out}: exists and is not a directory")
         if any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
             raise ConfigError(f"{out}: exists and is not a spotdiff model directory; refusing to overwrite it")
-        others = sorted(p.name for p in out.iterdir() if p.name not in (*MODEL_FILES, *OPTIONAL_FILES, MANIFEST_FILE))
+        ours = {*MODEL_FILES, MANIFEST_FILE, *(f for f in OPTIONAL_FILES if f in _listed_files(out))}
+        others = sorted(p.name for p in out.iterdir() if p.name not in ours)
         if others and not overwrite:
             shown = ", ".join(others[:5]) + (f" (+{len(others) - 5} more)" if len(others) > 5 else "")
             raise ConfigError(

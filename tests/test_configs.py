@@ -120,3 +120,16 @@ def test_a_benchmark_cell_refuses_an_unknown_finetune_param_in_one_line(tmp_path
     (cell,) = grid(config, {"w": None})
     with pytest.raises(ConfigError, match=r"^downstream 'c': params: unknown key 'seedz' \(did you mean 'seeds'\?\)"):
         run_cls_cell(cell, config, tmp_path / "work")
+
+
+def test_named_check_puts_the_field_in_front_of_a_one_argument_check():
+    from spotdiff.configs import named_check
+    from spotdiff.finetune.train import FinetuneConfig
+    from spotdiff.models.arch import check_arch
+
+    run = named_check(check_arch)
+    assert run("resnet18", "cfg.yaml: arch") == "resnet18"
+    with pytest.raises(ConfigError, match=r"^cfg.yaml: arch: unknown architecture 'vgg'"):
+        run("vgg", "cfg.yaml: arch")
+    with pytest.raises(ConfigError, match=r"^cfg.yaml: protocol: unknown protocol '7shot'"):
+        build(FinetuneConfig, {"data": "x", "object": "y", "task": "cls", "out": "o", "protocol": "7shot"}, "cfg.yaml")

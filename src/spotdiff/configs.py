@@ -45,6 +45,20 @@ class Rule:
     check: Callable[[Any, str], Any] | None = None
 
 
+def named_check(check: Callable[[Any], object]) -> Callable[[Any, str], Any]:
+    """A ``Rule.check`` from a one-argument check that raises ConfigError (e.g. ``check_arch``): the
+    value passes unchanged, or the error is raised again with the field's ``what`` in front."""
+
+    def run(value: Any, what: str) -> Any:
+        try:
+            check(value)
+        except ConfigError as exc:
+            raise ConfigError(f"{what}: {exc}") from None
+        return value
+
+    return run
+
+
 def rule(**kwargs: Any) -> dict[str, Rule]:
     """Field metadata: ``field(default=1, metadata=rule(minimum=1))`` (keywords of :class:`Rule`)."""
     return {_RULE: Rule(**kwargs)}

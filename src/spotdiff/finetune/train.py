@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from spotdiff.configs import check_fields, rule
+from spotdiff.configs import check_fields, named_check, rule
 from spotdiff.data.transforms import normalize
 from spotdiff.devices import check_device_name, resolve_device
 from spotdiff.errors import ConfigError, DataError
@@ -61,34 +61,18 @@ CROP_SCALE = (0.8, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 
 
-def _check_protocol(name: str, what: str) -> str:
-    try:
-        get_protocol(name)
-    except ConfigError as exc:
-        raise ConfigError(f"{what}: {exc}") from None
-    return name
-
-
-def _check_arch(arch: str, what: str) -> str:
-    try:
-        check_arch(arch)
-    except ConfigError as exc:
-        raise ConfigError(f"{what}: {exc}") from None
-    return arch
-
-
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Everything one ``spotdiff finetune`` run needs (see docs/finetune.md); built and checked by
     :func:`spotdiff.configs.build` (or checked by :meth:`validate` when constructed directly)."""
 
     task: str = field(metadata=rule(choices=TASKS))  # "cls" (binary classifier) or "seg" (U-Net)
-    protocol: str = field(metadata=rule(check=_check_protocol))  # "highshot", "10shot" or "5shot"
+    protocol: str = field(metadata=rule(check=named_check(get_protocol)))  # "highshot", "10shot" or "5shot"
     data: Path  # dataset root
     out: Path  # output folder
     object: str = "all"  # an object name, or "all" for every object under ``data``
     weights: str | Path | None = None  # "imagenet", a torchvision weights name, a file; None / "random" = random init
-    arch: str = field(default="resnet50", metadata=rule(check=_check_arch))
+    arch: str = field(default="resnet50", metadata=rule(check=named_check(check_arch)))
     seeds: int = field(default=5, metadata=rule(minimum=1))  # runs seeds 0 .. seeds-1
     epochs: int | None = field(default=None, metadata=rule(minimum=1))
     steps: int | None = field(default=None, metadata=rule(minimum=1))

@@ -5,6 +5,13 @@ from __future__ import annotations
 import torch
 
 
+def tiny_padim_args(size: int = 32) -> list[str]:
+    """`spotdiff fit` options of a tiny PaDiM (resnet18, random init, d = 8, layer1, ``size`` px): add
+    the images and ``--out``."""
+    model = ["--model", "padim", "--arch", "resnet18", "--weights", "random", "--d", "8", "--layers", "layer1"]
+    return [*model, "--image-size", str(size)]
+
+
 def square_images(n: int, size: int = 64, defect: bool = False, seed: int = 0) -> torch.Tensor:
     """``(n, 3, size, size)`` grey noisy images in [0, 1]; defective ones carry a red 12 px square
     at a seed-dependent place."""

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from detect_fakes import square_images
+from detect_fakes import square_images, tiny_padim_args
 from PIL import Image
 
 from spotdiff.cli import main
@@ -260,18 +260,7 @@ def _fit(args, tmp_path):
     return main(
         [
             "fit",
-            "--model",
-            "padim",
-            "--arch",
-            "resnet18",
-            "--weights",
-            "random",
-            "--d",
-            "8",
-            "--layers",
-            "layer1",
-            "--image-size",
-            "32",
+            *tiny_padim_args(32),
             "--out",
             str(tmp_path / "m"),
             *args,
@@ -339,18 +328,7 @@ def test_dataset_fit_calibrates_with_val_good_and_refuses_overlap(folders, tmp_p
     train = write_images(tmp_path / "mv" / "obj" / "train" / "good", square_images(6, SIZE, seed=1))
     base = [
         "fit",
-        "--model",
-        "padim",
-        "--arch",
-        "resnet18",
-        "--weights",
-        "random",
-        "--d",
-        "8",
-        "--layers",
-        "layer1",
-        "--image-size",
-        str(SIZE),
+        *tiny_padim_args(SIZE),
         "--data",
         str(tmp_path / "mv"),
         "--object",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from detect_fakes import square_images
+from detect_fakes import square_images, tiny_padim_args
 from PIL import Image
 
 from spotdiff.cli import main
@@ -23,20 +23,7 @@ from spotdiff.detect.evaluate import decision_metrics, decisions_text
 from spotdiff.errors import DataError
 
 SIZE = 32
-MODEL = [
-    "--model",
-    "padim",
-    "--arch",
-    "resnet18",
-    "--weights",
-    "random",
-    "--d",
-    "8",
-    "--layers",
-    "layer1",
-    "--image-size",
-    str(SIZE),
-]
+MODEL = tiny_padim_args(SIZE)
 
 
 def save_images(folder: Path, images, names) -> list[Path]:

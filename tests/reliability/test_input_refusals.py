@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from detect_fakes import tiny_padim_args
 from PIL import Image
 
 from spotdiff.cli import main
@@ -224,18 +225,7 @@ def test_bad_folder_input_is_one_line_exit_2_nothing_written(name, line, model_d
     if command == "fit":
         argv = [
             "fit",
-            "--model",
-            "padim",
-            "--arch",
-            "resnet18",
-            "--weights",
-            "random",
-            "--d",
-            "8",
-            "--layers",
-            "layer1",
-            "--image-size",
-            str(SIZE),
+            *tiny_padim_args(SIZE),
             *args,
             "--out",
             str(out),
@@ -258,18 +248,7 @@ def test_the_refusals_name_both_files_of_an_overlap(line, tmp_path, capsys):
             [
                 "--quiet",
                 "fit",
-                "--model",
-                "padim",
-                "--arch",
-                "resnet18",
-                "--weights",
-                "random",
-                "--d",
-                "8",
-                "--layers",
-                "layer1",
-                "--image-size",
-                str(SIZE),
+                *tiny_padim_args(SIZE),
                 "--train",
                 str(line / "train"),
                 "--val-good",

@@ -60,16 +60,23 @@ def model_fingerprint(model_dir: str | os.PathLike[str]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def graph_digest(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of an ONNX file's content without its metadata: the graph and initialisers
-    (deterministic protobuf serialisation) and the bytes of every external data file it names."""
+def read_graph(path: str | os.PathLike[str]) -> Any:
+    """The ``onnx.ModelProto`` of ``path`` without its external data; WeightsError naming a file that is not one."""
     import onnx
 
-    path = Path(path)
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        return onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # any parse failure means "not an ONNX model"
         raise WeightsError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from exc
+
+
+def graph_digest(path: str | os.PathLike[str], proto: Any = None) -> str:
+    """SHA-256 of an ONNX file's content without its metadata: the graph and initialisers
+    (deterministic protobuf serialisation) and the bytes of every external data file it names.
+    ``proto``: the file's :func:`read_graph`, when the caller has it (its metadata is removed)."""
+    path = Path(path)
+    if proto is None:
+        proto = read_graph(path)
     del proto.metadata_props[:]
     digest = hashlib.sha256(proto.SerializeToString(deterministic=True))
     locations = sorted(
@@ -108,7 +115,7 @@ class OnnxDetector:
         threads: int | None = None,
     ) -> None:
         try:
-            import onnx
+            import onnx  # noqa: F401 - read_graph needs it: say so before anything else
             import onnxruntime as ort
         except ImportError as exc:  # pragma: no cover - the deploy extra is missing
             raise missing_deploy() from exc
@@ -118,16 +125,14 @@ class OnnxDetector:
         if not path.is_file():
             raise WeightsError(f"{path}: ONNX file not found")
         config, files = store.read_model_config(model_dir)
-        try:
-            meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-        except Exception as exc:  # noqa: BLE001 - any parse failure means "not an ONNX model"
-            raise WeightsError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from exc
+        proto = read_graph(path)
+        meta = {p.key: p.value for p in proto.metadata_props}
         if meta.get(FINGERPRINT_KEY) != model_fingerprint(model_dir):
             raise WeightsError(
                 f"{path}: was not exported from the model in {model_dir} (fingerprint differs); "
                 f"re-run `spotdiff export {model_dir} --format onnx`"
             )
-        if meta.get(CONTENT_KEY) != graph_digest(path):
+        if meta.get(CONTENT_KEY) != graph_digest(path, proto):
             raise WeightsError(
                 f"{path}: its graph or tensors changed after export (content SHA-256 differs from "
                 f"the one recorded); re-run `spotdiff export {model_dir} --format onnx`"

@@ -224,10 +224,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads of every arm")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--arms", default="all", help="comma list of arm names (default all)")
+    ap.add_argument("--arch", default=ARCH, choices=["resnet18", "wide_resnet50_2"], help="backbone of both sides")
     ap.add_argument("--peer", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--folder", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global ARCH
+    ARCH = args.arch  # both sides (the peer gets --arch too)
     if args.peer:
         peer(args)
         return
@@ -241,7 +244,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(
         f"# anomalib_inference: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, "
-        f"load average {os.getloadavg()[0]:.2f}, threads {args.threads}, torch {torch.__version__}",
+        f"load average {os.getloadavg()[0]:.2f}, threads {args.threads}, torch {torch.__version__}, {ARCH}",
         flush=True,
     )
     work = Path(tempfile.mkdtemp(prefix="anomalib_inference-"))
@@ -264,7 +267,8 @@ def main() -> None:
         prepare(work, train, onnx=True)
         export = json.loads(
             subprocess.run(
-                [args.anomalib_python, __file__, "--peer", "export", "--work", str(work), "--folder", str(tiles)],
+                [args.anomalib_python, __file__, "--arch", ARCH, "--peer", "export", "--work", str(work)]
+                + ["--folder", str(tiles)],
                 capture_output=True,
                 text=True,
                 check=True,
@@ -281,7 +285,7 @@ def main() -> None:
             "predict",
             str(work / "model"),
         ]
-        peer_cmd = [args.anomalib_python, __file__, "--threads", str(args.threads), "--work", str(work)]
+        peer_cmd = [args.anomalib_python, __file__, "--arch", ARCH, "--threads", str(args.threads), "--work", str(work)]
         arms: dict[str, Any] = {
             "spotdiff torch, no overlays": lambda f, o: sd + [str(f), "--out", o, "--no-overlays"],
             "spotdiff torch, overlays + masks": lambda f, o: sd + [str(f), "--out", o, "--masks"],

@@ -216,6 +216,7 @@ def spawn(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = 
 
 
 def main() -> None:
+    global ARCH
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--anomalib-python", default="/work/anovenv/bin/python")
     ap.add_argument("--tiles", type=int, default=96, help="magnetic-tile test images (all defect classes + free)")
@@ -229,7 +230,6 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--folder", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    global ARCH
     ARCH = args.arch  # both sides (the peer gets --arch too)
     if args.peer:
         peer(args)

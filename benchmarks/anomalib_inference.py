@@ -347,8 +347,8 @@ def main() -> None:
                 f"{float(((got - module).abs() / module.abs()).max()):.2e} against the same anomalib module in torch",
                 flush=True,
             )
-        # spotdiff's two back ends on the same files: the onnxruntime command never imports torch and decodes
-        # and resizes with Pillow, the torch command with torchvision (at most one grey level apart)
+        # spotdiff's two back ends on the same files: the onnxruntime command never imports torch; both decode
+        # with the one decoder (data/io.py: image_to_array), so they differ only by the graph's arithmetic
         cli = {}
         for backend in ("torch", "onnxruntime"):
             arm = f"spotdiff {backend}, no overlays"
@@ -360,7 +360,7 @@ def main() -> None:
         if len(cli) == 2:
             diff = float(((cli["onnxruntime"] - cli["torch"]).abs() / cli["torch"].abs()).max())
             print(
-                f"# spotdiff predict, onnxruntime (torch-free, Pillow resize) against torch (torchvision resize), "
+                f"# spotdiff predict, onnxruntime (torch-free) against torch, same files, "
                 f"{len(paths)} magnetic-tile images: max relative score difference {diff:.2e}",
                 flush=True,
             )
